@@ -1,0 +1,216 @@
+"""Calibration: run task samples through a model and score every routed expert for that task.
+
+The model is observed through pass-through forward hooks on its routers (they record and return
+normally; nothing is raised inside ``forward``). Each hook reduces the router logits of the real
+tokens of a batch (padding masked out) to per-expert sums, so memory stays constant however many
+samples are streamed through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import MoeLayer, RouterSpec, selection_bias
+from .data import iter_samples, scan
+from .errors import InputError, StoreError
+from .modelio import LoadedModel, ModelInfo, as_info, as_loaded
+from .scoring import SCORERS, MarkerParams, RoutingSums, layer_markers, score
+from .store import PatternStore, TaskPattern, check_task_name
+
+log = logging.getLogger(__name__)
+
+
+class RouterObserver:
+    """Accumulates :class:`RoutingSums` from every MoE router while the model runs.
+
+    Use as a context manager (hooks are always removed on exit). Before each forward pass set
+    :attr:`mask` to the flattened [B*S] attention mask so padding is not counted.
+    """
+
+    def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams):
+        self.layers = layers
+        self.router = router
+        self.arch = arch
+        self.params = params
+        device = next(layers[0].router.parameters()).device
+        self.sums = RoutingSums.zeros(len(layers), router.num_experts, device)
+        self.mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _hook(self, pos: int, layer: MoeLayer):
+        bias = selection_bias(layer.router, self.arch)
+
+        def hook(module, args, output):
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            logits = logits.detach().reshape(-1, logits.shape[-1])  # [B*S, E]
+            if self.mask is not None:
+                logits = logits[self.mask.to(logits.device)]
+            self.sums.add(pos, layer_markers(logits, self.router, self.params, bias))
+
+        return hook
+
+    def __enter__(self) -> "RouterObserver":
+        for pos, layer in enumerate(self.layers):
+            self._handles.append(layer.router.register_forward_hook(self._hook(pos, layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _batches(tokenizer, texts: Iterable[str], batch_size: int, max_length: int, window: int = 256) -> Iterator[list[list[int]]]:
+    """Token-id batches; samples are length-sorted within windows to limit padding."""
+    buf: list[str] = []
+
+    def flush():
+        ids = tokenizer(buf, truncation=True, max_length=max_length)["input_ids"]
+        ids = sorted((x for x in ids if x), key=len)
+        for i in range(0, len(ids), batch_size):
+            yield ids[i : i + batch_size]
+
+    for text in texts:
+        buf.append(text)
+        if len(buf) == window:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
+@torch.inference_mode()
+def observe(
+    lm: LoadedModel,
+    texts: Iterable[str],
+    params: MarkerParams,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    total: int | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> RoutingSums:
+    """Stream ``texts`` through the model and return the routing sums of every MoE layer."""
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = lm.device
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
+    with RouterObserver(lm.layers, lm.info.router, lm.info.spec, params) as obs:
+        for batch in _batches(tok, texts, batch_size, max_length):
+            width = max(map(len, batch))
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device)
+            obs.mask = mask.reshape(-1).bool()
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            obs.sums.tokens += int(mask.sum())
+            bar.update(len(batch))
+    bar.close()
+    return obs.sums
+
+
+def marker_params(router: RouterSpec, scorer: str, k: int | None, r: float | None) -> MarkerParams:
+    """Selection settings; ``k``/``r`` apply to the chosen scorer, the other statistics use defaults."""
+    if k is not None and not 1 <= k <= router.num_experts:
+        raise InputError(f"--k must be between 1 and the {router.num_experts} experts per layer, got {k}")
+    if r is not None and not 0.0 < r <= 1.0:
+        raise InputError(f"--r must be in (0, 1], got {r}")
+    if scorer == "official":
+        return MarkerParams(k=router.top_k, official_k=k or 1, official_r=r)
+    return MarkerParams(k=k or router.top_k, r=r)
+
+
+def calibrate(
+    model: str | Path | LoadedModel,
+    data: str | Path,
+    task: str,
+    store: str | Path,
+    *,
+    scorer: str = "tcess",
+    max_samples: int | None = None,
+    k: int | None = None,
+    r: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    device: str | None = None,
+    dtype: str | None = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TaskPattern:
+    """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
+
+    Args:
+        model: model directory (or a :class:`~premoe.modelio.LoadedModel` to reuse).
+        data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples.
+        task: task name in the store.
+        store: pattern-store directory (created if missing).
+        scorer: ``tcess`` (default), ``official``, ``frequency`` or ``random``.
+        max_samples: use at most this many samples.
+        k: experts per token that count as selected (default: the model's top-k; ``official``: 1).
+        r: minimum share of a token's top-k routing weight for an expert to count.
+        seed: seed of the ``random`` scorer.
+        batch_size / max_length: samples per forward pass; tokens kept per sample.
+        device / dtype: where and in which precision to run the model.
+        overwrite: replace the task if the store already has it.
+        progress: show a progress bar.
+
+    Returns:
+        The stored :class:`~premoe.store.TaskPattern`.
+
+    Raises:
+        PremoeError: bad input (files, task name, scorer, k/r, store of another model...), before any
+            model weights are loaded.
+    """
+    check_task_name(task)
+    if scorer not in SCORERS:
+        raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if max_samples is not None and max_samples < 1:
+        raise InputError(f"--max-samples must be positive, got {max_samples}")
+    if batch_size < 1 or max_length < 1:
+        raise InputError("--batch-size and --max-length must be positive")
+    n_samples, data_sha = scan(data, max_samples)
+    info: ModelInfo = as_info(model)
+    st = PatternStore(store)
+    if st.exists():
+        st.check_model(info.fingerprint)
+        if task in st.tasks and not overwrite:
+            raise StoreError(f"task {task!r} already exists in {st.path}; pass --overwrite to replace it")
+    params = marker_params(info.router, scorer, k, r)
+    shape = (len(info.moe_layers), info.num_experts)
+
+    if SCORERS[scorer].needs_model:
+        lm = as_loaded(model, device=device, dtype=dtype)
+        sums = observe(lm, iter_samples(data, max_samples), params, batch_size, max_length, n_samples, progress, f"calibrate {task}")
+        tokens, means = sums.tokens, sums.means()
+    else:
+        tok = model.tokenizer if isinstance(model, LoadedModel) else None
+        if tok is None:
+            from .modelio import load_tokenizer
+
+            tok = load_tokenizer(info.path)
+        tokens = sum(len(tok(s, truncation=True, max_length=max_length)["input_ids"]) for s in iter_samples(data, max_samples))
+        means = {}
+    if tokens == 0:
+        raise InputError(f"data file {data}: the tokenizer produced no tokens")
+    scores = score(scorer, means, shape, seed)
+    pattern = TaskPattern(
+        name=task,
+        layers=list(info.moe_layers),
+        scores=scores,
+        means=means,
+        info={
+            "samples": n_samples,
+            "tokens": tokens,
+            "scorer": scorer,
+            "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
+            "data": {"path": str(Path(data).resolve()), "sha256": data_sha},
+        },
+    )
+    st.add(pattern, info.fingerprint, overwrite=overwrite)
+    log.info("calibrated %s: %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
+    return pattern

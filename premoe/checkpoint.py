@@ -1,0 +1,302 @@
+"""Safetensors checkpoints at the byte level.
+
+premoe never needs a whole checkpoint in memory to prune it: every tensor of a pruned model is a
+list of byte ranges of the source files (a kept per-expert tensor is one range; a fused [E, ...]
+tensor or a router matrix sliced on dim 0 is one range per kept expert, since rows on dim 0 are
+contiguous). :func:`write_safetensors` streams those ranges into a new file behind a header it
+computes up front, so peak memory is one copy buffer.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes
+of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, then the data;
+offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import ArchSpec, disk_patterns
+from .errors import CheckpointError, MissingFileError
+
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER = 256 * 1024 * 1024
+_COPY_CHUNK = 16 * 1024 * 1024
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: ``nbytes`` bytes at absolute ``offset`` in ``file``."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def rows(self, ids: list[int]) -> list[tuple[Path, int, int]]:
+        """Byte ranges of rows ``ids`` on dim 0 (contiguous runs merged)."""
+        row = self.nbytes // self.shape[0]
+        ranges: list[tuple[Path, int, int]] = []
+        for i in ids:
+            start = self.offset + i * row
+            if ranges and ranges[-1][1] + ranges[-1][2] == start:
+                ranges[-1] = (self.file, ranges[-1][1], ranges[-1][2] + row)
+            else:
+                ranges.append((self.file, start, row))
+        return ranges
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors file's header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"corrupt safetensors file {path}: shorter than its 8-byte header length; re-download or re-save it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"corrupt safetensors file {path}: header length {n} exceeds the file; re-download or re-save it")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: header is not JSON ({e}); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors file {path}: header is not a JSON object")
+    base = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, meta in header.items():
+        try:
+            begin, end = meta["data_offsets"]
+            shape = tuple(int(d) for d in meta["shape"])
+            dtype = str(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupt safetensors file {path}: bad header entry for {name!r}") from None
+        if not (0 <= begin <= end and base + end <= size):
+            raise CheckpointError(f"corrupt safetensors file {path}: tensor {name!r} lies outside the file (truncated download?)")
+        tensors[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+    return tensors, metadata
+
+
+class Checkpoint:
+    """The safetensors weights of a model directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"corrupt {index}: {e}; re-download it") from None
+            files = sorted({self.directory / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MissingFileError(f"{index} lists shards that are missing: {', '.join(missing[:3])}; finish the download")
+        else:
+            weight_map = None
+            files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.directory.glob("*.bin")] + [p.name for p in self.directory.glob("*.pt*")]
+            hint = (" (found pickle weights, which premoe never loads: re-save the model with "
+                    "`save_pretrained(..., safe_serialization=True)`)") if pickles else ""
+            raise MissingFileError(f"no .safetensors weights in {self.directory}{hint}")
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            tensors, _ = read_header(f)
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"tensor {name!r} appears in both {self.tensors[name].file.name} and {f.name}")
+                self.tensors[name] = info
+        if weight_map is not None:
+            absent = [k for k in weight_map if k not in self.tensors]
+            if absent:
+                raise CheckpointError(f"{index} lists tensors that no shard holds (e.g. {absent[0]!r}); re-download the checkpoint")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, ranges: list[tuple[Path, int, int]]) -> bytearray:
+        """Concatenated bytes of ``ranges``."""
+        out = bytearray(sum(r[2] for r in ranges))
+        view = memoryview(out)
+        pos = 0
+        handles: dict[Path, object] = {}
+        try:
+            for path, offset, length in ranges:
+                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                f.seek(offset)
+                got = f.readinto(view[pos : pos + length])
+                if got != length:
+                    raise CheckpointError(f"{path} is truncated (wanted {length} bytes at {offset}); re-download it")
+                pos += length
+        finally:
+            for f in handles.values():
+                f.close()
+        return out
+
+    def tensor(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
+        """Load one tensor (or some of its dim-0 rows) into a CPU tensor."""
+        info = self.tensors[name]
+        if info.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, which premoe cannot decode")
+        ranges = info.rows(rows) if rows is not None else [(info.file, info.offset, info.nbytes)]
+        shape = (len(rows), *info.shape[1:]) if rows is not None else info.shape
+        buf = self.read(ranges)
+        if not buf:
+            return torch.empty(shape, dtype=TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(shape)
+
+
+@dataclass(frozen=True)
+class KeyRole:
+    """What a checkpoint key is to premoe.
+
+    ``kind`` is ``expert`` (one routed expert's tensor, ``prefix.experts.{expert}.{rest}``), ``fused``
+    (all routed experts stacked on dim 0), ``router`` (router weight/bias/correction bias, rows =
+    experts), ``beyond`` (a layer past ``num_hidden_layers``, e.g. DeepSeek-V3's MTP layer, which
+    transformers ignores) or ``other`` (everything else, shared experts included).
+    """
+
+    kind: str
+    layer: int | None = None
+    expert: int | None = None
+    prefix: str = ""
+    rest: str = ""
+
+
+_LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.")
+
+
+def classify_keys(
+    tensors: dict[str, TensorInfo],
+    spec: ArchSpec,
+    decoder_prefix: str,
+    moe_layers: list[int],
+    num_layers: int,
+    num_experts: int,
+) -> dict[str, KeyRole]:
+    """Give every checkpoint key its :class:`KeyRole`, checking it against the config.
+
+    Raises:
+        CheckpointError: a MoE layer lacks router weights or experts, or a routed tensor's first
+            dimension is not the expert count.
+    """
+    pats = disk_patterns(spec)
+    moe = set(moe_layers)
+    roles: dict[str, KeyRole] = {}
+    seen_router: dict[int, int] = {}
+    seen_experts: dict[int, set[int] | str] = {}
+    for name, info in tensors.items():
+        m = _LAYER.match(name)
+        if not m or m["root"] != decoder_prefix:
+            roles[name] = KeyRole("other")
+            continue
+        layer = int(m["layer"])
+        if layer >= num_layers:
+            roles[name] = KeyRole("beyond", layer)
+            continue
+        role = KeyRole("other", layer)
+        if layer in moe:
+            if em := pats["expert"].match(name):
+                e = int(em["expert"])
+                if e >= num_experts:
+                    raise CheckpointError(f"{name}: expert id {e} but the config says {num_experts} experts per layer")
+                role = KeyRole("expert", layer, e, em["prefix"], em["rest"])
+                got = seen_experts.setdefault(layer, set())
+                if isinstance(got, set):
+                    got.add(e)
+            else:
+                for kind in ("router", "fused", "fused_extra"):
+                    fm = pats[kind].match(name) if kind in pats else None
+                    if fm:
+                        if not info.shape or info.shape[0] != num_experts:
+                            raise CheckpointError(
+                                f"{name} has shape {list(info.shape)} but the config says {num_experts} experts; "
+                                "the checkpoint does not match its config.json"
+                            )
+                        role = KeyRole("router" if kind == "router" else "fused", layer, None, fm["prefix"], fm["rest"])
+                        if kind == "router":
+                            seen_router[layer] = seen_router.get(layer, 0) + 1
+                        else:
+                            seen_experts[layer] = "fused"
+                        break
+        roles[name] = role
+    for layer in moe_layers:
+        if layer not in seen_router:
+            raise CheckpointError(
+                f"no router weights for MoE layer {layer} in the checkpoint (expected a key like "
+                f"'{decoder_prefix}.{layer}.{spec.disk_blocks[0]}.<{spec.disk_router}>.weight'); "
+                "is this checkpoint in a layout transformers 5 loads?"
+            )
+        got = seen_experts.get(layer)
+        if got is None or (isinstance(got, set) and len(got) != num_experts):
+            have = 0 if got is None else len(got)
+            raise CheckpointError(
+                f"MoE layer {layer}: found {have} of {num_experts} routed experts in the checkpoint; it is incomplete or does not match config.json"
+            )
+    return roles
+
+
+@dataclass
+class OutTensor:
+    """One tensor of a file to write, as the source byte ranges it concatenates."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[Path, int, int]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p[2] for p in self.pieces)
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
+    """Stream ``tensors`` into a new safetensors file at ``path``; returns the bytes copied."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    pos = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
+    buf = bytearray(_COPY_CHUNK)
+    view = memoryview(buf)
+    handles: dict[Path, object] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for t in tensors:
+                for src, offset, length in t.pieces:
+                    f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
+                    f.seek(offset)
+                    while length:
+                        n = f.readinto(view[: min(length, len(buf))])
+                        if not n:
+                            raise CheckpointError(f"{src} is truncated; re-download it")
+                        out.write(view[:n])
+                        length -= n
+    finally:
+        for f in handles.values():
+            f.close()
+    return pos

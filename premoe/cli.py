@@ -1,0 +1,146 @@
+"""``premoe`` command line: subcommands map 1:1 onto :mod:`premoe.api` functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from ._version import __version__
+from .errors import PremoeError
+
+
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="score every expert for a task and add the pattern to a store")
+    p.add_argument("--model", required=True, help="HuggingFace MoE model directory (safetensors)")
+    p.add_argument("--data", required=True, help="JSONL ({\"text\"} or {\"prompt\",\"completion\"} per line) or .txt file")
+    p.add_argument("--task", required=True, help="task name in the store")
+    p.add_argument("--store", required=True, help="pattern-store directory (created if missing)")
+    p.add_argument("--scorer", default="tcess", help="tcess (default), official, frequency or random")
+    p.add_argument("--max-samples", type=int, help="use at most this many samples")
+    p.add_argument("--k", type=int, help="experts per token counted as selected (default: the model's top-k)")
+    p.add_argument("--r", type=float, help="minimum share of the top-k routing weight to count")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random scorer")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=2048, help="tokens kept per sample")
+    p.add_argument("--device", default="auto", help="auto (accelerator if any), cpu, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--overwrite", action="store_true", help="replace the task if the store has it")
+
+
+def _add_prune(sub):
+    p = sub.add_parser("prune", help="keep the top-N experts per layer for a task and write a HF checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--keep", type=int, required=True, help="experts kept in every MoE layer")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--top-k", type=int, help="also lower the experts routed per token (e.g. 4/64)")
+    p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"),
+                   help="group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload self-check")
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="summarise a pattern store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="calibrate, prune and evaluate the shipped tiny MoE on the built-in tasks")
+    p.add_argument("--keep", type=int, nargs="+", help="keep counts (default: 1/2, 1/4, 1/8 of the experts)")
+    p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples per task")
+    p.add_argument("--workdir", help="keep the stores and pruned models here (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="premoe", description="Task-specific MoE expert pruning and retrieval (PreMoe).")
+    ap.add_argument("--version", action="version", version=f"premoe {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_calibrate, _add_prune, _add_inspect, _add_demo):
+        add(sub)
+    return ap
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _run(args) -> int:
+    from . import api
+
+    progress = not args.quiet
+    if args.command == "calibrate":
+        t0 = time.perf_counter()
+        pattern = api.calibrate(
+            args.model, args.data, args.task, args.store, scorer=args.scorer, max_samples=args.max_samples,
+            k=args.k, r=args.r, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+            device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
+        )
+        info = pattern.info
+        print(f"calibrated task {pattern.name!r} ({pattern.scorer}): {info['samples']} samples, {info['tokens']} tokens, "
+              f"{len(pattern.layers)} MoE layers -> {args.store} in {time.perf_counter() - t0:.1f}s")
+    elif args.command == "prune":
+        res = api.prune(
+            args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k,
+            group_policy=args.group_policy, overwrite=args.overwrite, verify=args.verify, progress=progress,
+        )
+        p = res.plan
+        print(f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}) for task {p.task!r}: "
+              f"{_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
+              f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
+              + (" (reload verified)" if args.verify else ""))
+    elif args.command == "inspect":
+        summary = api.inspect_store(args.store)
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            m = summary["model"]
+            print(f"store {summary['path']}: {m['architecture']} ({m['model_type']}), {len(m['moe_layers'])} MoE layers x "
+                  f"{m['num_experts']} experts, top-{m['top_k']}, router sha256 {m['router_sha256'][:12]}")
+            if not summary["tasks"]:
+                print("no tasks")
+            print(f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  created")
+            for name, t in summary["tasks"].items():
+                print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  {t['created']}")
+    elif args.command == "demo":
+        from .demo import demo, format_table
+
+        result = demo(keeps=args.keep, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
+                      workdir=args.workdir, progress=progress)
+        print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="premoe: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        return _run(args)
+    except PremoeError as e:
+        print(f"premoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("premoe: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Writing a pruned HuggingFace checkpoint straight from the source safetensors.
+
+The source is never loaded as a model: every output tensor is copied as byte ranges
+(:mod:`premoe.checkpoint`), so pruning a checkpoint of any size needs one copy buffer of memory.
+Per-expert keys (``experts.{e}.*``, how Mixtral, Qwen, DeepSeek and OLMoE are published and what
+``save_pretrained`` writes) are dropped or renumbered to 0..N-1; fused tensors (GPT-OSS, Granite) and
+router rows are sliced on dim 0. The result keeps the source's on-disk layout, so vanilla
+transformers (and therefore vLLM/SGLang) load it. ``config.json`` gets the family's hub-native
+expert-count key and a ``premoe`` block recording the kept experts; ``premoe_plan.json`` holds the
+full plan. Everything is written to a temporary directory, verified, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ._version import __version__
+from .arch import find_moe_layers
+from .checkpoint import INDEX_NAME, OutTensor, write_safetensors
+from .errors import CheckpointError, InputError
+from .modelio import ModelInfo
+from .plan import PrunePlan
+from .surgery import config_updates
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "premoe_plan.json"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl"}
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    plan: PrunePlan
+    bytes_written: int
+    bytes_source: int
+    tensors: int
+    seconds: float
+    dropped: list[str] = field(default_factory=list)
+
+
+def check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that exists (unless ``overwrite``) or is the model itself."""
+    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
+        raise InputError(f"--out {out} is inside the source model directory; choose a separate directory")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; choose a new directory or pass --overwrite")
+
+
+def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], list[str]]:
+    """The output tensors (as source byte ranges), in source order, and the keys dropped outright."""
+    out, dropped = [], []
+    position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in plan.kept.items()}
+    tensors = info.checkpoint.tensors
+    for name in sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset)):
+        t, role = tensors[name], info.roles[name]
+        if role.kind == "beyond":
+            dropped.append(name)
+        elif role.kind == "expert":
+            new = position[role.layer].get(role.expert)
+            if new is not None:
+                out.append(OutTensor(f"{role.prefix}.experts.{new}.{role.rest}", t.dtype, t.shape, [(t.file, t.offset, t.nbytes)]))
+        elif role.kind in ("fused", "router"):
+            kept = plan.kept[role.layer]
+            out.append(OutTensor(name, t.dtype, (len(kept), *t.shape[1:]), t.rows(kept)))
+        else:
+            out.append(OutTensor(name, t.dtype, t.shape, [(t.file, t.offset, t.nbytes)]))
+    return out, dropped
+
+
+def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dict:
+    cfg = dict(info.raw_config)
+    cfg.update(config_updates(cfg, info.spec, plan))
+    if dropped_layers and "num_nextn_predict_layers" in cfg:
+        cfg["num_nextn_predict_layers"] = 0  # the MTP layer's experts were not pruned, so it was dropped
+    cfg["premoe"] = {
+        "version": __version__,
+        "task": plan.task,
+        "scorer": plan.scorer,
+        "num_experts_before": plan.num_experts,
+        "top_k_before": plan.top_k_before,
+        "group_policy": plan.group_policy,
+        "kept_experts": {str(k): v for k, v in plan.kept.items()},
+        "source_router_sha256": plan.source.get("router_sha256"),
+    }
+    return cfg
+
+
+def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
+    """Reload with plain ``AutoModelForCausalLM`` and check every weight landed where expected."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True)
+    problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"self-check failed: transformers reloads the pruned model with {problems}")
+    for m in find_moe_layers(model, info.spec):
+        if m.router.weight.shape[0] != plan.keep:
+            raise CheckpointError(f"self-check failed: layer {m.index} reloads with {m.router.weight.shape[0]} experts, not {plan.keep}")
+    del model
+
+
+def export_pruned(
+    info: ModelInfo,
+    plan: PrunePlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> ExportResult:
+    """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_out_dir(out, info.path, overwrite)
+    tensors, dropped = plan_tensors(info, plan)
+    shards = _shards(tensors, max_shard_bytes)
+    total = sum(t.nbytes for t in tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(tmp / fname, shard, {"format": "pt"})
+            weight_map.update({t.name: fname for t in shard})
+            bar.update(sum(t.nbytes for t in shard))
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")
+        for p in sorted(info.path.iterdir()):
+            if p.is_file() and p.name not in ("config.json", INDEX_NAME, PLAN_FILE) and p.suffix not in WEIGHT_SUFFIXES:
+                shutil.copy2(p, tmp / p.name)
+            elif p.is_dir():
+                log.info("not copying subdirectory %s", p)
+        result = ExportResult(out, plan, total, info.checkpoint.nbytes, len(tensors), time.perf_counter() - t0, dropped)
+        (tmp / PLAN_FILE).write_text(
+            json.dumps({**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2) + "\n"
+        )
+        if verify:
+            verify_export(tmp, info, plan)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - t0
+    if dropped:
+        log.warning("dropped %d tensors of layers past num_hidden_layers (e.g. %s)", len(dropped), dropped[0])
+    return result

@@ -1,0 +1,253 @@
+"""Looking at a model directory (no weights loaded) and loading it.
+
+:func:`inspect_model` reads ``config.json`` and the safetensors headers, builds the model skeleton on
+the meta device to learn which decoder layers are MoE (transformers' own rule: DeepSeek's leading
+dense layers, Qwen's ``mlp_only_layers``...), classifies every checkpoint key and fingerprints the
+model by hashing its router tensors. :func:`load_model` then loads weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import (
+    ArchSpec,
+    MoeLayer,
+    RouterSpec,
+    decoder_layers,
+    find_moe_layers,
+    get_spec,
+    router_spec,
+)
+from .checkpoint import Checkpoint, KeyRole, classify_keys
+from .errors import CheckpointError, InputError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identity of a model for pattern stores: shapes plus a hash of every router tensor."""
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    router_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["moe_layers"] = list(self.moe_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelFingerprint":
+        d = dict(d)
+        d["moe_layers"] = tuple(d["moe_layers"])
+        return cls(**d)
+
+    def differences(self, other: "ModelFingerprint") -> list[str]:
+        out = []
+        for key in ("model_type", "architecture", "num_layers", "num_experts", "top_k", "moe_layers"):
+            a, b = getattr(self, key), getattr(other, key)
+            if a != b:
+                out.append(f"{key} {b} vs {a}")
+        if not out and self.router_sha256 != other.router_sha256:
+            out.append(f"router weights differ (hash {other.router_sha256[:12]} vs {self.router_sha256[:12]})")
+        return out
+
+
+@dataclass
+class ModelInfo:
+    """Everything premoe knows about a model directory without loading its weights."""
+
+    path: Path
+    raw_config: dict[str, Any]
+    config: Any  # transformers PretrainedConfig
+    spec: ArchSpec
+    router: RouterSpec
+    num_layers: int
+    moe_layers: list[int]
+    decoder_prefix: str
+    checkpoint: Checkpoint
+    roles: dict[str, KeyRole]
+    fingerprint: ModelFingerprint
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    def router_keys(self, layer: int) -> list[str]:
+        return sorted(k for k, r in self.roles.items() if r.kind == "router" and r.layer == layer)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not path.exists():
+        raise MissingFileError(f"model directory {path} does not exist")
+    if not cfg_path.is_file():
+        raise MissingFileError(f"{path} has no config.json; point --model at a HuggingFace model directory")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object")
+    return raw
+
+
+@lru_cache(maxsize=8)
+def _skeleton_layout(config_json: str) -> tuple[str, int, tuple[int, ...]]:
+    """(decoder prefix, number of decoder layers, MoE layer ids) from a meta-device skeleton."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(config_json)
+    spec = get_spec(raw.get("model_type"))
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    moe = tuple(m.index for m in find_moe_layers(model, spec))
+    return prefix, len(layers), moe
+
+
+def _hash_routers(ckpt: Checkpoint, roles: dict[str, KeyRole], moe_layers: list[int]) -> str:
+    h = hashlib.sha256()
+    by_layer: dict[int, list[str]] = {}
+    for name, role in roles.items():
+        if role.kind == "router":
+            by_layer.setdefault(role.layer, []).append(name)
+    for layer in moe_layers:
+        for name in sorted(by_layer.get(layer, []), key=lambda n: roles[n].rest):
+            info = ckpt.tensors[name]
+            h.update(f"{layer}:{roles[name].rest}:{info.dtype}:{list(info.shape)};".encode())
+            h.update(ckpt.read([(info.file, info.offset, info.nbytes)]))
+    return h.hexdigest()
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    """Read a model directory's config and checkpoint layout; no weights are loaded.
+
+    Raises:
+        MissingFileError: no directory, config.json or safetensors weights.
+        UnsupportedModelError: the family is not in :data:`premoe.arch.ARCH_SPECS`.
+        CheckpointError: corrupt files, or weights that do not match config.json.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    raw = read_config(path)
+    spec = get_spec(raw.get("model_type"))  # before transformers sees it: clear error for any family
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise CheckpointError(f"transformers cannot read {path / 'config.json'}: {e}") from None
+    rspec = router_spec(config, spec)
+    prefix, num_layers, moe = _skeleton_layout(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    ckpt = Checkpoint(path)
+    roles = classify_keys(ckpt.tensors, spec, prefix, list(moe), num_layers, rspec.num_experts)
+    fp = ModelFingerprint(
+        model_type=spec.model_type,
+        architecture=(raw.get("architectures") or [type(config).__name__])[0],
+        num_layers=num_layers,
+        moe_layers=tuple(moe),
+        num_experts=rspec.num_experts,
+        top_k=rspec.top_k,
+        router_sha256=_hash_routers(ckpt, roles, list(moe)),
+    )
+    return ModelInfo(path, raw, config, spec, rspec, num_layers, list(moe), prefix, ckpt, roles, fp)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: the current accelerator if there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        return acc if acc is not None and torch.accelerator.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"invalid device {device!r}: {e}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype or "auto"
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise InputError(f"invalid dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return value
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with everything premoe needs to observe or prune it."""
+
+    info: ModelInfo
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+
+    @property
+    def layers(self) -> list[MoeLayer]:
+        return find_moe_layers(self.model, self.info.spec)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise MissingFileError(f"cannot load the tokenizer of {path}: {e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load a supported MoE checkpoint, its tokenizer and layout, ready for inference.
+
+    Args:
+        path: local HuggingFace model directory (safetensors).
+        device: where to put it (default: the accelerator if any, else CPU).
+        dtype: ``"auto"`` (the checkpoint's) or a torch dtype name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    info = inspect_model(path)
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(info.path)
+    kwargs: dict[str, Any] = {}
+    if dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = str(dev)  # load straight onto the device
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=resolve_dtype(dtype), **kwargs)
+    if dev.type != "cpu" and "device_map" not in kwargs:
+        model.to(dev)
+    model.eval()
+    return LoadedModel(info, model, tokenizer)
+
+
+def as_loaded(model: str | Path | LoadedModel, device=None, dtype="auto") -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+
+
+def as_info(model: str | Path | LoadedModel | ModelInfo) -> ModelInfo:
+    if isinstance(model, LoadedModel):
+        return model.info
+    if isinstance(model, ModelInfo):
+        return model
+    return inspect_model(model)

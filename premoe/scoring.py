@@ -1,0 +1,145 @@
+"""Expert-importance scorers as pure tensor functions.
+
+A calibration pass reduces every MoE layer's router output to a few per-expert sums over tokens
+(:class:`RoutingSums`); each scorer is a function of those sums. Legend: T = tokens, E = experts,
+k = experts per token, L = MoE layers.
+
+TCESS (task-conditioned expected selection score), PreMoe's criterion, is defined here as
+selection-based::
+
+    TCESS_l(e) = (1/T) * sum_t  1[e in S_t(k)] * 1[w_t,e / sum_{j in S_t} w_t,j >= r] * w_t,e
+
+with S_t(k) the k experts the family's own router chooses for token t (k defaults to the model's
+top-k, DeepSeek-V3's correction bias and group limits included) and w_t,e the routing weight the
+family really applies (softmax, renormalised where the model renormalises; sigmoid for DeepSeek-V3;
+softmax over the chosen for GPT-OSS). The constant ``routed_scaling_factor`` is left out.
+
+``official`` reproduces the PreMoe reference code: k = 1 on raw logits, marker = the raw logit. With
+sigmoid routers most logits are negative, so an expert that wins often with a negative logit scores
+*below* one that never wins (score 0): the ranking inverts. Use it only to compare with that code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import RouterSpec
+from .routing import gate_scores, route
+
+
+def tcess_marker(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, r: float | None = None) -> torch.Tensor:
+    """[T, E] per-token TCESS contribution: the routing weight of each chosen expert whose share
+    of the token's chosen weight is at least ``r`` (``None``: no threshold)."""
+    w = weights.float()
+    if r is not None:
+        share = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        w = torch.where(share >= r, w, torch.zeros_like(w))
+    return torch.zeros(w.shape[0], num_experts, dtype=w.dtype, device=w.device).scatter_add_(1, indices, w)
+
+
+def selection_marker(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E] one where the expert is among the token's chosen experts."""
+    ones = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+    return torch.zeros(indices.shape[0], num_experts, device=indices.device).scatter_add_(1, indices, ones)
+
+
+def official_marker(logits: torch.Tensor, k: int = 1, r: float | None = None) -> torch.Tensor:
+    """[T, E] the PreMoe reference code's marker: the raw logit of each of the top-k (by raw logit)
+    experts whose softmax share among those k is at least ``r``; zero elsewhere."""
+    z = logits.float()
+    top, idx = z.topk(k, dim=-1)
+    if r is not None:
+        share = top.softmax(dim=-1)
+        top = torch.where(share >= r, top, torch.zeros_like(top))
+    return torch.zeros_like(z).scatter_(1, idx, top)
+
+
+@dataclass
+class MarkerParams:
+    """Selection settings of one calibration pass (recorded in the pattern store)."""
+
+    k: int
+    r: float | None = None
+    official_k: int = 1
+    official_r: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "r": self.r, "official_k": self.official_k, "official_r": self.official_r}
+
+
+# Names of the per-expert sums a calibration pass accumulates, and what each sums over tokens.
+SUM_NAMES = {
+    "tcess": "routing weight of chosen experts (share >= r)",
+    "count": "1 if chosen among the top-k",
+    "official": "raw logit at the official preset's top-k",
+    "prob": "gate probability over all experts (soft preference)",
+}
+
+
+def layer_markers(
+    logits: torch.Tensor, spec: RouterSpec, params: MarkerParams, bias: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """All per-token markers of one layer, each [T, E]; summing them over tokens gives :class:`RoutingSums`."""
+    indices, weights = route(logits, spec, k=params.k, bias=bias)
+    probs, _ = gate_scores(logits, spec, bias)
+    return {
+        "tcess": tcess_marker(indices, weights, spec.num_experts, params.r),
+        "count": selection_marker(indices, spec.num_experts),
+        "official": official_marker(logits, params.official_k, params.official_r),
+        "prob": probs,
+    }
+
+
+@dataclass
+class RoutingSums:
+    """Per-expert sums over calibration tokens, [L, E] float64 each, plus the token count."""
+
+    sums: dict[str, torch.Tensor]
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, device: torch.device | None = None) -> "RoutingSums":
+        return cls({n: torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device) for n in SUM_NAMES})
+
+    def add(self, layer: int, markers: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> None:
+        for name, m in markers.items():
+            if mask is not None:
+                m = m[mask]
+            self.sums[name][layer] += m.sum(dim=0, dtype=torch.float64)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        n = max(self.tokens, 1)
+        return {name: (s / n).float().cpu() for name, s in self.sums.items()}
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    help: str
+    needs_model: bool = True
+    uses: str | None = None  # which mean it reads
+
+
+SCORERS: dict[str, Scorer] = {
+    s.name: s
+    for s in [
+        Scorer("tcess", "task-conditioned expected selection score (default)", uses="tcess"),
+        Scorer("official", "PreMoe reference code: top-1 raw-logit marker (can invert rankings)", uses="official"),
+        Scorer("frequency", "routing frequency: share of tokens that choose the expert", uses="count"),
+        Scorer("random", "seeded random scores (baseline)", needs_model=False),
+    ]
+}
+
+
+def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """[L, E] importance scores of scorer ``name`` from the calibration means (higher = keep)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+    scorer = SCORERS[name]
+    if scorer.uses is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(shape, generator=gen)
+    assert means is not None
+    return means[scorer.uses].float().clone()

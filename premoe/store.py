@@ -1,0 +1,260 @@
+"""The pattern store: every calibrated task's per-layer expert scores, for one model.
+
+Layout of a store directory::
+
+    manifest.json                  format, version, model fingerprint, one entry per task
+    tasks/<task>-<sha8>.safetensors  "scores" [L, E] plus "mean.<stat>" [L, E] per-expert means
+
+The manifest is the single source of truth and is replaced atomically (write to a temporary file,
+then ``os.replace``) after the task file it points to is complete, so an interrupted calibration
+leaves the store exactly as it was. A store belongs to one model (checked by
+:class:`~premoe.modelio.ModelFingerprint`). Only JSON and safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._version import __version__
+from .errors import InputError, StoreError
+from .modelio import ModelFingerprint
+
+STORE_FORMAT = "premoe-pattern-store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise InputError(f"invalid task name {name!r}: use letters, digits, '_', '-' or '.' (up to 128 characters)")
+    return name
+
+
+@dataclass
+class TaskPattern:
+    """One task's calibration result. Rows of ``scores`` follow ``layers`` (decoder-layer ids)."""
+
+    name: str
+    layers: list[int]
+    scores: torch.Tensor
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scorer(self) -> str:
+        return self.info.get("scorer", "?")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """Serialise manifest updates between processes (POSIX advisory lock; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class PatternStore:
+    """A directory of per-task expert patterns for one model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PatternStore":
+        """Open an existing store.
+
+        Raises:
+            StoreError: no store there, or its manifest is corrupt.
+        """
+        store = cls(path)
+        if not store.exists():
+            if store.path.is_dir() and any(store.path.iterdir()):
+                raise StoreError(f"{store.path} is not a premoe pattern store (no {MANIFEST})")
+            raise StoreError(f"no pattern store at {store.path}; create one with `premoe calibrate --store {store.path} ...`")
+        store.manifest()  # validate now
+        return store
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no pattern store at {self.path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"corrupt store manifest {self.manifest_path} ({e}); restore it or recalibrate into a new --store") from None
+        if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.manifest_path} is not a premoe pattern-store manifest")
+        if m.get("version") != STORE_VERSION:
+            raise StoreError(f"{self.path}: store version {m.get('version')} is not supported by this premoe (wants {STORE_VERSION})")
+        if not isinstance(m.get("tasks"), dict) or not isinstance(m.get("model"), dict):
+            raise StoreError(f"corrupt store manifest {self.manifest_path}: missing model or tasks")
+        return m
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        try:
+            return ModelFingerprint.from_dict(self.manifest()["model"])
+        except (TypeError, KeyError) as e:
+            raise StoreError(f"corrupt store manifest {self.manifest_path}: bad model fingerprint ({e})") from None
+
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        return self.manifest()["tasks"]
+
+    def check_model(self, fingerprint: ModelFingerprint) -> None:
+        """Raise :class:`StoreError` unless the store was built for this model."""
+        diff = self.fingerprint.differences(fingerprint)
+        if diff:
+            raise StoreError(
+                f"pattern store {self.path} was built for another model ({'; '.join(diff)}); "
+                "use the model it was calibrated on, or calibrate into a new --store"
+            )
+
+    def load(self, task: str) -> TaskPattern:
+        """Load one task's pattern (integrity-checked against the manifest)."""
+        tasks = self.tasks
+        if task not in tasks:
+            known = ", ".join(sorted(tasks)) or "none yet"
+            raise StoreError(f"task {task!r} is not in store {self.path} (tasks: {known}); calibrate it first")
+        entry = tasks[task]
+        file = self.path / entry["file"]
+        if not file.is_file():
+            raise StoreError(f"store file {file} is missing; recalibrate task {task!r}")
+        if entry.get("sha256") and _sha256(file) != entry["sha256"]:
+            raise StoreError(f"store file {file} is corrupt (checksum mismatch); recalibrate task {task!r}")
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise StoreError(f"store file {file} is corrupt ({e}); recalibrate task {task!r}") from None
+        means = {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")}
+        layers = list(self.fingerprint.moe_layers)
+        scores = tensors.get("scores")
+        if scores is None or scores.shape != (len(layers), self.fingerprint.num_experts):
+            raise StoreError(f"store file {file} does not match the store's model; recalibrate task {task!r}")
+        return TaskPattern(task, layers, scores, means, dict(entry))
+
+    def add(self, pattern: TaskPattern, fingerprint: ModelFingerprint, overwrite: bool = False) -> None:
+        """Add (or with ``overwrite`` replace) a task, atomically. Creates the store if needed.
+
+        Raises:
+            StoreError: the store belongs to another model, or the task exists and not ``overwrite``.
+        """
+        check_task_name(pattern.name)
+        tensors = {"scores": pattern.scores.float().contiguous()}
+        tensors.update({f"mean.{k}": v.float().contiguous() for k, v in pattern.means.items()})
+        if self.exists():
+            self._add_existing(pattern, tensors, fingerprint, overwrite)
+            return
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise StoreError(f"{self.path} exists and is not a premoe pattern store; choose another --store")
+        # New store: build it beside the target, then rename into place in one step.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        try:
+            entry = _write_task_file(tmp, pattern, tensors)
+            _write_json_atomic(
+                tmp / MANIFEST,
+                {
+                    "format": STORE_FORMAT,
+                    "version": STORE_VERSION,
+                    "premoe_version": __version__,
+                    "model": fingerprint.to_dict(),
+                    "tasks": {pattern.name: entry},
+                },
+            )
+            if self.path.is_dir():  # an empty directory the user made
+                self.path.rmdir()
+            os.rename(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _add_existing(self, pattern: TaskPattern, tensors, fingerprint, overwrite: bool) -> None:
+        with _locked(self.path):
+            self.check_model(fingerprint)
+            manifest = self.manifest()
+            old = manifest["tasks"].get(pattern.name)
+            if old is not None and not overwrite:
+                raise StoreError(f"task {pattern.name!r} already exists in {self.path}; pass --overwrite to replace it")
+            entry = _write_task_file(self.path, pattern, tensors)
+            try:
+                manifest["tasks"][pattern.name] = entry
+                _write_json_atomic(self.manifest_path, manifest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    (self.path / entry["file"]).unlink()
+                raise
+            if old is not None and old.get("file") != entry["file"]:
+                with contextlib.suppress(OSError):
+                    (self.path / old["file"]).unlink()
+
+
+def _write_task_file(root: Path, pattern: TaskPattern, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    (root / "tasks").mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{pattern.name}.", suffix=".tmp", dir=root / "tasks")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"task": pattern.name, "format": "premoe-pattern"})
+        digest = _sha256(Path(tmp))
+        rel = f"tasks/{pattern.name}-{digest[:8]}.safetensors"
+        os.replace(tmp, root / rel)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    entry = {k: v for k, v in pattern.info.items() if k not in ("file", "sha256")}
+    entry.update(file=rel, sha256=digest)
+    entry.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return entry
