@@ -9,6 +9,8 @@ Python API (mirrors the CLI verbs)::
 
 from ._version import __version__
 from .api import calibrate, inspect_store, plan, prune
+
+inspect = inspect_store  # the CLI verb's name
 from .errors import PremoeError
 from .modelio import inspect_model, load_model
 
@@ -20,4 +22,4 @@ def demo(**kwargs):
     return _demo(**kwargs)
 
 
-__all__ = ["__version__", "calibrate", "prune", "plan", "inspect_store", "inspect_model", "load_model", "demo", "PremoeError"]
+__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "inspect_model", "load_model", "demo", "PremoeError"]

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from .calibrate import calibrate
+from .calibration import calibrate
 from .export import ExportResult, check_out_dir, export_pruned
 from .modelio import LoadedModel, ModelInfo, as_info
-from .plan import PrunePlan, check_keep, make_plan
+from .plans import PrunePlan, check_keep, make_plan
 from .store import PatternStore, TaskPattern
 
 __all__ = ["calibrate", "prune", "plan", "inspect_store"]
@@ -25,7 +25,7 @@ def plan(
     top_k: int | None = None,
     group_policy: str = "balanced",
 ) -> PrunePlan:
-    """The :class:`~premoe.plan.PrunePlan` that keeps ``keep`` experts per layer for ``task``.
+    """The :class:`~premoe.plans.PrunePlan` that keeps ``keep`` experts per layer for ``task``.
 
     Raises:
         PremoeError: impossible keep/top-k, unknown task, or a store built for another model.
@@ -76,7 +76,7 @@ def prune(
             at least the (new) top-k.
         out: output directory (must not exist unless ``overwrite``).
         top_k: lower the experts routed per token as well (the paper's "4/64").
-        group_policy: ``balanced`` or ``flatten`` for group-limited routers (see :mod:`premoe.plan`).
+        group_policy: ``balanced`` or ``flatten`` for group-limited routers (see :mod:`premoe.plans`).
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
 
     Returns:

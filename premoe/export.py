@@ -29,7 +29,7 @@ from .arch import find_moe_layers
 from .checkpoint import INDEX_NAME, OutTensor, write_safetensors
 from .errors import CheckpointError, InputError
 from .modelio import ModelInfo
-from .plan import PrunePlan
+from .plans import PrunePlan
 from .surgery import config_updates
 
 log = logging.getLogger(__name__)

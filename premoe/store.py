@@ -2,8 +2,9 @@
 
 Layout of a store directory::
 
-    manifest.json                  format, version, model fingerprint, one entry per task
+    manifest.json                    format, version, model fingerprint, one entry per task
     tasks/<task>-<sha8>.safetensors  "scores" [L, E] plus "mean.<stat>" [L, E] per-expert means
+    .lock                            serialises concurrent manifest updates
 
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
 then ``os.replace``) after the task file it points to is complete, so an interrupted calibration
@@ -203,6 +204,7 @@ class PatternStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
         try:
+            (tmp / ".lock").touch()
             entry = _write_task_file(tmp, pattern, tensors)
             _write_json_atomic(
                 tmp / MANIFEST,

@@ -1,4 +1,4 @@
-"""Applying a :class:`~premoe.plan.PrunePlan` to a model in memory (transformers 5 fused experts).
+"""Applying a :class:`~premoe.plans.PrunePlan` to a model in memory (transformers 5 fused experts).
 
 Slices, on dim 0 and in lockstep, every per-expert tensor of the router (weight, bias,
 ``e_score_correction_bias``) and of the experts module (``gate_up_proj``, ``down_proj`` and their
@@ -15,7 +15,7 @@ from torch import nn
 
 from .arch import EXPERT_COUNT_KEYS, ArchSpec, config_get, find_moe_layers
 from .errors import InputError
-from .plan import PrunePlan
+from .plans import PrunePlan
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 

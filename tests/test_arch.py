@@ -1,0 +1,58 @@
+"""Adapter table: detection, MoE-layer discovery, routing specs, checkpoint key roles."""
+
+import pytest
+
+from premoe.arch import ARCH_SPECS, get_spec, router_spec, supported_model_types
+from premoe.errors import UnsupportedModelError
+from premoe.modelio import inspect_model
+
+from conftest import FAMILIES
+
+
+def test_every_required_family_is_supported():
+    required = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss"}
+    assert required <= set(supported_model_types())
+    assert {mt for mt, _, _ in FAMILIES.values()} == set(ARCH_SPECS)  # every row has a contract-test model
+
+
+def test_unknown_family_error_lists_supported():
+    with pytest.raises(UnsupportedModelError) as e:
+        get_spec("llama")
+    for name in supported_model_types():
+        assert name in str(e.value)
+    assert get_spec("granitemoeshared").model_type == "granitemoe"
+
+
+def test_dense_layers_are_not_moe_layers(family_dir):
+    assert inspect_model(family_dir("deepseek_v3")).moe_layers == [1, 2]  # first_k_dense_replace=1
+    assert inspect_model(family_dir("qwen2_moe")).moe_layers == [0, 2]  # mlp_only_layers=[1]
+    assert inspect_model(family_dir("mixtral")).moe_layers == [0, 1, 2]
+
+
+def test_shared_experts_and_dense_mlps_are_never_routed_keys(family_dir):
+    for fam in ("qwen2_moe", "deepseek_v2", "deepseek_v3"):
+        info = inspect_model(family_dir(fam))
+        for name, role in info.roles.items():
+            if "shared_expert" in name or (role.layer is not None and role.layer not in info.moe_layers):
+                assert role.kind == "other", name
+
+
+def test_router_specs_from_config():
+    spec = router_spec({"num_experts_per_tok": 8, "n_routed_experts": 256, "n_group": 8, "topk_group": 4,
+                        "norm_topk_prob": True, "routed_scaling_factor": 2.5}, get_spec("deepseek_v3"))
+    assert (spec.kind, spec.num_experts, spec.top_k, spec.n_group, spec.topk_group, spec.scale) == ("sigmoid", 256, 8, 8, 4, 2.5)
+    assert spec.group_limited and spec.renormalize
+    v2 = router_spec({"num_experts_per_tok": 6, "n_routed_experts": 160, "topk_method": "group_limited_greedy",
+                      "n_group": 8, "topk_group": 3}, get_spec("deepseek_v2"))
+    assert v2.group_limited and v2.group_score == "max" and not v2.renormalize
+    greedy = router_spec({"num_experts_per_tok": 6, "n_routed_experts": 64, "topk_method": "greedy", "n_group": 1}, get_spec("deepseek_v2"))
+    assert not greedy.group_limited
+    q = router_spec({"num_experts_per_tok": 8, "num_local_experts": 128, "norm_topk_prob": True}, get_spec("qwen3_moe"))
+    assert q.num_experts == 128 and q.renormalize
+
+
+def test_fused_and_per_expert_layouts_are_recognised(family_dir):
+    kinds = {fam: {r.kind for r in inspect_model(family_dir(fam)).roles.values()} for fam in ("gpt_oss", "granitemoe", "olmoe")}
+    assert "fused" in kinds["gpt_oss"] and "expert" not in kinds["gpt_oss"]
+    assert "fused" in kinds["granitemoe"]
+    assert "expert" in kinds["olmoe"] and "fused" not in kinds["olmoe"]

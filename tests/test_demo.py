@@ -1,0 +1,34 @@
+"""The shipped tiny MoE and the demo pipeline (fast settings; the full demo is `premoe demo`)."""
+
+import json
+
+import torch
+
+from premoe.demo import TINY_MODEL, demo, format_table
+from premoe.evaluate import exact_match
+from premoe.modelio import inspect_model, load_model
+from premoe.tasks import TASKS, samples
+
+
+def test_shipped_model_is_small_and_solves_every_task():
+    info = inspect_model(TINY_MODEL)
+    assert info.spec.model_type == "qwen3_moe" and info.num_experts >= 16
+    assert info.checkpoint.nbytes < 8 * 2**20  # a few MB
+    lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
+    for task in TASKS:
+        assert exact_match(lm.model, lm.tokenizer, samples(task, 60, "eval"), progress=False) >= 0.9, task
+    report = json.loads((TINY_MODEL / "training_report.json").read_text())
+    assert min(report["eval_exact_match_bf16_weights"].values()) >= 0.9
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = demo(keeps=[8], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False)
+    methods = [(row["method"], row["keep"]) for row in r["rows"]]
+    assert methods == [("dense", 16), ("tcess", 8), ("agnostic", 8), ("random", 8)]
+    dense, tcess, agnostic, rnd = r["rows"]
+    assert tcess["bytes"] < dense["bytes"] and tcess["bytes"] == rnd["bytes"]
+    assert tcess["mean"] > rnd["mean"]
+    assert set(tcess["accuracy"]) == set(TASKS)
+    table = format_table(r)
+    assert "TCESS, task-specific" in table and "random" in table
+    assert (tmp_path / "models" / "add-8" / "premoe_plan.json").is_file()
