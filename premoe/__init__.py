@@ -5,21 +5,41 @@ Python API (mirrors the CLI verbs)::
     import premoe
     premoe.calibrate("path/to/moe", "math.jsonl", task="math", store="patterns")
     premoe.prune("path/to/moe", "patterns", task="math", keep=64, out="moe-math-64")
+    premoe.inspect("patterns")
+
+Attributes are imported lazily, so ``premoe --help`` does not pay for torch and transformers.
 """
 
-from ._version import __version__
-from .api import calibrate, inspect_store, plan, prune
+from importlib import import_module
 
-inspect = inspect_store  # the CLI verb's name
+from ._version import __version__
 from .errors import PremoeError
-from .modelio import inspect_model, load_model
+
+_LAZY = {
+    "calibrate": "api",
+    "prune": "api",
+    "plan": "api",
+    "inspect_store": "api",
+    "inspect_model": "modelio",
+    "load_model": "modelio",
+}
+
+__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "inspect_model", "load_model",
+           "demo", "PremoeError"]
 
 
 def demo(**kwargs):
-    """Run the built-in demo (see :func:`premoe.demo.demo`)."""
-    from .demo import demo as _demo
-
-    return _demo(**kwargs)
+    """Run the built-in demo (see :func:`premoe.showcase.demo`)."""
+    return import_module(".showcase", __name__).demo(**kwargs)
 
 
-__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "inspect_model", "load_model", "demo", "PremoeError"]
+def __getattr__(name: str):
+    if name == "inspect":  # the CLI verb's name
+        name = "inspect_store"
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'premoe' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -115,7 +115,7 @@ def _run(args) -> int:
             for name, t in summary["tasks"].items():
                 print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  {t['created']}")
     elif args.command == "demo":
-        from .demo import demo, format_table
+        from .showcase import demo, format_table
 
         result = demo(keeps=args.keep, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
                       workdir=args.workdir, progress=progress)
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="premoe: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # premoe shows its own progress; transformers' per-load bars are noise
     if args.quiet:
         import os
 

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from premoe.demo import TINY_MODEL, demo, format_table
+from premoe.showcase import TINY_MODEL, demo, format_table
 from premoe.evaluate import exact_match
 from premoe.modelio import inspect_model, load_model
 from premoe.tasks import TASKS, samples
@@ -22,13 +22,13 @@ def test_shipped_model_is_small_and_solves_every_task():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = demo(keeps=[8], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False)
+    r = demo(keeps=[16], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False)
     methods = [(row["method"], row["keep"]) for row in r["rows"]]
-    assert methods == [("dense", 16), ("tcess", 8), ("agnostic", 8), ("random", 8)]
+    assert methods == [("dense", 32), ("tcess", 16), ("agnostic", 16), ("random", 16)]
     dense, tcess, agnostic, rnd = r["rows"]
     assert tcess["bytes"] < dense["bytes"] and tcess["bytes"] == rnd["bytes"]
     assert tcess["mean"] > rnd["mean"]
     assert set(tcess["accuracy"]) == set(TASKS)
     table = format_table(r)
     assert "TCESS, task-specific" in table and "random" in table
-    assert (tmp_path / "models" / "add-8" / "premoe_plan.json").is_file()
+    assert (tmp_path / "models" / "add-16" / "premoe_plan.json").is_file()
