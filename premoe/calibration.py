@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .arch import MoeLayer, RouterSpec, selection_bias
 from .data import iter_samples, scan
 from .errors import InputError, StoreError
-from .modelio import LoadedModel, ModelInfo, as_info, as_loaded
+from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer
 from .scoring import SCORERS, MarkerParams, RoutingSums, layer_markers, score
 from .store import PatternStore, TaskPattern, check_task_name
 
@@ -188,11 +188,7 @@ def calibrate(
         sums = observe(lm, iter_samples(data, max_samples), params, batch_size, max_length, n_samples, progress, f"calibrate {task}")
         tokens, means = sums.tokens, sums.means()
     else:
-        tok = model.tokenizer if isinstance(model, LoadedModel) else None
-        if tok is None:
-            from .modelio import load_tokenizer
-
-            tok = load_tokenizer(info.path)
+        tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
         tokens = sum(len(tok(s, truncation=True, max_length=max_length)["input_ids"]) for s in iter_samples(data, max_samples))
         means = {}
     if tokens == 0:

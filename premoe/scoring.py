@@ -107,7 +107,8 @@ class RoutingSums:
         for name, m in markers.items():
             if mask is not None:
                 m = m[mask]
-            self.sums[name][layer] += m.sum(dim=0, dtype=torch.float64)
+            acc = self.sums[name]
+            acc[layer] += m.sum(dim=0, dtype=torch.float64).to(acc.device)  # layers may sit on other devices
 
     def means(self) -> dict[str, torch.Tensor]:
         n = max(self.tokens, 1)
