@@ -20,12 +20,14 @@ _LAZY = {
     "prune": "api",
     "plan": "api",
     "inspect_store": "api",
+    "route": "api",
+    "serve": "api",
     "inspect_model": "modelio",
     "load_model": "modelio",
 }
 
-__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "inspect_model", "load_model",
-           "demo", "PremoeError"]
+__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "route", "serve", "inspect_model",
+           "load_model", "demo", "PremoeError"]
 
 
 def demo(**kwargs):

@@ -13,7 +13,7 @@ from .modelio import LoadedModel, ModelInfo, as_info
 from .plans import PrunePlan, check_keep, make_plan
 from .store import PatternStore, TaskPattern
 
-__all__ = ["calibrate", "prune", "plan", "inspect_store"]
+__all__ = ["calibrate", "prune", "plan", "inspect_store", "route", "serve"]
 
 
 def plan(
@@ -117,3 +117,43 @@ def inspect_store(store: str | Path) -> dict[str, Any]:
             "top_experts": {str(layer): row.argsort(descending=True)[:8].tolist() for layer, row in zip(pattern.layers, pattern.scores)},
         }
     return {"path": str(st.path), "version": manifest["version"], "model": manifest["model"], "tasks": tasks}
+
+
+def route(
+    model: str | Path | ModelInfo,
+    store: str | Path,
+    queries: str | list[str],
+    *,
+    layers: int = 1,
+    stat: str | None = None,
+    source: str | None = None,
+    norm: str | None = None,
+    metric: str | None = None,
+    device: str | None = "cpu",
+    dtype: str | None = None,
+):
+    """Route queries to the nearest stored task, loading no routed expert.
+
+    Only the embeddings, the decoder layers up to the ``layers``-th MoE layer and their routers are
+    read from the checkpoint. Defaults of ``stat``/``source``/``norm``/``metric``: see
+    :class:`~premoe.retrieval.SignatureSpec`.
+
+    Returns:
+        ``(results, bytes_read)``: one :class:`~premoe.retrieval.RouteResult` per query, and the
+        bytes read from the checkpoint to build the signature model.
+
+    Raises:
+        PremoeError: empty store, store of another model, empty query.
+    """
+    from .retrieval import QueryRouter, signature_spec
+
+    router = QueryRouter(model, store, signature_spec(layers, stat, source, norm, metric), device=device, dtype=dtype)
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    return [router.route(q) for q in queries], router.bytes_read
+
+
+def serve(model: str | Path, store: str | Path, keep: int, **kwargs):
+    """A :class:`~premoe.serving.TaskServer`: route prompts and serve them with only their task's experts."""
+    from .serving import TaskServer
+
+    return TaskServer(model, store, keep, **kwargs)

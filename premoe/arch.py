@@ -48,6 +48,10 @@ class ArchSpec:
         selection_bias: name of a router buffer added to the scores only to choose experts.
         scaling_key: config key of a constant multiplier on the routing weights.
         shared: names of shared-expert submodules of the block (never pruned; listed for docs).
+        expert_parts: for each fused in-memory expert parameter, the checkpoint tensors (relative
+            to ``experts.{e}.`` for per-expert layouts, or to the block for fused ones) whose rows
+            it concatenates on dim 0 (gate then up). Fused checkpoint tensors named like the
+            in-memory parameter (GPT-OSS, v5-native saves) are found without an entry.
     """
 
     model_type: str
@@ -64,10 +68,17 @@ class ArchSpec:
     selection_bias: str | None = None
     scaling_key: str | None = None
     shared: tuple[str, ...] = ()
+    expert_parts: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
+        ("down_proj", ("down_proj.weight",)),
+    )
 
 
 _SPECS = [
-    ArchSpec("mixtral", "num_local_experts", "softmax", True, disk_blocks=("block_sparse_moe", "mlp")),
+    ArchSpec(
+        "mixtral", "num_local_experts", "softmax", True, disk_blocks=("block_sparse_moe", "mlp"),
+        expert_parts=(("gate_up_proj", ("w1.weight", "w3.weight")), ("down_proj", ("w2.weight",))),
+    ),
     ArchSpec("qwen2_moe", "num_experts", "softmax", "norm_topk_prob", shared=("shared_expert", "shared_expert_gate")),
     ArchSpec("qwen3_moe", "num_experts", "softmax", "norm_topk_prob"),
     ArchSpec("olmoe", "num_experts", "softmax", "norm_topk_prob"),
@@ -85,6 +96,7 @@ _SPECS = [
         "granitemoe", "num_local_experts", "topk_softmax", True,
         block_attr="block_sparse_moe", router_attr="router", disk_blocks=("block_sparse_moe",),
         disk_router=r"router(?:\.layer)?", disk_fused=r"(?:input_linear|output_linear)\.weight",
+        expert_parts=(("gate_up_proj", ("input_linear.weight",)), ("down_proj", ("output_linear.weight",))),
     ),
 ]
 ARCH_SPECS: dict[str, ArchSpec] = {s.model_type: s for s in _SPECS}

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import MoeLayer, RouterSpec, selection_bias
-from .data import iter_samples, scan
+from .data import iter_records, iter_samples, scan
 from .errors import InputError, StoreError
 from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer
 from .scoring import SCORERS, MarkerParams, RoutingSums, layer_markers, score
@@ -65,15 +65,19 @@ class RouterObserver:
         self._handles.clear()
 
 
-def _batches(tokenizer, texts: Iterable[str], batch_size: int, max_length: int, window: int = 256) -> Iterator[list[list[int]]]:
-    """Token-id batches; samples are length-sorted within windows to limit padding."""
+def _batches(
+    tokenizer, texts: Iterable[str], batch_size: int, max_length: int, skip_special: bool, window: int = 256
+) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Batches of (token ids, count mask); samples are length-sorted within windows to limit padding.
+    With ``skip_special`` the count mask leaves out special tokens (BOS...)."""
     buf: list[str] = []
 
     def flush():
-        ids = tokenizer(buf, truncation=True, max_length=max_length)["input_ids"]
-        ids = sorted((x for x in ids if x), key=len)
-        for i in range(0, len(ids), batch_size):
-            yield ids[i : i + batch_size]
+        enc = tokenizer(buf, truncation=True, max_length=max_length, return_special_tokens_mask=skip_special)
+        masks = enc["special_tokens_mask"] if skip_special else [[0] * len(x) for x in enc["input_ids"]]
+        rows = sorted(((ids, [1 - s for s in sp]) for ids, sp in zip(enc["input_ids"], masks) if ids), key=lambda r: len(r[0]))
+        for i in range(0, len(rows), batch_size):
+            yield rows[i : i + batch_size]
 
     for text in texts:
         buf.append(text)
@@ -86,28 +90,38 @@ def _batches(tokenizer, texts: Iterable[str], batch_size: int, max_length: int, 
 
 @torch.inference_mode()
 def observe(
-    lm: LoadedModel,
+    model: torch.nn.Module,
+    layers: list[MoeLayer],
+    info: ModelInfo,
+    tokenizer,
     texts: Iterable[str],
     params: MarkerParams,
+    *,
     batch_size: int = 16,
     max_length: int = 2048,
     total: int | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    skip_special: bool = False,
+    **forward_kwargs,
 ) -> RoutingSums:
-    """Stream ``texts`` through the model and return the routing sums of every MoE layer."""
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    device = lm.device
+    """Stream ``texts`` through ``model`` and return the routing sums of ``layers``' routers.
+
+    ``model`` is any module whose forward drives those routers: the causal LM for calibration, or
+    a truncated signature view (:mod:`premoe.signature`).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-    with RouterObserver(lm.layers, lm.info.router, lm.info.spec, params) as obs:
-        for batch in _batches(tok, texts, batch_size, max_length):
-            width = max(map(len, batch))
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device)
-            obs.mask = mask.reshape(-1).bool()
-            lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-            obs.sums.tokens += int(mask.sum())
+    with RouterObserver(layers, info.router, info.spec, params) as obs:
+        for batch in _batches(tokenizer, texts, batch_size, max_length, skip_special):
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
+            attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
+            counted = torch.tensor([c + [0] * (width - len(c)) for _, c in batch], device=device)
+            obs.mask = counted.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=attn, use_cache=False, **forward_kwargs)
+            obs.sums.tokens += int(counted.sum())
             bar.update(len(batch))
     bar.close()
     return obs.sums
@@ -141,6 +155,7 @@ def calibrate(
     dtype: str | None = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    signature_layers: int = 4,
 ) -> TaskPattern:
     """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
 
@@ -158,6 +173,8 @@ def calibrate(
         device / dtype: where and in which precision to run the model.
         overwrite: replace the task if the store already has it.
         progress: show a progress bar.
+        signature_layers: MoE layers the stored retrieval keys span (capped at the model's);
+            queries can then be routed with any ``--layers`` up to this.
 
     Returns:
         The stored :class:`~premoe.store.TaskPattern`.
@@ -182,18 +199,40 @@ def calibrate(
             raise StoreError(f"task {task!r} already exists in {st.path}; pass --overwrite to replace it")
     params = marker_params(info.router, scorer, k, r)
     shape = (len(info.moe_layers), info.num_experts)
+    if signature_layers < 1:
+        raise InputError(f"--signature-layers must be positive, got {signature_layers}")
+    sig_layers = min(signature_layers, len(info.moe_layers))
 
     if SCORERS[scorer].needs_model:
         lm = as_loaded(model, device=device, dtype=dtype)
-        sums = observe(lm, iter_samples(data, max_samples), params, batch_size, max_length, n_samples, progress, f"calibrate {task}")
+        sums = observe(
+            lm.model, lm.layers, lm.info, lm.tokenizer, iter_samples(data, max_samples), params,
+            batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
+            desc=f"calibrate {task}", logits_to_keep=1,
+        )
         tokens, means = sums.tokens, sums.means()
     else:
+        lm = None
         tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
         tokens = sum(len(tok(s, truncation=True, max_length=max_length)["input_ids"]) for s in iter_samples(data, max_samples))
         means = {}
     if tokens == 0:
         raise InputError(f"data file {data}: the tokenizer produced no tokens")
     scores = score(scorer, means, shape, seed)
+    from .signature import SignatureModel
+
+    sig_model = (
+        SignatureModel(lm.model, info, lm.tokenizer, sig_layers)
+        if SCORERS[scorer].needs_model
+        else SignatureModel.from_checkpoint(info, tok, sig_layers)
+    )
+    signature, sig_tokens = {}, {}
+    for source in ("prompt", "full"):
+        texts = (r.prompt if source == "prompt" else r.text for r in iter_records(data, max_samples))
+        sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
+                               progress=progress, desc=f"keys ({source})")
+        signature.update({f"{source}.{k}": v for k, v in sums.means().items()})
+        sig_tokens[source] = sums.tokens
     pattern = TaskPattern(
         name=task,
         layers=list(info.moe_layers),
@@ -205,7 +244,9 @@ def calibrate(
             "scorer": scorer,
             "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
             "data": {"path": str(Path(data).resolve()), "sha256": data_sha},
+            "signature": {"layers": sig_layers, "tokens": sig_tokens},
         },
+        signature=signature,
     )
     st.add(pattern, info.fingerprint, overwrite=overwrite)
     log.info("calibrated %s: %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)

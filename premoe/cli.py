@@ -28,6 +28,7 @@ def _add_calibrate(sub):
     p.add_argument("--device", default="auto", help="auto (accelerator if any), cpu, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", help="replace the task if the store has it")
+    p.add_argument("--signature-layers", type=int, default=4, help="MoE layers the stored retrieval keys span (default 4)")
 
 
 def _add_prune(sub):
@@ -59,12 +60,59 @@ def _add_demo(sub):
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def _add_signature_flags(p):
+    g = p.add_argument_group("retrieval (defaults chosen on routing accuracy; see README)")
+    g.add_argument("--layers", type=int, default=1, help="MoE layers the signature spans (M; default 1)")
+    g.add_argument("--stat", choices=("prob", "tcess", "count", "official"), help="router statistic compared (default prob)")
+    g.add_argument("--source", choices=("prompt", "full"), help="keys from calibration prompts or prompt+completion (default prompt)")
+    g.add_argument("--norm", choices=("none", "l1", "l2"), help="per-layer normalisation (default l1)")
+    g.add_argument("--metric", choices=("l2", "cosine", "l1"), help="distance (default l1)")
+
+
+def _add_serving_flags(p):
+    p.add_argument("--model", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--keep", type=int, required=True, help="experts held per MoE layer")
+    p.add_argument("--top-k", type=int, help="also lower the experts routed per token")
+    p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"))
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache-mb", type=float, default=0.0, help="keep experts a switch drops, up to this many MB (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto ...")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    _add_signature_flags(p)
+
+
+def _add_route(sub):
+    p = sub.add_parser("route", help="print the stored task nearest to a query (no experts loaded)")
+    p.add_argument("query", nargs="?", help="the query text")
+    p.add_argument("--model", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--data", help="route every line of this JSONL (prompt or text) or .txt file")
+    p.add_argument("--json", action="store_true", help="one JSON object per query (task, distance, margin, ...)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    _add_signature_flags(p)
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="route a prompt, load only its task's experts, and complete it")
+    p.add_argument("prompt", nargs="?", help="the prompt text")
+    p.add_argument("--data", help="answer every line of this JSONL (prompt or text) or .txt file")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    _add_serving_flags(p)
+
+
+def _add_chat(sub):
+    p = sub.add_parser("chat", help="interactive: each message is routed; experts switch when the topic does")
+    _add_serving_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="premoe", description="Task-specific MoE expert pruning and retrieval (PreMoe).")
     ap.add_argument("--version", action="version", version=f"premoe {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_calibrate, _add_prune, _add_inspect, _add_demo):
+    for add in (_add_calibrate, _add_prune, _add_inspect, _add_route, _add_generate, _add_chat, _add_demo):
         add(sub)
     return ap
 
@@ -87,6 +135,7 @@ def _run(args) -> int:
             args.model, args.data, args.task, args.store, scorer=args.scorer, max_samples=args.max_samples,
             k=args.k, r=args.r, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
+            signature_layers=args.signature_layers,
         )
         info = pattern.info
         print(f"calibrated task {pattern.name!r} ({pattern.scorer}): {info['samples']} samples, {info['tokens']} tokens, "
@@ -114,12 +163,123 @@ def _run(args) -> int:
             print(f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  created")
             for name, t in summary["tasks"].items():
                 print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  {t['created']}")
+    elif args.command == "route":
+        return _route(args)
+    elif args.command in ("generate", "chat"):
+        return _serve(args)
     elif args.command == "demo":
         from .showcase import demo, format_table
 
         result = demo(keeps=args.keep, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
                       workdir=args.workdir, progress=progress)
         print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _queries(args, text_arg: str) -> list[tuple[str, str]]:
+    """(where, text) pairs from the positional text or --data."""
+    from .data import iter_records
+    from .errors import InputError
+
+    text = getattr(args, text_arg)
+    if (text is None) == (args.data is None):
+        raise InputError(f"give either a {text_arg.upper()} or --data FILE")
+    if text is not None:
+        return [("query", text)]
+    return [(f"{args.data}:{i}", r.prompt) for i, r in enumerate(iter_records(args.data, queries=True), 1)]
+
+
+def _spec(args):
+    from .retrieval import signature_spec
+
+    return signature_spec(args.layers, args.stat, args.source, args.norm, args.metric)
+
+
+def _route(args) -> int:
+    from .errors import InputError
+    from .retrieval import QueryRouter
+
+    queries = _queries(args, "query")
+    router = QueryRouter(args.model, args.store, _spec(args), device=args.device, dtype=args.dtype)
+    for where, q in queries:
+        try:
+            res = router.route(q)
+        except InputError as e:
+            raise InputError(f"{where}: {e}" if args.data else str(e)) from None
+        print(json.dumps({**res.to_dict(), "signature_bytes_read": router.bytes_read}) if args.json else res.task, flush=True)
+    return 0
+
+
+def _serve(args) -> int:
+    from .errors import InputError
+    from .serving import TaskServer
+
+    server = TaskServer(
+        args.model, args.store, args.keep, top_k=args.top_k, group_policy=args.group_policy,
+        signature=_spec(args), cache_bytes=int(args.cache_mb * 2**20),
+        device=args.device, dtype=args.dtype,
+    )
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.command == "chat":
+        return _chat(server, args)
+    for where, prompt in _queries(args, "prompt"):
+        try:
+            reply = server.generate(prompt, args.max_new_tokens)
+        except InputError as e:
+            raise InputError(f"{where}: {e}" if args.data else str(e)) from None
+        print(json.dumps(reply.to_dict()) if args.json else f"[{reply.task}] {reply.text}", flush=True)
+    return 0
+
+
+def _chat(server, args) -> int:
+    from .errors import InputError
+
+    tok = server.tokenizer
+    templated = bool(getattr(tok, "chat_template", None))
+    history: list[dict[str, str]] = []
+    print(f"premoe chat: {len(server.retriever.names)} tasks, {server.keep} experts per MoE layer. "
+          "Each message is routed; /task shows the current task, /clear forgets the conversation, /exit quits.", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        msg = line.strip()
+        if not msg:
+            continue
+        if msg in ("/exit", "/quit"):
+            break
+        if msg == "/clear":
+            history.clear()
+            print("(conversation cleared)", flush=True)
+            continue
+        if msg == "/task":
+            print(f"(current task: {server.task or 'none yet'})", flush=True)
+            continue
+        try:
+            route = server.route(msg)
+        except InputError as e:
+            print(f"premoe: {e}", flush=True)
+            continue
+        note = ""
+        if route.task != server.task:
+            st = server.load(route.task)
+            note = f"switched to {route.task}: read {_fmt_bytes(st.bytes_read)}, {st.experts_read} experts from disk, " \
+                   f"{st.experts_from_cache} from cache"
+        if templated:
+            history.append({"role": "user", "content": msg})
+            prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = msg
+        from .evaluate import generate_greedy
+
+        text = generate_greedy(server.model, tok, [prompt], args.max_new_tokens)[0].strip()
+        if templated:
+            history.append({"role": "assistant", "content": text})
+        if note:
+            print(f"({note})", flush=True)
+        print(f"[{route.task}] {text}", flush=True)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, MissingFileError
@@ -17,17 +18,31 @@ from .errors import InputError, MissingFileError
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 
 
-def _sample_of(obj: object, where: str) -> str:
+@dataclass(frozen=True)
+class Record:
+    """One sample: ``text`` is what calibration reads; ``prompt`` is the part a user would send
+    (the ``prompt`` field, or the whole text when there is none)."""
+
+    prompt: str
+    text: str
+
+
+def _record_of(obj: object, where: str, queries: bool) -> Record:
     if isinstance(obj, dict):
+        if isinstance(obj.get("prompt"), str) and (queries or isinstance(obj.get("completion"), str)):
+            completion = obj.get("completion") if isinstance(obj.get("completion"), str) else ""
+            return Record(obj["prompt"], obj["prompt"] + completion)
         if isinstance(obj.get("text"), str):
-            return obj["text"]
-        if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-            return obj["prompt"] + obj["completion"]
-    raise InputError(f"{where}: expected an object with \"text\" or \"prompt\"+\"completion\" strings")
+            return Record(obj["text"], obj["text"])
+    want = '"prompt" or "text"' if queries else '"text" or "prompt"+"completion"'
+    raise InputError(f"{where}: expected an object with {want} strings")
 
 
-def iter_samples(path: str | Path, max_samples: int | None = None) -> Iterator[str]:
-    """Yield the samples of a data file in order (at most ``max_samples``)."""
+def iter_records(path: str | Path, max_samples: int | None = None, queries: bool = False) -> Iterator[Record]:
+    """Yield the samples of a data file in order (at most ``max_samples``).
+
+    With ``queries`` a ``prompt`` needs no ``completion`` (files of requests to route or answer).
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file {path} does not exist")
@@ -42,17 +57,23 @@ def iter_samples(path: str | Path, max_samples: int | None = None) -> Iterator[s
             if not line.strip():
                 continue
             if suffix == ".txt":
-                sample = line.rstrip("\r\n")
+                text = line.rstrip("\r\n")
+                rec = Record(text, text)
             else:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                sample = _sample_of(obj, f"{path}:{lineno}")
-            if not sample:
+                rec = _record_of(obj, f"{path}:{lineno}", queries)
+            if not rec.text:
                 raise InputError(f"{path}:{lineno}: empty sample")
             n += 1
-            yield sample
+            yield rec
+
+
+def iter_samples(path: str | Path, max_samples: int | None = None) -> Iterator[str]:
+    """The calibration texts of a data file (prompt and completion concatenated)."""
+    return (r.text for r in iter_records(path, max_samples))
 
 
 def scan(path: str | Path, max_samples: int | None = None) -> tuple[int, str]:

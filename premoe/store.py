@@ -3,7 +3,9 @@
 Layout of a store directory::
 
     manifest.json                    format, version, model fingerprint, one entry per task
-    tasks/<task>-<sha8>.safetensors  "scores" [L, E] plus "mean.<stat>" [L, E] per-expert means
+    tasks/<task>-<sha8>.safetensors  "scores" [L, E], "mean.<stat>" [L, E] per-expert means and
+                                     "sig.<source>.<stat>" [M, E] retrieval keys (premoe.signature)
+    signatures.safetensors           cache: every task's keys stacked, rebuilt when tasks change
     .lock                            serialises concurrent manifest updates
 
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
@@ -37,6 +39,7 @@ from .modelio import ModelFingerprint
 STORE_FORMAT = "premoe-pattern-store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE_CACHE = "signatures.safetensors"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -55,6 +58,7 @@ class TaskPattern:
     scores: torch.Tensor
     means: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    signature: dict[str, torch.Tensor] = field(default_factory=dict)  # "<source>.<stat>" -> [M, E]
 
     @property
     def scorer(self) -> str:
@@ -180,11 +184,52 @@ class PatternStore:
         except (SafetensorError, OSError) as e:
             raise StoreError(f"store file {file} is corrupt ({e}); recalibrate task {task!r}") from None
         means = {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")}
+        sig = {k.removeprefix("sig."): v for k, v in tensors.items() if k.startswith("sig.")}
         layers = list(self.fingerprint.moe_layers)
         scores = tensors.get("scores")
         if scores is None or scores.shape != (len(layers), self.fingerprint.num_experts):
             raise StoreError(f"store file {file} does not match the store's model; recalibrate task {task!r}")
-        return TaskPattern(task, layers, scores, means, dict(entry))
+        return TaskPattern(task, layers, scores, means, dict(entry), sig)
+
+    def signature_table(self, key: str) -> tuple[list[str], torch.Tensor]:
+        """Every task's retrieval key ``key`` ("<source>.<stat>") stacked: (names, [T, M, E]).
+
+        Read from the ``signatures.safetensors`` cache when it matches the manifest, else rebuilt
+        from the task files (and the cache rewritten, atomically; skipped if the store is read-only).
+
+        Raises:
+            StoreError: the store has no tasks, or a task lacks the key.
+        """
+        tasks = self.tasks
+        if not tasks:
+            raise StoreError(f"store {self.path} has no tasks; calibrate at least one with `premoe calibrate`")
+        names = sorted(tasks)
+        stamp = json.dumps([[n, tasks[n]["file"]] for n in names])
+        cache = self.path / SIGNATURE_CACHE
+        if cache.is_file():
+            try:
+                with safe_open(cache, "pt") as f:
+                    if f.metadata().get("tasks") == stamp and key in f.keys():
+                        return names, f.get_tensor(key)
+            except (SafetensorError, OSError):
+                pass
+        table: dict[str, list[torch.Tensor]] = {}
+        for n in names:
+            p = self.load(n)
+            if key not in p.signature:
+                raise StoreError(f"task {n!r} in {self.path} has no retrieval key {key!r}; recalibrate it with this premoe")
+            for k, v in p.signature.items():
+                table.setdefault(k, []).append(v)
+        stacked = {k: torch.stack(v) for k, v in table.items() if len(v) == len(names) and len({t.shape for t in v}) == 1}
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".signatures.", suffix=".tmp", dir=self.path)
+            os.close(fd)
+            save_file(stacked, tmp, metadata={"tasks": stamp})
+            os.replace(tmp, cache)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return names, stacked[key]
 
     def add(self, pattern: TaskPattern, fingerprint: ModelFingerprint, overwrite: bool = False) -> None:
         """Add (or with ``overwrite`` replace) a task, atomically. Creates the store if needed.
@@ -195,6 +240,7 @@ class PatternStore:
         check_task_name(pattern.name)
         tensors = {"scores": pattern.scores.float().contiguous()}
         tensors.update({f"mean.{k}": v.float().contiguous() for k, v in pattern.means.items()})
+        tensors.update({f"sig.{k}": v.float().contiguous() for k, v in pattern.signature.items()})
         if self.exists():
             self._add_existing(pattern, tensors, fingerprint, overwrite)
             return

@@ -72,6 +72,12 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
                 mod.num_group, mod.topk_group = plan.n_group, plan.topk_group
             if plan.n_group == 1 and getattr(mod, "topk_method", None) == "group_limited_greedy":
                 mod.topk_method = "greedy"
+    for mod in model.modules():  # counts cached elsewhere, e.g. the causal LM's aux-loss `num_experts`
+        for attr in _COUNT_ATTRS:
+            if getattr(mod, attr, None) == plan.num_experts:
+                setattr(mod, attr, plan.keep)
+        if getattr(mod, "num_experts_per_tok", None) == plan.top_k_before:
+            mod.num_experts_per_tok = plan.top_k
     for key, value in config_updates(model.config, spec, plan).items():
         setattr(model.config, key, value)
     return model

@@ -18,8 +18,8 @@ TEXTS = ["add 1+2=3", "reverse abcdef=fedcba", "sort 9382=2389", "count a in abc
 def test_batching_and_padding_do_not_change_statistics(family_dir):
     lm = load_model(family_dir("deepseek_v3"), device="cpu")
     params = marker_params(lm.info.router, "tcess", None, None)
-    one = observe(lm, TEXTS, params, batch_size=1, progress=False)
-    many = observe(lm, TEXTS, params, batch_size=5, progress=False)
+    one = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, params, batch_size=1, progress=False)
+    many = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, params, batch_size=5, progress=False)
     assert one.tokens == many.tokens == sum(len(lm.tokenizer(t).input_ids) for t in TEXTS)
     for name in one.sums:
         torch.testing.assert_close(one.sums[name], many.sums[name], rtol=1e-5, atol=1e-6)
@@ -27,7 +27,8 @@ def test_batching_and_padding_do_not_change_statistics(family_dir):
 
 def test_tcess_mass_per_token_is_one_for_renormalising_router(family_dir):
     lm = load_model(family_dir("mixtral"), device="cpu")
-    means = observe(lm, TEXTS, marker_params(lm.info.router, "tcess", None, None), progress=False).means()
+    means = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, marker_params(lm.info.router, "tcess", None, None),
+                    progress=False).means()
     torch.testing.assert_close(means["tcess"].sum(-1), torch.ones(len(lm.layers)))  # weights sum to 1 per token
     torch.testing.assert_close(means["count"].sum(-1), torch.full((len(lm.layers),), 2.0))  # top-2
 
@@ -54,7 +55,8 @@ def test_samples_are_streamed_not_loaded_up_front(family_dir):
     first_forward = []
     handle = lm.layers[0].router.register_forward_hook(lambda *a: first_forward.append(len(consumed)) if not first_forward else None)
     try:
-        sums = observe(lm, gen(), marker_params(lm.info.router, "tcess", None, None), batch_size=32, progress=False)
+        sums = observe(lm.model, lm.layers, lm.info, lm.tokenizer, gen(), marker_params(lm.info.router, "tcess", None, None),
+                       batch_size=32, progress=False)
     finally:
         handle.remove()
     assert first_forward[0] <= 256  # one sorting window, not the whole stream

@@ -1,0 +1,296 @@
+"""Serving with task-adaptive expert retrieval: route each prompt, hold only its task's experts.
+
+:class:`TaskServer` keeps, in memory, the model's non-expert weights (read once), every router's
+full weight matrix (small) and, per MoE layer, the N experts of the current task's pattern. For a
+prompt it computes the signature with the backbone (no experts involved), retrieves the nearest
+stored task and, if that task's pattern differs from the one held, switches: experts both patterns
+keep stay where they are, experts in the cache are taken from it, and only the rest are read from
+the checkpoint. Experts the new pattern drops go to an LRU cache bounded by ``cache_bytes`` (0:
+dropped). The switched model is bit-identical to one built fresh for the new task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import plan_from_pattern
+from .arch import find_moe_layers
+from .errors import InputError
+from .evaluate import generate_greedy
+from .modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
+from .plans import PrunePlan, check_keep
+from .retrieval import Retriever, RouteResult, SignatureSpec
+from .selective import ByteReader, CheckpointMap, build_model, read_routers
+from .signature import SignatureModel, full_router
+from .store import PatternStore
+
+
+class ExpertCache:
+    """LRU cache of experts' rows, {(layer, expert): {param: tensor}}, under a byte budget."""
+
+    def __init__(self, budget_bytes: int = 0):
+        self.budget = max(0, int(budget_bytes))
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def put(self, key: tuple[int, int], rows: dict[str, torch.Tensor]) -> None:
+        size = sum(t.nbytes for t in rows.values())
+        if size > self.budget:
+            return
+        while self.bytes + size > self.budget:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= sum(t.nbytes for t in old.values())
+        self._items[key] = rows
+        self.bytes += size
+
+    def pop(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        rows = self._items.pop(key, None)
+        if rows is not None:
+            self.bytes -= sum(t.nbytes for t in rows.values())
+        return rows
+
+
+@dataclass
+class SwitchStats:
+    """What installing a pattern cost."""
+
+    task: str
+    bytes_read: int = 0
+    experts_read: int = 0
+    experts_kept: int = 0
+    experts_from_cache: int = 0
+    seconds: float = 0.0
+
+
+def install_pattern(
+    model: nn.Module,
+    info: ModelInfo,
+    plan: PrunePlan,
+    held: dict[int, list[int]],
+    routers: dict[int, dict[str, torch.Tensor]],
+    reader: ByteReader,
+    cache: ExpertCache | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> SwitchStats:
+    """Make ``model`` (pruned to ``plan.keep`` experts per layer) hold ``plan``'s experts.
+
+    ``held`` maps each MoE layer to the original ids its expert rows hold now (missing on a model
+    whose experts were never loaded) and is updated in place. Rows are laid out as a fresh build
+    lays them out (ascending original ids), so the result is identical to building from scratch.
+    Experts never loaded before are created on ``device`` in ``dtype`` (default: CPU, the
+    checkpoint's dtype).
+    """
+    t0 = time.perf_counter()
+    before = reader.bytes_read
+    stats = SwitchStats(plan.task or "?")
+    cmap = CheckpointMap(info)
+    for m in find_moe_layers(model, info.spec):
+        layer, new, old = m.index, plan.kept[m.index], held.get(m.index)
+        if old == new:
+            stats.experts_kept += len(new)
+            continue
+        old_pos = {e: i for i, e in enumerate(old or [])}
+        params = dict(m.experts.named_parameters(recurse=False))
+        fresh = {}
+        for name, p in params.items():
+            if p.is_meta:  # first load: the checkpoint's dtype unless asked otherwise
+                target = dtype or _torch_dtype(cmap.expert_source(layer, name, new[:1]).dtype)
+                fresh[name] = torch.empty(p.shape, dtype=target, device=device or "cpu")
+            else:
+                fresh[name] = torch.empty_like(p)
+        for i, e in enumerate(new):
+            if e in old_pos:
+                for name in params:
+                    fresh[name][i].copy_(params[name][old_pos[e]])
+                stats.experts_kept += 1
+                continue
+            rows = cache.pop((layer, e)) if cache is not None else None
+            if rows is not None:
+                for name in params:
+                    fresh[name][i].copy_(rows[name])
+                stats.experts_from_cache += 1
+                continue
+            for name in params:
+                src = cmap.expert_source(layer, name, [e])
+                dst = fresh[name][i]
+                if dst.device.type == "cpu" and dst.dtype == _torch_dtype(src.dtype):
+                    reader.read_into(dst, list(src.pieces))
+                else:  # other device or dtype: stage on the CPU, then convert
+                    dst.copy_(reader.tensor(src.dtype, src.shape[1:], list(src.pieces)))
+            stats.experts_read += 1
+        if cache is not None and old:
+            for e in set(old) - set(new):
+                cache.put((layer, e), {name: params[name][old_pos[e]].detach().clone() for name in params})
+        for name, t in fresh.items():
+            m.experts._parameters[name] = nn.Parameter(t, requires_grad=False)
+        for leaf, full in routers[layer].items():
+            cur = getattr(m.router, leaf)
+            value = full[new].to(device=cur.device, dtype=cur.dtype).clone()
+            if leaf in m.router._parameters:
+                m.router._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+            else:
+                m.router._buffers[leaf] = value
+        held[layer] = list(new)
+    stats.bytes_read = reader.bytes_read - before
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Move loaded tensors to ``device`` (floating parameters to ``dtype``); unloaded experts stay put."""
+    for mod in model.modules():
+        for n, p in mod._parameters.items():
+            if p is not None and not p.is_meta:
+                t = p.to(device=device, dtype=dtype if (dtype is not None and p.is_floating_point()) else p.dtype)
+                if t is not p:
+                    mod._parameters[n] = nn.Parameter(t, requires_grad=False)
+        for n, b in mod._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                mod._buffers[n] = b.to(device)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from .checkpoint import TORCH_DTYPES
+
+    return TORCH_DTYPES[name]
+
+
+@dataclass
+class Reply:
+    """One served prompt."""
+
+    task: str
+    text: str
+    route: RouteResult
+    bytes_read: int
+    experts_per_layer: int
+    switched: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "text": self.text,
+            "distance": self.route.distance,
+            "margin": self.route.margin,
+            "second": self.route.second,
+            "bytes_read": self.bytes_read,
+            "experts_per_layer": self.experts_per_layer,
+            "switched": self.switched,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+
+class TaskServer:
+    """Routes prompts to stored task patterns and serves them with only those experts in memory.
+
+    Args:
+        model: source model directory (safetensors; never fully loaded).
+        store: pattern store calibrated on that model.
+        keep: experts held per MoE layer.
+        top_k: lower the experts routed per token as well.
+        group_policy: group-limited routers, see :mod:`premoe.plans`.
+        signature: how prompts are matched to tasks.
+        cache_bytes: budget for experts dropped by a switch, kept for later switches (0: none).
+        device: where to run (default: accelerator if any, else CPU).
+        dtype: compute dtype (default: the checkpoint's).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        store: str | Path,
+        keep: int,
+        *,
+        top_k: int | None = None,
+        group_policy: str = "balanced",
+        signature: SignatureSpec | None = None,
+        cache_bytes: int = 0,
+        device: str | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ):
+        self.info = inspect_model(model)
+        check_keep(self.info.router, keep, top_k, group_policy)
+        self.store = PatternStore.open(store)
+        self.store.check_model(self.info.fingerprint)
+        self.spec = signature or SignatureSpec()
+        self.retriever = Retriever.from_store(self.store, self.spec)
+        self.keep, self.top_k, self.group_policy = keep, top_k, group_policy
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
+        self.tokenizer = load_tokenizer(self.info.path)
+        self.reader = ByteReader()
+        self.cache = ExpertCache(cache_bytes)
+        self.task: str | None = None
+        self.held: dict[int, list[int]] = {}
+        self.model: nn.Module | None = None
+        self._signature: SignatureModel | None = None
+        self._plans: dict[str, PrunePlan] = {}
+
+    def plan_for(self, task: str) -> PrunePlan:
+        if task not in self._plans:
+            pattern = self.store.load(task)
+            self._plans[task] = plan_from_pattern(self.info, pattern, self.keep, top_k=self.top_k, group_policy=self.group_policy)
+        return self._plans[task]
+
+    def _ensure_backbone(self) -> None:
+        """Read the non-expert weights and the full routers (once); experts stay unloaded."""
+        if self.model is not None:
+            return
+        first = self.plan_for(self.retriever.names[0])  # any pattern: only its shapes are used here
+        self.routers = read_routers(self.info, self.reader)
+        self.model = build_model(self.info, first, self.reader, routers=self.routers, defer_experts=True)
+        move_loaded_(self.model, self.device, self.dtype)
+        full = {}
+        for m in find_moe_layers(self.model, self.info.spec)[: self.spec.layers]:
+            tensors = {k: v.to(self.device, self.dtype or v.dtype) if v.is_floating_point() else v.to(self.device)
+                       for k, v in self.routers[m.index].items()}
+            full[m.index] = full_router(m.router, self.info.config, tensors)
+        self._signature = SignatureModel(self.model, self.info, self.tokenizer, self.spec.layers, routers=full)
+
+    def route(self, text: str) -> RouteResult:
+        """The stored task nearest to ``text`` (computes only the signature layers, no experts)."""
+        self._ensure_backbone()
+        return self.retriever.route(self._signature.signature(text))
+
+    def load(self, task: str) -> SwitchStats:
+        """Hold ``task``'s experts (reading only those not already in memory or in the cache)."""
+        self._ensure_backbone()
+        stats = install_pattern(self.model, self.info, self.plan_for(task), self.held, self.routers, self.reader,
+                                self.cache, device=self.device, dtype=self.dtype)
+        self.task = task
+        return stats
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Reply:
+        """Route ``prompt``, switch patterns if needed, and complete it greedily."""
+        before = self.reader.bytes_read
+        t0 = time.perf_counter()
+        route = self.route(prompt)
+        t1 = time.perf_counter()
+        switched = route.task != self.task
+        if switched:
+            self.load(route.task)
+        t2 = time.perf_counter()
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+        t3 = time.perf_counter()
+        return Reply(route.task, text, route, self.reader.bytes_read - before, self.keep, switched,
+                     {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2})
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,121 @@
+"""Query signatures: how a model's first MoE routers see a text, before any expert is loaded.
+
+A signature runs the decoder layers up to and including the M-th MoE layer (M = 1 by default, as
+in the paper) with every routed expert replaced by :class:`~premoe.selective.ZeroExperts`, and
+reduces the routers' outputs over the text's tokens (special tokens excluded) to per-expert means:
+the same statistics calibration collects (``prob``, ``tcess``, ``count``, ``official``). For M = 1
+this is exactly what the full model's first router sees; for M > 1 the earlier MoE layers
+contribute only their shared experts, the same way at calibration and at query time, so stored keys
+and queries stay comparable.
+
+The pass stops cleanly because the view simply has no later layers: it is a shallow copy of the
+model's base with a truncated layer list, MoE blocks whose experts are stubs and (when serving a
+pruned model) full-size routers. It shares every tensor with the model it views.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .arch import MoeLayer, decoder_layers, find_moe_layers
+from .calibration import observe
+from .errors import InputError
+from .modelio import ModelInfo
+from .scoring import MarkerParams, RoutingSums
+from .selective import ByteReader, ZeroExperts, build_model
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing tensors and submodules, whose own submodules can be swapped safely."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    return new
+
+
+def full_router(router: nn.Module, config, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A router module of ``router``'s class for all experts, holding ``tensors`` (not copied)."""
+    with torch.device("meta"):
+        full = type(router)(config)
+    for leaf, t in tensors.items():
+        if leaf in full._parameters:
+            full._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            full._buffers[leaf] = t
+    return full.eval()
+
+
+class SignatureModel:
+    """Computes signatures of texts from the first ``layers`` MoE routers of a model.
+
+    Args:
+        model: a causal LM (full, pruned, or built without experts) sharing ``info``'s layout.
+        info: the source model's layout; routing follows its unpruned router spec.
+        tokenizer: the model's tokenizer (its default special tokens).
+        layers: number of MoE layers the signature spans (M).
+        routers: full-size router modules to use instead of the model's own, by decoder layer
+            (needed when ``model`` is pruned).
+    """
+
+    def __init__(self, model: nn.Module, info: ModelInfo, tokenizer, layers: int = 1, routers: dict[int, nn.Module] | None = None):
+        spec = info.spec
+        if not 1 <= layers <= len(info.moe_layers):
+            raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
+        base = model.base_model
+        moe = find_moe_layers(base, spec)[:layers]
+        last = moe[-1].index
+        by_index = {m.index: m for m in moe}
+        new_layers, self.layers = [], []
+        for i, layer in enumerate(decoder_layers(base)[: last + 1]):
+            m = by_index.get(i)
+            if m is None:
+                new_layers.append(layer)
+                continue
+            block = _shallow(m.block)
+            router = (routers or {}).get(i, m.router)
+            setattr(block, spec.router_attr, router)
+            setattr(block, spec.experts_attr, ZeroExperts())
+            lay = _shallow(layer)
+            setattr(lay, spec.block_attr, block)
+            new_layers.append(lay)
+            self.layers.append(MoeLayer(i, block, router, block.experts))
+        self.view = _shallow(base)
+        self.view.layers = nn.ModuleList(new_layers)
+        self.info = info
+        self.tokenizer = tokenizer
+        self.num_layers = layers
+        self.params = MarkerParams(k=info.router.top_k)
+
+    @classmethod
+    def from_checkpoint(cls, info: ModelInfo, tokenizer, layers: int = 1, reader: ByteReader | None = None) -> "SignatureModel":
+        """Build from disk: embeddings, the decoder layers up to the M-th MoE layer and their full
+        routers; no routed expert is read."""
+        if not 1 <= layers <= len(info.moe_layers):
+            raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
+        reader = reader or ByteReader()
+        model = build_model(info, None, reader, num_layers=info.moe_layers[layers - 1] + 1, experts=False, base_only=True)
+        return cls(model, info, tokenizer, layers)
+
+    def stats(self, texts: Iterable[str], batch_size: int = 16, max_length: int = 2048, total: int | None = None,
+              progress: bool = False, desc: str = "signature") -> RoutingSums:
+        """Routing sums of the signature layers over ``texts`` (special tokens not counted)."""
+        return observe(
+            self.view, self.layers, self.info, self.tokenizer, texts, self.params, batch_size=batch_size,
+            max_length=max_length, total=total, progress=progress, desc=desc, skip_special=True,
+        )
+
+    def signature(self, text: str, max_length: int = 2048) -> dict[str, torch.Tensor]:
+        """Per-expert means of one text, {stat: [layers, E]}.
+
+        Raises:
+            InputError: the text has no tokens other than special ones.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the query is empty; send some text to route")
+        sums = self.stats([text], max_length=max_length)
+        if sums.tokens == 0:
+            raise InputError("the query has no tokens besides special tokens; send some text to route")
+        return sums.means()

@@ -1,0 +1,260 @@
+"""TAER: signatures, retrieval, selective loading, runtime task switching and the serving CLI."""
+
+import json
+
+import pytest
+import torch
+
+import premoe
+from premoe.cli import main
+from premoe.data import write_jsonl
+from premoe.errors import InputError, StoreError
+from premoe.modelio import inspect_model, load_model
+from premoe.retrieval import QueryRouter, Retriever, SignatureSpec
+from premoe.selective import ByteReader, build_model, ideal_bytes
+from premoe.serving import ExpertCache, TaskServer
+from premoe.showcase import TINY_MODEL
+from premoe.signature import SignatureModel
+from premoe.store import PatternStore
+from premoe.surgery import apply_plan_
+from premoe.tasks import TASKS, samples
+
+from conftest import FAMILIES, build_model as build_tiny
+
+A = [{"prompt": "add 1+2=", "completion": "3"}, {"prompt": "add 15+7=", "completion": "22"}]
+B = [{"prompt": "reverse abcd=", "completion": "dcba"}, {"prompt": "sort 9142=", "completion": "1249"}]
+
+
+@pytest.fixture
+def two_tasks(family_dir, tmp_path):
+    def make(family):
+        src = family_dir(family)
+        premoe.calibrate(src, write_jsonl(tmp_path / "a.jsonl", A), "a", tmp_path / "s", progress=False)
+        premoe.calibrate(src, write_jsonl(tmp_path / "b.jsonl", B), "b", tmp_path / "s", progress=False)
+        return src, tmp_path / "s"
+
+    return make
+
+
+def state_equal(m1, m2) -> bool:
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    return set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_selective_build_equals_full_load_then_slice(family, two_tasks):
+    """Per-expert (Mixtral, Qwen, DeepSeek, OLMoE) and fused (GPT-OSS, Granite) checkpoints alike."""
+    src, store = two_tasks(family)
+    info = inspect_model(src)
+    plan = premoe.plan(info, store, "a", 4)
+    with ByteReader() as r:
+        built = build_model(info, plan, r)
+        assert r.bytes_read == ideal_bytes(info, plan)["total"]  # nothing read twice, no other expert
+    ref = load_model(src, device="cpu").model
+    apply_plan_(ref, info.spec, plan)
+    assert state_equal(built, ref)
+
+
+def test_selective_build_from_sharded_checkpoint(tmp_path):
+    model, tok = build_tiny(*FAMILIES["deepseek_v3"][:2])
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    tok.save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 2
+    premoe.calibrate(src, write_jsonl(tmp_path / "a.jsonl", A), "a", tmp_path / "s", progress=False)
+    info = inspect_model(src)
+    plan = premoe.plan(info, tmp_path / "s", "a", 4)
+    with ByteReader() as r:
+        built = build_model(info, plan, r)
+    apply_plan_(model, info.spec, plan)
+    assert state_equal(built, model)
+
+
+def test_switching_is_identical_to_a_fresh_build_and_reads_only_missing_experts(family, two_tasks):
+    src, store = two_tasks(family)
+    server = TaskServer(src, store, 4)
+    first = server.load("a")
+    info = server.info
+    assert first.bytes_read == ideal_bytes(info, server.plan_for("a"))["experts"]  # the backbone is read once, before
+    plan_a, plan_b = server.plan_for("a"), server.plan_for("b")
+    expert_bytes = {}
+    for name, role in info.roles.items():
+        t = info.checkpoint.tensors[name]
+        if role.kind == "expert":
+            expert_bytes[(role.layer, role.expert)] = expert_bytes.get((role.layer, role.expert), 0) + t.nbytes
+        elif role.kind == "fused":
+            for e in range(info.num_experts):
+                expert_bytes[(role.layer, e)] = expert_bytes.get((role.layer, e), 0) + t.nbytes // t.shape[0]
+    for src_plan, dst_task in ((plan_a, "b"), (server.plan_for("b"), "a"), (plan_a, "b")):
+        dst_plan = server.plan_for(dst_task)
+        missing = [(layer, e) for layer, kept in dst_plan.kept.items() for e in kept if e not in src_plan.kept[layer]]
+        st = server.load(dst_task)
+        assert st.bytes_read == sum(expert_bytes[x] for x in missing)
+        assert st.experts_read == len(missing)
+        with ByteReader() as r:
+            fresh = build_model(info, dst_plan, r)
+        assert state_equal(server.model, fresh)
+    ids = server.tokenizer("add 1+2=", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(server.model(**ids).logits, fresh(**ids).logits)
+    del plan_b
+
+
+def test_first_prompt_reads_exactly_the_ideal_bytes(two_tasks):
+    src, store = two_tasks("qwen3_moe")
+    server = TaskServer(src, store, 4)
+    reply = server.generate("add 3+4=", max_new_tokens=3)
+    assert reply.switched and reply.experts_per_layer == 4
+    assert reply.bytes_read == ideal_bytes(server.info, server.plan_for(reply.task), full_routers=True)["total"]
+    again = server.generate("add 5+4=", max_new_tokens=3)
+    assert again.task == reply.task and again.bytes_read == 0 and not again.switched
+
+
+def test_expert_cache_serves_switches_back(two_tasks):
+    src, store = two_tasks("mixtral")
+    server = TaskServer(src, store, 4, cache_bytes=10 * 2**20)
+    server.load("a")
+    server.load("b")
+    back = server.load("a")
+    assert back.bytes_read == 0 and back.experts_read == 0 and back.experts_from_cache > 0
+    with ByteReader() as r:
+        assert state_equal(server.model, build_model(server.info, server.plan_for("a"), r))
+
+
+def test_expert_cache_is_lru_under_budget():
+    cache = ExpertCache(budget_bytes=3 * 400)
+    row = lambda v: {"w": torch.full((100,), float(v))}  # 400 bytes
+    for i in range(3):
+        cache.put((0, i), row(i))
+    assert cache.pop((0, 0))["w"][0] == 0  # hit, removed
+    cache.put((0, 3), row(3))
+    cache.put((0, 4), row(4))  # evicts the least recently used: (0, 1)
+    assert (0, 1) not in cache and (0, 2) in cache and cache.bytes <= cache.budget
+    cache.put((0, 9), {"w": torch.zeros(1000)})  # larger than the budget: not cached
+    assert (0, 9) not in cache
+    assert ExpertCache(0).budget == 0
+
+
+def test_signature_reads_no_experts_and_matches_the_full_model(family, family_dir):
+    src = family_dir(family)
+    info = inspect_model(src)
+    lm = load_model(src, device="cpu")
+    with ByteReader() as r:
+        sm = SignatureModel.from_checkpoint(info, lm.tokenizer, 1, r)
+        nbytes = r.bytes_read
+    assert nbytes < ideal_bytes(info, None)["non_expert"]
+    from premoe.calibration import marker_params, observe
+
+    full = observe(lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], marker_params(info.router, "tcess", None, None),
+                   progress=False, skip_special=True).means()
+    sig = sm.signature("add 12+3=")
+    for stat in sig:
+        torch.testing.assert_close(sig[stat][0], full[stat][0])  # M = 1 is exact
+
+
+@pytest.fixture(scope="module")
+def builtin_store(tmp_path_factory):
+    work = tmp_path_factory.mktemp("builtin")
+    lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
+    for t in TASKS:
+        premoe.calibrate(lm, write_jsonl(work / f"{t}.jsonl", samples(t, 32, "calib")), t, work / "store", progress=False)
+    return work / "store"
+
+
+def test_routing_on_the_builtin_suite(builtin_store):
+    prompts, truth = [], []
+    for t in TASKS:
+        for s in samples(t, 40, "eval"):
+            prompts.append(s["prompt"])
+            truth.append(t)
+    results, nbytes = premoe.route(TINY_MODEL, builtin_store, prompts)
+    acc = sum(r.task == t for r, t in zip(results, truth)) / len(truth)
+    assert acc >= 0.98
+    assert all(r.margin is not None and r.margin >= 0 for r in results)
+    assert nbytes < inspect_model(TINY_MODEL).checkpoint.nbytes / 4
+
+
+def test_retrieval_finds_nearest_among_thousands():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.rand(5000, 2, 16, generator=gen)
+    names = [f"t{i}" for i in range(5000)]
+    r = Retriever(names, table, SignatureSpec(layers=2))
+    res = r.route_stats(table[[17, 4242]] + 1e-4)
+    assert [x.task for x in res] == ["t17", "t4242"]
+    assert res[0].distance < res[0].second_distance
+
+
+def test_store_of_another_model_empty_store_and_empty_query(two_tasks, family_dir, tmp_path):
+    src, store = two_tasks("qwen2_moe")
+    with pytest.raises(StoreError, match="built for another model"):
+        QueryRouter(family_dir("olmoe"), store)
+    with pytest.raises(StoreError, match="built for another model"):
+        TaskServer(family_dir("olmoe"), store, 4)
+    router = QueryRouter(src, store)
+    for bad in ("", "   "):
+        with pytest.raises(InputError, match="empty"):
+            router.route(bad)
+    with pytest.raises(InputError, match="layers"):
+        QueryRouter(src, PatternStore.open(store), SignatureSpec(layers=9))
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["tasks"] = {}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="no tasks"):
+        QueryRouter(src, store)
+
+
+def test_keys_are_limited_to_calibrated_layers(two_tasks):
+    src, store = two_tasks("mixtral")
+    assert PatternStore.open(store).load("a").info["signature"]["layers"] == 3
+    QueryRouter(src, store, SignatureSpec(layers=3)).route("add 1+1=")
+
+
+def cli(capsys, *argv):
+    capsys.readouterr()
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_route_and_generate(builtin_store, tmp_path, capsys):
+    code, out, _ = cli(capsys, "route", "--model", TINY_MODEL, "--store", builtin_store, "add 12+30=")
+    assert code == 0 and out.strip() == "add"
+    code, out, _ = cli(capsys, "route", "--json", "--model", TINY_MODEL, "--store", builtin_store, "reverse abcdef=")
+    obj = json.loads(out)
+    assert obj["task"] == "reverse" and {"distance", "margin"} <= set(obj)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "sort 9321="}, {"text": "shift abc="}, {"prompt": "sort 541="}])
+    code, out, _ = cli(capsys, "route", "--model", TINY_MODEL, "--store", builtin_store, "--data", data)
+    assert out.split() == ["sort", "shift", "sort"]
+    code, out, _ = cli(capsys, "generate", "--json", "--model", TINY_MODEL, "--store", builtin_store, "--keep", 16,
+                       "--max-new-tokens", 8, "--data", data)
+    replies = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["task"] for r in replies] == ["sort", "shift", "sort"]
+    assert [r["text"] for r in replies] == ["1239", "bcd", "145"]
+    assert replies[0]["bytes_read"] > replies[1]["bytes_read"] > 0 and replies[2]["experts_per_layer"] == 16
+    assert replies[1]["switched"] and replies[2]["switched"]
+
+
+def test_cli_chat_switches_with_the_topic(builtin_store, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("add 2+3=\n/task\nreverse abc=\nreverse wxyz=\n/exit\n"))
+    code, out, _ = cli(capsys, "chat", "--model", TINY_MODEL, "--store", builtin_store, "--keep", 16, "--max-new-tokens", 6)
+    assert code == 0
+    replies = [line.split("] ")[0].lstrip("> ") + "]" for line in out.splitlines() if line.lstrip("> ").startswith("[")]
+    assert replies == ["[add]", "[reverse]", "[reverse]"]
+    assert "(current task: add)" in out and "[reverse] zyxw" in out
+    assert out.count("switched to") == 2  # a topic change switches experts; the same topic does not
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["route", "--model", TINY_MODEL, "--store", "STORE"], "give either a QUERY or --data"),
+        (["route", "--model", TINY_MODEL, "--store", "STORE", "   "], "the query is empty"),
+        (["generate", "--model", TINY_MODEL, "--store", "STORE", "--keep", 1, "x"], "below the 2 experts"),
+        (["route", "--model", TINY_MODEL, "--store", "NOSTORE", "x"], "no pattern store"),
+    ],
+)
+def test_cli_serving_errors(builtin_store, tmp_path, capsys, argv, match):
+    argv = [str(builtin_store) if a == "STORE" else str(tmp_path / "none") if a == "NOSTORE" else a for a in argv]
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and out == "" and match in err and len(err.strip().splitlines()) == 1
