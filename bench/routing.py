@@ -100,6 +100,7 @@ def synthetic(n_queries: int, n_tasks: int = 8, seed: int = 0) -> None:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # Dirichlet sampling uses the global generator
     dists = [torch.distributions.Dirichlet(torch.full((len(alphabet),), 0.3)).sample() for _ in range(n_tasks)]
 
     def draw(d, n):

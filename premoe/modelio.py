@@ -238,6 +238,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     if dev.type != "cpu" and "device_map" not in kwargs:
         model.to(dev)
     model.eval()
+    from .kernels import select_kernel
+
+    select_kernel(model)
     return LoadedModel(info, model, tokenizer)
 
 

@@ -25,6 +25,7 @@ from .checkpoint import TORCH_DTYPES, TensorInfo
 from .errors import CheckpointError, UnsupportedModelError
 from .modelio import ModelInfo
 from .plans import PrunePlan
+from .kernels import select_kernel
 from .surgery import config_updates
 
 Pieces = list[tuple[Path, int, int]]
@@ -38,10 +39,14 @@ def _writable_bytes(t: torch.Tensor) -> memoryview:
 
 
 class ByteReader:
-    """Reads checkpoint byte ranges into tensors and counts the bytes read."""
+    """Reads checkpoint byte ranges into tensors and counts the bytes read.
 
-    def __init__(self) -> None:
+    With ``log`` (a list), every read is recorded as (tensor bytes, ranges), e.g. to replay it.
+    """
+
+    def __init__(self, log: list | None = None) -> None:
         self.bytes_read = 0
+        self.log = log
         self._files: dict[Path, Any] = {}
 
     def read_into(self, dest: torch.Tensor, pieces: Pieces) -> int:
@@ -62,6 +67,8 @@ class ByteReader:
         if pos != dest.nbytes:
             raise CheckpointError(f"read {pos} bytes for a tensor of {dest.nbytes}; the checkpoint does not match its config")
         self.bytes_read += pos
+        if self.log is not None:
+            self.log.append((dest.nbytes, list(pieces)))
         return pos
 
     def tensor(self, dtype: str, shape: tuple[int, ...], pieces: Pieces) -> torch.Tensor:
@@ -311,6 +318,7 @@ def build_model(
     deferred = {id(m.experts) for m in moe.values()} if defer_experts else set()
     _check_no_meta(model.base_model if base_only else model, skip=deferred)
     model.name_or_path = str(info.path)
+    select_kernel(model)
     gen = info.path / "generation_config.json"
     if gen.is_file() and not base_only:
         try:

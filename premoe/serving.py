@@ -24,6 +24,7 @@ from .api import plan_from_pattern
 from .arch import find_moe_layers
 from .errors import InputError
 from .evaluate import generate_greedy
+from .kernels import select_kernel
 from .modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
 from .plans import PrunePlan, check_keep
 from .retrieval import Retriever, RouteResult, SignatureSpec
@@ -255,6 +256,7 @@ class TaskServer:
         self.routers = read_routers(self.info, self.reader)
         self.model = build_model(self.info, first, self.reader, routers=self.routers, defer_experts=True)
         move_loaded_(self.model, self.device, self.dtype)
+        select_kernel(self.model)
         full = {}
         for m in find_moe_layers(self.model, self.info.spec)[: self.spec.layers]:
             tensors = {k: v.to(self.device, self.dtype or v.dtype) if v.is_floating_point() else v.to(self.device)

@@ -194,8 +194,9 @@ class PatternStore:
     def signature_table(self, key: str) -> tuple[list[str], torch.Tensor]:
         """Every task's retrieval key ``key`` ("<source>.<stat>") stacked: (names, [T, M, E]).
 
-        Read from the ``signatures.safetensors`` cache when it matches the manifest, else rebuilt
-        from the task files (and the cache rewritten, atomically; skipped if the store is read-only).
+        Served from the ``signatures.safetensors`` cache; tasks added or replaced since it was
+        written are read from their files and the cache is rewritten atomically (skipped if the
+        store is read-only), so adding one task to a large store costs one file read.
 
         Raises:
             StoreError: the store has no tasks, or a task lacks the key.
@@ -204,31 +205,39 @@ class PatternStore:
         if not tasks:
             raise StoreError(f"store {self.path} has no tasks; calibrate at least one with `premoe calibrate`")
         names = sorted(tasks)
-        stamp = json.dumps([[n, tasks[n]["file"]] for n in names])
+        wanted = [[n, tasks[n]["file"]] for n in names]
         cache = self.path / SIGNATURE_CACHE
+        cached: dict[tuple[str, str], int] = {}
+        old: dict[str, torch.Tensor] = {}
         if cache.is_file():
             try:
                 with safe_open(cache, "pt") as f:
-                    if f.metadata().get("tasks") == stamp and key in f.keys():
+                    entries = json.loads(f.metadata().get("tasks", "[]"))
+                    if entries == wanted and key in f.keys():
                         return names, f.get_tensor(key)
-            except (SafetensorError, OSError):
-                pass
-        table: dict[str, list[torch.Tensor]] = {}
-        for n in names:
-            p = self.load(n)
-            if key not in p.signature:
+                    old = {k: f.get_tensor(k) for k in f.keys()}
+                cached = {(n, file): i for i, (n, file) in enumerate(entries)}
+            except (SafetensorError, OSError, json.JSONDecodeError, ValueError):
+                cached, old = {}, {}
+        rows: dict[str, list[torch.Tensor]] = {}
+        for n, file in wanted:
+            i = cached.get((n, file)) if key in old else None
+            sig = {k: v[i] for k, v in old.items()} if i is not None else self.load(n).signature
+            if key not in sig:
                 raise StoreError(f"task {n!r} in {self.path} has no retrieval key {key!r}; recalibrate it with this premoe")
-            for k, v in p.signature.items():
-                table.setdefault(k, []).append(v)
-        stacked = {k: torch.stack(v) for k, v in table.items() if len(v) == len(names) and len({t.shape for t in v}) == 1}
+            for k, v in sig.items():
+                rows.setdefault(k, []).append(v)
+        stacked = {k: torch.stack(v) for k, v in rows.items() if len(v) == len(names) and len({t.shape for t in v}) == 1}
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".signatures.", suffix=".tmp", dir=self.path)
             os.close(fd)
-            save_file(stacked, tmp, metadata={"tasks": stamp})
+            save_file(stacked, tmp, metadata={"tasks": json.dumps(wanted)})
             os.replace(tmp, cache)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         return names, stacked[key]
 
     def add(self, pattern: TaskPattern, fingerprint: ModelFingerprint, overwrite: bool = False) -> None:

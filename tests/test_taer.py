@@ -202,6 +202,22 @@ def test_store_of_another_model_empty_store_and_empty_query(two_tasks, family_di
         QueryRouter(src, store)
 
 
+def test_key_table_cache_reads_only_new_tasks(two_tasks, monkeypatch, tmp_path):
+    src, store = two_tasks("mixtral")
+    st = PatternStore.open(store)
+    names, table = st.signature_table("prompt.prob")
+    assert names == ["a", "b"] and (store / "signatures.safetensors").is_file()
+    premoe.calibrate(src, write_jsonl(tmp_path / "c.jsonl", A[:1]), "c", store, progress=False)
+    loaded = []
+    real_load = PatternStore.load
+    monkeypatch.setattr(PatternStore, "load", lambda self, task: loaded.append(task) or real_load(self, task))
+    names2, table2 = PatternStore.open(store).signature_table("prompt.prob")
+    assert names2 == ["a", "b", "c"] and loaded == ["c"]  # unchanged tasks come from the cache
+    assert torch.equal(table2[:2], table) and torch.equal(table2[2], real_load(st, "c").signature["prompt.prob"])
+    loaded.clear()
+    assert torch.equal(PatternStore.open(store).signature_table("prompt.prob")[1], table2) and not loaded
+
+
 def test_keys_are_limited_to_calibrated_layers(two_tasks):
     src, store = two_tasks("mixtral")
     assert PatternStore.open(store).load("a").info["signature"]["layers"] == 3

@@ -1,0 +1,95 @@
+"""A CPU experts kernel for transformers 5 fused MoE layers: "premoe_bucketed".
+
+On the CPU, bf16/fp16 matmuls go through oneDNN, which builds and caches one primitive (about
+1 MB of state) per distinct shape. In an MoE layer every expert sees a different number of tokens,
+so nearly every call has a new shape: the cache (1024 entries by default) fills with primitives
+used once, costing memory (hundreds of MB while serving) and time. This kernel pads each expert's
+token block to one of a few bucket sizes (powers of two up to 64, then multiples of 64), so few
+shapes recur; padded rows are computed and discarded. Results match the eager kernel row for row.
+
+It is registered under transformers' own extension point (``ExpertsInterface``); premoe selects it
+for the models it runs on the CPU (:func:`select_kernel`). Exported checkpoints are unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "premoe_bucketed"
+
+
+def bucket(count: int) -> int:
+    """Padded block size for ``count`` tokens."""
+    if count <= 64:
+        return 1 << (count - 1).bit_length()
+    return -(-count // 64) * 64
+
+
+def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Experts forward with per-expert token blocks padded to bucket sizes.
+
+    Shapes: hidden_states [T, H], top_k_index / top_k_weights [T, K]; returns [T, H]. Ids at or above
+    ``num_experts`` (expert-parallel sentinels) are skipped, as in the eager kernel.
+    """
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+    tokens = order // k
+    weights = top_k_weights.reshape(-1)[order]
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    up_w, down_w = getattr(self, up_name), self.down_proj
+    up_b = getattr(self, f"{up_name}_bias", None) if self.has_bias else None
+    down_b = getattr(self, "down_proj_bias", None) if self.has_bias else None
+    out = torch.zeros_like(hidden_states)
+    start = 0
+    for e, c in enumerate(counts[: self.num_experts]):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        start += c
+        idx = tokens[rows]
+        x = hidden_states[idx]
+        pad = bucket(c) - c
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        h = x @ up_w[e] if self.is_transposed else F.linear(x, up_w[e])
+        if up_b is not None:
+            h = h + up_b[e]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = h @ down_w[e] if self.is_transposed else F.linear(h, down_w[e])
+        if down_b is not None:
+            y = y + down_b[e]
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        y = y[:c] * weights[rows, None].to(y.dtype)
+        out.index_add_(0, idx, y.to(out.dtype))
+    return out
+
+
+def register() -> str:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if NAME not in ALL_EXPERTS_FUNCTIONS.valid_keys():
+        ALL_EXPERTS_FUNCTIONS.register(NAME, bucketed_experts_forward)
+    return NAME
+
+
+def select_kernel(model: nn.Module) -> None:
+    """The bucketed kernel when ``model`` runs on the CPU, transformers' default elsewhere."""
+    if not hasattr(model, "set_experts_implementation"):
+        return
+    try:
+        device = next(p.device for p in model.parameters() if not p.is_meta)
+    except StopIteration:
+        return
+    try:
+        if device.type == "cpu":
+            model.set_experts_implementation(register())
+        elif model.config._experts_implementation == NAME:
+            model.set_experts_implementation("grouped_mm")
+    except (ValueError, AttributeError, ImportError):  # no experts interface here: leave it as is
+        pass
