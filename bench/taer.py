@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import premoe  # noqa: E402
 from premoe.data import write_jsonl  # noqa: E402
-from premoe.evaluate import exact_match  # noqa: E402
+from premoe.evaluation import exact_match  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
 from premoe.tasks import TASKS, samples  # noqa: E402
 

@@ -21,12 +21,15 @@ _LAZY = {
     "plan": "api",
     "inspect_store": "api",
     "route": "api",
+    "evaluate": "api",
+    "pooled_pattern": "api",
     "serve": "api",
     "inspect_model": "modelio",
     "load_model": "modelio",
 }
 
-__all__ = ["__version__", "calibrate", "prune", "plan", "inspect", "inspect_store", "route", "serve", "inspect_model",
+__all__ = ["__version__", "calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect", "inspect_store", "route",
+           "serve", "inspect_model",
            "load_model", "demo", "PremoeError"]
 
 

@@ -11,36 +11,96 @@ from .calibration import calibrate
 from .export import ExportResult, check_out_dir, export_pruned
 from .modelio import LoadedModel, ModelInfo, as_info
 from .plans import PrunePlan, check_keep, make_plan
+from .errors import InputError, StoreError
 from .store import PatternStore, TaskPattern
 
-__all__ = ["calibrate", "prune", "plan", "inspect_store", "route", "serve"]
+__all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve"]
+
+
+def pooled_pattern(store: str | Path | PatternStore, tasks: list[str] | None = None, name: str = "all-tasks") -> TaskPattern:
+    """One pattern for several tasks (default: all in the store), as if calibrated on all their samples.
+
+    Every stored statistic is a per-token sum, so pooling is exact: a token-weighted average of the
+    tasks' means (task-agnostic pruning, what REAP and most peers do).
+
+    Raises:
+        StoreError: an unknown task, or no tasks.
+    """
+    from .scoring import pool_means
+
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    names = tasks or sorted(st.tasks)
+    if not names:
+        raise StoreError(f"store {st.path} has no tasks to pool; calibrate some first")
+    patterns = [st.load(t) for t in names]
+    means, tokens = pool_means([(p.means, int(p.info.get("tokens", 0))) for p in patterns])
+    default = patterns[0].scorer if len({p.scorer for p in patterns}) == 1 else "tcess"
+    shape = tuple(patterns[0].scores.shape)
+    scores = score_pattern(TaskPattern(name, patterns[0].layers, patterns[0].scores, means), default, shape)
+    return TaskPattern(name, patterns[0].layers, scores, means,
+                       {"tokens": tokens, "scorer": default, "pooled_from": names,
+                        "samples": sum(int(p.info.get("samples", 0)) for p in patterns)})
+
+
+def score_pattern(pattern: TaskPattern, scorer: str | None, shape=None, seed: int = 0):
+    """``pattern``'s scores under ``scorer`` (``None``: the scorer it was calibrated with).
+
+    Raises:
+        InputError: unknown scorer, or the pattern lacks the statistics it needs.
+    """
+    from .scoring import score
+
+    if scorer is None or scorer == pattern.scorer:
+        return pattern.scores
+    try:
+        return score(scorer, pattern.means, shape or tuple(pattern.scores.shape), seed)
+    except ValueError as e:
+        raise InputError(f"task {pattern.name!r}: {e}") from None
+
+
+def load_pattern(store: str | Path | PatternStore, task: str | None, agnostic: bool = False) -> TaskPattern:
+    """A stored task's pattern, or with ``agnostic`` the pooled pattern of every task in the store."""
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    if agnostic == (task is not None):
+        raise InputError("give either --task NAME or --agnostic (pool every task in the store)")
+    return pooled_pattern(st) if agnostic else st.load(task)
 
 
 def plan(
     model: str | Path | LoadedModel | ModelInfo,
     store: str | Path,
-    task: str,
+    task: str | None,
     keep: int,
     *,
     top_k: int | None = None,
     group_policy: str = "balanced",
+    scorer: str | None = None,
+    agnostic: bool = False,
+    seed: int = 0,
 ) -> PrunePlan:
     """The :class:`~premoe.plans.PrunePlan` that keeps ``keep`` experts per layer for ``task``.
 
+    Args:
+        scorer: rank experts with this scorer instead of the task's own (its statistics must have
+            been calibrated, e.g. with ``all_stats``).
+        agnostic: ignore ``task``; pool every task in the store (task-agnostic selection).
+
     Raises:
-        PremoeError: impossible keep/top-k, unknown task, or a store built for another model.
+        PremoeError: impossible keep/top-k, unknown task or scorer, or a store built for another model.
     """
     info = as_info(model)
     check_keep(info.router, keep, top_k, group_policy)
     st = PatternStore.open(store)
     st.check_model(info.fingerprint)
-    pattern = st.load(task)
-    return plan_from_pattern(info, pattern, keep, top_k=top_k, group_policy=group_policy)
+    pattern = load_pattern(st, task, agnostic)
+    return plan_from_pattern(info, pattern, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, seed=seed)
 
 
-def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k=None, group_policy="balanced") -> PrunePlan:
+def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k=None, group_policy="balanced",
+                      scorer: str | None = None, seed: int = 0) -> PrunePlan:
+    scores = score_pattern(pattern, scorer, seed=seed)
     return make_plan(
-        pattern.scores,
+        scores,
         pattern.layers,
         info.router,
         keep,
@@ -48,7 +108,7 @@ def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k
         group_policy=group_policy,
         tiebreak=pattern.means.get("prob"),  # unselected experts: the router's soft preference decides
         task=pattern.name,
-        scorer=pattern.scorer,
+        scorer=scorer or pattern.scorer,
         source=info.fingerprint.to_dict(),
     )
 
@@ -56,12 +116,14 @@ def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k
 def prune(
     model: str | Path | LoadedModel | ModelInfo,
     store: str | Path,
-    task: str,
+    task: str | None,
     keep: int,
     out: str | Path,
     *,
     top_k: int | None = None,
     group_policy: str = "balanced",
+    scorer: str | None = None,
+    agnostic: bool = False,
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
@@ -71,12 +133,14 @@ def prune(
     Args:
         model: source model directory.
         store: pattern store holding ``task``.
-        task: calibrated task whose scores decide.
+        task: calibrated task whose scores decide (``None`` with ``agnostic``).
         keep: experts kept per MoE layer (the same in every layer, so vLLM loads the result);
             at least the (new) top-k.
         out: output directory (must not exist unless ``overwrite``).
         top_k: lower the experts routed per token as well (the paper's "4/64").
         group_policy: ``balanced`` or ``flatten`` for group-limited routers (see :mod:`premoe.plans`).
+        scorer: rank with this scorer instead of the task's own.
+        agnostic: pool every task in the store instead of using one (task-agnostic pruning).
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
 
     Returns:
@@ -85,7 +149,7 @@ def prune(
     info = as_info(model)
     check_keep(info.router, keep, top_k, group_policy)
     check_out_dir(Path(out), info.path, overwrite)
-    the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy)
+    the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
     return export_pruned(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
 
@@ -157,3 +221,66 @@ def serve(model: str | Path, store: str | Path, keep: int, **kwargs):
     from .serving import TaskServer
 
     return TaskServer(model, store, keep, **kwargs)
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    *,
+    store: str | Path | None = None,
+    task: str | None = None,
+    keep: int | None = None,
+    agnostic: bool = False,
+    scorer: str | None = None,
+    top_k: int | None = None,
+    group_policy: str = "balanced",
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: str | None = "cpu",
+    dtype: str | None = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,
+    log-likelihood accuracy for ``{"prompt", "choices", "answer"}`` lines.
+
+    ``model`` may be a dense or an exported pruned checkpoint. With ``store`` (and ``task`` or
+    ``agnostic``, and ``keep``) a stored pattern is applied on the fly: the pruned model is built
+    from the checkpoint, reading only its experts.
+
+    Returns:
+        ``{"exact_match", "generate_samples", "mc_accuracy", "mc_samples", ...}`` (metrics are
+        ``None`` when the file has no sample of that kind).
+    """
+    from .evaluation import choice_accuracy, exact_match, read_eval_data
+    from .kernels import select_kernel
+    from .modelio import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    gen, mc = read_eval_data(data, limit)
+    result: dict[str, Any] = {"model": str(model), "data": str(data)}
+    if store is not None:
+        if keep is None:
+            raise InputError("--store needs --keep (experts per layer) and --task or --agnostic")
+        from .selective import ByteReader, build_model
+
+        info = as_info(model)
+        the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
+        with ByteReader() as reader:
+            net = build_model(info, the_plan, reader)
+            result["bytes_read"] = reader.bytes_read
+        dt = resolve_dtype(dtype)
+        net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
+        select_kernel(net)
+        tokenizer = load_tokenizer(info.path)
+        result.update(task="all-tasks (pooled)" if agnostic else task, keep=keep, scorer=the_plan.scorer, top_k=the_plan.top_k)
+    elif any(v is not None for v in (task, keep)) or agnostic:
+        raise InputError("--task/--keep/--agnostic need --store (or evaluate an exported model directory directly)")
+    else:
+        lm = load_model(model, device=device, dtype=dtype)
+        net, tokenizer = lm.model, lm.tokenizer
+    result["exact_match"] = exact_match(net, tokenizer, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                        progress=progress) if gen else None
+    result["generate_samples"] = len(gen)
+    result["mc_accuracy"] = choice_accuracy(net, tokenizer, mc, progress=progress) if mc else None
+    result["mc_samples"] = len(mc)
+    return result

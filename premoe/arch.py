@@ -48,6 +48,8 @@ class ArchSpec:
         selection_bias: name of a router buffer added to the scores only to choose experts.
         scaling_key: config key of a constant multiplier on the routing weights.
         shared: names of shared-expert submodules of the block (never pruned; listed for docs).
+        pre_moe_norm: the decoder layer's norm just before the MoE block (its input is the residual
+            stream EASY-EP compares with the routed output).
         expert_parts: for each fused in-memory expert parameter, the checkpoint tensors (relative
             to ``experts.{e}.`` for per-expert layouts, or to the block for fused ones) whose rows
             it concatenates on dim 0 (gate then up). Fused checkpoint tensors named like the
@@ -68,6 +70,7 @@ class ArchSpec:
     selection_bias: str | None = None
     scaling_key: str | None = None
     shared: tuple[str, ...] = ()
+    pre_moe_norm: str = "post_attention_layernorm"
     expert_parts: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
         ("down_proj", ("down_proj.weight",)),

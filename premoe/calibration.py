@@ -15,11 +15,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import MoeLayer, RouterSpec, selection_bias
-from .data import iter_records, iter_samples, scan
+from .arch import MoeLayer, RouterSpec, decoder_layers, selection_bias
+from .data import iter_records, scan
 from .errors import InputError, StoreError
 from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer
-from .scoring import SCORERS, MarkerParams, RoutingSums, layer_markers, score
+from .kernels import expert_forward
+from .scoring import (
+    OUTPUT_SCORERS,
+    OUTPUT_SUM_NAMES,
+    SCORERS,
+    SUM_NAMES,
+    MarkerParams,
+    RoutingSums,
+    layer_markers,
+    output_markers,
+    score,
+    weight_ratio,
+)
 from .store import PatternStore, TaskPattern, check_task_name
 
 log = logging.getLogger(__name__)
@@ -29,40 +41,80 @@ class RouterObserver:
     """Accumulates :class:`RoutingSums` from every MoE router while the model runs.
 
     Use as a context manager (hooks are always removed on exit). Before each forward pass set
-    :attr:`mask` to the flattened [B*S] attention mask so padding is not counted.
+    :attr:`mask` to the flattened [B*S] attention mask so padding is not counted. With ``outputs``
+    it also hooks each layer's experts module and the norm before it, for the expert-output criteria
+    (REAP, EAN, EASY-EP): every routed expert's output is recomputed from its fused weight slices
+    for its tokens (nothing is unfused), and the residual entering the block is kept for one layer.
     """
 
-    def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams):
+    def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams,
+                 decoder: list | None = None, outputs: bool = False):
         self.layers = layers
         self.router = router
         self.arch = arch
         self.params = params
+        self.outputs = outputs
+        self.decoder = decoder
         device = next(layers[0].router.parameters()).device
-        self.sums = RoutingSums.zeros(len(layers), router.num_experts, device)
+        names = tuple(SUM_NAMES) + (tuple(OUTPUT_SUM_NAMES) if outputs else ())
+        self.sums = RoutingSums.zeros(len(layers), router.num_experts, device, names)
         self.mask: torch.Tensor | None = None
+        self._residual: dict[int, torch.Tensor] = {}
         self._handles: list = []
+
+    def _masked(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().reshape(-1, t.shape[-1])  # [B*S, ...]
+        return t[self.mask.to(t.device)] if self.mask is not None else t
 
     def _hook(self, pos: int, layer: MoeLayer):
         bias = selection_bias(layer.router, self.arch)
 
         def hook(module, args, output):
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            logits = logits.detach().reshape(-1, logits.shape[-1])  # [B*S, E]
-            if self.mask is not None:
-                logits = logits[self.mask.to(logits.device)]
-            self.sums.add(pos, layer_markers(logits, self.router, self.params, bias))
+            self.sums.add(pos, layer_markers(self._masked(logits), self.router, self.params, bias))
+
+        return hook
+
+    def _residual_hook(self, pos: int):
+        def hook(module, args):
+            self._residual[pos] = args[0].detach()
+
+        return hook
+
+    def _experts_hook(self, pos: int, decoder_layer):
+        scale = self.router.scale or 1.0
+        mult = float(getattr(decoder_layer, "residual_multiplier", 1.0) or 1.0)
+
+        def hook(module, args, kwargs, output):
+            hidden, idx, w = (list(args) + list(kwargs.values()))[:3]
+            hidden, idx, w, r = self._masked(hidden), self._masked(idx), self._masked(w), self._masked(output)
+            x = self._masked(self._residual.pop(pos)).float()
+            norms = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+            for e in idx.unique().tolist():
+                if e >= module.num_experts:
+                    continue
+                rows, slots = torch.where(idx == e)
+                norms[rows, slots] = expert_forward(module, e, hidden[rows]).float().norm(dim=-1)
+            gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * r.float(), dim=-1)).clamp_min(0)
+            self.sums.add(pos, output_markers(idx, w.float() / scale, norms, gain, self.router.num_experts))
 
         return hook
 
     def __enter__(self) -> "RouterObserver":
         for pos, layer in enumerate(self.layers):
             self._handles.append(layer.router.register_forward_hook(self._hook(pos, layer)))
+            if self.outputs:
+                dec = self.decoder[layer.index]
+                norm = getattr(dec, self.arch.pre_moe_norm)
+                self._handles.append(norm.register_forward_pre_hook(self._residual_hook(pos)))
+                self._handles.append(layer.experts.register_forward_hook(self._experts_hook(pos, dec), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._residual.clear()
 
 
 def _batches(
@@ -103,6 +155,7 @@ def observe(
     progress: bool = True,
     desc: str = "calibrate",
     skip_special: bool = False,
+    outputs: bool = False,
     **forward_kwargs,
 ) -> RoutingSums:
     """Stream ``texts`` through ``model`` and return the routing sums of ``layers``' routers.
@@ -113,7 +166,8 @@ def observe(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-    with RouterObserver(layers, info.router, info.spec, params) as obs:
+    decoder = decoder_layers(model) if outputs else None
+    with RouterObserver(layers, info.router, info.spec, params, decoder, outputs) as obs:
         for batch in _batches(tokenizer, texts, batch_size, max_length, skip_special):
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
@@ -138,9 +192,35 @@ def marker_params(router: RouterSpec, scorer: str, k: int | None, r: float | Non
     return MarkerParams(k=k or router.top_k, r=r)
 
 
+def _records(files: list[Path], max_samples: int | None) -> Iterator:
+    n = 0
+    for f in files:
+        for rec in iter_records(f, None if max_samples is None else max_samples - n):
+            n += 1
+            yield rec
+
+
+def weight_stats(info: ModelInfo, progress: bool = False) -> torch.Tensor:
+    """[L, E] calibration-free statistic (:func:`~premoe.scoring.weight_ratio`) of every routed expert,
+    read expert by expert from the checkpoint."""
+    from .selective import ByteReader, CheckpointMap
+
+    cmap = CheckpointMap(info)
+    out = torch.zeros(len(info.moe_layers), info.num_experts)
+    bar = tqdm(total=out.numel(), desc="expert weights", unit="expert", disable=not progress)
+    with ByteReader() as reader:
+        for i, layer in enumerate(info.moe_layers):
+            for e in range(info.num_experts):
+                srcs = [cmap.expert_source(layer, p, [e]) for p in ("gate_up_proj", "down_proj")]
+                out[i, e] = weight_ratio([reader.tensor(s.dtype, s.shape, list(s.pieces)) for s in srcs])
+                bar.update(1)
+    bar.close()
+    return out
+
+
 def calibrate(
     model: str | Path | LoadedModel,
-    data: str | Path,
+    data: str | Path | list[str | Path],
     task: str,
     store: str | Path,
     *,
@@ -156,15 +236,18 @@ def calibrate(
     overwrite: bool = False,
     progress: bool = True,
     signature_layers: int = 4,
+    all_stats: bool = False,
 ) -> TaskPattern:
     """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
 
     Args:
         model: model directory (or a :class:`~premoe.modelio.LoadedModel` to reuse).
-        data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples.
+        data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples; several
+            files are pooled into one task (task-agnostic calibration).
         task: task name in the store.
         store: pattern-store directory (created if missing).
-        scorer: ``tcess`` (default), ``official``, ``frequency`` or ``random``.
+        scorer: the task's default scorer (see :data:`premoe.scoring.SCORERS`): ``tcess``
+            (default), ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``weights``, ``random``.
         max_samples: use at most this many samples.
         k: experts per token that count as selected (default: the model's top-k; ``official``: 1).
         r: minimum share of a token's top-k routing weight for an expert to count.
@@ -175,6 +258,8 @@ def calibrate(
         progress: show a progress bar.
         signature_layers: MoE layers the stored retrieval keys span (capped at the model's);
             queries can then be routed with any ``--layers`` up to this.
+        all_stats: compute every scorer's statistics in this one pass (expert outputs and weights
+            included), so the task can later be pruned or evaluated with any ``--scorer``.
 
     Returns:
         The stored :class:`~premoe.store.TaskPattern`.
@@ -190,7 +275,11 @@ def calibrate(
         raise InputError(f"--max-samples must be positive, got {max_samples}")
     if batch_size < 1 or max_length < 1:
         raise InputError("--batch-size and --max-length must be positive")
-    n_samples, data_sha = scan(data, max_samples)
+    files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    if not files:
+        raise InputError("give at least one --data file")
+    scanned = [scan(f, max_samples) for f in files]
+    n_samples = min(sum(n for n, _ in scanned), max_samples or sum(n for n, _ in scanned))
     info: ModelInfo = as_info(model)
     st = PatternStore(store)
     if st.exists():
@@ -202,37 +291,40 @@ def calibrate(
     if signature_layers < 1:
         raise InputError(f"--signature-layers must be positive, got {signature_layers}")
     sig_layers = min(signature_layers, len(info.moe_layers))
+    outputs = all_stats or scorer in OUTPUT_SCORERS
+    run_model = all_stats or SCORERS[scorer].needs_model
 
-    if SCORERS[scorer].needs_model:
+    lm = None
+    if run_model:
         lm = as_loaded(model, device=device, dtype=dtype)
+        tok = lm.tokenizer
         sums = observe(
-            lm.model, lm.layers, lm.info, lm.tokenizer, iter_samples(data, max_samples), params,
+            lm.model, lm.layers, lm.info, tok, (rec.text for rec in _records(files, max_samples)), params,
             batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
-            desc=f"calibrate {task}", logits_to_keep=1,
+            desc=f"calibrate {task}", outputs=outputs, logits_to_keep=1,
         )
         tokens, means = sums.tokens, sums.means()
     else:
-        lm = None
         tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
-        tokens = sum(len(tok(s, truncation=True, max_length=max_length)["input_ids"]) for s in iter_samples(data, max_samples))
+        tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
+                     for rec in _records(files, max_samples))
         means = {}
     if tokens == 0:
-        raise InputError(f"data file {data}: the tokenizer produced no tokens")
+        raise InputError(f"data file {files[0]}: the tokenizer produced no tokens")
+    if all_stats or scorer == "weights":
+        means["weights"] = weight_stats(info, progress)
     scores = score(scorer, means, shape, seed)
     from .signature import SignatureModel
 
-    sig_model = (
-        SignatureModel(lm.model, info, lm.tokenizer, sig_layers)
-        if SCORERS[scorer].needs_model
-        else SignatureModel.from_checkpoint(info, tok, sig_layers)
-    )
+    sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
     signature, sig_tokens = {}, {}
     for source in ("prompt", "full"):
-        texts = (r.prompt if source == "prompt" else r.text for r in iter_records(data, max_samples))
+        texts = (rec.prompt if source == "prompt" else rec.text for rec in _records(files, max_samples))
         sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
                                progress=progress, desc=f"keys ({source})")
-        signature.update({f"{source}.{k}": v for k, v in sums.means().items()})
+        signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
         sig_tokens[source] = sums.tokens
+    data_info = [{"path": str(f.resolve()), "sha256": sha} for f, (_, sha) in zip(files, scanned)]
     pattern = TaskPattern(
         name=task,
         layers=list(info.moe_layers),
@@ -243,7 +335,7 @@ def calibrate(
             "tokens": tokens,
             "scorer": scorer,
             "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
-            "data": {"path": str(Path(data).resolve()), "sha256": data_sha},
+            "data": data_info[0] if len(data_info) == 1 else data_info,
             "signature": {"layers": sig_layers, "tokens": sig_tokens},
         },
         signature=signature,

@@ -11,14 +11,19 @@ import time
 from ._version import __version__
 from .errors import PremoeError
 
+SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.scoring.SCORERS
+
 
 def _add_calibrate(sub):
     p = sub.add_parser("calibrate", help="score every expert for a task and add the pattern to a store")
     p.add_argument("--model", required=True, help="HuggingFace MoE model directory (safetensors)")
-    p.add_argument("--data", required=True, help="JSONL ({\"text\"} or {\"prompt\",\"completion\"} per line) or .txt file")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="JSONL ({\"text\"} or {\"prompt\",\"completion\"} per line) or .txt file; several are pooled")
     p.add_argument("--task", required=True, help="task name in the store")
     p.add_argument("--store", required=True, help="pattern-store directory (created if missing)")
-    p.add_argument("--scorer", default="tcess", help="tcess (default), official, frequency or random")
+    p.add_argument("--scorer", default="tcess", choices=SCORER_NAMES, help="the task's default scorer (default tcess)")
+    p.add_argument("--all-stats", action="store_true",
+                   help="also compute every other scorer's statistics in this pass (expert outputs, weights)")
     p.add_argument("--max-samples", type=int, help="use at most this many samples")
     p.add_argument("--k", type=int, help="experts per token counted as selected (default: the model's top-k)")
     p.add_argument("--r", type=float, help="minimum share of the top-k routing weight to count")
@@ -31,24 +36,58 @@ def _add_calibrate(sub):
     p.add_argument("--signature-layers", type=int, default=4, help="MoE layers the stored retrieval keys span (default 4)")
 
 
+def _add_selection_flags(p, keep_required: bool):
+    p.add_argument("--task", help="calibrated task whose scores decide")
+    p.add_argument("--agnostic", action="store_true", help="pool every task in the store instead (task-agnostic)")
+    p.add_argument("--keep", type=int, required=keep_required, help="experts kept in every MoE layer")
+    p.add_argument("--scorer", choices=SCORER_NAMES, help="rank experts with this scorer (default: the task's own)")
+    p.add_argument("--top-k", type=int, help="also lower the experts routed per token (e.g. 4/64)")
+    p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"),
+                   help="group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k")
+
+
 def _add_prune(sub):
     p = sub.add_parser("prune", help="keep the top-N experts per layer for a task and write a HF checkpoint")
     p.add_argument("--model", required=True)
     p.add_argument("--store", required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--keep", type=int, required=True, help="experts kept in every MoE layer")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--top-k", type=int, help="also lower the experts routed per token (e.g. 4/64)")
-    p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"),
-                   help="group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k")
+    _add_selection_flags(p, keep_required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload self-check")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="accuracy of a dense, pruned, or on-the-fly pruned model on a data file")
+    p.add_argument("--model", required=True, help="model directory (dense, or an exported pruned model)")
+    p.add_argument("--data", required=True,
+                   help='JSONL: {"prompt","completion"} (greedy exact match) or {"prompt","choices","answer"} (log-likelihood)')
+    p.add_argument("--store", help="apply a stored pattern on the fly (with --task or --agnostic, and --keep)")
+    _add_selection_flags(p, keep_required=False)
+    p.add_argument("--max-new-tokens", type=int, help="default: longest reference completion + 2 tokens")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, help="evaluate at most this many samples")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_inspect(sub):
     p = sub.add_parser("inspect", help="summarise a pattern store")
     p.add_argument("--store", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="compare every scorer, task-specific and task-agnostic, over keep counts")
+    p.add_argument("--out", required=True, help="directory for results.json/.csv, pictures and the store")
+    p.add_argument("--model", help="model directory (default: the shipped tiny MoE)")
+    p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "CALIB", "EVAL"),
+                   help='a task: calibration JSONL and evaluation JSONL ({"prompt","completion"}); repeat (default: built-in suite)')
+    p.add_argument("--keep", type=int, nargs="+", help="experts kept per layer (default: 3/4, 1/2, 3/8, 1/4, 1/8)")
+    p.add_argument("--scorers", nargs="+", choices=SCORER_NAMES, help="default: all")
+    p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
+    p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _add_demo(sub):
@@ -112,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"premoe {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_calibrate, _add_prune, _add_inspect, _add_route, _add_generate, _add_chat, _add_demo):
+    for add in (_add_calibrate, _add_prune, _add_eval, _add_inspect, _add_route, _add_generate, _add_chat, _add_sweep,
+                _add_demo):
         add(sub)
     return ap
 
@@ -135,21 +175,35 @@ def _run(args) -> int:
             args.model, args.data, args.task, args.store, scorer=args.scorer, max_samples=args.max_samples,
             k=args.k, r=args.r, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
-            signature_layers=args.signature_layers,
+            signature_layers=args.signature_layers, all_stats=args.all_stats,
         )
         info = pattern.info
         print(f"calibrated task {pattern.name!r} ({pattern.scorer}): {info['samples']} samples, {info['tokens']} tokens, "
               f"{len(pattern.layers)} MoE layers -> {args.store} in {time.perf_counter() - t0:.1f}s")
     elif args.command == "prune":
         res = api.prune(
-            args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k,
-            group_policy=args.group_policy, overwrite=args.overwrite, verify=args.verify, progress=progress,
+            args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k, group_policy=args.group_policy,
+            scorer=args.scorer, agnostic=args.agnostic, overwrite=args.overwrite, verify=args.verify, progress=progress,
         )
         p = res.plan
         print(f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}) for task {p.task!r}: "
               f"{_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
               f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
               + (" (reload verified)" if args.verify else ""))
+    elif args.command == "eval":
+        res = api.evaluate(
+            args.model, args.data, store=args.store, task=args.task, keep=args.keep, agnostic=args.agnostic,
+            scorer=args.scorer, top_k=args.top_k, group_policy=args.group_policy, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype, progress=progress,
+        )
+        if args.json:
+            print(json.dumps(res))
+        else:
+            what = f" ({res['scorer']} pattern of {res['task']}, {res['keep']} experts per layer)" if args.store else ""
+            if res["exact_match"] is not None:
+                print(f"exact match {res['exact_match']:.4f} on {res['generate_samples']} samples{what}")
+            if res["mc_accuracy"] is not None:
+                print(f"multiple-choice accuracy {res['mc_accuracy']:.4f} on {res['mc_samples']} samples{what}")
     elif args.command == "inspect":
         summary = api.inspect_store(args.store)
         if args.json:
@@ -167,6 +221,18 @@ def _run(args) -> int:
         return _route(args)
     elif args.command in ("generate", "chat"):
         return _serve(args)
+    elif args.command == "sweep":
+        from .sweep import format_summary, sweep
+
+        tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
+        res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
+                    calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress)
+        if args.json:
+            print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+        else:
+            print("accuracy retained vs. dense (mean over tasks), by experts kept per layer:")
+            print(format_summary(res))
+            print(f"wrote results.json, results.csv, {', '.join(res['pictures'])} to {args.out} in {res['seconds']:.0f}s")
     elif args.command == "demo":
         from .showcase import demo, format_table
 
@@ -272,7 +338,7 @@ def _chat(server, args) -> int:
             prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         else:
             prompt = msg
-        from .evaluate import generate_greedy
+        from .evaluation import generate_greedy
 
         text = generate_greedy(server.model, tok, [prompt], args.max_new_tokens)[0].strip()
         if templated:

@@ -27,6 +27,24 @@ def bucket(count: int) -> int:
     return -(-count // 64) * 64
 
 
+def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s output for inputs ``x`` [N, H] -> [N, H], from the fused weight slices
+    (concatenated or interleaved gate/up, transposed or not, with or without biases), before routing
+    weights are applied."""
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    up_w, down_w = getattr(experts, up_name), experts.down_proj
+    h = x @ up_w[e] if experts.is_transposed else F.linear(x, up_w[e])
+    if experts.has_bias:
+        h = h + getattr(experts, f"{up_name}_bias")[e]
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = h @ down_w[e] if experts.is_transposed else F.linear(h, down_w[e])
+    if experts.has_bias:
+        y = y + experts.down_proj_bias[e]
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    return y
+
+
 def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts forward with per-expert token blocks padded to bucket sizes.
@@ -40,10 +58,6 @@ def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     counts = torch.bincount(flat, minlength=self.num_experts).tolist()
     tokens = order // k
     weights = top_k_weights.reshape(-1)[order]
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
-    up_w, down_w = getattr(self, up_name), self.down_proj
-    up_b = getattr(self, f"{up_name}_bias", None) if self.has_bias else None
-    down_b = getattr(self, "down_proj_bias", None) if self.has_bias else None
     out = torch.zeros_like(hidden_states)
     start = 0
     for e, c in enumerate(counts[: self.num_experts]):
@@ -56,16 +70,7 @@ def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
         pad = bucket(c) - c
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        h = x @ up_w[e] if self.is_transposed else F.linear(x, up_w[e])
-        if up_b is not None:
-            h = h + up_b[e]
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = h @ down_w[e] if self.is_transposed else F.linear(h, down_w[e])
-        if down_b is not None:
-            y = y + down_b[e]
-        if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
-        y = y[:c] * weights[rows, None].to(y.dtype)
+        y = expert_forward(self, e, x)[:c] * weights[rows, None].to(hidden_states.dtype)
         out.index_add_(0, idx, y.to(out.dtype))
     return out
 

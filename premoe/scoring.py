@@ -69,12 +69,52 @@ class MarkerParams:
         return {"k": self.k, "r": self.r, "official_k": self.official_k, "official_r": self.official_r}
 
 
+def output_markers(
+    indices: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, gain: torch.Tensor, num_experts: int
+) -> dict[str, torch.Tensor]:
+    """[T, E] per-token contributions of the expert-output criteria.
+
+    Args:
+        indices / weights: [T, K] experts each token is routed to and their real routing weights.
+        norms: [T, K] L2 norm of each chosen expert's output for the token.
+        gain: [T] EASY-EP's token factor, max(0, 1 - cos(x, x + r)) with x the residual entering the
+            MoE block and r the routed experts' weighted output.
+
+    Returns:
+        ``reap``: weight x norm; ``ean``: norm; ``easyep``: weight x norm x gain (each at the chosen
+        experts, zero elsewhere). REAP and EAN are means over the tokens routed to the expert, so
+        their scores divide these sums by the selection counts.
+    """
+    w, n = weights.float(), norms.float()
+
+    def scatter(v):
+        return torch.zeros(v.shape[0], num_experts, dtype=v.dtype, device=v.device).scatter_add_(1, indices, v)
+
+    return {"reap": scatter(w * n), "ean": scatter(n), "easyep": scatter(w * n * gain.float()[:, None])}
+
+
+def weight_ratio(tensors: list[torch.Tensor]) -> float:
+    """AIMER-style calibration-free statistic of one expert: RMS / mean |w| over all its weights.
+
+    Heavy-tailed experts (a few large weights) score high; experts whose weights are all of similar
+    magnitude score near 1 and are pruned first (AIMER prunes the highest mean|w| / RMS).
+    """
+    flat = torch.cat([t.float().reshape(-1) for t in tensors])
+    mean_abs = flat.abs().mean()
+    return float(flat.pow(2).mean().sqrt() / mean_abs.clamp_min(torch.finfo(torch.float32).tiny))
+
+
 # Names of the per-expert sums a calibration pass accumulates, and what each sums over tokens.
 SUM_NAMES = {
     "tcess": "routing weight of chosen experts (share >= r)",
     "count": "1 if chosen among the top-k",
     "official": "raw logit at the official preset's top-k",
     "prob": "gate probability over all experts (soft preference)",
+}
+OUTPUT_SUM_NAMES = {
+    "reap": "routing weight x expert output norm, at the chosen experts",
+    "ean": "expert output norm, at the chosen experts",
+    "easyep": "routing weight x output norm x max(0, 1 - cos(x, x + r))",
 }
 
 
@@ -100,8 +140,9 @@ class RoutingSums:
     tokens: int = 0
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, device: torch.device | None = None) -> "RoutingSums":
-        return cls({n: torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device) for n in SUM_NAMES})
+    def zeros(cls, num_layers: int, num_experts: int, device: torch.device | None = None,
+              names=tuple(SUM_NAMES)) -> "RoutingSums":
+        return cls({n: torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device) for n in names})
 
     def add(self, layer: int, markers: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> None:
         for name, m in markers.items():
@@ -119,28 +160,50 @@ class RoutingSums:
 class Scorer:
     name: str
     help: str
-    needs_model: bool = True
-    uses: str | None = None  # which mean it reads
+    needs: tuple[str, ...] = ()  # calibration means it reads
+    needs_model: bool = True  # runs the model on calibration data
 
 
 SCORERS: dict[str, Scorer] = {
     s.name: s
     for s in [
-        Scorer("tcess", "task-conditioned expected selection score (default)", uses="tcess"),
-        Scorer("official", "PreMoe reference code: top-1 raw-logit marker (can invert rankings)", uses="official"),
-        Scorer("frequency", "routing frequency: share of tokens that choose the expert", uses="count"),
-        Scorer("random", "seeded random scores (baseline)", needs_model=False),
+        Scorer("tcess", "task-conditioned expected selection score (default)", ("tcess",)),
+        Scorer("official", "PreMoe reference code: top-1 raw-logit marker (can invert rankings)", ("official",)),
+        Scorer("frequency", "routing frequency: share of tokens that choose the expert", ("count",)),
+        Scorer("reap", "REAP: mean over routed tokens of routing weight x expert output norm", ("reap", "count")),
+        Scorer("ean", "EAN/MAN: mean expert output norm over the tokens routed to it", ("ean", "count")),
+        Scorer("easyep", "EASY-EP: routing weight x output norm x (1 - cos(x, x + r)), summed", ("easyep",)),
+        Scorer("weights", "AIMER-style, calibration-free: RMS / mean|w| of the expert's weights", ("weights",), False),
+        Scorer("random", "seeded random scores (baseline)", (), False),
     ]
 }
+OUTPUT_SCORERS = {"reap", "ean", "easyep"}
 
 
 def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """[L, E] importance scores of scorer ``name`` from the calibration means (higher = keep)."""
+    """[L, E] importance scores of scorer ``name`` from calibration means (higher = keep).
+
+    Raises:
+        ValueError: unknown scorer, or the means lack what it needs.
+    """
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
-    scorer = SCORERS[name]
-    if scorer.uses is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.rand(shape, generator=gen)
-    assert means is not None
-    return means[scorer.uses].float().clone()
+    if name == "random":
+        return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    means = means or {}
+    missing = [k for k in SCORERS[name].needs if k not in means]
+    if missing:
+        raise ValueError(f"scorer {name!r} needs calibration statistics {missing}; recalibrate with --scorer {name} or --all-stats")
+    if name in ("reap", "ean"):
+        count = means["count"].float()
+        return torch.where(count > 0, means[name].float() / count.clamp_min(1e-30), torch.zeros_like(count))
+    return means[SCORERS[name].needs[0]].float().clone()
+
+
+def pool_means(parts: list[tuple[dict[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], int]:
+    """Token-weighted pooling of several calibrations' means: exactly the means one calibration over
+    all their samples would give (every statistic is a sum over tokens; ``weights`` is data-free)."""
+    total = sum(tokens for _, tokens in parts)
+    keys = set.intersection(*(set(m) for m, _ in parts)) if parts else set()
+    pooled = {k: sum(m[k].double() * tokens for m, tokens in parts) / max(total, 1) for k in keys}
+    return {k: v.float() for k, v in pooled.items()}, total

@@ -23,7 +23,7 @@ from torch import nn
 from .api import plan_from_pattern
 from .arch import find_moe_layers
 from .errors import InputError
-from .evaluate import generate_greedy
+from .evaluation import generate_greedy
 from .kernels import select_kernel
 from .modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
 from .plans import PrunePlan, check_keep
@@ -209,6 +209,7 @@ class TaskServer:
         cache_bytes: budget for experts dropped by a switch, kept for later switches (0: none).
         device: where to run (default: accelerator if any, else CPU).
         dtype: compute dtype (default: the checkpoint's).
+        scorer: rank experts with this scorer instead of each task's own.
     """
 
     def __init__(
@@ -223,8 +224,10 @@ class TaskServer:
         cache_bytes: int = 0,
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
+        scorer: str | None = None,
     ):
         self.info = inspect_model(model)
+        self.scorer = scorer
         check_keep(self.info.router, keep, top_k, group_policy)
         self.store = PatternStore.open(store)
         self.store.check_model(self.info.fingerprint)
@@ -245,7 +248,8 @@ class TaskServer:
     def plan_for(self, task: str) -> PrunePlan:
         if task not in self._plans:
             pattern = self.store.load(task)
-            self._plans[task] = plan_from_pattern(self.info, pattern, self.keep, top_k=self.top_k, group_policy=self.group_policy)
+            self._plans[task] = plan_from_pattern(self.info, pattern, self.keep, top_k=self.top_k,
+                                                  group_policy=self.group_policy, scorer=self.scorer)
         return self._plans[task]
 
     def _ensure_backbone(self) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .api import calibrate, prune
 from .data import write_jsonl
-from .evaluate import exact_match
+from .evaluation import exact_match
 from .modelio import load_model
 from .tasks import TASKS, samples
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from premoe.evaluate import exact_match  # noqa: E402
+from premoe.evaluation import exact_match  # noqa: E402
 from premoe.tasks import TASKS, char_tokenizer, samples, split_of  # noqa: E402
 
 

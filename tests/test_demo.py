@@ -5,7 +5,7 @@ import json
 import torch
 
 from premoe.showcase import TINY_MODEL, demo, format_table
-from premoe.evaluate import exact_match
+from premoe.evaluation import exact_match
 from premoe.modelio import inspect_model, load_model
 from premoe.tasks import TASKS, samples
 

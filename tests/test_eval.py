@@ -1,0 +1,135 @@
+"""premoe eval, premoe sweep, and lm-evaluation-harness on an exported pruned model."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import premoe
+from premoe.cli import main
+from premoe.errors import InputError
+from premoe.evaluation import choice_logliks, exact_match, read_eval_data
+from premoe.modelio import load_model
+from premoe.showcase import TINY_MODEL
+from premoe.tasks import samples
+
+from conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def add_setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("evalsetup")
+    calib = write_jsonl(work / "add_calib.jsonl", samples("add", 32, "calib"))
+    evals = write_jsonl(work / "add_eval.jsonl", samples("add", 40, "eval"))
+    premoe.calibrate(TINY_MODEL, calib, "add", work / "store", all_stats=True, dtype="float32", progress=False)
+    premoe.calibrate(TINY_MODEL, write_jsonl(work / "sort.jsonl", samples("sort", 32, "calib")), "sort", work / "store",
+                     all_stats=True, dtype="float32", progress=False)
+    return work, evals
+
+
+def test_eval_dense_exported_and_on_the_fly_agree(add_setup):
+    work, evals = add_setup
+    dense = premoe.evaluate(TINY_MODEL, evals, dtype="float32", progress=False)
+    lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
+    assert dense["exact_match"] == exact_match(lm.model, lm.tokenizer, samples("add", 40, "eval"), progress=False) >= 0.9
+    premoe.prune(TINY_MODEL, work / "store", "add", 12, work / "add-12", scorer="reap", overwrite=True, progress=False)
+    exported = premoe.evaluate(work / "add-12", evals, dtype="float32", progress=False)
+    on_the_fly = premoe.evaluate(TINY_MODEL, evals, store=work / "store", task="add", keep=12, scorer="reap",
+                                 dtype="float32", progress=False)
+    assert on_the_fly["exact_match"] == exported["exact_match"]  # the same model, built two ways
+    assert on_the_fly["bytes_read"] < 0.6 * premoe.inspect_model(TINY_MODEL).checkpoint.nbytes
+    assert on_the_fly["scorer"] == "reap" and on_the_fly["keep"] == 12
+    agnostic = premoe.evaluate(TINY_MODEL, evals, store=work / "store", agnostic=True, keep=12, dtype="float32", progress=False)
+    assert agnostic["task"].startswith("all-tasks") and 0 <= agnostic["exact_match"] <= 1
+
+
+def test_multiple_choice_log_likelihood(tmp_path):
+    lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
+    tok = lm.tokenizer
+    lls = choice_logliks(lm.model, tok, "add 2+3=", ["5", "6"])
+    ids = tok("add 2+3=5", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = lm.model(ids).logits.log_softmax(-1)
+    assert lls[0] == pytest.approx(float(logp[0, -2, ids[0, -1]]), abs=1e-4)  # one-token continuation
+    assert lls[0] > lls[1]
+    rows = [{"prompt": s["prompt"], "choices": [s["completion"], s["completion"] + "9"], "answer": 0} for s in samples("add", 20, "eval")]
+    rows.append({"prompt": "sort 321=", "choices": ["132", "123"], "answer": "123"})
+    res = premoe.evaluate(TINY_MODEL, write_jsonl(tmp_path / "mc.jsonl", rows), dtype="float32", progress=False)
+    assert res["mc_samples"] == 21 and res["exact_match"] is None and res["mc_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"prompt": "x"}', "expected \"completion\""),
+        ('{"prompt": "x", "choices": ["a"], "answer": 0}', "at least two"),
+        ('{"prompt": "x", "choices": ["a", "b"], "answer": 2}', "index into"),
+        ('{"completion": "x"}', "\"prompt\" string"),
+        ("nope", "invalid JSON"),
+    ],
+)
+def test_eval_data_errors(tmp_path, line, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(InputError, match=match):
+        read_eval_data(f)
+
+
+def test_eval_cli(add_setup, capsys):
+    work, evals = add_setup
+    capsys.readouterr()
+    assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--store", str(work / "store"),
+                 "--task", "add", "--keep", "16", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["keep"] == 16 and res["generate_samples"] == 40 and res["exact_match"] > 0.8
+    assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--keep", "16"]) == 2
+    assert "need --store" in capsys.readouterr().err
+
+
+def test_sweep_writes_results_and_pictures(tmp_path):
+    from premoe.sweep import sweep
+
+    tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "reverse")}
+    res = sweep(tmp_path / "sw", tasks=tasks, keeps=[16, 8], scorers=["tcess", "reap", "random"], progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "results.csv")))
+    # tcess and reap in both modes, random once: 5 configurations x 2 keeps x 2 tasks
+    assert len(rows) == 5 * 2 * 2 == len(res["rows"])
+    assert {r["mode"] for r in rows if r["scorer"] == "random"} == {"specific"}
+    summary = {(r["scorer"], r["mode"], r["keep"]): r["retention"] for r in res["summary"]}
+    assert summary[("tcess", "specific", 16)] > summary[("random", "specific", 16)]
+    for png in ("retention.png", "importance.png", "overlap.png"):
+        data = (tmp_path / "sw" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert json.loads((tmp_path / "sw" / "results.json").read_text())["keeps"] == [16, 8]
+
+
+def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monkeypatch):
+    """lm-eval's HF backend on a local JSONL task, offline: same exact match as premoe eval."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    work, evals = add_setup
+    premoe.prune(TINY_MODEL, work / "store", "add", 16, tmp_path / "add-16", progress=False)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "premoe_add.yaml").write_text(
+        "task: premoe_add\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {evals}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{completion}}"\n'
+        "generation_kwargs:\n  until: ['</s>']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'add-16'},dtype=float32", tasks=["premoe_add"],
+        task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu", batch_size=8,
+    )
+    theirs = out["results"]["premoe_add"]["exact_match,none"]
+    ours = premoe.evaluate(tmp_path / "add-16", evals, dtype="float32", progress=False)["exact_match"]
+    assert theirs == pytest.approx(ours)
