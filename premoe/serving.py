@@ -207,7 +207,7 @@ class TaskServer:
         group_policy: group-limited routers, see :mod:`premoe.plans`.
         signature: how prompts are matched to tasks.
         cache_bytes: budget for experts dropped by a switch, kept for later switches (0: none).
-        device: where to run (default: accelerator if any, else CPU).
+        device: where to run (default: CPU; "auto": the accelerator if there is one).
         dtype: compute dtype (default: the checkpoint's).
         scorer: rank experts with this scorer instead of each task's own.
     """
