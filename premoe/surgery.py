@@ -60,10 +60,7 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
         keep = torch.tensor(plan.kept[m.index], dtype=torch.long)
         for mod in (m.router, m.experts):
             _slice_dim0_(mod, keep, E)
-        for mod in (m.block, m.router, m.experts):
-            for attr in _COUNT_ATTRS:
-                if getattr(mod, attr, None) == E:
-                    setattr(mod, attr, len(keep))
+        for mod in (m.block, m.router, m.experts):  # expert counts: updated model-wide below
             if isinstance(mod, nn.Linear):
                 mod.out_features = len(keep)
             if isinstance(getattr(mod, "top_k", None), int):
@@ -72,7 +69,7 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
                 mod.num_group, mod.topk_group = plan.n_group, plan.topk_group
             if plan.n_group == 1 and getattr(mod, "topk_method", None) == "group_limited_greedy":
                 mod.topk_method = "greedy"
-    for mod in model.modules():  # counts cached elsewhere, e.g. the causal LM's aux-loss `num_experts`
+    for mod in model.modules():  # every cached count: blocks, routers, experts, the causal LM's aux-loss `num_experts`
         for attr in _COUNT_ATTRS:
             if getattr(mod, attr, None) == plan.num_experts:
                 setattr(mod, attr, plan.keep)
