@@ -18,6 +18,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,6 +95,71 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+Pieces = list[tuple[Path, int, int]]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, writable in place (no copy). The view keeps the
+    tensor alive, so it may be taken from a temporary."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("need a contiguous CPU tensor")
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+class ByteReader:
+    """Reads checkpoint byte ranges into tensors and counts the bytes read.
+
+    With ``log`` (a list), every read is recorded as (tensor bytes, ranges), e.g. to replay it.
+    """
+
+    def __init__(self, log: list | None = None) -> None:
+        self.bytes_read = 0
+        self.log = log
+        self._files: dict[Path, Any] = {}
+
+    def read_into(self, dest: torch.Tensor, pieces: Pieces) -> int:
+        """Fill ``dest`` (contiguous CPU) with the concatenation of ``pieces``."""
+        if dest.nbytes == 0:
+            return 0
+        view = tensor_bytes(dest)
+        pos = 0
+        for path, offset, length in pieces:
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = open(path, "rb", buffering=0)
+            f.seek(offset)
+            end = pos + length
+            while pos < end:
+                got = f.readinto(view[pos:end])
+                if not got:
+                    raise CheckpointError(f"{path} is truncated; re-download it")
+                pos += got
+        if pos != dest.nbytes:
+            raise CheckpointError(f"read {pos} bytes for a tensor of {dest.nbytes}; the checkpoint does not match its config")
+        self.bytes_read += pos
+        if self.log is not None:
+            self.log.append((dest.nbytes, list(pieces)))
+        return pos
+
+    def tensor(self, dtype: str, shape: tuple[int, ...], pieces: Pieces) -> torch.Tensor:
+        if dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"dtype {dtype} cannot be loaded by premoe")
+        t = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        self.read_into(t, pieces)
+        return t
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "ByteReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Checkpoint:
     """The safetensors weights of a model directory (single file or sharded with an index)."""
 
@@ -134,25 +200,6 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, ranges: list[tuple[Path, int, int]]) -> bytearray:
-        """Concatenated bytes of ``ranges``."""
-        out = bytearray(sum(r[2] for r in ranges))
-        view = memoryview(out)
-        pos = 0
-        handles: dict[Path, object] = {}
-        try:
-            for path, offset, length in ranges:
-                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-                f.seek(offset)
-                got = f.readinto(view[pos : pos + length])
-                if got != length:
-                    raise CheckpointError(f"{path} is truncated (wanted {length} bytes at {offset}); re-download it")
-                pos += length
-        finally:
-            for f in handles.values():
-                f.close()
-        return out
-
     def tensor(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
         """Load one tensor (or some of its dim-0 rows) into a CPU tensor."""
         info = self.tensors[name]
@@ -160,10 +207,19 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, which premoe cannot decode")
         ranges = info.rows(rows) if rows is not None else [(info.file, info.offset, info.nbytes)]
         shape = (len(rows), *info.shape[1:]) if rows is not None else info.shape
-        buf = self.read(ranges)
-        if not buf:
-            return torch.empty(shape, dtype=TORCH_DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(shape)
+        with ByteReader() as reader:
+            return reader.tensor(info.dtype, shape, ranges)
+
+    def raw(self, name: str, reader: "ByteReader | None" = None) -> torch.Tensor:
+        """The bytes of one tensor, as a flat uint8 tensor (any dtype)."""
+        info = self.tensors[name]
+        own = reader is None
+        reader = reader or ByteReader()
+        try:
+            return reader.tensor("U8", (info.nbytes,), [(info.file, info.offset, info.nbytes)])
+        finally:
+            if own:
+                reader.close()
 
 
 @dataclass(frozen=True)

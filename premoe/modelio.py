@@ -29,7 +29,7 @@ from .arch import (
     get_spec,
     router_spec,
 )
-from .checkpoint import Checkpoint, KeyRole, classify_keys
+from .checkpoint import ByteReader, Checkpoint, KeyRole, classify_keys, tensor_bytes
 from .errors import CheckpointError, InputError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,12 @@ def _hash_routers(ckpt: Checkpoint, roles: dict[str, KeyRole], moe_layers: list[
     for name, role in roles.items():
         if role.kind == "router":
             by_layer.setdefault(role.layer, []).append(name)
-    for layer in moe_layers:
-        for name in sorted(by_layer.get(layer, []), key=lambda n: roles[n].rest):
-            info = ckpt.tensors[name]
-            h.update(f"{layer}:{roles[name].rest}:{info.dtype}:{list(info.shape)};".encode())
-            h.update(ckpt.read([(info.file, info.offset, info.nbytes)]))
+    with ByteReader() as reader:
+        for layer in moe_layers:
+            for name in sorted(by_layer.get(layer, []), key=lambda n: roles[n].rest):
+                info = ckpt.tensors[name]
+                h.update(f"{layer}:{roles[name].rest}:{info.dtype}:{list(info.shape)};".encode())
+                h.update(tensor_bytes(ckpt.raw(name, reader)))
     return h.hexdigest()
 
 

@@ -10,84 +10,21 @@ exists in memory, and :class:`ByteReader` counts every byte read.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .arch import find_moe_layers
-from .checkpoint import TORCH_DTYPES, TensorInfo
+from .checkpoint import ByteReader, Pieces, TensorInfo
 from .errors import CheckpointError, UnsupportedModelError
+from .kernels import select_kernel
 from .modelio import ModelInfo
 from .plans import PrunePlan
-from .kernels import select_kernel
 from .surgery import config_updates
-
-Pieces = list[tuple[Path, int, int]]
-
-
-def _writable_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, writable in place."""
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("need a contiguous CPU tensor")
-    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
-
-
-class ByteReader:
-    """Reads checkpoint byte ranges into tensors and counts the bytes read.
-
-    With ``log`` (a list), every read is recorded as (tensor bytes, ranges), e.g. to replay it.
-    """
-
-    def __init__(self, log: list | None = None) -> None:
-        self.bytes_read = 0
-        self.log = log
-        self._files: dict[Path, Any] = {}
-
-    def read_into(self, dest: torch.Tensor, pieces: Pieces) -> int:
-        """Fill ``dest`` (contiguous CPU) with the concatenation of ``pieces``."""
-        view = _writable_bytes(dest)
-        pos = 0
-        for path, offset, length in pieces:
-            f = self._files.get(path)
-            if f is None:
-                f = self._files[path] = open(path, "rb", buffering=0)
-            f.seek(offset)
-            end = pos + length
-            while pos < end:
-                got = f.readinto(view[pos:end])
-                if not got:
-                    raise CheckpointError(f"{path} is truncated; re-download it")
-                pos += got
-        if pos != dest.nbytes:
-            raise CheckpointError(f"read {pos} bytes for a tensor of {dest.nbytes}; the checkpoint does not match its config")
-        self.bytes_read += pos
-        if self.log is not None:
-            self.log.append((dest.nbytes, list(pieces)))
-        return pos
-
-    def tensor(self, dtype: str, shape: tuple[int, ...], pieces: Pieces) -> torch.Tensor:
-        if dtype not in TORCH_DTYPES:
-            raise CheckpointError(f"dtype {dtype} cannot be loaded by premoe")
-        t = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-        self.read_into(t, pieces)
-        return t
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-    def __enter__(self) -> "ByteReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
