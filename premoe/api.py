@@ -11,6 +11,7 @@ from .calibration import calibrate
 from .export import ExportResult, check_out_dir, export_pruned
 from .modelio import LoadedModel, ModelInfo, as_info
 from .plans import PrunePlan, check_keep, make_plan
+from .scoring import SCORERS
 from .errors import InputError, StoreError
 from .store import PatternStore, TaskPattern
 
@@ -178,6 +179,7 @@ def inspect_store(store: str | Path) -> dict[str, Any]:
             "created": entry.get("created"),
             "data": entry.get("data"),
             "experts_for_90pct": round(experts_for_mass(concentration, 0.9), 2),
+            "scorers": [n for n, sc in SCORERS.items() if all(k in pattern.means for k in sc.needs)],
             "top_experts": {str(layer): row.argsort(descending=True)[:8].tolist() for layer, row in zip(pattern.layers, pattern.scores)},
         }
     return {"path": str(st.path), "version": manifest["version"], "model": manifest["model"], "tasks": tasks}

@@ -214,9 +214,10 @@ def _run(args) -> int:
                   f"{m['num_experts']} experts, top-{m['top_k']}, router sha256 {m['router_sha256'][:12]}")
             if not summary["tasks"]:
                 print("no tasks")
-            print(f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  created")
+            print(f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  {'created':<25}  --scorer options")
             for name, t in summary["tasks"].items():
-                print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  {t['created']}")
+                print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  "
+                      f"{t['created']:<25}  {','.join(t['scorers'])}")
     elif args.command == "route":
         return _route(args)
     elif args.command in ("generate", "chat"):
