@@ -11,7 +11,7 @@ from .calibration import calibrate
 from .export import ExportResult, check_out_dir, export_pruned
 from .modelio import LoadedModel, ModelInfo, as_info
 from .plans import PrunePlan, check_keep, make_plan
-from .scoring import SCORERS
+from .scoring import SCORERS, pool_means, score
 from .errors import InputError, StoreError
 from .store import PatternStore, TaskPattern
 
@@ -27,8 +27,6 @@ def pooled_pattern(store: str | Path | PatternStore, tasks: list[str] | None = N
     Raises:
         StoreError: an unknown task, or no tasks.
     """
-    from .scoring import pool_means
-
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
     names = tasks or sorted(st.tasks)
     if not names:
@@ -49,8 +47,6 @@ def score_pattern(pattern: TaskPattern, scorer: str | None, shape=None, seed: in
     Raises:
         InputError: unknown scorer, or the pattern lacks the statistics it needs.
     """
-    from .scoring import score
-
     if scorer is None or scorer == pattern.scorer:
         return pattern.scores
     try:

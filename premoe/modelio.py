@@ -89,9 +89,6 @@ class ModelInfo:
     def num_experts(self) -> int:
         return self.router.num_experts
 
-    def router_keys(self, layer: int) -> list[str]:
-        return sorted(k for k, r in self.roles.items() if r.kind == "router" and r.layer == layer)
-
 
 def read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "config.json"

@@ -102,9 +102,6 @@ class CheckpointMap:
         shape = (len(experts), rows, *row_shape)
         return Source(dtype, shape, tuple(pieces))
 
-    def expert_params(self, experts_module: nn.Module) -> list[str]:
-        return [n for n, _ in experts_module.named_parameters(recurse=False)]
-
 
 class ZeroExperts(nn.Module):
     """Stands in for a layer's routed experts: contributes nothing (no weights)."""

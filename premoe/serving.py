@@ -22,6 +22,7 @@ from torch import nn
 
 from .api import plan_from_pattern
 from .arch import find_moe_layers
+from .checkpoint import TORCH_DTYPES
 from .errors import InputError
 from .evaluation import generate_greedy
 from .kernels import select_kernel
@@ -109,7 +110,7 @@ def install_pattern(
         fresh = {}
         for name, p in params.items():
             if p.is_meta:  # first load: the checkpoint's dtype unless asked otherwise
-                target = dtype or _torch_dtype(cmap.expert_source(layer, name, new[:1]).dtype)
+                target = dtype or TORCH_DTYPES[cmap.expert_source(layer, name, new[:1]).dtype]
                 fresh[name] = torch.empty(p.shape, dtype=target, device=device or "cpu")
             else:
                 fresh[name] = torch.empty_like(p)
@@ -128,7 +129,7 @@ def install_pattern(
             for name in params:
                 src = cmap.expert_source(layer, name, [e])
                 dst = fresh[name][i]
-                if dst.device.type == "cpu" and dst.dtype == _torch_dtype(src.dtype):
+                if dst.device.type == "cpu" and dst.dtype == TORCH_DTYPES[src.dtype]:
                     reader.read_into(dst, list(src.pieces))
                 else:  # other device or dtype: stage on the CPU, then convert
                     dst.copy_(reader.tensor(src.dtype, src.shape[1:], list(src.pieces)))
@@ -162,12 +163,6 @@ def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | No
         for n, b in mod._buffers.items():
             if b is not None and not b.is_meta and b.device != device:
                 mod._buffers[n] = b.to(device)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from .checkpoint import TORCH_DTYPES
-
-    return TORCH_DTYPES[name]
 
 
 @dataclass
