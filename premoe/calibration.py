@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import MoeLayer, RouterSpec, decoder_layers, selection_bias
+from .arch import MoeLayer, RouterSpec, decoder_layers
 from .data import iter_records, scan
 from .errors import InputError, StoreError
 from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer
 from .kernels import expert_forward
+from .routing import route
 from .scoring import (
     OUTPUT_SCORERS,
     OUTPUT_SUM_NAMES,
@@ -42,9 +43,9 @@ class RouterObserver:
 
     Use as a context manager (hooks are always removed on exit). Before each forward pass set
     :attr:`mask` to the flattened [B*S] attention mask so padding is not counted. With ``outputs``
-    it also hooks each layer's experts module and the norm before it, for the expert-output criteria
-    (REAP, EAN, EASY-EP): every routed expert's output is recomputed from its fused weight slices
-    for its tokens (nothing is unfused), and the residual entering the block is kept for one layer.
+    it also recomputes, after each MoE block has run, every chosen expert's output from its fused
+    weight slices for its tokens (nothing is unfused), for the expert-output criteria (REAP, EAN,
+    EASY-EP), keeping the residual entering the block for one layer.
     """
 
     def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams,
@@ -57,9 +58,10 @@ class RouterObserver:
         self.decoder = decoder
         device = next(layers[0].router.parameters()).device
         names = tuple(SUM_NAMES) + (tuple(OUTPUT_SUM_NAMES) if outputs else ())
-        self.sums = RoutingSums.zeros(len(layers), router.num_experts, device, names)
+        self.sums = RoutingSums.zeros(len(layers), router.num_experts, device if device.type != "meta" else None, names)
         self.mask: torch.Tensor | None = None
         self._residual: dict[int, torch.Tensor] = {}
+        self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
 
     def _masked(self, t: torch.Tensor) -> torch.Tensor:
@@ -67,11 +69,14 @@ class RouterObserver:
         return t[self.mask.to(t.device)] if self.mask is not None else t
 
     def _hook(self, pos: int, layer: MoeLayer):
-        bias = selection_bias(layer.router, self.arch)
+        at = self.router.logits_at
 
         def hook(module, args, output):
-            logits = output[0] if isinstance(output, (tuple, list)) else output
-            self.sums.add(pos, layer_markers(self._masked(logits), self.router, self.params, bias))
+            logits = output[at] if isinstance(output, (tuple, list)) else output
+            logits = self._masked(logits)
+            self.sums.add(pos, layer_markers(logits, self.router, self.params, layer.selection_bias()))
+            if self.outputs:
+                self._routed[pos] = (self._masked(args[0]), logits)
 
         return hook
 
@@ -81,22 +86,29 @@ class RouterObserver:
 
         return hook
 
-    def _experts_hook(self, pos: int, decoder_layer):
+    def _block_hook(self, pos: int, layer: MoeLayer, decoder_layer):
         scale = self.router.scale or 1.0
         mult = float(getattr(decoder_layer, "residual_multiplier", 1.0) or 1.0)
+        E, S = self.router.num_experts, self.router.width
 
-        def hook(module, args, kwargs, output):
-            hidden, idx, w = (list(args) + list(kwargs.values()))[:3]
-            hidden, idx, w, r = self._masked(hidden), self._masked(idx), self._masked(w), self._masked(output)
-            x = self._masked(self._residual.pop(pos)).float()
+        def hook(module, args, output):
+            hidden, logits = self._routed.pop(pos)
+            idx, w = route(logits, self.router, bias=layer.selection_bias(), scaled=True)
+            res = self._residual.pop(pos, None)
+            x = (self._masked(res) if res is not None else hidden).float()
             norms = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+            routed = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)
             for e in idx.unique().tolist():
-                if e >= module.num_experts:
-                    continue
                 rows, slots = torch.where(idx == e)
-                norms[rows, slots] = expert_forward(module, e, hidden[rows]).float().norm(dim=-1)
-            gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * r.float(), dim=-1)).clamp_min(0)
-            self.sums.add(pos, output_markers(idx, w.float() / scale, norms, gain, self.router.num_experts))
+                inp = hidden[rows]
+                if self.arch.weight_on_input:
+                    inp = inp * w[rows, slots, None].to(inp.dtype)
+                out = expert_forward(layer.experts, e, inp).float()
+                norms[rows, slots] = out.norm(dim=-1)
+                routed.index_add_(0, rows, out if self.arch.weight_on_input else out * w[rows, slots, None])
+            gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * routed, dim=-1)).clamp_min(0)
+            marks = output_markers(idx, w / scale, norms, gain, S)
+            self.sums.add(pos, {k: v[:, :E] for k, v in marks.items()})
 
         return hook
 
@@ -104,10 +116,13 @@ class RouterObserver:
         for pos, layer in enumerate(self.layers):
             self._handles.append(layer.router.register_forward_hook(self._hook(pos, layer)))
             if self.outputs:
+                if layer.experts is None:
+                    raise InputError(f"the expert-output scorers need an experts module; {self.arch.name} has none")
                 dec = self.decoder[layer.index]
-                norm = getattr(dec, self.arch.pre_moe_norm)
-                self._handles.append(norm.register_forward_pre_hook(self._residual_hook(pos)))
-                self._handles.append(layer.experts.register_forward_hook(self._experts_hook(pos, dec), with_kwargs=True))
+                if self.arch.pre_moe_norm:
+                    norm = dec.get_submodule(self.arch.pre_moe_norm)
+                    self._handles.append(norm.register_forward_pre_hook(self._residual_hook(pos)))
+                self._handles.append(layer.block.register_forward_hook(self._block_hook(pos, layer, dec)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -115,6 +130,7 @@ class RouterObserver:
             h.remove()
         self._handles.clear()
         self._residual.clear()
+        self._routed.clear()
 
 
 def _batches(
@@ -202,17 +218,17 @@ def _records(files: list[Path], max_samples: int | None) -> Iterator:
 
 def weight_stats(info: ModelInfo, progress: bool = False) -> torch.Tensor:
     """[L, E] calibration-free statistic (:func:`~premoe.scoring.weight_ratio`) of every routed expert,
-    read expert by expert from the checkpoint."""
-    from .selective import ByteReader, CheckpointMap
+    read expert by expert from the checkpoint (dequantised where quantised)."""
+    from .selective import ByteReader, Materializer
 
-    cmap = CheckpointMap(info)
     out = torch.zeros(len(info.moe_layers), info.num_experts)
     bar = tqdm(total=out.numel(), desc="expert weights", unit="expert", disable=not progress)
     with ByteReader() as reader:
+        mat = Materializer(info, None, reader)
         for i, layer in enumerate(info.moe_layers):
+            names = list(info.layout.moe[layer]["experts"])
             for e in range(info.num_experts):
-                srcs = [cmap.expert_source(layer, p, [e]) for p in ("gate_up_proj", "down_proj")]
-                out[i, e] = weight_ratio([reader.tensor(s.dtype, s.shape, list(s.pieces)) for s in srcs])
+                out[i, e] = weight_ratio([mat.expert_rows(n, [e]) for n in names])
                 bar.update(1)
     bar.close()
     return out

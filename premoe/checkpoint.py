@@ -14,7 +14,7 @@ offsets are relative to the end of the header.
 from __future__ import annotations
 
 import json
-import re
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from .arch import ArchSpec, disk_patterns
 from .errors import CheckpointError, MissingFileError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,16 +49,24 @@ class TensorInfo:
     offset: int
     nbytes: int
 
-    def rows(self, ids: list[int]) -> list[tuple[Path, int, int]]:
-        """Byte ranges of rows ``ids`` on dim 0 (contiguous runs merged)."""
-        row = self.nbytes // self.shape[0]
+    def rows(self, ids: list[int], per: int = 1) -> list[tuple[Path, int, int]]:
+        """Byte ranges of row blocks ``ids`` on dim 0, ``per`` rows each (contiguous runs merged)."""
+        return self.select(0, ids, per)
+
+    def select(self, dim: int, ids: list[int], per: int = 1) -> list[tuple[Path, int, int]]:
+        """Byte ranges of the slices ``ids`` (blocks of ``per``) along ``dim``, in row-major order."""
+        outer = math.prod(self.shape[:dim])
+        size = self.shape[dim]
+        inner = self.nbytes // max(outer * size, 1)  # bytes of one index along dim
         ranges: list[tuple[Path, int, int]] = []
-        for i in ids:
-            start = self.offset + i * row
-            if ranges and ranges[-1][1] + ranges[-1][2] == start:
-                ranges[-1] = (self.file, ranges[-1][1], ranges[-1][2] + row)
-            else:
-                ranges.append((self.file, start, row))
+        for o in range(outer):
+            for i in ids:
+                start = self.offset + (o * size + i * per) * inner
+                length = per * inner
+                if ranges and ranges[-1][1] + ranges[-1][2] == start:
+                    ranges[-1] = (self.file, ranges[-1][1], ranges[-1][2] + length)
+                else:
+                    ranges.append((self.file, start, length))
         return ranges
 
 
@@ -220,96 +227,6 @@ class Checkpoint:
         finally:
             if own:
                 reader.close()
-
-
-@dataclass(frozen=True)
-class KeyRole:
-    """What a checkpoint key is to premoe.
-
-    ``kind`` is ``expert`` (one routed expert's tensor, ``prefix.experts.{expert}.{rest}``), ``fused``
-    (all routed experts stacked on dim 0), ``router`` (router weight/bias/correction bias, rows =
-    experts), ``beyond`` (a layer past ``num_hidden_layers``, e.g. DeepSeek-V3's MTP layer, which
-    transformers ignores) or ``other`` (everything else, shared experts included).
-    """
-
-    kind: str
-    layer: int | None = None
-    expert: int | None = None
-    prefix: str = ""
-    rest: str = ""
-
-
-_LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.")
-
-
-def classify_keys(
-    tensors: dict[str, TensorInfo],
-    spec: ArchSpec,
-    decoder_prefix: str,
-    moe_layers: list[int],
-    num_layers: int,
-    num_experts: int,
-) -> dict[str, KeyRole]:
-    """Give every checkpoint key its :class:`KeyRole`, checking it against the config.
-
-    Raises:
-        CheckpointError: a MoE layer lacks router weights or experts, or a routed tensor's first
-            dimension is not the expert count.
-    """
-    pats = disk_patterns(spec)
-    moe = set(moe_layers)
-    roles: dict[str, KeyRole] = {}
-    seen_router: dict[int, int] = {}
-    seen_experts: dict[int, set[int] | str] = {}
-    for name, info in tensors.items():
-        m = _LAYER.match(name)
-        if not m or m["root"] != decoder_prefix:
-            roles[name] = KeyRole("other")
-            continue
-        layer = int(m["layer"])
-        if layer >= num_layers:
-            roles[name] = KeyRole("beyond", layer)
-            continue
-        role = KeyRole("other", layer)
-        if layer in moe:
-            if em := pats["expert"].match(name):
-                e = int(em["expert"])
-                if e >= num_experts:
-                    raise CheckpointError(f"{name}: expert id {e} but the config says {num_experts} experts per layer")
-                role = KeyRole("expert", layer, e, em["prefix"], em["rest"])
-                got = seen_experts.setdefault(layer, set())
-                if isinstance(got, set):
-                    got.add(e)
-            else:
-                for kind in ("router", "fused", "fused_extra"):
-                    fm = pats[kind].match(name) if kind in pats else None
-                    if fm:
-                        if not info.shape or info.shape[0] != num_experts:
-                            raise CheckpointError(
-                                f"{name} has shape {list(info.shape)} but the config says {num_experts} experts; "
-                                "the checkpoint does not match its config.json"
-                            )
-                        role = KeyRole("router" if kind == "router" else "fused", layer, None, fm["prefix"], fm["rest"])
-                        if kind == "router":
-                            seen_router[layer] = seen_router.get(layer, 0) + 1
-                        else:
-                            seen_experts[layer] = "fused"
-                        break
-        roles[name] = role
-    for layer in moe_layers:
-        if layer not in seen_router:
-            raise CheckpointError(
-                f"no router weights for MoE layer {layer} in the checkpoint (expected a key like "
-                f"'{decoder_prefix}.{layer}.{spec.disk_blocks[0]}.<{spec.disk_router}>.weight'); "
-                "is this checkpoint in a layout transformers 5 loads?"
-            )
-        got = seen_experts.get(layer)
-        if got is None or (isinstance(got, set) and len(got) != num_experts):
-            have = 0 if got is None else len(got)
-            raise CheckpointError(
-                f"MoE layer {layer}: found {have} of {num_experts} routed experts in the checkpoint; it is incomplete or does not match config.json"
-            )
-    return roles
 
 
 @dataclass

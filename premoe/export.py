@@ -30,7 +30,7 @@ from .checkpoint import INDEX_NAME, OutTensor, write_safetensors
 from .errors import CheckpointError, InputError
 from .modelio import ModelInfo
 from .plans import PrunePlan
-from .surgery import config_updates
+from .surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,39 @@ def check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
 
 
 def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], list[str]]:
-    """The output tensors (as source byte ranges), in source order, and the keys dropped outright."""
+    """The output tensors (as source byte ranges), in source order, and the keys dropped outright.
+
+    Per-expert keys (and their quantisation scales) of kept experts are renumbered 0..N-1 where the
+    expert id sits in the key; fused expert tensors, router rows and biases (and scales with an
+    expert dimension) are sliced along it. Zero-computation experts keep their slots after the kept
+    experts. Everything else is copied as it is.
+    """
     out, dropped = [], []
-    position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in plan.kept.items()}
+    slots = {layer: info.slots(ids) for layer, ids in plan.kept.items()}
+    position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in slots.items()}
     tensors = info.checkpoint.tensors
+    E = info.num_experts
     for name in sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset)):
         t, role = tensors[name], info.roles[name]
+        whole = [(t.file, t.offset, t.nbytes)]
         if role.kind == "beyond":
             dropped.append(name)
         elif role.kind == "expert":
             new = position[role.layer].get(role.expert)
             if new is not None:
-                out.append(OutTensor(f"{role.prefix}.experts.{new}.{role.rest}", t.dtype, t.shape, [(t.file, t.offset, t.nbytes)]))
-        elif role.kind in ("fused", "router"):
-            kept = plan.kept[role.layer]
-            out.append(OutTensor(name, t.dtype, (len(kept), *t.shape[1:]), t.rows(kept)))
+                a, b = role.span
+                out.append(OutTensor(f"{name[:a]}{new}{name[b:]}", t.dtype, t.shape, whole))
+        elif role.kind == "router" and t.shape:
+            dim = role.dim if t.shape[role.dim] == info.router.width else 0
+            ids = slots[role.layer]
+            shape = (*t.shape[:dim], len(ids), *t.shape[dim + 1:])
+            out.append(OutTensor(name, t.dtype, shape, t.select(dim, ids)))
+        elif role.kind == "fused" and t.shape:
+            ids = slots[role.layer] if role.rows == 0 else plan.kept[role.layer]
+            per = max(role.rows, 1) if t.shape[0] in (E * max(role.rows, 1), info.router.width) else t.shape[0] // E
+            out.append(OutTensor(name, t.dtype, (len(ids) * per, *t.shape[1:]), t.rows(ids, per)))
         else:
-            out.append(OutTensor(name, t.dtype, t.shape, [(t.file, t.offset, t.nbytes)]))
+            out.append(OutTensor(name, t.dtype, t.shape, whole))
     return out, dropped
 
 
@@ -92,8 +108,7 @@ def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
 
 
 def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dict:
-    cfg = dict(info.raw_config)
-    cfg.update(config_updates(cfg, info.spec, plan))
+    cfg = apply_config_updates(info.raw_config, config_updates(info.raw_config, info, plan))
     if dropped_layers and "num_nextn_predict_layers" in cfg:
         cfg["num_nextn_predict_layers"] = 0  # the MTP layer's experts were not pruned, so it was dropped
     cfg["premoe"] = {
@@ -110,18 +125,35 @@ def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dic
 
 
 def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
-    """Reload with plain ``AutoModelForCausalLM`` and check every weight landed where expected."""
+    """Check the export before it is moved into place: premoe reads it back (config, every key's role,
+    expert counts), then plain ``AutoModelForCausalLM`` reloads it and every weight must land (missing,
+    unexpected or mis-shaped weights fail). A ``model_type`` transformers only knows through its
+    ``architectures`` (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
     from transformers import AutoModelForCausalLM
 
+    from .modelio import config_from_dict, inspect_model
+
+    new = inspect_model(path)
+    if new.num_experts != plan.keep or new.moe_layers != info.moe_layers:
+        raise CheckpointError(f"self-check failed: the export reads back with {new.num_experts} experts in layers "
+                              f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}")
+    kwargs = {}
+    if new.config_type != new.raw_config.get("model_type"):
+        config = config_from_dict(new.raw_config, new.config_type)
+        if new.quant.method:
+            config.quantization_config = new.raw_config["quantization_config"]
+        kwargs["config"] = config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"self-check failed: transformers reloads the pruned model with {problems}")
     for m in find_moe_layers(model, info.spec):
-        if m.router.weight.shape[0] != plan.keep:
-            raise CheckpointError(f"self-check failed: layer {m.index} reloads with {m.router.weight.shape[0]} experts, not {plan.keep}")
+        path0, dim = next(iter(m.router_tensors.items()))
+        got = m.tensor(path0).shape[dim]
+        if got != len(info.slots(plan.kept[m.index])):
+            raise CheckpointError(f"self-check failed: layer {m.index} reloads with {got} router rows, not {plan.keep}")
     del model
 
 

@@ -28,21 +28,38 @@ def bucket(count: int) -> int:
 
 
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e``'s output for inputs ``x`` [N, H] -> [N, H], from the fused weight slices
-    (concatenated or interleaved gate/up, transposed or not, with or without biases), before routing
-    weights are applied."""
-    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-    up_w, down_w = getattr(experts, up_name), experts.down_proj
-    h = x @ up_w[e] if experts.is_transposed else F.linear(x, up_w[e])
-    if experts.has_bias:
-        h = h + getattr(experts, f"{up_name}_bias")[e]
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    y = h @ down_w[e] if experts.is_transposed else F.linear(h, down_w[e])
-    if experts.has_bias:
-        y = y + experts.down_proj_bias[e]
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y)
-    return y
+    """Expert ``e``'s output for inputs ``x`` [N, H] -> [N, H], from the fused weight slices, before
+    routing weights are applied. Covers transformers' experts interface (concatenated or interleaved
+    gate/up, transposed or not, with or without biases or a gate), Llama-4's transposed experts, DBRX's
+    [E x I, H] row blocks, and zero-computation experts (ids past the routed ones: the identity)."""
+    if hasattr(experts, "has_gate"):
+        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        up_w, down_w = getattr(experts, up_name), experts.down_proj
+        if e >= down_w.shape[0]:
+            return x
+        h = x @ up_w[e] if experts.is_transposed else F.linear(x, up_w[e])
+        if experts.has_bias:
+            h = h + getattr(experts, f"{up_name}_bias")[e]
+        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        y = h @ down_w[e] if experts.is_transposed else F.linear(h, down_w[e])
+        if experts.has_bias:
+            y = y + experts.down_proj_bias[e]
+        if getattr(experts, "has_post_expert_norm", False):
+            y = experts.post_expert_norm(y)
+        return y
+    mlp = getattr(experts, "mlp", None)
+    if mlp is not None and hasattr(mlp, "w1"):  # DBRX: [E * I, H] blocks
+        shape = (-1, experts.ffn_hidden_size, experts.hidden_size)
+        w1, v1, w2 = (t.view(shape)[e] for t in (mlp.w1, mlp.v1, mlp.w2))
+        return (mlp.activation_fn(x @ w1.T) * (x @ v1.T)) @ w2
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if e >= down.shape[0]:  # LongCat-Flash zero-computation expert
+        return x
+    act = getattr(experts, "act_fn", F.silu)
+    transposed = gate_up.shape[-2] == x.shape[-1] and gate_up.shape[-1] != x.shape[-1]
+    gate, up = (x @ gate_up[e] if transposed else F.linear(x, gate_up[e])).chunk(2, dim=-1)
+    h = act(gate) * up
+    return h @ down[e] if transposed else F.linear(h, down[e])
 
 
 def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

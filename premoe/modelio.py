@@ -13,24 +13,21 @@ import importlib.util
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .arch import (
-    ArchSpec,
-    MoeLayer,
-    RouterSpec,
-    decoder_layers,
-    find_moe_layers,
-    get_spec,
-    router_spec,
-)
-from .checkpoint import ByteReader, Checkpoint, KeyRole, classify_keys, tensor_bytes
+from torch import nn
+
+from .arch import ArchSpec, MoeLayer, RouterSpec, decoder_layers, find_moe_layers, router_spec
+from .checkpoint import ByteReader, Checkpoint, tensor_bytes
 from .errors import CheckpointError, InputError, MissingFileError
+from .families import resolve
+from .layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
+from .quant import QuantFormat, quant_format
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +79,22 @@ class ModelInfo:
     moe_layers: list[int]
     decoder_prefix: str
     checkpoint: Checkpoint
-    roles: dict[str, KeyRole]
+    layout: CheckpointLayout
     fingerprint: ModelFingerprint
+    quant: QuantFormat = field(default_factory=QuantFormat)
+    config_type: str = ""  # the model_type whose config class reads config.json
 
     @property
     def num_experts(self) -> int:
         return self.router.num_experts
+
+    @property
+    def roles(self) -> dict[str, KeyRole]:
+        return self.layout.roles
+
+    def slots(self, kept: list[int]) -> list[int]:
+        """Router slots a layer keeps with these experts (zero-computation experts always stay)."""
+        return expert_slots(kept, self.router.num_experts, self.router.width)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -105,21 +112,37 @@ def read_config(path: Path) -> dict[str, Any]:
     return raw
 
 
-@lru_cache(maxsize=8)
-def _skeleton_layout(config_json: str) -> tuple[str, int, tuple[int, ...]]:
-    """(decoder prefix, number of decoder layers, MoE layer ids) from a meta-device skeleton."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def config_from_dict(raw: dict[str, Any], model_type: str):
+    """A transformers config for ``raw`` read with ``model_type``'s config class, without premoe's own
+    block and without quantisation (premoe handles quantised tensors itself)."""
+    from transformers import AutoConfig
 
-    raw = json.loads(config_json)
-    spec = get_spec(raw.get("model_type"))
-    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    raw = {k: v for k, v in raw.items() if k not in ("premoe", "model_type", "quantization_config", "auto_map")}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(model_type, **raw)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"transformers cannot read this config.json as {model_type}: {e}") from None
+
+
+def skeleton(config) -> nn.Module:
+    """The causal-LM module tree on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@lru_cache(maxsize=4)
+def _meta_model(config_json: str, model_type: str) -> tuple[nn.Module, str, int]:
+    """(meta-device model, decoder prefix, number of decoder layers), cached per config."""
+    model = skeleton(config_from_dict(json.loads(config_json), model_type))
     layers = decoder_layers(model)
     prefix = next(name for name, mod in model.named_modules() if mod is layers)
-    moe = tuple(m.index for m in find_moe_layers(model, spec))
-    return prefix, len(layers), moe
+    return model, prefix, len(layers)
 
 
 def _hash_routers(ckpt: Checkpoint, roles: dict[str, KeyRole], moe_layers: list[int]) -> str:
@@ -130,9 +153,10 @@ def _hash_routers(ckpt: Checkpoint, roles: dict[str, KeyRole], moe_layers: list[
             by_layer.setdefault(role.layer, []).append(name)
     with ByteReader() as reader:
         for layer in moe_layers:
-            for name in sorted(by_layer.get(layer, []), key=lambda n: roles[n].rest):
+            for name in sorted(by_layer.get(layer, []), key=lambda n: roles[n].target or n):
                 info = ckpt.tensors[name]
-                h.update(f"{layer}:{roles[name].rest}:{info.dtype}:{list(info.shape)};".encode())
+                label = (roles[name].target or name).rsplit(".", 1)[-1]
+                h.update(f"{layer}:{label}:{info.dtype}:{list(info.shape)};".encode())
                 h.update(tensor_bytes(ckpt.raw(name, reader)))
     return h.hexdigest()
 
@@ -142,32 +166,30 @@ def inspect_model(path: str | Path) -> ModelInfo:
 
     Raises:
         MissingFileError: no directory, config.json or safetensors weights.
-        UnsupportedModelError: the family is not in :data:`premoe.arch.ARCH_SPECS`.
+        UnsupportedModelError: the family is not in :data:`premoe.families.ARCH_SPECS`, or its weights
+            are quantised with a method premoe does not read.
         CheckpointError: corrupt files, or weights that do not match config.json.
     """
-    from transformers import AutoConfig
-
     path = Path(path)
     raw = read_config(path)
-    spec = get_spec(raw.get("model_type"))  # before transformers sees it: clear error for any family
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, OSError, TypeError) as e:
-        raise CheckpointError(f"transformers cannot read {path / 'config.json'}: {e}") from None
+    spec, config_type = resolve(raw)  # before transformers sees it: a clear error for any family
+    quant = quant_format(raw)
+    config = config_from_dict(raw, config_type)
     rspec = router_spec(config, spec)
-    prefix, num_layers, moe = _skeleton_layout(json.dumps(config.to_dict(), sort_keys=True, default=str))
     ckpt = Checkpoint(path)
-    roles = classify_keys(ckpt.tensors, spec, prefix, list(moe), num_layers, rspec.num_experts)
+    model, prefix, num_layers = _meta_model(json.dumps(raw, sort_keys=True, default=str), config_type)
+    layout = map_checkpoint(ckpt.tensors, model, spec, quant, rspec.num_experts, rspec.width, prefix, num_layers)
+    moe = sorted(layout.moe)
     fp = ModelFingerprint(
-        model_type=spec.model_type,
+        model_type=spec.name,
         architecture=(raw.get("architectures") or [type(config).__name__])[0],
         num_layers=num_layers,
         moe_layers=tuple(moe),
         num_experts=rspec.num_experts,
         top_k=rspec.top_k,
-        router_sha256=_hash_routers(ckpt, roles, list(moe)),
+        router_sha256=_hash_routers(ckpt, layout.roles, moe),
     )
-    return ModelInfo(path, raw, config, spec, rspec, num_layers, list(moe), prefix, ckpt, roles, fp)
+    return ModelInfo(path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -229,12 +251,22 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     info = inspect_model(path)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(info.path)
-    kwargs: dict[str, Any] = {}
-    if dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
-        kwargs["device_map"] = str(dev)  # load straight onto the device
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=resolve_dtype(dtype), **kwargs)
-    if dev.type != "cpu" and "device_map" not in kwargs:
-        model.to(dev)
+    if info.quant.method or info.config_type != info.raw_config.get("model_type"):
+        # transformers cannot (or, for quantised weights on a CPU, should not) load it itself: build it
+        # from byte ranges, dequantising one tensor at a time
+        from .selective import ByteReader, build_model
+
+        with ByteReader() as reader:
+            model = build_model(info, None, reader)
+        dt = resolve_dtype(dtype)
+        model.to(device=dev, dtype=None if dt == "auto" else dt)
+    else:
+        kwargs: dict[str, Any] = {}
+        if dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            kwargs["device_map"] = str(dev)  # load straight onto the device
+        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=resolve_dtype(dtype), **kwargs)
+        if dev.type != "cpu" and "device_map" not in kwargs:
+            model.to(dev)
     model.eval()
     from .kernels import select_kernel
 

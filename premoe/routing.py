@@ -1,8 +1,9 @@
 """Family routing, reproduced as pure tensor functions.
 
 :func:`route` turns router logits into the experts a token is sent to and the weights the model
-really applies, for any k, following the family's own router (checked against the transformers
-modules by ``tests/test_routing.py``). Legend: T = tokens, E = routed experts, k = experts per token.
+really applies, for any k, following the family's own rule (a :class:`~premoe.arch.RouterSpec`;
+``tests/test_routing.py`` checks it against every family's transformers module). Legend: T =
+tokens, E = routed experts, S = router slots (E plus zero-computation experts), k = experts per token.
 """
 
 from __future__ import annotations
@@ -16,27 +17,24 @@ def gate_scores(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | Non
     """Per-expert probabilities and the scores experts are chosen by.
 
     Args:
-        logits: [T, E] router logits as the router module returns them (GPT-OSS: bias included;
+        logits: [T, S] router logits as the router module returns them (GPT-OSS: bias included;
             DeepSeek-V3: pre-sigmoid, correction bias excluded).
         spec: the model's routing semantics.
-        bias: DeepSeek-V3 ``e_score_correction_bias`` [E], added for choosing only.
+        bias: selection-only bias [S] (DeepSeek-V3 ``e_score_correction_bias``...).
 
     Returns:
-        ``(probs, choice)``, both [T, E] float32. ``probs`` is the family's gate probability over all
-        experts (softmax, sigmoid; softmax over all E for top-k-softmax routers, as a soft preference).
+        ``(probs, choice)``, both [T, S] float32. ``probs`` is the family's gate probability over all
+        experts (softmax or sigmoid; for routers that choose on raw logits, the softmax over all
+        experts, as a soft preference).
     """
     z = logits.float()
-    if spec.kind == "sigmoid":
+    if spec.score == "sigmoid":
         probs = z.sigmoid()
-        choice = probs if bias is None else probs + bias.float()
-    elif spec.kind == "softmax":
+    else:
         probs = z.softmax(dim=-1)
-        choice = probs
-    elif spec.kind == "topk_softmax":
-        probs = z.softmax(dim=-1)
-        choice = z
-    else:  # pragma: no cover - guarded by the ArchSpec table
-        raise ValueError(f"unknown router kind {spec.kind!r}")
+    choice = z if spec.score == "logits" else probs
+    if bias is not None:
+        choice = (z if spec.bias_on_logits else choice) + bias.float()
     return probs, choice
 
 
@@ -52,6 +50,22 @@ def _group_mask(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     return mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
 
 
+def sparsemixer(logits: torch.Tensor, k: int, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's routing at inference: round by round, the best remaining expert, weighted by the
+    softmax over the logits within a relative margin (2 x ``jitter``) of it, earlier picks masked out."""
+    z = logits.float()
+    scores = z.clone()
+    idx, weights = [], []
+    for _ in range(k):
+        top, arg = scores.max(dim=-1, keepdim=True)
+        factor = z.abs().clamp(min=top)
+        masked = scores.masked_fill((top - z) / factor > 2 * jitter, float("-inf"))
+        weights.append(masked.softmax(dim=-1).gather(-1, arg))
+        idx.append(arg)
+        scores = scores.scatter(-1, arg, float("-inf"))
+    return torch.cat(idx, dim=-1), torch.cat(weights, dim=-1)
+
+
 def route(
     logits: torch.Tensor,
     spec: RouterSpec,
@@ -62,31 +76,40 @@ def route(
     """The experts each token is routed to and their routing weights.
 
     Args:
-        logits: [T, E] router logits.
+        logits: [T, S] router logits.
         spec: routing semantics.
         k: experts per token (default: the model's top-k).
-        bias: selection-only bias (DeepSeek-V3).
-        scaled: multiply by the family's constant ``routed_scaling_factor`` (off for scoring; a
-            constant does not change rankings).
+        bias: selection-only bias [S].
+        scaled: multiply by the family's constant factor (``routed_scaling_factor``...; off for
+            scoring, a constant does not change rankings).
 
     Returns:
         ``(indices, weights)``: [T, k] long and [T, k] float32; with ``k`` equal to the model's
-        top-k these are exactly the router module's outputs (up to order within a row).
+        top-k these are exactly the router module's outputs (up to order within a row). Indices at
+        or past ``spec.num_experts`` are zero-computation experts.
     """
     k = spec.top_k if k is None else k
-    probs, choice = gate_scores(logits, spec, bias)
+    z = logits.float()
+    if spec.weights == "sparsemixer":
+        indices, weights = sparsemixer(z, k, spec.jitter)
+        return indices, weights * spec.scale if scaled else weights
+    probs, choice = gate_scores(z, spec, bias)
     if spec.group_limited:
-        # DeepSeek-V2 masks with 0 (probabilities are >= 0), DeepSeek-V3 with -inf.
-        fill = 0.0 if spec.group_score == "max" else float("-inf")
-        choice = choice.masked_fill(~_group_mask(choice, spec), fill)
+        choice = choice.masked_fill(~_group_mask(choice, spec), spec.group_fill)
     indices = choice.topk(k, dim=-1).indices
-    if spec.kind == "topk_softmax":
-        weights = logits.float().gather(1, indices).softmax(dim=-1)
+    if spec.weights == "softmax":
+        weights = z.gather(1, indices).softmax(dim=-1)
+    elif spec.weights == "sigmoid":
+        weights = z.gather(1, indices).sigmoid()
     else:
         weights = probs.gather(1, indices)
-        if spec.renormalize:
-            eps = 1e-20 if spec.kind == "sigmoid" else 0.0
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    if spec.renorm_p is not None:
+        weights = weights / weights.norm(p=spec.renorm_p, dim=-1, keepdim=True)
+    elif spec.renormalize:
+        denom = weights.sum(dim=-1, keepdim=True) + spec.eps
+        if spec.renorm_min is not None:
+            denom = denom.clamp_min(spec.renorm_min)
+        weights = weights / denom
     if scaled:
         weights = weights * spec.scale
     return indices, weights

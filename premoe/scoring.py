@@ -121,14 +121,16 @@ OUTPUT_SUM_NAMES = {
 def layer_markers(
     logits: torch.Tensor, spec: RouterSpec, params: MarkerParams, bias: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """All per-token markers of one layer, each [T, E]; summing them over tokens gives :class:`RoutingSums`."""
+    """All per-token markers of one layer, each [T, E]; summing them over tokens gives :class:`RoutingSums`.
+    Zero-computation experts (router slots past the routed experts) are routed to but not scored."""
+    E, S = spec.num_experts, spec.width
     indices, weights = route(logits, spec, k=params.k, bias=bias)
     probs, _ = gate_scores(logits, spec, bias)
     return {
-        "tcess": tcess_marker(indices, weights, spec.num_experts, params.r),
-        "count": selection_marker(indices, spec.num_experts),
-        "official": official_marker(logits, params.official_k, params.official_r),
-        "prob": probs,
+        "tcess": tcess_marker(indices, weights, S, params.r)[:, :E],
+        "count": selection_marker(indices, S)[:, :E],
+        "official": official_marker(logits, params.official_k, params.official_r)[:, :E],
+        "prob": probs[:, :E],
     }
 
 

@@ -1,106 +1,35 @@
-"""Building a model straight from safetensors, reading only the tensors a task needs.
+"""Building a model (or one part of it) straight from safetensors, reading only the tensors it needs.
 
-The model skeleton is created on the meta device (no memory), then every parameter is read from
-the checkpoint's byte ranges directly into its final storage: non-expert weights as they are,
-routers sliced to the kept rows, and each MoE layer's fused expert tensors ([N, 2I, H] ...)
-assembled from the kept experts only, whether the checkpoint stores one key per expert
-(``experts.{e}.gate_proj.weight``...) or fused 3D tensors (GPT-OSS, Granite). The full model never
-exists in memory, and :class:`ByteReader` counts every byte read.
+The model skeleton is created on the meta device (no memory), then every tensor is read from the
+checkpoint's byte ranges (:mod:`premoe.layout` says which) into its final storage: non-expert
+weights as they are, routers sliced to the kept rows, and each MoE layer's fused expert tensors
+([N, 2I, H]...) assembled from the kept experts only, whether the checkpoint stores one key per
+expert or fused 3D tensors. Quantised tensors (FP8, MXFP4) are dequantised one at a time to the
+model's dtype. The full model never exists in memory, and :class:`ByteReader` counts every byte read.
+:class:`Materializer` fills any subset of a skeleton's modules, which is how layer streaming
+(:mod:`premoe.streaming`) builds one decoder layer at a time.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .arch import find_moe_layers
-from .checkpoint import ByteReader, Pieces, TensorInfo
+from .checkpoint import TORCH_DTYPES, ByteReader
 from .errors import CheckpointError, UnsupportedModelError
 from .kernels import select_kernel
-from .modelio import ModelInfo
+from .layout import Source
+from .modelio import ModelInfo, config_from_dict, skeleton
 from .plans import PrunePlan
+from .quant import dequant_fp8, dequant_mxfp4
 from .surgery import config_updates
 
-
-@dataclass(frozen=True)
-class Source:
-    """Where a (possibly assembled) tensor's bytes are."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    pieces: tuple[tuple[Path, int, int], ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p[2] for p in self.pieces)
-
-
-class CheckpointMap:
-    """Maps in-memory parameter names of a model to checkpoint byte ranges."""
-
-    def __init__(self, info: ModelInfo):
-        self.info = info
-        spec = info.spec
-        self.block_prefix = {m: f"{info.decoder_prefix}.{m}.{spec.block_attr}" for m in info.moe_layers}
-        self.plain: dict[str, str] = {}  # in-memory name -> checkpoint key (non-expert tensors)
-        self.router: dict[tuple[int, str], str] = {}  # (layer, leaf) -> key
-        self.per_expert: dict[tuple[int, int, str], str] = {}  # (layer, expert, rest) -> key
-        self.fused: dict[tuple[int, str], str] = {}  # (layer, rest) -> key
-        disk_blocks = [b for b in spec.disk_blocks if b != spec.block_attr]
-        for name, role in info.roles.items():
-            if role.kind == "router":
-                self.router[(role.layer, role.rest.rsplit(".", 1)[-1])] = name
-            elif role.kind == "expert":
-                self.per_expert[(role.layer, role.expert, role.rest)] = name
-            elif role.kind == "fused":
-                self.fused[(role.layer, role.rest)] = name
-            elif role.kind == "other":
-                mem = name
-                if role.layer in self.block_prefix:
-                    for b in disk_blocks:
-                        mem = mem.replace(f".{role.layer}.{b}.", f".{role.layer}.{spec.block_attr}.", 1)
-                self.plain[mem] = name
-
-    def _info(self, key: str) -> TensorInfo:
-        return self.info.checkpoint.tensors[key]
-
-    def router_source(self, layer: int, leaf: str, rows: list[int] | None) -> Source:
-        key = self.router.get((layer, leaf))
-        if key is None:
-            raise CheckpointError(f"no router tensor {leaf!r} for MoE layer {layer} in the checkpoint")
-        t = self._info(key)
-        rows = list(range(t.shape[0])) if rows is None else rows
-        return Source(t.dtype, (len(rows), *t.shape[1:]), tuple(t.rows(rows)))
-
-    def expert_source(self, layer: int, param: str, experts: list[int]) -> Source:
-        """The stacked [len(experts), ...] tensor of fused expert parameter ``param`` of ``layer``."""
-        parts = dict(self.info.spec.expert_parts).get(param, ())
-        fused_key = self.fused.get((layer, param)) or (self.fused.get((layer, parts[0])) if len(parts) == 1 else None)
-        if fused_key is not None:
-            t = self._info(fused_key)
-            return Source(t.dtype, (len(experts), *t.shape[1:]), tuple(t.rows(experts)))
-        if not parts:
-            raise CheckpointError(f"no checkpoint tensors for expert parameter {param!r} of layer {layer}")
-        pieces: Pieces = []
-        dtype, row_shape = None, None
-        for e in experts:
-            rows = 0
-            for part in parts:
-                key = self.per_expert.get((layer, e, part))
-                if key is None:
-                    raise CheckpointError(f"no checkpoint tensor for expert {e} {part!r} of layer {layer}")
-                t = self._info(key)
-                dtype = dtype or t.dtype
-                pieces.append((t.file, t.offset, t.nbytes))
-                rows += t.shape[0]
-                row_shape = t.shape[1:]
-        shape = (len(experts), rows, *row_shape)
-        return Source(dtype, shape, tuple(pieces))
+__all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "model_config",
+           "skeleton", "compute_dtype"]
 
 
 class ZeroExperts(nn.Module):
@@ -110,44 +39,216 @@ class ZeroExperts(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _config_for(info: ModelInfo, plan: PrunePlan | None, num_layers: int | None):
-    from transformers import AutoConfig
+def compute_dtype(info: ModelInfo) -> torch.dtype:
+    """The dtype quantised tensors are dequantised to: the config's ``dtype`` (bfloat16 if it has none)."""
+    name = info.raw_config.get("dtype") or info.raw_config.get("torch_dtype") or "bfloat16"
+    value = getattr(torch, str(name), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.bfloat16
 
+
+def model_config(info: ModelInfo, plan: PrunePlan | None = None, num_layers: int | None = None):
+    """The transformers config of ``info``'s model, pruned to ``plan`` and truncated to ``num_layers``."""
     raw = dict(info.raw_config)
     if plan is not None:
-        raw.update(config_updates(raw, info.spec, plan))
+        raw.update(config_updates(raw, info, plan))
     if num_layers is not None:
         raw["num_hidden_layers"] = num_layers
         if isinstance(raw.get("layer_types"), list):
             raw["layer_types"] = raw["layer_types"][:num_layers]
-    raw.pop("premoe", None)
-    model_type = raw.pop("model_type")
-    return AutoConfig.for_model(model_type, **raw)
+    return config_from_dict(raw, info.config_type)
 
 
-def skeleton(config) -> nn.Module:
-    """The causal-LM module tree on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
+class Materializer:
+    """Reads the tensors of a skeleton built from ``info`` (optionally pruned to ``plan``).
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    Args:
+        info: the source model directory.
+        plan: the experts each MoE layer keeps (``None``: all).
+        reader: counts the bytes read.
+        routers: full router tensors already in memory ({layer: {in-memory name: tensor}}); their rows
+            are sliced from memory instead of read again.
+        dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
+    """
+
+    def __init__(self, info: ModelInfo, plan: PrunePlan | None, reader: ByteReader,
+                 routers: dict[int, dict[str, torch.Tensor]] | None = None, dtype: torch.dtype | None = None):
+        self.info = info
+        self.plan = plan
+        self.reader = reader
+        self.routers = routers
+        self.dtype = dtype or compute_dtype(info)
+        self.tensors = info.checkpoint.tensors
+        self.expert_names = {n: (layer, r) for layer, v in info.layout.moe.items() for n, r in v["experts"].items()}
+        self.router_names = {n: (layer, d) for layer, v in info.layout.moe.items() for n, d in v["router"].items()}
+
+    # -- raw reads -------------------------------------------------------------------------------
+
+    def _read(self, key: str, pieces=None, shape=None) -> torch.Tensor:
+        t = self.tensors[key]
+        if t.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, which premoe cannot decode")
+        return self.reader.tensor(t.dtype, shape or t.shape, pieces or [(t.file, t.offset, t.nbytes)])
+
+    def _select(self, key: str, dim: int, ids: list[int], per: int = 1) -> torch.Tensor:
+        t = self.tensors[key]
+        shape = list(t.shape)
+        shape[dim] = len(ids) * per
+        return self._read(key, t.select(dim, ids, per), tuple(shape))
+
+    def _dequant(self, key: str, value: torch.Tensor, src: Source, scale: torch.Tensor | None) -> torch.Tensor:
+        q = self.info.quant
+        if scale is None:
+            return value
+        if q.method == "fp8":
+            return dequant_fp8(value, scale, q.block, self.dtype)
+        return dequant_mxfp4(value, scale, self.dtype)  # [.., rows, cols]
+
+    # -- one in-memory tensor --------------------------------------------------------------------
+
+    def experts_for(self, layer: int) -> list[int] | None:
+        return None if self.plan is None else self.plan.kept[layer]
+
+    def value(self, name: str) -> torch.Tensor:
+        """The in-memory tensor ``name`` of the (pruned) model."""
+        src = self.info.layout.sources.get(name)
+        if src is None:
+            raise CheckpointError(f"the checkpoint has no tensor for {name!r}; cannot build the model from it")
+        if name in self.router_names:
+            layer, dim = self.router_names[name]
+            kept = self.experts_for(layer)
+            ids = None if kept is None else self.info.slots(kept)
+            if self.routers is not None and name in self.routers.get(layer, {}):
+                full = self.routers[layer][name]
+                return (full if ids is None else full.index_select(dim, torch.tensor(ids))).clone()
+            return self.router_rows(name, ids)
+        if name in self.expert_names:
+            layer = self.expert_names[name][0]
+            kept = self.experts_for(layer)
+            return self.expert_rows(name, list(range(self.info.num_experts)) if kept is None else kept)
+        value = self._read(src.key)
+        scale = self._read(src.scales[src.key]) if src.key in src.scales else None
+        return self._dequant(src.key, value, src, scale)
+
+    def router_rows(self, name: str, ids: list[int] | None) -> torch.Tensor:
+        src = self.info.layout.sources[name]
+        value = self._read(src.key) if ids is None else self._select(src.key, src.dim, ids)
+        if src.key in src.scales:
+            value = self._dequant(src.key, value, src, self._read(src.scales[src.key]))
+        return value
+
+    def slot_indexed(self, name: str) -> bool:
+        """Whether the expert tensor ``name`` has a row block per router slot (zero-computation experts too)."""
+        src = self.info.layout.sources[name]
+        return self.expert_names[name][1] == 0 or (src.kind == "fused" and src.rows == 0)
+
+    def expert_rows(self, name: str, experts: list[int]) -> torch.Tensor:
+        """The expert tensor ``name`` holding only ``experts`` (original ids), in that order; tensors
+        indexed by router slot also get the zero-computation experts' rows."""
+        return self.rows(name, self.info.slots(experts) if self.slot_indexed(name) else list(experts))
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        src = self.info.layout.sources[name]
+        key = src.key or next(iter(src.parts.values()))
+        return self.dtype if src.scales else TORCH_DTYPES[self.tensors[key].dtype]
+
+    def rows(self, name: str, ids: list[int]) -> torch.Tensor:
+        """The row blocks of expert tensor ``name`` for router slots ``ids`` (a slot without weights on disk,
+        a zero-computation expert, reads as zeros)."""
+        src = self.info.layout.sources[name]
+        if src.kind == "fused":
+            per = src.rows or 1
+            value = self._select(src.key, 0, ids, per)
+            if src.key in src.scales:
+                scale_key = src.scales[src.key]
+                s_rows = self.tensors[scale_key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
+                scale = self._select(scale_key, 0, ids, s_rows)
+                value = self._dequant(src.key, value, src, scale)
+                if self.info.quant.method == "mxfp4":
+                    value = value.transpose(-1, -2).contiguous()  # hub [E, out, in] -> GPT-OSS [E, in, out]
+            return value
+        out = []
+        for e in ids:
+            parts = []
+            for p in range(src.n_parts):
+                key = src.parts.get((e, p))
+                if key is None:  # a zero-computation expert without weights on disk
+                    parts = None
+                    break
+                v = self._read(key)
+                if key in src.scales:
+                    v = self._dequant(key, v, src, self._read(src.scales[key]))
+                parts.append(v)
+            out.append(torch.cat(parts, dim=0) if parts is not None else None)
+        ref = next((t for t in out if t is not None), None)
+        if ref is None:
+            ref = self.rows(name, [next(iter(src.parts))[0]])[0]
+        return torch.stack([t if t is not None else torch.zeros_like(ref) for t in out])
+
+    def read_expert_into(self, dest: torch.Tensor, name: str, slot: int) -> None:
+        """Fill ``dest`` (the row block of router slot ``slot`` in expert tensor ``name``) from the
+        checkpoint, without a staging copy when the bytes need no conversion."""
+        src = self.info.layout.sources[name]
+        fast = dest.device.type == "cpu" and dest.is_contiguous() and not src.scales
+        if fast and src.kind == "split" and all((slot, p) in src.parts for p in range(src.n_parts)):
+            keys = [src.parts[(slot, p)] for p in range(src.n_parts)]
+            if all(TORCH_DTYPES.get(self.tensors[k].dtype) == dest.dtype for k in keys):
+                self.reader.read_into(dest, [(self.tensors[k].file, self.tensors[k].offset, self.tensors[k].nbytes) for k in keys])
+                return
+        if fast and src.kind == "fused" and TORCH_DTYPES.get(self.tensors[src.key].dtype) == dest.dtype:
+            self.reader.read_into(dest, self.tensors[src.key].rows([slot], src.rows or 1))
+            return
+        dest.copy_(self.rows(name, [slot]).reshape(dest.shape))
+
+    # -- whole modules ---------------------------------------------------------------------------
+
+    def fill(self, model: nn.Module, prefixes: Iterable[str] | None = None, skip: set[int] = frozenset()) -> int:
+        """Read every persistent tensor of ``model`` under ``prefixes`` (all when ``None``) that is still on
+        the meta device; returns the bytes it now holds. Modules whose ``id`` is in ``skip`` stay empty."""
+        wanted = None if prefixes is None else tuple(prefixes)
+        held = 0
+        tied = getattr(model, "all_tied_weights_keys", {}) or {}
+        for mod_name, mod in model.named_modules():
+            if id(mod) in skip:
+                continue
+            if wanted is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in wanted):
+                continue
+            for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
+                                                          if n not in mod._non_persistent_buffers_set)]:
+                if t is None or not t.is_meta:
+                    continue
+                full = f"{mod_name}.{leaf}" if mod_name else leaf
+                if full not in self.info.layout.sources and (full in tied or (leaf == "weight" and mod_name == "lm_head")):
+                    continue  # tied to the input embeddings
+                value = self.value(full)
+                if tuple(value.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
+                set_tensor(mod, leaf, value)
+                held += value.nbytes
+        return held
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
+def set_tensor(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
 
 
-def _finish_buffers(model: nn.Module) -> None:
+def release(module: nn.Module) -> None:
+    """Put a module's tensors back on the meta device (frees their memory; shapes stay)."""
+    for mod in module.modules():
+        for leaf, t in list(mod._parameters.items()):
+            if t is not None and not t.is_meta:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+        for leaf, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta and leaf not in mod._non_persistent_buffers_set:
+                mod._buffers[leaf] = torch.empty_like(b, device="meta")
+
+
+def finish_buffers(model: nn.Module) -> None:
     """Materialise non-persistent buffers (rotary frequencies) the way transformers does after loading."""
     for mod in model.modules():
-        meta = [n for n, b in mod._buffers.items() if b is not None and b.is_meta]
+        meta = [n for n, b in mod._buffers.items() if b is not None and b.is_meta and n in mod._non_persistent_buffers_set]
         if not meta:
             continue
         for n in meta:
@@ -182,6 +283,7 @@ def build_model(
     routers: dict[int, dict[str, torch.Tensor]] | None = None,
     base_only: bool = False,
     defer_experts: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A causal LM built from ``info``'s checkpoint, reading only what it needs.
 
@@ -191,66 +293,39 @@ def build_model(
         reader: counts the bytes read.
         num_layers: keep only the first decoder layers (signature models).
         experts: ``False`` replaces routed experts by :class:`ZeroExperts` and loads none.
-        routers: full router tensors already in memory ({layer: {"weight": [E, H], ...}}); rows are
+        routers: full router tensors already in memory ({layer: {name: [E, H], ...}}); rows are
             sliced from them instead of read again.
         base_only: skip the LM head (signature models never produce logits).
         defer_experts: leave the routed experts unloaded (on the meta device) for
             :func:`premoe.serving.install_pattern` to fill.
+        dtype: what quantised tensors are dequantised to (default: the config's dtype).
 
     Returns:
-        The model on the CPU, in the checkpoint's dtype, in eval mode.
+        The model on the CPU, in the checkpoint's dtypes, in eval mode.
     """
     from transformers import GenerationConfig
 
-    config = _config_for(info, plan, num_layers)
+    config = model_config(info, plan, num_layers)
     model = skeleton(config)
-    cmap = CheckpointMap(info)
     spec = info.spec
     moe = {m.index: m for m in find_moe_layers(model, spec)}
-    if not experts:
-        for m in moe.values():
-            setattr(m.block, spec.experts_attr, ZeroExperts())
-    expert_owner = {id(m.experts): i for i, m in moe.items()}
-    router_owner = {id(m.router): i for i, m in moe.items()}
-
-    for mod_name, mod in model.named_modules():
-        if base_only and mod_name.startswith("lm_head"):
+    skip: set[int] = set()
+    expert_mods = []
+    for m in moe.values():
+        if m.experts is None:
             continue
-        tensors = [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set)]
-        for leaf, t in tensors:
-            if t is None:
-                continue
-            full = f"{mod_name}.{leaf}" if mod_name else leaf
-            if id(mod) in expert_owner:
-                if defer_experts:
-                    continue
-                layer = expert_owner[id(mod)]
-                kept = plan.kept[layer] if plan is not None else list(range(info.num_experts))
-                value = reader.tensor(*_unpack(cmap.expert_source(layer, leaf, kept)))
-            elif id(mod) in router_owner:
-                layer = router_owner[id(mod)]
-                rows = plan.kept[layer] if plan is not None else None
-                if routers is not None:
-                    full_t = routers[layer][leaf]
-                    value = (full_t if rows is None else full_t[rows]).clone()
-                else:
-                    value = reader.tensor(*_unpack(cmap.router_source(layer, leaf, rows)))
-            elif full in cmap.plain:
-                key = cmap.plain[full]
-                ti = info.checkpoint.tensors[key]
-                value = reader.tensor(ti.dtype, ti.shape, [(ti.file, ti.offset, ti.nbytes)])
-            elif full in getattr(model, "all_tied_weights_keys", {}) or (leaf == "weight" and mod_name == "lm_head" and config.tie_word_embeddings):
-                continue  # tied to the embeddings below
-            else:
-                raise CheckpointError(f"the checkpoint has no tensor for {full!r}; cannot build the model selectively")
-            if tuple(value.shape) != tuple(t.shape):
-                raise CheckpointError(f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
-            _set_tensor(model, full, value)
+        if not experts:
+            setattr(m.block, spec.experts, ZeroExperts())
+        elif defer_experts:
+            expert_mods.append(m.experts)
+    skip = {id(x) for mod in expert_mods for x in mod.modules()}
+    if base_only:
+        skip |= {id(x) for x in model.get_output_embeddings().modules()} if model.get_output_embeddings() is not None else set()
+    Materializer(info, plan, reader, routers, dtype).fill(model, skip=skip)
     if config.tie_word_embeddings and not base_only:
         model.tie_weights()
-    _finish_buffers(model)
-    deferred = {id(m.experts) for m in moe.values()} if defer_experts else set()
-    _check_no_meta(model.base_model if base_only else model, skip=deferred)
+    finish_buffers(model)
+    _check_no_meta(model.base_model if base_only else model, skip=skip)
     model.name_or_path = str(info.path)
     select_kernel(model)
     gen = info.path / "generation_config.json"
@@ -262,17 +337,13 @@ def build_model(
     return model
 
 
-def _unpack(src: Source) -> tuple[str, tuple[int, ...], list]:
-    return src.dtype, src.shape, list(src.pieces)
-
-
 def read_routers(info: ModelInfo, reader: ByteReader, layers: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Every router tensor (all experts' rows) of the given MoE layers."""
-    cmap = CheckpointMap(info)
+    """Every router tensor (all experts' rows) of the given MoE layers, by in-memory name."""
+    mat = Materializer(info, None, reader)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for (layer, leaf), _key in sorted(cmap.router.items()):
+    for layer, names in sorted(info.layout.moe.items()):
         if layers is None or layer in layers:
-            out.setdefault(layer, {})[leaf] = reader.tensor(*_unpack(cmap.router_source(layer, leaf, None)))
+            out[layer] = {n: mat.router_rows(n, None) for n in names["router"] if n in info.layout.sources}
     return out
 
 
@@ -283,18 +354,20 @@ def ideal_bytes(info: ModelInfo, plan: PrunePlan | None, full_routers: bool = Fa
     and switch).
     """
     expert = non_expert = 0
+    width, num = info.router.width, info.num_experts
     for name, role in info.roles.items():
         t = info.checkpoint.tensors[name]
-        kept = info.num_experts if plan is None else plan.keep
-        if role.kind == "beyond":
+        if role.kind == "beyond" or (role.kind == "other" and role.target is None):
             continue
-        if role.kind == "expert":
-            if plan is None or role.expert in plan.kept[role.layer]:
-                expert += t.nbytes
-        elif role.kind == "fused":
-            expert += t.nbytes // t.shape[0] * kept
-        elif role.kind == "router" and not full_routers:
-            non_expert += t.nbytes // t.shape[0] * kept
-        else:
+        if role.kind not in ("expert", "fused", "router"):
             non_expert += t.nbytes
+            continue
+        slots = range(width) if plan is None else info.slots(plan.kept[role.layer])
+        if role.kind == "expert":
+            expert += t.nbytes if role.expert in slots else 0
+        elif role.kind == "fused":
+            kept = len(slots) if role.rows == 0 else (num if plan is None else plan.keep)
+            expert += t.nbytes // (width if role.rows == 0 else num) * kept
+        else:
+            non_expert += t.nbytes if full_routers else t.nbytes // width * len(slots)
     return {"non_expert": non_expert, "experts": expert, "total": non_expert + expert}

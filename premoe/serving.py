@@ -22,15 +22,14 @@ from torch import nn
 
 from .api import plan_from_pattern
 from .arch import find_moe_layers
-from .checkpoint import TORCH_DTYPES
 from .errors import InputError
 from .evaluation import generate_greedy
 from .kernels import select_kernel
 from .modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
 from .plans import PrunePlan, check_keep
 from .retrieval import Retriever, RouteResult, SignatureSpec
-from .selective import ByteReader, CheckpointMap, build_model, read_routers
-from .signature import SignatureModel, full_router
+from .selective import ByteReader, Materializer, build_model, read_routers
+from .signature import SignatureModel
 from .store import PatternStore
 
 
@@ -57,6 +56,9 @@ class ExpertCache:
             self.bytes -= sum(t.nbytes for t in old.values())
         self._items[key] = rows
         self.bytes += size
+
+    def peek(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self._items[key]
 
     def pop(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
         rows = self._items.pop(key, None)
@@ -92,64 +94,78 @@ def install_pattern(
 
     ``held`` maps each MoE layer to the original ids its expert rows hold now (missing on a model
     whose experts were never loaded) and is updated in place. Rows are laid out as a fresh build
-    lays them out (ascending original ids), so the result is identical to building from scratch.
-    Experts never loaded before are created on ``device`` in ``dtype`` (default: CPU, the
-    checkpoint's dtype).
+    lays them out (ascending original ids, then any zero-computation experts), so the result is
+    identical to building from scratch. Experts never loaded before are created on ``device`` in
+    ``dtype`` (default: CPU, the checkpoint's dtype; quantised experts: the config's dtype).
+    ``routers`` holds every router tensor at full size ({layer: {in-memory name: tensor}}).
     """
     t0 = time.perf_counter()
     before = reader.bytes_read
     stats = SwitchStats(plan.task or "?")
-    cmap = CheckpointMap(info)
+    mat = Materializer(info, None, reader)
     for m in find_moe_layers(model, info.spec):
         layer, new, old = m.index, plan.kept[m.index], held.get(m.index)
         if old == new:
             stats.experts_kept += len(new)
             continue
-        old_pos = {e: i for i, e in enumerate(old or [])}
-        params = dict(m.experts.named_parameters(recurse=False))
-        fresh = {}
-        for name, p in params.items():
-            if p.is_meta:  # first load: the checkpoint's dtype unless asked otherwise
-                target = dtype or TORCH_DTYPES[cmap.expert_source(layer, name, new[:1]).dtype]
-                fresh[name] = torch.empty(p.shape, dtype=target, device=device or "cpu")
+        prefix = info.layout.moe[layer]["prefix"]
+        old_pos = {e: i for i, e in enumerate(info.slots(old))} if old is not None else {}
+        fresh: dict[str, torch.Tensor] = {}
+        for path, rows in m.expert_tensors.items():
+            name, cur = f"{prefix}.{path}", m.tensor(path)
+            per = max(rows, 1)
+            ids = info.slots(new) if rows == 0 else new
+            if cur.is_meta:
+                t = torch.empty(cur.shape, dtype=dtype or mat.dtype_of(name), device=device or "cpu")
             else:
-                fresh[name] = torch.empty_like(p)
-        for i, e in enumerate(new):
-            if e in old_pos:
-                for name in params:
-                    fresh[name][i].copy_(params[name][old_pos[e]])
-                stats.experts_kept += 1
-                continue
-            rows = cache.pop((layer, e)) if cache is not None else None
-            if rows is not None:
-                for name in params:
-                    fresh[name][i].copy_(rows[name])
-                stats.experts_from_cache += 1
-                continue
-            for name in params:
-                src = cmap.expert_source(layer, name, [e])
-                dst = fresh[name][i]
-                if dst.device.type == "cpu" and dst.dtype == TORCH_DTYPES[src.dtype]:
-                    reader.read_into(dst, list(src.pieces))
+                t = torch.empty_like(cur)
+            for j, e in enumerate(ids):
+                dst = t[j * per:(j + 1) * per]
+                if e in old_pos:
+                    dst.copy_(cur[old_pos[e] * per:(old_pos[e] + 1) * per])
+                elif (layer, e) in (cache or {}) and name in cache.peek((layer, e)):
+                    dst.copy_(cache.peek((layer, e))[name])
+                elif dst.device.type == "cpu" and dst.dtype == mat.dtype_of(name):
+                    mat.read_expert_into(dst, name, e)
                 else:  # other device or dtype: stage on the CPU, then convert
-                    dst.copy_(reader.tensor(src.dtype, src.shape[1:], list(src.pieces)))
-            stats.experts_read += 1
+                    dst.copy_(mat.rows(name, [e]).reshape(dst.shape))
+            fresh[path] = t
+        for e in new:
+            if e in old_pos:
+                stats.experts_kept += 1
+            elif cache is not None and (layer, e) in cache:
+                cache.pop((layer, e))
+                stats.experts_from_cache += 1
+            else:
+                stats.experts_read += 1
         if cache is not None and old:
             for e in set(old) - set(new):
-                cache.put((layer, e), {name: params[name][old_pos[e]].detach().clone() for name in params})
-        for name, t in fresh.items():
-            m.experts._parameters[name] = nn.Parameter(t, requires_grad=False)
-        for leaf, full in routers[layer].items():
-            cur = getattr(m.router, leaf)
-            value = full[new].to(device=cur.device, dtype=cur.dtype).clone()
-            if leaf in m.router._parameters:
-                m.router._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-            else:
-                m.router._buffers[leaf] = value
+                rows_of = {}
+                for path, rows in m.expert_tensors.items():
+                    per = max(rows, 1)
+                    rows_of[f"{prefix}.{path}"] = m.tensor(path)[old_pos[e] * per:(old_pos[e] + 1) * per].detach().clone()
+                cache.put((layer, e), rows_of)
+        for path, t in fresh.items():
+            _set_path(m.block, path, t, parameter=True)
+        for name, full in routers[layer].items():
+            path = name.removeprefix(prefix + ".")
+            dim = m.router_tensors[path]
+            cur = m.tensor(path)
+            value = full.index_select(dim, torch.tensor(info.slots(new))).to(device=cur.device, dtype=cur.dtype).clone()
+            _set_path(m.block, path, value)
         held[layer] = list(new)
     stats.bytes_read = reader.bytes_read - before
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _set_path(block: nn.Module, path: str, value: torch.Tensor, parameter: bool | None = None) -> None:
+    owner, _, leaf = path.rpartition(".")
+    mod = block.get_submodule(owner) if owner else block
+    if leaf in mod._parameters or parameter:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
 
 
 def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -256,11 +272,9 @@ class TaskServer:
         self.model = build_model(self.info, first, self.reader, routers=self.routers, defer_experts=True)
         move_loaded_(self.model, self.device, self.dtype)
         select_kernel(self.model)
-        full = {}
-        for m in find_moe_layers(self.model, self.info.spec)[: self.spec.layers]:
-            tensors = {k: v.to(self.device, self.dtype or v.dtype) if v.is_floating_point() else v.to(self.device)
-                       for k, v in self.routers[m.index].items()}
-            full[m.index] = full_router(m.router, self.info.config, tensors)
+        full = {layer: {n: t.to(self.device, self.dtype or t.dtype) if t.is_floating_point() else t.to(self.device)
+                        for n, t in tensors.items()}
+                for layer, tensors in self.routers.items() if layer in self.info.moe_layers[: self.spec.layers]}
         self._signature = SignatureModel(self.model, self.info, self.tokenizer, self.spec.layers, routers=full)
 
     def route(self, text: str) -> RouteResult:

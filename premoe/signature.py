@@ -16,6 +16,7 @@ pruned model) full-size routers. It shares every tensor with the model it views.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -23,29 +24,51 @@ from torch import nn
 
 from .arch import MoeLayer, decoder_layers, find_moe_layers
 from .calibration import observe
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .modelio import ModelInfo
 from .scoring import MarkerParams, RoutingSums
 from .selective import ByteReader, ZeroExperts, build_model
 
 
 def _shallow(module: nn.Module) -> nn.Module:
-    """A copy sharing tensors and submodules, whose own submodules can be swapped safely."""
+    """A copy sharing tensors and submodules, whose own submodules and tensors can be swapped safely."""
     new = copy.copy(module)
     new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
     return new
 
 
-def full_router(router: nn.Module, config, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A router module of ``router``'s class for all experts, holding ``tensors`` (not copied)."""
-    with torch.device("meta"):
-        full = type(router)(config)
-    for leaf, t in tensors.items():
-        if leaf in full._parameters:
-            full._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+def with_full_router(m: MoeLayer, spec, config, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of ``m``'s block whose router (a fresh module of its class, built for all experts
+    from the unpruned ``config``) and selection biases hold ``tensors`` (full size, by in-memory name)."""
+    block = _shallow(m.block)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        router = type(m.router)(config).eval()
+    fresh = dict(router.state_dict(keep_vars=True))
+    for key, t in m.router.state_dict(keep_vars=True).items():  # router tensors without an expert dimension
+        if key in fresh and fresh[key].shape == t.shape:
+            _assign(router, key, t)
+    setattr(block, spec.router, router)
+    for name, t in tensors.items():
+        path = name.removeprefix(prefix + ".")
+        if path.startswith(spec.router + "."):
+            _assign(router, path.removeprefix(spec.router + "."), t)
+        elif "." not in path:
+            _assign(block, path, t)
         else:
-            full._buffers[leaf] = t
-    return full.eval()
+            raise UnsupportedModelError(f"router tensor {path} of {spec.name} lives in a submodule premoe cannot swap")
+    return block
+
+
+def _assign(module: nn.Module, path: str, t: torch.Tensor) -> None:
+    owner, _, leaf = path.rpartition(".")
+    mod = module.get_submodule(owner) if owner else module
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(t.detach(), requires_grad=False)
+    else:
+        mod._buffers[leaf] = t
 
 
 class SignatureModel:
@@ -56,11 +79,12 @@ class SignatureModel:
         info: the source model's layout; routing follows its unpruned router spec.
         tokenizer: the model's tokenizer (its default special tokens).
         layers: number of MoE layers the signature spans (M).
-        routers: full-size router modules to use instead of the model's own, by decoder layer
-            (needed when ``model`` is pruned).
+        routers: full-size router tensors to use instead of the model's own, by decoder layer and
+            in-memory name (needed when ``model`` is pruned).
     """
 
-    def __init__(self, model: nn.Module, info: ModelInfo, tokenizer, layers: int = 1, routers: dict[int, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, info: ModelInfo, tokenizer, layers: int = 1,
+                 routers: dict[int, dict[str, torch.Tensor]] | None = None):
         spec = info.spec
         if not 1 <= layers <= len(info.moe_layers):
             raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
@@ -74,14 +98,18 @@ class SignatureModel:
             if m is None:
                 new_layers.append(layer)
                 continue
-            block = _shallow(m.block)
-            router = (routers or {}).get(i, m.router)
-            setattr(block, spec.router_attr, router)
-            setattr(block, spec.experts_attr, ZeroExperts())
+            if routers and i in routers:
+                block = with_full_router(m, spec, info.config, info.layout.moe[i]["prefix"], routers[i])
+            else:
+                block = _shallow(m.block)
+            if m.experts is not None:
+                setattr(block, spec.experts, ZeroExperts())
             lay = _shallow(layer)
-            setattr(lay, spec.block_attr, block)
+            attr = next(b for b in spec.block if getattr(layer, b, None) is m.block)
+            setattr(lay, attr, block)
             new_layers.append(lay)
-            self.layers.append(MoeLayer(i, block, router, block.experts))
+            self.layers.append(MoeLayer(i, block, getattr(block, spec.router), getattr(block, spec.experts, None) if spec.experts else None,
+                                        dict(m.router_tensors), dict(m.expert_tensors), m.bias_path))
         self.view = _shallow(base)
         self.view.layers = nn.ModuleList(new_layers)
         self.info = info

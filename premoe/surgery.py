@@ -1,9 +1,10 @@
-"""Applying a :class:`~premoe.plans.PrunePlan` to a model in memory (transformers 5 fused experts).
+"""Applying a :class:`~premoe.plans.PrunePlan` to a model in memory, and the config it implies.
 
-Slices, on dim 0 and in lockstep, every per-expert tensor of the router (weight, bias,
-``e_score_correction_bias``) and of the experts module (``gate_up_proj``, ``down_proj`` and their
-biases), then updates every cached count (module attributes and the shared config). Shared experts
-and dense layers are never touched.
+Slices, in lockstep, every tensor indexed by expert: router rows, selection biases (whatever
+dimension holds the experts) and the expert weights (blocks of rows on dim 0), then updates
+every cached count (module attributes and the shared config). Shared experts and dense layers are
+never touched. Zero-computation experts (LongCat-Flash) are router slots past the routed experts;
+they are always kept, after the kept routed experts.
 """
 
 from __future__ import annotations
@@ -13,35 +14,67 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import EXPERT_COUNT_KEYS, ArchSpec, config_get, find_moe_layers
+from .arch import EXPERT_COUNT_KEYS, ArchSpec, config_get, config_has, config_set, find_moe_layers, router_spec
 from .errors import InputError
+from .layout import expert_slots
 from .plans import PrunePlan
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts",
+                "total_experts")
+_TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k")
+TOPK_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "moe_k", "num_experts_per_token")
 
 
-def config_updates(config: Any, spec: ArchSpec, plan: PrunePlan) -> dict[str, Any]:
-    """Config keys (hub-native names) that change when ``plan`` is applied."""
-    present = (lambda k: k in config) if isinstance(config, dict) else (lambda k: hasattr(config, k))
-    upd: dict[str, Any] = {spec.expert_count_key: plan.keep}
-    upd.update({k: plan.keep for k in EXPERT_COUNT_KEYS if present(k)})
-    upd["num_experts_per_tok"] = plan.top_k
-    if present("experts_per_token"):  # GPT-OSS hub configs carry both
-        upd["experts_per_token"] = plan.top_k
+def _aliases(config_obj: Any, key: str) -> set[str]:
+    """``key`` and every name the config class maps to or from it (``attribute_map``)."""
+    amap = getattr(type(config_obj), "attribute_map", {}) or {}
+    canon = amap.get(key, key)
+    return {key, canon, *(a for a, c in amap.items() if c == canon)}
+
+
+def config_updates(raw: dict[str, Any], info, plan: PrunePlan) -> dict[str, Any]:
+    """Keys of ``config.json`` (as the hub spells them; dotted for nested configs) that change with ``plan``."""
+    spec: ArchSpec = info.spec
+    cfg = info.config
+    count_keys = {spec.count_key} | {k for k in (*EXPERT_COUNT_KEYS, *_aliases(cfg, spec.count_key)) if config_has(raw, k)}
+    topk_keys = {spec.topk_key} | {k for k in (*TOPK_KEYS, *_aliases(cfg, spec.topk_key)) if config_has(raw, k)}
+    upd: dict[str, Any] = {k: plan.keep for k in count_keys if "." in k or config_has(raw, k) or k == spec.count_key}
+    upd.update({k: plan.top_k for k in topk_keys if config_has(raw, k) or k == spec.topk_key})
     if plan.group_policy == "flatten":
-        upd.update(n_group=1, topk_group=1)
-        if config_get(config, "topk_method") == "group_limited_greedy":
+        for k in ("n_group", "topk_group", *_aliases(cfg, "n_group"), *_aliases(cfg, "topk_group")):
+            if config_has(raw, k):
+                upd[k] = 1
+        if config_get(raw, "topk_method") == "group_limited_greedy":
             upd["topk_method"] = "greedy"
     return upd
 
 
-def _slice_dim0_(module: nn.Module, keep: torch.Tensor, num_experts: int) -> None:
-    for name, p in list(module.named_parameters(recurse=False)):
-        if p.dim() and p.shape[0] == num_experts:
-            setattr(module, name, nn.Parameter(p.data.index_select(0, keep.to(p.device)).clone(), requires_grad=p.requires_grad))
-    for name, b in list(module.named_buffers(recurse=False)):
-        if b is not None and b.dim() and b.shape[0] == num_experts:
-            setattr(module, name, b.index_select(0, keep.to(b.device)).clone())
+def apply_config_updates(raw: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """A deep-enough copy of ``raw`` with the (dotted) ``updates`` applied."""
+    out = dict(raw)
+    for key, value in updates.items():
+        head = key.split(".")[0]
+        if "." in key and isinstance(out.get(head), dict):
+            out[head] = dict(out[head])
+        config_set(out, key, value)
+    return out
+
+
+def _slice(t: torch.Tensor, dim: int, ids: list[int], per: int = 1) -> torch.Tensor:
+    index = torch.tensor(ids, dtype=torch.long, device=t.device)
+    if per == 1:
+        return t.index_select(dim, index).clone()
+    blocks = t.unflatten(0, (-1, per)).index_select(0, index)
+    return blocks.flatten(0, 1).clone()
+
+
+def _set(block: nn.Module, path: str, value: torch.Tensor) -> None:
+    owner, _, leaf = path.rpartition(".")
+    mod = block.get_submodule(owner) if owner else block
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=mod._parameters[leaf].requires_grad)
+    else:
+        mod._buffers[leaf] = value
 
 
 def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
@@ -50,31 +83,44 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
     Raises:
         InputError: the plan was made for other MoE layers or another expert count.
     """
+    rspec = router_spec(model.config, spec)
+    E, width = plan.num_experts, rspec.width
     layers = find_moe_layers(model, spec)
     if {m.index for m in layers} != set(plan.kept):
         raise InputError("the prune plan does not match the model's MoE layers; make it from this model's pattern store")
+    if rspec.num_experts != E:
+        raise InputError(f"the model has {rspec.num_experts} experts per layer but the plan expects {E}")
+    N, extra = plan.keep, width - E
     for m in layers:
-        E = plan.num_experts
-        if m.router.weight.shape[0] != E:
-            raise InputError(f"layer {m.index} has {m.router.weight.shape[0]} experts but the plan expects {E}")
-        keep = torch.tensor(plan.kept[m.index], dtype=torch.long)
-        for mod in (m.router, m.experts):
-            _slice_dim0_(mod, keep, E)
-        for mod in (m.block, m.router, m.experts):  # expert counts: updated model-wide below
-            if isinstance(mod, nn.Linear):
-                mod.out_features = len(keep)
-            if isinstance(getattr(mod, "top_k", None), int):
-                mod.top_k = plan.top_k
-            if hasattr(mod, "num_group"):
-                mod.num_group, mod.topk_group = plan.n_group, plan.topk_group
+        kept = plan.kept[m.index]
+        slots = expert_slots(kept, E, width)
+        for path, dim in m.router_tensors.items():
+            _set(m.block, path, _slice(m.tensor(path), dim, slots))
+        for path, per in m.expert_tensors.items():
+            _set(m.block, path, _slice(m.tensor(path), 0, slots if per == 0 else kept, max(per, 1)))
+        for mod in m.block.modules():
+            if isinstance(mod, nn.Linear) and mod.out_features == width and mod.weight.shape[0] == N + extra:
+                mod.out_features = N + extra
             if plan.n_group == 1 and getattr(mod, "topk_method", None) == "group_limited_greedy":
                 mod.topk_method = "greedy"
-    for mod in model.modules():  # every cached count: blocks, routers, experts, the causal LM's aux-loss `num_experts`
+            if hasattr(mod, "num_group") and plan.group_policy == "flatten":
+                mod.num_group, mod.topk_group = plan.n_group, plan.topk_group
+    for mod in model.modules():  # every cached count: blocks, routers, experts, the causal LM's aux-loss count
         for attr in _COUNT_ATTRS:
-            if getattr(mod, attr, None) == plan.num_experts:
-                setattr(mod, attr, plan.keep)
-        if getattr(mod, "num_experts_per_tok", None) == plan.top_k_before:
-            mod.num_experts_per_tok = plan.top_k
-    for key, value in config_updates(model.config, spec, plan).items():
-        setattr(model.config, key, value)
+            value = getattr(mod, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in (E, width):
+                setattr(mod, attr, N if value == E else N + extra)
+        for attr in _TOPK_ATTRS:
+            if getattr(mod, attr, None) == plan.top_k_before and isinstance(getattr(mod, attr), int):
+                setattr(mod, attr, plan.top_k)
+    raw_like = model.config.to_dict()
+    for key, value in config_updates(raw_like, _InfoView(model.config, spec), plan).items():
+        config_set(model.config, key, value)
     return model
+
+
+class _InfoView:
+    """The two fields :func:`config_updates` reads, for a live model."""
+
+    def __init__(self, config, spec):
+        self.config, self.spec = config, spec

@@ -2,8 +2,9 @@
 
 import pytest
 
-from premoe.arch import ARCH_SPECS, get_spec, router_spec, supported_model_types
+from premoe.arch import router_spec
 from premoe.errors import UnsupportedModelError
+from premoe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
 from premoe.modelio import inspect_model
 
 from conftest import FAMILIES
@@ -12,15 +13,28 @@ from conftest import FAMILIES
 def test_every_required_family_is_supported():
     required = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss"}
     assert required <= set(supported_model_types())
-    assert {mt for mt, _, _ in FAMILIES.values()} == set(ARCH_SPECS)  # every row has a contract-test model
+    tested = {mt for mt, _, _ in FAMILIES.values()}
+    assert {resolve({"model_type": mt})[0].name for mt in tested} == set(ARCH_SPECS)  # every row has a contract-test model
 
 
 def test_unknown_family_error_lists_supported():
     with pytest.raises(UnsupportedModelError) as e:
         get_spec("llama")
-    for name in supported_model_types():
+    for name in ("mixtral", "deepseek_v3", "qwen3_moe", "gpt_oss"):
         assert name in str(e.value)
-    assert get_spec("granitemoeshared").model_type == "granitemoe"
+    assert get_spec("sarvam_moe").name == "glm4_moe"  # transformers runs sarvam_moe with Glm4MoeForCausalLM
+
+
+def test_unsupported_moe_families_say_why():
+    for model_type, why in UNSUPPORTED.items():
+        with pytest.raises(UnsupportedModelError, match="cannot prune"):
+            get_spec(model_type)
+        assert why
+
+
+def test_model_type_unknown_to_transformers_resolves_through_architectures():
+    spec, config_type = resolve({"model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]})
+    assert spec.name == "deepseek_v3" and config_type == "deepseek_v3"
 
 
 def test_dense_layers_are_not_moe_layers(family_dir):
@@ -38,16 +52,22 @@ def test_shared_experts_and_dense_mlps_are_never_routed_keys(family_dir):
 
 
 def test_router_specs_from_config():
-    spec = router_spec({"num_experts_per_tok": 8, "n_routed_experts": 256, "n_group": 8, "topk_group": 4,
-                        "norm_topk_prob": True, "routed_scaling_factor": 2.5}, get_spec("deepseek_v3"))
-    assert (spec.kind, spec.num_experts, spec.top_k, spec.n_group, spec.topk_group, spec.scale) == ("sigmoid", 256, 8, 8, 4, 2.5)
+    from transformers import CONFIG_MAPPING
+
+    def cfg(mt, **kw):
+        return CONFIG_MAPPING[mt](**kw)
+
+    spec = router_spec(cfg("deepseek_v3", num_experts_per_tok=8, n_routed_experts=256, n_group=8, topk_group=4,
+                           norm_topk_prob=True, routed_scaling_factor=2.5), get_spec("deepseek_v3"))
+    assert (spec.score, spec.num_experts, spec.top_k, spec.n_group, spec.topk_group, spec.scale) == ("sigmoid", 256, 8, 8, 4, 2.5)
     assert spec.group_limited and spec.renormalize
-    v2 = router_spec({"num_experts_per_tok": 6, "n_routed_experts": 160, "topk_method": "group_limited_greedy",
-                      "n_group": 8, "topk_group": 3}, get_spec("deepseek_v2"))
+    v2 = router_spec(cfg("deepseek_v2", num_experts_per_tok=6, n_routed_experts=160, topk_method="group_limited_greedy",
+                         n_group=8, topk_group=3), get_spec("deepseek_v2"))
     assert v2.group_limited and v2.group_score == "max" and not v2.renormalize
-    greedy = router_spec({"num_experts_per_tok": 6, "n_routed_experts": 64, "topk_method": "greedy", "n_group": 1}, get_spec("deepseek_v2"))
+    greedy = router_spec(cfg("deepseek_v2", num_experts_per_tok=6, n_routed_experts=64, topk_method="greedy", n_group=1),
+                         get_spec("deepseek_v2"))
     assert not greedy.group_limited
-    q = router_spec({"num_experts_per_tok": 8, "num_local_experts": 128, "norm_topk_prob": True}, get_spec("qwen3_moe"))
+    q = router_spec(cfg("qwen3_moe", num_experts_per_tok=8, num_experts=128, norm_topk_prob=True), get_spec("qwen3_moe"))
     assert q.num_experts == 128 and q.renormalize
 
 

@@ -12,7 +12,7 @@ from premoe.tasks import TASKS, samples
 
 def test_shipped_model_is_small_and_solves_every_task():
     info = inspect_model(TINY_MODEL)
-    assert info.spec.model_type == "qwen3_moe" and info.num_experts >= 16
+    assert info.spec.name == "qwen3_moe" and info.num_experts >= 16
     assert info.checkpoint.nbytes < 8 * 2**20  # a few MB
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     for task in TASKS:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from premoe.arch import RouterSpec, find_moe_layers, selection_bias
+from premoe.arch import RouterSpec, find_moe_layers
 from premoe.modelio import load_model
 from premoe.routing import route
 from premoe.scoring import MarkerParams, official_marker, selection_marker, tcess_marker, layer_markers
@@ -16,7 +16,7 @@ def test_route_matches_each_family_router(family, family_dir):
     for layer in find_moe_layers(lm.model, lm.info.spec):
         out = layer.router(h)
         logits, weights, indices = out[0], out[1], out[2]
-        ours_idx, ours_w = route(logits, lm.info.router, bias=selection_bias(layer.router, lm.info.spec), scaled=True)
+        ours_idx, ours_w = route(logits, lm.info.router, bias=layer.selection_bias(), scaled=True)
         # compare as per-token {expert: weight} maps (order inside a row may differ)
         theirs = torch.zeros(h.shape[0], lm.info.num_experts).scatter_(1, indices, weights.float())
         mine = torch.zeros(h.shape[0], lm.info.num_experts).scatter_(1, ours_idx, ours_w)
