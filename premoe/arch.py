@@ -109,6 +109,7 @@ class ArchSpec:
         pre_moe_norm: the decoder layer's norm just before the MoE block (EASY-EP compares the routed
             output with the residual entering it); ``None``: the block input is used.
         weight_on_input: the routing weight scales the expert's input, not its output (Llama-4).
+        layers_key: config key of the number of decoder layers (LongCat-Flash: ``num_layers``).
         shared: names of shared-expert submodules (never pruned; for documentation).
         notes: what the README says about the family.
     """
@@ -124,6 +125,7 @@ class ArchSpec:
     extra_slots: str | None = None
     pre_moe_norm: str | None = "post_attention_layernorm"
     weight_on_input: bool = False
+    layers_key: str = "num_hidden_layers"
     shared: tuple[str, ...] = ()
     notes: str = ""
 
@@ -294,11 +296,11 @@ class MoeLayer:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM (the shortest ``*.layers`` ModuleList)."""
+    """The decoder-layer list of a causal LM (the shortest ``*.layers`` ModuleList; DBRX: ``*.blocks``)."""
     found = [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and (name == "layers" or name.endswith(".layers"))
+        if isinstance(mod, nn.ModuleList) and name.rpartition(".")[2] in ("layers", "blocks")
     ]
     if not found:
         raise UnsupportedModelError(f"{type(model).__name__} has no decoder `layers` list")

@@ -108,7 +108,10 @@ def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
 
 
 def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dict:
-    cfg = apply_config_updates(info.raw_config, config_updates(info.raw_config, info, plan))
+    updates = config_updates(info.model_config, info, plan)
+    if info.text_key:  # a multimodal release: the language model's keys live in its text config
+        updates = {f"{info.text_key}.{k}": v for k, v in updates.items()}
+    cfg = apply_config_updates(info.raw_config, updates)
     if dropped_layers and "num_nextn_predict_layers" in cfg:
         cfg["num_nextn_predict_layers"] = 0  # the MTP layer's experts were not pruned, so it was dropped
     cfg["premoe"] = {
@@ -139,7 +142,7 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
                               f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}")
     kwargs = {}
     if new.config_type != new.raw_config.get("model_type"):
-        config = config_from_dict(new.raw_config, new.config_type)
+        config = config_from_dict(new.model_config, new.config_type)
         if new.quant.method:
             config.quantization_config = new.raw_config["quantization_config"]
         kwargs["config"] = config
@@ -147,8 +150,14 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
         warnings.simplefilter("ignore")
         model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if info.text_key and problems.get("unexpected_keys"):
+        # a multimodal release reloaded as its language model: the other towers are expected to be left over
+        mapped = {r.target for r in new.roles.values() if r.target}
+        problems["unexpected_keys"] = {k for k in problems["unexpected_keys"] if k in mapped}
+        problems = {k: v for k, v in problems.items() if v}
     if problems:
         raise CheckpointError(f"self-check failed: transformers reloads the pruned model with {problems}")
+    model = getattr(model, "language_model", model) if info.text_key else model
     for m in find_moe_layers(model, info.spec):
         path0, dim = next(iter(m.router_tensors.items()))
         got = m.tensor(path0).shape[dim]

@@ -44,7 +44,7 @@ _SPECS = [
     ArchSpec("qwen3_moe", NORM_TOPK, "num_experts"),
     ArchSpec("qwen3_next", NORM_TOPK, "num_experts", shared=("shared_expert", "shared_expert_gate"),
              notes="hybrid Gated DeltaNet / attention layers; shared expert + gate kept"),
-    ArchSpec("qwen3_5_moe", RENORM, "num_experts", shared=("shared_expert", "shared_expert_gate"),
+    ArchSpec("qwen3_5_moe_text", RENORM, "num_experts", shared=("shared_expert", "shared_expert_gate"),
              notes="hybrid linear / full attention layers; shared expert + gate kept"),
     ArchSpec("mellum", NORM_TOPK, "num_local_experts"),
     ArchSpec("lara_mini", Routing("softmax", renormalize="norm_topk_prob"), "num_experts", shared=("shared_expert",)),
@@ -70,7 +70,7 @@ _SPECS = [
     ArchSpec("nemotron_h", DSV3, "n_routed_experts", block=("mixer",), shared=("shared_experts",), pre_moe_norm="norm",
              notes="Mamba / attention / MoE hybrid; experts without a gate (`up_proj`)"),
     ArchSpec("beam", Routing("sigmoid", renormalize="norm_topk_prob", eps=1e-20, bias="gate.e_score_correction_bias",
-                             group="top2sum"), "num_experts", notes="routed output x routed_scaling_factor in the block"),
+                             group="top2sum"), "num_experts", pre_moe_norm="pre_feedforward_layernorm", notes="routed output x routed_scaling_factor in the block"),
     ArchSpec("gpt_oss", TOPK_SOFTMAX, "num_local_experts", router="router",
              notes="fused, transposed, interleaved gate/up; router bias and expert biases sliced; MXFP4 on the hub"),
     ArchSpec("granitemoe", TOPK_SOFTMAX, "num_local_experts", block=("block_sparse_moe",), router="router",
@@ -92,8 +92,6 @@ _SPECS = [
              router="router", shared=("shared_expert",), weight_on_input=True,
              notes="score multiplies the expert input; interleaved dense layers; experts transposed"),
     ArchSpec("minimax_m2", SIGMOID_BLOCK_BIAS, "num_local_experts", notes="correction bias on the block"),
-    ArchSpec("step3p7", Routing("sigmoid", renormalize=True, bias="gate.e_score_correction_bias"), "num_local_experts",
-             shared=("shared_experts",)),
     ArchSpec("hy_v3", Routing("sigmoid", renormalize=True, eps=1e-20, bias="e_score_correction_bias",
                               scale=("router_scaling_factor",)), "num_experts", shared=("shared_experts",)),
     ArchSpec("laguna", Routing("sigmoid", renormalize=True, bias="gate.e_score_correction_bias"), "num_experts",
@@ -113,6 +111,7 @@ _SPECS = [
              notes="short-convolution / attention hybrid; expert bias on the block"),
     ArchSpec("longcat_flash", Routing("softmax", bias="router.e_score_correction_bias", scale=SCALE), "n_routed_experts",
              topk_key="moe_topk", router="router", extra_slots="zero_expert_num", pre_moe_norm="post_attention_layernorm.0",
+             layers_key="num_layers",
              notes="zero-computation experts always kept; two attention + dense MLP sublayers per layer"),
     ArchSpec("afmoe", Routing("sigmoid", renormalize=True, eps=1e-20, bias="expert_bias", scale=("route_scale",)),
              "num_experts", router="router", shared=("shared_experts",), notes="expert bias on the block"),
@@ -149,24 +148,34 @@ def supported_model_types() -> list[str]:
     return sorted({*ARCH_SPECS, *(mt for mt, cls in classes.items() if cls in by_class)})
 
 
-def resolve(raw_config: dict[str, Any]) -> tuple[ArchSpec, str]:
-    """The row for a ``config.json`` and the ``model_type`` whose config class reads it.
+def resolve(raw_config: dict[str, Any]) -> tuple[ArchSpec, str, str | None]:
+    """The row for a ``config.json``, the ``model_type`` whose config class reads it, and the key of the
+    nested text config when the checkpoint wraps its language model (a multimodal release such as
+    Llama-4, Qwen3.5-MoE or Kimi-K2.5: only the text decoder's experts are pruned, everything else is
+    kept as it is).
 
     Raises:
         UnsupportedModelError: not a supported MoE family; the message lists those that are, or
             says why a known MoE family cannot be pruned.
     """
     model_type = raw_config.get("model_type")
+    text = raw_config.get("text_config")
+    if isinstance(text, dict) and text.get("model_type") and text.get("model_type") != model_type:
+        try:
+            spec, config_type, _ = resolve(text)
+            return spec, config_type, "text_config"
+        except UnsupportedModelError:
+            pass
     if model_type in ARCH_SPECS:
-        return ARCH_SPECS[model_type], model_type
+        return ARCH_SPECS[model_type], model_type, None
     classes = _causal_lm_classes()
     by_class = {classes[name]: name for name in ARCH_SPECS if name in classes}
     if model_type in classes and classes[model_type] in by_class:
-        return ARCH_SPECS[by_class[classes[model_type]]], model_type
+        return ARCH_SPECS[by_class[classes[model_type]]], model_type, None
     if model_type not in classes:  # a model_type transformers does not know: trust its architectures
         for arch in raw_config.get("architectures") or []:
             if arch in by_class:
-                return ARCH_SPECS[by_class[arch]], by_class[arch]
+                return ARCH_SPECS[by_class[arch]], by_class[arch], None
     if model_type in UNSUPPORTED:
         raise UnsupportedModelError(f"{model_type} is an MoE family premoe cannot prune: {UNSUPPORTED[model_type]}")
     raise UnsupportedModelError(

@@ -25,7 +25,7 @@ from .checkpoint import TensorInfo
 from .errors import CheckpointError, UnsupportedModelError
 from .quant import FP8_DTYPES, QuantFormat, check_fp8_pair, check_mxfp4_pair
 
-_LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.")
+_LAYER = re.compile(r"^(?P<root>(?:.*\.)?(?:layers|blocks))\.(?P<layer>\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class Source:
     parts: dict[tuple[int, int], str] = field(default_factory=dict)
     n_parts: int = 1
     scales: dict[str, str] = field(default_factory=dict)
+    keys: list[tuple[str, str]] = field(default_factory=list)  # convert: (source pattern, key), in checkpoint order
+    converter: Any = None  # convert: the transformers WeightConverter that builds the tensor
 
 
 @dataclass
@@ -78,6 +80,7 @@ class CheckpointLayout:
 
 
 def _converter_ops_ok(converter) -> bool:
+    """Per-expert keys stacked on dim 0 (and concatenated on dim 1): expressible as byte ranges."""
     names = [type(op).__name__ for op in getattr(converter, "operations", [])]
     ok = names in (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
     if ok:
@@ -86,9 +89,21 @@ def _converter_ops_ok(converter) -> bool:
     return ok
 
 
+def _expert_local(converter) -> bool:
+    """Ops on fused [E, ...] tensors that never mix experts (they act on dims past the first), so they can
+    be applied to any subset of experts' rows: Interleave, Transpose, Concatenate on later dims."""
+    for op in getattr(converter, "operations", []):
+        name = type(op).__name__
+        dims = [op.dim0, op.dim1] if name == "Transpose" else [getattr(op, "dim", 0)]
+        if name not in ("Interleave", "Transpose", "Concatenate") or any(d == 0 for d in dims):
+            return False
+    return True
+
+
 def _expert_span(original: str, renamed: str, pattern: str) -> tuple[int, int] | None:
-    """Where the expert id matched by ``*`` in ``pattern`` is in ``original`` (the key before renaming)."""
-    rx = re.escape(pattern).replace(r"\*", r"(\d+)")
+    """Where the expert id matched by ``*`` in ``pattern`` is in ``original`` (the key before renaming).
+    Patterns are regular expressions whose ``*.`` stands for a module index, as transformers reads them."""
+    rx = pattern.replace("*.", r"(\d+)\.")
     m = None
     for m in re.finditer(rx, renamed):
         pass
@@ -151,6 +166,7 @@ def map_checkpoint(
 
     roles: dict[str, KeyRole] = {}
     companions: dict[str, tuple[str, str]] = {}
+    converted: dict[str, tuple[Any, str]] = {}  # non-expert keys transformers converts (fused qkv, stacked convs)
     for key in sorted(tensors):
         comp = quant.companion(key)
         if comp is not None:
@@ -163,6 +179,13 @@ def map_checkpoint(
         if layer is not None and layer >= num_layers:
             roles[key] = KeyRole("beyond", layer)
             continue
+        if pattern is not None and target not in expert_names:
+            roles[key] = KeyRole("other", layer, None, target if target in meta_state else None, part=-1)
+            converted[key] = (by_pattern[pattern], pattern)
+            continue
+        if pattern is not None and target in expert_names and _expert_local(by_pattern[pattern]):
+            converted[key] = (by_pattern[pattern], pattern)  # fused on disk, rearranged per expert in memory
+            pattern = None
         if pattern is not None and target in expert_names:
             conv = by_pattern[pattern]
             if not _converter_ops_ok(conv):
@@ -212,7 +235,7 @@ def map_checkpoint(
                 role = replace(role, rows=0 if n == width and width != num_experts else n // num_experts)
         roles[key] = replace(role, companion=kind)
     _check_quant(tensors, roles, companions, quant)
-    sources = _sources(tensors, roles, companions)
+    sources = _sources(tensors, roles, companions, converted)
     _check_complete(moe, roles, sources, spec, num_experts, width, decoder_prefix)
     return CheckpointLayout(roles, sources, moe)
 
@@ -234,11 +257,22 @@ def _check_quant(tensors, roles, companions, quant: QuantFormat) -> None:
             )
 
 
-def _sources(tensors, roles: dict[str, KeyRole], companions) -> dict[str, Source]:
+def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[str, Source]:
     scale_of = {main: key for key, (main, kind) in companions.items() if kind == "scale"}
     sources: dict[str, Source] = {}
     for key, role in roles.items():
         if role.companion or role.target is None or role.kind == "beyond":
+            continue
+        if key in converted:  # built by transformers' own conversion ops from several keys, in pattern order
+            conv, pattern = converted[key]
+            kind = "fused" if role.kind == "fused" else "convert"
+            src = sources.setdefault(role.target, Source(kind, role.layer, converter=conv, rows=role.rows))
+            src.keys.append((pattern, key))
+            if key in scale_of:
+                src.scales[key] = scale_of[key]
+            first = conv.target_patterns[0]
+            for t in conv.target_patterns[1:]:  # one key split into several tensors: each gets the same source
+                sources.setdefault(role.target.replace(first, t), src)
             continue
         if role.kind == "expert":
             src = sources.setdefault(role.target, Source("split", role.layer))

@@ -82,7 +82,13 @@ class ModelInfo:
     layout: CheckpointLayout
     fingerprint: ModelFingerprint
     quant: QuantFormat = field(default_factory=QuantFormat)
-    config_type: str = ""  # the model_type whose config class reads config.json
+    config_type: str = ""  # the model_type whose config class reads the language model's config
+    text_key: str | None = None  # "text_config" when the checkpoint wraps its language model (multimodal releases)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The language model's part of ``config.json`` (all of it, unless the release is multimodal)."""
+        return self.raw_config[self.text_key] if self.text_key else self.raw_config
 
     @property
     def num_experts(self) -> int:
@@ -117,7 +123,10 @@ def config_from_dict(raw: dict[str, Any], model_type: str):
     block and without quantisation (premoe handles quantised tensors itself)."""
     from transformers import AutoConfig
 
+    from transformers import PretrainedConfig
+
     raw = {k: v for k, v in raw.items() if k not in ("premoe", "model_type", "quantization_config", "auto_map")}
+    raw = PretrainedConfig._decode_special_floats(raw)  # {"__float__": "Infinity"}, as transformers writes it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -172,12 +181,13 @@ def inspect_model(path: str | Path) -> ModelInfo:
     """
     path = Path(path)
     raw = read_config(path)
-    spec, config_type = resolve(raw)  # before transformers sees it: a clear error for any family
+    spec, config_type, text_key = resolve(raw)  # before transformers sees it: a clear error for any family
     quant = quant_format(raw)
-    config = config_from_dict(raw, config_type)
+    model_raw = raw[text_key] if text_key else raw
+    config = config_from_dict(model_raw, config_type)
     rspec = router_spec(config, spec)
     ckpt = Checkpoint(path)
-    model, prefix, num_layers = _meta_model(json.dumps(raw, sort_keys=True, default=str), config_type)
+    model, prefix, num_layers = _meta_model(json.dumps(model_raw, sort_keys=True, default=str), config_type)
     layout = map_checkpoint(ckpt.tensors, model, spec, quant, rspec.num_experts, rspec.width, prefix, num_layers)
     moe = sorted(layout.moe)
     fp = ModelFingerprint(
@@ -189,7 +199,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
         top_k=rspec.top_k,
         router_sha256=_hash_routers(ckpt, layout.roles, moe),
     )
-    return ModelInfo(path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type)
+    return ModelInfo(path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type, text_key)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -251,7 +261,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     info = inspect_model(path)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(info.path)
-    if info.quant.method or info.config_type != info.raw_config.get("model_type"):
+    if info.quant.method or info.text_key or info.config_type != info.raw_config.get("model_type"):
         # transformers cannot (or, for quantised weights on a CPU, should not) load it itself: build it
         # from byte ranges, dequantising one tensor at a time
         from .selective import ByteReader, build_model

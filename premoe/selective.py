@@ -26,7 +26,7 @@ from .layout import Source
 from .modelio import ModelInfo, config_from_dict, skeleton
 from .plans import PrunePlan
 from .quant import dequant_fp8, dequant_mxfp4
-from .surgery import config_updates
+from .surgery import apply_config_updates, config_updates
 
 __all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "model_config",
            "skeleton", "compute_dtype"]
@@ -48,14 +48,33 @@ def compute_dtype(info: ModelInfo) -> torch.dtype:
 
 def model_config(info: ModelInfo, plan: PrunePlan | None = None, num_layers: int | None = None):
     """The transformers config of ``info``'s model, pruned to ``plan`` and truncated to ``num_layers``."""
-    raw = dict(info.raw_config)
+    raw = dict(info.model_config)
     if plan is not None:
-        raw.update(config_updates(raw, info, plan))
+        raw = apply_config_updates(raw, config_updates(raw, info, plan))
     if num_layers is not None:
-        raw["num_hidden_layers"] = num_layers
-        if isinstance(raw.get("layer_types"), list):
-            raw["layer_types"] = raw["layer_types"][:num_layers]
+        if info.spec.layers_key != "num_hidden_layers":
+            raw.pop("num_hidden_layers", None)  # derived from the family's own key
+        total = info.num_layers
+        raw[info.spec.layers_key] = num_layers
+        for key, value in list(raw.items()):  # per-layer lists (layer_types, heads per layer...)
+            if isinstance(value, list) and len(value) == total and key not in ("architectures",):
+                raw[key] = value[:num_layers]
     return config_from_dict(raw, info.config_type)
+
+
+class _Shapes:
+    """Stands in for the model where a transformers conversion op asks for a parameter's shape."""
+
+    def __init__(self, model: nn.Module | None, name: str, shape):
+        self.model, self.name, self.shape = model, name, shape
+
+    def get_parameter(self, name: str):
+        if name == self.name and self.shape is not None:
+            return torch.empty(self.shape, device="meta")
+        if self.model is None:
+            raise KeyError(name)
+        owner, _, leaf = name.rpartition(".")
+        return getattr(self.model.get_submodule(owner), leaf)
 
 
 class Materializer:
@@ -79,6 +98,9 @@ class Materializer:
         self.dtype = dtype or compute_dtype(info)
         self.tensors = info.checkpoint.tensors
         self.expert_names = {n: (layer, r) for layer, v in info.layout.moe.items() for n, r in v["experts"].items()}
+        self.expected: dict[str, tuple[int, ...]] = {}  # shapes of the tensors being built (for conversion ops)
+        self.model: nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # tensors split from one key, not yet asked for
         self.router_names = {n: (layer, d) for layer, v in info.layout.moe.items() for n, d in v["router"].items()}
 
     # -- raw reads -------------------------------------------------------------------------------
@@ -125,9 +147,49 @@ class Materializer:
             layer = self.expert_names[name][0]
             kept = self.experts_for(layer)
             return self.expert_rows(name, list(range(self.info.num_experts)) if kept is None else kept)
+        if src.kind == "convert":
+            if name in self._pending:
+                return self._pending.pop(name)
+            return self._convert(name, src)
         value = self._read(src.key)
         scale = self._read(src.scales[src.key]) if src.key in src.scales else None
         return self._dequant(src.key, value, src, scale)
+
+    def _convert(self, name: str, src: Source, ids: list[int] | None = None) -> torch.Tensor:
+        """A tensor transformers builds from several keys: apply its own conversion ops to them (for fused
+        expert tensors, to the rows of experts ``ids`` only; those ops never mix experts)."""
+        conv = src.converter
+        inputs: dict[str, list[torch.Tensor]] = {}
+        for pattern, key in sorted(src.keys, key=lambda pk: (conv.source_patterns.index(pk[0]), pk[1])):
+            if ids is None:
+                v = self._read(key)
+            else:
+                per = self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
+                v = self._select(key, 0, ids, per)
+            if key in src.scales:
+                v = self._dequant(key, v, src, self._read(src.scales[key]))
+            inputs.setdefault(pattern, []).append(v)
+        out: dict = inputs
+        first = name
+        for t in conv.target_patterns[1:]:  # the name transformers converts under: the first target's
+            if t in name:
+                first = name.replace(t, conv.target_patterns[0])
+        shim = _Shapes(self.model, name, self.expected.get(name))
+        try:
+            for op in conv.operations:
+                out = op.convert(out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                 config=self.info.config, full_layer_name=first, model=shim)
+        except Exception as e:  # an op premoe cannot drive outside transformers' loader
+            raise UnsupportedModelError(f"cannot assemble {name} from {[k for _, k in src.keys]} with {conv.operations}: {e}") from None
+        if len(out) > 1:  # one key split into several tensors: keep the others for when they are asked for
+            for t, v in out.items():
+                other = first.replace(conv.target_patterns[0], t)
+                if other != name:
+                    self._pending[other] = v[0] if isinstance(v, list) else v
+            value = out.get(next(t for t in conv.target_patterns if first.replace(conv.target_patterns[0], t) == name))
+        else:
+            value = next(iter(out.values()))
+        return value[0] if isinstance(value, list) else value
 
     def router_rows(self, name: str, ids: list[int] | None) -> torch.Tensor:
         src = self.info.layout.sources[name]
@@ -148,13 +210,15 @@ class Materializer:
 
     def dtype_of(self, name: str) -> torch.dtype:
         src = self.info.layout.sources[name]
-        key = src.key or next(iter(src.parts.values()))
+        key = src.key or next(iter(src.parts.values()), None) or src.keys[0][1]
         return self.dtype if src.scales else TORCH_DTYPES[self.tensors[key].dtype]
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
         """The row blocks of expert tensor ``name`` for router slots ``ids`` (a slot without weights on disk,
         a zero-computation expert, reads as zeros)."""
         src = self.info.layout.sources[name]
+        if src.kind == "fused" and src.converter is not None:
+            return self._convert(name, src, ids)
         if src.kind == "fused":
             per = src.rows or 1
             value = self._select(src.key, 0, ids, per)
@@ -194,7 +258,7 @@ class Materializer:
             if all(TORCH_DTYPES.get(self.tensors[k].dtype) == dest.dtype for k in keys):
                 self.reader.read_into(dest, [(self.tensors[k].file, self.tensors[k].offset, self.tensors[k].nbytes) for k in keys])
                 return
-        if fast and src.kind == "fused" and TORCH_DTYPES.get(self.tensors[src.key].dtype) == dest.dtype:
+        if fast and src.kind == "fused" and src.converter is None and TORCH_DTYPES.get(self.tensors[src.key].dtype) == dest.dtype:
             self.reader.read_into(dest, self.tensors[src.key].rows([slot], src.rows or 1))
             return
         dest.copy_(self.rows(name, [slot]).reshape(dest.shape))
@@ -205,6 +269,7 @@ class Materializer:
         """Read every persistent tensor of ``model`` under ``prefixes`` (all when ``None``) that is still on
         the meta device; returns the bytes it now holds. Modules whose ``id`` is in ``skip`` stay empty."""
         wanted = None if prefixes is None else tuple(prefixes)
+        self.model = model
         held = 0
         tied = getattr(model, "all_tied_weights_keys", {}) or {}
         for mod_name, mod in model.named_modules():
@@ -219,6 +284,7 @@ class Materializer:
                 full = f"{mod_name}.{leaf}" if mod_name else leaf
                 if full not in self.info.layout.sources and (full in tied or (leaf == "weight" and mod_name == "lm_head")):
                     continue  # tied to the input embeddings
+                self.expected[full] = tuple(t.shape)
                 value = self.value(full)
                 if tuple(value.shape) != tuple(t.shape):
                     raise CheckpointError(f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
@@ -322,7 +388,7 @@ def build_model(
     if base_only:
         skip |= {id(x) for x in model.get_output_embeddings().modules()} if model.get_output_embeddings() is not None else set()
     Materializer(info, plan, reader, routers, dtype).fill(model, skip=skip)
-    if config.tie_word_embeddings and not base_only:
+    if not base_only:
         model.tie_weights()
     finish_buffers(model)
     _check_no_meta(model.base_model if base_only else model, skip=skip)

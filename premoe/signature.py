@@ -43,9 +43,18 @@ def with_full_router(m: MoeLayer, spec, config, prefix: str, tensors: dict[str, 
     """A shallow copy of ``m``'s block whose router (a fresh module of its class, built for all experts
     from the unpruned ``config``) and selection biases hold ``tensors`` (full size, by in-memory name)."""
     block = _shallow(m.block)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        router = type(m.router)(config).eval()
+    router = None
+    subs = [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type"))]
+    for cfg in subs:  # a router is built from the model's config (DBRX: from its ffn_config)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                router = type(m.router)(cfg).eval()
+            break
+        except (AttributeError, TypeError, KeyError):
+            continue
+    if router is None:
+        raise UnsupportedModelError(f"cannot build a full-size {type(m.router).__name__} for signatures of a pruned model")
     fresh = dict(router.state_dict(keep_vars=True))
     for key, t in m.router.state_dict(keep_vars=True).items():  # router tensors without an expert dimension
         if key in fresh and fresh[key].shape == t.shape:

@@ -9,6 +9,7 @@ they are always kept, after the kept routed experts.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -50,12 +51,9 @@ def config_updates(raw: dict[str, Any], info, plan: PrunePlan) -> dict[str, Any]
 
 
 def apply_config_updates(raw: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    """A deep-enough copy of ``raw`` with the (dotted) ``updates`` applied."""
-    out = dict(raw)
+    """A copy of ``raw`` with the (dotted) ``updates`` applied."""
+    out = copy.deepcopy(raw)
     for key, value in updates.items():
-        head = key.split(".")[0]
-        if "." in key and isinstance(out.get(head), dict):
-            out[head] = dict(out[head])
         config_set(out, key, value)
     return out
 

@@ -33,7 +33,7 @@ def test_unsupported_moe_families_say_why():
 
 
 def test_model_type_unknown_to_transformers_resolves_through_architectures():
-    spec, config_type = resolve({"model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]})
+    spec, config_type, text = resolve({"model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]})
     assert spec.name == "deepseek_v3" and config_type == "deepseek_v3"
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import premoe
-from premoe.arch import find_moe_layers
+from premoe.arch import config_get, find_moe_layers
 from premoe.errors import InputError, StoreError
 from premoe.modelio import inspect_model, load_model
 from premoe.store import PatternStore
@@ -20,7 +20,7 @@ TEXT = "ab"  # 3 tokens with BOS: a few experts per layer
 
 def logits_of(model, tok, text=TEXT):
     with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits[0].float()
+        return model(**tok(text, return_tensors="pt"), use_cache=False).logits[0].float()
 
 
 def hits_per_layer(store, task):
@@ -75,8 +75,8 @@ def test_export_layout_and_config(family, family_dir, tmp_path, small_data):
     res = premoe.prune(src, tmp_path / "store", "t", keep, tmp_path / "out", progress=False)
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg[info.spec.count_key] == keep  # hub-native key
-    assert cfg["num_experts_per_tok"] == info.router.top_k
+    assert config_get(cfg, info.spec.count_key) == keep  # hub-native key
+    assert config_get(cfg, info.spec.topk_key) == info.router.top_k
     assert {int(k): v for k, v in cfg["premoe"]["kept_experts"].items()} == res.plan.kept
     assert json.loads((out / "premoe_plan.json").read_text())["kept"] == {str(k): v for k, v in res.plan.kept.items()}
     assert (out / "tokenizer.json").is_file()
@@ -87,14 +87,20 @@ def test_export_layout_and_config(family, family_dir, tmp_path, small_data):
         out_keys = set(f.keys())
     src_ckpt = info.checkpoint
     for name, role in info.roles.items():
+        kept = res.plan.kept.get(role.layer)
         if role.kind == "other":  # attention, norms, dense layers, shared experts: byte-identical
             assert name in out_keys
             assert torch.equal(new.checkpoint.tensor(name), src_ckpt.tensor(name))
-        elif role.kind in ("router", "fused"):  # rows of the kept experts, in order
-            kept = res.plan.kept[role.layer]
-            assert torch.equal(new.checkpoint.tensor(name), src_ckpt.tensor(name)[kept])
-        elif role.kind == "expert" and role.expert in res.plan.kept[role.layer]:
-            pos = res.plan.kept[role.layer].index(role.expert)
+        elif role.kind == "router":  # router rows and biases of the kept experts (and zero-computation slots), in order
+            expected = src_ckpt.tensor(name).index_select(role.dim, torch.tensor(info.slots(kept)))
+            assert torch.equal(new.checkpoint.tensor(name), expected)
+        elif role.kind == "fused":  # row blocks of the kept experts, in order
+            ids = info.slots(kept) if role.rows == 0 else kept
+            full = src_ckpt.tensor(name)
+            expected = full.unflatten(0, (-1, full.shape[0] // (info.router.width if role.rows == 0 else info.num_experts)))
+            assert torch.equal(new.checkpoint.tensor(name), expected[ids].flatten(0, 1))
+        elif role.kind == "expert" and role.expert in info.slots(kept):
+            pos = info.slots(kept).index(role.expert)
             a, b = role.span
             assert torch.equal(new.checkpoint.tensor(f"{name[:a]}{pos}{name[b:]}"), src_ckpt.tensor(name))
     n_router = sum(r.kind == "router" for r in info.roles.values())
@@ -111,7 +117,8 @@ def test_in_memory_surgery_matches_export(family, family_dir, tmp_path, small_da
     exported = load_model(tmp_path / "out", device="cpu")
     torch.testing.assert_close(logits_of(lm.model, lm.tokenizer), logits_of(exported.model, exported.tokenizer))
     for m in find_moe_layers(lm.model, lm.info.spec):
-        assert m.router.weight.shape[0] == 4 and m.experts.num_experts == 4
+        for path, dim in m.router_tensors.items():
+            assert m.tensor(path).shape[dim] == len(lm.info.slots([0, 1, 2, 3]))
 
 
 def test_lower_top_k(family_dir, tmp_path, small_data):

@@ -10,18 +10,36 @@ from premoe.scoring import MarkerParams, official_marker, selection_marker, tces
 
 
 def test_route_matches_each_family_router(family, family_dir):
+    """Our routing rule reproduces what each family's MoE block really does: the experts and weights its
+    experts module is called with (Llama-4, which scales expert inputs instead: its router's scores)."""
     lm = load_model(family_dir(family), device="cpu")
     torch.manual_seed(1)
-    h = torch.randn(50, lm.model.config.hidden_size)
+    h = torch.randn(1, 50, lm.model.config.get_text_config().hidden_size if hasattr(lm.model.config, "get_text_config") else 32)
     for layer in find_moe_layers(lm.model, lm.info.spec):
-        out = layer.router(h)
-        logits, weights, indices = out[0], out[1], out[2]
+        seen = {}
+        hooks = [layer.router.register_forward_hook(lambda m, a, out: seen.setdefault("router", out))]
+        if layer.experts is not None:
+            hooks.append(layer.experts.register_forward_pre_hook(lambda m, a: seen.setdefault("experts", a)))
+        try:
+            with torch.no_grad():
+                layer.block(h)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        out = seen["router"]
+        logits = out[lm.info.router.logits_at] if isinstance(out, (tuple, list)) else out
+        args = seen.get("experts", ())
+        if len(args) >= 3 and args[1].dtype == torch.long:
+            indices, weights = args[1], args[2]
+        else:  # Llama-4: [T, E] scores, zero for experts not chosen
+            scores = out[0].float()
+            weights, indices = scores.topk(lm.info.router.top_k, dim=-1)
         ours_idx, ours_w = route(logits, lm.info.router, bias=layer.selection_bias(), scaled=True)
-        # compare as per-token {expert: weight} maps (order inside a row may differ)
-        theirs = torch.zeros(h.shape[0], lm.info.num_experts).scatter_(1, indices, weights.float())
-        mine = torch.zeros(h.shape[0], lm.info.num_experts).scatter_(1, ours_idx, ours_w)
+        S = lm.info.router.width
+        theirs = torch.zeros(logits.shape[0], S).scatter_(1, indices.reshape(logits.shape[0], -1), weights.float().reshape(logits.shape[0], -1))
+        mine = torch.zeros(logits.shape[0], S).scatter_(1, ours_idx, ours_w)
         assert torch.equal(theirs != 0, mine != 0), f"{family} layer {layer.index}: different experts chosen"
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=2e-3, atol=1e-5)
 
 
 SOFTMAX = RouterSpec("softmax", num_experts=4, top_k=2, renormalize=True)

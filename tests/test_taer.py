@@ -83,7 +83,7 @@ def test_switching_is_identical_to_a_fresh_build_and_reads_only_missing_experts(
             expert_bytes[(role.layer, role.expert)] = expert_bytes.get((role.layer, role.expert), 0) + t.nbytes
         elif role.kind == "fused":
             for e in range(info.num_experts):
-                expert_bytes[(role.layer, e)] = expert_bytes.get((role.layer, e), 0) + t.nbytes // t.shape[0]
+                expert_bytes[(role.layer, e)] = expert_bytes.get((role.layer, e), 0) + t.nbytes // info.num_experts
     for src_plan, dst_task in ((plan_a, "b"), (server.plan_for("b"), "a"), (plan_a, "b")):
         dst_plan = server.plan_for(dst_task)
         missing = [(layer, e) for layer, kept in dst_plan.kept.items() for e in kept if e not in src_plan.kept[layer]]
