@@ -307,6 +307,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return min(found, key=lambda item: item[0].count("."))[1]
 
 
+def backbone(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module that holds the decoder layers and runs them (``model.model`` for most causal LMs), and
+    the attribute the layer list has on it (``layers``; DBRX: ``blocks``). ``model.base_model`` is not
+    always that module: Llama-4's causal LM names its base ``language_model``."""
+    layers = decoder_layers(model)
+    for mod in model.modules():
+        for name, child in mod._modules.items():
+            if child is layers:
+                return mod, name
+    raise UnsupportedModelError(f"cannot find the module that runs {type(model).__name__}'s decoder layers")
+
+
 def _own_tensors(module: nn.Module, prefix: str = ""):
     """(path, tensor) of a module's persistent parameters and buffers, recursively."""
     for name, mod in module.named_modules(prefix=prefix.rstrip(".")):

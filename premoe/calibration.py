@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .arch import MoeLayer, RouterSpec, decoder_layers
 from .data import iter_records, scan
 from .errors import InputError, StoreError
-from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer
+from .modelio import LoadedModel, ModelInfo, as_info, as_loaded, load_tokenizer, resolve_device
 from .kernels import expert_forward
 from .routing import route
 from .scoring import (
@@ -197,6 +197,46 @@ def observe(
     return obs.sums
 
 
+@torch.inference_mode()
+def observe_streamed(
+    info: ModelInfo,
+    tokenizer,
+    texts: Iterable[str],
+    params: MarkerParams,
+    *,
+    num_layers: int | None = None,
+    experts: bool = True,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    progress: bool = True,
+    desc: str = "calibrate",
+    skip_special: bool = False,
+    outputs: bool = False,
+    hidden_budget: int = 1 << 62,
+    reader=None,
+    device=None,
+    offload_dir: str | None = None,
+) -> tuple[RoutingSums, dict[str, int]]:
+    """:func:`observe` for a model larger than memory: the same batches, pushed through one decoder
+    layer at a time (:class:`~premoe.streaming.LayerStream`); returns the sums and what the run held
+    (largest layer, bytes of hidden states spilled to disk)."""
+    from .streaming import LayerStream, make_batches
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = make_batches(_batches(tokenizer, texts, batch_size, max_length, skip_special), pad)
+    stream = LayerStream(info, num_layers=num_layers, experts=experts, reader=reader, device=device)
+    decoder = stream.layers if outputs else None
+    with RouterObserver(stream.moe, info.router, info.spec, params, decoder, outputs) as obs:
+        obs.sums.tokens = sum(int(b.counted.sum()) for b in batches)
+
+        def before(b: int) -> None:
+            obs.mask = batches[b].counted.to(stream.device)
+
+        stats = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir)
+    stats["bytes_read"] = stream.reader.bytes_read
+    return obs.sums, stats
+
+
 def marker_params(router: RouterSpec, scorer: str, k: int | None, r: float | None) -> MarkerParams:
     """Selection settings; ``k``/``r`` apply to the chosen scorer, the other statistics use defaults."""
     if k is not None and not 1 <= k <= router.num_experts:
@@ -253,6 +293,9 @@ def calibrate(
     progress: bool = True,
     signature_layers: int = 4,
     all_stats: bool = False,
+    stream: bool | None = None,
+    max_memory: float | None = None,
+    offload_dir: str | None = None,
 ) -> TaskPattern:
     """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
 
@@ -276,6 +319,10 @@ def calibrate(
             queries can then be routed with any ``--layers`` up to this.
         all_stats: compute every scorer's statistics in this one pass (expert outputs and weights
             included), so the task can later be pruned or evaluated with any ``--scorer``.
+        stream: run the model one decoder layer at a time (``None``: when it would not fit in memory).
+        max_memory: memory budget in MB (default: what the machine and this process's cgroup leave);
+            decides streaming and how many hidden states stay in memory rather than on disk.
+        offload_dir: where hidden states past the budget go (default: the system's temporary directory).
 
     Returns:
         The stored :class:`~premoe.store.TaskPattern`.
@@ -311,7 +358,28 @@ def calibrate(
     run_model = all_stats or SCORERS[scorer].needs_model
 
     lm = None
-    if run_model:
+    use_stream = False
+    if run_model and not isinstance(model, LoadedModel):
+        from .memory import available_bytes, parse_megabytes
+        from .streaming import activation_bytes, plan_memory, resident_sizes
+
+        if max_memory is not None and max_memory <= 0:
+            raise InputError(f"--max-memory must be positive, got {max_memory}")
+        budget = parse_megabytes(max_memory) or available_bytes()
+        use_stream = plan_memory(info, budget, batch_size, max_length, stream)
+        sizes = resident_sizes(info)
+        hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
+                            - activation_bytes(info, batch_size, max_length), 0)
+    if run_model and use_stream:
+        tok = load_tokenizer(info.path)
+        sums, run = observe_streamed(
+            info, tok, (rec.text for rec in _records(files, max_samples)), params, batch_size=batch_size,
+            max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,
+            hidden_budget=hidden_budget, device=resolve_device(device) if device not in (None, "auto") else None,
+            offload_dir=offload_dir,
+        )
+        tokens, means = sums.tokens, sums.means()
+    elif run_model:
         lm = as_loaded(model, device=device, dtype=dtype)
         tok = lm.tokenizer
         sums = observe(
@@ -332,12 +400,21 @@ def calibrate(
     scores = score(scorer, means, shape, seed)
     from .signature import SignatureModel
 
-    sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
     signature, sig_tokens = {}, {}
+    sig_model = None
+    if not use_stream:
+        sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
     for source in ("prompt", "full"):
         texts = (rec.prompt if source == "prompt" else rec.text for rec in _records(files, max_samples))
-        sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
-                               progress=progress, desc=f"keys ({source})")
+        if sig_model is not None:
+            sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
+                                   progress=progress, desc=f"keys ({source})")
+        else:  # the first MoE layers without their experts, streamed like the model
+            sums, _ = observe_streamed(
+                info, tok, texts, MarkerParams(k=info.router.top_k), num_layers=info.moe_layers[sig_layers - 1] + 1,
+                experts=False, batch_size=batch_size, max_length=max_length, progress=progress,
+                desc=f"keys ({source}, streamed)", skip_special=True, hidden_budget=hidden_budget, offload_dir=offload_dir,
+            )
         signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
         sig_tokens[source] = sums.tokens
     data_info = [{"path": str(f.resolve()), "sha256": sha} for f, (_, sha) in zip(files, scanned)]
@@ -353,6 +430,7 @@ def calibrate(
             "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
             "data": data_info[0] if len(data_info) == 1 else data_info,
             "signature": {"layers": sig_layers, "tokens": sig_tokens},
+            "streamed": use_stream,
         },
         signature=signature,
     )

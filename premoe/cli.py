@@ -34,6 +34,16 @@ def _add_calibrate(sub):
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", help="replace the task if the store has it")
     p.add_argument("--signature-layers", type=int, default=4, help="MoE layers the stored retrieval keys span (default 4)")
+    _add_memory_flags(p)
+
+
+def _add_memory_flags(p):
+    g = p.add_argument_group("memory (models larger than RAM)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model one decoder layer at a time (default: when it would not fit in memory)")
+    g.add_argument("--max-memory", type=float, metavar="MB",
+                   help="memory budget (default: what the machine and this process's cgroup leave free)")
+    g.add_argument("--offload-dir", help="where hidden states past the budget go (default: the system temp directory)")
 
 
 def _add_selection_flags(p, keep_required: bool):
@@ -175,11 +185,13 @@ def _run(args) -> int:
             args.model, args.data, args.task, args.store, scorer=args.scorer, max_samples=args.max_samples,
             k=args.k, r=args.r, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
-            signature_layers=args.signature_layers, all_stats=args.all_stats,
+            signature_layers=args.signature_layers, all_stats=args.all_stats, stream=args.stream,
+            max_memory=args.max_memory, offload_dir=args.offload_dir,
         )
         info = pattern.info
+        how = ", streamed layer by layer" if info.get("streamed") else ""
         print(f"calibrated task {pattern.name!r} ({pattern.scorer}): {info['samples']} samples, {info['tokens']} tokens, "
-              f"{len(pattern.layers)} MoE layers -> {args.store} in {time.perf_counter() - t0:.1f}s")
+              f"{len(pattern.layers)} MoE layers{how} -> {args.store} in {time.perf_counter() - t0:.1f}s")
     elif args.command == "prune":
         res = api.prune(
             args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k, group_policy=args.group_policy,

@@ -82,7 +82,7 @@ _SPECS = [
     ArchSpec("granitemoe_swa", TOPK_SOFTMAX, "num_local_experts", block=("block_sparse_moe",), router="router"),
     ArchSpec("aria_text", TOPK_SOFTMAX, "moe_num_experts", topk_key="moe_topk", router="router",
              shared=("shared_experts",), notes="experts stored transposed (`fc1`/`fc2` on the hub)"),
-    ArchSpec("cohere2_moe", _cohere2, "num_experts", shared=("shared_experts",),
+    ArchSpec("cohere2_moe", _cohere2, "num_experts", shared=("shared_experts",), pre_moe_norm="input_layernorm",
              notes="`expert_selection_fn` softmax or sigmoid"),
     ArchSpec("jamba", Routing("softmax"), "num_experts", block=("feed_forward",), router="router",
              pre_moe_norm="pre_ff_layernorm", notes="Mamba / attention hybrid; never renormalised"),
@@ -117,6 +117,7 @@ _SPECS = [
              "num_experts", router="router", shared=("shared_experts",), notes="expert bias on the block"),
     ArchSpec("dbrx", Routing("softmax", renorm_p="ffn_config.moe_normalize_expert_weights"), "ffn_config.moe_num_experts",
              topk_key="ffn_config.moe_top_k", block=("ffn",), router="router", pre_moe_norm="norm_attn_norm.norm_2",
+             layers_key="n_layers",
              notes="experts as [E x I, H] row blocks (`w1`, `v1`, `w2`)"),
 ]
 ARCH_SPECS: dict[str, ArchSpec] = {s.name: s for s in _SPECS}

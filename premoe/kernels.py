@@ -100,14 +100,16 @@ def register() -> str:
     return NAME
 
 
-def select_kernel(model: nn.Module) -> None:
-    """The bucketed kernel when ``model`` runs on the CPU, transformers' default elsewhere."""
+def select_kernel(model: nn.Module, device: torch.device | None = None) -> None:
+    """The bucketed kernel when ``model`` runs on the CPU, transformers' default elsewhere (``device``:
+    where it will run, for a model whose weights are not loaded yet)."""
     if not hasattr(model, "set_experts_implementation"):
         return
-    try:
-        device = next(p.device for p in model.parameters() if not p.is_meta)
-    except StopIteration:
-        return
+    if device is None:
+        try:
+            device = next(p.device for p in model.parameters() if not p.is_meta)
+        except StopIteration:
+            return
     try:
         if device.type == "cpu":
             model.set_experts_implementation(register())

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import find_moe_layers
+from .arch import backbone, find_moe_layers
 from .checkpoint import TORCH_DTYPES, ByteReader
 from .errors import CheckpointError, UnsupportedModelError
 from .kernels import select_kernel
@@ -391,7 +391,7 @@ def build_model(
     if not base_only:
         model.tie_weights()
     finish_buffers(model)
-    _check_no_meta(model.base_model if base_only else model, skip=skip)
+    _check_no_meta(backbone(model)[0] if base_only else model, skip=skip)
     model.name_or_path = str(info.path)
     select_kernel(model)
     gen = info.path / "generation_config.json"

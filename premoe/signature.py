@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import MoeLayer, decoder_layers, find_moe_layers
+from .arch import MoeLayer, backbone, decoder_layers, find_moe_layers
 from .calibration import observe
 from .errors import InputError, UnsupportedModelError
 from .modelio import ModelInfo
@@ -97,7 +97,7 @@ class SignatureModel:
         spec = info.spec
         if not 1 <= layers <= len(info.moe_layers):
             raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
-        base = model.base_model
+        base, attr = backbone(model)
         moe = find_moe_layers(base, spec)[:layers]
         last = moe[-1].index
         by_index = {m.index: m for m in moe}
@@ -114,13 +114,13 @@ class SignatureModel:
             if m.experts is not None:
                 setattr(block, spec.experts, ZeroExperts())
             lay = _shallow(layer)
-            attr = next(b for b in spec.block if getattr(layer, b, None) is m.block)
-            setattr(lay, attr, block)
+            block_attr = next(b for b in spec.block if getattr(layer, b, None) is m.block)
+            setattr(lay, block_attr, block)
             new_layers.append(lay)
             self.layers.append(MoeLayer(i, block, getattr(block, spec.router), getattr(block, spec.experts, None) if spec.experts else None,
                                         dict(m.router_tensors), dict(m.expert_tensors), m.bias_path))
         self.view = _shallow(base)
-        self.view.layers = nn.ModuleList(new_layers)
+        setattr(self.view, attr, nn.ModuleList(new_layers))
         self.info = info
         self.tokenizer = tokenizer
         self.num_layers = layers

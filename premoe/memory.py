@@ -1,0 +1,91 @@
+"""How much memory this process may use, and how much a model needs in it.
+
+:func:`available_bytes` is what the kernel would give us before reclaiming or killing: the smaller of
+the machine's ``MemAvailable`` and the room left under this process's cgroup limit (v1 or v2), the
+cgroup's page cache counted as free since the kernel reclaims it first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text in ("", "max") else int(text)
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit, or ``None`` without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        rel = rel.lstrip("/")
+        if controllers == "" or "memory" in controllers.split(","):
+            for root in _CGROUP_ROOTS:
+                d = root / rel
+                if controllers == "" and (d / "memory.max").exists():  # v2
+                    limit = _read_int(d / "memory.max")
+                    used = _read_int(d / "memory.current") or 0
+                    cache = _stat(d / "memory.stat").get("file", 0)
+                elif (d / "memory.limit_in_bytes").exists():  # v1
+                    limit = _read_int(d / "memory.limit_in_bytes")
+                    used = _read_int(d / "memory.usage_in_bytes") or 0
+                    cache = _stat(d / "memory.stat").get("total_cache", 0)
+                else:
+                    continue
+                if limit is None or limit >= 1 << 60:
+                    return None
+                return max(limit - (used - cache), 0)
+    return None
+
+
+def available_bytes() -> int:
+    """Memory this process can still allocate without swapping or being killed."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62
+    room = _cgroup_room()
+    return min(avail, room) if room is not None else avail
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``VmHWM``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_megabytes(value: float | int | None) -> int | None:
+    return None if value is None else int(float(value) * 1024 * 1024)
