@@ -164,3 +164,61 @@ def save_model(model, tok, path: Path) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int] | None = (16, 16)) -> Path:
+    """Write ``src`` (a tiny model saved by transformers) as its family's quantised hub release would be:
+
+    * ``fp8`` (DeepSeek-V3, Kimi-K2, Qwen3-FP8, GLM-4.x-FP8): every linear weight matrix (attention, dense
+      and shared MLPs, every expert) in float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block``;
+      embeddings, LM head, norms and router tensors as they are; ``quantization_config`` added.
+    * ``mxfp4`` (GPT-OSS): the fused expert matrices as ``*_blocks`` / ``*_scales`` in the hub's [E, out, in]
+      orientation (32 values per E8M0 scale), everything else as it is.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from .modelio import inspect_model
+    from .quant import quantize_fp8, quantize_mxfp4
+
+    info = inspect_model(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    done = {}
+    for name, t in tensors.items():
+        role = info.roles[name]
+        if method == "fp8":
+            quantizable = t.dim() == 2 and name.endswith(".weight") and role.kind in ("expert", "other") \
+                and "embed" not in name and "lm_head" not in name and "norm" not in name
+            if role.kind == "fused" and t.dim() == 3:
+                quantizable = True
+            if quantizable:
+                q, s = quantize_fp8(t, block)
+                done[name] = q
+                done[f"{name}_scale_inv"] = s.float()
+                continue
+        elif method == "mxfp4" and role.kind == "fused" and t.dim() == 3 and not name.endswith("_bias"):
+            blocks, scales = quantize_mxfp4(t.transpose(1, 2).contiguous())  # in memory [E, in, out]
+            done[f"{name}_blocks"] = blocks
+            done[f"{name}_scales"] = scales
+            continue
+        done[name] = t
+    save_file({k: v.contiguous() for k, v in done.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    if method == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block) if block else None}
+    else:
+        cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                 "model.embed_tokens", "lm_head"]}
+    cfg.setdefault("dtype", "bfloat16")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

@@ -1,0 +1,229 @@
+"""Quantised checkpoints (block-scaled FP8, MXFP4) in their hub layouts: read, calibrated, pruned and
+written back in the original format, bit for bit."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import premoe
+from premoe.errors import CheckpointError, UnsupportedModelError
+from premoe.modelio import inspect_model, load_model
+from premoe.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
+from premoe.selective import ByteReader, build_model as build_selective
+from premoe.serving import TaskServer
+from premoe.surgery import apply_plan_
+from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
+
+from conftest import write_jsonl
+
+ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)] + [{"text": "sort 321=123"}]
+# (family, format, config overrides): FP8 as DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8 and GLM-4.x-FP8 publish it,
+# MXFP4 as GPT-OSS does (its matrices need multiples of 32).
+CASES = {
+    "deepseek_v3-fp8": ("deepseek_v3", "fp8", {}),
+    "qwen3_moe-fp8": ("qwen3_moe", "fp8", {}),
+    "glm4_moe-fp8": ("glm4_moe", "fp8", {}),
+    "gpt_oss-mxfp4": ("gpt_oss", "mxfp4", {"intermediate_size": 64}),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            fam, method, extra = CASES[case]
+            mt, ov, _ = FAMILIES[fam]
+            d = tmp_path_factory.mktemp(case)
+            src = save_model(*build_model(mt, {**ov, **extra}), d / "src")
+            cache[case] = quantize_checkpoint(src, d / "q", method)
+        return cache[case]
+
+    return get
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    return request.param
+
+
+def raw_bytes(path, key) -> bytes:
+    with safe_open(path, "pt") as f:
+        t = f.get_tensor(key)
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+# -- the formats themselves ---------------------------------------------------------------------
+
+
+def test_fp8_block_dequant_follows_the_block_grid_even_when_blocks_do_not_divide():
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    q, s = quantize_fp8(w, (16, 16))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (math.ceil(40 / 16), math.ceil(24 / 16))
+    ref = torch.empty(40, 24)
+    for i in range(40):
+        for j in range(24):
+            ref[i, j] = q[i, j].float() * s[i // 16, j // 16]
+    assert torch.equal(dequant_fp8(q, s, (16, 16), torch.float32), ref)
+    assert (dequant_fp8(q, s, (16, 16), torch.float32) - w).abs().max() < 0.1 * w.abs().max()
+
+
+def test_fp8_dequant_matches_transformers_where_blocks_divide():
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    w = torch.randn(2, 32, 48)
+    q, s = quantize_fp8(w, (16, 16))
+    theirs = Fp8Dequantize(None)._dequantize_one(q, s, output_dtype=torch.bfloat16)
+    assert torch.equal(dequant_fp8(q, s, (16, 16), torch.bfloat16), theirs)
+
+
+def test_mxfp4_round_trip_and_transformers_agreement():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    w = torch.randn(3, 8, 64)
+    blocks, scales = quantize_mxfp4(w)
+    assert blocks.shape == (3, 8, 2, 16) and scales.shape == (3, 8, 2) and blocks.dtype == torch.uint8
+    mine = dequant_mxfp4(blocks, scales, torch.bfloat16)
+    assert torch.equal(mine.transpose(1, 2), convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16))
+    assert (mine.float() - w).abs().max() <= w.abs().max() / 3  # FP4: coarse, but the right values
+
+
+# -- end to end, per format ---------------------------------------------------------------------
+
+
+def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quantized):
+    from transformers import AutoModelForCausalLM
+
+    q = quantized(case)
+    info = inspect_model(q)
+    assert info.quant.method == CASES[case][1]
+    assert any(r.companion == "scale" for r in info.roles.values())
+    ours = load_model(q, device="cpu").model.state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(q).state_dict()
+    block = info.quant.block
+    for k, v in ours.items():
+        divides = block is None or v.dim() < 2 or (v.shape[-2] % block[0] == 0 and v.shape[-1] % block[1] == 0)
+        if divides:  # transformers derives blocks from the scale grid, so it only agrees where blocks divide
+            assert torch.equal(v.float(), theirs[k].float()), k
+
+
+def test_quantized_calibration_streamed_equals_in_memory(case, quantized, tmp_path):
+    q = quantized(case)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    a = premoe.calibrate(q, data, "a", tmp_path / "s", stream=False, all_stats=True, progress=False)
+    b = premoe.calibrate(q, data, "b", tmp_path / "s", stream=True, all_stats=True, progress=False)
+    for k in a.means:
+        torch.testing.assert_close(a.means[k], b.means[k], rtol=1e-4, atol=1e-7)
+
+
+def test_export_keeps_the_format_and_every_kept_expert_bit_for_bit(case, quantized, tmp_path):
+    q = quantized(case)
+    info = inspect_model(q)
+    premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS), "t", tmp_path / "s", progress=False)
+    res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)  # includes the reload self-check
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == info.raw_config["quantization_config"]
+    new = inspect_model(out)
+    assert new.quant == info.quant and new.num_experts == 4
+    src_file, out_file = info.checkpoint.files[0], out / "model.safetensors"
+    with safe_open(out_file, "pt") as f:
+        out_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    checked = 0
+    for name, role in info.roles.items():
+        kept = res.plan.kept.get(role.layer)
+        if role.kind == "expert" and role.expert in kept:
+            a, b = role.span
+            new_name = f"{name[:a]}{kept.index(role.expert)}{name[b:]}"
+            assert raw_bytes(out_file, new_name) == raw_bytes(src_file, name)  # FP8 values and their scales
+            assert out_dtypes[new_name] == info.checkpoint.tensors[name].dtype.replace("F8_E4M3", "F8_E4M3")
+            checked += 1
+        elif role.kind == "fused":  # MXFP4 blocks and scales, sliced in lockstep
+            src = load_file(src_file)[name]
+            per = src.shape[0] // info.num_experts
+            expected = src.unflatten(0, (-1, per))[kept].flatten(0, 1)
+            assert raw_bytes(out_file, name) == expected.contiguous().view(torch.uint8).numpy().tobytes()
+            checked += 1
+    assert checked
+    # dequantised, the kept experts of the export are exactly the source's kept experts
+    with ByteReader() as r:
+        full = build_selective(info, None, r)
+        pruned = build_selective(new, None, r)
+    apply_plan_(full, info.spec, res.plan)
+    sa, sb = full.state_dict(), pruned.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
+    q = quantized(case)
+    premoe.calibrate(q, write_jsonl(tmp_path / "a.jsonl", ROWS[:4]), "a", tmp_path / "s", progress=False)
+    premoe.calibrate(q, write_jsonl(tmp_path / "b.jsonl", ROWS[4:]), "b", tmp_path / "s", progress=False)
+    server = TaskServer(q, tmp_path / "s", 4)
+    server.load("a")
+    server.load("b")
+    with ByteReader() as r:
+        fresh = build_selective(server.info, server.plan_for("b"), r)
+    sa, sb = server.model.state_dict(), fresh.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    reply = server.generate("add 2+5=", max_new_tokens=3)
+    assert reply.task in ("a", "b")
+    results, nbytes = premoe.route(q, tmp_path / "s", ["sort 43=34"])
+    assert results[0].task in ("a", "b") and nbytes > 0
+    res = premoe.evaluate(q, write_jsonl(tmp_path / "e.jsonl", ROWS[:3]), store=tmp_path / "s", task="a", keep=4, progress=False)
+    assert res["generate_samples"] == 3 and 0.0 <= res["exact_match"] <= 1.0
+
+
+def test_kimi_k2_model_type_loads_through_its_architecture(quantized, tmp_path):
+    """Kimi-K2 checkpoints say model_type "kimi_k2" (unknown to transformers) and DeepseekV3ForCausalLM."""
+    import shutil
+
+    q = tmp_path / "kimi"
+    shutil.copytree(quantized("deepseek_v3-fp8"), q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"])
+    (q / "config.json").write_text(json.dumps(cfg))
+    info = inspect_model(q)
+    assert info.spec.name == "deepseek_v3" and info.config_type == "deepseek_v3"
+    premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS), "t", tmp_path / "s", progress=False)
+    premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "kimi_k2"
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes"])
+def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, method):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(family_dir("qwen3_moe"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"not supported.*\"fp8\".*\"mxfp4\""):
+        premoe.calibrate(d, write_jsonl(tmp_path / "x.jsonl", ROWS), "t", tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_scales_that_do_not_match_their_blocks_are_refused(quantized, tmp_path):
+    import shutil
+
+    q = tmp_path / "bad"
+    shutil.copytree(quantized("qwen3_moe-fp8"), q)
+    sd = load_file(q / "model.safetensors")
+    key = next(k for k in sd if k.endswith("weight_scale_inv"))
+    sd[key] = torch.ones(7, 7)
+    save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="do not match its weight_block_size"):
+        inspect_model(q)
+    del sd[key]
+    save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="has no .*_scale_inv"):
+        inspect_model(q)
