@@ -238,13 +238,16 @@ def evaluate(
     device: str | None = "cpu",
     dtype: str | None = "auto",
     progress: bool = True,
+    stream: bool | None = None,
+    max_memory: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,
     log-likelihood accuracy for ``{"prompt", "choices", "answer"}`` lines.
 
     ``model`` may be a dense or an exported pruned checkpoint. With ``store`` (and ``task`` or
     ``agnostic``, and ``keep``) a stored pattern is applied on the fly: the pruned model is built
-    from the checkpoint, reading only its experts.
+    from the checkpoint, reading only its experts. A model that does not fit in memory (or
+    ``max_memory`` MB; ``stream`` forces either way) runs with its decoder layers loaded on demand.
 
     Returns:
         ``{"exact_match", "generate_samples", "mc_accuracy", "mc_samples", ...}`` (metrics are
@@ -256,29 +259,46 @@ def evaluate(
 
     gen, mc = read_eval_data(data, limit)
     result: dict[str, Any] = {"model": str(model), "data": str(data)}
-    if store is not None:
-        if keep is None:
-            raise InputError("--store needs --keep (experts per layer) and --task or --agnostic")
-        from .selective import ByteReader, build_model
-
-        info = as_info(model)
-        the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
-        with ByteReader() as reader:
-            net = build_model(info, the_plan, reader)
-            result["bytes_read"] = reader.bytes_read
-        dt = resolve_dtype(dtype)
-        net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
-        select_kernel(net)
-        tokenizer = load_tokenizer(info.path)
-        result.update(task="all-tasks (pooled)" if agnostic else task, keep=keep, scorer=the_plan.scorer, top_k=the_plan.top_k)
-    elif any(v is not None for v in (task, keep)) or agnostic:
+    if store is None and (any(v is not None for v in (task, keep)) or agnostic):
         raise InputError("--task/--keep/--agnostic need --store (or evaluate an exported model directory directly)")
+    if store is not None and keep is None:
+        raise InputError("--store needs --keep (experts per layer) and --task or --agnostic")
+    if max_memory is not None and max_memory <= 0:
+        raise InputError(f"--max-memory must be positive, got {max_memory}")
+    from .memory import parse_megabytes
+    from .selective import ByteReader
+    from .streaming import inference_model
+
+    info = as_info(model)
+    the_plan = None
+    if store is not None:
+        the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
+        result.update(task="all-tasks (pooled)" if agnostic else task, keep=keep, scorer=the_plan.scorer, top_k=the_plan.top_k)
+    if the_plan is None and stream is not True and not info.quant.method and parse_megabytes(max_memory) is None:
+        from .streaming import resident_sizes
+        from .memory import available_bytes
+
+        fits = resident_sizes(info)["total"] <= 0.85 * available_bytes()
     else:
+        fits = False
+    reader = ByteReader()
+    if fits and stream is None:
         lm = load_model(model, device=device, dtype=dtype)
         net, tokenizer = lm.model, lm.tokenizer
+    else:
+        net, lazy = inference_model(info, the_plan, reader, budget=parse_megabytes(max_memory), stream=stream)
+        if not lazy:
+            dt = resolve_dtype(dtype)
+            net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
+            select_kernel(net)
+        result["streamed"] = lazy
+        tokenizer = load_tokenizer(info.path)
     result["exact_match"] = exact_match(net, tokenizer, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                         progress=progress) if gen else None
     result["generate_samples"] = len(gen)
     result["mc_accuracy"] = choice_accuracy(net, tokenizer, mc, progress=progress) if mc else None
     result["mc_samples"] = len(mc)
+    if reader.bytes_read:
+        result["bytes_read"] = reader.bytes_read
+    reader.close()
     return result

@@ -37,13 +37,14 @@ def _add_calibrate(sub):
     _add_memory_flags(p)
 
 
-def _add_memory_flags(p):
+def _add_memory_flags(p, offload: bool = True):
     g = p.add_argument_group("memory (models larger than RAM)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="run the model one decoder layer at a time (default: when it would not fit in memory)")
     g.add_argument("--max-memory", type=float, metavar="MB",
                    help="memory budget (default: what the machine and this process's cgroup leave free)")
-    g.add_argument("--offload-dir", help="where hidden states past the budget go (default: the system temp directory)")
+    if offload:
+        g.add_argument("--offload-dir", help="where hidden states past the budget go (default: the system temp directory)")
 
 
 def _add_selection_flags(p, keep_required: bool):
@@ -79,6 +80,7 @@ def _add_eval(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_memory_flags(p, offload=False)
 
 
 def _add_inspect(sub):
@@ -98,6 +100,7 @@ def _add_sweep(sub):
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_memory_flags(p, offload=False)
 
 
 def _add_demo(sub):
@@ -207,6 +210,7 @@ def _run(args) -> int:
             args.model, args.data, store=args.store, task=args.task, keep=args.keep, agnostic=args.agnostic,
             scorer=args.scorer, top_k=args.top_k, group_policy=args.group_policy, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype, progress=progress,
+            stream=args.stream, max_memory=args.max_memory,
         )
         if args.json:
             print(json.dumps(res))
@@ -239,7 +243,8 @@ def _run(args) -> int:
 
         tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
-                    calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress)
+                    calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
+                    stream=args.stream, max_memory=args.max_memory)
         if args.json:
             print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
         else:

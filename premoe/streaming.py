@@ -44,10 +44,10 @@ log = logging.getLogger(__name__)
 # Sizes
 
 
-def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Bytes each part of the model takes in memory (quantised tensors dequantised): ``total``,
-    ``largest_layer`` (a decoder layer, or the embeddings / LM head, whichever is larger) and ``outside``
-    (everything that is not a decoder layer)."""
+def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None, plan=None) -> dict[str, int]:
+    """Bytes each part of the model (pruned to ``plan``) takes in memory, quantised tensors dequantised:
+    ``total``, ``largest_layer`` (a decoder layer, or the embeddings / LM head, whichever is larger) and
+    ``outside`` (everything that is not a decoder layer)."""
     item = torch.empty((), dtype=dtype or compute_dtype(info)).element_size()
     per_layer: dict[int, int] = {}
     outside: dict[str, int] = {}
@@ -56,6 +56,12 @@ def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None) -> dict[st
             continue
         t = info.checkpoint.tensors[name]
         nbytes = t.nbytes
+        if plan is not None and role.kind == "expert" and role.expert not in info.slots(plan.kept[role.layer]):
+            continue
+        if plan is not None and role.kind in ("fused", "router"):
+            width = info.router.width if (role.kind == "router" or role.rows == 0) else info.num_experts
+            keep = len(info.slots(plan.kept[role.layer])) if width == info.router.width else plan.keep
+            nbytes = nbytes // width * keep
         if info.quant.method == "fp8" and t.dtype.startswith("F8"):
             nbytes = t.nbytes * item
         elif info.quant.method == "mxfp4" and name.endswith("_blocks"):
@@ -400,6 +406,54 @@ class _Residency:
             release(mod)
             del self.held[key]
             self.bytes -= size
+
+
+def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | None = None, stream: bool | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[nn.Module, bool]:
+    """The model of ``info`` (pruned to ``plan``) for generation or log-likelihoods: built whole when it
+    fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
+    either). Returns ``(model, lazy)``.
+
+    Raises:
+        InputError: even one layer and the embeddings do not fit the budget.
+    """
+    from .memory import available_bytes
+    from .selective import build_model
+
+    budget = budget or available_bytes()
+    sizes = resident_sizes(info, plan=plan)
+    lazy = stream if stream is not None else sizes["total"] > 0.85 * budget
+    if not lazy:
+        return build_model(info, plan, reader, dtype=dtype), False
+    if sizes["largest_layer"] + sizes["outside"] > budget:
+        raise InputError(
+            f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "
+            f"{sizes['largest_layer'] / 2**20:.0f} MB besides {sizes['outside'] / 2**20:.0f} MB of embeddings and head; "
+            "raise --max-memory or free memory"
+        )
+    log.info("the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
+             sizes["total"] / 2**20, budget / 2**20)
+    return lazy_model(info, plan, reader, budget - sizes["outside"], dtype), True
+
+
+def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of ``info`` (pruned to ``plan``) with everything but its decoder layers loaded, and
+    the layers loaded on demand within ``budget`` bytes (:func:`lazy_layers`): generation and
+    log-likelihoods for a model larger than memory, reading each layer once per forward pass."""
+    from transformers import GenerationConfig
+
+    model = skeleton(model_config(info, plan))
+    mat = Materializer(info, plan, reader, dtype=dtype)
+    skip = {id(x) for layer in decoder_layers(model) for x in layer.modules()}
+    mat.fill(model, skip=skip)
+    model.tie_weights()
+    finish_buffers(model)
+    select_kernel(model, torch.device("cpu"))
+    if (info.path / "generation_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(info.path)
+    model._premoe_unhook = lazy_layers(model, mat, budget)
+    return model
 
 
 def lazy_layers(model: nn.Module, mat: Materializer, budget: int) -> Callable[[], None]:

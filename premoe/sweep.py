@@ -53,6 +53,8 @@ def sweep(
     eval_samples: int = 100,
     overlap_keep: int | None = None,
     progress: bool = True,
+    stream: bool | None = None,
+    max_memory: float | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and write results and pictures into ``out``.
 
@@ -65,6 +67,8 @@ def sweep(
         scorers: scorer names (default: all).
         calib_samples / eval_samples: sizes of the built-in splits (ignored for given tasks).
         overlap_keep: keep count of the overlap picture (default: half the experts).
+        stream / max_memory: for a model larger than memory (or ``max_memory`` MB): calibration streams
+            it layer by layer and evaluation loads its layers on demand (``stream`` forces either way).
     """
     from .showcase import TINY_MODEL
 
@@ -79,8 +83,21 @@ def sweep(
     if bad:
         raise InputError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
     tasks = tasks or builtin_tasks(calib_samples, eval_samples)
-    lm = load_model(model, device="cpu", dtype=torch.float32)
-    info, tok = lm.info, lm.tokenizer
+    from .memory import available_bytes, parse_megabytes
+    from .modelio import inspect_model, load_tokenizer
+    from .streaming import inference_model, resident_sizes
+
+    info = inspect_model(model)
+    budget = parse_megabytes(max_memory) or available_bytes()
+    in_memory = stream is not True and not info.quant.method and resident_sizes(info)["total"] <= 0.85 * budget
+    lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
+    tok = lm.tokenizer if lm else load_tokenizer(info.path)
+
+    def network(plan, reader):
+        if in_memory:
+            return build_model(info, plan, reader).float()
+        return inference_model(info, plan, reader, budget=budget, stream=stream)[0]
+
     E, K = info.num_experts, info.router.top_k
     keeps = sorted({k for k in (keeps or [E * 3 // 4, E // 2, E * 3 // 8, E // 4, E // 8]) if K <= k <= E}, reverse=True)
     if not keeps:
@@ -93,16 +110,19 @@ def sweep(
     bar = tqdm(total=len(tasks) * 2 + len(configs) * len(keeps), desc="sweep", unit="step", disable=not progress)
     for name, (cal, _) in tasks.items():
         path = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
-        calibrate(lm, path, name, store, all_stats=True, overwrite=True, progress=False)
+        calibrate(lm or model, path, name, store, all_stats=True, overwrite=True, progress=False, stream=stream,
+                  max_memory=max_memory)
         bar.update(1)
     st = PatternStore.open(store)
     patterns = {name: st.load(name) for name in tasks}
     pooled = pooled_pattern(st, list(tasks))
     dense = {}
-    for name in tasks:
-        dense[name] = exact_match(lm.model, tok, evals[name], progress=False)
-        bar.update(1)
-    del lm
+    with ByteReader() as reader:
+        net = lm.model if lm is not None else network(None, reader)
+        for name in tasks:
+            dense[name] = exact_match(net, tok, evals[name], progress=False)
+            bar.update(1)
+    del lm, net
 
     rows: list[dict[str, Any]] = []
     cache: dict[tuple, float] = {}
@@ -114,8 +134,8 @@ def sweep(
                 key = (tuple(tuple(v) for v in plan.kept.values()), name)
                 if key not in cache:
                     with ByteReader() as reader:
-                        net = build_model(info, plan, reader).float()
-                    cache[key] = exact_match(net, tok, evals[name], progress=False)
+                        net = network(plan, reader)
+                        cache[key] = exact_match(net, tok, evals[name], progress=False)
                 acc = cache[key]
                 rows.append({"scorer": scorer, "mode": mode, "keep": keep, "task": name, "accuracy": acc,
                              "dense_accuracy": dense[name], "retention": acc / dense[name] if dense[name] else 0.0})

@@ -133,3 +133,15 @@ def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monk
     theirs = out["results"]["premoe_add"]["exact_match,none"]
     ours = premoe.evaluate(tmp_path / "add-16", evals, dtype="float32", progress=False)["exact_match"]
     assert theirs == pytest.approx(ours)
+
+
+def test_sweep_streamed_equals_in_memory(family_dir, tmp_path):
+    """A model larger than memory: calibration streamed, evaluation with layers loaded on demand."""
+    from premoe.sweep import sweep
+
+    tasks = {t: (samples(t, 8, "calib"), samples(t, 6, "eval")) for t in ("add", "sort")}
+    kw = dict(model=family_dir("qwen3_moe"), tasks=tasks, keeps=[4], scorers=["tcess", "frequency"], progress=False)
+    a = sweep(tmp_path / "a", **kw)
+    b = sweep(tmp_path / "b", stream=True, **kw)
+    assert [r["accuracy"] for r in a["rows"]] == [r["accuracy"] for r in b["rows"]]
+    assert a["dense"] == b["dense"]

@@ -111,3 +111,37 @@ def test_budget_too_small_for_one_layer_fails_before_writing(family_dir, tmp_pat
     with pytest.raises(InputError, match="--max-memory must be positive"):
         premoe.calibrate(family_dir("mixtral"), data, "t", tmp_path / "s", max_memory=-1, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_lazy_layers_give_the_same_logits_and_generations(family_dir, tmp_path):
+    from premoe.modelio import load_model
+    from premoe.selective import ByteReader
+    from premoe.streaming import lazy_model
+
+    src = family_dir("qwen3_moe")
+    lm = load_model(src, device="cpu")
+    with ByteReader() as r:
+        lazy = lazy_model(lm.info, None, r, budget=0)  # every layer freed as soon as it has run
+        ids = lm.tokenizer(["add 1+2=", "sort 321="], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            a = lm.model(**ids, use_cache=False).logits
+            b = lazy(**ids, use_cache=False).logits
+        assert torch.equal(a, b)
+        ga = lm.model.generate(**ids, max_new_tokens=4, do_sample=False)
+        gb = lazy.generate(**ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ga, gb)
+        assert r.bytes_read > lm.info.checkpoint.nbytes  # layers were read again for each forward pass
+
+
+def test_eval_streams_when_asked_and_agrees(family_dir, tmp_path):
+    src = family_dir("mixtral")
+    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "add 1+2=", "completion": "3"},
+                                               {"prompt": "sort 21=", "choices": ["12", "21"], "answer": 0}])
+    a = premoe.evaluate(src, data, progress=False)
+    b = premoe.evaluate(src, data, stream=True, max_memory=64, progress=False)
+    assert b["streamed"] and b["bytes_read"] > 0
+    assert (a["exact_match"], a["mc_accuracy"]) == (b["exact_match"], b["mc_accuracy"])
+    premoe.calibrate(src, write_jsonl(tmp_path / "d.jsonl", ROWS), "t", tmp_path / "s", progress=False)
+    c = premoe.evaluate(src, data, store=tmp_path / "s", task="t", keep=4, progress=False)
+    d = premoe.evaluate(src, data, store=tmp_path / "s", task="t", keep=4, stream=True, progress=False)
+    assert d["streamed"] and (c["exact_match"], c["mc_accuracy"]) == (d["exact_match"], d["mc_accuracy"])
