@@ -366,12 +366,14 @@ def calibrate(
         if max_memory is not None and max_memory <= 0:
             raise InputError(f"--max-memory must be positive, got {max_memory}")
         budget = parse_megabytes(max_memory) or available_bytes()
-        use_stream = plan_memory(info, budget, batch_size, max_length, stream)
+        tok = load_tokenizer(info.path)
+        longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
+                      for rec in _records(files, max_samples))  # the real batch shape, not the cap
+        use_stream = plan_memory(info, budget, batch_size, longest, stream)
         sizes = resident_sizes(info)
         hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
-                            - activation_bytes(info, batch_size, max_length), 0)
+                            - activation_bytes(info, batch_size, longest), 0)
     if run_model and use_stream:
-        tok = load_tokenizer(info.path)
         sums, run = observe_streamed(
             info, tok, (rec.text for rec in _records(files, max_samples)), params, batch_size=batch_size,
             max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,

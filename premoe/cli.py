@@ -64,7 +64,8 @@ def _add_prune(sub):
     p.add_argument("--out", required=True, help="output model directory")
     _add_selection_flags(p, keep_required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload self-check")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the self-check (by default the export is read back, and reloaded in transformers when it fits in memory)")
 
 
 def _add_eval(sub):

@@ -127,11 +127,12 @@ def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dic
     return cfg
 
 
-def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
-    """Check the export before it is moved into place: premoe reads it back (config, every key's role,
-    expert counts), then plain ``AutoModelForCausalLM`` reloads it and every weight must land (missing,
-    unexpected or mis-shaped weights fail). A ``model_type`` transformers only knows through its
-    ``architectures`` (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
+def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = True) -> None:
+    """Check the export before it is moved into place: premoe reads it back (config, every key's role
+    through transformers' own conversion mapping, expert counts, quantisation scales), then, with
+    ``reload``, plain ``AutoModelForCausalLM`` loads it and every weight must land (missing, unexpected
+    or mis-shaped weights fail). A ``model_type`` transformers only knows through its ``architectures``
+    (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
     from transformers import AutoModelForCausalLM
 
     from .modelio import config_from_dict, inspect_model
@@ -140,6 +141,8 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan) -> None:
     if new.num_experts != plan.keep or new.moe_layers != info.moe_layers:
         raise CheckpointError(f"self-check failed: the export reads back with {new.num_experts} experts in layers "
                               f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}")
+    if not reload:
+        return
     kwargs = {}
     if new.config_type != new.raw_config.get("model_type"):
         config = config_from_dict(new.model_config, new.config_type)
@@ -208,7 +211,15 @@ def export_pruned(
             json.dumps({**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2) + "\n"
         )
         if verify:
-            verify_export(tmp, info, plan)
+            from .memory import available_bytes
+            from .streaming import resident_sizes
+
+            need = resident_sizes(info, plan=plan)["total"]
+            reload = need <= 0.6 * available_bytes()
+            if not reload:
+                log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
+                            "reloading it in transformers", need / 2**20)
+            verify_export(tmp, info, plan, reload=reload)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.rename(out, trash / "old")

@@ -34,25 +34,23 @@ def _cgroup_room() -> int | None:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        rel = rel.lstrip("/")
-        if controllers == "" or "memory" in controllers.split(","):
-            for root in _CGROUP_ROOTS:
-                d = root / rel
-                if controllers == "" and (d / "memory.max").exists():  # v2
-                    limit = _read_int(d / "memory.max")
-                    used = _read_int(d / "memory.current") or 0
-                    cache = _stat(d / "memory.stat").get("file", 0)
-                elif (d / "memory.limit_in_bytes").exists():  # v1
-                    limit = _read_int(d / "memory.limit_in_bytes")
-                    used = _read_int(d / "memory.usage_in_bytes") or 0
-                    cache = _stat(d / "memory.stat").get("total_cache", 0)
-                else:
-                    continue
-                if limit is None or limit >= 1 << 60:
-                    return None
-                return max(limit - (used - cache), 0)
+    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    v1 = [rel for _, ctrl, rel in entries if "memory" in ctrl.split(",")]
+    v2 = [rel for _, ctrl, rel in entries if ctrl == ""]
+    for rel in v1:
+        d = _CGROUP_ROOTS[0] / rel.lstrip("/")
+        limit = _read_int(d / "memory.limit_in_bytes")
+        if limit is not None:
+            used = _read_int(d / "memory.usage_in_bytes") or 0
+            cache = _stat(d / "memory.stat").get("total_cache", 0)
+            return None if limit >= 1 << 60 else max(limit - (used - cache), 0)
+    for rel in v2:
+        d = _CGROUP_ROOTS[1] / rel.lstrip("/")
+        if (d / "memory.max").exists():
+            limit = _read_int(d / "memory.max")
+            used = _read_int(d / "memory.current") or 0
+            cache = _stat(d / "memory.stat").get("file", 0)
+            return None if limit is None else max(limit - (used - cache), 0)
     return None
 
 

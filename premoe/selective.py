@@ -230,23 +230,30 @@ class Materializer:
                 if self.info.quant.method == "mxfp4":
                     value = value.transpose(-1, -2).contiguous()  # hub [E, out, in] -> GPT-OSS [E, in, out]
             return value
-        out = []
-        for e in ids:
+        out: torch.Tensor | None = None
+        missing = []
+        for j, e in enumerate(ids):
+            keys = [src.parts.get((e, p)) for p in range(src.n_parts)]
+            if any(k is None for k in keys):  # a zero-computation expert without weights on disk
+                missing.append(j)
+                continue
             parts = []
-            for p in range(src.n_parts):
-                key = src.parts.get((e, p))
-                if key is None:  # a zero-computation expert without weights on disk
-                    parts = None
-                    break
+            for key in keys:
                 v = self._read(key)
                 if key in src.scales:
                     v = self._dequant(key, v, src, self._read(src.scales[key]))
                 parts.append(v)
-            out.append(torch.cat(parts, dim=0) if parts is not None else None)
-        ref = next((t for t in out if t is not None), None)
-        if ref is None:
-            ref = self.rows(name, [next(iter(src.parts))[0]])[0]
-        return torch.stack([t if t is not None else torch.zeros_like(ref) for t in out])
+            block = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            if out is None:  # filled expert by expert: no second copy of the layer
+                out = torch.empty((len(ids), *block.shape), dtype=block.dtype)
+            out[j].copy_(block)
+            del parts, block
+        if out is None:
+            ref = self.rows(name, [next(iter(src.parts))[0]])
+            out = torch.empty((len(ids), *ref.shape[1:]), dtype=ref.dtype)
+        for j in missing:
+            out[j].zero_()
+        return out
 
     def read_expert_into(self, dest: torch.Tensor, name: str, slot: int) -> None:
         """Fill ``dest`` (the row block of router slot ``slot`` in expert tensor ``name``) from the
