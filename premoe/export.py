@@ -149,9 +149,16 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
         if new.quant.method:
             config.quantization_config = new.raw_config["quantization_config"]
         kwargs["config"] = config
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the other towers of multimodal releases
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if info.text_key and problems.get("unexpected_keys"):
         # a multimodal release reloaded as its language model: the other towers are expected to be left over

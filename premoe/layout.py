@@ -162,7 +162,7 @@ def map_checkpoint(
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
-    meta_state = dict.fromkeys(model.state_dict(keep_vars=True))
+    meta_state = model.state_dict(keep_vars=True)  # values are looked at: base_model_prefix handling
 
     roles: dict[str, KeyRole] = {}
     companions: dict[str, tuple[str, str]] = {}
