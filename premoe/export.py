@@ -144,7 +144,13 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     if not reload:
         return
     kwargs = {}
-    if new.config_type != new.raw_config.get("model_type"):
+    loader = AutoModelForCausalLM
+    arch = (new.raw_config.get("architectures") or [None])[0]
+    import transformers
+
+    if info.text_key and arch and hasattr(transformers, arch):
+        loader = getattr(transformers, arch)  # a multimodal release: load it the way its users do
+    elif new.config_type != new.raw_config.get("model_type"):
         config = config_from_dict(new.model_config, new.config_type)
         if new.quant.method:
             config.quantization_config = new.raw_config["quantization_config"]
@@ -156,18 +162,19 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, loading = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
+            model, loading = loader.from_pretrained(path, dtype="auto", output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if info.text_key and problems.get("unexpected_keys"):
+    if info.text_key and loader is AutoModelForCausalLM and problems.get("unexpected_keys"):
         # a multimodal release reloaded as its language model: the other towers are expected to be left over
         mapped = {r.target for r in new.roles.values() if r.target}
         problems["unexpected_keys"] = {k for k in problems["unexpected_keys"] if k in mapped}
         problems = {k: v for k, v in problems.items() if v}
     if problems:
         raise CheckpointError(f"self-check failed: transformers reloads the pruned model with {problems}")
-    model = getattr(model, "language_model", model) if info.text_key else model
+    if loader is not AutoModelForCausalLM:  # the multimodal model: check its language model
+        model = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", model)
     for m in find_moe_layers(model, info.spec):
         path0, dim = next(iter(m.router_tensors.items()))
         got = m.tensor(path0).shape[dim]

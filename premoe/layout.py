@@ -167,12 +167,16 @@ def map_checkpoint(
     roles: dict[str, KeyRole] = {}
     companions: dict[str, tuple[str, str]] = {}
     converted: dict[str, tuple[Any, str]] = {}  # non-expert keys transformers converts (fused qkv, stacked convs)
+    wrapper = _wrapper_prefix(tensors, model, renamings, converters, meta_state, quant)
     for key in sorted(tensors):
         comp = quant.companion(key)
         if comp is not None:
             companions[key] = comp
             continue
         base = quant.target(key)
+        shift = 0
+        if wrapper and base.startswith(wrapper):  # the language model of a multimodal release
+            base, shift = base[len(wrapper):], len(wrapper)
         target, pattern = rename_source_key(base, renamings, converters, model.base_model_prefix, meta_state)
         m = _LAYER.match(target)
         layer = int(m["layer"]) if m and m["root"] == decoder_prefix else None
@@ -203,6 +207,7 @@ def map_checkpoint(
             if e >= width:
                 raise CheckpointError(f"{key}: expert id {e} but the config says {num_experts} experts per layer")
             layer = expert_names[target][0]
+            span = (span[0] + shift, span[1] + shift)  # in the key as the checkpoint spells it
             roles[key] = KeyRole("expert", layer, e, target, part=conv.source_patterns.index(pattern), span=span)
         elif target in router_names:
             layer, dim = router_names[target]
@@ -238,6 +243,27 @@ def map_checkpoint(
     sources = _sources(tensors, roles, companions, converted)
     _check_complete(moe, roles, sources, spec, num_experts, width, decoder_prefix)
     return CheckpointLayout(roles, sources, moe)
+
+
+def _wrapper_prefix(tensors, model: nn.Module, renamings, converters, meta_state, quant: QuantFormat) -> str:
+    """The prefix a multimodal release puts before its language model's keys when transformers' own
+    mapping for the language model does not remove it (Kimi-K2.5: ``language_model.``), found from
+    where the input embeddings are; empty when keys already map."""
+    from transformers.core_model_loading import rename_source_key
+
+    emb = model.get_input_embeddings()
+    name = next((n for n, mod in model.named_modules() if mod is emb), None)
+    if name is None:
+        return ""
+    wanted = f"{name}.weight"
+    for key in tensors:
+        base = quant.target(key)
+        if base == wanted or not base.endswith("." + wanted):
+            continue
+        if rename_source_key(base, renamings, converters, model.base_model_prefix, meta_state)[0] in meta_state:
+            return ""  # transformers' mapping already handles the prefix
+        return base[: -len(wanted)]
+    return ""
 
 
 def _check_quant(tensors, roles, companions, quant: QuantFormat) -> None:

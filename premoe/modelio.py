@@ -88,7 +88,7 @@ class ModelInfo:
     @property
     def model_config(self) -> dict[str, Any]:
         """The language model's part of ``config.json`` (all of it, unless the release is multimodal)."""
-        return self.raw_config[self.text_key] if self.text_key else self.raw_config
+        return text_part(self.raw_config, self.text_key)
 
     @property
     def num_experts(self) -> int:
@@ -101,6 +101,17 @@ class ModelInfo:
     def slots(self, kept: list[int]) -> list[int]:
         """Router slots a layer keeps with these experts (zero-computation experts always stay)."""
         return expert_slots(kept, self.router.num_experts, self.router.width)
+
+
+def text_part(raw: dict[str, Any], text_key: str | None) -> dict[str, Any]:
+    """The language model's config of a release (its ``text_config`` when multimodal, with the wrapper's
+    word-embedding tying, which the wrapper's head follows)."""
+    if not text_key:
+        return raw
+    text = dict(raw[text_key])
+    if "tie_word_embeddings" in raw:
+        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    return text
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -183,7 +194,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
     raw = read_config(path)
     spec, config_type, text_key = resolve(raw)  # before transformers sees it: a clear error for any family
     quant = quant_format(raw)
-    model_raw = raw[text_key] if text_key else raw
+    model_raw = text_part(raw, text_key)
     config = config_from_dict(model_raw, config_type)
     rspec = router_spec(config, spec)
     ckpt = Checkpoint(path)

@@ -230,6 +230,13 @@ class Materializer:
                 if self.info.quant.method == "mxfp4":
                     value = value.transpose(-1, -2).contiguous()  # hub [E, out, in] -> GPT-OSS [E, in, out]
             return value
+        keys = [src.parts.get((e, p)) for e in ids for p in range(src.n_parts)]
+        if not src.scales and all(k is not None for k in keys) and len({self.tensors[k].dtype for k in keys}) == 1:
+            # every byte straight into its final place, one read per key: no staging copies
+            first = self.tensors[keys[0]]
+            rows = sum(self.tensors[k].shape[0] for k in keys[: src.n_parts])
+            pieces = [(self.tensors[k].file, self.tensors[k].offset, self.tensors[k].nbytes) for k in keys]
+            return self.reader.tensor(first.dtype, (len(ids), rows, *first.shape[1:]), pieces)
         out: torch.Tensor | None = None
         missing = []
         for j, e in enumerate(ids):
