@@ -377,7 +377,7 @@ def calibrate(
         sums, run = observe_streamed(
             info, tok, (rec.text for rec in _records(files, max_samples)), params, batch_size=batch_size,
             max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,
-            hidden_budget=hidden_budget, device=resolve_device(device) if device not in (None, "auto") else None,
+            hidden_budget=hidden_budget, device=resolve_device(device),
             offload_dir=offload_dir,
         )
         tokens, means = sums.tokens, sums.means()

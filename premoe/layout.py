@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .arch import ArchSpec, MoeLayer, find_moe_layers
+from .arch import ArchSpec, find_moe_layers
 from .checkpoint import TensorInfo
 from .errors import CheckpointError, UnsupportedModelError
 from .quant import FP8_DTYPES, QuantFormat, check_fp8_pair, check_mxfp4_pair
@@ -345,5 +345,4 @@ def layer_of(name: str, decoder_prefix: str) -> int | None:
     return int(m["layer"]) if m and m["root"] == decoder_prefix else None
 
 
-__all__ = ["KeyRole", "Source", "CheckpointLayout", "map_checkpoint", "moe_tensor_names", "expert_slots", "layer_of",
-           "MoeLayer"]
+__all__ = ["KeyRole", "Source", "CheckpointLayout", "map_checkpoint", "moe_tensor_names", "expert_slots", "layer_of"]

@@ -222,8 +222,7 @@ class LayerStream:
             skip |= {id(x) for x in head.modules()}
         self.mat.fill(self.model, skip=skip)  # the final norm and whatever else sits outside the layers
         finish_buffers(self.model)
-        if self.device.type != "cpu":
-            self.model.to(self.device)
+        _to_device(self.model, self.device)
         select_kernel(self.model, self.device)
 
     # -- capturing what the model passes each layer --------------------------------------------
@@ -290,7 +289,7 @@ class LayerStream:
         """The input of decoder layer 0 for every batch (embeddings built, used and freed)."""
         emb = self.base.get_input_embeddings()
         self.mat.fill(self.model, prefixes=[self.names[id(emb)]])
-        emb.to(self.device)
+        _to_device(emb, self.device)
         try:
             for b, batch in enumerate(batches):
                 calls = self._capture(input_ids=batch.ids.to(self.device), attention_mask=batch.attn.to(self.device))
@@ -304,8 +303,7 @@ class LayerStream:
         layer = self.layers[i]
         held = self.mat.fill(self.model, prefixes=[self.names[id(layer)]])
         finish_buffers(layer)
-        if self.device.type != "cpu":
-            layer.to(self.device)
+        _to_device(layer, self.device)
         try:
             for b, batch in enumerate(batches):
                 hidden = store.get(b).to(self.device)
@@ -342,6 +340,19 @@ class LayerStream:
             spilled = store.spilled
             store.close()
         return {"largest_layer": largest, "spilled": spilled}
+
+
+def _to_device(module: nn.Module, device: torch.device) -> None:
+    """Move the tensors of ``module`` that are loaded (not on the meta device) to ``device``."""
+    if device.type == "cpu":
+        return
+    for mod in module.modules():
+        for leaf, p in mod._parameters.items():
+            if p is not None and not p.is_meta and p.device != device:
+                mod._parameters[leaf] = nn.Parameter(p.to(device), requires_grad=False)
+        for leaf, b in mod._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                mod._buffers[leaf] = b.to(device)
 
 
 def _leaves(call) -> list[torch.Tensor]:
