@@ -25,7 +25,15 @@ def family_dir(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+def _available(name: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return FAMILIES[name][0] in CONFIG_MAPPING
+
+
+# Families the installed transformers does not ship yet (premoe is tested with 5.24) are skipped, not failed.
+@pytest.fixture(params=[pytest.param(n, marks=() if _available(n) else pytest.mark.skip(reason="not in this transformers"))
+                        for n in sorted(FAMILIES)])
 def family(request):
     return request.param
 

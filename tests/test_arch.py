@@ -87,3 +87,10 @@ def test_router_hash_is_stable_across_inspections(family_dir):
     for _ in range(5):
         gc.collect()
         assert inspect_model(src).fingerprint.router_sha256 == first
+
+
+def test_per_layer_counts_are_read_when_uniform_and_refused_otherwise():
+    spec = get_spec("hunyuan_v1_moe")
+    assert router_spec({"num_experts": 8, "moe_topk": [2, 2, 2]}, spec).top_k == 2
+    with pytest.raises(UnsupportedModelError, match="different experts per token per layer"):
+        router_spec({"num_experts": 8, "moe_topk": [2, 1, 2]}, spec)

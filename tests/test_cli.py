@@ -80,3 +80,50 @@ def test_txt_data_via_cli(family_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "calibrate", "--model", family_dir("olmoe"), "--data", f, "--task", "t", "--store", tmp_path / "s")
     assert code == 0 and "2 samples" in out
     write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])
+
+
+def _broken_checkpoint(src, tmp_path, how):
+    """A sharded copy of ``src`` broken in one way users meet: a missing shard, a shard cut mid-tensor,
+    an unsupported quantisation method."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / f"broken-{how}"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(d, max_shard_size="60KB")
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy2(f, d / f.name)
+    shards = sorted(d.glob("model-*.safetensors"))
+    if how == "missing-shard":
+        shards[-1].unlink()
+    elif how == "truncated":
+        data = shards[0].read_bytes()
+        shards[0].write_bytes(data[: len(data) - 100])
+    elif how == "gptq":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("how, match", [
+    ("missing-shard", "lists shards that are missing"),
+    ("truncated", "truncated download"),
+    ("gptq", "quantization method 'gptq' is not supported"),
+])
+def test_broken_checkpoints_fail_in_one_line_before_writing(family_dir, tmp_path, small_data, capsys, how, match):
+    model = _broken_checkpoint(family_dir("qwen3_moe"), tmp_path, how)
+    for argv in (["calibrate", "--model", model, "--data", small_data, "--task", "x", "--store", tmp_path / "s"],
+                 ["route", "--model", model, "--store", tmp_path / "s", "add"]):
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_memory_budget_too_small_fails_in_one_line(family_dir, tmp_path, small_data, capsys):
+    code, out, err = run(capsys, "calibrate", "--model", family_dir("qwen3_moe"), "--data", small_data, "--task", "x",
+                         "--store", tmp_path / "s", "--stream", "--max-memory", "0.01")
+    assert code == 2 and "too small for even one layer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
