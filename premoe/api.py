@@ -286,7 +286,8 @@ def evaluate(
         lm = load_model(model, device=device, dtype=dtype)
         net, tokenizer = lm.model, lm.tokenizer
     else:
-        net, lazy = inference_model(info, the_plan, reader, budget=parse_megabytes(max_memory), stream=stream)
+        net, lazy = inference_model(info, the_plan, reader, budget=parse_megabytes(max_memory), stream=stream,
+                                    device=resolve_device(device))
         if not lazy:
             dt = resolve_dtype(dtype)
             net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)

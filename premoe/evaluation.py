@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions of ``prompts`` (one batch, left-padded), special tokens removed."""
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if not p.is_meta)  # lazy models: layers are on meta
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     out = model.generate(
         **enc,
@@ -53,7 +53,7 @@ def exact_match(
 @torch.inference_mode()
 def choice_logliks(model, tokenizer, prompt: str, choices: list[str]) -> list[float]:
     """Sum of log-probabilities of each choice as the continuation of ``prompt`` (lm-eval's ``acc``)."""
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if not p.is_meta)  # lazy models: layers are on meta
     ctx = tokenizer(prompt)["input_ids"]
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
     if not ctx or any(not c for c in conts):

@@ -395,8 +395,8 @@ def make_batches(rows: Iterable[list[tuple[list[int], list[int]]]], pad: int) ->
 class _Residency:
     """Decoder layers currently built, least recently used first, within ``budget`` bytes."""
 
-    def __init__(self, mat: Materializer, model: nn.Module, budget: int):
-        self.mat, self.model, self.budget = mat, model, budget
+    def __init__(self, mat: Materializer, model: nn.Module, budget: int, device: torch.device):
+        self.mat, self.model, self.budget, self.device = mat, model, budget, device
         self.held: OrderedDict[int, tuple[nn.Module, int]] = OrderedDict()
         self.bytes = 0
         self.names = {id(mod): name for name, mod in model.named_modules()}
@@ -408,6 +408,7 @@ class _Residency:
             return
         size = self.mat.fill(self.model, prefixes=[self.names[key]])
         finish_buffers(layer)
+        _to_device(layer, self.device)
         self.held[key] = (layer, size)
         self.bytes += size
 
@@ -420,10 +421,11 @@ class _Residency:
 
 
 def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | None = None, stream: bool | None = None,
-                    dtype: torch.dtype | None = None) -> tuple[nn.Module, bool]:
+                    dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[nn.Module, bool]:
     """The model of ``info`` (pruned to ``plan``) for generation or log-likelihoods: built whole when it
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
-    either). Returns ``(model, lazy)``.
+    either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
+    is returned on the CPU. Returns ``(model, lazy)``.
 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.
@@ -444,34 +446,38 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
         )
     log.info("the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
              sizes["total"] / 2**20, budget / 2**20)
-    return lazy_model(info, plan, reader, budget - sizes["outside"], dtype), True
+    return lazy_model(info, plan, reader, budget - sizes["outside"], dtype, device), True
 
 
-def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: torch.dtype | None = None) -> nn.Module:
+def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: torch.dtype | None = None,
+               device: torch.device | None = None) -> nn.Module:
     """The causal LM of ``info`` (pruned to ``plan``) with everything but its decoder layers loaded, and
     the layers loaded on demand within ``budget`` bytes (:func:`lazy_layers`): generation and
-    log-likelihoods for a model larger than memory, reading each layer once per forward pass."""
+    log-likelihoods for a model larger than memory, reading each layer once per forward pass. It runs
+    on ``device`` (default: the CPU); each layer moves there when it is built."""
     from transformers import GenerationConfig
 
+    device = device or torch.device("cpu")
     model = skeleton(model_config(info, plan))
     mat = Materializer(info, plan, reader, dtype=dtype)
     skip = {id(x) for layer in decoder_layers(model) for x in layer.modules()}
     mat.fill(model, skip=skip)
     model.tie_weights()
     finish_buffers(model)
-    select_kernel(model, torch.device("cpu"))
+    _to_device(model, device)
+    select_kernel(model, device)
     if (info.path / "generation_config.json").is_file():
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(info.path)
-    model._premoe_unhook = lazy_layers(model, mat, budget)
+    model._premoe_unhook = lazy_layers(model, mat, budget, device)
     return model
 
 
-def lazy_layers(model: nn.Module, mat: Materializer, budget: int) -> Callable[[], None]:
-    """Make ``model``'s decoder layers build themselves from the checkpoint when they run and free
-    themselves afterwards once more than ``budget`` bytes of layers are held. Returns a function that
-    removes the hooks."""
-    res = _Residency(mat, model, budget)
+def lazy_layers(model: nn.Module, mat: Materializer, budget: int, device: torch.device | None = None) -> Callable[[], None]:
+    """Make ``model``'s decoder layers build themselves from the checkpoint (and move to ``device``)
+    when they run and free themselves afterwards once more than ``budget`` bytes of layers are held.
+    Returns a function that removes the hooks."""
+    res = _Residency(mat, model, budget, device or torch.device("cpu"))
     handles = []
     for layer in decoder_layers(model):
         handles.append(layer.register_forward_pre_hook(lambda mod, args: res.enter(mod)))
