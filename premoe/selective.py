@@ -28,7 +28,7 @@ from .plans import PrunePlan
 from .quant import dequant_fp8, dequant_mxfp4
 from .surgery import apply_config_updates, config_updates
 
-__all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "model_config",
+__all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "kept_bytes", "model_config",
            "skeleton", "compute_dtype"]
 
 
@@ -427,6 +427,20 @@ def read_routers(info: ModelInfo, reader: ByteReader, layers: list[int] | None =
     return out
 
 
+def kept_bytes(info: ModelInfo, role, nbytes: int, plan: PrunePlan | None) -> int:
+    """Bytes of a checkpoint key of ``nbytes`` (in any encoding) that a model pruned to ``plan`` keeps:
+    all of it without a plan or for a key not indexed by expert, the kept experts' share otherwise
+    (router slots: the kept experts plus any zero-computation experts)."""
+    if plan is None or role.kind not in ("expert", "fused", "router"):
+        return nbytes
+    slots = info.slots(plan.kept[role.layer])
+    if role.kind == "expert":
+        return nbytes if role.expert in slots else 0
+    if role.kind == "router" or role.rows == 0:
+        return nbytes // info.router.width * len(slots)
+    return nbytes // info.num_experts * plan.keep
+
+
 def ideal_bytes(info: ModelInfo, plan: PrunePlan | None, full_routers: bool = False) -> dict[str, int]:
     """Bytes a pattern's model needs from the checkpoint: non-expert tensors + the kept experts.
 
@@ -434,20 +448,12 @@ def ideal_bytes(info: ModelInfo, plan: PrunePlan | None, full_routers: bool = Fa
     and switch).
     """
     expert = non_expert = 0
-    width, num = info.router.width, info.num_experts
     for name, role in info.roles.items():
-        t = info.checkpoint.tensors[name]
         if role.kind == "beyond" or (role.kind == "other" and role.target is None):
             continue
-        if role.kind not in ("expert", "fused", "router"):
-            non_expert += t.nbytes
-            continue
-        slots = range(width) if plan is None else info.slots(plan.kept[role.layer])
-        if role.kind == "expert":
-            expert += t.nbytes if role.expert in slots else 0
-        elif role.kind == "fused":
-            kept = len(slots) if role.rows == 0 else (num if plan is None else plan.keep)
-            expert += t.nbytes // (width if role.rows == 0 else num) * kept
+        nbytes = info.checkpoint.tensors[name].nbytes
+        if role.kind in ("expert", "fused"):
+            expert += kept_bytes(info, role, nbytes, plan)
         else:
-            non_expert += t.nbytes if full_routers else t.nbytes // width * len(slots)
+            non_expert += nbytes if full_routers and role.kind == "router" else kept_bytes(info, role, nbytes, plan)
     return {"non_expert": non_expert, "experts": expert, "total": non_expert + expert}

@@ -35,7 +35,7 @@ from .checkpoint import ByteReader, tensor_bytes
 from .errors import InputError, UnsupportedModelError
 from .kernels import select_kernel
 from .modelio import ModelInfo
-from .selective import Materializer, ZeroExperts, compute_dtype, finish_buffers, model_config, release, skeleton
+from .selective import Materializer, ZeroExperts, compute_dtype, finish_buffers, kept_bytes, model_config, release, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,11 @@ def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None, plan=None)
         if role.kind == "beyond" or role.target is None or role.companion:
             continue
         t = info.checkpoint.tensors[name]
-        nbytes = t.nbytes
-        if plan is not None and role.kind == "expert" and role.expert not in info.slots(plan.kept[role.layer]):
-            continue
-        if plan is not None and role.kind in ("fused", "router"):
-            width = info.router.width if (role.kind == "router" or role.rows == 0) else info.num_experts
-            keep = len(info.slots(plan.kept[role.layer])) if width == info.router.width else plan.keep
-            nbytes = nbytes // width * keep
+        nbytes = kept_bytes(info, role, t.nbytes, plan)
         if info.quant.method == "fp8" and t.dtype.startswith("F8"):
-            nbytes = t.nbytes * item
+            nbytes *= item  # one byte per value
         elif info.quant.method == "mxfp4" and name.endswith("_blocks"):
-            nbytes = t.nbytes * 2 * item
+            nbytes *= 2 * item  # two values per byte
         if role.layer is not None:
             per_layer[role.layer] = per_layer.get(role.layer, 0) + nbytes
         else:

@@ -16,6 +16,7 @@ from premoe.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp
 from premoe.selective import ByteReader, build_model as build_selective
 from premoe.serving import TaskServer
 from premoe.surgery import apply_plan_
+from premoe.streaming import resident_sizes
 from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
 
 from conftest import write_jsonl
@@ -171,6 +172,8 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
         fresh = build_selective(server.info, server.plan_for("b"), r)
     sa, sb = server.model.state_dict(), fresh.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the memory planner's size of the pruned model, dequantised, is what the build holds
+    assert resident_sizes(server.info, plan=server.plan_for("b"))["total"] == sum(t.nbytes for t in sb.values())
     reply = server.generate("add 2+5=", max_new_tokens=3)
     assert reply.task in ("a", "b")
     results, nbytes = premoe.route(q, tmp_path / "s", ["sort 43=34"])
