@@ -263,43 +263,36 @@ def evaluate(
         raise InputError("--task/--keep/--agnostic need --store (or evaluate an exported model directory directly)")
     if store is not None and keep is None:
         raise InputError("--store needs --keep (experts per layer) and --task or --agnostic")
-    if max_memory is not None and max_memory <= 0:
-        raise InputError(f"--max-memory must be positive, got {max_memory}")
-    from .memory import parse_megabytes
+    from .memory import fits, memory_budget
     from .selective import ByteReader
-    from .streaming import inference_model
+    from .streaming import inference_model, resident_sizes
 
+    budget = memory_budget(max_memory)
     info = as_info(model)
     the_plan = None
     if store is not None:
         the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
         result.update(task="all-tasks (pooled)" if agnostic else task, keep=keep, scorer=the_plan.scorer, top_k=the_plan.top_k)
-    if the_plan is None and stream is not True and not info.quant.method and parse_megabytes(max_memory) is None:
-        from .streaming import resident_sizes
-        from .memory import available_bytes
-
-        fits = resident_sizes(info)["total"] <= 0.85 * available_bytes()
-    else:
-        fits = False
-    reader = ByteReader()
-    if fits and stream is None:
-        lm = load_model(model, device=device, dtype=dtype)
-        net, tokenizer = lm.model, lm.tokenizer
-    else:
-        net, lazy = inference_model(info, the_plan, reader, budget=parse_megabytes(max_memory), stream=stream,
-                                    device=resolve_device(device))
-        if not lazy:
-            dt = resolve_dtype(dtype)
-            net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
-            select_kernel(net)
-        result["streamed"] = lazy
-        tokenizer = load_tokenizer(info.path)
-    result["exact_match"] = exact_match(net, tokenizer, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                        progress=progress) if gen else None
-    result["generate_samples"] = len(gen)
-    result["mc_accuracy"] = choice_accuracy(net, tokenizer, mc, progress=progress) if mc else None
-    result["mc_samples"] = len(mc)
-    if reader.bytes_read:
-        result["bytes_read"] = reader.bytes_read
-    reader.close()
+    # transformers loads a whole unquantised model that fits; anything else is built from byte ranges
+    by_transformers = (the_plan is None and stream is None and max_memory is None and not info.quant.method
+                       and fits(resident_sizes(info)["total"], budget))
+    with ByteReader() as reader:
+        if by_transformers:
+            lm = load_model(model, device=device, dtype=dtype)
+            net, tokenizer = lm.model, lm.tokenizer
+        else:
+            net, lazy = inference_model(info, the_plan, reader, budget=budget, stream=stream, device=resolve_device(device))
+            if not lazy:
+                dt = resolve_dtype(dtype)
+                net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
+                select_kernel(net)
+            result["streamed"] = lazy
+            tokenizer = load_tokenizer(info.path)
+        result["exact_match"] = exact_match(net, tokenizer, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                            progress=progress) if gen else None
+        result["generate_samples"] = len(gen)
+        result["mc_accuracy"] = choice_accuracy(net, tokenizer, mc, progress=progress) if mc else None
+        result["mc_samples"] = len(mc)
+        if reader.bytes_read:
+            result["bytes_read"] = reader.bytes_read
     return result

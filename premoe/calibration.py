@@ -360,12 +360,10 @@ def calibrate(
     lm = None
     use_stream = False
     if run_model and not isinstance(model, LoadedModel):
-        from .memory import available_bytes, parse_megabytes
+        from .memory import memory_budget
         from .streaming import activation_bytes, plan_memory, resident_sizes
 
-        if max_memory is not None and max_memory <= 0:
-            raise InputError(f"--max-memory must be positive, got {max_memory}")
-        budget = parse_megabytes(max_memory) or available_bytes()
+        budget = memory_budget(max_memory)
         tok = load_tokenizer(info.path)
         longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
                       for rec in _records(files, max_samples))  # the real batch shape, not the cap

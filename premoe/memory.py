@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import InputError
+
+HEADROOM = 0.85  # the share of a budget a model may fill in memory; past it premoe streams the model
 _CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))
 
 
@@ -72,18 +75,19 @@ def available_bytes() -> int:
     return min(avail, room) if room is not None else avail
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (``VmHWM``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+def memory_budget(max_memory: float | None) -> int:
+    """The memory budget in bytes: ``max_memory`` MB (``--max-memory``), else :func:`available_bytes`.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Raises:
+        InputError: ``max_memory`` is not positive.
+    """
+    if max_memory is None:
+        return available_bytes()
+    if max_memory <= 0:
+        raise InputError(f"--max-memory must be positive, got {max_memory}")
+    return int(float(max_memory) * 1024 * 1024)
 
 
-def parse_megabytes(value: float | int | None) -> int | None:
-    return None if value is None else int(float(value) * 1024 * 1024)
+def fits(need: int, budget: int) -> bool:
+    """Whether ``need`` bytes fit in ``budget`` with room to spare (what decides to stream a model)."""
+    return need <= HEADROOM * budget

@@ -34,6 +34,7 @@ from .arch import backbone, decoder_layers, find_moe_layers
 from .checkpoint import ByteReader, tensor_bytes
 from .errors import InputError, UnsupportedModelError
 from .kernels import select_kernel
+from .memory import available_bytes, fits
 from .modelio import ModelInfo
 from .selective import Materializer, ZeroExperts, compute_dtype, finish_buffers, kept_bytes, model_config, release, skeleton
 
@@ -87,7 +88,7 @@ def plan_memory(info: ModelInfo, budget: int, batch_size: int, seq_len: int, str
     sizes = resident_sizes(info)
     act = activation_bytes(info, batch_size, seq_len)
     if stream is None:
-        stream = sizes["total"] + act > 0.85 * budget
+        stream = not fits(sizes["total"] + act, budget)
         if stream:
             log.info("the model needs %.0f MB in memory but %.0f MB are available: streaming it layer by layer",
                      sizes["total"] / 2**20, budget / 2**20)
@@ -424,12 +425,11 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.
     """
-    from .memory import available_bytes
     from .selective import build_model
 
     budget = budget or available_bytes()
     sizes = resident_sizes(info, plan=plan)
-    lazy = stream if stream is not None else sizes["total"] > 0.85 * budget
+    lazy = stream if stream is not None else not fits(sizes["total"], budget)
     if not lazy:
         return build_model(info, plan, reader, dtype=dtype), False
     if sizes["largest_layer"] + sizes["outside"] > budget:

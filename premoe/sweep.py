@@ -83,13 +83,13 @@ def sweep(
     if bad:
         raise InputError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
     tasks = tasks or builtin_tasks(calib_samples, eval_samples)
-    from .memory import available_bytes, parse_megabytes
+    from .memory import fits, memory_budget
     from .modelio import inspect_model, load_tokenizer
     from .streaming import inference_model, resident_sizes
 
     info = inspect_model(model)
-    budget = parse_megabytes(max_memory) or available_bytes()
-    in_memory = stream is not True and not info.quant.method and resident_sizes(info)["total"] <= 0.85 * budget
+    budget = memory_budget(max_memory)
+    in_memory = stream is not True and not info.quant.method and fits(resident_sizes(info)["total"], budget)
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
 
