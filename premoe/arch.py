@@ -284,8 +284,7 @@ class MoeLayer:
     bias_path: str | None = None
 
     def tensor(self, path: str) -> torch.Tensor:
-        owner, _, leaf = path.rpartition(".")
-        mod = self.block.get_submodule(owner) if owner else self.block
+        mod, leaf = _owner(self.block, path)
         return getattr(mod, leaf)
 
     def selection_bias(self) -> torch.Tensor | None:
@@ -293,6 +292,21 @@ class MoeLayer:
             return None
         bias = self.tensor(self.bias_path)
         return bias.reshape(-1) if bias is not None else None
+
+
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = path.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), leaf
+
+
+def set_tensor(module: nn.Module, path: str, value: torch.Tensor, requires_grad: bool = False) -> None:
+    """Put ``value`` at ``path`` (dotted, relative to ``module``): as a parameter where the module has
+    a parameter of that name, else as a buffer."""
+    mod, leaf = _owner(module, path)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=requires_grad)
+    else:
+        mod._buffers[leaf] = value
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -70,7 +70,6 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], lis
     slots = {layer: info.slots(ids) for layer, ids in plan.kept.items()}
     position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in slots.items()}
     tensors = info.checkpoint.tensors
-    E = info.num_experts
     for name in sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset)):
         t, role = tensors[name], info.roles[name]
         whole = [(t.file, t.offset, t.nbytes)]
@@ -88,7 +87,7 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], lis
             out.append(OutTensor(name, t.dtype, shape, t.select(dim, ids)))
         elif role.kind == "fused" and t.shape:
             ids = slots[role.layer] if role.rows == 0 else plan.kept[role.layer]
-            per = max(role.rows, 1) if t.shape[0] in (E * max(role.rows, 1), info.router.width) else t.shape[0] // E
+            per = max(role.rows, 1)  # rows per expert (per router slot), of this tensor or scale
             out.append(OutTensor(name, t.dtype, (len(ids) * per, *t.shape[1:]), t.rows(ids, per)))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, whole))
@@ -108,7 +107,7 @@ def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
 
 
 def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dict:
-    updates = config_updates(info.model_config, info, plan)
+    updates = config_updates(info.model_config, info.spec, info.config, plan)
     if info.text_key:  # a multimodal release: the language model's keys live in its text config
         updates = {f"{info.text_key}.{k}": v for k, v in updates.items()}
     cfg = apply_config_updates(info.raw_config, updates)

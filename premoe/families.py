@@ -47,7 +47,7 @@ _SPECS = [
     ArchSpec("qwen3_5_moe_text", RENORM, "num_experts", shared=("shared_expert", "shared_expert_gate"),
              notes="hybrid linear / full attention layers; shared expert + gate kept"),
     ArchSpec("mellum", NORM_TOPK, "num_local_experts"),
-    ArchSpec("lara_mini", Routing("softmax", renormalize="norm_topk_prob"), "num_experts", shared=("shared_expert",)),
+    ArchSpec("lara_mini", NORM_TOPK, "num_experts", shared=("shared_expert",)),
     ArchSpec("olmoe", NORM_TOPK, "num_experts"),
     ArchSpec("flex_olmo", NORM_TOPK, "num_experts"),
     ArchSpec(
@@ -100,7 +100,7 @@ _SPECS = [
     ArchSpec("kolibri1", Routing("logits", "sigmoid", renormalize="norm_topk_prob", bias="gate.e_score_correction_bias",
                                  bias_on_logits=True), "num_local_experts", shared=("shared_experts",)),
     ArchSpec("inkling2_text", Routing("sigmoid", renormalize=True, eps=1e-20, bias="gate.e_score_correction_bias",
-                                      scale=("routed_scaling_factor",)), "n_routed_experts"),
+                                      scale=SCALE), "n_routed_experts"),
     ArchSpec("ernie4_5_moe", Routing("softmax", renormalize=True, renorm_min="moe_norm_min",
                                      bias="gate.moe_statics.e_score_correction_bias"),
              "moe_num_experts", topk_key="moe_k", shared=("shared_experts",), notes="correction bias [1, E] in `moe_statics`"),
@@ -142,10 +142,15 @@ def _causal_lm_classes() -> dict[str, str]:
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _rows_by_class(classes: dict[str, str]) -> dict[str, str]:
+    """{causal-LM class name: the row's name} for every row transformers has a causal LM for."""
+    return {classes[name]: name for name in ARCH_SPECS if name in classes}
+
+
 def supported_model_types() -> list[str]:
     """Every ``model_type`` with a row, directly or through the causal-LM class it maps to."""
     classes = _causal_lm_classes()
-    by_class = {classes.get(name): name for name in ARCH_SPECS if classes.get(name)}
+    by_class = _rows_by_class(classes)
     return sorted({*ARCH_SPECS, *(mt for mt, cls in classes.items() if cls in by_class)})
 
 
@@ -170,7 +175,7 @@ def resolve(raw_config: dict[str, Any]) -> tuple[ArchSpec, str, str | None]:
     if model_type in ARCH_SPECS:
         return ARCH_SPECS[model_type], model_type, None
     classes = _causal_lm_classes()
-    by_class = {classes[name]: name for name in ARCH_SPECS if name in classes}
+    by_class = _rows_by_class(classes)
     if model_type in classes and classes[model_type] in by_class:
         return ARCH_SPECS[by_class[classes[model_type]]], model_type, None
     if model_type not in classes:  # a model_type transformers does not know: trust its architectures

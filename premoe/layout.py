@@ -178,8 +178,7 @@ def map_checkpoint(
         if wrapper and base.startswith(wrapper):  # the language model of a multimodal release
             base, shift = base[len(wrapper):], len(wrapper)
         target, pattern = rename_source_key(base, renamings, converters, model.base_model_prefix, meta_state)
-        m = _LAYER.match(target)
-        layer = int(m["layer"]) if m and m["root"] == decoder_prefix else None
+        layer = layer_of(target, decoder_prefix)
         if layer is not None and layer >= num_layers:
             roles[key] = KeyRole("beyond", layer)
             continue

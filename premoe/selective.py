@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import backbone, find_moe_layers
+from .arch import backbone, find_moe_layers, set_tensor
 from .checkpoint import TORCH_DTYPES, ByteReader
 from .errors import CheckpointError, UnsupportedModelError
 from .kernels import select_kernel
@@ -50,7 +50,7 @@ def model_config(info: ModelInfo, plan: PrunePlan | None = None, num_layers: int
     """The transformers config of ``info``'s model, pruned to ``plan`` and truncated to ``num_layers``."""
     raw = dict(info.model_config)
     if plan is not None:
-        raw = apply_config_updates(raw, config_updates(raw, info, plan))
+        raw = apply_config_updates(raw, config_updates(raw, info.spec, info.config, plan))
     if num_layers is not None:
         if info.spec.layers_key != "num_hidden_layers":
             raw.pop("num_hidden_layers", None)  # derived from the family's own key
@@ -117,7 +117,11 @@ class Materializer:
         shape[dim] = len(ids) * per
         return self._read(key, t.select(dim, ids, per), tuple(shape))
 
-    def _dequant(self, key: str, value: torch.Tensor, src: Source, scale: torch.Tensor | None) -> torch.Tensor:
+    def _block_rows(self, key: str, src: Source) -> int:
+        """Rows of ``key`` per expert (per router slot for slot-indexed tensors) on dim 0."""
+        return self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
+
+    def _dequant(self, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         q = self.info.quant
         if scale is None:
             return value
@@ -153,7 +157,7 @@ class Materializer:
             return self._convert(name, src)
         value = self._read(src.key)
         scale = self._read(src.scales[src.key]) if src.key in src.scales else None
-        return self._dequant(src.key, value, src, scale)
+        return self._dequant(value, scale)
 
     def _convert(self, name: str, src: Source, ids: list[int] | None = None) -> torch.Tensor:
         """A tensor transformers builds from several keys: apply its own conversion ops to them (for fused
@@ -164,10 +168,9 @@ class Materializer:
             if ids is None:
                 v = self._read(key)
             else:
-                per = self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
-                v = self._select(key, 0, ids, per)
+                v = self._select(key, 0, ids, self._block_rows(key, src))
             if key in src.scales:
-                v = self._dequant(key, v, src, self._read(src.scales[key]))
+                v = self._dequant(v, self._read(src.scales[key]))
             inputs.setdefault(pattern, []).append(v)
         out: dict = inputs
         first = name
@@ -195,7 +198,7 @@ class Materializer:
         src = self.info.layout.sources[name]
         value = self._read(src.key) if ids is None else self._select(src.key, src.dim, ids)
         if src.key in src.scales:
-            value = self._dequant(src.key, value, src, self._read(src.scales[src.key]))
+            value = self._dequant(value, self._read(src.scales[src.key]))
         return value
 
     def slot_indexed(self, name: str) -> bool:
@@ -224,9 +227,8 @@ class Materializer:
             value = self._select(src.key, 0, ids, per)
             if src.key in src.scales:
                 scale_key = src.scales[src.key]
-                s_rows = self.tensors[scale_key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
-                scale = self._select(scale_key, 0, ids, s_rows)
-                value = self._dequant(src.key, value, src, scale)
+                scale = self._select(scale_key, 0, ids, self._block_rows(scale_key, src))
+                value = self._dequant(value, scale)
                 if self.info.quant.method == "mxfp4":
                     value = value.transpose(-1, -2).contiguous()  # hub [E, out, in] -> GPT-OSS [E, in, out]
             return value
@@ -248,7 +250,7 @@ class Materializer:
             for key in keys:
                 v = self._read(key)
                 if key in src.scales:
-                    v = self._dequant(key, v, src, self._read(src.scales[key]))
+                    v = self._dequant(v, self._read(src.scales[key]))
                 parts.append(v)
             block = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             if out is None:  # filled expert by expert: no second copy of the layer
@@ -305,13 +307,6 @@ class Materializer:
                 set_tensor(mod, leaf, value)
                 held += value.nbytes
         return held
-
-
-def set_tensor(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[leaf] = value
 
 
 def release(module: nn.Module) -> None:
@@ -389,7 +384,6 @@ def build_model(
     model = skeleton(config)
     spec = info.spec
     moe = {m.index: m for m in find_moe_layers(model, spec)}
-    skip: set[int] = set()
     expert_mods = []
     for m in moe.values():
         if m.experts is None:

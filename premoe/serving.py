@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .api import plan_from_pattern
-from .arch import find_moe_layers
+from .arch import find_moe_layers, set_tensor
 from .errors import InputError
 from .evaluation import generate_greedy
 from .kernels import select_kernel
@@ -146,26 +146,17 @@ def install_pattern(
                     rows_of[f"{prefix}.{path}"] = m.tensor(path)[old_pos[e] * per:(old_pos[e] + 1) * per].detach().clone()
                 cache.put((layer, e), rows_of)
         for path, t in fresh.items():
-            _set_path(m.block, path, t, parameter=True)
+            set_tensor(m.block, path, t)
         for name, full in routers[layer].items():
             path = name.removeprefix(prefix + ".")
             dim = m.router_tensors[path]
             cur = m.tensor(path)
             value = full.index_select(dim, torch.tensor(info.slots(new))).to(device=cur.device, dtype=cur.dtype).clone()
-            _set_path(m.block, path, value)
+            set_tensor(m.block, path, value)
         held[layer] = list(new)
     stats.bytes_read = reader.bytes_read - before
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def _set_path(block: nn.Module, path: str, value: torch.Tensor, parameter: bool | None = None) -> None:
-    owner, _, leaf = path.rpartition(".")
-    mod = block.get_submodule(owner) if owner else block
-    if leaf in mod._parameters or parameter:
-        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        mod._buffers[leaf] = value
 
 
 def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:

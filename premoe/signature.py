@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import MoeLayer, backbone, decoder_layers, find_moe_layers
+from .arch import MoeLayer, backbone, decoder_layers, find_moe_layers, set_tensor
 from .calibration import observe
 from .errors import InputError, UnsupportedModelError
 from .modelio import ModelInfo
@@ -58,26 +58,17 @@ def with_full_router(m: MoeLayer, spec, config, prefix: str, tensors: dict[str, 
     fresh = dict(router.state_dict(keep_vars=True))
     for key, t in m.router.state_dict(keep_vars=True).items():  # router tensors without an expert dimension
         if key in fresh and fresh[key].shape == t.shape:
-            _assign(router, key, t)
+            set_tensor(router, key, t)
     setattr(block, spec.router, router)
     for name, t in tensors.items():
         path = name.removeprefix(prefix + ".")
         if path.startswith(spec.router + "."):
-            _assign(router, path.removeprefix(spec.router + "."), t)
+            set_tensor(router, path.removeprefix(spec.router + "."), t)
         elif "." not in path:
-            _assign(block, path, t)
+            set_tensor(block, path, t)
         else:
             raise UnsupportedModelError(f"router tensor {path} of {spec.name} lives in a submodule premoe cannot swap")
     return block
-
-
-def _assign(module: nn.Module, path: str, t: torch.Tensor) -> None:
-    owner, _, leaf = path.rpartition(".")
-    mod = module.get_submodule(owner) if owner else module
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = nn.Parameter(t.detach(), requires_grad=False)
-    else:
-        mod._buffers[leaf] = t
 
 
 class SignatureModel:

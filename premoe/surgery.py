@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import EXPERT_COUNT_KEYS, ArchSpec, config_get, config_has, config_set, find_moe_layers, router_spec
+from .arch import (EXPERT_COUNT_KEYS, ArchSpec, config_get, config_has, config_set, find_moe_layers, router_spec,
+                   set_tensor)
 from .errors import InputError
 from .layout import expert_slots
 from .plans import PrunePlan
@@ -33,16 +34,14 @@ def _aliases(config_obj: Any, key: str) -> set[str]:
     return {key, canon, *(a for a, c in amap.items() if c == canon)}
 
 
-def config_updates(raw: dict[str, Any], info, plan: PrunePlan) -> dict[str, Any]:
-    """Keys of ``config.json`` (as the hub spells them; dotted for nested configs) that change with ``plan``."""
-    spec: ArchSpec = info.spec
-    cfg = info.config
-    count_keys = {spec.count_key} | {k for k in (*EXPERT_COUNT_KEYS, *_aliases(cfg, spec.count_key)) if config_has(raw, k)}
-    topk_keys = {spec.topk_key} | {k for k in (*TOPK_KEYS, *_aliases(cfg, spec.topk_key)) if config_has(raw, k)}
-    upd: dict[str, Any] = {k: plan.keep for k in count_keys if "." in k or config_has(raw, k) or k == spec.count_key}
-    upd.update({k: plan.top_k for k in topk_keys if config_has(raw, k) or k == spec.topk_key})
+def config_updates(raw: dict[str, Any], spec: ArchSpec, config: Any, plan: PrunePlan) -> dict[str, Any]:
+    """Keys of ``config.json`` ``raw`` (as the hub spells them; dotted for nested configs) that change with
+    ``plan``; ``config`` is the model's transformers config (its class's ``attribute_map`` gives aliases)."""
+    upd: dict[str, Any] = {spec.count_key: plan.keep, spec.topk_key: plan.top_k}
+    upd.update({k: plan.keep for k in (*EXPERT_COUNT_KEYS, *_aliases(config, spec.count_key)) if config_has(raw, k)})
+    upd.update({k: plan.top_k for k in (*TOPK_KEYS, *_aliases(config, spec.topk_key)) if config_has(raw, k)})
     if plan.group_policy == "flatten":
-        for k in ("n_group", "topk_group", *_aliases(cfg, "n_group"), *_aliases(cfg, "topk_group")):
+        for k in ("n_group", "topk_group", *_aliases(config, "n_group"), *_aliases(config, "topk_group")):
             if config_has(raw, k):
                 upd[k] = 1
         if config_get(raw, "topk_method") == "group_limited_greedy":
@@ -66,15 +65,6 @@ def _slice(t: torch.Tensor, dim: int, ids: list[int], per: int = 1) -> torch.Ten
     return blocks.flatten(0, 1).clone()
 
 
-def _set(block: nn.Module, path: str, value: torch.Tensor) -> None:
-    owner, _, leaf = path.rpartition(".")
-    mod = block.get_submodule(owner) if owner else block
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = nn.Parameter(value, requires_grad=mod._parameters[leaf].requires_grad)
-    else:
-        mod._buffers[leaf] = value
-
-
 def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
     """Prune ``model`` in place to ``plan``; returns it.
 
@@ -93,9 +83,11 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
         kept = plan.kept[m.index]
         slots = expert_slots(kept, E, width)
         for path, dim in m.router_tensors.items():
-            _set(m.block, path, _slice(m.tensor(path), dim, slots))
+            t = m.tensor(path)
+            set_tensor(m.block, path, _slice(t, dim, slots), requires_grad=t.requires_grad)
         for path, per in m.expert_tensors.items():
-            _set(m.block, path, _slice(m.tensor(path), 0, slots if per == 0 else kept, max(per, 1)))
+            t = m.tensor(path)
+            set_tensor(m.block, path, _slice(t, 0, slots if per == 0 else kept, max(per, 1)), requires_grad=t.requires_grad)
         for mod in m.block.modules():
             if isinstance(mod, nn.Linear) and mod.out_features == width and mod.weight.shape[0] == N + extra:
                 mod.out_features = N + extra
@@ -111,14 +103,6 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
         for attr in _TOPK_ATTRS:
             if getattr(mod, attr, None) == plan.top_k_before and isinstance(getattr(mod, attr), int):
                 setattr(mod, attr, plan.top_k)
-    raw_like = model.config.to_dict()
-    for key, value in config_updates(raw_like, _InfoView(model.config, spec), plan).items():
+    for key, value in config_updates(model.config.to_dict(), spec, model.config, plan).items():
         config_set(model.config, key, value)
     return model
-
-
-class _InfoView:
-    """The two fields :func:`config_updates` reads, for a live model."""
-
-    def __init__(self, config, spec):
-        self.config, self.spec = config, spec
