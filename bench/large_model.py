@@ -37,7 +37,7 @@ BLOCK = 128
 
 
 def config(experts: int) -> dict:
-    from premoe.tasks import char_tokenizer
+    from premoe.core.tasks import char_tokenizer
 
     tok = char_tokenizer()
     return dict(
@@ -59,7 +59,7 @@ def make_checkpoint(path: Path, experts: int, shard_bytes: int = 1 << 30) -> int
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
-    from premoe.tasks import char_tokenizer
+    from premoe.core.tasks import char_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     cfg = config(experts)
@@ -190,15 +190,15 @@ def baseline_rss_mb() -> float:
 
 
 def write_tasks(work: Path, n: int) -> dict[str, Path]:
-    from premoe.data import write_jsonl
-    from premoe.tasks import samples
+    from premoe.core.data import write_jsonl
+    from premoe.core.tasks import samples
 
     return {t: write_jsonl(work / f"{t}.jsonl", samples(t, n, "calib")) for t in ("add", "reverse")}
 
 
 def hidden_bytes(model: Path, data: list[Path], max_length: int = 2048) -> int:
-    from premoe.data import iter_samples
-    from premoe.modelio import load_tokenizer
+    from premoe.core.data import iter_samples
+    from premoe.core.modelio import load_tokenizer
 
     tok = load_tokenizer(model)
     tokens = sum(len(tok(t, truncation=True, max_length=max_length)["input_ids"]) for f in data for t in iter_samples(f))
@@ -206,8 +206,8 @@ def hidden_bytes(model: Path, data: list[Path], max_length: int = 2048) -> int:
 
 
 def large_run(args, work: Path) -> dict:
-    from premoe.modelio import inspect_model
-    from premoe.streaming import resident_sizes
+    from premoe.core.modelio import inspect_model
+    from premoe.moe.streaming import resident_sizes
 
     model = work / "model"
     if not (model / "model.safetensors.index.json").exists():
@@ -254,7 +254,7 @@ def large_run(args, work: Path) -> dict:
 THROUGHPUT = r"""
 import json, sys, time, torch
 import premoe
-from premoe.data import iter_samples
+from premoe.core.data import iter_samples
 model, data, store, stream = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 t0 = time.perf_counter()
 p = premoe.calibrate(model, data, "t", store, stream=stream, progress=False, overwrite=True)
@@ -264,7 +264,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "tokens": p.info["tokens"
 
 def throughput_run(args, work: Path) -> dict:
     """Streamed vs in-memory calibration on a checkpoint that fits, and their agreement."""
-    from premoe.store import PatternStore
+    from premoe.core.store import PatternStore
 
     model = work / "small"
     if not (model / "model.safetensors.index.json").exists():
@@ -284,7 +284,7 @@ def throughput_run(args, work: Path) -> dict:
     b = PatternStore.open(work / "store-stream").load("t")
     rel = max(float(((a.means[k] - b.means[k]).abs() / a.means[k].abs().clamp_min(1e-6)).max()) for k in a.means)
     best = {m: min(res[m]) for m in ("memory", "stream")}
-    from premoe.modelio import inspect_model
+    from premoe.core.modelio import inspect_model
 
     return {"checkpoint_mb": inspect_model(model).checkpoint.nbytes / 2**20, "tokens": res["tokens"],
             "seconds": best, "ratio": best["memory"] / best["stream"], "max_rel_diff": rel,

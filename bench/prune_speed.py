@@ -34,8 +34,8 @@ if method != "copy":  # imports are a fixed start-up cost, the same for both; ti
     import torch, premoe
     import transformers.models.qwen3_moe.modeling_qwen3_moe
     from transformers import AutoModelForCausalLM
-    from premoe.modelio import inspect_model
-    from premoe.surgery import apply_plan_
+    from premoe.core.modelio import inspect_model
+    from premoe.moe.surgery import apply_plan_
 def rss_kb(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
 base = rss_kb("VmRSS:")
@@ -60,7 +60,7 @@ def make_model(path: Path, gb: float) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from premoe.tasks import char_tokenizer
+    from premoe.core.tasks import char_tokenizer
 
     tok = char_tokenizer()
     hidden, inter, experts, layers = 1024, 256, 64, max(1, round(gb * 2**30 / (2 * 3 * 1024 * 256 * 64)))
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import premoe
-    from premoe.modelio import inspect_model
+    from premoe.core.modelio import inspect_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="premoe-bench-"))
     src = work / "src"

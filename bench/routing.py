@@ -8,7 +8,7 @@ Part 2 is harder and covers every router family: for the tiny model of each fami
 premoe.testing.FAMILIES, eight synthetic "tasks" are overlapping random character distributions;
 keys come from 8 samples of 24 characters, queries are 4 to 8 characters long.
 
-Together they are the evidence behind premoe.retrieval.SignatureSpec's defaults.
+Together they are the evidence behind premoe.core.retrieval.SignatureSpec's defaults.
 
     python bench/routing.py [--queries 200] [--calib 64]
 """
@@ -27,13 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
-from premoe.data import write_jsonl  # noqa: E402
-from premoe.modelio import inspect_model, load_model  # noqa: E402
-from premoe.retrieval import METRICS, NORMS, SOURCES, STATS, Retriever, SignatureSpec  # noqa: E402
+from premoe.core.data import write_jsonl  # noqa: E402
+from premoe.core.modelio import inspect_model
+from premoe.core.loading import load_model
+from premoe.core.retrieval import METRICS, NORMS, SOURCES, STATS, Retriever, SignatureSpec  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
-from premoe.signature import SignatureModel  # noqa: E402
-from premoe.store import PatternStore  # noqa: E402
-from premoe.tasks import TASKS, samples  # noqa: E402
+from premoe.moe.signature import SignatureModel  # noqa: E402
+from premoe.core.store import PatternStore  # noqa: E402
+from premoe.core.tasks import TASKS, samples  # noqa: E402
 
 
 def query_stats(sm: SignatureModel, prompts: list[str]) -> dict[str, torch.Tensor]:

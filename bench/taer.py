@@ -38,16 +38,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import premoe  # noqa: E402
-from premoe.data import write_jsonl  # noqa: E402
-from premoe.evaluation import exact_match  # noqa: E402
+from premoe.core.data import write_jsonl  # noqa: E402
+from premoe.core.evaluation import exact_match  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
-from premoe.tasks import TASKS, samples  # noqa: E402
+from premoe.core.tasks import TASKS, samples  # noqa: E402
 
 
 def quality(keep: int, queries: int, calib: int) -> dict:
-    from premoe.modelio import load_model
-    from premoe.retrieval import QueryRouter
-    from premoe.selective import ByteReader, build_model
+    from premoe.core.loading import load_model
+    from premoe.core.retrieval import QueryRouter
+    from premoe.moe.selective import ByteReader, build_model
 
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-q-"))
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
@@ -85,7 +85,7 @@ prompt = "the quick brown fox jumps over the lazy dog " * 6
 out = {"rss_after_imports": rss("VmRSS:")}
 if mode == "serve":
     from premoe.serving import TaskServer
-    from premoe.selective import ideal_bytes
+    from premoe.moe.selective import ideal_bytes
     server = TaskServer(src, store, keep)
     reply = server.generate(prompt, max_new_tokens=8)
     out["peak_rss"] = rss("VmHWM:")
@@ -124,8 +124,8 @@ elif mode == "dense":
     out["peak_rss"] = rss("VmHWM:")
 elif mode == "load":
     import ctypes, statistics
-    from premoe.modelio import inspect_model
-    from premoe.selective import ByteReader, build_model
+    from premoe.core.modelio import inspect_model
+    from premoe.moe.selective import ByteReader, build_model
     info = inspect_model(src)
     plan = premoe.plan(info, store, "a", keep)
     reads = []
@@ -169,7 +169,7 @@ print(json.dumps(out))
 def make_model(path: Path, gb: float) -> None:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from premoe.tasks import char_tokenizer
+    from premoe.core.tasks import char_tokenizer
 
     tok = char_tokenizer()
     hidden, inter, experts = 1024, 256, 64
@@ -201,7 +201,7 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
     src = work / "model"
     if not (src / "config.json").exists():
         make_model(src, gb)
-    from premoe.modelio import inspect_model
+    from premoe.core.modelio import inspect_model
 
     info = inspect_model(src)
     keep = max(info.router.top_k, round(info.num_experts * keep_frac))
@@ -224,9 +224,9 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
 def scale(n_tasks: int) -> dict:
     import statistics
 
-    from premoe.modelio import load_model
-    from premoe.retrieval import QueryRouter
-    from premoe.store import PatternStore, TaskPattern
+    from premoe.core.loading import load_model
+    from premoe.core.retrieval import QueryRouter
+    from premoe.core.store import PatternStore, TaskPattern
 
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-scale-"))
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)

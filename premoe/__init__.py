@@ -12,8 +12,8 @@ Attributes are imported lazily, so ``premoe --help`` does not pay for torch and 
 
 from importlib import import_module
 
-from ._version import __version__
-from .errors import PremoeError
+from premoe._version import __version__
+from premoe.errors import PremoeError
 
 _LAZY = {
     "calibrate": "api",
@@ -24,8 +24,8 @@ _LAZY = {
     "evaluate": "api",
     "pooled_pattern": "api",
     "serve": "api",
-    "inspect_model": "modelio",
-    "load_model": "modelio",
+    "inspect_model": "core.modelio",
+    "load_model": "core.loading",
 }
 
 __all__ = ["__version__", "calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect", "inspect_store", "route",

@@ -5,62 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .calibration import calibrate
-from .export import ExportResult, check_out_dir, export_pruned
-from .modelio import LoadedModel, ModelInfo, as_info
-from .plans import PrunePlan, check_keep, make_plan
-from .scoring import SCORERS, pool_means, score
-from .errors import InputError, StoreError
-from .store import PatternStore, TaskPattern
+from premoe.core.loading import LoadedModel
+from premoe.core.modelio import ModelInfo, as_info
+from premoe.core.store import PatternStore
+from premoe.errors import InputError
+from premoe.moe.calibration import calibrate
+from premoe.moe.export import ExportResult, check_out_dir, export_pruned
+from premoe.moe.patterns import experts_for_mass, load_pattern, plan_from_pattern, pooled_pattern
+from premoe.moe.plans import PrunePlan, check_keep
+from premoe.moe.scoring import SCORERS
 
 __all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve"]
-
-
-def pooled_pattern(store: str | Path | PatternStore, tasks: list[str] | None = None, name: str = "all-tasks") -> TaskPattern:
-    """One pattern for several tasks (default: all in the store), as if calibrated on all their samples.
-
-    Every stored statistic is a per-token sum, so pooling is exact: a token-weighted average of the
-    tasks' means (task-agnostic pruning, what REAP and most peers do).
-
-    Raises:
-        StoreError: an unknown task, or no tasks.
-    """
-    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
-    names = tasks or sorted(st.tasks)
-    if not names:
-        raise StoreError(f"store {st.path} has no tasks to pool; calibrate some first")
-    patterns = [st.load(t) for t in names]
-    means, tokens = pool_means([(p.means, int(p.info.get("tokens", 0))) for p in patterns])
-    default = patterns[0].scorer if len({p.scorer for p in patterns}) == 1 else "tcess"
-    shape = tuple(patterns[0].scores.shape)
-    scores = score_pattern(TaskPattern(name, patterns[0].layers, patterns[0].scores, means), default, shape)
-    return TaskPattern(name, patterns[0].layers, scores, means,
-                       {"tokens": tokens, "scorer": default, "pooled_from": names,
-                        "samples": sum(int(p.info.get("samples", 0)) for p in patterns)})
-
-
-def score_pattern(pattern: TaskPattern, scorer: str | None, shape=None, seed: int = 0):
-    """``pattern``'s scores under ``scorer`` (``None``: the scorer it was calibrated with).
-
-    Raises:
-        InputError: unknown scorer, or the pattern lacks the statistics it needs.
-    """
-    if scorer is None or scorer == pattern.scorer:
-        return pattern.scores
-    try:
-        return score(scorer, pattern.means, shape or tuple(pattern.scores.shape), seed)
-    except ValueError as e:
-        raise InputError(f"task {pattern.name!r}: {e}") from None
-
-
-def load_pattern(store: str | Path | PatternStore, task: str | None, agnostic: bool = False) -> TaskPattern:
-    """A stored task's pattern, or with ``agnostic`` the pooled pattern of every task in the store."""
-    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
-    if agnostic == (task is not None):
-        raise InputError("give either --task NAME or --agnostic (pool every task in the store)")
-    return pooled_pattern(st) if agnostic else st.load(task)
 
 
 def plan(
@@ -75,7 +30,7 @@ def plan(
     agnostic: bool = False,
     seed: int = 0,
 ) -> PrunePlan:
-    """The :class:`~premoe.plans.PrunePlan` that keeps ``keep`` experts per layer for ``task``.
+    """The :class:`~premoe.moe.plans.PrunePlan` that keeps ``keep`` experts per layer for ``task``.
 
     Args:
         scorer: rank experts with this scorer instead of the task's own (its statistics must have
@@ -91,23 +46,6 @@ def plan(
     st.check_model(info.fingerprint)
     pattern = load_pattern(st, task, agnostic)
     return plan_from_pattern(info, pattern, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, seed=seed)
-
-
-def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k=None, group_policy="balanced",
-                      scorer: str | None = None, seed: int = 0) -> PrunePlan:
-    scores = score_pattern(pattern, scorer, seed=seed)
-    return make_plan(
-        scores,
-        pattern.layers,
-        info.router,
-        keep,
-        top_k=top_k,
-        group_policy=group_policy,
-        tiebreak=pattern.means.get("prob"),  # unselected experts: the router's soft preference decides
-        task=pattern.name,
-        scorer=scorer or pattern.scorer,
-        source=info.fingerprint.to_dict(),
-    )
 
 
 def prune(
@@ -135,28 +73,19 @@ def prune(
             at least the (new) top-k.
         out: output directory (must not exist unless ``overwrite``).
         top_k: lower the experts routed per token as well (the paper's "4/64").
-        group_policy: ``balanced`` or ``flatten`` for group-limited routers (see :mod:`premoe.plans`).
+        group_policy: ``balanced`` or ``flatten`` for group-limited routers (see :mod:`premoe.moe.plans`).
         scorer: rank with this scorer instead of the task's own.
         agnostic: pool every task in the store instead of using one (task-agnostic pruning).
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
 
     Returns:
-        :class:`~premoe.export.ExportResult` (bytes written, plan, timing).
+        :class:`~premoe.moe.export.ExportResult` (bytes written, plan, timing).
     """
     info = as_info(model)
     check_keep(info.router, keep, top_k, group_policy)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
     return export_pruned(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
-
-
-def experts_for_mass(scores: torch.Tensor, mass: float = 0.9) -> float:
-    """Mean over layers of how many experts cover ``mass`` of a layer's (non-negative) score."""
-    s = scores.clamp_min(0).sort(dim=-1, descending=True).values
-    total = s.sum(dim=-1, keepdim=True)
-    frac = s.cumsum(dim=-1) / total.clamp_min(1e-30)
-    needed = (frac < mass - 1e-9).sum(dim=-1) + 1
-    return float(needed.float().mean())
 
 
 def inspect_store(store: str | Path) -> dict[str, Any]:
@@ -198,16 +127,16 @@ def route(
 
     Only the embeddings, the decoder layers up to the ``layers``-th MoE layer and their routers are
     read from the checkpoint. Defaults of ``stat``/``source``/``norm``/``metric``: see
-    :class:`~premoe.retrieval.SignatureSpec`.
+    :class:`~premoe.core.retrieval.SignatureSpec`.
 
     Returns:
-        ``(results, bytes_read)``: one :class:`~premoe.retrieval.RouteResult` per query, and the
+        ``(results, bytes_read)``: one :class:`~premoe.core.retrieval.RouteResult` per query, and the
         bytes read from the checkpoint to build the signature model.
 
     Raises:
         PremoeError: empty store, store of another model, empty query.
     """
-    from .retrieval import QueryRouter, signature_spec
+    from premoe.core.retrieval import QueryRouter, signature_spec
 
     router = QueryRouter(model, store, signature_spec(layers, stat, source, norm, metric), device=device, dtype=dtype)
     queries = [queries] if isinstance(queries, str) else list(queries)
@@ -216,7 +145,7 @@ def route(
 
 def serve(model: str | Path, store: str | Path, keep: int, **kwargs):
     """A :class:`~premoe.serving.TaskServer`: route prompts and serve them with only their task's experts."""
-    from .serving import TaskServer
+    from premoe.serving import TaskServer
 
     return TaskServer(model, store, keep, **kwargs)
 
@@ -253,9 +182,10 @@ def evaluate(
         ``{"exact_match", "generate_samples", "mc_accuracy", "mc_samples", ...}`` (metrics are
         ``None`` when the file has no sample of that kind).
     """
-    from .evaluation import choice_accuracy, exact_match, read_eval_data
-    from .kernels import select_kernel
-    from .modelio import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from premoe.core.evaluation import choice_accuracy, exact_match, read_eval_data
+    from premoe.core.loading import load_model
+    from premoe.core.modelio import load_tokenizer, resolve_device, resolve_dtype
+    from premoe.moe.kernels import select_kernel
 
     gen, mc = read_eval_data(data, limit)
     result: dict[str, Any] = {"model": str(model), "data": str(data)}
@@ -263,9 +193,9 @@ def evaluate(
         raise InputError("--task/--keep/--agnostic need --store (or evaluate an exported model directory directly)")
     if store is not None and keep is None:
         raise InputError("--store needs --keep (experts per layer) and --task or --agnostic")
-    from .memory import fits, memory_budget
-    from .selective import ByteReader
-    from .streaming import inference_model, resident_sizes
+    from premoe.core.memory import fits, memory_budget
+    from premoe.moe.selective import ByteReader
+    from premoe.moe.streaming import inference_model, resident_sizes
 
     budget = memory_budget(max_memory)
     info = as_info(model)

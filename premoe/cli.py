@@ -8,10 +8,10 @@ import logging
 import sys
 import time
 
-from ._version import __version__
-from .errors import PremoeError
+from premoe._version import __version__
+from premoe.errors import PremoeError
 
-SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.scoring.SCORERS
+SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.moe.scoring.SCORERS
 
 
 def _add_calibrate(sub):
@@ -180,7 +180,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _run(args) -> int:
-    from . import api
+    from premoe import api
 
     progress = not args.quiet
     if args.command == "calibrate":
@@ -240,7 +240,7 @@ def _run(args) -> int:
     elif args.command in ("generate", "chat"):
         return _serve(args)
     elif args.command == "sweep":
-        from .sweep import format_summary, sweep
+        from premoe.sweep import format_summary, sweep
 
         tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
@@ -253,7 +253,7 @@ def _run(args) -> int:
             print(format_summary(res))
             print(f"wrote results.json, results.csv, {', '.join(res['pictures'])} to {args.out} in {res['seconds']:.0f}s")
     elif args.command == "demo":
-        from .showcase import demo, format_table
+        from premoe.showcase import demo, format_table
 
         result = demo(keeps=args.keep, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
                       workdir=args.workdir, progress=progress)
@@ -263,8 +263,8 @@ def _run(args) -> int:
 
 def _queries(args, text_arg: str) -> list[tuple[str, str]]:
     """(where, text) pairs from the positional text or --data."""
-    from .data import iter_records
-    from .errors import InputError
+    from premoe.core.data import iter_records
+    from premoe.errors import InputError
 
     text = getattr(args, text_arg)
     if (text is None) == (args.data is None):
@@ -275,14 +275,14 @@ def _queries(args, text_arg: str) -> list[tuple[str, str]]:
 
 
 def _spec(args):
-    from .retrieval import signature_spec
+    from premoe.core.retrieval import signature_spec
 
     return signature_spec(args.layers, args.stat, args.source, args.norm, args.metric)
 
 
 def _route(args) -> int:
-    from .errors import InputError
-    from .retrieval import QueryRouter
+    from premoe.core.retrieval import QueryRouter
+    from premoe.errors import InputError
 
     queries = _queries(args, "query")
     router = QueryRouter(args.model, args.store, _spec(args), device=args.device, dtype=args.dtype)
@@ -296,8 +296,8 @@ def _route(args) -> int:
 
 
 def _serve(args) -> int:
-    from .errors import InputError
-    from .serving import TaskServer
+    from premoe.errors import InputError
+    from premoe.serving import TaskServer
 
     server = TaskServer(
         args.model, args.store, args.keep, top_k=args.top_k, group_policy=args.group_policy,
@@ -318,7 +318,7 @@ def _serve(args) -> int:
 
 
 def _chat(server, args) -> int:
-    from .errors import InputError
+    from premoe.errors import InputError
 
     tok = server.tokenizer
     templated = bool(getattr(tok, "chat_template", None))
@@ -357,7 +357,7 @@ def _chat(server, args) -> int:
             prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         else:
             prompt = msg
-        from .evaluation import generate_greedy
+        from premoe.core.evaluation import generate_greedy
 
         text = generate_greedy(server.model, tok, [prompt], args.max_new_tokens)[0].strip()
         if templated:

@@ -20,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import plan_from_pattern
-from .arch import find_moe_layers, set_tensor
-from .errors import InputError
-from .evaluation import generate_greedy
-from .kernels import select_kernel
-from .modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
-from .plans import PrunePlan, check_keep
-from .retrieval import Retriever, RouteResult, SignatureSpec
-from .selective import ByteReader, Materializer, build_model, read_routers
-from .signature import SignatureModel
-from .store import PatternStore
+from premoe.core.evaluation import generate_greedy
+from premoe.core.modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
+from premoe.core.modules import set_tensor
+from premoe.core.retrieval import Retriever, RouteResult, SignatureSpec
+from premoe.core.store import PatternStore
+from premoe.errors import InputError
+from premoe.moe.arch import find_moe_layers
+from premoe.moe.kernels import select_kernel
+from premoe.moe.patterns import plan_from_pattern
+from premoe.moe.plans import PrunePlan, check_keep
+from premoe.moe.selective import ByteReader, Materializer, build_model, read_routers
+from premoe.moe.signature import SignatureModel
 
 
 class ExpertCache:
@@ -206,7 +207,7 @@ class TaskServer:
         store: pattern store calibrated on that model.
         keep: experts held per MoE layer.
         top_k: lower the experts routed per token as well.
-        group_policy: group-limited routers, see :mod:`premoe.plans`.
+        group_policy: group-limited routers, see :mod:`premoe.moe.plans`.
         signature: how prompts are matched to tasks.
         cache_bytes: budget for experts dropped by a switch, kept for later switches (0: none).
         device: where to run (default: CPU; "auto": the accelerator if there is one).

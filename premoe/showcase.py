@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .api import calibrate, prune
-from .data import write_jsonl
-from .evaluation import exact_match
-from .modelio import load_model
-from .tasks import TASKS, samples
+from premoe.api import calibrate, prune
+from premoe.core.data import write_jsonl
+from premoe.core.evaluation import exact_match
+from premoe.core.loading import load_model
+from premoe.core.tasks import TASKS, samples
 
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"
 METHODS = {

@@ -24,21 +24,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .api import plan_from_pattern, pooled_pattern
-from .calibration import calibrate
-from .data import write_jsonl
-from .errors import InputError
-from .evaluation import exact_match
-from .modelio import load_model
-from .scoring import SCORERS
-from .selective import ByteReader, build_model
-from .store import PatternStore
+from premoe.core.data import write_jsonl
+from premoe.core.evaluation import exact_match
+from premoe.core.loading import load_model
+from premoe.core.store import PatternStore
+from premoe.errors import InputError
+from premoe.moe.calibration import calibrate
+from premoe.moe.patterns import plan_from_pattern, pooled_pattern
+from premoe.moe.scoring import SCORERS
+from premoe.moe.selective import ByteReader, build_model
 
 DATA_FREE = {"random", "weights"}  # same ranking whatever the calibration data: one mode suffices
 
 
 def builtin_tasks(calib_samples: int, eval_samples: int) -> dict[str, tuple[list[dict], list[dict]]]:
-    from .tasks import TASKS, samples
+    from premoe.core.tasks import TASKS, samples
 
     return {t: (samples(t, calib_samples, "calib"), samples(t, eval_samples, "eval")) for t in TASKS}
 
@@ -70,7 +70,7 @@ def sweep(
         stream / max_memory: for a model larger than memory (or ``max_memory`` MB): calibration streams
             it layer by layer and evaluation loads its layers on demand (``stream`` forces either way).
     """
-    from .showcase import TINY_MODEL
+    from premoe.showcase import TINY_MODEL
 
     logging.getLogger("premoe").setLevel(logging.WARNING)
     t_start = time.perf_counter()
@@ -83,9 +83,9 @@ def sweep(
     if bad:
         raise InputError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
     tasks = tasks or builtin_tasks(calib_samples, eval_samples)
-    from .memory import fits, memory_budget
-    from .modelio import inspect_model, load_tokenizer
-    from .streaming import inference_model, resident_sizes
+    from premoe.core.memory import fits, memory_budget
+    from premoe.core.modelio import inspect_model, load_tokenizer
+    from premoe.moe.streaming import inference_model, resident_sizes
 
     info = inspect_model(model)
     budget = memory_budget(max_memory)
@@ -163,7 +163,7 @@ def sweep(
 
 def _rows(rows_or_path) -> list[dict]:
     if isinstance(rows_or_path, (str, Path)):
-        from .evaluation import read_eval_data
+        from premoe.core.evaluation import read_eval_data
 
         gen, _ = read_eval_data(rows_or_path)
         return gen

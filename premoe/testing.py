@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import char_tokenizer
+from premoe.core.tasks import char_tokenizer
 
 COMMON = dict(
     hidden_size=32,
@@ -139,8 +139,8 @@ def build_model(model_type: str, overrides: dict, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    from .arch import find_moe_layers
-    from .families import resolve
+    from premoe.moe.arch import find_moe_layers
+    from premoe.moe.families import resolve
 
     spec = resolve({"model_type": model_type})[0]
     with torch.no_grad():
@@ -180,8 +180,8 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
 
     from safetensors.torch import load_file, save_file
 
-    from .modelio import inspect_model
-    from .quant import quantize_fp8, quantize_mxfp4
+    from premoe.core.modelio import inspect_model
+    from premoe.core.quant import quantize_fp8, quantize_mxfp4
 
     info = inspect_model(src)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from premoe.evaluation import exact_match  # noqa: E402
-from premoe.tasks import TASKS, char_tokenizer, samples, split_of  # noqa: E402
+from premoe.core.evaluation import exact_match  # noqa: E402
+from premoe.core.tasks import TASKS, char_tokenizer, samples, split_of  # noqa: E402
 
 
 def build_config(tok, args):

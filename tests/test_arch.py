@@ -2,10 +2,10 @@
 
 import pytest
 
-from premoe.arch import router_spec
+from premoe.moe.arch import router_spec
 from premoe.errors import UnsupportedModelError
-from premoe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
-from premoe.modelio import inspect_model
+from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
+from premoe.core.modelio import inspect_model
 
 from conftest import FAMILIES
 

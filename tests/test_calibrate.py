@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import premoe
-from premoe.calibration import RouterObserver, marker_params, observe
-from premoe.data import iter_samples
+from premoe.moe.observe import RouterObserver, marker_params, observe
+from premoe.core.data import iter_samples
 from premoe.errors import InputError, MissingFileError, UnsupportedModelError
-from premoe.modelio import load_model
-from premoe.store import PatternStore
+from premoe.core.loading import load_model
+from premoe.core.store import PatternStore
 
 from conftest import write_jsonl
 
@@ -78,7 +78,7 @@ def test_k_and_r_are_recorded_and_change_scores(family_dir, tmp_path, small_data
 
 
 def test_random_scorer_is_seeded_and_needs_no_forward(family_dir, tmp_path, small_data, monkeypatch):
-    import premoe.calibration as cal
+    import premoe.moe.calibration as cal
 
     monkeypatch.setattr(cal, "as_loaded", lambda *a, **k: pytest.fail("random must not load weights"))
     src = family_dir("olmoe")
@@ -110,7 +110,7 @@ def test_data_formats(tmp_path):
     ],
 )
 def test_bad_data_files_fail_before_loading_the_model(family_dir, tmp_path, monkeypatch, content, suffix, match):
-    import premoe.calibration as cal
+    import premoe.moe.calibration as cal
 
     monkeypatch.setattr(cal, "as_loaded", lambda *a, **k: pytest.fail("must fail before loading weights"))
     f = tmp_path / f"d{suffix}"

@@ -5,9 +5,10 @@ import json
 import torch
 
 from premoe.showcase import TINY_MODEL, demo, format_table
-from premoe.evaluation import exact_match
-from premoe.modelio import inspect_model, load_model
-from premoe.tasks import TASKS, samples
+from premoe.core.evaluation import exact_match
+from premoe.core.modelio import inspect_model
+from premoe.core.loading import load_model
+from premoe.core.tasks import TASKS, samples
 
 
 def test_shipped_model_is_small_and_solves_every_task():

@@ -9,10 +9,10 @@ import torch
 import premoe
 from premoe.cli import main
 from premoe.errors import InputError
-from premoe.evaluation import choice_logliks, exact_match, read_eval_data
-from premoe.modelio import load_model
+from premoe.core.evaluation import choice_logliks, exact_match, read_eval_data
+from premoe.core.loading import load_model
 from premoe.showcase import TINY_MODEL
-from premoe.tasks import samples
+from premoe.core.tasks import samples
 
 from conftest import write_jsonl
 

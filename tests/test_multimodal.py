@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import premoe
-from premoe.tasks import char_tokenizer
+from premoe.core.tasks import char_tokenizer
 
 from conftest import write_jsonl
 

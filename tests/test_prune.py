@@ -7,11 +7,13 @@ import torch
 from safetensors import safe_open
 
 import premoe
-from premoe.arch import config_get, find_moe_layers
+from premoe.core.modules import config_get
+from premoe.moe.arch import find_moe_layers
 from premoe.errors import InputError, StoreError
-from premoe.modelio import inspect_model, load_model
-from premoe.store import PatternStore
-from premoe.surgery import apply_plan_
+from premoe.core.modelio import inspect_model
+from premoe.core.loading import load_model
+from premoe.core.store import PatternStore
+from premoe.moe.surgery import apply_plan_
 
 from conftest import FAMILIES, build_model, save_model, write_jsonl
 
@@ -191,7 +193,7 @@ def test_sharded_source_and_output(tmp_path, small_data):
     premoe.calibrate(src, small_data, "t", tmp_path / "store", progress=False)
     info = inspect_model(src)
     plan = premoe.plan(info, tmp_path / "store", "t", 4)
-    from premoe.export import export_pruned
+    from premoe.moe.export import export_pruned
 
     res = export_pruned(info, plan, tmp_path / "out", max_shard_bytes=60_000, progress=False)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())

@@ -11,12 +11,13 @@ from safetensors.torch import load_file, save_file
 
 import premoe
 from premoe.errors import CheckpointError, UnsupportedModelError
-from premoe.modelio import inspect_model, load_model
-from premoe.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
-from premoe.selective import ByteReader, build_model as build_selective
+from premoe.core.modelio import inspect_model
+from premoe.core.loading import load_model
+from premoe.core.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
+from premoe.moe.selective import ByteReader, build_model as build_selective
 from premoe.serving import TaskServer
-from premoe.surgery import apply_plan_
-from premoe.streaming import resident_sizes
+from premoe.moe.surgery import apply_plan_
+from premoe.moe.streaming import resident_sizes
 from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
 
 from conftest import write_jsonl

@@ -1,12 +1,12 @@
-"""premoe.routing reproduces every family's router, and the scorers' markers on hand-computed inputs."""
+"""premoe.moe.routing reproduces every family's router, and the scorers' markers on hand-computed inputs."""
 
 import pytest
 import torch
 
-from premoe.arch import RouterSpec, find_moe_layers
-from premoe.modelio import load_model
-from premoe.routing import route
-from premoe.scoring import MarkerParams, official_marker, selection_marker, tcess_marker, layer_markers
+from premoe.moe.arch import RouterSpec, find_moe_layers
+from premoe.core.loading import load_model
+from premoe.moe.routing import route
+from premoe.moe.scoring import MarkerParams, official_marker, selection_marker, tcess_marker, layer_markers
 
 
 def test_route_matches_each_family_router(family, family_dir):

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import premoe
-from premoe.calibration import marker_params, observe
-from premoe.kernels import expert_forward
-from premoe.modelio import load_model
-from premoe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
+from premoe.moe.observe import marker_params, observe
+from premoe.moe.kernels import expert_forward
+from premoe.core.loading import load_model
+from premoe.moe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
 
 from conftest import write_jsonl
 
@@ -120,7 +120,7 @@ def test_all_stats_give_every_scorer(family_dir, tmp_path, small_data):
 
 
 def test_weights_scorer_needs_no_forward_pass(family_dir, tmp_path, small_data, monkeypatch):
-    import premoe.calibration as cal
+    import premoe.moe.calibration as cal
 
     monkeypatch.setattr(cal, "as_loaded", lambda *a, **k: pytest.fail("weights must not run the model"))
     p = premoe.calibrate(family_dir("gpt_oss"), small_data, "t", tmp_path / "s", scorer="weights", progress=False)
@@ -141,7 +141,7 @@ def test_pooled_pattern_equals_calibrating_on_all_samples(family_dir, tmp_path):
     for name, files in (("a", [a]), ("b", [b]), ("ab", [a, b])):
         premoe.calibrate(src, files, name, tmp_path / "s", all_stats=True, progress=False)
     pooled = premoe.pooled_pattern(tmp_path / "s", ["a", "b"])
-    joint = premoe.store.PatternStore.open(tmp_path / "s").load("ab")
+    joint = premoe.core.store.PatternStore.open(tmp_path / "s").load("ab")
     assert pooled.info["tokens"] == joint.info["tokens"]
     for k in joint.means:
         torch.testing.assert_close(pooled.means[k], joint.means[k], rtol=1e-5, atol=1e-6)

@@ -7,8 +7,8 @@ import torch
 
 import premoe
 from premoe.errors import StoreError
-from premoe.modelio import inspect_model
-from premoe.store import PatternStore, TaskPattern
+from premoe.core.modelio import inspect_model
+from premoe.core.store import PatternStore, TaskPattern
 
 
 def snapshot(path):
@@ -72,7 +72,7 @@ def test_interrupted_calibration_leaves_store_unchanged(family_dir, tmp_path, sm
     premoe.calibrate(src, small_data, "a", tmp_path / "s", progress=False)
     before = snapshot(tmp_path / "s")
 
-    import premoe.calibration as cal
+    import premoe.moe.calibration as cal
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -90,7 +90,7 @@ def test_crash_while_writing_manifest_leaves_store_unchanged(family_dir, tmp_pat
     src = family_dir("qwen2_moe")
     premoe.calibrate(src, small_data, "a", tmp_path / "s", progress=False)
     before = snapshot(tmp_path / "s")
-    import premoe.store as store_mod
+    import premoe.core.store as store_mod
 
     def fail(path, obj):
         raise OSError("disk full")
@@ -129,7 +129,7 @@ def test_missing_and_foreign_store_dirs(tmp_path):
     (tmp_path / "other" / "x.txt").write_text("hi")
     with pytest.raises(StoreError, match="not a premoe pattern store"):
         PatternStore.open(tmp_path / "other")
-    fp = premoe.modelio.ModelFingerprint("mixtral", "X", 1, (0,), 2, 1, "0" * 64)
+    fp = premoe.core.modelio.ModelFingerprint("mixtral", "X", 1, (0,), 2, 1, "0" * 64)
     with pytest.raises(StoreError, match="not a premoe pattern store"):
         PatternStore(tmp_path / "other").add(TaskPattern("t", [0], torch.zeros(1, 2)), fp)
 

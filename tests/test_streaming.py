@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import premoe
-from premoe.calibration import observe_streamed
+from premoe.moe.observe import observe_streamed
 from premoe.errors import InputError, UnsupportedModelError
-from premoe.modelio import inspect_model, load_tokenizer
-from premoe.scoring import MarkerParams
-from premoe.store import PatternStore
-from premoe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
+from premoe.core.modelio import inspect_model, load_tokenizer
+from premoe.moe.scoring import MarkerParams
+from premoe.core.store import PatternStore
+from premoe.moe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
 
 from conftest import write_jsonl
 
@@ -65,8 +65,8 @@ def test_one_layer_is_held_at_a_time(family_dir):
         held.append(sum(1 for layer in stream.layers if not next(layer.parameters()).is_meta))
 
     hooks = [layer.register_forward_pre_hook(count) for layer in stream.layers]
-    from premoe.calibration import _batches
-    from premoe.streaming import make_batches
+    from premoe.moe.observe import _batches
+    from premoe.moe.streaming import make_batches
 
     batches = make_batches(_batches(tok, ["add 1+2=3", "sort 21=12"], 1, 64, False), tok.pad_token_id)
     run = stream.run(batches, hidden_budget=1 << 30, progress=False)
@@ -114,9 +114,9 @@ def test_budget_too_small_for_one_layer_fails_before_writing(family_dir, tmp_pat
 
 
 def test_lazy_layers_give_the_same_logits_and_generations(family_dir, tmp_path):
-    from premoe.modelio import load_model
-    from premoe.selective import ByteReader
-    from premoe.streaming import lazy_model
+    from premoe.core.loading import load_model
+    from premoe.moe.selective import ByteReader
+    from premoe.moe.streaming import lazy_model
 
     src = family_dir("qwen3_moe")
     lm = load_model(src, device="cpu")

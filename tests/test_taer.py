@@ -7,17 +7,18 @@ import torch
 
 import premoe
 from premoe.cli import main
-from premoe.data import write_jsonl
+from premoe.core.data import write_jsonl
 from premoe.errors import InputError, StoreError
-from premoe.modelio import inspect_model, load_model
-from premoe.retrieval import QueryRouter, Retriever, SignatureSpec
-from premoe.selective import ByteReader, build_model, ideal_bytes
+from premoe.core.modelio import inspect_model
+from premoe.core.loading import load_model
+from premoe.core.retrieval import QueryRouter, Retriever, SignatureSpec
+from premoe.moe.selective import ByteReader, build_model, ideal_bytes
 from premoe.serving import ExpertCache, TaskServer
 from premoe.showcase import TINY_MODEL
-from premoe.signature import SignatureModel
-from premoe.store import PatternStore
-from premoe.surgery import apply_plan_
-from premoe.tasks import TASKS, samples
+from premoe.moe.signature import SignatureModel
+from premoe.core.store import PatternStore
+from premoe.moe.surgery import apply_plan_
+from premoe.core.tasks import TASKS, samples
 
 from conftest import FAMILIES, build_model as build_tiny
 
@@ -142,7 +143,7 @@ def test_signature_reads_no_experts_and_matches_the_full_model(family, family_di
         sm = SignatureModel.from_checkpoint(info, lm.tokenizer, 1, r)
         nbytes = r.bytes_read
     assert nbytes < ideal_bytes(info, None)["non_expert"]
-    from premoe.calibration import marker_params, observe
+    from premoe.moe.observe import marker_params, observe
 
     full = observe(lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], marker_params(info.router, "tcess", None, None),
                    progress=False, skip_special=True).means()

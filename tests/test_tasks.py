@@ -2,7 +2,7 @@
 
 import pytest
 
-from premoe.tasks import TASKS, char_tokenizer, samples, split_of
+from premoe.core.tasks import TASKS, char_tokenizer, samples, split_of
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import premoe
-from premoe.modelio import load_model
+from premoe.core.loading import load_model
 from premoe.showcase import TINY_MODEL
-from premoe.tasks import TASKS, samples
+from premoe.core.tasks import TASKS, samples
 
 from conftest import write_jsonl
 

@@ -1,4 +1,4 @@
-"""Applying a :class:`~premoe.plans.PrunePlan` to a model in memory, and the config it implies.
+"""Applying a :class:`~premoe.moe.plans.PrunePlan` to a model in memory, and the config it implies.
 
 Slices, in lockstep, every tensor indexed by expert: router rows, selection biases (whatever
 dimension holds the experts) and the expert weights (blocks of rows on dim 0), then updates
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import (EXPERT_COUNT_KEYS, ArchSpec, config_get, config_has, config_set, find_moe_layers, router_spec,
-                   set_tensor)
-from .errors import InputError
-from .layout import expert_slots
-from .plans import PrunePlan
+from premoe.core.layout import expert_slots
+from premoe.core.modules import config_get, config_has, config_set, set_tensor
+from premoe.errors import InputError
+from premoe.moe.arch import EXPERT_COUNT_KEYS, ArchSpec, find_moe_layers, router_spec
+from premoe.moe.plans import PrunePlan
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts",
                 "total_experts")

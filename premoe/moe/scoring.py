@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import RouterSpec
-from .routing import gate_scores, route
+from premoe.moe.arch import RouterSpec
+from premoe.moe.routing import gate_scores, route
 
 
 def tcess_marker(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, r: float | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Task-adaptive expert retrieval (TAER): match a query's signature to the nearest stored task.
 
 Every task in a store carries keys computed at calibration with the same signature procedure the
-query goes through (:mod:`premoe.signature`), so key and query are comparable by construction.
+query goes through (:mod:`premoe.moe.signature`), so key and query are comparable by construction.
 A :class:`SignatureSpec` says which key to compare and how: the statistic (``prob``: mean gate
 probability; ``tcess``; ``count``; ``official``), which tokens the key was computed over
 (``prompt``: the prompts of prompt/completion data, ``full``: prompt and completion), how many MoE
@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import InputError, StoreError
-from .store import PatternStore
+from premoe.core.store import PatternStore
+from premoe.errors import InputError, StoreError
 
 STATS = ("prob", "tcess", "count", "official")
 SOURCES = ("prompt", "full")
@@ -139,9 +139,9 @@ class QueryRouter:
     """
 
     def __init__(self, model, store, spec: SignatureSpec | None = None, device=None, dtype=None):
-        from .modelio import as_info, load_tokenizer, resolve_device, resolve_dtype
-        from .selective import ByteReader
-        from .signature import SignatureModel
+        from premoe.core.modelio import as_info, load_tokenizer, resolve_device, resolve_dtype
+        from premoe.moe.selective import ByteReader
+        from premoe.moe.signature import SignatureModel
 
         self.info = as_info(model)
         self.store = store if isinstance(store, PatternStore) else PatternStore.open(store)

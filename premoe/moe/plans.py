@@ -1,7 +1,7 @@
 """Prune plans: which original experts each MoE layer keeps, decided before anything is written.
 
-A :class:`PrunePlan` is plain data (JSON); :mod:`premoe.export` applies it to a checkpoint on disk
-and :mod:`premoe.surgery` to a model in memory.
+A :class:`PrunePlan` is plain data (JSON); :mod:`premoe.moe.export` applies it to a checkpoint on disk
+and :mod:`premoe.moe.surgery` to a model in memory.
 
 Group-limited routing (DeepSeek-V3, DeepSeek-V2 ``group_limited_greedy``): the router reshapes the
 experts into ``n_group`` equal groups, scores each group and only routes into the best
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .arch import RouterSpec
-from .errors import InputError
+from premoe.errors import InputError
+from premoe.moe.arch import RouterSpec
 
 GROUP_POLICIES = ("balanced", "flatten")
 

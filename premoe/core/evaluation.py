@@ -92,7 +92,7 @@ def read_eval_data(path, limit: int | None = None) -> tuple[list[dict], list[dic
     import json
     from pathlib import Path
 
-    from .errors import InputError, MissingFileError
+    from premoe.errors import InputError, MissingFileError
 
     path = Path(path)
     if not path.is_file():

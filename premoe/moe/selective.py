@@ -1,13 +1,13 @@
 """Building a model (or one part of it) straight from safetensors, reading only the tensors it needs.
 
 The model skeleton is created on the meta device (no memory), then every tensor is read from the
-checkpoint's byte ranges (:mod:`premoe.layout` says which) into its final storage: non-expert
+checkpoint's byte ranges (:mod:`premoe.core.layout` says which) into its final storage: non-expert
 weights as they are, routers sliced to the kept rows, and each MoE layer's fused expert tensors
 ([N, 2I, H]...) assembled from the kept experts only, whether the checkpoint stores one key per
 expert or fused 3D tensors. Quantised tensors (FP8, MXFP4) are dequantised one at a time to the
 model's dtype. The full model never exists in memory, and :class:`ByteReader` counts every byte read.
 :class:`Materializer` fills any subset of a skeleton's modules, which is how layer streaming
-(:mod:`premoe.streaming`) builds one decoder layer at a time.
+(:mod:`premoe.moe.streaming`) builds one decoder layer at a time.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import backbone, find_moe_layers, set_tensor
-from .checkpoint import TORCH_DTYPES, ByteReader
-from .errors import CheckpointError, UnsupportedModelError
-from .kernels import select_kernel
-from .layout import Source
-from .modelio import ModelInfo, config_from_dict, skeleton
-from .plans import PrunePlan
-from .quant import dequant_fp8, dequant_mxfp4
-from .surgery import apply_config_updates, config_updates
+from premoe.core.checkpoint import TORCH_DTYPES, ByteReader
+from premoe.core.layout import Source
+from premoe.core.modelio import ModelInfo, config_from_dict, skeleton
+from premoe.core.modules import backbone, set_tensor
+from premoe.core.quant import dequant_fp8, dequant_mxfp4
+from premoe.errors import CheckpointError, UnsupportedModelError
+from premoe.moe.arch import find_moe_layers
+from premoe.moe.kernels import select_kernel
+from premoe.moe.plans import PrunePlan
+from premoe.moe.surgery import apply_config_updates, config_updates
 
 __all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "kept_bytes", "model_config",
            "skeleton", "compute_dtype"]

@@ -3,13 +3,12 @@
 :func:`inspect_model` reads ``config.json`` and the safetensors headers, builds the model skeleton on
 the meta device to learn which decoder layers are MoE (transformers' own rule: DeepSeek's leading
 dense layers, Qwen's ``mlp_only_layers``...), classifies every checkpoint key and fingerprints the
-model by hashing its router tensors. :func:`load_model` then loads weights and tokenizer.
+model by hashing its router tensors. :func:`premoe.core.loading.load_model` then loads weights and tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import warnings
@@ -19,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from torch import nn
 
-from .arch import ArchSpec, MoeLayer, RouterSpec, decoder_layers, find_moe_layers, router_spec
-from .checkpoint import ByteReader, Checkpoint, tensor_bytes
-from .errors import CheckpointError, InputError, MissingFileError
-from .families import resolve
-from .layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
-from .quant import QuantFormat, quant_format
+from premoe.core.checkpoint import ByteReader, Checkpoint, tensor_bytes
+from premoe.core.layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
+from premoe.core.modules import decoder_layers
+from premoe.core.quant import QuantFormat, quant_format
+from premoe.errors import CheckpointError, InputError, MissingFileError
+from premoe.moe.arch import ArchSpec, RouterSpec, router_spec
+from premoe.moe.families import resolve
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +131,7 @@ def read_config(path: Path) -> dict[str, Any]:
 def config_from_dict(raw: dict[str, Any], model_type: str):
     """A transformers config for ``raw`` read with ``model_type``'s config class, without premoe's own
     block and without quantisation (premoe handles quantised tensors itself)."""
-    from transformers import AutoConfig
-
-    from transformers import PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     raw = {k: v for k, v in raw.items() if k not in ("premoe", "model_type", "quantization_config", "auto_map")}
     raw = PretrainedConfig._decode_special_floats(raw)  # {"__float__": "Infinity"}, as transformers writes it
@@ -186,7 +183,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
 
     Raises:
         MissingFileError: no directory, config.json or safetensors weights.
-        UnsupportedModelError: the family is not in :data:`premoe.families.ARCH_SPECS`, or its weights
+        UnsupportedModelError: the family is not in :data:`premoe.moe.families.ARCH_SPECS`, or its weights
             are quantised with a method premoe does not read.
         CheckpointError: corrupt files, or weights that do not match config.json.
     """
@@ -233,23 +230,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return value
 
 
-@dataclass
-class LoadedModel:
-    """A model in memory with everything premoe needs to observe or prune it."""
-
-    info: ModelInfo
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any
-
-    @property
-    def layers(self) -> list[MoeLayer]:
-        return find_moe_layers(self.model, self.info.spec)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -259,48 +239,9 @@ def load_tokenizer(path: Path):
         raise MissingFileError(f"cannot load the tokenizer of {path}: {e}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto") -> LoadedModel:
-    """Load a supported MoE checkpoint, its tokenizer and layout, ready for inference.
-
-    Args:
-        path: local HuggingFace model directory (safetensors).
-        device: where to put it (default: the accelerator if any, else CPU).
-        dtype: ``"auto"`` (the checkpoint's) or a torch dtype name.
-    """
-    from transformers import AutoModelForCausalLM
-
-    info = inspect_model(path)
-    dev = resolve_device(device)
-    tokenizer = load_tokenizer(info.path)
-    if info.quant.method or info.text_key or info.config_type != info.raw_config.get("model_type"):
-        # transformers cannot (or, for quantised weights on a CPU, should not) load it itself: build it
-        # from byte ranges, dequantising one tensor at a time
-        from .selective import ByteReader, build_model
-
-        with ByteReader() as reader:
-            model = build_model(info, None, reader)
-        dt = resolve_dtype(dtype)
-        model.to(device=dev, dtype=None if dt == "auto" else dt)
-    else:
-        kwargs: dict[str, Any] = {}
-        if dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
-            kwargs["device_map"] = str(dev)  # load straight onto the device
-        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=resolve_dtype(dtype), **kwargs)
-        if dev.type != "cpu" and "device_map" not in kwargs:
-            model.to(dev)
-    model.eval()
-    from .kernels import select_kernel
-
-    select_kernel(model)
-    return LoadedModel(info, model, tokenizer)
-
-
-def as_loaded(model: str | Path | LoadedModel, device=None, dtype="auto") -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-
-
-def as_info(model: str | Path | LoadedModel | ModelInfo) -> ModelInfo:
-    if isinstance(model, LoadedModel):
+def as_info(model) -> ModelInfo:
+    """The :class:`ModelInfo` of a path, a ModelInfo, or a loaded model (anything with ``.info``)."""
+    if isinstance(getattr(model, "info", None), ModelInfo):
         return model.info
     if isinstance(model, ModelInfo):
         return model

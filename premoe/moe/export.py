@@ -1,7 +1,7 @@
 """Writing a pruned HuggingFace checkpoint straight from the source safetensors.
 
 The source is never loaded as a model: every output tensor is copied as byte ranges
-(:mod:`premoe.checkpoint`), so pruning a checkpoint of any size needs one copy buffer of memory.
+(:mod:`premoe.core.checkpoint`), so pruning a checkpoint of any size needs one copy buffer of memory.
 Per-expert keys (``experts.{e}.*``, how Mixtral, Qwen, DeepSeek and OLMoE are published and what
 ``save_pretrained`` writes) are dropped or renumbered to 0..N-1; fused tensors (GPT-OSS, Granite) and
 router rows are sliced on dim 0. The result keeps the source's on-disk layout, so vanilla
@@ -24,13 +24,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._version import __version__
-from .arch import find_moe_layers
-from .checkpoint import INDEX_NAME, OutTensor, write_safetensors
-from .errors import CheckpointError, InputError
-from .modelio import ModelInfo
-from .plans import PrunePlan
-from .surgery import apply_config_updates, config_updates
+from premoe._version import __version__
+from premoe.core.checkpoint import INDEX_NAME, OutTensor, write_safetensors
+from premoe.core.modelio import ModelInfo
+from premoe.errors import CheckpointError, InputError
+from premoe.moe.arch import find_moe_layers
+from premoe.moe.plans import PrunePlan
+from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
     from transformers import AutoModelForCausalLM
 
-    from .modelio import config_from_dict, inspect_model
+    from premoe.core.modelio import config_from_dict, inspect_model
 
     new = inspect_model(path)
     if new.num_experts != plan.keep or new.moe_layers != info.moe_layers:
@@ -224,8 +224,8 @@ def export_pruned(
             json.dumps({**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2) + "\n"
         )
         if verify:
-            from .memory import available_bytes
-            from .streaming import resident_sizes
+            from premoe.core.memory import available_bytes
+            from premoe.moe.streaming import resident_sizes
 
             need = resident_sizes(info, plan=plan)["total"]
             reload = need <= 0.6 * available_bytes()

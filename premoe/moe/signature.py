@@ -1,7 +1,7 @@
 """Query signatures: how a model's first MoE routers see a text, before any expert is loaded.
 
 A signature runs the decoder layers up to and including the M-th MoE layer (M = 1 by default, as
-in the paper) with every routed expert replaced by :class:`~premoe.selective.ZeroExperts`, and
+in the paper) with every routed expert replaced by :class:`~premoe.moe.selective.ZeroExperts`, and
 reduces the routers' outputs over the text's tokens (special tokens excluded) to per-expert means:
 the same statistics calibration collects (``prob``, ``tcess``, ``count``, ``official``). For M = 1
 this is exactly what the full model's first router sees; for M > 1 the earlier MoE layers
@@ -22,12 +22,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .arch import MoeLayer, backbone, decoder_layers, find_moe_layers, set_tensor
-from .calibration import observe
-from .errors import InputError, UnsupportedModelError
-from .modelio import ModelInfo
-from .scoring import MarkerParams, RoutingSums
-from .selective import ByteReader, ZeroExperts, build_model
+from premoe.core.modelio import ModelInfo
+from premoe.core.modules import backbone, decoder_layers, set_tensor
+from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.arch import MoeLayer, find_moe_layers
+from premoe.moe.observe import observe
+from premoe.moe.scoring import MarkerParams, RoutingSums
+from premoe.moe.selective import ByteReader, ZeroExperts, build_model
 
 
 def _shallow(module: nn.Module) -> nn.Module:

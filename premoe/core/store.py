@@ -4,14 +4,14 @@ Layout of a store directory::
 
     manifest.json                    format, version, model fingerprint, one entry per task
     tasks/<task>-<sha8>.safetensors  "scores" [L, E], "mean.<stat>" [L, E] per-expert means and
-                                     "sig.<source>.<stat>" [M, E] retrieval keys (premoe.signature)
+                                     "sig.<source>.<stat>" [M, E] retrieval keys (premoe.moe.signature)
     signatures.safetensors           cache: every task's keys stacked, rebuilt when tasks change
     .lock                            serialises concurrent manifest updates
 
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
 then ``os.replace``) after the task file it points to is complete, so an interrupted calibration
 leaves the store exactly as it was. A store belongs to one model (checked by
-:class:`~premoe.modelio.ModelFingerprint`). Only JSON and safetensors are ever read.
+:class:`~premoe.core.modelio.ModelFingerprint`). Only JSON and safetensors are ever read.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ._version import __version__
-from .errors import InputError, StoreError
-from .modelio import ModelFingerprint
+from premoe._version import __version__
+from premoe.core.modelio import ModelFingerprint
+from premoe.errors import InputError, StoreError
 
 STORE_FORMAT = "premoe-pattern-store"
 STORE_VERSION = 1

@@ -1,4 +1,4 @@
-"""The adapter table: one :class:`~premoe.arch.ArchSpec` row per transformers MoE implementation.
+"""The adapter table: one :class:`~premoe.moe.arch.ArchSpec` row per transformers MoE implementation.
 
 A checkpoint's ``model_type`` selects its row directly, or through the causal-LM class transformers
 maps it to (``sarvam_moe`` runs ``Glm4MoeForCausalLM``, so it uses the ``glm4_moe`` row), or,
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .arch import ArchSpec, Routing, config_get
-from .errors import UnsupportedModelError
+from premoe.core.modules import config_get
+from premoe.errors import UnsupportedModelError
+from premoe.moe.arch import ArchSpec, Routing
 
 SCALE = ("routed_scaling_factor",)
 RENORM = Routing("softmax", renormalize=True)
@@ -186,7 +187,7 @@ def resolve(raw_config: dict[str, Any]) -> tuple[ArchSpec, str, str | None]:
         raise UnsupportedModelError(f"{model_type} is an MoE family premoe cannot prune: {UNSUPPORTED[model_type]}")
     raise UnsupportedModelError(
         f"unsupported architecture {model_type!r}: premoe supports MoE families "
-        f"{', '.join(supported_model_types())} (add a row to premoe/families.py to extend it)"
+        f"{', '.join(supported_model_types())} (add a row to premoe/moe/families.py to extend it)"
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, MissingFileError
+from premoe.errors import InputError, MissingFileError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InputError
+from premoe.errors import InputError
 
 HEADROOM = 0.85  # the share of a budget a model may fill in memory; past it premoe streams the model
 _CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))

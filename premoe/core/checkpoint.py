@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, MissingFileError
+from premoe.errors import CheckpointError, MissingFileError
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 256 * 1024 * 1024

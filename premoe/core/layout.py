@@ -20,10 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from .arch import ArchSpec, find_moe_layers
-from .checkpoint import TensorInfo
-from .errors import CheckpointError, UnsupportedModelError
-from .quant import FP8_DTYPES, QuantFormat, check_fp8_pair, check_mxfp4_pair
+from premoe.core.checkpoint import TensorInfo
+from premoe.core.quant import FP8_DTYPES, QuantFormat, check_fp8_pair, check_mxfp4_pair
+from premoe.errors import CheckpointError, UnsupportedModelError
+from premoe.moe.arch import ArchSpec, find_moe_layers
 
 _LAYER = re.compile(r"^(?P<root>(?:.*\.)?(?:layers|blocks))\.(?P<layer>\d+)\.")
 

@@ -1,7 +1,7 @@
 """Family routing, reproduced as pure tensor functions.
 
 :func:`route` turns router logits into the experts a token is sent to and the weights the model
-really applies, for any k, following the family's own rule (a :class:`~premoe.arch.RouterSpec`;
+really applies, for any k, following the family's own rule (a :class:`~premoe.moe.arch.RouterSpec`;
 ``tests/test_routing.py`` checks it against every family's transformers module). Legend: T =
 tokens, E = routed experts, S = router slots (E plus zero-computation experts), k = experts per token.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import RouterSpec
+from premoe.moe.arch import RouterSpec
 
 
 def gate_scores(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None):

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, UnsupportedModelError
+from premoe.errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_METHODS = ("fp8", "mxfp4")
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

@@ -30,13 +30,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import backbone, decoder_layers, find_moe_layers
-from .checkpoint import ByteReader, tensor_bytes
-from .errors import InputError, UnsupportedModelError
-from .kernels import select_kernel
-from .memory import available_bytes, fits
-from .modelio import ModelInfo
-from .selective import Materializer, ZeroExperts, compute_dtype, finish_buffers, kept_bytes, model_config, release, skeleton
+from premoe.core.checkpoint import ByteReader, tensor_bytes
+from premoe.core.memory import available_bytes, fits
+from premoe.core.modelio import ModelInfo
+from premoe.core.modules import backbone, decoder_layers
+from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.arch import find_moe_layers
+from premoe.moe.kernels import select_kernel
+from premoe.moe.selective import (
+    Materializer,
+    ZeroExperts,
+    compute_dtype,
+    finish_buffers,
+    kept_bytes,
+    model_config,
+    release,
+    skeleton,
+)
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +435,7 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.
     """
-    from .selective import build_model
+    from premoe.moe.selective import build_model
 
     budget = budget or available_bytes()
     sizes = resident_sizes(info, plan=plan)

@@ -1,0 +1,223 @@
+"""Calibration: run task samples through a model and score every routed expert for that task.
+
+The model is observed through pass-through forward hooks on its routers (they record and return
+normally; nothing is raised inside ``forward``). Each hook reduces the router logits of the real
+tokens of a batch (padding masked out) to per-expert sums, so memory stays constant however many
+samples are streamed through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from premoe.core.data import iter_records, scan
+from premoe.core.loading import LoadedModel, as_loaded
+from premoe.core.modelio import ModelInfo, as_info, load_tokenizer, resolve_device
+from premoe.core.store import PatternStore, TaskPattern, check_task_name
+from premoe.errors import InputError, StoreError
+from premoe.moe.observe import marker_params, observe, observe_streamed
+from premoe.moe.scoring import (
+    OUTPUT_SCORERS,
+    SCORERS,
+    MarkerParams,
+    score,
+    weight_ratio,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _records(files: list[Path], max_samples: int | None) -> Iterator:
+    n = 0
+    for f in files:
+        for rec in iter_records(f, None if max_samples is None else max_samples - n):
+            n += 1
+            yield rec
+
+
+def weight_stats(info: ModelInfo, progress: bool = False) -> torch.Tensor:
+    """[L, E] calibration-free statistic (:func:`~premoe.moe.scoring.weight_ratio`) of every routed expert,
+    read expert by expert from the checkpoint (dequantised where quantised)."""
+    from premoe.moe.selective import ByteReader, Materializer
+
+    out = torch.zeros(len(info.moe_layers), info.num_experts)
+    bar = tqdm(total=out.numel(), desc="expert weights", unit="expert", disable=not progress)
+    with ByteReader() as reader:
+        mat = Materializer(info, None, reader)
+        for i, layer in enumerate(info.moe_layers):
+            names = list(info.layout.moe[layer]["experts"])
+            for e in range(info.num_experts):
+                out[i, e] = weight_ratio([mat.expert_rows(n, [e]) for n in names])
+                bar.update(1)
+    bar.close()
+    return out
+
+
+def calibrate(
+    model: str | Path | LoadedModel,
+    data: str | Path | list[str | Path],
+    task: str,
+    store: str | Path,
+    *,
+    scorer: str = "tcess",
+    max_samples: int | None = None,
+    k: int | None = None,
+    r: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    device: str | None = None,
+    dtype: str | None = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    signature_layers: int = 4,
+    all_stats: bool = False,
+    stream: bool | None = None,
+    max_memory: float | None = None,
+    offload_dir: str | None = None,
+) -> TaskPattern:
+    """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
+
+    Args:
+        model: model directory (or a :class:`~premoe.core.modelio.LoadedModel` to reuse).
+        data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples; several
+            files are pooled into one task (task-agnostic calibration).
+        task: task name in the store.
+        store: pattern-store directory (created if missing).
+        scorer: the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`): ``tcess``
+            (default), ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``weights``, ``random``.
+        max_samples: use at most this many samples.
+        k: experts per token that count as selected (default: the model's top-k; ``official``: 1).
+        r: minimum share of a token's top-k routing weight for an expert to count.
+        seed: seed of the ``random`` scorer.
+        batch_size / max_length: samples per forward pass; tokens kept per sample.
+        device / dtype: where and in which precision to run the model.
+        overwrite: replace the task if the store already has it.
+        progress: show a progress bar.
+        signature_layers: MoE layers the stored retrieval keys span (capped at the model's);
+            queries can then be routed with any ``--layers`` up to this.
+        all_stats: compute every scorer's statistics in this one pass (expert outputs and weights
+            included), so the task can later be pruned or evaluated with any ``--scorer``.
+        stream: run the model one decoder layer at a time (``None``: when it would not fit in memory).
+        max_memory: memory budget in MB (default: what the machine and this process's cgroup leave);
+            decides streaming and how many hidden states stay in memory rather than on disk.
+        offload_dir: where hidden states past the budget go (default: the system's temporary directory).
+
+    Returns:
+        The stored :class:`~premoe.core.store.TaskPattern`.
+
+    Raises:
+        PremoeError: bad input (files, task name, scorer, k/r, store of another model...), before any
+            model weights are loaded.
+    """
+    check_task_name(task)
+    if scorer not in SCORERS:
+        raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if max_samples is not None and max_samples < 1:
+        raise InputError(f"--max-samples must be positive, got {max_samples}")
+    if batch_size < 1 or max_length < 1:
+        raise InputError("--batch-size and --max-length must be positive")
+    files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    if not files:
+        raise InputError("give at least one --data file")
+    scanned = [scan(f, max_samples) for f in files]
+    n_samples = min(sum(n for n, _ in scanned), max_samples or sum(n for n, _ in scanned))
+    info: ModelInfo = as_info(model)
+    st = PatternStore(store)
+    if st.exists():
+        st.check_model(info.fingerprint)
+        if task in st.tasks and not overwrite:
+            raise StoreError(f"task {task!r} already exists in {st.path}; pass --overwrite to replace it")
+    params = marker_params(info.router, scorer, k, r)
+    shape = (len(info.moe_layers), info.num_experts)
+    if signature_layers < 1:
+        raise InputError(f"--signature-layers must be positive, got {signature_layers}")
+    sig_layers = min(signature_layers, len(info.moe_layers))
+    outputs = all_stats or scorer in OUTPUT_SCORERS
+    run_model = all_stats or SCORERS[scorer].needs_model
+
+    lm = None
+    use_stream = False
+    if run_model and not isinstance(model, LoadedModel):
+        from premoe.core.memory import memory_budget
+        from premoe.moe.streaming import activation_bytes, plan_memory, resident_sizes
+
+        budget = memory_budget(max_memory)
+        tok = load_tokenizer(info.path)
+        longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
+                      for rec in _records(files, max_samples))  # the real batch shape, not the cap
+        use_stream = plan_memory(info, budget, batch_size, longest, stream)
+        sizes = resident_sizes(info)
+        hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
+                            - activation_bytes(info, batch_size, longest), 0)
+    if run_model and use_stream:
+        sums, run = observe_streamed(
+            info, tok, (rec.text for rec in _records(files, max_samples)), params, batch_size=batch_size,
+            max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,
+            hidden_budget=hidden_budget, device=resolve_device(device),
+            offload_dir=offload_dir,
+        )
+        tokens, means = sums.tokens, sums.means()
+    elif run_model:
+        lm = as_loaded(model, device=device, dtype=dtype)
+        tok = lm.tokenizer
+        sums = observe(
+            lm.model, lm.layers, lm.info, tok, (rec.text for rec in _records(files, max_samples)), params,
+            batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
+            desc=f"calibrate {task}", outputs=outputs, logits_to_keep=1,
+        )
+        tokens, means = sums.tokens, sums.means()
+    else:
+        tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
+        tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
+                     for rec in _records(files, max_samples))
+        means = {}
+    if tokens == 0:
+        raise InputError(f"data file {files[0]}: the tokenizer produced no tokens")
+    if all_stats or scorer == "weights":
+        means["weights"] = weight_stats(info, progress)
+    scores = score(scorer, means, shape, seed)
+    from premoe.moe.signature import SignatureModel
+
+    signature, sig_tokens = {}, {}
+    sig_model = None
+    if not use_stream:
+        sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
+    for source in ("prompt", "full"):
+        texts = (rec.prompt if source == "prompt" else rec.text for rec in _records(files, max_samples))
+        if sig_model is not None:
+            sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
+                                   progress=progress, desc=f"keys ({source})")
+        else:  # the first MoE layers without their experts, streamed like the model
+            sums, _ = observe_streamed(
+                info, tok, texts, MarkerParams(k=info.router.top_k), num_layers=info.moe_layers[sig_layers - 1] + 1,
+                experts=False, batch_size=batch_size, max_length=max_length, progress=progress,
+                desc=f"keys ({source}, streamed)", skip_special=True, hidden_budget=hidden_budget, offload_dir=offload_dir,
+            )
+        signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
+        sig_tokens[source] = sums.tokens
+    data_info = [{"path": str(f.resolve()), "sha256": sha} for f, (_, sha) in zip(files, scanned)]
+    pattern = TaskPattern(
+        name=task,
+        layers=list(info.moe_layers),
+        scores=scores,
+        means=means,
+        info={
+            "samples": n_samples,
+            "tokens": tokens,
+            "scorer": scorer,
+            "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
+            "data": data_info[0] if len(data_info) == 1 else data_info,
+            "signature": {"layers": sig_layers, "tokens": sig_tokens},
+            "streamed": use_stream,
+        },
+        signature=signature,
+    )
+    st.add(pattern, info.fingerprint, overwrite=overwrite)
+    log.info("calibrated %s: %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
+    return pattern
