@@ -9,13 +9,80 @@ from premoe.core.loading import LoadedModel
 from premoe.core.modelio import ModelInfo, as_info
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
-from premoe.moe.calibration import calibrate
-from premoe.moe.export import ExportResult, check_out_dir, export_pruned
+from premoe.moe.calibration import calibrate as calibrate_moe
+from premoe.moe.export import check_out_dir, export_pruned
 from premoe.moe.patterns import experts_for_mass, load_pattern, plan_from_pattern, pooled_pattern
 from premoe.moe.plans import PrunePlan, check_keep
 from premoe.moe.scoring import SCORERS
 
-__all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve"]
+__all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve", "model_kind"]
+
+MOE_ONLY = {"keep": "--keep", "top_k": "--top-k", "scorer": "--scorer", "k": "--k", "r": "--r", "all_stats": "--all-stats",
+            "stream": "--stream", "max_memory": "--max-memory", "offload_dir": "--offload-dir"}
+DENSE_ONLY = {"sparsity": "--sparsity", "method": "--method", "schedule": "--schedule", "whole_groups": "--whole-groups",
+              "bias_comp": "--bias-comp"}
+_NEUTRAL = {"all_stats": False, "whole_groups": False, "group_policy": "balanced", "signature_layers": 4}
+
+
+def model_kind(model) -> str:
+    """``"moe"`` or ``"dense"``: which half of premoe handles this model directory.
+
+    Raises:
+        UnsupportedModelError: neither a supported MoE family nor a supported dense family.
+    """
+    from premoe.core.modelio import read_config
+    from premoe.dense.families import resolve_dense
+    from premoe.dense.model import DenseInfo
+    from premoe.errors import UnsupportedModelError
+    from premoe.moe.families import resolve
+
+    if isinstance(model, (ModelInfo, LoadedModel)):
+        return "moe"
+    if isinstance(model, DenseInfo):
+        return "dense"
+    raw = read_config(Path(model))
+    try:
+        resolve(raw)
+        return "moe"
+    except UnsupportedModelError as moe_error:
+        try:
+            resolve_dense(raw)
+            return "dense"
+        except UnsupportedModelError as dense_error:
+            from premoe.dense.families import DENSE_SPECS, UNSUPPORTED
+
+            if raw.get("model_type") in UNSUPPORTED:
+                raise dense_error from None
+            if "MoE family premoe cannot prune" in str(moe_error):
+                raise moe_error from None
+            raise UnsupportedModelError(f"{moe_error}; dense families: {', '.join(sorted(DENSE_SPECS))} "
+                                        "(premoe/dense/families.py)") from None
+
+
+def _refuse(kind: str, given: dict[str, Any]) -> None:
+    """A one-line error for a flag of the other kind of model."""
+    table, fix = (MOE_ONLY, "for a dense model use --sparsity (and --method)") if kind == "dense" else \
+        (DENSE_ONLY, "for an MoE model use --keep (and --scorer)")
+    for name, flag in table.items():
+        value = given.get(name)
+        if value is not None and value != _NEUTRAL.get(name, None) and value is not False:
+            raise InputError(f"{flag} applies to {'MoE' if kind == 'dense' else 'dense'} models only; {fix}")
+
+
+def calibrate(model, data, task: str, store, **kwargs):
+    """Calibrate ``task`` on ``data`` into ``store``: routed-expert scores for an MoE model
+    (:func:`premoe.moe.calibration.calibrate`), activation statistics of heads and FFN channels for a
+    dense one (:func:`premoe.dense.calibration.calibrate_dense`)."""
+    if model_kind(model) == "moe":
+        return calibrate_moe(model, data, task, store, **kwargs)
+    from premoe.dense.calibration import calibrate_dense
+
+    _refuse("dense", {**kwargs, "scorer": None if kwargs.get("scorer") in (None, "tcess") else kwargs["scorer"]})
+    if kwargs.get("signature_layers", 4) != 4:
+        raise InputError("--signature-layers applies to MoE models only (dense stores keep keys at every depth)")
+    keep = {k: kwargs[k] for k in ("max_samples", "batch_size", "max_length", "device", "dtype", "overwrite", "progress")
+            if k in kwargs}
+    return calibrate_dense(model, data, task, store, **keep)
 
 
 def plan(
@@ -52,7 +119,7 @@ def prune(
     model: str | Path | LoadedModel | ModelInfo,
     store: str | Path,
     task: str | None,
-    keep: int,
+    keep: int | None,
     out: str | Path,
     *,
     top_k: int | None = None,
@@ -62,7 +129,12 @@ def prune(
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
-) -> ExportResult:
+    sparsity: float | None = None,
+    method: str | None = None,
+    schedule: str | None = None,
+    whole_groups: bool = False,
+    bias_comp: bool | None = None,
+):
     """Keep the ``keep`` best experts of every MoE layer for ``task`` and write a HF checkpoint.
 
     Args:
@@ -77,15 +149,41 @@ def prune(
         scorer: rank with this scorer instead of the task's own.
         agnostic: pool every task in the store instead of using one (task-agnostic pruning).
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
+        sparsity / method / schedule / whole_groups / bias_comp: dense models (see
+            :func:`premoe.dense.plans.make_dense_plan`): the fraction of decoder linear weights removed.
 
     Returns:
-        :class:`~premoe.moe.export.ExportResult` (bytes written, plan, timing).
+        :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`.
     """
+    given = dict(keep=keep, top_k=top_k, scorer=scorer, sparsity=sparsity, method=method, schedule=schedule,
+                 whole_groups=whole_groups, bias_comp=bias_comp)
+    if model_kind(model) == "dense":
+        _refuse("dense", given)
+        return _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic,
+                            overwrite, verify, progress)
+    _refuse("moe", given)
+    if keep is None:
+        raise InputError("--keep (experts kept per MoE layer) is required")
     info = as_info(model)
     check_keep(info.router, keep, top_k, group_policy)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
     return export_pruned(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
+
+
+def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic, overwrite, verify,
+                 progress):
+    from premoe.dense.export import export_dense
+    from premoe.dense.model import inspect_dense
+    from premoe.dense.verbs import dense_plan
+
+    if sparsity is None:
+        raise InputError("--sparsity (fraction of decoder weights removed, e.g. 0.5) is required for a dense model")
+    info = inspect_dense(model)
+    check_out_dir(Path(out), info.path, overwrite)
+    the_plan = dense_plan(info, store, task, sparsity, method=method or "seap", agnostic=agnostic, schedule=schedule,
+                          whole_groups=whole_groups, bias_comp=bias_comp)
+    return export_dense(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
 
 def inspect_store(store: str | Path) -> dict[str, Any]:
@@ -115,7 +213,7 @@ def route(
     store: str | Path,
     queries: str | list[str],
     *,
-    layers: int = 1,
+    layers: int | None = None,
     stat: str | None = None,
     source: str | None = None,
     norm: str | None = None,
@@ -138,8 +236,13 @@ def route(
     """
     from premoe.core.retrieval import QueryRouter, signature_spec
 
-    router = QueryRouter(model, store, signature_spec(layers, stat, source, norm, metric), device=device, dtype=dtype)
     queries = [queries] if isinstance(queries, str) else list(queries)
+    if model_kind(model) == "dense":
+        from premoe.dense.verbs import DenseRouter
+
+        router = DenseRouter(model, store, "auto" if layers is None else layers, device=device or "cpu")
+        return router.route_many(queries), router.bytes_read
+    router = QueryRouter(model, store, signature_spec(layers or 1, stat, source, norm, metric), device=device, dtype=dtype)
     return [router.route(q) for q in queries], router.bytes_read
 
 
@@ -169,6 +272,10 @@ def evaluate(
     progress: bool = True,
     stream: bool | None = None,
     max_memory: float | None = None,
+    sparsity: float | None = None,
+    method: str | None = None,
+    schedule: str | None = None,
+    whole_groups: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,
     log-likelihood accuracy for ``{"prompt", "choices", "answer"}`` lines.
@@ -187,6 +294,24 @@ def evaluate(
     from premoe.core.modelio import load_tokenizer, resolve_device, resolve_dtype
     from premoe.moe.kernels import select_kernel
 
+    given = dict(keep=keep, top_k=top_k, scorer=scorer, stream=stream, max_memory=max_memory, sparsity=sparsity,
+                 method=method, schedule=schedule, whole_groups=whole_groups)
+    if model_kind(model) == "dense":
+        from premoe.dense.model import inspect_dense
+        from premoe.dense.verbs import dense_plan, evaluate_dense
+
+        _refuse("dense", given)
+        if store is None and (task or agnostic or sparsity is not None):
+            raise InputError("--task/--sparsity/--agnostic need --store (or evaluate an exported model directory directly)")
+        if store is not None and sparsity is None:
+            raise InputError("--store needs --sparsity (fraction of decoder weights removed) for a dense model")
+        info = inspect_dense(model)
+        the_plan = None if store is None else dense_plan(info, store, task, sparsity, method=method or "seap",
+                                                         agnostic=agnostic, schedule=schedule, whole_groups=whole_groups)
+        read_eval_data(data, limit)  # bad data fails before the model is built
+        return evaluate_dense(info, data, the_plan, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                              device=device, dtype=dtype, progress=progress)
+    _refuse("moe", given)
     gen, mc = read_eval_data(data, limit)
     result: dict[str, Any] = {"model": str(model), "data": str(data)}
     if store is None and (any(v is not None for v in (task, keep)) or agnostic):

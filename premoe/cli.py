@@ -50,11 +50,28 @@ def _add_memory_flags(p, offload: bool = True):
 def _add_selection_flags(p, keep_required: bool):
     p.add_argument("--task", help="calibrated task whose scores decide")
     p.add_argument("--agnostic", action="store_true", help="pool every task in the store instead (task-agnostic)")
-    p.add_argument("--keep", type=int, required=keep_required, help="experts kept in every MoE layer")
+    p.add_argument("--keep", type=int, help="MoE: experts kept in every MoE layer" + (" (required)" if keep_required else ""))
     p.add_argument("--scorer", choices=SCORER_NAMES, help="rank experts with this scorer (default: the task's own)")
     p.add_argument("--top-k", type=int, help="also lower the experts routed per token (e.g. 4/64)")
     p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"),
                    help="group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k")
+    _add_dense_flags(p)
+
+
+def _add_dense_flags(p, serving: bool = False):
+    g = p.add_argument_group("dense models (SEAP: heads and FFN channels)")
+    g.add_argument("--sparsity", type=float, help="fraction of decoder linear weights removed, in [0, 1) (e.g. 0.5)")
+    g.add_argument("--method", choices=("seap", "seap-gen", "wanda-sp", "flap", "random"),
+                   help="seap (default: the task's statistics), seap-gen (all tasks pooled), wanda-sp, flap, random")
+    if serving:
+        return
+    g.add_argument("--schedule", choices=("uniform", "logistic", "adaptive"),
+                   help="layer allocation: uniform counts (default; plain transformers/vLLM load), SEAP's logistic "
+                        "depth schedule or FLAP's adaptive ranking (exports are zero-padded to the largest layer)")
+    g.add_argument("--whole-groups", action="store_true",
+                   help="GQA: remove whole KV groups instead of the same number of query heads from every group")
+    g.add_argument("--bias-comp", action=argparse.BooleanOptionalAction, default=None,
+                   help="FLAP bias compensation of the removed inputs' mean (default: on for flap only)")
 
 
 def _add_prune(sub):
@@ -98,6 +115,10 @@ def _add_sweep(sub):
                    help='a task: calibration JSONL and evaluation JSONL ({"prompt","completion"}); repeat (default: built-in suite)')
     p.add_argument("--keep", type=int, nargs="+", help="experts kept per layer (default: 3/4, 1/2, 3/8, 1/4, 1/8)")
     p.add_argument("--scorers", nargs="+", choices=SCORER_NAMES, help="default: all")
+    p.add_argument("--sparsities", type=float, nargs="+", help="dense models: fractions of decoder weights removed "
+                                                              "(default 0.2 0.35 0.5)")
+    p.add_argument("--methods", nargs="+", choices=("seap", "seap-gen", "wanda-sp", "flap", "random"),
+                   help="dense models: default all")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -115,7 +136,8 @@ def _add_demo(sub):
 
 def _add_signature_flags(p):
     g = p.add_argument_group("retrieval (defaults chosen on routing accuracy; see README)")
-    g.add_argument("--layers", type=int, default=1, help="MoE layers the signature spans (M; default 1)")
+    g.add_argument("--layers", type=int, help="MoE: MoE layers the signature spans (default 1); dense: decoder layers "
+                                               "run before comparing (default: where the stored tasks separate best)")
     g.add_argument("--stat", choices=("prob", "tcess", "count", "official"), help="router statistic compared (default prob)")
     g.add_argument("--source", choices=("prompt", "full"), help="keys from calibration prompts or prompt+completion (default prompt)")
     g.add_argument("--norm", choices=("none", "l1", "l2"), help="per-layer normalisation (default l1)")
@@ -125,8 +147,9 @@ def _add_signature_flags(p):
 def _add_serving_flags(p):
     p.add_argument("--model", required=True)
     p.add_argument("--store", required=True)
-    p.add_argument("--keep", type=int, required=True, help="experts held per MoE layer")
+    p.add_argument("--keep", type=int, help="MoE: experts held per MoE layer (required for MoE models)")
     p.add_argument("--top-k", type=int, help="also lower the experts routed per token")
+    _add_dense_flags(p, serving=True)
     p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"))
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-mb", type=float, default=0.0, help="keep experts a switch drops, up to this many MB (default 0)")
@@ -200,8 +223,18 @@ def _run(args) -> int:
         res = api.prune(
             args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k, group_policy=args.group_policy,
             scorer=args.scorer, agnostic=args.agnostic, overwrite=args.overwrite, verify=args.verify, progress=progress,
+            sparsity=args.sparsity, method=args.method, schedule=args.schedule, whole_groups=args.whole_groups,
+            bias_comp=args.bias_comp,
         )
         p = res.plan
+        if hasattr(res, "sparsity"):  # dense
+            h, g, c = p.counts()
+            print(f"pruned ({p.method}, {p.info['schedule']}) for task {p.task!r}: {res.sparsity:.1%} of decoder linear weights "
+                  f"removed ({res.params_kept:,} of {res.params_source:,}); {h} heads / {g} KV heads / {c} FFN channels per layer"
+                  f"{' (zero-padded)' if res.padded else ''}; {_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
+                  f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
+                  + (" (reload verified)" if args.verify else ""))
+            return 0
         print(f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}) for task {p.task!r}: "
               f"{_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
               f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
@@ -211,12 +244,17 @@ def _run(args) -> int:
             args.model, args.data, store=args.store, task=args.task, keep=args.keep, agnostic=args.agnostic,
             scorer=args.scorer, top_k=args.top_k, group_policy=args.group_policy, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype, progress=progress,
-            stream=args.stream, max_memory=args.max_memory,
+            stream=args.stream, max_memory=args.max_memory, sparsity=args.sparsity, method=args.method,
+            schedule=args.schedule, whole_groups=args.whole_groups,
         )
         if args.json:
             print(json.dumps(res))
         else:
-            what = f" ({res['scorer']} pattern of {res['task']}, {res['keep']} experts per layer)" if args.store else ""
+            what = ""
+            if args.store and "sparsity" in res:
+                what = f" ({res['method']} for {res['task']}, {res['sparsity']:.1%} of decoder weights removed)"
+            elif args.store:
+                what = f" ({res['scorer']} pattern of {res['task']}, {res['keep']} experts per layer)"
             if res["exact_match"] is not None:
                 print(f"exact match {res['exact_match']:.4f} on {res['generate_samples']} samples{what}")
             if res["mc_accuracy"] is not None:
@@ -245,7 +283,12 @@ def _run(args) -> int:
         tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
                     calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
-                    stream=args.stream, max_memory=args.max_memory)
+                    stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods)
+        if "methods" in res:  # dense
+            from premoe.dense.sweep import format_dense_summary
+
+            print(json.dumps({k: v for k, v in res.items() if k != "rows"}) if args.json else format_dense_summary(res))
+            return 0
         if args.json:
             print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
         else:
@@ -277,7 +320,7 @@ def _queries(args, text_arg: str) -> list[tuple[str, str]]:
 def _spec(args):
     from premoe.core.retrieval import signature_spec
 
-    return signature_spec(args.layers, args.stat, args.source, args.norm, args.metric)
+    return signature_spec(args.layers or 1, args.stat, args.source, args.norm, args.metric)
 
 
 def _route(args) -> int:
@@ -285,7 +328,14 @@ def _route(args) -> int:
     from premoe.errors import InputError
 
     queries = _queries(args, "query")
-    router = QueryRouter(args.model, args.store, _spec(args), device=args.device, dtype=args.dtype)
+    from premoe.api import model_kind
+
+    if model_kind(args.model) == "dense":
+        from premoe.dense.verbs import DenseRouter
+
+        router = DenseRouter(args.model, args.store, "auto" if args.layers is None else args.layers, device=args.device)
+    else:
+        router = QueryRouter(args.model, args.store, _spec(args), device=args.device, dtype=args.dtype)
     for where, q in queries:
         try:
             res = router.route(q)
@@ -296,9 +346,16 @@ def _route(args) -> int:
 
 
 def _serve(args) -> int:
+    from premoe.api import model_kind
     from premoe.errors import InputError
     from premoe.serving import TaskServer
 
+    if model_kind(args.model) == "dense":
+        return _serve_dense(args)
+    if args.sparsity is not None or args.method is not None:
+        raise InputError("--sparsity/--method apply to dense models only; for an MoE model use --keep")
+    if args.keep is None:
+        raise InputError("--keep (experts held per MoE layer) is required for an MoE model")
     server = TaskServer(
         args.model, args.store, args.keep, top_k=args.top_k, group_policy=args.group_policy,
         signature=_spec(args), cache_bytes=int(args.cache_mb * 2**20),
@@ -308,6 +365,29 @@ def _serve(args) -> int:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.command == "chat":
         return _chat(server, args)
+    for where, prompt in _queries(args, "prompt"):
+        try:
+            reply = server.generate(prompt, args.max_new_tokens)
+        except InputError as e:
+            raise InputError(f"{where}: {e}" if args.data else str(e)) from None
+        print(json.dumps(reply.to_dict()) if args.json else f"[{reply.task}] {reply.text}", flush=True)
+    return 0
+
+
+def _serve_dense(args) -> int:
+    from premoe.dense.verbs import DenseServer
+    from premoe.errors import InputError
+
+    if args.keep is not None or args.top_k is not None:
+        raise InputError("--keep/--top-k apply to MoE models only; for a dense model use --sparsity (and --method)")
+    if args.sparsity is None:
+        raise InputError("--sparsity (fraction of decoder weights removed) is required for a dense model")
+    if args.command == "chat":
+        raise InputError("chat is not available for dense models yet; use generate")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    server = DenseServer(args.model, args.store, args.sparsity, method=args.method or "seap",
+                         depth="auto" if args.layers is None else args.layers, device=args.device, dtype=args.dtype)
     for where, prompt in _queries(args, "prompt"):
         try:
             reply = server.generate(prompt, args.max_new_tokens)

@@ -55,8 +55,11 @@ def sweep(
     progress: bool = True,
     stream: bool | None = None,
     max_memory: float | None = None,
+    sparsities: list[float] | None = None,
+    methods: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep and write results and pictures into ``out``.
+    """Run the sweep and write results and pictures into ``out`` (a dense model: see
+    :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
 
     Args:
         out: output directory (created; ``work/`` inside it holds the store and calibration files).
@@ -78,6 +81,17 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     model_label = str(model) if model else "premoe/assets/tiny-moe (shipped)"
     model = Path(model or TINY_MODEL)
+    from premoe.api import model_kind
+
+    if model_kind(model) == "dense":
+        from premoe.dense.sweep import sweep_dense
+
+        if keeps or scorers or stream or max_memory:
+            raise InputError("--keep/--scorers/--stream/--max-memory apply to MoE models; for a dense model use "
+                             "--sparsities and --methods")
+        return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress)
+    if sparsities or methods:
+        raise InputError("--sparsities/--methods apply to dense models; for an MoE model use --keep and --scorers")
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:

@@ -138,12 +138,11 @@ def test_bad_arguments(family_dir, tmp_path, small_data):
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, small_data):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
-    with pytest.raises(UnsupportedModelError, match=r"'llama'.*deepseek_v3.*gpt_oss.*mixtral.*olmoe.*qwen3_moe"):
-        premoe.calibrate(tmp_path / "llama", small_data, "t", tmp_path / "s")
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "bloom")
+    with pytest.raises(UnsupportedModelError, match=r"'bloom'.*deepseek_v3.*gpt_oss.*mixtral.*olmoe.*qwen3_moe.*dense families: .*llama"):
+        premoe.calibrate(tmp_path / "bloom", small_data, "t", tmp_path / "s")
 
 
 def test_missing_weights_and_corrupt_checkpoint(family_dir, tmp_path, small_data):

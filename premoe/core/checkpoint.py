@@ -231,15 +231,19 @@ class Checkpoint:
 
 @dataclass
 class OutTensor:
-    """One tensor of a file to write, as the source byte ranges it concatenates."""
+    """One tensor of a file to write, as the source byte ranges it concatenates, or (``make``) a
+    function that computes it when it is written (one such tensor is in memory at a time)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     pieces: list[tuple[Path, int, int]] = field(default_factory=list)
+    make: Any = None  # () -> torch.Tensor of ``shape``, in ``dtype``
 
     @property
     def nbytes(self) -> int:
+        if self.make is not None:
+            return math.prod(self.shape) * TORCH_DTYPES[self.dtype].itemsize
         return sum(p[2] for p in self.pieces)
 
 
@@ -260,6 +264,12 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
             for t in tensors:
+                if t.make is not None:
+                    value = t.make()
+                    if tuple(value.shape) != tuple(t.shape) or value.dtype != TORCH_DTYPES[t.dtype]:
+                        raise CheckpointError(f"{t.name}: computed {value.dtype} {list(value.shape)}, expected {t.dtype} {list(t.shape)}")
+                    out.write(tensor_bytes(value.contiguous()))
+                    continue
                 for src, offset, length in t.pieces:
                     f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
                     f.seek(offset)

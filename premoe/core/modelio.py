@@ -139,7 +139,7 @@ def config_from_dict(raw: dict[str, Any], model_type: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoConfig.for_model(model_type, **raw)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - also huggingface_hub's strict-dataclass validation errors
         raise CheckpointError(f"transformers cannot read this config.json as {model_type}: {e}") from None
 
 

@@ -331,7 +331,16 @@ def finish_buffers(model: nn.Module) -> None:
             mod._buffers[n] = torch.empty_like(mod._buffers[n], device="cpu")
         if any(p.is_meta for p in mod.parameters(recurse=False)):
             continue
-        model._init_weights(mod)
+        # _init_weights also re-initialises the module's parameters (Gemma's scaled embedding): let it
+        # see meta stand-ins, so only the buffers are computed and the loaded weights stay as they are
+        params = dict(mod._parameters)
+        for n, t in params.items():
+            if t is not None:
+                mod._parameters[n] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+        try:
+            model._init_weights(mod)
+        finally:
+            mod._parameters.update(params)
 
 
 def _check_no_meta(model: nn.Module, skip: set[int] = frozenset()) -> None:

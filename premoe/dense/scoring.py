@@ -1,0 +1,113 @@
+"""Pure tensor functions of structured pruning: channel and head scores, pooled statistics, layer
+schedules and the units heads are removed in. No hooks, no I/O.
+
+Statistics per layer and site (``o``: input of ``o_proj`` = concatenated head outputs, [L, H*d];
+``down``: input of ``down_proj`` = FFN channels, [L, I]): ``mean``, ``sq`` (E[x^2]), ``var``; weight
+column statistics ``w.<site>.l2sq`` (squared L2 norm) and ``w.<site>.l1mean`` (mean |w|).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from premoe.errors import InputError
+
+# name -> (statistic, weight statistic, combine)
+METRICS = {
+    "sf": "variance x squared column L2 norm (SEAP s_F, FLAP's fluctuation WIFV)",
+    "sw": "activation RMS x mean |column| (Wanda-sp as in its original code; SEAP s_W)",
+}
+
+
+def channel_scores(means: dict[str, torch.Tensor], site: str, metric: str) -> torch.Tensor:
+    """[L, C] importance of every input channel of ``site`` (``o`` or ``down``)."""
+    if metric == "sf":
+        return means[f"{site}.var"] * means[f"w.{site}.l2sq"]
+    if metric == "sw":
+        return means[f"{site}.sq"].clamp_min(0).sqrt() * means[f"w.{site}.l1mean"]
+    raise InputError(f"unknown score {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def head_scores(channels: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[L, H*d] channel scores -> [L, H] head scores (sum over the head's channels, SEAP eq. 13)."""
+    return channels.reshape(channels.shape[0], -1, head_dim).sum(-1)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-row z-score (FLAP compares layers and modules on one scale)."""
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-12)
+
+
+def pooled(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Statistics of the equal-weight mixture of several tasks' token distributions: every task
+    counts the same however many tokens its corpus has (a long-text corpus does not dominate)."""
+    if not stats:
+        raise InputError("no task statistics to pool")
+    out = {k: v for k, v in stats[0].items() if k.startswith("w.")}
+    for site in ("o", "down"):
+        mean = torch.stack([s[f"{site}.mean"].double() for s in stats]).mean(0)
+        sq = torch.stack([s[f"{site}.sq"].double() for s in stats]).mean(0)
+        out[f"{site}.mean"], out[f"{site}.sq"] = mean.float(), sq.float()
+        out[f"{site}.var"] = (sq - mean * mean).clamp_min(0).float()
+    return out
+
+
+def logistic_shape(num_layers: int, k: float = 1.0, x0: float = 0.3, protect: tuple[int, int] | None = None) -> torch.Tensor:
+    """[L] relative layer sparsities of SEAP's logistic schedule (eqs. 16-17): 1/(1+exp(-k(x-x0)))
+    over the unprotected layers (x from 0 to 1), 0 on the first and last ``protect`` layers
+    (default: max(1, round(L/16)) each, 2+2 for 32 layers as in SEAP's code)."""
+    m = n = max(1, round(num_layers / 16)) if protect is None else None
+    if protect is not None:
+        m, n = protect
+    active = num_layers - m - n
+    if active < 1:
+        raise InputError(f"a logistic schedule over {num_layers} layers leaves no layer to prune; use --schedule uniform")
+    x = torch.linspace(0, 1, active) if active > 1 else torch.zeros(1)
+    shape = torch.zeros(num_layers)
+    shape[m : m + active] = 1 / (1 + torch.exp(-k * (x - x0)))
+    return shape
+
+
+def scale_schedule(shape: torch.Tensor, target: float, cap: float = 0.95) -> torch.Tensor:
+    """Layer sparsities ``lam * shape`` (each at most ``cap``) whose mean is ``target``; bisection."""
+    if target == 0:
+        return torch.zeros_like(shape)
+    if (shape.clamp(max=1) > 0).float().mean() * cap < target:
+        raise InputError(f"sparsity {target} is not reachable with this layer schedule (protected layers); lower it "
+                         "or use --schedule uniform")
+    lo, hi = 0.0, cap / max(float(shape[shape > 0].min()), 1e-9)
+    for _ in range(100):
+        lam = (lo + hi) / 2
+        if float((lam * shape).clamp(max=cap).mean()) < target:
+            lo = lam
+        else:
+            hi = lam
+    return (hi * shape).clamp(max=cap)
+
+
+def attention_units(heads: torch.Tensor, kv_heads: int, whole_groups: bool) -> list[tuple[float, list[int], list[int]]]:
+    """A layer's removable attention units, best first: (score, query heads, KV heads they take).
+
+    With query groups of g > 1 heads (GQA) and ``whole_groups`` off, unit r holds the r-th best
+    query head of every KV group, so any number of kept units leaves every group the same number
+    of query heads (what transformers' ``num_key_value_groups`` needs) and every KV head in use.
+    Otherwise (MHA, or ``whole_groups``) a unit is one KV group with all its query heads.
+    """
+    H = heads.numel()
+    g = H // kv_heads
+    if g == 1 or whole_groups:
+        units = [(float(heads[j * g : (j + 1) * g].sum()), list(range(j * g, (j + 1) * g)), [j]) for j in range(kv_heads)]
+        return sorted(units, key=lambda u: -u[0])
+    ranked = [sorted(range(j * g, (j + 1) * g), key=lambda h: -float(heads[h])) for j in range(kv_heads)]
+    return [(float(sum(heads[r[i]] for r in ranked)), [r[i] for r in ranked], []) for i in range(g)]
+
+
+def unit_cost(hidden: int, head_dim: int, unit: tuple[float, list[int], list[int]]) -> int:
+    """Decoder weights a unit holds: q rows and o columns of its heads, k/v rows of its KV heads."""
+    return hidden * head_dim * (2 * len(unit[1]) + 2 * len(unit[2]))
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))

@@ -1,0 +1,233 @@
+"""The verbs on dense models: plan, prune, eval, route, generate (``premoe.api`` dispatches here when
+the model is a dense decoder, so users call the same commands for both kinds of model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from premoe.core.checkpoint import ByteReader
+from premoe.core.store import PatternStore
+from premoe.dense.model import DenseInfo, DensePlan, build_dense, inspect_dense, reader_getter
+from premoe.dense.plans import METHODS, make_dense_plan
+from premoe.dense.scoring import pooled
+from premoe.errors import InputError, StoreError
+
+
+def check_dense_store(store: str | Path | PatternStore, info: DenseInfo) -> PatternStore:
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    st.check_model(info.fingerprint)
+    return st
+
+
+def stats_for(st: PatternStore, method: str, task: str | None, agnostic: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The statistics a method calibrates on: the task's own (SEAP), or every task pooled (the rest)."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    task_source = METHODS[method].source == "task" and not agnostic
+    if task_source:
+        if not task:
+            raise InputError(f"--method {method} needs --task (or --agnostic for the pooled statistics)")
+        return st.load(task).means, task
+    names = sorted(st.tasks)
+    if not names:
+        raise StoreError(f"store {st.path} has no tasks; calibrate some first")
+    return pooled([st.load(n).means for n in names]), "all-tasks (pooled)"
+
+
+def weights_from_checkpoint(info: DenseInfo, reader: ByteReader):
+    get = reader_getter(info, reader)
+    return lambda layer, site: get(info.key(layer, site), None, None)
+
+
+def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,
+               schedule: str | None = None, metric: str | None = None, whole_groups: bool = False,
+               bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None) -> DensePlan:
+    st = check_dense_store(store, info)
+    if method == "seap" and agnostic:
+        method = "seap-gen"
+    stats, name = stats_for(st, method, task, agnostic)
+    own = reader is None
+    reader = reader or ByteReader()
+    try:
+        return make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
+                               bias_comp=bias_comp, weights=weights_from_checkpoint(info, reader), seed=seed, task=name)
+    finally:
+        if own:
+            reader.close()
+
+
+def evaluate_dense(info: DenseInfo, data, plan: DensePlan | None, *, batch_size: int = 64, max_new_tokens=None,
+                   limit=None, device="cpu", dtype="auto", progress: bool = True) -> dict[str, Any]:
+    from premoe.core.evaluation import choice_accuracy, exact_match, read_eval_data
+    from premoe.core.modelio import load_tokenizer, resolve_device, resolve_dtype
+
+    gen, mc = read_eval_data(data, limit)
+    with ByteReader() as reader:
+        net = build_dense(info, plan, reader)
+        dt = resolve_dtype(dtype)
+        net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)
+        tok = load_tokenizer(info.path)
+        out: dict[str, Any] = {"model": str(info.path), "data": str(data), "bytes_read": reader.bytes_read}
+    out["exact_match"] = exact_match(net, tok, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     progress=progress) if gen else None
+    out["generate_samples"] = len(gen)
+    out["mc_accuracy"] = choice_accuracy(net, tok, mc, progress=progress) if mc else None
+    out["mc_samples"] = len(mc)
+    if plan is not None:
+        out.update(method=plan.method, task=plan.task, sparsity=plan.info["sparsity"], schedule=plan.info["schedule"])
+    return out
+
+
+# -- routing and selective loading ----------------------------------------------------------------
+
+ROUTE_DEPTH = "auto"  # see DenseRouter
+
+
+@dataclass
+class DenseRoute:
+    task: str
+    distance: float
+    margin: float | None
+    runner_up: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "distance": self.distance, "margin": self.margin, "runner_up": self.runner_up}
+
+
+class DenseRouter:
+    """Routes a query to the stored task whose prompt centroid is nearest (cosine) in the mean hidden
+    state after ``depth`` decoder layers; only the embeddings and those layers are read.
+
+    ``depth`` ``"auto"``: the depth at which the stored centroids are best separated (largest
+    smallest pairwise cosine distance, a property of the store alone), capped at half the layers.
+    """
+
+    def __init__(self, model, store, depth: int | str = ROUTE_DEPTH, device="cpu"):
+        from premoe.core.modelio import load_tokenizer, resolve_device
+
+        self.info = model if isinstance(model, DenseInfo) else inspect_dense(model)
+        self.store = check_dense_store(store, self.info)
+        self.names = sorted(self.store.tasks)
+        if not self.names:
+            raise StoreError(f"store {self.store.path} has no tasks to route to; calibrate some first")
+        cents = torch.stack([self.store.load(n).signature["prompt.hidden"] for n in self.names])  # [T, L+1, D]
+        self.centroids = torch.nn.functional.normalize(cents, dim=-1)
+        if depth == "auto":
+            depth = self.best_depth(self.centroids, max(1, self.info.num_layers // 2))
+        if not (0 <= int(depth) <= self.info.num_layers):
+            raise InputError(f"--layers must be in 0..{self.info.num_layers} for this model, got {depth}")
+        self.depth = int(depth)
+        self.tokenizer = load_tokenizer(self.info.path)
+        with ByteReader() as reader:
+            self.model = _prefix_model(self.info, max(self.depth, 1), reader)
+            self.bytes_read = reader.bytes_read
+        self.model.to(resolve_device(device))
+
+    @staticmethod
+    def best_depth(centroids: torch.Tensor, max_depth: int) -> int:
+        if centroids.shape[0] < 2:
+            return 0
+        sims = torch.einsum("tld,sld->lts", centroids, centroids)  # [L+1, T, T]
+        eye = torch.eye(centroids.shape[0], dtype=torch.bool)
+        closest = sims.masked_fill(eye, -2).amax(-1).amax(-1)  # most similar pair per depth
+        return int(closest[: max_depth + 1].argmin())
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        from premoe.dense.calibration import prompt_features
+
+        return prompt_features(self.model, self.info, self.tokenizer, texts, layers=self.depth)[:, self.depth]
+
+    def route_many(self, texts: list[str]) -> list[DenseRoute]:
+        for t in texts:
+            if not t or not t.strip():
+                raise InputError("empty query; give some text to route")
+        q = self.features(texts)
+        d = 1 - q @ self.centroids[:, self.depth].T  # [Q, T] cosine distance
+        k = min(2, len(self.names))
+        vals, idx = d.topk(k, dim=-1, largest=False)
+        return [DenseRoute(self.names[i[0]], v[0], v[1] - v[0] if k > 1 else None, self.names[i[1]] if k > 1 else None)
+                for v, i in zip(vals.tolist(), idx.tolist())]
+
+    def route(self, text: str) -> DenseRoute:
+        return self.route_many([text])[0]
+
+
+def _prefix_model(info: DenseInfo, layers: int, reader: ByteReader):
+    """The embeddings and the first ``layers`` decoder layers (no LM head), from byte ranges."""
+    from premoe.core.modelio import config_from_dict, skeleton
+    from premoe.dense.model import fill_pruned, full_plan
+    from premoe.moe.selective import finish_buffers
+
+    raw = dict(info.raw_config)
+    raw["num_hidden_layers"] = layers
+    for key in ("layer_types",):
+        if isinstance(raw.get(key), list):
+            raw[key] = raw[key][:layers]
+    model = skeleton(config_from_dict(raw, info.spec.name))
+    head = model.get_output_embeddings()
+    skip = tuple(n for n, m in model.named_modules() if m is head)
+    plan = full_plan(info)
+    fill_pruned(model, info, plan, reader_getter(info, reader), skip_prefixes=skip)
+    finish_buffers(model)
+    return model.eval()
+
+
+@dataclass
+class DenseReply:
+    text: str
+    task: str
+    distance: float
+    margin: float | None
+    switched: bool
+    bytes_read: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class DenseServer:
+    """Routes each prompt and answers it with a model holding only its task's heads and channels,
+    built from the checkpoint (kept rows of q/k/v/gate/up read as byte ranges). Switching tasks
+    rebuilds only the decoder layers; embeddings, norms and the LM head stay in memory."""
+
+    def __init__(self, model, store, sparsity: float, *, method: str = "seap", schedule: str | None = None,
+                 whole_groups: bool = False, depth: int | str = ROUTE_DEPTH, device="cpu", dtype="auto"):
+        from premoe.core.modelio import resolve_device, resolve_dtype
+        from premoe.dense.plans import check_sparsity
+
+        check_sparsity(sparsity)
+        self.router = DenseRouter(model, store, depth, device)
+        self.info, self.store = self.router.info, self.router.store
+        self.sparsity, self.method, self.schedule, self.whole_groups = sparsity, method, schedule, whole_groups
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.tokenizer = self.router.tokenizer
+        self.task: str | None = None
+        self.model = None
+        self._plans: dict[str, DensePlan] = {}
+        self.reader = ByteReader()
+
+    def plan(self, task: str) -> DensePlan:
+        if task not in self._plans:
+            self._plans[task] = dense_plan(self.info, self.store, task, self.sparsity, method=self.method,
+                                           schedule=self.schedule, whole_groups=self.whole_groups, reader=self.reader)
+        return self._plans[task]
+
+    def load(self, task: str) -> int:
+        before = self.reader.bytes_read
+        self.model = build_dense(self.info, self.plan(task), self.reader)
+        self.model.to(device=self.device, dtype=None if self.dtype == "auto" else self.dtype)
+        self.task = task
+        return self.reader.bytes_read - before
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, task: str | None = None) -> DenseReply:
+        from premoe.core.evaluation import generate_greedy
+
+        route = self.router.route(prompt) if task is None else DenseRoute(task, 0.0, None, None)
+        switched = route.task != self.task
+        read = self.load(route.task) if switched else 0
+        text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+        return DenseReply(text, route.task, route.distance, route.margin, switched, read)

@@ -1,0 +1,210 @@
+"""Dense models (SEAP): the shared contract over every dense family row, scores, schedules, GQA rules,
+exports that vanilla transformers reloads, routing, selective loading, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import premoe
+from premoe.cli import main
+from premoe.core.checkpoint import ByteReader
+from premoe.core.data import write_jsonl
+from premoe.core.tasks import char_tokenizer, samples
+from premoe.dense.model import build_dense, inspect_dense, kept_params, prune_in_memory
+from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
+from premoe.dense.verbs import DenseRouter, dense_plan
+from premoe.errors import InputError, StoreError
+
+FAMILIES = {  # model_type -> config overrides (GQA everywhere; biases / q-k norms where the family has them)
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "olmo2": {},
+}
+
+
+def _build(path, model_type, seed=0, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = char_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(over)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    with torch.no_grad():  # trained-looking biases so bias slicing is exercised
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dense-data")
+    out = {}
+    for t in ("add", "reverse", "sort"):
+        out[t] = write_jsonl(d / f"{t}.jsonl", samples(t, 24, "calib"))
+        write_jsonl(d / f"{t}-eval.jsonl", samples(t, 8, "eval"))
+    return d
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, data):
+    d = tmp_path_factory.mktemp(request.param)
+    model = _build(d / "model", request.param, **FAMILIES[request.param])
+    for t in ("add", "reverse", "sort"):
+        premoe.calibrate(model, data / f"{t}.jsonl", t, d / "store", progress=False)
+    return request.param, model, d / "store"
+
+
+def test_family_contract(family, tmp_path):
+    """Every dense row: the pruned model built from byte ranges equals the in-memory slice of the
+    loaded model; the export is a plain checkpoint that vanilla transformers reloads to the same
+    logits, with the parameter count and file size of the requested sparsity."""
+    from transformers import AutoModelForCausalLM
+
+    name, model, store = family
+    info = inspect_dense(model)
+    full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    x = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    for method in ("seap", "seap-gen", "wanda-sp", "flap", "random"):
+        plan = dense_plan(info, store, "add", 0.5, method=method, bias_comp=False)
+        with ByteReader() as reader:
+            built = build_dense(info, plan, reader).float()
+            assert reader.bytes_read < info.checkpoint.nbytes
+        mem = prune_in_memory(full, info, plan)
+        assert torch.allclose(built(x).logits, mem(x).logits, atol=1e-5), method
+    plan = dense_plan(info, store, "add", 0.5)
+    res = premoe.prune(model, store, "add", None, tmp_path / "out", sparsity=0.5, progress=False)
+    assert abs(res.sparsity - 0.5) < 0.05 and res.sparsity == plan.info["sparsity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits, atol=1e-5)
+    n_linear = sum(p.numel() for n, p in reloaded.named_parameters() if n.endswith("proj.weight"))
+    assert n_linear == kept_params(info, plan)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["premoe"]["kind"] == "dense" and cfg["num_key_value_heads"] == len(plan.kv[0])
+    assert res.bytes_written < 0.75 * res.bytes_source
+
+
+def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
+    from transformers import AutoModelForCausalLM
+
+    model = _build(tmp_path / "m", "llama")
+    premoe.calibrate(model, data / "add.jsonl", "add", tmp_path / "s", progress=False)
+    info = inspect_dense(model)
+    plan = dense_plan(info, tmp_path / "s", "add", 0.4, method="seap", bias_comp=True)
+    assert plan.bias
+    premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, progress=False)
+    full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    x = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    assert reloaded.model.layers[0].mlp.down_proj.bias is not None
+    assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits, atol=1e-4)
+    # a family with no o_proj/down_proj bias flag refuses instead of silently dropping it
+    q = _build(tmp_path / "q", "qwen2")
+    premoe.calibrate(q, data / "add.jsonl", "add", tmp_path / "qs", progress=False)
+    with pytest.raises(InputError, match="no-bias-comp"):
+        premoe.prune(q, tmp_path / "qs", "add", None, tmp_path / "qout", sparsity=0.4, bias_comp=True, progress=False)
+    assert not (tmp_path / "qout").exists()
+
+
+def test_statistics_are_exact_and_batch_independent(tmp_path, data):
+    """Streaming float64 sums equal brute force over the concatenated real tokens, whatever the batch size."""
+    from premoe.dense.calibration import observe_dense
+    from premoe.dense.model import load_dense
+
+    model = _build(tmp_path / "m", "llama")
+    info, lm, tok = load_dense(model, dtype=torch.float32)
+    texts = [r["prompt"] + r["completion"] for r in samples("add", 10, "calib")]
+    a, n = observe_dense(lm, info, tok, texts, batch_size=1, progress=False)
+    b, m = observe_dense(lm, info, tok, texts, batch_size=7, progress=False)
+    assert n == m == sum(len(tok(t).input_ids) for t in texts)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    rows = []
+    h = lm.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: rows.append(args[0][0]))
+    for t in texts:
+        lm(**tok(t, return_tensors="pt"))
+    h.remove()
+    x = torch.cat(rows).double()
+    assert torch.allclose(a["down.mean"][1].double(), x.mean(0), atol=1e-5)
+    assert torch.allclose(a["down.var"][1].double(), x.var(0, unbiased=False), atol=1e-5, rtol=1e-3)
+
+
+def test_gqa_units_keep_groups_valid():
+    heads = torch.tensor([5.0, 1, 3, 2, 8, 0, 4, 7])  # 8 query heads, 2 KV groups of 4
+    units = attention_units(heads, 2, whole_groups=False)
+    assert [sorted(u[1]) for u in units[:2]] == [[0, 4], [2, 7]] and all(u[2] == [] for u in units)
+    groups = attention_units(heads, 2, whole_groups=True)
+    assert groups[0][1] == [4, 5, 6, 7] and groups[0][2] == [1]
+    mha = attention_units(heads, 8, whole_groups=False)  # MHA: a unit is a head with its KV head
+    assert mha[0][1] == [4] and mha[0][2] == [4]
+
+
+def test_logistic_schedule_mean_and_protection():
+    shape = logistic_shape(32)
+    assert shape[:2].eq(0).all() and shape[-2:].eq(0).all() and (shape[2:-2] > 0).all()
+    rho = scale_schedule(shape, 0.2)
+    assert abs(float(rho.mean()) - 0.2) < 1e-4 and float(rho[29]) > float(rho[2])
+    with pytest.raises(InputError):
+        scale_schedule(logistic_shape(4), 0.6)
+
+
+def test_pooled_statistics_weight_tasks_equally():
+    a = {"o.mean": torch.zeros(1, 2), "o.sq": torch.ones(1, 2), "down.mean": torch.zeros(1, 2), "down.sq": torch.ones(1, 2)}
+    b = {"o.mean": torch.full((1, 2), 2.0), "o.sq": torch.full((1, 2), 5.0), "down.mean": torch.zeros(1, 2),
+         "down.sq": torch.ones(1, 2)}
+    p = pooled([a, b])
+    # mixture of N(0,1) and N(2,1): mean 1, variance 1 + 1
+    assert torch.allclose(p["o.mean"], torch.ones(1, 2)) and torch.allclose(p["o.var"], torch.full((1, 2), 2.0))
+
+
+def test_routing_and_generate(tmp_path, data, capsys):
+    model = _build(tmp_path / "m", "llama")
+    for t in ("add", "reverse", "sort"):
+        premoe.calibrate(model, data / f"{t}.jsonl", t, tmp_path / "s", progress=False)
+    router = DenseRouter(model, tmp_path / "s", 0)
+    assert router.bytes_read < inspect_dense(model).checkpoint.nbytes / 2
+    res = router.route_many([r["prompt"] for r in samples("add", 5, "eval")])
+    assert all(r.task == "add" for r in res)  # the prompt format alone separates these tasks at the embeddings
+    assert main(["-q", "generate", "--model", str(model), "--store", str(tmp_path / "s"), "--sparsity", "0.3",
+                 "--json", "--max-new-tokens", "3", "add 1+2="]) == 0
+    reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reply["task"] == "add" and reply["switched"]
+
+
+def test_bad_input_one_line_errors(tmp_path, capsys, data):
+    model, store = _build(tmp_path / "m", "llama"), tmp_path / "store"
+    premoe.calibrate(model, data / "add.jsonl", "add", store, progress=False)
+    cases = [
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "1.0", "--out", str(tmp_path / "o")], "[0, 1)"),
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "-0.1", "--out", str(tmp_path / "o")], "[0, 1)"),
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--keep", "4", "--out", str(tmp_path / "o")], "--keep applies to MoE"),
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--out", str(tmp_path / "o")], "--sparsity"),
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "0.99", "--out", str(tmp_path / "o")], "lower --sparsity"),
+        (["calibrate", "--model", str(model), "--data", str(data / "add.jsonl"), "--task", "x", "--store", str(tmp_path / "s2"), "--scorer", "reap"], "--scorer applies to MoE"),
+    ]
+    for argv, msg in cases:
+        assert main(["-q", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err, (argv, err)
+        assert not (tmp_path / "o").exists()
+    # a dense store used with another model
+    other = _build(tmp_path / "other", "llama", seed=1)
+    with pytest.raises(StoreError, match="another model"):
+        premoe.prune(other, store, "add", None, tmp_path / "o", sparsity=0.3, progress=False)
+
+
+def test_moe_flag_refused_on_dense_and_reverse(tmp_path, capsys):
+    from premoe.showcase import TINY_MODEL
+
+    assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
+                 "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--sparsity applies to dense" in capsys.readouterr().err
