@@ -10,7 +10,8 @@ from premoe.core.modelio import ModelInfo, as_info
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.calibration import calibrate as calibrate_moe
-from premoe.moe.export import check_out_dir, export_pruned
+from premoe.core.outdir import check_out_dir
+from premoe.moe.export import export_pruned
 from premoe.moe.patterns import experts_for_mass, load_pattern, plan_from_pattern, pooled_pattern
 from premoe.moe.plans import PrunePlan, check_keep
 from premoe.moe.scoring import SCORERS

@@ -365,6 +365,13 @@ def _serve(args) -> int:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.command == "chat":
         return _chat(server, args)
+    return _answer(server, args)
+
+
+def _answer(server, args) -> int:
+    """Route and answer the prompt (or every --data line) with a task server of either kind."""
+    from premoe.errors import InputError
+
     for where, prompt in _queries(args, "prompt"):
         try:
             reply = server.generate(prompt, args.max_new_tokens)
@@ -388,13 +395,7 @@ def _serve_dense(args) -> int:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     server = DenseServer(args.model, args.store, args.sparsity, method=args.method or "seap",
                          depth="auto" if args.layers is None else args.layers, device=args.device, dtype=args.dtype)
-    for where, prompt in _queries(args, "prompt"):
-        try:
-            reply = server.generate(prompt, args.max_new_tokens)
-        except InputError as e:
-            raise InputError(f"{where}: {e}" if args.data else str(e)) from None
-        print(json.dumps(reply.to_dict()) if args.json else f"[{reply.task}] {reply.text}", flush=True)
-    return 0
+    return _answer(server, args)
 
 
 def _chat(server, args) -> int:

@@ -10,10 +10,7 @@ SEAP (structured pruning of heads and FFN channels). Weights are saved in bfloat
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from premoe.core.tasks import char_tokenizer  # noqa: E402
-from train_tiny_moe import batch_stream, evaluate  # noqa: E402
+from train_tiny_moe import fit_and_save  # noqa: E402
 
 
 def build_config(tok, args):
@@ -68,43 +65,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tok = char_tokenizer()
     model = AutoModelForCausalLM.from_config(build_config(tok, args), dtype=torch.float32)
-    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    )
-    stream = batch_stream(tok, args.batch, args.seed)
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        model.train()
-        ids, mask, labels = next(stream)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0:
-            print(f"step {step} loss {out.loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            acc = evaluate(model, tok, args.eval_samples)
-            print(f"step {step} eval " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
-
-    model.eval()
-    model = model.to(torch.bfloat16)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    acc = evaluate(model.float(), tok, args.eval_samples)
-    report = {"eval_exact_match_bf16_weights": acc, "args": {k: str(v) for k, v in vars(args).items()}}
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print("final (bf16 weights): " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
-    if min(acc.values()) < 0.9:
-        print("error: some task is below 90% exact match; train longer", file=sys.stderr)
-        return 1
-    return 0
+    return fit_and_save(model, tok, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from premoe.errors import InputError, MissingFileError
@@ -96,3 +96,40 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@dataclass
+class CalibrationData:
+    """Calibration files, validated before any model is loaded (both kinds of model calibrate from it)."""
+
+    files: list[Path]
+    max_samples: int | None
+    samples: int
+    sha256: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, data, max_samples: int | None, batch_size: int, max_length: int) -> "CalibrationData":
+        """Raises InputError / MissingFileError: bad counts, no file, a malformed line, no samples."""
+        if max_samples is not None and max_samples < 1:
+            raise InputError(f"--max-samples must be positive, got {max_samples}")
+        if batch_size < 1 or max_length < 1:
+            raise InputError("--batch-size and --max-length must be positive")
+        files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+        if not files:
+            raise InputError("give at least one --data file")
+        scanned = [scan(f, max_samples) for f in files]
+        total = sum(n for n, _ in scanned)
+        return cls(files, max_samples, min(total, max_samples or total), [sha for _, sha in scanned])
+
+    def records(self) -> Iterator[Record]:
+        """Every record of every file, at most ``max_samples`` in all."""
+        n = 0
+        for f in self.files:
+            for rec in iter_records(f, None if self.max_samples is None else self.max_samples - n):
+                n += 1
+                yield rec
+
+    def describe(self) -> dict | list[dict]:
+        """What the store records about the data."""
+        rows = [{"path": str(f.resolve()), "sha256": sha} for f, sha in zip(self.files, self.sha256)]
+        return rows[0] if len(rows) == 1 else rows

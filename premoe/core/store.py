@@ -167,6 +167,14 @@ class PatternStore:
                 "use the model it was calibrated on, or calibrate into a new --store"
             )
 
+    def check_new_task(self, fingerprint: ModelFingerprint, task: str, overwrite: bool) -> None:
+        """Before calibrating ``task`` into this store (which may not exist yet): the store is this
+        model's, and the task is new unless ``overwrite``."""
+        if self.exists():
+            self.check_model(fingerprint)
+            if task in self.tasks and not overwrite:
+                raise StoreError(f"task {task!r} already exists in {self.path}; pass --overwrite to replace it")
+
     def load(self, task: str) -> TaskPattern:
         """Load one task's pattern (integrity-checked against the manifest)."""
         tasks = self.tasks

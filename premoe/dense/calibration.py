@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import iter_records, scan
+from premoe.core.data import CalibrationData
 from premoe.core.modelio import resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.dense.model import DenseInfo, inspect_dense
-from premoe.errors import InputError, StoreError
+from premoe.errors import InputError
 
 log = logging.getLogger(__name__)
 SITES = ("o", "down")  # the inputs of these projections are observed
@@ -142,16 +142,6 @@ def prompt_features(model, info: DenseInfo, tok, texts: Iterable[str], *, layers
     return torch.cat(feats) if feats else torch.zeros(0, 0, info.hidden)
 
 
-def _records(files: list[Path], max_samples: int | None):
-    n = 0
-    for f in files:
-        for rec in iter_records(f):
-            if max_samples is not None and n >= max_samples:
-                return
-            n += 1
-            yield rec
-
-
 def calibrate_dense(
     model: str | Path,
     data: str | Path | list[str | Path],
@@ -170,34 +160,23 @@ def calibrate_dense(
     from premoe.dense.model import load_dense
 
     check_task_name(task)
-    if max_samples is not None and max_samples < 1:
-        raise InputError(f"--max-samples must be positive, got {max_samples}")
-    if batch_size < 1 or max_length < 1:
-        raise InputError("--batch-size and --max-length must be positive")
-    files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
-    if not files:
-        raise InputError("give at least one --data file")
-    scanned = [scan(f, max_samples) for f in files]
-    n_samples = min(sum(n for n, _ in scanned), max_samples or sum(n for n, _ in scanned))
+    cal = CalibrationData.open(data, max_samples, batch_size, max_length)
+    n_samples = cal.samples
     info = inspect_dense(model)
     st = PatternStore(store)
-    if st.exists():
-        st.check_model(info.fingerprint)
-        if task in st.tasks and not overwrite:
-            raise StoreError(f"task {task!r} already exists in {st.path}; pass --overwrite to replace it")
+    st.check_new_task(info.fingerprint, task, overwrite)
     _, lm, tok = load_dense(info.path, device=resolve_device(device), dtype=dtype)
-    means, tokens = observe_dense(lm, info, tok, (r.text for r in _records(files, max_samples)), batch_size=batch_size,
+    means, tokens = observe_dense(lm, info, tok, (r.text for r in cal.records()), batch_size=batch_size,
                                   max_length=max_length, total=n_samples, progress=progress, desc=f"calibrate {task}")
     means.update(weight_norms(lm, info))
-    feats = prompt_features(lm, info, tok, [r.prompt for r in _records(files, max_samples)], batch_size=batch_size,
+    feats = prompt_features(lm, info, tok, [r.prompt for r in cal.records()], batch_size=batch_size,
                             max_length=max_length)
     signature = {"prompt.hidden": feats.mean(0)}  # [L+1, D] centroid per depth
-    data_info = [{"path": str(f.resolve()), "sha256": sha} for f, (_, sha) in zip(files, scanned)]
     pattern = TaskPattern(
         name=task, layers=[], scores=torch.zeros(0, 0), means=means,
         info={"kind": "dense", "samples": n_samples, "tokens": tokens, "scorer": "seap",
               "params": {"max_length": max_length},
-              "data": data_info[0] if len(data_info) == 1 else data_info,
+              "data": cal.describe(),
               "signature": {"layers": info.num_layers, "prompts": len(feats)}},
         signature=signature,
     )

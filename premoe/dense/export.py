@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe._version import __version__
-from premoe.core.checkpoint import INDEX_NAME, TORCH_DTYPES, ByteReader, OutTensor, write_safetensors
+from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor, write_safetensors
+from premoe.core.outdir import PLAN_FILE, check_out_dir, copy_side_files, staging_dir
 from premoe.dense.model import DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter, slices
 from premoe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-PLAN_FILE = "premoe_plan.json"
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl"}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -182,8 +178,6 @@ def verify_export(path: Path, info: DenseInfo, plan: DensePlan) -> None:
 def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite: bool = False, verify: bool = True,
                  progress: bool = True) -> DenseExportResult:
     """Write ``info``'s checkpoint pruned to ``plan`` into ``out`` (atomically)."""
-    from premoe.moe.export import check_out_dir
-
     t0 = time.perf_counter()
     out = Path(out)
     check_out_dir(out, info.path, overwrite)
@@ -192,9 +186,7 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
         log.warning("layers keep different counts: padding every layer to the largest (%d heads, %d channels) so "
                     "vanilla transformers loads it; use --schedule uniform for the full size reduction", plan.counts()[0],
                     plan.counts()[2])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         with ByteReader() as reader:
             tensors = plan_tensors(info, plan, reader)
             total = sum(t.nbytes for t in tensors)
@@ -206,23 +198,11 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
         params_kept = kept_params(info, plan, padded=padded)
         sparsity = round(1 - params_kept / params_source, 6)
         (tmp / "config.json").write_text(json.dumps(_config(info, plan, padded, sparsity), indent=2) + "\n")
-        for p in sorted(info.path.iterdir()):
-            if p.is_file() and p.name not in ("config.json", INDEX_NAME, PLAN_FILE) and p.suffix not in WEIGHT_SUFFIXES:
-                shutil.copy2(p, tmp / p.name)
+        copy_side_files(info.path, tmp)
         plan_json = {**plan.to_json(), "bias_comp": sorted(plan.bias), "bytes": total,
                      "bytes_source": info.checkpoint.nbytes, "sparsity_written": sparsity}
         (tmp / PLAN_FILE).write_text(json.dumps(plan_json, indent=2) + "\n")
         if verify:
             verify_export(tmp, info, plan)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return DenseExportResult(out, plan, total, info.checkpoint.nbytes, params_kept, params_source, sparsity, padded,
                              time.perf_counter() - t0)

@@ -222,7 +222,6 @@ def _adaptive(info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, al
     channels = int(max(budget - fixed, 0) // (3 * D))
     n_ch = [1] * info.num_layers  # every layer keeps a channel; the rest by global rank
     order = ch_down.flatten().argsort(descending=True).tolist()
-    taken = {(l, 0) for l in range(info.num_layers)}
     left = channels - info.num_layers
     for flat in order:
         if left <= 0:
@@ -231,7 +230,6 @@ def _adaptive(info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, al
         if n_ch[l] < ch_down.shape[1]:
             n_ch[l] += 1
             left -= 1
-    del taken
     return n_units, n_ch
 
 

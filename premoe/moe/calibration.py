@@ -9,17 +9,16 @@ samples are streamed through.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import iter_records, scan
+from premoe.core.data import CalibrationData
 from premoe.core.loading import LoadedModel, as_loaded
 from premoe.core.modelio import ModelInfo, as_info, load_tokenizer, resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
-from premoe.errors import InputError, StoreError
+from premoe.errors import InputError
 from premoe.moe.observe import marker_params, observe, observe_streamed
 from premoe.moe.scoring import (
     OUTPUT_SCORERS,
@@ -30,14 +29,6 @@ from premoe.moe.scoring import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _records(files: list[Path], max_samples: int | None) -> Iterator:
-    n = 0
-    for f in files:
-        for rec in iter_records(f, None if max_samples is None else max_samples - n):
-            n += 1
-            yield rec
 
 
 def weight_stats(info: ModelInfo, progress: bool = False) -> torch.Tensor:
@@ -118,21 +109,11 @@ def calibrate(
     check_task_name(task)
     if scorer not in SCORERS:
         raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    if max_samples is not None and max_samples < 1:
-        raise InputError(f"--max-samples must be positive, got {max_samples}")
-    if batch_size < 1 or max_length < 1:
-        raise InputError("--batch-size and --max-length must be positive")
-    files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
-    if not files:
-        raise InputError("give at least one --data file")
-    scanned = [scan(f, max_samples) for f in files]
-    n_samples = min(sum(n for n, _ in scanned), max_samples or sum(n for n, _ in scanned))
+    cal = CalibrationData.open(data, max_samples, batch_size, max_length)
+    n_samples = cal.samples
     info: ModelInfo = as_info(model)
     st = PatternStore(store)
-    if st.exists():
-        st.check_model(info.fingerprint)
-        if task in st.tasks and not overwrite:
-            raise StoreError(f"task {task!r} already exists in {st.path}; pass --overwrite to replace it")
+    st.check_new_task(info.fingerprint, task, overwrite)
     params = marker_params(info.router, scorer, k, r)
     shape = (len(info.moe_layers), info.num_experts)
     if signature_layers < 1:
@@ -150,14 +131,14 @@ def calibrate(
         budget = memory_budget(max_memory)
         tok = load_tokenizer(info.path)
         longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
-                      for rec in _records(files, max_samples))  # the real batch shape, not the cap
+                      for rec in cal.records())  # the real batch shape, not the cap
         use_stream = plan_memory(info, budget, batch_size, longest, stream)
         sizes = resident_sizes(info)
         hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
                             - activation_bytes(info, batch_size, longest), 0)
     if run_model and use_stream:
         sums, run = observe_streamed(
-            info, tok, (rec.text for rec in _records(files, max_samples)), params, batch_size=batch_size,
+            info, tok, (rec.text for rec in cal.records()), params, batch_size=batch_size,
             max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,
             hidden_budget=hidden_budget, device=resolve_device(device),
             offload_dir=offload_dir,
@@ -167,7 +148,7 @@ def calibrate(
         lm = as_loaded(model, device=device, dtype=dtype)
         tok = lm.tokenizer
         sums = observe(
-            lm.model, lm.layers, lm.info, tok, (rec.text for rec in _records(files, max_samples)), params,
+            lm.model, lm.layers, lm.info, tok, (rec.text for rec in cal.records()), params,
             batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
             desc=f"calibrate {task}", outputs=outputs, logits_to_keep=1,
         )
@@ -175,10 +156,10 @@ def calibrate(
     else:
         tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
         tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
-                     for rec in _records(files, max_samples))
+                     for rec in cal.records())
         means = {}
     if tokens == 0:
-        raise InputError(f"data file {files[0]}: the tokenizer produced no tokens")
+        raise InputError(f"data file {cal.files[0]}: the tokenizer produced no tokens")
     if all_stats or scorer == "weights":
         means["weights"] = weight_stats(info, progress)
     scores = score(scorer, means, shape, seed)
@@ -189,7 +170,7 @@ def calibrate(
     if not use_stream:
         sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
     for source in ("prompt", "full"):
-        texts = (rec.prompt if source == "prompt" else rec.text for rec in _records(files, max_samples))
+        texts = (rec.prompt if source == "prompt" else rec.text for rec in cal.records())
         if sig_model is not None:
             sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
                                    progress=progress, desc=f"keys ({source})")
@@ -201,7 +182,6 @@ def calibrate(
             )
         signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
         sig_tokens[source] = sums.tokens
-    data_info = [{"path": str(f.resolve()), "sha256": sha} for f, (_, sha) in zip(files, scanned)]
     pattern = TaskPattern(
         name=task,
         layers=list(info.moe_layers),
@@ -212,7 +192,7 @@ def calibrate(
             "tokens": tokens,
             "scorer": scorer,
             "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
-            "data": data_info[0] if len(data_info) == 1 else data_info,
+            "data": cal.describe(),
             "signature": {"layers": sig_layers, "tokens": sig_tokens},
             "streamed": use_stream,
         },

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,16 +23,15 @@ from tqdm.auto import tqdm
 
 from premoe._version import __version__
 from premoe.core.checkpoint import INDEX_NAME, OutTensor, write_safetensors
+from premoe.core.outdir import PLAN_FILE, check_out_dir, copy_side_files, staging_dir
 from premoe.core.modelio import ModelInfo
-from premoe.errors import CheckpointError, InputError
+from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.plans import PrunePlan
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "premoe_plan.json"
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl"}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -48,14 +44,6 @@ class ExportResult:
     tensors: int
     seconds: float
     dropped: list[str] = field(default_factory=list)
-
-
-def check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
-    """Refuse an output directory that exists (unless ``overwrite``) or is the model itself."""
-    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
-        raise InputError(f"--out {out} is inside the source model directory; choose a separate directory")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} already exists; choose a new directory or pass --overwrite")
 
 
 def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], list[str]]:
@@ -199,9 +187,7 @@ def export_pruned(
     tensors, dropped = plan_tensors(info, plan)
     shards = _shards(tensors, max_shard_bytes)
     total = sum(t.nbytes for t in tensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress)
         weight_map = {}
         for i, shard in enumerate(shards, 1):
@@ -214,11 +200,7 @@ def export_pruned(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")
-        for p in sorted(info.path.iterdir()):
-            if p.is_file() and p.name not in ("config.json", INDEX_NAME, PLAN_FILE) and p.suffix not in WEIGHT_SUFFIXES:
-                shutil.copy2(p, tmp / p.name)
-            elif p.is_dir():
-                log.info("not copying subdirectory %s", p)
+        copy_side_files(info.path, tmp)
         result = ExportResult(out, plan, total, info.checkpoint.nbytes, len(tensors), time.perf_counter() - t0, dropped)
         (tmp / PLAN_FILE).write_text(
             json.dumps({**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2) + "\n"
@@ -233,16 +215,6 @@ def export_pruned(
                 log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
                             "reloading it in transformers", need / 2**20)
             verify_export(tmp, info, plan, reload=reload)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.seconds = time.perf_counter() - t0
     if dropped:
         log.warning("dropped %d tensors of layers past num_hidden_layers (e.g. %s)", len(dropped), dropped[0])
