@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -156,11 +157,26 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
     t0 = time.perf_counter()
     proc = subprocess.Popen(prefix + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = threading.Event()
+    anon = [0]  # the group's peak anonymous memory (its usage also counts reclaimable page cache)
+
+    def sample():
+        while not done.wait(0.05):
+            try:
+                stat = (group / "memory.stat").read_text().splitlines()
+            except OSError:
+                return
+            anon[0] = max([anon[0], *(int(line.split()[1]) for line in stat if line.startswith("rss "))])
+
+    if group is not None:
+        threading.Thread(target=sample, daemon=True).start()
     out, err = proc.communicate()
+    done.set()
     wall = time.perf_counter() - t0
     result = {"cmd": " ".join(cmd), "returncode": proc.returncode, "seconds": wall, "stdout": out[-4000:], "stderr": err[-2000:]}
     if group is not None:
         result["cgroup_max_usage_mb"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
+        result["cgroup_peak_anon_mb"] = anon[0] / 2**20
         result["oom_kills"] = (group / "memory.oom_control").read_text().count("oom_kill 1") if (group / "memory.oom_control").exists() else 0
         try:
             group.rmdir()
@@ -182,7 +198,7 @@ def peak_rss_of(cmd: list[str], limit: int | None) -> dict:
 
 
 def baseline_rss_mb() -> float:
-    code = ("import torch, transformers, premoe.api, premoe.cli, premoe.streaming, premoe.serving; "
+    code = ("import torch, transformers, premoe.api, premoe.cli, premoe.moe.streaming, premoe.serving; "
             "import transformers.models.deepseek_v3.modeling_deepseek_v3; "
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

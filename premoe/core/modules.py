@@ -78,3 +78,36 @@ def backbone(model: nn.Module) -> tuple[nn.Module, str]:
             if child is layers:
                 return mod, name
     raise UnsupportedModelError(f"cannot find the module that runs {type(model).__name__}'s decoder layers")
+
+
+def release(module: nn.Module) -> None:
+    """Put a module's tensors back on the meta device (frees their memory; shapes stay)."""
+    for mod in module.modules():
+        for leaf, t in list(mod._parameters.items()):
+            if t is not None and not t.is_meta:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+        for leaf, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta and leaf not in mod._non_persistent_buffers_set:
+                mod._buffers[leaf] = torch.empty_like(b, device="meta")
+
+
+def finish_buffers(model: nn.Module) -> None:
+    """Materialise non-persistent buffers (rotary frequencies) the way transformers does after loading."""
+    for mod in model.modules():
+        meta = [n for n, b in mod._buffers.items() if b is not None and b.is_meta and n in mod._non_persistent_buffers_set]
+        if not meta:
+            continue
+        for n in meta:
+            mod._buffers[n] = torch.empty_like(mod._buffers[n], device="cpu")
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            continue
+        # _init_weights also re-initialises the module's parameters (Gemma's scaled embedding): let it
+        # see meta stand-ins, so only the buffers are computed and the loaded weights stay as they are
+        params = dict(mod._parameters)
+        for n, t in params.items():
+            if t is not None:
+                mod._parameters[n] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+        try:
+            model._init_weights(mod)
+        finally:
+            mod._parameters.update(params)

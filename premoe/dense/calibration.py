@@ -4,6 +4,10 @@ the retrieval keys (mean hidden states of the task's prompts at every depth).
 
 Statistics are kept as float64 sums over the real tokens of each batch (padding masked out), so
 memory is flat in the number of samples and batching does not change the result.
+
+A model larger than memory is calibrated layer by layer (:func:`observe_dense_streamed`): every
+batch, the prompts' included, goes through one decoder layer built from the checkpoint before the
+next is read, and the same statistics come out.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from premoe.core.checkpoint import ByteReader
 from premoe.core.data import CalibrationData
-from premoe.core.modelio import resolve_device
+from premoe.core.modelio import config_from_dict, resolve_device, skeleton
+from premoe.core.modules import set_tensor
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
-from premoe.dense.model import DenseInfo, inspect_dense
-from premoe.errors import InputError
+from premoe.dense.model import DenseInfo, inspect_dense, reader_getter
+from premoe.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
 SITES = ("o", "down")  # the inputs of these projections are observed
@@ -71,17 +77,28 @@ class ActivationStats:
         return out
 
 
+def layer_norms(layer: torch.nn.Module, info: DenseInfo) -> dict[str, torch.Tensor]:
+    """Column statistics of one decoder layer's ``o_proj``/``down_proj``: squared L2 norm (SEAP, FLAP)
+    and mean absolute value (Wanda-sp), [C] float32."""
+    out = {}
+    for site, mod in (("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
+                      ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down))):
+        w = mod.weight.detach()  # [D, C]
+        sq = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+        ab = torch.zeros_like(sq)
+        for r in range(0, w.shape[0], 256):  # float32 copies of a block of rows, not of the whole weight
+            x = w[r : r + 256].float()
+            sq += (x * x).sum(0)
+            ab += x.abs().sum(0)
+        out[f"w.{site}.l2sq"] = sq.cpu()
+        out[f"w.{site}.l1mean"] = (ab / w.shape[0]).cpu()
+    return out
+
+
 def weight_norms(model: torch.nn.Module, info: DenseInfo) -> dict[str, torch.Tensor]:
-    """Column statistics of every ``o_proj``/``down_proj``: squared L2 norm (SEAP, FLAP) and mean
-    absolute value (Wanda-sp), [L, C] float32."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for layer in model.get_submodule(info.decoder_prefix):
-        for site, mod in (("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
-                          ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down))):
-            w = mod.weight.detach().float()
-            out.setdefault(f"w.{site}.l2sq", []).append((w * w).sum(0).cpu())
-            out.setdefault(f"w.{site}.l1mean", []).append(w.abs().mean(0).cpu())
-    return {k: torch.stack(v) for k, v in out.items()}
+    """:func:`layer_norms` of every decoder layer, [L, C] float32."""
+    per = [layer_norms(layer, info) for layer in model.get_submodule(info.decoder_prefix)]
+    return {k: torch.stack([p[k] for p in per]) for k in per[0]}
 
 
 def _batches(tok, texts: Iterable[str], batch_size: int, max_length: int, skip_special: bool):
@@ -122,24 +139,159 @@ def observe_dense(model, info: DenseInfo, tok, texts: Iterable[str], *, batch_si
 def prompt_features(model, info: DenseInfo, tok, texts: Iterable[str], *, layers: int | None = None, batch_size: int = 32,
                     max_length: int = 2048) -> torch.Tensor:
     """[N, K+1, D] per-prompt mean hidden states (special tokens left out) after the embeddings
-    (index 0) and after each of the first K decoder layers (all of them by default), L2-normalised."""
+    (index 0) and after each of the first K decoder layers (all of them by default), L2-normalised.
+    Every depth is the residual stream before any final norm, so a model cut to K layers (the router)
+    gives the same feature as the whole model at depth K."""
     dev = next(model.parameters()).device
+    feats = []
+    config = model.model.config
+    tied = config.__dict__.get("tie_last_hidden_states", None)
+    config.tie_last_hidden_states = False  # the residual stream at every depth, the last one too (no final norm)
+    try:
+        for ids, attn, m in prompt_batches(tok, texts, batch_size, max_length):
+            out = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True)
+            hs = out.hidden_states if layers is None else out.hidden_states[: layers + 1]
+            per = torch.stack([token_mean(h, m) for h in hs], dim=1)  # [B, K+1, D]
+            feats.append(torch.nn.functional.normalize(per, dim=-1).cpu())
+    finally:
+        config.tie_last_hidden_states = tied
+    return torch.cat(feats) if feats else torch.zeros(0, 0, info.hidden)
+
+
+def prompt_batches(tok, texts: Iterable[str], batch_size: int, max_length: int):
+    """Batches of prompts in input order: (ids [B, S], attention mask [B, S], weights [B, S, 1] of the
+    tokens a prompt's feature averages: its non-special tokens, or all of them if it has no other)."""
     texts = list(texts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    feats = []
-    for i in range(0, len(texts), batch_size):  # in input order
+    for i in range(0, len(texts), batch_size):
         enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_length, return_special_tokens_mask=True)
         width = max(max(len(x) for x in enc["input_ids"]), 1)
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in enc["input_ids"]])
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in enc["input_ids"]])
         count = torch.tensor([[1 - s for s in sp] + [0] * (width - len(sp)) for sp in enc["special_tokens_mask"]])
-        out = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True)
-        hs = out.hidden_states if layers is None else out.hidden_states[: layers + 1]
-        m = (count * attn).to(dev).float()[..., None]
-        m = torch.where(m.sum(1, keepdim=True) > 0, m, attn.to(dev).float()[..., None])  # prompts of special tokens only
-        per = torch.stack([(h.float() * m).sum(1) / m.sum(1).clamp_min(1) for h in hs], dim=1)  # [B, K+1, D]
-        feats.append(torch.nn.functional.normalize(per, dim=-1).cpu())
-    return torch.cat(feats) if feats else torch.zeros(0, 0, info.hidden)
+        m = (count * attn).float()[..., None]
+        yield ids, attn, torch.where(m.sum(1, keepdim=True) > 0, m, attn.float()[..., None])
+
+
+def token_mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[B, D] mean of hidden states ``h`` [B, S, D] over the tokens weighted by ``m`` [B, S, 1]."""
+    m = m.to(h.device)
+    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+# -- a model larger than memory: one decoder layer at a time ----------------------------------------
+
+
+class DenseFiller:
+    """Reads the meta tensors of a dense skeleton's modules from the checkpoint (whole tensors, as byte
+    ranges), converted to ``dtype`` when given: what :class:`~premoe.core.streaming.LayerRunner` builds
+    each layer with."""
+
+    def __init__(self, info: DenseInfo, reader: ByteReader, dtype: torch.dtype | None = None):
+        self.info, self.dtype = info, dtype
+        self.get = reader_getter(info, reader)
+
+    def fill(self, model: torch.nn.Module, prefixes: Iterable[str] | None = None, skip: set[int] = frozenset()) -> int:
+        wanted = None if prefixes is None else tuple(prefixes)
+        held = 0
+        for mod_name, mod in model.named_modules():
+            if id(mod) in skip or (wanted is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in wanted)):
+                continue
+            for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
+                                                          if n not in mod._non_persistent_buffers_set)]:
+                if t is None or not t.is_meta:
+                    continue
+                name = f"{mod_name}.{leaf}" if mod_name else leaf
+                if name in self.info.checkpoint.tensors:
+                    value = self.get(name, None, None)
+                elif leaf == "bias":
+                    value = torch.zeros(t.shape, dtype=t.dtype)
+                else:
+                    raise CheckpointError(f"the checkpoint has no tensor for {name!r}")
+                if tuple(value.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{name}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
+                if self.dtype is not None and value.is_floating_point():
+                    value = value.to(self.dtype)
+                set_tensor(mod, leaf, value)
+                held += value.nbytes
+        return held
+
+
+def dense_sizes(info: DenseInfo, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes each part of the model takes in memory (in ``dtype`` when given, else as stored): ``total``,
+    ``largest_layer`` (a decoder layer, or the embeddings / LM head if larger) and ``outside`` (all but the
+    decoder layers)."""
+    from premoe.core.checkpoint import TORCH_DTYPES
+
+    prefix = f"{info.decoder_prefix}."
+    per_layer: dict[int, int] = {}
+    outside: dict[str, int] = {}
+    for name, t in info.checkpoint.tensors.items():
+        nbytes = t.nbytes
+        stored = TORCH_DTYPES.get(t.dtype)
+        if dtype is not None and stored is not None and stored.is_floating_point:
+            nbytes = nbytes // stored.itemsize * dtype.itemsize
+        if name.startswith(prefix):
+            layer = int(name[len(prefix):].split(".", 1)[0])
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes
+        else:
+            module = name.rpartition(".")[0]
+            outside[module] = outside.get(module, 0) + nbytes
+    return {"total": sum(per_layer.values()) + sum(outside.values()),
+            "largest_layer": max([*per_layer.values(), *outside.values(), 0]), "outside": sum(outside.values())}
+
+
+@torch.inference_mode()
+def observe_dense_streamed(info: DenseInfo, tok, texts: Iterable[str], prompts: Iterable[str], *, batch_size: int = 16,
+                           max_length: int = 2048, hidden_budget: int = 1 << 62, device: torch.device | None = None,
+                           dtype: torch.dtype | None = None, offload_dir: str | None = None, progress: bool = True,
+                           desc: str = "calibrate", reader: ByteReader | None = None):
+    """:func:`observe_dense`, :func:`weight_norms` and :func:`prompt_features` in one pass for a model larger
+    than memory: the calibration batches and the prompt batches go through one decoder layer at a time
+    (:class:`~premoe.core.streaming.LayerRunner`), each layer read once and freed. Returns ``(means with
+    the weight norms, tokens, prompt features [N, L+1, D], run)``; ``run``: the largest layer held, the
+    bytes of hidden states spilled to disk and the bytes read."""
+    from premoe.core.streaming import Batch, LayerRunner, make_batches
+    from premoe.moe.observe import _batches as token_batches
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
+    n_cal = len(batches)
+    tokens = sum(int(b.counted.sum()) for b in batches)
+    if tokens == 0:
+        raise InputError("the tokenizer produced no tokens from the calibration data")
+    weights = []  # [B, S, 1] per prompt batch
+    for ids, attn, m in prompt_batches(tok, prompts, batch_size, max_length):
+        batches.append(Batch(ids, attn, torch.zeros(ids.numel(), dtype=torch.bool)))  # no calibration token
+        weights.append(m)
+    own = reader is None
+    reader = reader or ByteReader()
+    model = skeleton(config_from_dict(info.raw_config, info.spec.name))
+    stream = LayerRunner(model, DenseFiller(info, reader, dtype), reader, device)
+    stats = ActivationStats(stream.model, info)
+    stats.n = tokens
+    norms: list[dict[str, torch.Tensor]] = []
+    feats: list[list[torch.Tensor]] = [[] for _ in weights]  # per prompt batch: [B, D] per depth
+
+    def before(b: int) -> None:
+        stats.mask = batches[b].counted.to(stream.device)
+
+    def after(depth: int, b: int, hidden: torch.Tensor) -> None:
+        if b >= n_cal:  # the residual stream, as prompt_features records it
+            feats[b - n_cal].append(token_mean(hidden, weights[b - n_cal]).cpu())
+
+    try:
+        run = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir,
+                         after=after, built=lambda i, layer: norms.append(layer_norms(layer, info)))
+    finally:
+        stats.close()
+        if own:
+            reader.close()
+    means = stats.means()
+    means.update({k: torch.stack([n[k] for n in norms]) for k in norms[0]})
+    per = [torch.nn.functional.normalize(torch.stack(f, dim=1), dim=-1) for f in feats]  # [B, L+1, D]
+    run["bytes_read"] = reader.bytes_read
+    return means, tokens, torch.cat(per) if per else torch.zeros(0, 0, info.hidden), run
 
 
 def calibrate_dense(
@@ -155,29 +307,58 @@ def calibrate_dense(
     dtype: str | None = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    stream: bool | None = None,
+    max_memory: float | None = None,
+    offload_dir: str | Path | None = None,
 ) -> TaskPattern:
-    """Calibrate ``task`` of a dense model: activation statistics and retrieval keys into ``store``."""
+    """Calibrate ``task`` of a dense model: activation statistics and retrieval keys into ``store``.
+
+    ``stream`` runs the model one decoder layer at a time, read from the checkpoint (``None``: when it
+    would not fit in ``max_memory`` MB, by default what the machine and this process's cgroup leave);
+    hidden states past that budget go to ``offload_dir`` (default: the system's temporary directory).
+    The statistics are the same either way.
+    """
+    from premoe.core.memory import memory_budget
+    from premoe.core.modelio import load_tokenizer, resolve_dtype
+    from premoe.core.streaming import activation_bytes, choose_stream, hidden_room
     from premoe.dense.model import load_dense
 
     check_task_name(task)
     cal = CalibrationData.open(data, max_samples, batch_size, max_length)
     n_samples = cal.samples
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise InputError(f"--offload-dir {offload_dir} is not a directory")
     info = inspect_dense(model)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
-    _, lm, tok = load_dense(info.path, device=resolve_device(device), dtype=dtype)
-    means, tokens = observe_dense(lm, info, tok, (r.text for r in cal.records()), batch_size=batch_size,
-                                  max_length=max_length, total=n_samples, progress=progress, desc=f"calibrate {task}")
-    means.update(weight_norms(lm, info))
-    feats = prompt_features(lm, info, tok, [r.prompt for r in cal.records()], batch_size=batch_size,
-                            max_length=max_length)
+    budget = memory_budget(max_memory)
+    dt = resolve_dtype(dtype)
+    dt = None if dt == "auto" else dt
+    tok = load_tokenizer(info.path)
+    longest = max(len(tok(r.text, truncation=True, max_length=max_length)["input_ids"])
+                  for r in cal.records())  # the real batch shape, not the cap
+    sizes, act = dense_sizes(info, dt), activation_bytes(info, batch_size, longest)
+    use_stream = choose_stream(sizes, act, budget, stream)
+    texts, prompts = (r.text for r in cal.records()), [r.prompt for r in cal.records()]
+    if use_stream:
+        means, tokens, feats, _ = observe_dense_streamed(
+            info, tok, texts, prompts, batch_size=batch_size, max_length=max_length,
+            hidden_budget=hidden_room(sizes, act, budget), device=resolve_device(device), dtype=dt,
+            offload_dir=None if offload_dir is None else str(offload_dir), progress=progress,
+            desc=f"calibrate {task} (streamed)")
+    else:
+        _, lm, _ = load_dense(info.path, device=resolve_device(device), dtype=dtype)
+        means, tokens = observe_dense(lm, info, tok, texts, batch_size=batch_size, max_length=max_length,
+                                      total=n_samples, progress=progress, desc=f"calibrate {task}")
+        means.update(weight_norms(lm, info))
+        feats = prompt_features(lm, info, tok, prompts, batch_size=batch_size, max_length=max_length)
     signature = {"prompt.hidden": feats.mean(0)}  # [L+1, D] centroid per depth
     pattern = TaskPattern(
         name=task, layers=[], scores=torch.zeros(0, 0), means=means,
         info={"kind": "dense", "samples": n_samples, "tokens": tokens, "scorer": "seap",
               "params": {"max_length": max_length},
               "data": cal.describe(),
-              "signature": {"layers": info.num_layers, "prompts": len(feats)}},
+              "signature": {"layers": info.num_layers, "prompts": len(feats)}, "streamed": use_stream},
         signature=signature,
     )
     st.add(pattern, info.fingerprint, overwrite=overwrite)

@@ -21,7 +21,7 @@ from torch import nn
 from premoe.core.checkpoint import TORCH_DTYPES, ByteReader
 from premoe.core.layout import Source
 from premoe.core.modelio import ModelInfo, config_from_dict, skeleton
-from premoe.core.modules import backbone, set_tensor
+from premoe.core.modules import backbone, finish_buffers, set_tensor
 from premoe.core.quant import dequant_fp8, dequant_mxfp4
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
@@ -308,39 +308,6 @@ class Materializer:
                 set_tensor(mod, leaf, value)
                 held += value.nbytes
         return held
-
-
-def release(module: nn.Module) -> None:
-    """Put a module's tensors back on the meta device (frees their memory; shapes stay)."""
-    for mod in module.modules():
-        for leaf, t in list(mod._parameters.items()):
-            if t is not None and not t.is_meta:
-                mod._parameters[leaf] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
-        for leaf, b in list(mod._buffers.items()):
-            if b is not None and not b.is_meta and leaf not in mod._non_persistent_buffers_set:
-                mod._buffers[leaf] = torch.empty_like(b, device="meta")
-
-
-def finish_buffers(model: nn.Module) -> None:
-    """Materialise non-persistent buffers (rotary frequencies) the way transformers does after loading."""
-    for mod in model.modules():
-        meta = [n for n, b in mod._buffers.items() if b is not None and b.is_meta and n in mod._non_persistent_buffers_set]
-        if not meta:
-            continue
-        for n in meta:
-            mod._buffers[n] = torch.empty_like(mod._buffers[n], device="cpu")
-        if any(p.is_meta for p in mod.parameters(recurse=False)):
-            continue
-        # _init_weights also re-initialises the module's parameters (Gemma's scaled embedding): let it
-        # see meta stand-ins, so only the buffers are computed and the loaded weights stay as they are
-        params = dict(mod._parameters)
-        for n, t in params.items():
-            if t is not None:
-                mod._parameters[n] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
-        try:
-            model._init_weights(mod)
-        finally:
-            mod._parameters.update(params)
 
 
 def _check_no_meta(model: nn.Module, skip: set[int] = frozenset()) -> None:
