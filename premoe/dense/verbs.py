@@ -14,6 +14,7 @@ from premoe.core.store import PatternStore
 from premoe.dense.model import DenseInfo, DensePlan, build_dense, inspect_dense, reader_getter
 from premoe.dense.plans import METHODS, make_dense_plan
 from premoe.dense.scoring import pooled
+from premoe.dense.switch import MIN_RUN_BYTES, switch_dense
 from premoe.errors import InputError, StoreError
 
 
@@ -160,7 +161,7 @@ def _prefix_model(info: DenseInfo, layers: int, reader: ByteReader):
     """The embeddings and the first ``layers`` decoder layers (no LM head), from byte ranges."""
     from premoe.core.modelio import config_from_dict, skeleton
     from premoe.dense.model import fill_pruned, full_plan
-    from premoe.moe.selective import finish_buffers
+    from premoe.core.modules import finish_buffers
 
     raw = dict(info.raw_config)
     raw["num_hidden_layers"] = layers
@@ -191,8 +192,19 @@ class DenseReply:
 
 class DenseServer:
     """Routes each prompt and answers it with a model holding only its task's heads and channels,
-    built from the checkpoint (kept rows of q/k/v/gate/up read as byte ranges). Switching tasks
-    rebuilds only the decoder layers; embeddings, norms and the LM head stay in memory."""
+    built from the checkpoint (kept rows of q/k/v/gate/up read as byte ranges).
+
+    A task switch (:func:`premoe.dense.switch.switch_dense`) reads only what the new task needs and
+    the resident model lacks. Embeddings, norms, the LM head and uncut biases stay in memory. Every
+    pruned tensor keeps the rows/columns both plans keep and reads the missing ones: rows as byte
+    ranges; o_proj/down_proj columns as byte ranges when their runs average at least
+    ``column_run_bytes`` (256: a 128-dim bf16 head), else whole rows in 16 MiB chunks (for scattered
+    FFN channels, one range per channel per row is far slower than the rows). Compensated biases are
+    re-read. The switched model equals a model built afresh for the new task (same dtypes, same
+    logits). Switching back A->B->A reads what B dropped; staying on a task reads nothing. ``load``
+    and each :class:`DenseReply` report the checkpoint bytes read (a task's first plan with bias
+    compensation also reads its o_proj/down_proj weights).
+    """
 
     def __init__(self, model, store, sparsity: float, *, method: str = "seap", schedule: str | None = None,
                  whole_groups: bool = False, depth: int | str = ROUTE_DEPTH, device="cpu", dtype="auto"):
@@ -209,6 +221,7 @@ class DenseServer:
         self.model = None
         self._plans: dict[str, DensePlan] = {}
         self.reader = ByteReader()
+        self.column_run_bytes = MIN_RUN_BYTES
 
     def plan(self, task: str) -> DensePlan:
         if task not in self._plans:
@@ -217,10 +230,20 @@ class DenseServer:
         return self._plans[task]
 
     def load(self, task: str) -> int:
+        """Make ``task``'s model resident (built, or switched from the resident one); returns the bytes read."""
+        if task == self.task and self.model is not None:
+            return 0
         before = self.reader.bytes_read
-        self.model = build_dense(self.info, self.plan(task), self.reader)
-        self.model.to(device=self.device, dtype=None if self.dtype == "auto" else self.dtype)
-        self.task = task
+        plan = self.plan(task)
+        old, old_task = self.model, self.task
+        self.model, self.task = None, None  # a failed switch leaves no half-built model: the next load builds afresh
+        if old is None:
+            model = build_dense(self.info, plan, self.reader)
+        else:
+            model = switch_dense(old, self.info, self._plans[old_task], plan, self.reader, self.column_run_bytes)
+        del old
+        model.to(device=self.device, dtype=None if self.dtype == "auto" else self.dtype)
+        self.model, self.task = model, task
         return self.reader.bytes_read - before
 
     def generate(self, prompt: str, max_new_tokens: int = 64, task: str | None = None) -> DenseReply:
