@@ -21,7 +21,8 @@ __all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_
 MOE_ONLY = {"keep": "--keep", "top_k": "--top-k", "scorer": "--scorer", "k": "--k", "r": "--r", "all_stats": "--all-stats",
             "stream": "--stream", "max_memory": "--max-memory", "offload_dir": "--offload-dir"}
 DENSE_ONLY = {"sparsity": "--sparsity", "method": "--method", "schedule": "--schedule", "whole_groups": "--whole-groups",
-              "bias_comp": "--bias-comp"}
+              "bias_comp": "--bias-comp", "score": "--score"}
+_MEMORY_FLAGS = ("stream", "max_memory", "offload_dir")  # dense models: calibrate only
 _NEUTRAL = {"all_stats": False, "whole_groups": False, "group_policy": "balanced", "signature_layers": 4}
 
 
@@ -67,6 +68,9 @@ def _refuse(kind: str, given: dict[str, Any]) -> None:
     for name, flag in table.items():
         value = given.get(name)
         if value is not None and value != _NEUTRAL.get(name, None) and value is not False:
+            if name in _MEMORY_FLAGS and kind == "dense":
+                raise InputError(f"{flag} applies to dense models in `premoe calibrate` only; other dense commands "
+                                 "read only the kept heads and channels, so drop it")
             raise InputError(f"{flag} applies to {'MoE' if kind == 'dense' else 'dense'} models only; {fix}")
 
 
@@ -78,11 +82,13 @@ def calibrate(model, data, task: str, store, **kwargs):
         return calibrate_moe(model, data, task, store, **kwargs)
     from premoe.dense.calibration import calibrate_dense
 
-    _refuse("dense", {**kwargs, "scorer": None if kwargs.get("scorer") in (None, "tcess") else kwargs["scorer"]})
+    memory = _MEMORY_FLAGS  # dense calibration streams too
+    _refuse("dense", {**{k: v for k, v in kwargs.items() if k not in memory},
+                      "scorer": None if kwargs.get("scorer") in (None, "tcess") else kwargs["scorer"]})
     if kwargs.get("signature_layers", 4) != 4:
         raise InputError("--signature-layers applies to MoE models only (dense stores keep keys at every depth)")
-    keep = {k: kwargs[k] for k in ("max_samples", "batch_size", "max_length", "device", "dtype", "overwrite", "progress")
-            if k in kwargs}
+    keep = {k: kwargs[k] for k in ("max_samples", "batch_size", "max_length", "device", "dtype", "overwrite", "progress",
+                                   *memory) if k in kwargs}
     return calibrate_dense(model, data, task, store, **keep)
 
 
@@ -135,6 +141,7 @@ def prune(
     schedule: str | None = None,
     whole_groups: bool = False,
     bias_comp: bool | None = None,
+    score: str | None = None,
 ):
     """Keep the ``keep`` best experts of every MoE layer for ``task`` and write a HF checkpoint.
 
@@ -150,18 +157,18 @@ def prune(
         scorer: rank with this scorer instead of the task's own.
         agnostic: pool every task in the store instead of using one (task-agnostic pruning).
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
-        sparsity / method / schedule / whole_groups / bias_comp: dense models (see
+        sparsity / method / schedule / whole_groups / bias_comp / score: dense models (see
             :func:`premoe.dense.plans.make_dense_plan`): the fraction of decoder linear weights removed.
 
     Returns:
         :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`.
     """
     given = dict(keep=keep, top_k=top_k, scorer=scorer, sparsity=sparsity, method=method, schedule=schedule,
-                 whole_groups=whole_groups, bias_comp=bias_comp)
+                 whole_groups=whole_groups, bias_comp=bias_comp, score=score)
     if model_kind(model) == "dense":
         _refuse("dense", given)
         return _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic,
-                            overwrite, verify, progress)
+                            overwrite, verify, progress, score)
     _refuse("moe", given)
     if keep is None:
         raise InputError("--keep (experts kept per MoE layer) is required")
@@ -173,7 +180,7 @@ def prune(
 
 
 def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic, overwrite, verify,
-                 progress):
+                 progress, score):
     from premoe.dense.export import export_dense
     from premoe.dense.model import inspect_dense
     from premoe.dense.verbs import dense_plan
@@ -183,7 +190,7 @@ def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_grou
     info = inspect_dense(model)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = dense_plan(info, store, task, sparsity, method=method or "seap", agnostic=agnostic, schedule=schedule,
-                          whole_groups=whole_groups, bias_comp=bias_comp)
+                          whole_groups=whole_groups, bias_comp=bias_comp, metric=score)
     return export_dense(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
 
@@ -277,6 +284,7 @@ def evaluate(
     method: str | None = None,
     schedule: str | None = None,
     whole_groups: bool = False,
+    score: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,
     log-likelihood accuracy for ``{"prompt", "choices", "answer"}`` lines.
@@ -296,7 +304,7 @@ def evaluate(
     from premoe.moe.kernels import select_kernel
 
     given = dict(keep=keep, top_k=top_k, scorer=scorer, stream=stream, max_memory=max_memory, sparsity=sparsity,
-                 method=method, schedule=schedule, whole_groups=whole_groups)
+                 method=method, schedule=schedule, whole_groups=whole_groups, score=score)
     if model_kind(model) == "dense":
         from premoe.dense.model import inspect_dense
         from premoe.dense.verbs import dense_plan, evaluate_dense
@@ -308,7 +316,8 @@ def evaluate(
             raise InputError("--store needs --sparsity (fraction of decoder weights removed) for a dense model")
         info = inspect_dense(model)
         the_plan = None if store is None else dense_plan(info, store, task, sparsity, method=method or "seap",
-                                                         agnostic=agnostic, schedule=schedule, whole_groups=whole_groups)
+                                                         agnostic=agnostic, schedule=schedule, whole_groups=whole_groups,
+                                                         metric=score)
         read_eval_data(data, limit)  # bad data fails before the model is built
         return evaluate_dense(info, data, the_plan, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
                               device=device, dtype=dtype, progress=progress)

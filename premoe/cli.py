@@ -12,6 +12,7 @@ from premoe._version import __version__
 from premoe.errors import PremoeError
 
 SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.moe.scoring.SCORERS
+DENSE_METRICS = ("sf", "sw", "sw-paper", "sw-code")  # premoe.dense.scoring.METRICS
 
 
 def _add_calibrate(sub):
@@ -72,6 +73,8 @@ def _add_dense_flags(p, serving: bool = False):
                    help="GQA: remove whole KV groups instead of the same number of query heads from every group")
     g.add_argument("--bias-comp", action=argparse.BooleanOptionalAction, default=None,
                    help="FLAP bias compensation of the removed inputs' mean (default: on for flap only)")
+    g.add_argument("--score", choices=tuple(DENSE_METRICS),
+                   help="importance score (default: the method's; sf = SEAP s_F, sw = Wanda-sp; see README)")
 
 
 def _add_prune(sub):
@@ -126,8 +129,11 @@ def _add_sweep(sub):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="calibrate, prune and evaluate the shipped tiny MoE on the built-in tasks")
-    p.add_argument("--keep", type=int, nargs="+", help="keep counts (default: 1/2, 1/4, 1/8 of the experts)")
+    p = sub.add_parser("demo", help="calibrate, prune and evaluate the shipped tiny MoE (PreMoe) and tiny dense model "
+                                    "(SEAP) on the built-in tasks")
+    p.add_argument("--keep", type=int, nargs="+", help="MoE keep counts (default: 1/2, 1/4, 1/8 of the experts)")
+    p.add_argument("--sparsity", type=float, nargs="+", help="dense sparsities (default: 0.2 0.5)")
+    p.add_argument("--no-dense", action="store_true", help="run the MoE part only")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples per task")
     p.add_argument("--workdir", help="keep the stores and pruned models here (default: a temporary directory)")
@@ -137,7 +143,7 @@ def _add_demo(sub):
 def _add_signature_flags(p):
     g = p.add_argument_group("retrieval (defaults chosen on routing accuracy; see README)")
     g.add_argument("--layers", type=int, help="MoE: MoE layers the signature spans (default 1); dense: decoder layers "
-                                               "run before comparing (default: where the stored tasks separate best)")
+                                               "run before comparing (default 0: the mean token embedding)")
     g.add_argument("--stat", choices=("prob", "tcess", "count", "official"), help="router statistic compared (default prob)")
     g.add_argument("--source", choices=("prompt", "full"), help="keys from calibration prompts or prompt+completion (default prompt)")
     g.add_argument("--norm", choices=("none", "l1", "l2"), help="per-layer normalisation (default l1)")
@@ -217,14 +223,16 @@ def _run(args) -> int:
         )
         info = pattern.info
         how = ", streamed layer by layer" if info.get("streamed") else ""
+        what = f"{len(pattern.layers)} MoE layers" if info.get("kind") != "dense" else \
+            f"{info['signature']['layers']} decoder layers (dense: head and FFN-channel statistics)"
         print(f"calibrated task {pattern.name!r} ({pattern.scorer}): {info['samples']} samples, {info['tokens']} tokens, "
-              f"{len(pattern.layers)} MoE layers{how} -> {args.store} in {time.perf_counter() - t0:.1f}s")
+              f"{what}{how} -> {args.store} in {time.perf_counter() - t0:.1f}s")
     elif args.command == "prune":
         res = api.prune(
             args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k, group_policy=args.group_policy,
             scorer=args.scorer, agnostic=args.agnostic, overwrite=args.overwrite, verify=args.verify, progress=progress,
             sparsity=args.sparsity, method=args.method, schedule=args.schedule, whole_groups=args.whole_groups,
-            bias_comp=args.bias_comp,
+            bias_comp=args.bias_comp, score=args.score,
         )
         p = res.plan
         if hasattr(res, "sparsity"):  # dense
@@ -245,7 +253,7 @@ def _run(args) -> int:
             scorer=args.scorer, top_k=args.top_k, group_policy=args.group_policy, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype, progress=progress,
             stream=args.stream, max_memory=args.max_memory, sparsity=args.sparsity, method=args.method,
-            schedule=args.schedule, whole_groups=args.whole_groups,
+            schedule=args.schedule, whole_groups=args.whole_groups, score=args.score,
         )
         if args.json:
             print(json.dumps(res))
@@ -298,8 +306,11 @@ def _run(args) -> int:
     elif args.command == "demo":
         from premoe.showcase import demo, format_table
 
+        from premoe.showcase import TINY_DENSE
+
         result = demo(keeps=args.keep, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
-                      workdir=args.workdir, progress=progress)
+                      workdir=args.workdir, progress=progress, sparsities=args.sparsity,
+                      dense_model=None if args.no_dense else TINY_DENSE)
         print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -331,9 +342,9 @@ def _route(args) -> int:
     from premoe.api import model_kind
 
     if model_kind(args.model) == "dense":
-        from premoe.dense.verbs import DenseRouter
+        from premoe.dense.verbs import ROUTE_DEPTH, DenseRouter
 
-        router = DenseRouter(args.model, args.store, "auto" if args.layers is None else args.layers, device=args.device)
+        router = DenseRouter(args.model, args.store, ROUTE_DEPTH if args.layers is None else args.layers, device=args.device)
     else:
         router = QueryRouter(args.model, args.store, _spec(args), device=args.device, dtype=args.dtype)
     for where, q in queries:
@@ -382,7 +393,7 @@ def _answer(server, args) -> int:
 
 
 def _serve_dense(args) -> int:
-    from premoe.dense.verbs import DenseServer
+    from premoe.dense.verbs import ROUTE_DEPTH, DenseServer
     from premoe.errors import InputError
 
     if args.keep is not None or args.top_k is not None:
@@ -394,7 +405,7 @@ def _serve_dense(args) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     server = DenseServer(args.model, args.store, args.sparsity, method=args.method or "seap",
-                         depth="auto" if args.layers is None else args.layers, device=args.device, dtype=args.dtype)
+                         depth=ROUTE_DEPTH if args.layers is None else args.layers, device=args.device, dtype=args.dtype)
     return _answer(server, args)
 
 

@@ -1,9 +1,14 @@
-"""``premoe demo``: the whole PreMoe pipeline on the shipped tiny MoE and the built-in task suite.
+"""``premoe demo``: both halves of premoe on the shipped tiny models and the built-in task suite.
 
-Calibrates every built-in task (TCESS), a task-agnostic pattern (all tasks' samples pooled) and a
-seeded random pattern; prunes the model to several keep counts through the real export path
-(safetensors rewrite + reload check); and reports greedy exact-match accuracy on held-out samples
-with the weight bytes each model needs.
+MoE (PreMoe): calibrates every built-in task (TCESS), a task-agnostic pattern (all tasks' samples
+pooled) and a seeded random pattern on the shipped tiny MoE; prunes it to several keep counts.
+
+Dense (SEAP): calibrates every built-in task on the shipped tiny dense Llama (GQA) and prunes it to
+several sparsities with SEAP (each task's own statistics), SEAP-gen (all tasks pooled), Wanda-sp,
+FLAP and random heads/channels.
+
+Every pruned model goes through the real export path (safetensors rewrite + vanilla reload check)
+and is scored by greedy exact match on held-out samples, with the weight bytes it needs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from premoe.core.loading import load_model
 from premoe.core.tasks import TASKS, samples
 
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"
+TINY_DENSE = Path(__file__).parent / "assets" / "tiny-dense"
+DENSE_METHODS = {
+    "seap": "SEAP, task-specific",
+    "seap-gen": "SEAP-gen, tasks pooled",
+    "wanda-sp": "Wanda-sp",
+    "flap": "FLAP",
+    "random": "random",
+}
+DENSE_SPARSITIES = (0.2, 0.5)
 METHODS = {
     "tcess": "TCESS, task-specific",
     "agnostic": "TCESS, all tasks pooled",
@@ -40,14 +54,21 @@ def demo(
     model: str | Path = TINY_MODEL,
     tasks: list[str] | None = None,
     progress: bool = True,
+    sparsities: list[float] | None = None,
+    dense_model: str | Path | None = TINY_DENSE,
 ) -> dict[str, Any]:
-    """Run the demo; returns the results (see :func:`format_table`)."""
+    """Run the demo; returns the results (see :func:`format_table`). The MoE results sit at the top
+    level, the dense (SEAP) ones under ``"dense"`` (left out with ``dense_model=None``)."""
     logging.getLogger("premoe").setLevel(logging.WARNING)
     tasks = tasks or list(TASKS)
     with tempfile.TemporaryDirectory(prefix="premoe-demo-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        return _run(Path(model), work, keeps, eval_samples, calib_samples, tasks, progress)
+        result = _run(Path(model), work, keeps, eval_samples, calib_samples, tasks, progress)
+        if dense_model is not None:
+            result["dense"] = _run_dense(Path(dense_model), work / "dense", sparsities, eval_samples, calib_samples,
+                                         tasks, progress)
+        return result
 
 
 def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, progress) -> dict[str, Any]:
@@ -118,6 +139,53 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     }
 
 
+def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples, tasks, progress) -> dict[str, Any]:
+    from premoe.dense.model import inspect_dense, load_dense
+
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    sparsities = sorted(set(sparsities or DENSE_SPARSITIES))
+    info, lm, tok = load_dense(model, device="cpu", dtype=torch.float32)
+    evals = {t: samples(t, eval_samples, "eval") for t in tasks}
+    store = work / "store"
+    bar = tqdm(total=len(tasks) * (2 + len(sparsities)) + len(sparsities) * (len(DENSE_METHODS) - 1) * len(tasks),
+               desc="demo (dense)", unit="step", disable=not progress)
+    for t in tasks:
+        calibrate(model, write_jsonl(work / f"{t}.jsonl", samples(t, calib_samples, "calib")), t, store, overwrite=True,
+                  dtype="float32", progress=False)
+        bar.update(1)
+    dense = {}
+    for t in tasks:
+        dense[t] = exact_match(lm, tok, evals[t], progress=False)
+        bar.update(1)
+    rows = [_dense_row("dense", 0.0, info.checkpoint.nbytes, dense)]
+    for s in sparsities:
+        for method in DENSE_METHODS:
+            per_task = method == "seap"
+            acc, nbytes, counted = {}, 0, 0.0
+            for pattern in (tasks if per_task else [None]):
+                out = work / "models" / f"{pattern or method}-{round(100 * s)}"
+                res = prune(model, store, pattern, None, out, sparsity=s, method=method, agnostic=pattern is None,
+                            overwrite=True, progress=False)
+                nbytes, counted = res.bytes_written, res.sparsity
+                pruned_info, net, ptok = load_dense(out, device="cpu", dtype=torch.float32)
+                for t in ([pattern] if per_task else tasks):
+                    acc[t] = exact_match(net, ptok, evals[t], progress=False)
+                    bar.update(1)
+            rows.append({**_dense_row(method, counted, nbytes, {t: acc[t] for t in tasks}), "requested": s})
+    bar.close()
+    for r in rows:
+        r["retention"] = r["mean"] / rows[0]["mean"] if rows[0]["mean"] else 0.0
+    cfg = inspect_dense(model)
+    return {"model": {"path": str(model), "architecture": cfg.fingerprint.architecture, "layers": cfg.num_layers,
+                      "heads": cfg.heads, "kv_heads": cfg.kv_heads, "intermediate": cfg.intermediate},
+            "rows": rows, "seconds": time.perf_counter() - t_start}
+
+
+def _dense_row(method: str, sparsity: float, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
+    return {"method": method, "sparsity": sparsity, "bytes": nbytes, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
+
+
 def _row(method: str, keep: int, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
     return {"method": method, "keep": keep, "bytes": nbytes, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
 
@@ -141,4 +209,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"calibrate: {t['calibrate_per_task_s']:.2f}s per task ({result['calib_samples']} samples); "
         f"prune: {t['prune_per_model_s']:.2f}s per model (write + reload check); total {t['total_s']:.0f}s",
     ]
+    if result.get("dense"):
+        lines += ["", _format_dense(result["dense"], tasks, result["eval_samples"])]
+    return "\n".join(lines)
+
+
+def _format_dense(d: dict[str, Any], tasks: list[str], eval_samples: int) -> str:
+    m = d["model"]
+    lines = [f"premoe demo, dense (SEAP): {m['architecture']} ({m['layers']} layers, {m['heads']} heads over "
+             f"{m['kv_heads']} KV heads, FFN {m['intermediate']}), same tasks and samples", ""]
+    head = f"{'pruning':<26} {'removed':>7} {'weights':>9}  " + " ".join(f"{t:>7}" for t in tasks) + f" {'mean':>7} {'retained':>8}"
+    lines += [head, "-" * len(head)]
+    for r in d["rows"]:
+        label = "dense (no pruning)" if r["method"] == "dense" else DENSE_METHODS[r["method"]]
+        accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
+        lines.append(f"{label:<26} {r['sparsity']:>7.1%} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}")
+    lines += ["", "removed: decoder linear weights removed, as counted in the written checkpoint (SEAP: one "
+              f"checkpoint per task); dense part {d['seconds']:.0f}s"]
     return "\n".join(lines)

@@ -156,6 +156,30 @@ def build_model(model_type: str, overrides: dict, seed: int = 0):
     return model, tok
 
 
+DENSE_FAMILIES: dict[str, dict] = {  # dense model_type -> config overrides (all GQA)
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "olmo2": {},
+}
+
+
+def build_dense_model(path: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random dense decoder of ``model_type`` (GQA: 8 heads over 2 KV heads) saved at ``path``,
+    with the char tokenizer; biases drawn like trained ones so bias slicing is exercised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = char_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return save_model(model, tok, Path(path))
+
+
 def config_hidden(config) -> int:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model")
 

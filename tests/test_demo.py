@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from premoe.showcase import TINY_MODEL, demo, format_table
+from premoe.showcase import TINY_DENSE, TINY_MODEL, demo, format_table
 from premoe.core.evaluation import exact_match
 from premoe.core.modelio import inspect_model
 from premoe.core.loading import load_model
@@ -22,8 +22,21 @@ def test_shipped_model_is_small_and_solves_every_task():
     assert min(report["eval_exact_match_bf16_weights"].values()) >= 0.9
 
 
+def test_shipped_dense_model_is_small_gqa_and_solves_every_task():
+    from premoe.dense.model import inspect_dense, load_dense
+
+    info = inspect_dense(TINY_DENSE)
+    assert info.spec.name == "llama" and info.kv_heads < info.heads  # GQA
+    assert info.checkpoint.nbytes < 8 * 2**20
+    _, lm, tok = load_dense(TINY_DENSE, dtype="float32")
+    for task in TASKS:
+        assert exact_match(lm, tok, samples(task, 60, "eval"), progress=False) >= 0.9, task
+    report = json.loads((TINY_DENSE / "training_report.json").read_text())
+    assert min(report["eval_exact_match_bf16_weights"].values()) >= 0.9
+
+
 def test_demo_runs_end_to_end(tmp_path):
-    r = demo(keeps=[16], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False)
+    r = demo(keeps=[16], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False, sparsities=[0.5])
     methods = [(row["method"], row["keep"]) for row in r["rows"]]
     assert methods == [("dense", 32), ("tcess", 16), ("agnostic", 16), ("random", 16)]
     dense, tcess, agnostic, rnd = r["rows"]
@@ -33,3 +46,12 @@ def test_demo_runs_end_to_end(tmp_path):
     table = format_table(r)
     assert "TCESS, task-specific" in table and "random" in table
     assert (tmp_path / "models" / "add-16" / "premoe_plan.json").is_file()
+    # the dense (SEAP) part: every method at 50%, through real exports
+    d = r["dense"]
+    assert [(row["method"], row.get("requested")) for row in d["rows"]] == [
+        ("dense", None), ("seap", 0.5), ("seap-gen", 0.5), ("wanda-sp", 0.5), ("flap", 0.5), ("random", 0.5)]
+    rows = {row["method"]: row for row in d["rows"]}
+    assert rows["seap"]["mean"] > rows["random"]["mean"]
+    assert abs(rows["seap"]["sparsity"] - 0.5) < 0.03 and rows["seap"]["bytes"] < 0.7 * rows["dense"]["bytes"]
+    assert "SEAP, task-specific" in table and "Wanda-sp" in table
+    assert (tmp_path / "dense" / "models" / "add-50" / "config.json").is_file()

@@ -10,39 +10,18 @@ import premoe
 from premoe.cli import main
 from premoe.core.checkpoint import ByteReader
 from premoe.core.data import write_jsonl
-from premoe.core.tasks import char_tokenizer, samples
+from premoe.core.tasks import samples
 from premoe.dense.model import build_dense, inspect_dense, kept_params, prune_in_memory
 from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
 from premoe.dense.verbs import DenseRouter, dense_plan
 from premoe.errors import InputError, StoreError
+from premoe.testing import DENSE_FAMILIES, build_dense_model
 
-FAMILIES = {  # model_type -> config overrides (GQA everywhere; biases / q-k norms where the family has them)
-    "llama": {},
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {},
-    "gemma": {},
-    "olmo2": {},
-}
+FAMILIES = DENSE_FAMILIES  # model_type -> config overrides (GQA everywhere; biases / q-k norms where the family has them)
 
 
 def _build(path, model_type, seed=0, **over):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = char_tokenizer()
-    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg.update(over)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
-    with torch.no_grad():  # trained-looking biases so bias slicing is exercised
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_dense_model(path, model_type, seed, **over)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +94,47 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     assert not (tmp_path / "qout").exists()
 
 
+def test_compensation_bias_takes_the_loaded_dtype(tmp_path, data):
+    """A bf16 checkpoint loaded in float32: the biases compensation brings are float32 too (it runs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _build(tmp_path / "m", "llama")
+    AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "tokenizer.json").write_bytes((model / "tokenizer.json").read_bytes())
+    (tmp_path / "bf16" / "tokenizer_config.json").write_bytes((model / "tokenizer_config.json").read_bytes())
+    premoe.calibrate(tmp_path / "bf16", data / "add.jsonl", "add", tmp_path / "s", progress=False)
+    info = inspect_dense(tmp_path / "bf16")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    plan = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap")
+    assert plan.bias
+    net = prune_in_memory(full, info, plan)
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+    assert torch.isfinite(net(torch.tensor([[1, 5, 6, 7]])).logits).all()
+
+
+def test_sharded_export_reloads_and_reads_back(tmp_path, data):
+    """A checkpoint larger than the shard size is written as hub shards with an index; vanilla
+    transformers and premoe both read it back."""
+    from transformers import AutoModelForCausalLM
+
+    from premoe.core.checkpoint import INDEX_NAME
+    from premoe.dense.export import export_dense
+
+    model = _build(tmp_path / "m", "qwen3")
+    premoe.calibrate(model, data / "add.jsonl", "add", tmp_path / "s", progress=False)
+    info = inspect_dense(model)
+    plan = dense_plan(info, tmp_path / "s", "add", 0.3)
+    res = export_dense(info, plan, tmp_path / "out", max_shard_bytes=60_000, progress=False)
+    shards = sorted((tmp_path / "out").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "out" / INDEX_NAME).is_file()
+    assert sum(p.stat().st_size for p in shards) >= res.bytes_written
+    full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    x = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits, atol=1e-5)
+    assert inspect_dense(tmp_path / "out").heads == len(plan.heads[0])
+
+
 def test_statistics_are_exact_and_batch_independent(tmp_path, data):
     """Streaming float64 sums equal brute force over the concatenated real tokens, whatever the batch size."""
     from premoe.dense.calibration import observe_dense
@@ -136,6 +156,22 @@ def test_statistics_are_exact_and_batch_independent(tmp_path, data):
     x = torch.cat(rows).double()
     assert torch.allclose(a["down.mean"][1].double(), x.mean(0), atol=1e-5)
     assert torch.allclose(a["down.var"][1].double(), x.var(0, unbiased=False), atol=1e-5, rtol=1e-3)
+
+
+def test_scores_rank_as_their_formulas_and_the_cli_lists_them():
+    from premoe.cli import DENSE_METRICS
+    from premoe.dense.scoring import METRICS, channel_scores
+
+    assert DENSE_METRICS == tuple(METRICS)
+    # channel 0: large variance, small norm; channel 1: large mean, no variance; channel 2: heavy weights
+    m = {"o.var": torch.tensor([[4.0, 0.0, 1.0]]), "o.sq": torch.tensor([[4.0, 9.0, 1.0]]),
+         "w.o.l2sq": torch.tensor([[1.0, 1.0, 9.0]]), "w.o.l1mean": torch.tensor([[1.0, 1.0, 3.0]])}
+    assert channel_scores(m, "o", "sf").tolist() == [[4.0, 0.0, 9.0]]  # var x ||w||^2
+    assert channel_scores(m, "o", "sw").tolist() == [[2.0, 3.0, 3.0]]  # rms x mean|w|
+    assert channel_scores(m, "o", "sw-paper").tolist() == [[4.0, 9.0, 3.0]]  # E[x^2] x ||w||_1 (/D)
+    assert channel_scores(m, "o", "sw-code").tolist() == [[2.0, 3.0, 9.0]]  # rms x ||w||^2
+    with pytest.raises(InputError, match="unknown score"):
+        channel_scores(m, "o", "l3")
 
 
 def test_gqa_units_keep_groups_valid():
@@ -172,6 +208,15 @@ def test_routing_and_generate(tmp_path, data, capsys):
         premoe.calibrate(model, data / f"{t}.jsonl", t, tmp_path / "s", progress=False)
     router = DenseRouter(model, tmp_path / "s", 0)
     assert router.bytes_read < inspect_dense(model).checkpoint.nbytes / 2
+    # a router cut to k layers computes the same feature the full model stored at depth k (no final norm)
+    from premoe.dense.calibration import prompt_features
+    from premoe.dense.model import load_dense
+
+    info, full, tok = load_dense(model, dtype="float32")
+    texts = [r["prompt"] for r in samples("sort", 4, "eval")]
+    ref = prompt_features(full, info, tok, texts)
+    for k in (1, 2, info.num_layers):
+        assert torch.allclose(DenseRouter(model, tmp_path / "s", k).features(texts), ref[:, k], atol=1e-5), k
     res = router.route_many([r["prompt"] for r in samples("add", 5, "eval")])
     assert all(r.task == "add" for r in res)  # the prompt format alone separates these tasks at the embeddings
     assert main(["-q", "generate", "--model", str(model), "--store", str(tmp_path / "s"), "--sparsity", "0.3",

@@ -104,19 +104,17 @@ def test_sweep_writes_results_and_pictures(tmp_path):
     assert json.loads((tmp_path / "sw" / "results.json").read_text())["keeps"] == [16, 8]
 
 
-def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monkeypatch):
-    """lm-eval's HF backend on a local JSONL task, offline: same exact match as premoe eval."""
+def _lm_eval_exact_match(model_dir, evals, tmp_path, monkeypatch) -> float:
+    """lm-eval's HF backend on a local JSONL task (offline): its exact match."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    work, evals = add_setup
-    premoe.prune(TINY_MODEL, work / "store", "add", 16, tmp_path / "add-16", progress=False)
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
-    (tasks_dir / "premoe_add.yaml").write_text(
-        "task: premoe_add\n"
+    (tasks_dir / "premoe_task.yaml").write_text(
+        "task: premoe_task\n"
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {evals}\n"
         "test_split: test\n"
@@ -127,12 +125,33 @@ def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monk
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tmp_path / 'add-16'},dtype=float32", tasks=["premoe_add"],
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["premoe_task"],
         task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu", batch_size=8,
     )
-    theirs = out["results"]["premoe_add"]["exact_match,none"]
+    return out["results"]["premoe_task"]["exact_match,none"]
+
+
+def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monkeypatch):
+    """lm-eval's HF backend on a local JSONL task, offline: same exact match as premoe eval."""
+    work, evals = add_setup
+    premoe.prune(TINY_MODEL, work / "store", "add", 16, tmp_path / "add-16", progress=False)
+    theirs = _lm_eval_exact_match(tmp_path / "add-16", evals, tmp_path, monkeypatch)
     ours = premoe.evaluate(tmp_path / "add-16", evals, dtype="float32", progress=False)["exact_match"]
     assert theirs == pytest.approx(ours)
+
+
+def test_lm_eval_harness_runs_an_exported_dense_pruned_model(tmp_path, monkeypatch):
+    """The same for a SEAP export of the shipped dense model: lm-eval agrees with premoe eval, and
+    the task is still solved."""
+    from premoe.showcase import TINY_DENSE
+
+    calib = write_jsonl(tmp_path / "add_calib.jsonl", samples("add", 32, "calib"))
+    evals = write_jsonl(tmp_path / "add_eval.jsonl", samples("add", 40, "eval"))
+    premoe.calibrate(TINY_DENSE, calib, "add", tmp_path / "store", progress=False)
+    premoe.prune(TINY_DENSE, tmp_path / "store", "add", None, tmp_path / "add-20", sparsity=0.2, progress=False)
+    theirs = _lm_eval_exact_match(tmp_path / "add-20", evals, tmp_path, monkeypatch)
+    ours = premoe.evaluate(tmp_path / "add-20", evals, dtype="float32", progress=False)["exact_match"]
+    assert theirs == pytest.approx(ours) and ours >= 0.8
 
 
 def test_sweep_streamed_equals_in_memory(family_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 Unchanged tensors are copied as byte ranges; each pruned projection is read, sliced (and, for
 plans whose layers differ, zero-padded to the largest layer's counts) and written one tensor at a
-time, so memory stays at about one weight matrix. ``config.json`` gets the kept head, KV-head and
+time, so memory stays at about one weight matrix; shards of at most 5 GB with an index, as the hub does. ``config.json`` gets the kept head, KV-head and
 channel counts (plus the bias flags when compensation is written) and a ``premoe`` block; the
 result is a plain checkpoint of the same family that ``AutoModelForCausalLM`` loads. Written to a
 temporary directory, verified by reloading, then renamed into place.
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from premoe._version import __version__
-from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor, write_safetensors
-from premoe.core.outdir import PLAN_FILE, check_out_dir, copy_side_files, staging_dir
+from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor
+from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
 from premoe.dense.model import DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter, slices
-from premoe.errors import CheckpointError
+from premoe.errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -148,12 +147,25 @@ def _config(info: DenseInfo, plan: DensePlan, padded: bool, written_sparsity: fl
     return cfg
 
 
-def verify_export(path: Path, info: DenseInfo, plan: DensePlan) -> None:
-    """Reload the export with plain transformers and check every layer's shapes and that it runs."""
+def verify_export(path: Path, info: DenseInfo, plan: DensePlan, reload: bool = True) -> None:
+    """Check the export before it is moved into place: premoe reads it back (config and every tensor's
+    shape, as :func:`inspect_dense` checks a source checkpoint), then, with ``reload``, plain
+    ``AutoModelForCausalLM`` loads it, every layer has the plan's shapes, and it runs."""
     import warnings
 
     from transformers import AutoModelForCausalLM
 
+    from premoe.dense.model import inspect_dense
+
+    try:
+        new = inspect_dense(path)
+    except (CheckpointError, UnsupportedModelError) as e:
+        raise CheckpointError(f"self-check failed: the export does not read back ({e})") from None
+    if (new.heads, new.kv_heads, new.intermediate) != plan.counts():
+        raise CheckpointError(f"self-check failed: the export reads back with {(new.heads, new.kv_heads, new.intermediate)} "
+                              f"heads / KV heads / channels, not {plan.counts()}")
+    if not reload:
+        return
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -176,7 +188,7 @@ def verify_export(path: Path, info: DenseInfo, plan: DensePlan) -> None:
 
 
 def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite: bool = False, verify: bool = True,
-                 progress: bool = True) -> DenseExportResult:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> DenseExportResult:
     """Write ``info``'s checkpoint pruned to ``plan`` into ``out`` (atomically)."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -188,12 +200,7 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
                     plan.counts()[2])
     with staging_dir(out) as tmp:
         with ByteReader() as reader:
-            tensors = plan_tensors(info, plan, reader)
-            total = sum(t.nbytes for t in tensors)
-            bar = tqdm(total=len(tensors), unit="tensor", desc="write", disable=not progress)
-            write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
-            bar.update(len(tensors))
-            bar.close()
+            total = write_weights(tmp, plan_tensors(info, plan, reader), max_shard_bytes, progress)
         params_source = kept_params(info, None)
         params_kept = kept_params(info, plan, padded=padded)
         sparsity = round(1 - params_kept / params_source, 6)
@@ -203,6 +210,12 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
                      "bytes_source": info.checkpoint.nbytes, "sparsity_written": sparsity}
         (tmp / PLAN_FILE).write_text(json.dumps(plan_json, indent=2) + "\n")
         if verify:
-            verify_export(tmp, info, plan)
+            from premoe.core.memory import available_bytes
+
+            reload = total <= 0.6 * available_bytes()
+            if not reload:
+                log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
+                            "reloading it in transformers", total / 2**20)
+            verify_export(tmp, info, plan, reload=reload)
     return DenseExportResult(out, plan, total, info.checkpoint.nbytes, params_kept, params_source, sparsity, padded,
                              time.perf_counter() - t0)

@@ -318,20 +318,23 @@ def fill_pruned(model: nn.Module, info: DenseInfo, plan: DensePlan, get: Getter,
                 value = get(name, None, None)
             elif name in tied or (leaf == "weight" and mod is model.get_output_embeddings()):
                 continue
-            elif leaf == "bias":
+            elif leaf == "bias":  # a bias only compensation brings: in its weight's dtype (on its device)
                 value = torch.zeros(t.shape, dtype=t.dtype)
             else:
                 raise CheckpointError(f"the checkpoint has no tensor for {name!r}")
-            comp = _compensation(info, plan, name)
-            if comp is not None:
-                value = value.to(torch.float32) + comp.to(torch.float32)
+            comp = bias_compensation(info, plan, name)
+            if comp is not None or name not in info.checkpoint.tensors:
+                w = getattr(mod, "weight", None)
+                like = w if isinstance(w, torch.Tensor) and not w.is_meta else value
+                value = (value.to(torch.float32) + (0 if comp is None else comp.to(torch.float32))).to(like.dtype)
             if tuple(value.shape) != tuple(t.shape):
                 raise CheckpointError(f"{name}: built shape {list(value.shape)} but the model expects {list(t.shape)}")
-            set_tensor(mod, leaf, value.to(t.dtype) if value.dtype != t.dtype and comp is not None else value)
+            set_tensor(mod, leaf, value)
     model.tie_weights()
 
 
-def _compensation(info: DenseInfo, plan: DensePlan, name: str) -> torch.Tensor | None:
+def bias_compensation(info: DenseInfo, plan: DensePlan, name: str) -> torch.Tensor | None:
+    """The compensation ``plan`` adds to checkpoint tensor ``name`` (an ``o_proj``/``down_proj`` bias), or ``None``."""
     if not plan.bias or not name.endswith(".bias"):
         return None
     prefix = f"{info.decoder_prefix}."
@@ -365,7 +368,7 @@ def reader_getter(info: DenseInfo, reader: ByteReader) -> Getter:
 
 def build_dense(info: DenseInfo, plan: DensePlan | None, reader: ByteReader) -> nn.Module:
     """The (pruned) causal LM built from the checkpoint, reading only the kept rows of q/k/v/gate/up."""
-    from premoe.moe.selective import finish_buffers
+    from premoe.core.modules import finish_buffers
 
     plan = plan or full_plan(info)
     raw = pruned_config(info, plan, bias=bool(plan.bias))
@@ -379,7 +382,7 @@ def build_dense(info: DenseInfo, plan: DensePlan | None, reader: ByteReader) -> 
 
 def prune_in_memory(model: nn.Module, info: DenseInfo, plan: DensePlan) -> nn.Module:
     """A pruned model that shares every unpruned tensor with ``model`` (a loaded dense model)."""
-    from premoe.moe.selective import finish_buffers
+    from premoe.core.modules import finish_buffers
 
     state = dict(model.state_dict())
     dev = next(model.parameters()).device

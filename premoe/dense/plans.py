@@ -23,6 +23,7 @@ from premoe.dense.scoring import (
     channel_scores,
     head_scores,
     logistic_shape,
+    perturbation,
     round_half_up,
     scale_schedule,
     standardize,
@@ -104,6 +105,9 @@ def make_dense_plan(
     allowed = _allowed_units(info, units[0])
     if schedule == "adaptive":
         n_units, n_ch = _adaptive(info, units, ch_down, sparsity, allowed)
+    elif schedule == "uniform" and method != "random" and "o.sq" in stats:  # random: the fixed-ratio split
+        pert_heads = head_scores(perturbation(stats, "o", bias_comp), d)
+        n_units, n_ch = _uniform(info, units, ch_down, pert_heads, perturbation(stats, "down", bias_comp), sparsity, allowed)
     else:
         shape = torch.ones(L) if schedule == "uniform" else logistic_shape(L)
         n_units, n_ch = _allocate(info, units, shape, sparsity, allowed)
@@ -162,6 +166,35 @@ def _layer_counts(info: DenseInfo, units, rho: float, allowed: list[int]) -> tup
     attn_removed = sum(unit_cost(D, d, u) for u in units[keep_units:])
     r_c = round_half_up((rho * info.layer_params() - attn_removed) / (3 * D))
     return keep_units, info.intermediate - min(max(r_c, 0), info.intermediate - 1)
+
+
+def _uniform(info: DenseInfo, units, ch_down: torch.Tensor, pert_heads: torch.Tensor, pert_ch: torch.Tensor,
+             sparsity: float, allowed: list[int]) -> tuple[list[int], list[int]]:
+    """The same counts in every layer (what one transformers config says): of the allowed attention
+    unit counts, the one whose removal, with the FFN channels taking the rest of the budget, removes
+    the least expected output perturbation (:func:`~premoe.dense.scoring.perturbation`, summed over
+    layers). A fixed ratio would force the same share on heads and channels; with few heads (8
+    query heads over 4 KV groups allow keeping 4 or 8) that removes half the heads of every layer."""
+    D, d, L, inter = info.hidden, info.head_dim, info.num_layers, info.intermediate
+    total = info.layer_params() * L
+    order = ch_down.argsort(dim=1, descending=True)  # [L, I] channels best first (the method's ranking)
+    ch_cost = torch.gather(pert_ch.double(), 1, order).flip(1).cumsum(1)  # [L, I] cost of removing the r worst
+    best = None
+    for u in allowed:
+        attn_removed = sum(unit_cost(D, d, x) for l in range(L) for x in units[l][u:])
+        r_c = round_half_up((sparsity * total - attn_removed) / (3 * D * L))
+        if r_c < 0 or r_c > inter - 1:
+            continue
+        counted = (attn_removed + 3 * D * L * r_c) / total
+        if abs(counted - sparsity) > 0.02 and sparsity > 0:
+            continue
+        cost = sum(float(pert_heads[l, h]) for l in range(L) for x in units[l][u:] for h in x[1])
+        cost += float(ch_cost[:, r_c - 1].sum()) if r_c > 0 else 0.0
+        if best is None or cost < best[0]:
+            best = (cost, u, inter - r_c)
+    if best is None:  # nothing meets the sparsity within 2 points: the closest the fixed-ratio split gets
+        return _allocate(info, units, torch.ones(L), sparsity, allowed)
+    return [best[1]] * L, [best[2]] * L
 
 
 def _allocate(info: DenseInfo, units, shape: torch.Tensor, sparsity: float, allowed: list[int]) -> tuple[list[int], list[int]]:

@@ -17,7 +17,9 @@ from premoe.errors import InputError
 # name -> (statistic, weight statistic, combine)
 METRICS = {
     "sf": "variance x squared column L2 norm (SEAP s_F, FLAP's fluctuation WIFV)",
-    "sw": "activation RMS x mean |column| (Wanda-sp as in its original code; SEAP s_W)",
+    "sw": "activation RMS x mean |column| (s_W as Wanda-sp's original code computes it)",
+    "sw-paper": "mean square x column L1 norm (s_W as SEAP's paper states it, eq. 12)",
+    "sw-code": "activation RMS x squared column L2 norm (s_W as SEAP's code computes it)",
 }
 
 
@@ -27,7 +29,20 @@ def channel_scores(means: dict[str, torch.Tensor], site: str, metric: str) -> to
         return means[f"{site}.var"] * means[f"w.{site}.l2sq"]
     if metric == "sw":
         return means[f"{site}.sq"].clamp_min(0).sqrt() * means[f"w.{site}.l1mean"]
+    if metric == "sw-paper":  # the L1 norm is D x the mean |w|: the same ranking
+        return means[f"{site}.sq"].clamp_min(0) * means[f"w.{site}.l1mean"]
+    if metric == "sw-code":
+        return means[f"{site}.sq"].clamp_min(0).sqrt() * means[f"w.{site}.l2sq"]
     raise InputError(f"unknown score {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def perturbation(means: dict[str, torch.Tensor], site: str, compensated: bool) -> torch.Tensor:
+    """[L, C] expected squared change of the layer's output (a vector in the residual stream) when input
+    channel ``c`` of ``site`` is removed, diagonal approximation: E[x^2] ||w||^2, or Var[x] ||w||^2
+    when the removed mean is compensated by a bias. Heads and FFN channels land in the same stream,
+    so these compare across the two (what the uniform allocation weighs)."""
+    x = means[f"{site}.var"] if compensated else means[f"{site}.sq"]
+    return x.clamp_min(0) * means[f"w.{site}.l2sq"]
 
 
 def head_scores(channels: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -114,7 +114,7 @@ def _read(path: Path) -> list[dict]:
 def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight) -> dict[str, Any]:
     """Held-out routing accuracy, and SEAP accuracy when each prompt gets the mask of the task it is
     routed to (routed) vs of its true task (oracle)."""
-    router = DenseRouter(info, store, "auto")
+    router = DenseRouter(info, store)
     routed = {}
     correct = total = 0
     for name, ev in evals.items():

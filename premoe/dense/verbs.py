@@ -85,7 +85,7 @@ def evaluate_dense(info: DenseInfo, data, plan: DensePlan | None, *, batch_size:
 
 # -- routing and selective loading ----------------------------------------------------------------
 
-ROUTE_DEPTH = "auto"  # see DenseRouter
+ROUTE_DEPTH = 0  # the mean token embedding: best or tied on held-out queries (bench/dense_routing.py)
 
 
 @dataclass
@@ -103,7 +103,10 @@ class DenseRouter:
     """Routes a query to the stored task whose prompt centroid is nearest (cosine) in the mean hidden
     state after ``depth`` decoder layers; only the embeddings and those layers are read.
 
-    ``depth`` ``"auto"``: the depth at which the stored centroids are best separated (largest
+    ``depth`` 0 (default): the mean token embedding; only the embedding matrix and one layer are
+    read. ``bench/dense_routing.py`` measured it best or tied among all depths, and against SEAP's
+    logistic-regression classifier on the same features, on held-out queries. ``"auto"``: the
+    depth at which the stored centroids are best separated (largest
     smallest pairwise cosine distance, a property of the store alone), capped at half the layers.
     """
 

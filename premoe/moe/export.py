@@ -19,11 +19,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from premoe._version import __version__
-from premoe.core.checkpoint import INDEX_NAME, OutTensor, write_safetensors
-from premoe.core.outdir import PLAN_FILE, check_out_dir, copy_side_files, staging_dir
+from premoe.core.checkpoint import OutTensor
+from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
 from premoe.core.modelio import ModelInfo
 from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
@@ -32,7 +31,6 @@ from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass
@@ -80,18 +78,6 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], lis
         else:
             out.append(OutTensor(name, t.dtype, t.shape, whole))
     return out, dropped
-
-
-def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
 
 
 def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dict:
@@ -185,20 +171,8 @@ def export_pruned(
     out = Path(out)
     check_out_dir(out, info.path, overwrite)
     tensors, dropped = plan_tensors(info, plan)
-    shards = _shards(tensors, max_shard_bytes)
-    total = sum(t.nbytes for t in tensors)
     with staging_dir(out) as tmp:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress)
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / fname, shard, {"format": "pt"})
-            weight_map.update({t.name: fname for t in shard})
-            bar.update(sum(t.nbytes for t in shard))
-        bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        total = write_weights(tmp, tensors, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")
         copy_side_files(info.path, tmp)
         result = ExportResult(out, plan, total, info.checkpoint.nbytes, len(tensors), time.perf_counter() - t0, dropped)
