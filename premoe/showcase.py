@@ -197,12 +197,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{len(tasks)} built-in tasks, greedy exact match on {result['eval_samples']} held-out samples each",
         "",
     ]
-    head = f"{'pruning':<26} {'experts':>7} {'weights':>9}  " + " ".join(f"{t:>7}" for t in tasks) + f" {'mean':>7} {'retained':>8}"
-    lines += [head, "-" * len(head)]
-    for r in result["rows"]:
-        label = "dense (no pruning)" if r["method"] == "dense" else METHODS[r["method"]]
-        accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
-        lines.append(f"{label:<26} {r['keep']:>7} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}")
+    lines += _rows_table(result["rows"], tasks, METHODS, "experts", lambda r: f"{r['keep']:>7}")
     t = result["timings"]
     lines += [
         "",
@@ -214,16 +209,22 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rows_table(rows, tasks: list[str], labels: dict[str, str], size_name: str, size) -> list[str]:
+    """The demo's table: one row per pruning (label, size column, weight bytes, accuracy per task, mean, retained)."""
+    head = f"{'pruning':<26} {size_name:>7} {'weights':>9}  " + " ".join(f"{t:>7}" for t in tasks) + f" {'mean':>7} {'retained':>8}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        label = "dense (no pruning)" if r["method"] == "dense" else labels[r["method"]]
+        accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
+        out.append(f"{label:<26} {size(r)} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}")
+    return out
+
+
 def _format_dense(d: dict[str, Any], tasks: list[str], eval_samples: int) -> str:
     m = d["model"]
     lines = [f"premoe demo, dense (SEAP): {m['architecture']} ({m['layers']} layers, {m['heads']} heads over "
              f"{m['kv_heads']} KV heads, FFN {m['intermediate']}), same tasks and samples", ""]
-    head = f"{'pruning':<26} {'removed':>7} {'weights':>9}  " + " ".join(f"{t:>7}" for t in tasks) + f" {'mean':>7} {'retained':>8}"
-    lines += [head, "-" * len(head)]
-    for r in d["rows"]:
-        label = "dense (no pruning)" if r["method"] == "dense" else DENSE_METHODS[r["method"]]
-        accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
-        lines.append(f"{label:<26} {r['sparsity']:>7.1%} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}")
+    lines += _rows_table(d["rows"], tasks, DENSE_METHODS, "removed", lambda r: f"{r['sparsity']:>7.1%}")
     lines += ["", "removed: decoder linear weights removed, as counted in the written checkpoint (SEAP: one "
               f"checkpoint per task); dense part {d['seconds']:.0f}s"]
     return "\n".join(lines)
