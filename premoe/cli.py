@@ -13,6 +13,7 @@ from premoe.errors import PremoeError
 
 SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.moe.scoring.SCORERS
 DENSE_METRICS = ("sf", "sw", "sw-paper", "sw-code")  # premoe.dense.scoring.METRICS
+SERVE_POLICIES = ("affinity", "fcfs")  # premoe.server.scheduler.POLICIES
 
 
 def _add_calibrate(sub):
@@ -150,14 +151,15 @@ def _add_signature_flags(p):
     g.add_argument("--metric", choices=("l2", "cosine", "l1"), help="distance (default l1)")
 
 
-def _add_serving_flags(p):
+def _add_serving_flags(p, http: bool = False):
     p.add_argument("--model", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--keep", type=int, help="MoE: experts held per MoE layer (required for MoE models)")
     p.add_argument("--top-k", type=int, help="also lower the experts routed per token")
     _add_dense_flags(p, serving=True)
     p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"))
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    if not http:
+        p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-mb", type=float, default=0.0, help="keep experts a switch drops, up to this many MB (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto ...")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
@@ -189,13 +191,37 @@ def _add_chat(sub):
     _add_serving_flags(p)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server; each request is served by its task's pattern")
+    _add_serving_flags(p, http=True)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                     "(default: $PREMOE_API_KEY if set)")
+    g.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 503 (default 64)")
+    g.add_argument("--max-batch", type=int, default=8, help="requests of one task generated together (default 8)")
+    g.add_argument("--schedule", choices=SERVE_POLICIES, default="affinity",
+                   help="affinity (default): stay on the resident task while others wait at most --max-wait-ms; "
+                        "fcfs: strict arrival order")
+    g.add_argument("--max-wait-ms", type=float, default=2000.0,
+                   help="affinity: longest a request waits while another task is served (default 2000)")
+    g.add_argument("--max-tokens", type=int, help="completion cap for requests that give no max_tokens "
+                                                 "(default: the rest of the context)")
+    g.add_argument("--max-body-kb", type=float, default=1024.0, help="largest request body (default 1024 KB)")
+    g.add_argument("--drain-seconds", type=float, default=120.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish (default 120)")
+    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (default warning)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="premoe", description="Task-specific MoE expert pruning and retrieval (PreMoe).")
     ap.add_argument("--version", action="version", version=f"premoe {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_calibrate, _add_prune, _add_eval, _add_inspect, _add_route, _add_generate, _add_chat, _add_sweep,
-                _add_demo):
+    for add in (_add_calibrate, _add_prune, _add_eval, _add_inspect, _add_route, _add_generate, _add_chat, _add_serve,
+                _add_sweep, _add_demo):
         add(sub)
     return ap
 
@@ -283,6 +309,8 @@ def _run(args) -> int:
                       f"{t['created']:<25}  {','.join(t['scorers'])}")
     elif args.command == "route":
         return _route(args)
+    elif args.command == "serve":
+        return _http(args)
     elif args.command in ("generate", "chat"):
         return _serve(args)
     elif args.command == "sweep":
@@ -356,27 +384,75 @@ def _route(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
+def _task_server(args):
+    """The task server (MoE or dense) that generate, chat and serve use, from the shared flags."""
     from premoe.api import model_kind
     from premoe.errors import InputError
     from premoe.serving import TaskServer
 
     if model_kind(args.model) == "dense":
-        return _serve_dense(args)
+        from premoe.dense.verbs import ROUTE_DEPTH, DenseServer
+
+        if args.keep is not None or args.top_k is not None:
+            raise InputError("--keep/--top-k apply to MoE models only; for a dense model use --sparsity (and --method)")
+        if args.sparsity is None:
+            raise InputError("--sparsity (fraction of decoder weights removed) is required for a dense model")
+        if args.cache_mb:
+            raise InputError("--cache-mb applies to MoE models only (a dense switch reads only what it lacks)")
+        return DenseServer(args.model, args.store, args.sparsity, method=args.method or "seap",
+                           depth=ROUTE_DEPTH if args.layers is None else args.layers, device=args.device,
+                           dtype=args.dtype)
     if args.sparsity is not None or args.method is not None:
         raise InputError("--sparsity/--method apply to dense models only; for an MoE model use --keep")
     if args.keep is None:
         raise InputError("--keep (experts held per MoE layer) is required for an MoE model")
-    server = TaskServer(
+    if args.cache_mb < 0:
+        raise InputError(f"--cache-mb must be >= 0, got {args.cache_mb}")
+    return TaskServer(
         args.model, args.store, args.keep, top_k=args.top_k, group_policy=args.group_policy,
         signature=_spec(args), cache_bytes=int(args.cache_mb * 2**20),
         device=args.device, dtype=args.dtype,
     )
+
+
+def _serve(args) -> int:
+    from premoe.api import model_kind
+    from premoe.errors import InputError
+
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.command == "chat" and model_kind(args.model) == "dense":
+        raise InputError("chat is not available for dense models yet; use generate or serve")
+    server = _task_server(args)
     if args.command == "chat":
         return _chat(server, args)
     return _answer(server, args)
+
+
+def _http(args) -> int:
+    import os
+
+    from premoe.errors import InputError
+    from premoe.server.app import ServeOptions
+    from premoe.server.main import bind, serve
+
+    for flag, value, low in (("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1),
+                             ("--max-tokens", args.max_tokens, 1), ("--max-body-kb", args.max_body_kb, 1),
+                             ("--max-wait-ms", args.max_wait_ms, 0), ("--drain-seconds", args.drain_seconds, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    bind(args.host, args.port).close()  # fail on a taken port before loading anything
+    server = _task_server(args)
+    if not server.tasks:
+        raise InputError(f"store {args.store} has no tasks; calibrate some first")
+    server.load(server.tasks[0])  # build the resident model now, not on the first request
+    opts = ServeOptions(api_key=args.api_key or os.environ.get("PREMOE_API_KEY") or None, max_queue=args.max_queue,
+                        max_batch=args.max_batch, policy=args.schedule, max_wait=args.max_wait_ms / 1000,
+                        max_body_bytes=int(args.max_body_kb * 1024), max_tokens=args.max_tokens)
+    return serve(server, opts, args.host, args.port, args.drain_seconds, args.log_level,
+                 announce=lambda line: print(line, flush=True))
 
 
 def _answer(server, args) -> int:
@@ -390,23 +466,6 @@ def _answer(server, args) -> int:
             raise InputError(f"{where}: {e}" if args.data else str(e)) from None
         print(json.dumps(reply.to_dict()) if args.json else f"[{reply.task}] {reply.text}", flush=True)
     return 0
-
-
-def _serve_dense(args) -> int:
-    from premoe.dense.verbs import ROUTE_DEPTH, DenseServer
-    from premoe.errors import InputError
-
-    if args.keep is not None or args.top_k is not None:
-        raise InputError("--keep/--top-k apply to MoE models only; for a dense model use --sparsity (and --method)")
-    if args.sparsity is None:
-        raise InputError("--sparsity (fraction of decoder weights removed) is required for a dense model")
-    if args.command == "chat":
-        raise InputError("chat is not available for dense models yet; use generate")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    server = DenseServer(args.model, args.store, args.sparsity, method=args.method or "seap",
-                         depth=ROUTE_DEPTH if args.layers is None else args.layers, device=args.device, dtype=args.dtype)
-    return _answer(server, args)
 
 
 def _chat(server, args) -> int:

@@ -269,6 +269,16 @@ class TaskServer:
                 for layer, tensors in self.routers.items() if layer in self.info.moe_layers[: self.spec.layers]}
         self._signature = SignatureModel(self.model, self.info, self.tokenizer, self.spec.layers, routers=full)
 
+    @property
+    def tasks(self) -> list[str]:
+        """The stored tasks prompts are routed to."""
+        return list(self.retriever.names)
+
+    @property
+    def bytes_read(self) -> int:
+        """Checkpoint bytes read so far (backbone, routers and experts)."""
+        return self.reader.bytes_read
+
     def route(self, text: str) -> RouteResult:
         """The stored task nearest to ``text`` (computes only the signature layers, no experts)."""
         self._ensure_backbone()
@@ -276,6 +286,8 @@ class TaskServer:
 
     def load(self, task: str) -> SwitchStats:
         """Hold ``task``'s experts (reading only those not already in memory or in the cache)."""
+        if task not in self.retriever.names:
+            raise InputError(f"unknown task {task!r}; the store has {', '.join(self.retriever.names)}")
         self._ensure_backbone()
         stats = install_pattern(self.model, self.info, self.plan_for(task), self.held, self.routers, self.reader,
                                 self.cache, device=self.device, dtype=self.dtype)

@@ -232,10 +232,26 @@ class DenseServer:
                                            schedule=self.schedule, whole_groups=self.whole_groups, reader=self.reader)
         return self._plans[task]
 
+    @property
+    def tasks(self) -> list[str]:
+        """The stored tasks prompts are routed to."""
+        return list(self.router.names)
+
+    @property
+    def bytes_read(self) -> int:
+        """Checkpoint bytes read so far (the router's embeddings and every build or switch)."""
+        return self.router.bytes_read + self.reader.bytes_read
+
+    def route(self, text: str) -> DenseRoute:
+        """The stored task nearest to ``text`` (reads nothing more)."""
+        return self.router.route(text)
+
     def load(self, task: str) -> int:
         """Make ``task``'s model resident (built, or switched from the resident one); returns the bytes read."""
         if task == self.task and self.model is not None:
             return 0
+        if task not in self.router.names:
+            raise InputError(f"unknown task {task!r}; the store has {', '.join(self.router.names)}")
         before = self.reader.bytes_read
         plan = self.plan(task)
         old, old_task = self.model, self.task
