@@ -1,7 +1,7 @@
 """Load benchmark of ``premoe serve``: concurrent OpenAI clients send a mixed-task stream to a
 server on 127.0.0.1, once per scheduling policy, side by side.
 
-For each policy it starts ``premoe serve --port 0`` in a subprocess, sends ``--requests``
+For each scheduling configuration (policy and batching) it starts ``premoe serve --port 0`` in a subprocess, sends ``--requests``
 held-out prompts of the built-in tasks in a seeded random order from ``--clients`` threads (the
 real ``openai`` client, greedy, bounded by ``--time-limit``), then reads the server's /metrics
 (pattern switches, checkpoint bytes) and its peak RSS (VmHWM), and stops it with SIGTERM (a clean
@@ -48,9 +48,11 @@ def metric(text: str, name: str) -> float:
     return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{"))
 
 
-def start_server(args, store: Path, policy: str):
+def start_server(args, store: Path, config: str):
+    policy, batching = config.split(":")
     cmd = [sys.executable, "-m", "premoe", "-q", "serve", "--model", str(args.model), "--store", str(store),
-           "--port", "0", "--schedule", policy, "--max-batch", str(args.max_batch), "--max-queue", str(args.requests)]
+           "--port", "0", "--schedule", policy, "--batching", batching, "--max-batch", str(args.max_batch),
+           "--max-queue", str(args.requests)]
     cmd += ["--sparsity", str(args.sparsity)] if args.dense else ["--keep", str(args.keep)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -102,7 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--policies", nargs="+", default=["affinity", "fcfs"])
+    ap.add_argument("--configs", nargs="+", default=["affinity:continuous", "fcfs:continuous", "affinity:static",
+                                                     "fcfs:static"],
+                    help="POLICY:BATCHING pairs (--schedule and --batching of premoe serve)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per policy at most")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--seed", type=int, default=0)
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     report = {"model": str(args.model), "requests": len(work), "clients": args.clients, "max_batch": args.max_batch,
               "max_tokens": args.max_tokens, "baseline_rss_mb": base_mb, "resident_weights_mb": weights_mb,
               "policies": {}}
-    for policy in args.policies:
+    for policy in args.configs:
         proc, url = start_server(args, store, policy)
         try:
             deadline = time.monotonic() + 60
@@ -191,16 +195,17 @@ def main(argv=None) -> int:
     print(f"premoe serve load: {report['requests']} requests, {args.clients} clients, max batch {args.max_batch}, "
           f"{args.max_tokens} tokens max, model {Path(report['model']).name}")
     print(f"resident weights {weights_mb:.1f} MB; interpreter with torch/transformers/server {base_mb:.0f} MB")
-    print(f"{'policy':<9} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'sw/100':>7} {'MB read':>8} {'RSS MB':>7} "
+    print(f"{'config':<20} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'sw/100':>7} {'MB read':>8} {'RSS MB':>7} "
           f"{'errors':>6} {'wrong pat':>9} {'wrong ans':>9} {'exit':>4}")
     for policy, r in report["policies"].items():
-        print(f"{policy:<9} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['switches_per_100']:>7.1f} "
+        print(f"{policy:<20} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['switches_per_100']:>7.1f} "
               f"{r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {r['errors'] + r['unsent']:>6} "
               f"{r['wrong_pattern']:>9} {r['wrong_answers']:>9} {r['exit_code']:>4}")
-    if {"affinity", "fcfs"} <= set(report["policies"]):
-        a, f = report["policies"]["affinity"], report["policies"]["fcfs"]
-        print(f"affinity vs fcfs: throughput x{a['requests_per_s'] / f['requests_per_s']:.2f}, "
-              f"switches x{a['switches'] / max(f['switches'], 1):.2f}, p99 x{a['p99_s'] / f['p99_s']:.2f}")
+    base = report["policies"].get("fcfs:static")
+    for name, a in report["policies"].items():
+        if base is not None and a is not base:
+            print(f"{name} vs fcfs:static: throughput x{a['requests_per_s'] / base['requests_per_s']:.2f}, "
+                  f"switches x{a['switches'] / max(base['switches'], 1):.2f}, p99 latency x{a['p99_s'] / base['p99_s']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -232,7 +232,8 @@ def route(
     """Route queries to the nearest stored task, loading no routed expert.
 
     Only the embeddings, the decoder layers up to the ``layers``-th MoE layer and their routers are
-    read from the checkpoint. Defaults of ``stat``/``source``/``norm``/``metric``: see
+    read from the checkpoint (dense models: ``layers`` decoder layers, default 0, the mean token
+    embedding, as ``premoe route`` does). Defaults of ``stat``/``source``/``norm``/``metric``: see
     :class:`~premoe.core.retrieval.SignatureSpec`.
 
     Returns:
@@ -246,9 +247,9 @@ def route(
 
     queries = [queries] if isinstance(queries, str) else list(queries)
     if model_kind(model) == "dense":
-        from premoe.dense.verbs import DenseRouter
+        from premoe.dense.verbs import ROUTE_DEPTH, DenseRouter
 
-        router = DenseRouter(model, store, "auto" if layers is None else layers, device=device or "cpu")
+        router = DenseRouter(model, store, ROUTE_DEPTH if layers is None else layers, device=device or "cpu")
         return router.route_many(queries), router.bytes_read
     router = QueryRouter(model, store, signature_spec(layers or 1, stat, source, norm, metric), device=device, dtype=dtype)
     return [router.route(q) for q in queries], router.bytes_read

@@ -123,6 +123,9 @@ def _add_sweep(sub):
                                                               "(default 0.2 0.35 0.5)")
     p.add_argument("--methods", nargs="+", choices=("seap", "seap-gen", "wanda-sp", "flap", "random"),
                    help="dense models: default all")
+    p.add_argument("--schedule", choices=("uniform", "logistic", "adaptive"),
+                   help="dense models: give every method this layer allocation, to compare criteria on one structure "
+                        "(default: each method's own: uniform, FLAP adaptive)")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -204,6 +207,9 @@ def _add_serve(sub):
     g.add_argument("--schedule", choices=SERVE_POLICIES, default="affinity",
                    help="affinity (default): stay on the resident task while others wait at most --max-wait-ms; "
                         "fcfs: strict arrival order")
+    g.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous (default): requests of the running task join the batch between tokens; "
+                        "static: a batch runs to its end before the next starts")
     g.add_argument("--max-wait-ms", type=float, default=2000.0,
                    help="affinity: longest a request waits while another task is served (default 2000)")
     g.add_argument("--max-tokens", type=int, help="completion cap for requests that give no max_tokens "
@@ -319,7 +325,8 @@ def _run(args) -> int:
         tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
                     calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
-                    stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods)
+                    stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods,
+                    schedule=args.schedule)
         if "methods" in res:  # dense
             from premoe.dense.sweep import format_dense_summary
 
@@ -450,6 +457,7 @@ def _http(args) -> int:
     server.load(server.tasks[0])  # build the resident model now, not on the first request
     opts = ServeOptions(api_key=args.api_key or os.environ.get("PREMOE_API_KEY") or None, max_queue=args.max_queue,
                         max_batch=args.max_batch, policy=args.schedule, max_wait=args.max_wait_ms / 1000,
+                        continuous=args.batching == "continuous",
                         max_body_bytes=int(args.max_body_kb * 1024), max_tokens=args.max_tokens)
     return serve(server, opts, args.host, args.port, args.drain_seconds, args.log_level,
                  announce=lambda line: print(line, flush=True))

@@ -57,6 +57,7 @@ def sweep(
     max_memory: float | None = None,
     sparsities: list[float] | None = None,
     methods: list[str] | None = None,
+    schedule: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and write results and pictures into ``out`` (a dense model: see
     :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
@@ -72,6 +73,8 @@ def sweep(
         overlap_keep: keep count of the overlap picture (default: half the experts).
         stream / max_memory: for a model larger than memory (or ``max_memory`` MB): calibration streams
             it layer by layer and evaluation loads its layers on demand (``stream`` forces either way).
+        schedule: dense models: one layer allocation for every method (``uniform``, ``logistic``,
+            ``adaptive``) so criteria are compared on the same structure (default: each method's own).
     """
     from premoe.showcase import TINY_MODEL
 
@@ -89,9 +92,11 @@ def sweep(
         if keeps or scorers or stream or max_memory:
             raise InputError("--keep/--scorers/--stream/--max-memory apply to MoE models; for a dense model use "
                              "--sparsities and --methods")
-        return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress)
-    if sparsities or methods:
-        raise InputError("--sparsities/--methods apply to dense models; for an MoE model use --keep and --scorers")
+        return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
+                           schedule=schedule)
+    if sparsities or methods or schedule:
+        raise InputError("--sparsities/--methods/--schedule apply to dense models; for an MoE model use --keep and "
+                         "--scorers")
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:

@@ -253,3 +253,22 @@ def test_moe_flag_refused_on_dense_and_reverse(tmp_path, capsys):
     assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
                  "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "--sparsity applies to dense" in capsys.readouterr().err
+
+
+def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
+    """premoe sweep on the shipped dense model: each method's own allocation by default (FLAP:
+    adaptive), one allocation for all with schedule=; results and picture written."""
+    from premoe.showcase import TINY_DENSE, TINY_MODEL
+    from premoe.sweep import sweep
+
+    tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "sort")}
+    own = sweep(tmp_path / "own", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
+                progress=False)
+    same = sweep(tmp_path / "same", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
+                 progress=False, schedule="uniform")
+    assert {r["schedule"] for r in own["rows"] if r["method"] == "flap"} == {"adaptive"}
+    assert {r["schedule"] for r in same["rows"]} == {"uniform"} and same["schedule"] == "uniform"
+    assert all(abs(r["sparsity_counted"] - 0.3) < 0.02 for r in same["summary"])
+    assert (tmp_path / "same" / "results.json").exists() and (tmp_path / "same" / "results.csv").exists()
+    with pytest.raises(InputError, match="dense models"):
+        sweep(tmp_path / "moe", model=TINY_MODEL, tasks=tasks, schedule="uniform", progress=False)

@@ -347,6 +347,30 @@ def test_engine_cancellation_and_stop_strings(moe_backend):
         run_batch(backend.model, tok, [Sequence(prompt, Sampling(4, 0.0))], check=wrong)
 
 
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_engine_continuous_batching_joins_without_changing_answers(kind, moe_backend, dense_store):
+    """Sequences admitted into a running batch (different prompt lengths, joining at different steps)
+    produce exactly their standalone greedy completions."""
+    from premoe.dense.verbs import DenseServer
+
+    backend = moe_backend if kind == "moe" else DenseServer(TINY_DENSE, dense_store, 0.3)
+    backend.load("sort")
+    tok = backend.tokenizer
+    prompts = [r["prompt"] for r in samples("sort", 6, "eval")]
+    alone = [generate_greedy(backend.model, tok, [p], 16)[0] for p in prompts]
+    waiting = [Sequence(tok(p)["input_ids"], Sampling(16, 0.0)) for p in prompts]
+    first, rest = waiting[:2], waiting[2:]
+    calls = []
+
+    def admit(room):
+        calls.append(room)
+        return [rest.pop(0)] if rest and len(calls) % 2 else []  # one newcomer every other step
+
+    run_batch(backend.model, tok, first, admit=admit, max_batch=3)
+    assert not rest and max(calls) <= 3 and min(calls) >= 1  # asked only while there is room
+    assert [s.text for s in waiting] == alone
+
+
 class _Fake:
     """A backend that only records which task is resident (for scheduling decisions)."""
 

@@ -91,7 +91,8 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
                             "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel)})
     routing = _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight) if len(files) > 1 else None
     result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": methods,
-              "dense": dense, "dense_mean": sum(dense.values()) / len(dense), "summary": summary, "rows": rows,
+              "schedule": schedule or "each method's own", "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
+              "summary": summary, "rows": rows,
               "routing": routing, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -165,7 +166,9 @@ def _plot(out: Path, result: dict) -> list[str]:
 
 
 def format_dense_summary(result: dict) -> str:
-    lines = [f"{'method':<10}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
+    lines = [f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed; layer "
+             f"allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
+             f"{'method':<10}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
     for m in result["methods"]:
         cells = [next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]]
         lines.append(f"{m:<10}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))

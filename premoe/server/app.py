@@ -45,6 +45,7 @@ class ServeOptions:
     max_batch: int = 8
     policy: str = "affinity"
     max_wait: float = 2.0
+    continuous: bool = True  # requests of the running batch's task join it between tokens
     max_body_bytes: int = 1 << 20
     max_tokens: int | None = None  # cap for requests that give none (default: the rest of the context)
     model_name: str = "premoe"
@@ -170,7 +171,7 @@ class Service:
         self.backend, self.opts = backend, opts
         self.metrics = Metrics()
         self.scheduler = Scheduler(backend, max_queue=opts.max_queue, max_batch=opts.max_batch, policy=opts.policy,
-                                   max_wait=opts.max_wait, metrics=self.metrics)
+                                   max_wait=opts.max_wait, metrics=self.metrics, continuous=opts.continuous)
         self.context = context_length(backend)
         self.created = int(time.time())
 

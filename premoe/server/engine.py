@@ -5,7 +5,9 @@ Pure tensor functions (:func:`sample_next`) and a thin loop (:func:`run_batch`) 
 transformers causal LM with a KV cache. Prompts are left-padded with position ids taken from the
 attention mask, as ``model.generate`` does, so a greedy completion here equals
 :func:`premoe.core.evaluation.generate_greedy`'s. Finished or cancelled sequences leave the batch
-(their rows are dropped from the cache), so a long request does not make short ones pay.
+(their rows are dropped from the cache), so a long request does not make short ones pay, and new
+sequences can join a running batch after their own prefill (continuous batching): the two KV
+caches are left-padded to one length and concatenated, the padding masked out.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Sequence:
     text: str = ""  # text emitted so far (stop strings never appear in it)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    on_done: Callable[["Sequence"], None] = lambda _: None  # called once, when finish_reason is set
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -94,57 +97,126 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
-def run_batch(model, tokenizer, seqs: list[Sequence], pad_id: int | None = None,
-              check: Callable[[], None] | None = None) -> None:
-    """Generate every sequence of ``seqs`` to its end (stop, length or cancellation), in one batch.
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if t.shape[dim] == width:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width - t.shape[dim]
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    ``check`` runs before every forward (the server asserts the resident pattern there).
-    """
-    from transformers import DynamicCache
 
-    live = [s for s in seqs if not s.is_cancelled()]
-    for s in seqs:
-        if s.is_cancelled():
-            s.finish_reason = "cancelled"
-    if not live:
-        return
-    device = next(p.device for p in model.parameters() if not p.is_meta)
-    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
-    eos = eos_ids(model, tokenizer)
-    width = max(len(s.prompt_ids) for s in live)
-    ids = torch.full((len(live), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(live), width), dtype=torch.long)
-    for i, s in enumerate(live):
-        ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-        mask[i, width - len(s.prompt_ids):] = 1
-        if s.sampling.seed is not None and s.sampling.temperature > 0:
-            s.generator = torch.Generator(device=device).manual_seed(s.sampling.seed)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    step_ids = ids
-    while live:
-        if check is not None:
-            check()
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1, :]
+def mergeable(cache) -> bool:
+    """Whether rows can be added to ``cache`` (plain growing key/value layers only; sliding-window,
+    linear-attention or quantised layers keep state that cannot simply be padded)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+class _Rows:
+    """The batch being decoded: its sequences, KV cache, attention mask and last positions."""
+
+    def __init__(self, model, tokenizer, seqs: list[Sequence], device, pad: int):
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+            if s.sampling.seed is not None and s.sampling.temperature > 0:
+                s.generator = torch.Generator(device=device).manual_seed(s.sampling.seed)
+        self.live, self.mask = list(seqs), mask.to(device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=model.config)
+        self.step_ids = ids.to(device)
+
+    def forward(self, model) -> torch.Tensor:
+        return model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.positions,
+                     past_key_values=self.cache, use_cache=True).logits[:, -1, :]
+
+    def advance(self, logits: torch.Tensor, tokenizer, eos: set[int]) -> None:
+        """Pick every row's next token; rows that finish leave (their ``on_done`` runs)."""
         tokens = []
-        for i, s in enumerate(live):
+        for i, s in enumerate(self.live):
             t = sample_next(logits[i], s.sampling.temperature, s.sampling.top_p, s.generator)
             tokens.append(t)
             _advance(s, t, tokenizer, eos)
             if s.finish_reason is None and s.is_cancelled():
                 s.finish_reason = "cancelled"
-        alive = [i for i, s in enumerate(live) if s.finish_reason is None]
-        if not alive:
-            break
-        if len(alive) < len(live):
-            index = torch.tensor(alive, device=device)
-            cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-            tokens = [tokens[i] for i in alive]
-            live = [live[i] for i in alive]
-        step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
-        positions = positions[:, -1:] + 1
+            if s.finish_reason is not None:
+                s.on_done(s)
+        alive = [i for i, s in enumerate(self.live) if s.finish_reason is None]
+        if len(alive) < len(self.live) and alive:
+            index = torch.tensor(alive, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        self.live = [self.live[i] for i in alive]
+        tokens = [tokens[i] for i in alive]
+        if self.live:
+            self.step_ids = torch.tensor(tokens, device=self.mask.device).unsqueeze(-1)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.live), 1)], dim=-1)
+            self.positions = self.positions[:, -1:] + 1
+
+    def absorb(self, other: "_Rows") -> None:
+        """Append ``other``'s rows (after their prefill) to this batch, left-padding the shorter cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            a.keys = torch.cat([_left_pad(a.keys, width - 1, -2), _left_pad(b.keys, width - 1, -2)])
+            a.values = torch.cat([_left_pad(a.values, width - 1, -2), _left_pad(b.values, width - 1, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.step_ids = torch.cat([self.step_ids, other.step_ids])
+        self.live += other.live
+
+
+def _start(seqs: list[Sequence]) -> list[Sequence]:
+    live = []
+    for s in seqs:
+        if s.is_cancelled():
+            s.finish_reason = "cancelled"
+            s.on_done(s)
+        else:
+            live.append(s)
+    return live
+
+
+@torch.inference_mode()
+def run_batch(model, tokenizer, seqs: list[Sequence], pad_id: int | None = None,
+              check: Callable[[], None] | None = None,
+              admit: Callable[[int], list[Sequence]] | None = None, max_batch: int | None = None) -> None:
+    """Generate every sequence of ``seqs`` to its end (stop, length or cancellation), in one batch.
+
+    ``check`` runs before every forward (the server asserts the resident pattern there).
+    ``admit(room)``, if given, is asked after every step for up to ``room`` more sequences
+    (``max_batch`` minus those running): they are prefilled and join the running batch (continuous
+    batching), when the model's KV cache allows rows to be added.
+    """
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+    eos = eos_ids(model, tokenizer)
+    cap = max_batch or 1 << 30
+    rows: _Rows | None = None
+    pending = _start(seqs)
+    while True:
+        if rows is None or not rows.live:
+            if not pending and admit is not None:
+                pending = _start(admit(cap))
+            if not pending:
+                return
+            rows, pending = _Rows(model, tokenizer, pending, device, pad), []
+        if check is not None:
+            check()
+        rows.advance(rows.forward(model), tokenizer, eos)
+        if admit is None or not rows.live or len(rows.live) >= cap or not mergeable(rows.cache):
+            continue
+        new = _start(admit(cap - len(rows.live)))
+        if not new:
+            continue
+        if check is not None:
+            check()
+        joined = _Rows(model, tokenizer, new, device, pad)
+        joined.advance(joined.forward(model), tokenizer, eos)
+        if joined.live:
+            rows.absorb(joined)

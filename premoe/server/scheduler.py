@@ -17,6 +17,11 @@ Policies:
   for its turn.
 * ``fcfs``: strict arrival order; a batch is the run of consecutive same-task requests at the
   head of the queue (the baseline that ``bench/serve_load.py`` measures against).
+
+With ``continuous`` (default), requests of the running batch's task also join it between tokens
+(up to ``max_batch`` running), under the same policy: fcfs admits only from the head of the queue,
+affinity stops admitting once another task's request has waited past ``max_wait``, so the batch
+drains and the switch happens. Each request is answered as soon as its own sequence ends.
 """
 
 from __future__ import annotations
@@ -69,11 +74,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, backend, *, max_queue: int = 64, max_batch: int = 8, policy: str = "affinity",
-                 max_wait: float = 2.0, metrics=None):
+                 max_wait: float = 2.0, metrics=None, continuous: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.backend, self.metrics = backend, metrics
         self.max_queue, self.max_batch, self.policy, self.max_wait = max_queue, max_batch, policy, max_wait
+        self.continuous = continuous
         self.pending: list[Job] = []
         self.cond = threading.Condition()
         self.stopping = False
@@ -186,44 +192,83 @@ class Scheduler:
                 j.finish_reason = "error"
                 j.notify("error", (500, f"loading task {task!r} failed: {e}"))
             return
-        start = time.monotonic()
-        seqs = []
-        for j in batch:
-            j.switched, j.started = switched, start
-            j.notify("start", j)
-            if m is not None:
-                m.queue_wait.observe(start - j.arrived)
-            seqs.append(Sequence(j.prompt_ids, j.sampling, emit=self._emitter(j), is_cancelled=lambda j=j: j.cancelled))
+        running: list[Job] = []
+
+        def begin(jobs: list[Job], joined_switch: bool) -> list[Sequence]:
+            start = time.monotonic()
+            seqs = []
+            for j in jobs:
+                j.switched, j.started = joined_switch, start
+                j.notify("start", j)
+                running.append(j)
+                if m is not None:
+                    m.queue_wait.observe(start - j.arrived)
+                seqs.append(Sequence(j.prompt_ids, j.sampling, emit=self._emitter(j),
+                                     is_cancelled=lambda j=j: j.cancelled, on_done=lambda s, j=j: self._finish(j, s)))
+            if m is not None and jobs:
+                m.batches.observe(len(jobs))
+                m.running.inc(len(jobs))
+            return seqs
+
+        def admit(room: int) -> list[Sequence]:
+            return begin(self._joiners(task, room), False)
 
         def check() -> None:
             if self.backend.task != task:
                 raise RuntimeError(f"resident pattern is {self.backend.task!r}, batch is for {task!r}")
 
-        if m is not None:
-            m.batches.observe(len(batch))
-            m.running.set(len(batch))
         try:
-            run_batch(self.backend.model, self.backend.tokenizer, seqs, check=check)
+            run_batch(self.backend.model, self.backend.tokenizer, begin(batch, switched), check=check,
+                      admit=admit if self.continuous else None, max_batch=self.max_batch)
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
-            for j in batch:
-                j.finish_reason = "error"
-                j.notify("error", (500, f"generation failed: {e}"))
-            return
+            for j in running:
+                if j.finished is None:
+                    j.finish_reason = "error"
+                    j.notify("error", (500, f"generation failed: {e}"))
         finally:
             if m is not None:
                 m.running.set(0)
-        end = time.monotonic()
-        for j, s in zip(batch, seqs):
-            j.finished, j.finish_reason, j.completion_tokens, j.text_out = end, s.finish_reason, len(s.out_ids), s.text
-            self.served += 1
-            self.history.append(j)
-            if m is not None:
-                m.prompt_tokens.inc(len(j.prompt_ids))
-                m.completion_tokens.inc(j.completion_tokens)
-                m.latency.observe(end - j.arrived)
-                m.task_requests.labels(task, "pinned" if j.pinned else "routed").inc()
-            j.notify("done", j)
+
+    def _joiners(self, task: str, room: int) -> list[Job]:
+        """Waiting requests of ``task`` that may join the running batch under the policy: fcfs only
+        from the head of the queue; affinity while no request of another task has waited past
+        ``max_wait`` (otherwise the batch drains so the scheduler can switch)."""
+        with self.cond:
+            if not self.pending:
+                return []
+        for job in [j for j in self.pending if j.task is None]:
+            self._route(job)
+        with self.cond:
+            ready = [j for j in self.pending if j.task is not None and not j.cancelled and j.finish_reason != "error"]
+            if self.policy == "fcfs":
+                picked = []
+                for j in ready:
+                    if j.task != task or len(picked) == room:
+                        break
+                    picked.append(j)
+            else:
+                now = time.monotonic()
+                if any(j.task != task and now - j.arrived > self.max_wait for j in ready):
+                    return []
+                picked = [j for j in ready if j.task == task][:room]
+            for j in picked:
+                self.pending.remove(j)
+            self._gauge()
+            return picked
+
+    def _finish(self, j: Job, s: Sequence) -> None:
+        m = self.metrics
+        j.finished, j.finish_reason, j.completion_tokens, j.text_out = time.monotonic(), s.finish_reason, len(s.out_ids), s.text
+        self.served += 1
+        self.history.append(j)
+        if m is not None:
+            m.prompt_tokens.inc(len(j.prompt_ids))
+            m.completion_tokens.inc(j.completion_tokens)
+            m.latency.observe(j.finished - j.arrived)
+            m.task_requests.labels(j.task, "pinned" if j.pinned else "routed").inc()
+            m.running.dec()
+        j.notify("done", j)
 
     def _emitter(self, job: Job) -> Callable[[str], None]:
         def emit(delta: str) -> None:
