@@ -126,6 +126,10 @@ def _add_sweep(sub):
     p.add_argument("--schedule", choices=("uniform", "logistic", "adaptive"),
                    help="dense models: give every method this layer allocation, to compare criteria on one structure "
                         "(default: each method's own: uniform, FLAP adaptive)")
+    p.add_argument("--count", choices=("written", "memory"),
+                   help="dense models: count sparsity in the checkpoint premoe prune writes (default; FLAP's layer-varying "
+                        "plans are padded there, so they are made sparser in memory to match) or in memory (as the "
+                        "papers do)")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -326,7 +330,7 @@ def _run(args) -> int:
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
                     calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
                     stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods,
-                    schedule=args.schedule)
+                    schedule=args.schedule, count=args.count)
         if "methods" in res:  # dense
             from premoe.dense.sweep import format_dense_summary
 

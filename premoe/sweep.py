@@ -58,6 +58,7 @@ def sweep(
     sparsities: list[float] | None = None,
     methods: list[str] | None = None,
     schedule: str | None = None,
+    count: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and write results and pictures into ``out`` (a dense model: see
     :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
@@ -75,6 +76,8 @@ def sweep(
             it layer by layer and evaluation loads its layers on demand (``stream`` forces either way).
         schedule: dense models: one layer allocation for every method (``uniform``, ``logistic``,
             ``adaptive``) so criteria are compared on the same structure (default: each method's own).
+        count: dense models: ``written`` (default; sparsity as ``premoe prune`` writes the checkpoint,
+            padded plans made sparser in memory to match) or ``memory`` (as the papers count).
     """
     from premoe.showcase import TINY_MODEL
 
@@ -93,10 +96,10 @@ def sweep(
             raise InputError("--keep/--scorers/--stream/--max-memory apply to MoE models; for a dense model use "
                              "--sparsities and --methods")
         return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
-                           schedule=schedule)
-    if sparsities or methods or schedule:
-        raise InputError("--sparsities/--methods/--schedule apply to dense models; for an MoE model use --keep and "
-                         "--scorers")
+                           schedule=schedule, count=count or "written")
+    if sparsities or methods or schedule or count:
+        raise InputError("--sparsities/--methods/--schedule/--count apply to dense models; for an MoE model use --keep "
+                         "and --scorers")
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:

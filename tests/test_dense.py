@@ -94,6 +94,26 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     assert not (tmp_path / "qout").exists()
 
 
+def test_layer_varying_plans_are_written_at_the_requested_sparsity(tmp_path, data):
+    """FLAP's adaptive plan differs per layer, so its export is zero-padded to the largest layer:
+    premoe prune makes it sparser in memory until the padded checkpoint removes what was asked;
+    --count memory (task servers, the papers' count) keeps the in-memory count."""
+    from transformers import AutoModelForCausalLM
+
+    model = _build(tmp_path / "m", "llama")
+    for t in ("add", "sort"):
+        premoe.calibrate(model, data / f"{t}.jsonl", t, tmp_path / "s", progress=False)
+    info = inspect_dense(model)
+    memory = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap", written=False)
+    written = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap")
+    assert not memory.uniform() and memory.info["sparsity_written"] < 0.4 - 1e-3  # padding gave weights back
+    assert abs(written.info["sparsity_written"] - 0.4) < 0.02 and written.info["sparsity"] > 0.4
+    res = premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, method="flap", progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    n_linear = sum(p.numel() for n, p in reloaded.named_parameters() if n.endswith("proj.weight"))
+    assert abs(1 - n_linear / kept_params(info, None) - 0.4) < 0.02 and abs(res.sparsity - 0.4) < 0.02
+
+
 def test_compensation_bias_takes_the_loaded_dtype(tmp_path, data):
     """A bf16 checkpoint loaded in float32: the biases compensation brings are float32 too (it runs)."""
     from transformers import AutoModelForCausalLM

@@ -72,6 +72,7 @@ def make_dense_plan(
     weights: Callable[[int, str], torch.Tensor] | None = None,
     seed: int = 0,
     task: str = "",
+    written: bool = False,
 ) -> DensePlan:
     """The heads and channels to keep for ``sparsity`` (the fraction of decoder linear weights removed).
 
@@ -81,7 +82,34 @@ def make_dense_plan(
             ``logistic`` (SEAP's depth schedule) or ``adaptive`` (FLAP's global ranking); default: the method's.
         whole_groups: remove whole KV groups instead of the same number of query heads per group.
         weights: ``(layer, "o"|"down") -> [D, C]`` weight, needed for bias compensation.
+        written: count ``sparsity`` in the checkpoint as written (what ``premoe prune`` does): a plan
+            whose layers differ is exported zero-padded to its largest layer, so it removes more in
+            memory than it does on disk; with ``written`` such a plan is made sparser in memory until
+            its padded checkpoint removes ``sparsity``. Uniform plans are the same either way.
     """
+    plan = _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task)
+    if not written or plan.uniform() or plan.info["sparsity_written"] >= sparsity - 1e-3:
+        return plan
+    lo, hi, best = sparsity, 0.99, plan
+    for _ in range(14):  # the padded count grows with the in-memory target: bisect it
+        mid = (lo + hi) / 2
+        try:
+            cand = _make_plan(info, stats, method, mid, schedule, metric, whole_groups, bias_comp, weights, seed, task)
+        except InputError:
+            hi = mid
+            continue
+        if cand.info["sparsity_written"] >= sparsity - 1e-3:
+            hi, best = mid, cand
+        else:
+            lo = mid
+    if best.info["sparsity_written"] < sparsity - 0.02:
+        raise InputError(f"a {best.info['schedule']} plan cannot be written at sparsity {sparsity} (padded, at most "
+                         f"{best.info['sparsity_written']:.3f}); lower --sparsity or use --schedule uniform")
+    best.info["sparsity_requested"] = sparsity
+    return best
+
+
+def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task) -> DensePlan:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     m = METHODS[method]
@@ -131,6 +159,7 @@ def make_dense_plan(
             "can be removed while each layer keeps one valid head group and one channel); lower --sparsity"
         )
     plan.info = {"sparsity_requested": sparsity, "sparsity": round(1 - kept_params(info, plan) / total, 6),
+                 "sparsity_written": round(1 - kept_params(info, plan, padded=not plan.uniform()) / total, 6),
                  "schedule": schedule, "metric": "random" if method == "random" else (metric or m.metric),
                  "gqa": "groups" if whole_groups or info.group == 1 else "heads", "bias_comp": bool(bias_comp)}
     return plan

@@ -31,7 +31,13 @@ DEFAULT_SPARSITIES = (0.2, 0.35, 0.5)
 
 
 def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, methods=None, progress: bool = True,
-                schedule: str | None = None) -> dict[str, Any]:
+                schedule: str | None = None, count: str = "written") -> dict[str, Any]:
+    """Every method at every sparsity, counted as ``premoe prune`` writes the checkpoint (``count``
+    "written", the default: a plan whose layers differ, FLAP's adaptive one, is made sparser in
+    memory until its zero-padded checkpoint removes the fraction asked) or in memory ("memory", as
+    the FLAP and SEAP papers count). Rows report both counts."""
+    if count not in ("written", "memory"):
+        raise InputError(f"count must be 'written' or 'memory', got {count!r}")
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,13 +78,15 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
                 src = stats[name] if METHODS[method].source == "task" else pool
                 key = (method, s, name if METHODS[method].source == "task" else None)
                 if key not in plans:
-                    plans[key] = make_dense_plan(info, src, method, s, schedule=schedule, weights=weight, task=name)
+                    plans[key] = make_dense_plan(info, src, method, s, schedule=schedule, weights=weight, task=name,
+                                                 written=count == "written")
                 plan = plans[key]
                 net = prune_in_memory(lm, info, plan)
                 acc = exact_match(net, tok, evals[name], progress=False)
                 rows.append({"method": method, "sparsity": s, "task": name, "accuracy": acc, "dense": dense[name],
                              "retention": acc / dense[name] if dense[name] else 0.0,
-                             "sparsity_counted": plan.info["sparsity"], "schedule": plan.info["schedule"]})
+                             "sparsity_counted": plan.info["sparsity"], "sparsity_written": plan.info["sparsity_written"],
+                             "schedule": plan.info["schedule"]})
                 bar.update(1)
     bar.close()
     summary = []
@@ -88,10 +96,11 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
             summary.append({"method": method, "sparsity": s,
                             "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
                             "retention": sum(r["retention"] for r in sel) / len(sel),
-                            "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel)})
-    routing = _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight) if len(files) > 1 else None
+                            "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
+                            "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel)})
+    routing = _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight, count) if len(files) > 1 else None
     result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": methods,
-              "schedule": schedule or "each method's own", "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
+              "schedule": schedule or "each method's own", "count": count, "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
               "summary": summary, "rows": rows,
               "routing": routing, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -112,7 +121,7 @@ def _read(path: Path) -> list[dict]:
     return gen
 
 
-def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight) -> dict[str, Any]:
+def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight, count) -> dict[str, Any]:
     """Held-out routing accuracy, and SEAP accuracy when each prompt gets the mask of the task it is
     routed to (routed) vs of its true task (oracle)."""
     router = DenseRouter(info, store)
@@ -130,7 +139,8 @@ def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight) -
         for name in evals:
             if name not in nets:
                 nets[name] = prune_in_memory(lm, info, make_dense_plan(info, stats[name], "seap", s, schedule=schedule,
-                                                                       weights=weight, task=name))
+                                                                       weights=weight, task=name,
+                                                                       written=count == "written"))
         for name, ev in evals.items():
             oracle += exact_match(nets[name], tok, ev, progress=False) / len(evals)
             hits = 0.0
@@ -166,8 +176,9 @@ def _plot(out: Path, result: dict) -> list[str]:
 
 
 def format_dense_summary(result: dict) -> str:
-    lines = [f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed; layer "
-             f"allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
+    counted = "in the written checkpoint" if result.get("count", "written") == "written" else "in memory"
+    lines = [f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed {counted}; "
+             f"layer allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
              f"{'method':<10}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
     for m in result["methods"]:
         cells = [next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]]

@@ -46,7 +46,10 @@ def weights_from_checkpoint(info: DenseInfo, reader: ByteReader):
 
 def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,
                schedule: str | None = None, metric: str | None = None, whole_groups: bool = False,
-               bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None) -> DensePlan:
+               bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None,
+               written: bool = True) -> DensePlan:
+    """The plan of ``task`` (or of all tasks pooled) at ``sparsity``, counted as ``premoe prune`` writes
+    it (``written``; a task server, which holds the plan itself unpadded, counts it in memory)."""
     st = check_dense_store(store, info)
     if method == "seap" and agnostic:
         method = "seap-gen"
@@ -55,7 +58,8 @@ def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, met
     reader = reader or ByteReader()
     try:
         return make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
-                               bias_comp=bias_comp, weights=weights_from_checkpoint(info, reader), seed=seed, task=name)
+                               bias_comp=bias_comp, weights=weights_from_checkpoint(info, reader), seed=seed, task=name,
+                               written=written)
     finally:
         if own:
             reader.close()
@@ -229,7 +233,8 @@ class DenseServer:
     def plan(self, task: str) -> DensePlan:
         if task not in self._plans:
             self._plans[task] = dense_plan(self.info, self.store, task, self.sparsity, method=self.method,
-                                           schedule=self.schedule, whole_groups=self.whole_groups, reader=self.reader)
+                                           schedule=self.schedule, whole_groups=self.whole_groups, reader=self.reader,
+                                           written=False)
         return self._plans[task]
 
     @property
