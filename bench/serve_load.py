@@ -40,8 +40,9 @@ def baseline_rss_mb(model_module: str) -> float:
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
 
 
-def peak_rss_mb(pid: int) -> float:
-    return next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith("VmHWM:")) / 1024
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of a process."""
+    return next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith(field + ":")) / 1024
 
 
 def metric(text: str, name: str) -> float:
@@ -159,9 +160,10 @@ def main(argv=None) -> int:
                 if time.monotonic() > deadline:
                     raise SystemExit("server not healthy")
                 time.sleep(0.1)
+            ready = rss_mb(proc.pid, "VmRSS")
             load = run_load(url, work, args)
             text = httpx.get(url + "/metrics").text
-            rss = peak_rss_mb(proc.pid)
+            rss = rss_mb(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(60)
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
             "switches": metric(text, "premoe_pattern_switches_total"),
             "switches_per_100": 100 * metric(text, "premoe_pattern_switches_total") / max(1, len(done)),
             "bytes_read_mb": metric(text, "premoe_checkpoint_bytes_read_total") / 2**20,
-            "peak_rss_mb": rss, "exit_code": code,
+            "peak_rss_mb": rss, "ready_rss_mb": ready, "exit_code": code,
             "_answers": [(w, r) for w, r in zip(work, res)],
         }
 
@@ -195,11 +197,11 @@ def main(argv=None) -> int:
     print(f"premoe serve load: {report['requests']} requests, {args.clients} clients, max batch {args.max_batch}, "
           f"{args.max_tokens} tokens max, model {Path(report['model']).name}")
     print(f"resident weights {weights_mb:.1f} MB; interpreter with torch/transformers/server {base_mb:.0f} MB")
-    print(f"{'config':<20} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'sw/100':>7} {'MB read':>8} {'RSS MB':>7} "
+    print(f"{'config':<20} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'sw/100':>7} {'MB read':>8} {'RSS MB':>7} {'ready':>6} "
           f"{'errors':>6} {'wrong pat':>9} {'wrong ans':>9} {'exit':>4}")
     for policy, r in report["policies"].items():
         print(f"{policy:<20} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['switches_per_100']:>7.1f} "
-              f"{r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {r['errors'] + r['unsent']:>6} "
+              f"{r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {r['ready_rss_mb']:>6.0f} {r['errors'] + r['unsent']:>6} "
               f"{r['wrong_pattern']:>9} {r['wrong_answers']:>9} {r['exit_code']:>4}")
     base = report["policies"].get("fcfs:static")
     for name, a in report["policies"].items():

@@ -183,6 +183,11 @@ def format_dense_summary(result: dict) -> str:
     for m in result["methods"]:
         cells = [next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]]
         lines.append(f"{m:<10}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))
+    key = "sparsity_written" if result.get("count", "written") == "written" else "sparsity_counted"
+    off = [(c["method"], c["sparsity"], c[key]) for c in result["summary"] if abs(c.get(key, c["sparsity"]) - c["sparsity"]) > 0.005]
+    if off:
+        lines.append("actually removed where it differs (a layer-varying plan's padded size moves in steps; premoe takes "
+                     "the first step at or above the request): " + ", ".join(f"{m} {s:.0%} -> {v:.1%}" for m, s, v in off))
     if result.get("routing"):
         r = result["routing"]
         lines.append(f"routing: {100 * r['accuracy']:.1f}% of {r['prompts']} held-out prompts (depth {r['depth']}); "

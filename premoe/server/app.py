@@ -48,7 +48,6 @@ class ServeOptions:
     continuous: bool = True  # requests of the running batch's task join it between tokens
     max_body_bytes: int = 1 << 20
     max_tokens: int | None = None  # cap for requests that give none (default: the rest of the context)
-    model_name: str = "premoe"
 
 
 class APIError(Exception):
@@ -179,7 +178,7 @@ class Service:
         return [AUTO, *self.backend.tasks]
 
     def pinned(self, model: str) -> str | None:
-        if model == AUTO or model == self.opts.model_name:
+        if model == AUTO:
             return None
         if model in self.backend.tasks:
             return model
@@ -430,7 +429,7 @@ def create_app(backend, opts: ServeOptions | None = None) -> Guard:
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         svc.pinned(model_id)
-        return card(AUTO if model_id == opts.model_name else model_id)
+        return card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
