@@ -292,3 +292,27 @@ def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     assert (tmp_path / "same" / "results.json").exists() and (tmp_path / "same" / "results.csv").exists()
     with pytest.raises(InputError, match="dense models"):
         sweep(tmp_path / "moe", model=TINY_MODEL, tasks=tasks, schedule="uniform", progress=False)
+
+
+def test_head_energy_is_exact_and_feeds_the_uniform_split():
+    """o.head_sq is sum_n ||W_h x_h||^2 per head (brute force), pooled as the tasks' mean; the head
+    perturbation uses it (minus the removed mean output when compensated), and falls back to the
+    diagonal estimate for stores without it."""
+    from premoe.dense.calibration import head_energy
+    from premoe.dense.scoring import head_perturbation, head_scores, perturbation
+
+    g = torch.Generator().manual_seed(0)
+    H, d, D, N = 4, 8, 16, 50
+    x, w = torch.randn(N, H * d, generator=g), torch.randn(D, H * d, generator=g)
+    brute = torch.stack([((x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) ** 2).sum() for h in range(H)])
+    assert torch.allclose(head_energy(x, w, H).float(), brute, rtol=1e-4)
+    means = {"o.head_sq": (brute / N)[None], "o.mean": x.mean(0)[None], "o.sq": (x * x).mean(0)[None],
+             "o.var": x.var(0, unbiased=False)[None], "w.o.l2sq": (w * w).sum(0)[None]}
+    assert torch.allclose(head_perturbation(means, d, False), (brute / N)[None])
+    centred = torch.stack([((( x - x.mean(0))[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) ** 2).sum() for h in range(H)]) / N
+    assert torch.allclose(head_perturbation(means, d, True, lambda l, s: w), centred[None], rtol=1e-3)
+    old = {k: v for k, v in means.items() if k != "o.head_sq"}
+    assert torch.allclose(head_perturbation(old, d, False), head_scores(perturbation(old, "o", False), d))
+    both = pooled([{**means, "down.mean": means["o.mean"], "down.sq": means["o.sq"]},
+                   {**means, "o.head_sq": 3 * means["o.head_sq"], "down.mean": means["o.mean"], "down.sq": means["o.sq"]}])
+    assert torch.allclose(both["o.head_sq"], 2 * means["o.head_sq"])

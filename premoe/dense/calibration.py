@@ -48,17 +48,21 @@ class ActivationStats:
                 self._hooks.append(mod.register_forward_pre_hook(self._hook(l, site)))
 
     def _hook(self, layer: int, site: str):
-        def hook(_mod, args):
+        def hook(mod, args):
             x = args[0].reshape(-1, args[0].shape[-1])
             if self.mask is not None:
                 x = x[self.mask.to(x.device)]
+            if site == "o":
+                self._add(layer, "o.head_sq", head_energy(x, mod.weight.detach(), self.info.heads))
             x = x.double()
             for stat, v in (("sum", x.sum(0)), ("sq", (x * x).sum(0))):
-                key = f"{site}.{stat}"
-                if key not in self.sums:
-                    self.sums[key] = torch.zeros(self.info.num_layers, x.shape[1], dtype=torch.float64)
-                self.sums[key][layer] += v.cpu()
+                self._add(layer, f"{site}.{stat}", v)
         return hook
+
+    def _add(self, layer: int, key: str, v: torch.Tensor) -> None:
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(self.info.num_layers, v.shape[0], dtype=torch.float64)
+        self.sums[key][layer] += v.cpu().double()
 
     def close(self) -> None:
         for h in self._hooks:
@@ -74,7 +78,23 @@ class ActivationStats:
             out[f"{site}.mean"] = mean.float()
             out[f"{site}.sq"] = sq.float()
             out[f"{site}.var"] = (sq - mean * mean).clamp_min(0).float()
+        out["o.head_sq"] = (self.sums["o.head_sq"] / self.n).float()
         return out
+
+
+def head_energy(x: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """[H] summed squared norm of each attention head's contribution to the residual stream,
+    sum over tokens of ||W_h x_h||^2, for ``x`` [N, H*d] the input of ``o_proj`` (weight [D, H*d]).
+    Exact per head (the channels of one head are correlated; summing their separate E[x^2] ||w||^2
+    misses that), computed as x_h^T (W_h^T W_h) x_h in float32, row blocks of the weight at a time."""
+    n, width = x.shape
+    d = width // heads
+    xh = x.float().reshape(n, heads, d)
+    gram = torch.zeros(heads, d, d, dtype=torch.float32, device=x.device)
+    for r in range(0, weight.shape[0], 1024):
+        w = weight[r : r + 1024].float().reshape(-1, heads, d)
+        gram += torch.einsum("rhd,rhe->hde", w, w)
+    return (torch.einsum("nhd,hde->nhe", xh, gram) * xh).sum((0, 2)).double()
 
 
 def layer_norms(layer: torch.nn.Module, info: DenseInfo) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from premoe.dense.scoring import (
     attention_units,
     channel_scores,
     head_scores,
+    head_perturbation,
     logistic_shape,
     perturbation,
     round_half_up,
@@ -134,7 +135,7 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
     if schedule == "adaptive":
         n_units, n_ch = _adaptive(info, units, ch_down, sparsity, allowed)
     elif schedule == "uniform" and method != "random" and "o.sq" in stats:  # random: the fixed-ratio split
-        pert_heads = head_scores(perturbation(stats, "o", bias_comp), d)
+        pert_heads = head_perturbation(stats, d, bias_comp, weights)
         n_units, n_ch = _uniform(info, units, ch_down, pert_heads, perturbation(stats, "down", bias_comp), sparsity, allowed)
     else:
         shape = torch.ones(L) if schedule == "uniform" else logistic_shape(L)
