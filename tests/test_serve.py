@@ -325,6 +325,56 @@ def test_shutdown_drains_in_flight_requests(moe_store):
     assert result["out"].choices[0].finish_reason in ("stop", "length") and result["out"].choices[0].text
 
 
+def test_full_queue_answers_503_with_retry_after(moe_store):
+    from premoe.serving import TaskServer
+
+    backend = TaskServer(TINY_MOE, moe_store, 8)
+    backend.load(backend.tasks[0])
+    hook = _slow(backend.model, 0.05)
+    statuses = []
+    try:
+        with running(backend, max_queue=1, max_batch=1) as (url, _, _svc):
+            def ask():
+                r = httpx.post(url + "/v1/completions", timeout=60,
+                               json={"model": "reverse", "prompt": "reverse abc=", "max_tokens": 8, "temperature": 0})
+                statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+            threads = [threading.Thread(target=ask) for _ in range(5)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+    finally:
+        hook.remove()
+    full = [x for x in statuses if x[0] == 503]
+    assert full and all(x[1] == "1" and x[2]["error"]["code"] == "queue_full" for x in full)
+    assert any(x[0] == 200 for x in statuses) and all(x[0] in (200, 503) for x in statuses)
+
+
+def test_chat_template_is_applied_and_routed_as_the_model_sees_it(moe_store):
+    """A tokenizer with a chat template: the prompt the model sees (and routes on) is the template's,
+    with the generation prompt; special tokens it holds are not added twice."""
+    from premoe.server.backend import encode, render_chat
+    from premoe.serving import TaskServer
+
+    backend = TaskServer(TINY_MOE, moe_store, 8)
+    tok = backend.tokenizer
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
+    try:
+        msgs = [{"role": "user", "content": "add 2+3"}]
+        text, templated = render_chat(tok, msgs)
+        assert templated and text == tok.bos_token + "add 2+3="
+        assert encode(tok, text, templated) == tok("add 2+3=")["input_ids"]  # one BOS, from the template
+        backend.load(backend.tasks[0])
+        with running(backend) as (url, _, _svc):
+            out = client(url, "no-key").chat.completions.create(model="auto", messages=msgs, max_tokens=4,
+                                                                 temperature=0)
+        assert out.model_extra["premoe"]["task"] == "add" and out.choices[0].message.content == "5"
+    finally:
+        tok.chat_template = None
+
+
 # -- pure parts: engine and scheduler ----------------------------------------------------------
 def test_engine_cancellation_and_stop_strings(moe_backend):
     backend = moe_backend
