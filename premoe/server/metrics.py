@@ -20,7 +20,8 @@ class Metrics:
         self.switches = Counter("premoe_pattern_switches", "Task pattern switches (the resident model changed)",
                                 registry=r)
         self.bytes_read = Counter("premoe_checkpoint_bytes_read", "Bytes read from the checkpoint", registry=r)
-        self.batches = Histogram("premoe_batch_size", "Requests per generation batch",
+        self.batches = Histogram("premoe_batch_size",
+                                 "Requests started together (a new batch, or joiners of a running one)",
                                  buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("premoe_queue_depth", "Requests waiting (not yet in a generation batch)", registry=r)
         self.running = Gauge("premoe_running_requests", "Requests in the current generation batch", registry=r)
