@@ -54,7 +54,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param, self.headers = status, message, type_, code, param, headers
+        self.status, self.message, self.type = status, message, type_
+        self.code, self.param, self.headers = code, param, headers
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -299,7 +300,9 @@ class Service:
                     finished = True
                     yield chunk(None, finish=job.finish_reason)
                     if include_usage:
-                        yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model, 'choices': [], 'usage': self.usage(job)})}\n\n"
+                        tail = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                                "usage": self.usage(job)}
+                        yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:

@@ -259,7 +259,8 @@ class Scheduler:
 
     def _finish(self, j: Job, s: Sequence) -> None:
         m = self.metrics
-        j.finished, j.finish_reason, j.completion_tokens, j.text_out = time.monotonic(), s.finish_reason, len(s.out_ids), s.text
+        j.finished, j.finish_reason = time.monotonic(), s.finish_reason
+        j.completion_tokens, j.text_out = len(s.out_ids), s.text
         self.served += 1
         self.history.append(j)
         if m is not None:
