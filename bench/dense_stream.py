@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from large_model import CGROUP, ROOT, peak_rss_of  # noqa: E402
+from common import baseline_rss_mb  # noqa: E402
+from large_model import CGROUP, peak_rss_of  # noqa: E402
 
 
 def config(layers: int, hidden: int, inter: int) -> dict:
@@ -90,14 +90,6 @@ def make_checkpoint(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": size}, "weight_map": {k: final[v] for k, v in weight_map.items()}}))
     return size
-
-
-def baseline_rss_mb() -> float:
-    code = ("import torch, transformers, premoe.api, premoe.cli, premoe.dense.calibration, premoe.core.streaming; "
-            "import transformers.models.llama.modeling_llama; "
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
 
 
 def drop_cache(model: Path) -> None:
@@ -164,7 +156,8 @@ def run(args, work: Path) -> dict:
     size = info.checkpoint.nbytes
     limit = int(size * args.limit_frac)
     sizes = dense_sizes(info)
-    base = baseline_rss_mb()
+    base = baseline_rss_mb("torch, transformers, premoe.api, premoe.cli, premoe.dense.calibration, "
+                           "premoe.core.streaming, transformers.models.llama.modeling_llama")
     data = write_jsonl(work / "add.jsonl", samples("add", args.samples, "calib"))
     offload = work / "offload"
     offload.mkdir(exist_ok=True)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import baseline_rss_mb  # noqa: E402
 CGROUP = Path("/sys/fs/cgroup/memory")
 BLOCK = 128
 
@@ -197,14 +199,6 @@ def peak_rss_of(cmd: list[str], limit: int | None) -> dict:
     return res
 
 
-def baseline_rss_mb() -> float:
-    code = ("import torch, transformers, premoe.api, premoe.cli, premoe.moe.streaming, premoe.serving; "
-            "import transformers.models.deepseek_v3.modeling_deepseek_v3; "
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
-
-
 def write_tasks(work: Path, n: int) -> dict[str, Path]:
     from premoe.core.data import write_jsonl
     from premoe.core.tasks import samples
@@ -234,7 +228,8 @@ def large_run(args, work: Path) -> dict:
     size = info.checkpoint.nbytes
     limit = int(size * args.limit_frac)
     sizes = resident_sizes(info)
-    base = baseline_rss_mb()
+    base = baseline_rss_mb("torch, transformers, premoe.api, premoe.cli, premoe.moe.streaming, premoe.serving, "
+                           "transformers.models.deepseek_v3.modeling_deepseek_v3")
     tasks = write_tasks(work, args.samples)
     store, out = work / "store", work / "pruned"
     py = [sys.executable, "-m", "premoe", "-q"]

@@ -30,14 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def baseline_rss_mb(model_module: str) -> float:
-    """RSS of a Python with everything the server imports, and no model."""
-    code = (f"import torch, transformers, premoe.serving, premoe.dense.verbs, premoe.server.app, uvicorn, {model_module}; "
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import baseline_rss_mb  # noqa: E402
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -147,7 +141,7 @@ def main(argv=None) -> int:
     ref.load(args.tasks[0])
     weights_mb = sum(t.nbytes for t in list(ref.model.parameters()) + list(ref.model.buffers())
                      if not t.is_meta) / 2**20
-    base_mb = baseline_rss_mb(module)
+    base_mb = baseline_rss_mb(f"torch, transformers, premoe.serving, premoe.dense.verbs, premoe.server.app, uvicorn, {module}")
 
     report = {"model": str(args.model), "requests": len(work), "clients": args.clients, "max_batch": args.max_batch,
               "max_tokens": args.max_tokens, "baseline_rss_mb": base_mb, "resident_weights_mb": weights_mb,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from premoe.core.tasks import char_tokenizer  # noqa: E402
-from train_tiny_moe import fit_and_save  # noqa: E402
+from train_tiny_moe import add_training_args, fit_and_save  # noqa: E402
 
 
 def build_config(tok, args):
@@ -50,13 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32, help="attention head size (vLLM's CPU attention needs 32, 64, 80, ...)")
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=1000)
-    ap.add_argument("--eval-samples", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
+    add_training_args(ap, steps=5000)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM

@@ -78,6 +78,17 @@ def evaluate(model, tok, n: int) -> dict[str, float]:
     return {t: exact_match(model, tok, samples(t, n, "eval"), progress=False) for t in TASKS}
 
 
+def add_training_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The optimisation and evaluation flags both tiny-model scripts take."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("premoe/assets/tiny-moe"))
@@ -88,13 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--expert-size", type=int, default=32)
     ap.add_argument("--aux", type=float, default=0.001, help="router load-balancing loss coefficient")
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=1000)
-    ap.add_argument("--eval-samples", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
+    add_training_args(ap, steps=6000)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM

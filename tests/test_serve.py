@@ -240,19 +240,24 @@ def test_dense_model_is_served_the_same_way(dense_store):
         assert text == reference(backend, t, prompt, 16)
 
 
-def _slow(model, seconds):
-    """Make every forward of ``model`` take at least ``seconds`` (a stand-in for a large model)."""
-    return model.register_forward_hook(lambda *a: time.sleep(seconds))
+@contextlib.contextmanager
+def slow_backend(store, seconds: float):
+    """A fresh MoE task server whose every forward takes at least ``seconds`` (a stand-in for a large
+    model, so requests overlap)."""
+    from premoe.serving import TaskServer
+
+    backend = TaskServer(TINY_MOE, store, 8)
+    backend.load(backend.tasks[0])
+    hook = backend.model.register_forward_hook(lambda *a: time.sleep(seconds))
+    try:
+        yield backend
+    finally:
+        hook.remove()
 
 
 def test_concurrent_mixed_requests_batch_by_task_and_never_cross_patterns(moe_store):
-    from premoe.serving import TaskServer
-
-    backend = TaskServer(TINY_MOE, moe_store, 8)
-    backend.load(backend.tasks[0])
     asked = [(t, r["prompt"]) for i in range(4) for t in MOE_TASKS for r in samples(t, 4, "eval")[i:i + 1]]
-    hook = _slow(backend.model, 0.01)
-    with running(backend, max_batch=8) as (url, _, svc):
+    with slow_backend(moe_store, 0.01) as backend, running(backend, max_batch=8) as (url, _, svc):
         c = client(url, "no-key")
         results = [None] * len(asked)
 
@@ -267,7 +272,6 @@ def test_concurrent_mixed_requests_batch_by_task_and_never_cross_patterns(moe_st
         for th in threads:
             th.join(60)
         switches, batches = svc.scheduler.switches, svc.metrics.batches.collect()[0]
-    hook.remove()
     assert all(r is not None for r in results)
     assert [r[0] for r in results] == [t for t, _ in asked]  # each answered by its own task's pattern
     for (t, p), (_, text) in zip(asked, results):
@@ -277,75 +281,49 @@ def test_concurrent_mixed_requests_batch_by_task_and_never_cross_patterns(moe_st
 
 
 def test_client_disconnect_cancels_its_generation(moe_store):
-    from premoe.serving import TaskServer
-
-    backend = TaskServer(TINY_MOE, moe_store, 8)
-    backend.load(backend.tasks[0])
-    hook = _slow(backend.model, 0.05)
-    try:
-        with running(backend) as (url, _, svc):
-            with httpx.stream("POST", url + "/v1/completions", json={
-                    "model": "reverse", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "stream": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        break  # first chunk read: hang up
-            deadline = time.monotonic() + 20
-            while not svc.scheduler.history and time.monotonic() < deadline:
-                time.sleep(0.05)
-            job = svc.scheduler.history[-1]
-    finally:
-        hook.remove()
+    with slow_backend(moe_store, 0.05) as backend, running(backend) as (url, _, svc):
+        with httpx.stream("POST", url + "/v1/completions", json={
+                "model": "reverse", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break  # first chunk read: hang up
+        deadline = time.monotonic() + 20
+        while not svc.scheduler.history and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job = svc.scheduler.history[-1]
     assert job.finish_reason == "cancelled" and job.completion_tokens < 60
 
 
 def test_shutdown_drains_in_flight_requests(moe_store):
-    from premoe.serving import TaskServer
+    result = {}
+    with slow_backend(moe_store, 0.05) as backend, running(backend) as (url, server, svc):
+        def ask():
+            result["out"] = client(url, "no-key").completions.create(model="reverse", prompt="reverse abcdef=",
+                                                                     max_tokens=20, temperature=0)
 
-    backend = TaskServer(TINY_MOE, moe_store, 8)
-    backend.load(backend.tasks[0])
-    hook = _slow(backend.model, 0.05)
-    try:
-        with running(backend) as (url, server, svc):
-            result = {}
-
-            def ask():
-                out = client(url, "no-key").completions.create(model="reverse", prompt="reverse abcdef=", max_tokens=20,
-                                                           temperature=0)
-                result["out"] = out
-
-            th = threading.Thread(target=ask)
-            th.start()
-            deadline = time.monotonic() + 20
-            while svc.metrics.running._value.get() == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            server.should_exit = True  # what uvicorn's SIGTERM handler does
-            th.join(30)
-    finally:
-        hook.remove()
+        th = threading.Thread(target=ask)
+        th.start()
+        deadline = time.monotonic() + 20
+        while svc.metrics.running._value.get() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.should_exit = True  # what uvicorn's SIGTERM handler does
+        th.join(30)
     assert result["out"].choices[0].finish_reason in ("stop", "length") and result["out"].choices[0].text
 
 
 def test_full_queue_answers_503_with_retry_after(moe_store):
-    from premoe.serving import TaskServer
-
-    backend = TaskServer(TINY_MOE, moe_store, 8)
-    backend.load(backend.tasks[0])
-    hook = _slow(backend.model, 0.05)
     statuses = []
-    try:
-        with running(backend, max_queue=1, max_batch=1) as (url, _, _svc):
-            def ask():
-                r = httpx.post(url + "/v1/completions", timeout=60,
-                               json={"model": "reverse", "prompt": "reverse abc=", "max_tokens": 8, "temperature": 0})
-                statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+    with slow_backend(moe_store, 0.05) as backend, running(backend, max_queue=1, max_batch=1) as (url, _, _svc):
+        def ask():
+            r = httpx.post(url + "/v1/completions", timeout=60,
+                           json={"model": "reverse", "prompt": "reverse abc=", "max_tokens": 8, "temperature": 0})
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
 
-            threads = [threading.Thread(target=ask) for _ in range(5)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(60)
-    finally:
-        hook.remove()
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
     full = [x for x in statuses if x[0] == 503]
     assert full and all(x[1] == "1" and x[2]["error"]["code"] == "queue_full" for x in full)
     assert any(x[0] == 200 for x in statuses) and all(x[0] in (200, 503) for x in statuses)
