@@ -134,7 +134,7 @@ class _Rows:
 
     def forward(self, model) -> torch.Tensor:
         return model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.positions,
-                     past_key_values=self.cache, use_cache=True).logits[:, -1, :]
+                     past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
     def advance(self, logits: torch.Tensor, tokenizer, eos: set[int]) -> None:
         """Pick every row's next token; rows that finish leave (their ``on_done`` runs)."""
