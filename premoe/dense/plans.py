@@ -88,14 +88,27 @@ def make_dense_plan(
             memory than it does on disk; with ``written`` such a plan is made sparser in memory until
             its padded checkpoint removes ``sparsity``. Uniform plans are the same either way.
     """
-    plan = _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task)
-    if not written or plan.uniform() or plan.info["sparsity_written"] >= sparsity - 1e-3:
-        return plan
+    def build(target: float) -> DensePlan:
+        return _make_plan(info, stats, method, target, schedule, metric, whole_groups, bias_comp, weights, seed, task)
+
+    plan = build(sparsity)
+    if written and not plan.uniform() and plan.info["sparsity_written"] < sparsity - 1e-3:
+        plan = _sparser_in_memory(plan, sparsity, build)
+    if plan.info["bias_comp"]:  # once, on the chosen plan: it reads every layer's o_proj/down_proj
+        if weights is None:
+            raise InputError("bias compensation needs the model's weights")
+        plan.bias = compensation(info, plan, stats, weights)
+    return plan
+
+
+def _sparser_in_memory(plan: DensePlan, sparsity: float, build: Callable[[float], DensePlan]) -> DensePlan:
+    """The least sparse plan (in memory) whose zero-padded checkpoint removes ``sparsity``: the
+    padded count grows with the in-memory target, so the target is bisected."""
     lo, hi, best = sparsity, 0.99, plan
-    for _ in range(14):  # the padded count grows with the in-memory target: bisect it
+    for _ in range(14):
         mid = (lo + hi) / 2
         try:
-            cand = _make_plan(info, stats, method, mid, schedule, metric, whole_groups, bias_comp, weights, seed, task)
+            cand = build(mid)
         except InputError:
             hi = mid
             continue
@@ -111,6 +124,7 @@ def make_dense_plan(
 
 
 def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task) -> DensePlan:
+    """The plan's structure (no compensation biases yet: :func:`make_dense_plan` adds them once)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     m = METHODS[method]
@@ -148,10 +162,6 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
         plan_ch[l] = sorted(torch.topk(ch_down[l], n_ch[l]).indices.tolist())
     plan = DensePlan(plan_heads, plan_kv, plan_ch, method=method, task=task)
     check_plan(info, plan)
-    if bias_comp:
-        if weights is None:
-            raise InputError("bias compensation needs the model's weights")
-        plan.bias = compensation(info, plan, stats, weights)
     total = kept_params(info, None)
     counted = 1 - kept_params(info, plan) / total
     if counted < sparsity - 0.02 and schedule != "adaptive":
