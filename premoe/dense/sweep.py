@@ -69,18 +69,23 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
             weights[key] = lm.get_parameter(info.key(layer, site)).detach()
         return weights[key]
 
-    rows = []
     plans = {}
+
+    def plan_for(method: str, s: float, name: str):
+        """One plan per (method, sparsity, task), or per (method, sparsity) for pooled methods."""
+        own = METHODS[method].source == "task"
+        key = (method, s, name if own else None)
+        if key not in plans:
+            plans[key] = make_dense_plan(info, stats[name] if own else pool, method, s, schedule=schedule,
+                                         weights=weight, task=name, written=count == "written")
+        return plans[key]
+
+    rows = []
     bar = tqdm(total=len(methods) * len(sparsities) * len(files), desc="sweep", disable=not progress)
     for method in methods:
         for s in sparsities:
             for name in files:
-                src = stats[name] if METHODS[method].source == "task" else pool
-                key = (method, s, name if METHODS[method].source == "task" else None)
-                if key not in plans:
-                    plans[key] = make_dense_plan(info, src, method, s, schedule=schedule, weights=weight, task=name,
-                                                 written=count == "written")
-                plan = plans[key]
+                plan = plan_for(method, s, name)
                 net = prune_in_memory(lm, info, plan)
                 acc = exact_match(net, tok, evals[name], progress=False)
                 rows.append({"method": method, "sparsity": s, "task": name, "accuracy": acc, "dense": dense[name],
@@ -98,7 +103,7 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
                             "retention": sum(r["retention"] for r in sel) / len(sel),
                             "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
                             "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel)})
-    routing = _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight, count) if len(files) > 1 else None
+    routing = _routing(info, store, evals, lm, tok, sparsities, plan_for) if len(files) > 1 else None
     result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": methods,
               "schedule": schedule or "each method's own", "count": count, "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
               "summary": summary, "rows": rows,
@@ -121,7 +126,7 @@ def _read(path: Path) -> list[dict]:
     return gen
 
 
-def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight, count) -> dict[str, Any]:
+def _routing(info, store, evals, lm, tok, sparsities, plan_for) -> dict[str, Any]:
     """Held-out routing accuracy, and SEAP accuracy when each prompt gets the mask of the task it is
     routed to (routed) vs of its true task (oracle)."""
     router = DenseRouter(info, store)
@@ -137,10 +142,7 @@ def _routing(info, store, evals, lm, tok, stats, sparsities, schedule, weight, c
         oracle = routed_acc = 0.0
         nets = {}
         for name in evals:
-            if name not in nets:
-                nets[name] = prune_in_memory(lm, info, make_dense_plan(info, stats[name], "seap", s, schedule=schedule,
-                                                                       weights=weight, task=name,
-                                                                       written=count == "written"))
+            nets[name] = prune_in_memory(lm, info, plan_for("seap", s, name))
         for name, ev in evals.items():
             oracle += exact_match(nets[name], tok, ev, progress=False) / len(evals)
             hits = 0.0
