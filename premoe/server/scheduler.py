@@ -124,11 +124,8 @@ class Scheduler:
                     self.cond.wait()
                 if not self.pending and self.stopping:
                     return
-                waiting = [j for j in self.pending if j.task is None]
-            for job in waiting:  # routing runs outside the lock so submissions never wait for the model
-                self._route(job)
+            self._route_waiting()
             with self.cond:
-                self.pending = [j for j in self.pending if not (j.cancelled or j.finish_reason == "error")]
                 batch = self._pick()
                 for j in batch:
                     self.pending.remove(j)
@@ -155,23 +152,42 @@ class Scheduler:
             return
         job.task, job.distance, job.margin = r.task, float(r.distance), None if r.margin is None else float(r.margin)
 
+    def _route_waiting(self) -> None:
+        """Route every waiting request not routed yet (outside the lock, so submissions never wait
+        for the model), then drop the cancelled and failed ones from the queue."""
+        with self.cond:
+            waiting = [j for j in self.pending if j.task is None]
+        for job in waiting:
+            self._route(job)
+        with self.cond:
+            self.pending = [j for j in self.pending if not (j.cancelled or j.finish_reason == "error")]
+
+    def _take(self, task: str, n: int) -> list[Job]:
+        """Up to ``n`` routed waiting requests of ``task``, oldest first: fcfs only from the run at the
+        head of the queue, affinity from anywhere in it."""
+        out = []
+        for j in self.pending:
+            if j.task is None:
+                continue
+            if j.task != task:
+                if self.policy == "fcfs":
+                    break
+                continue
+            if len(out) == n:
+                break
+            out.append(j)
+        return out
+
     def _pick(self) -> list[Job]:
         ready = [j for j in self.pending if j.task is not None]
         if not ready:
             return []
-        if self.policy == "fcfs":
-            task = ready[0].task
-            batch = []
-            for j in ready:
-                if j.task != task or len(batch) == self.max_batch:
-                    break
-                batch.append(j)
-            return batch
         oldest = ready[0]
+        if self.policy == "fcfs":
+            return self._take(oldest.task, self.max_batch)
         current = self.backend.task
         stay = any(j.task == current for j in ready) and time.monotonic() - oldest.arrived <= self.max_wait
-        task = current if stay else oldest.task
-        return [j for j in ready if j.task == task][: self.max_batch]
+        return self._take(current if stay else oldest.task, self.max_batch)
 
     def _serve(self, batch: list[Job]) -> None:
         task, m = batch[0].task, self.metrics
@@ -234,24 +250,15 @@ class Scheduler:
         """Waiting requests of ``task`` that may join the running batch under the policy: fcfs only
         from the head of the queue; affinity while no request of another task has waited past
         ``max_wait`` (otherwise the batch drains so the scheduler can switch)."""
+        if not self.pending:
+            return []
+        self._route_waiting()
         with self.cond:
-            if not self.pending:
+            now = time.monotonic()
+            if self.policy == "affinity" and any(j.task not in (None, task) and now - j.arrived > self.max_wait
+                                                 for j in self.pending):
                 return []
-        for job in [j for j in self.pending if j.task is None]:
-            self._route(job)
-        with self.cond:
-            ready = [j for j in self.pending if j.task is not None and not j.cancelled and j.finish_reason != "error"]
-            if self.policy == "fcfs":
-                picked = []
-                for j in ready:
-                    if j.task != task or len(picked) == room:
-                        break
-                    picked.append(j)
-            else:
-                now = time.monotonic()
-                if any(j.task != task and now - j.arrived > self.max_wait for j in ready):
-                    return []
-                picked = [j for j in ready if j.task == task][:room]
+            picked = self._take(task, room)
             for j in picked:
                 self.pending.remove(j)
             self._gauge()
