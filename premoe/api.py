@@ -21,7 +21,7 @@ __all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_
 MOE_ONLY = {"keep": "--keep", "top_k": "--top-k", "scorer": "--scorer", "k": "--k", "r": "--r", "all_stats": "--all-stats",
             "stream": "--stream", "max_memory": "--max-memory", "offload_dir": "--offload-dir"}
 DENSE_ONLY = {"sparsity": "--sparsity", "method": "--method", "schedule": "--schedule", "whole_groups": "--whole-groups",
-              "bias_comp": "--bias-comp", "score": "--score"}
+              "bias_comp": "--bias-comp", "score": "--score", "refit": "--refit", "refit_data": "--refit-data"}
 _MEMORY_FLAGS = ("stream", "max_memory", "offload_dir")  # dense models: calibrate only
 _NEUTRAL = {"all_stats": False, "whole_groups": False, "group_policy": "balanced", "signature_layers": 4}
 
@@ -142,6 +142,8 @@ def prune(
     whole_groups: bool = False,
     bias_comp: bool | None = None,
     score: str | None = None,
+    refit: bool = False,
+    refit_data: list[str | Path] | None = None,
 ):
     """Keep the ``keep`` best experts of every MoE layer for ``task`` and write a HF checkpoint.
 
@@ -159,16 +161,18 @@ def prune(
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
         sparsity / method / schedule / whole_groups / bias_comp / score: dense models (see
             :func:`premoe.dense.plans.make_dense_plan`): the fraction of decoder linear weights removed.
+        refit / refit_data: dense models: re-fit the kept o_proj/down_proj columns and biases by least
+            squares (:mod:`premoe.dense.refit`) on ``refit_data`` or the store's recorded calibration data.
 
     Returns:
         :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`.
     """
     given = dict(keep=keep, top_k=top_k, scorer=scorer, sparsity=sparsity, method=method, schedule=schedule,
-                 whole_groups=whole_groups, bias_comp=bias_comp, score=score)
+                 whole_groups=whole_groups, bias_comp=bias_comp, score=score, refit=refit, refit_data=refit_data)
     if model_kind(model) == "dense":
         _refuse("dense", given)
         return _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic,
-                            overwrite, verify, progress, score)
+                            overwrite, verify, progress, score, refit, refit_data)
     _refuse("moe", given)
     if keep is None:
         raise InputError("--keep (experts kept per MoE layer) is required")
@@ -180,7 +184,7 @@ def prune(
 
 
 def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic, overwrite, verify,
-                 progress, score):
+                 progress, score, refit=False, refit_data=None):
     from premoe.dense.export import export_dense
     from premoe.dense.model import inspect_dense
     from premoe.dense.verbs import dense_plan
@@ -190,7 +194,8 @@ def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_grou
     info = inspect_dense(model)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = dense_plan(info, store, task, sparsity, method=method or "seap", agnostic=agnostic, schedule=schedule,
-                          whole_groups=whole_groups, bias_comp=bias_comp, metric=score)
+                          whole_groups=whole_groups, bias_comp=bias_comp, metric=score, refit=refit,
+                          refit_data=refit_data, progress=progress)
     return export_dense(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
 
@@ -286,6 +291,8 @@ def evaluate(
     schedule: str | None = None,
     whole_groups: bool = False,
     score: str | None = None,
+    refit: bool = False,
+    refit_data: list[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,
     log-likelihood accuracy for ``{"prompt", "choices", "answer"}`` lines.
@@ -305,7 +312,8 @@ def evaluate(
     from premoe.moe.kernels import select_kernel
 
     given = dict(keep=keep, top_k=top_k, scorer=scorer, stream=stream, max_memory=max_memory, sparsity=sparsity,
-                 method=method, schedule=schedule, whole_groups=whole_groups, score=score)
+                 method=method, schedule=schedule, whole_groups=whole_groups, score=score, refit=refit,
+                 refit_data=refit_data)
     if model_kind(model) == "dense":
         from premoe.dense.model import inspect_dense
         from premoe.dense.verbs import dense_plan, evaluate_dense
@@ -318,7 +326,8 @@ def evaluate(
         info = inspect_dense(model)
         the_plan = None if store is None else dense_plan(info, store, task, sparsity, method=method or "seap",
                                                          agnostic=agnostic, schedule=schedule, whole_groups=whole_groups,
-                                                         metric=score)
+                                                         metric=score, refit=refit, refit_data=refit_data,
+                                                         progress=progress)
         read_eval_data(data, limit)  # bad data fails before the model is built
         return evaluate_dense(info, data, the_plan, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
                               device=device, dtype=dtype, progress=progress)

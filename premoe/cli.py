@@ -74,6 +74,12 @@ def _add_dense_flags(p, serving: bool = False):
                    help="GQA: remove whole KV groups instead of the same number of query heads from every group")
     g.add_argument("--bias-comp", action=argparse.BooleanOptionalAction, default=None,
                    help="FLAP bias compensation of the removed inputs' mean (default: on for flap only)")
+    g.add_argument("--refit", action="store_true",
+                   help="re-fit the kept o_proj/down_proj columns and biases by least squares so each pruned layer's "
+                        "output matches the dense one on the calibration tokens (the store's recorded data, or "
+                        "--refit-data); plain weights, vanilla load")
+    g.add_argument("--refit-data", nargs="+", metavar="FILE",
+                   help="JSONL texts for --refit, each file weighted equally (default: the data the store was calibrated on)")
     g.add_argument("--score", choices=tuple(DENSE_METRICS),
                    help="importance score (default: the method's; sf = SEAP s_F, sw = Wanda-sp; see README)")
 
@@ -130,6 +136,9 @@ def _add_sweep(sub):
                    help="dense models: count sparsity in the checkpoint premoe prune writes (default; FLAP's layer-varying "
                         "plans are padded there, so they are made sparser in memory to match) or in memory (as the "
                         "papers do)")
+    p.add_argument("--refit", choices=("both", "on", "off"),
+                   help="dense models: also (both, default), only (on) or never (off) evaluate every method with its kept "
+                        "o_proj/down_proj columns re-fitted by least squares on its calibration data (rows <method>+refit)")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -268,12 +277,12 @@ def _run(args) -> int:
             args.model, args.store, args.task, args.keep, args.out, top_k=args.top_k, group_policy=args.group_policy,
             scorer=args.scorer, agnostic=args.agnostic, overwrite=args.overwrite, verify=args.verify, progress=progress,
             sparsity=args.sparsity, method=args.method, schedule=args.schedule, whole_groups=args.whole_groups,
-            bias_comp=args.bias_comp, score=args.score,
+            bias_comp=args.bias_comp, score=args.score, refit=args.refit, refit_data=args.refit_data,
         )
         p = res.plan
         if hasattr(res, "sparsity"):  # dense
             h, g, c = p.counts()
-            print(f"pruned ({p.method}, {p.info['schedule']}) for task {p.task!r}: {res.sparsity:.1%} of decoder linear weights "
+            print(f"pruned ({p.method}, {p.info['schedule']}{', re-fitted' if p.refit else ''}) for task {p.task!r}: {res.sparsity:.1%} of decoder linear weights "
                   f"removed ({res.params_kept:,} of {res.params_source:,}); {h} heads / {g} KV heads / {c} FFN channels per layer"
                   f"{' (zero-padded)' if res.padded else ''}; {_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
                   f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
@@ -289,7 +298,8 @@ def _run(args) -> int:
             scorer=args.scorer, top_k=args.top_k, group_policy=args.group_policy, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype, progress=progress,
             stream=args.stream, max_memory=args.max_memory, sparsity=args.sparsity, method=args.method,
-            schedule=args.schedule, whole_groups=args.whole_groups, score=args.score,
+            schedule=args.schedule, whole_groups=args.whole_groups, score=args.score, refit=args.refit,
+            refit_data=args.refit_data,
         )
         if args.json:
             print(json.dumps(res))
@@ -330,7 +340,7 @@ def _run(args) -> int:
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
                     calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
                     stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods,
-                    schedule=args.schedule, count=args.count)
+                    schedule=args.schedule, count=args.count, refit=args.refit)
         if "methods" in res:  # dense
             from premoe.dense.sweep import format_dense_summary
 

@@ -59,6 +59,7 @@ def sweep(
     methods: list[str] | None = None,
     schedule: str | None = None,
     count: str | None = None,
+    refit: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and write results and pictures into ``out`` (a dense model: see
     :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
@@ -78,6 +79,8 @@ def sweep(
             ``adaptive``) so criteria are compared on the same structure (default: each method's own).
         count: dense models: ``written`` (default; sparsity as ``premoe prune`` writes the checkpoint,
             padded plans made sparser in memory to match) or ``memory`` (as the papers count).
+        refit: dense models: ``both`` (default), ``on`` or ``off``: every method also with its kept
+            columns re-fitted by least squares (:mod:`premoe.dense.refit`).
     """
     from premoe.showcase import TINY_MODEL
 
@@ -96,9 +99,9 @@ def sweep(
             raise InputError("--keep/--scorers/--stream/--max-memory apply to MoE models; for a dense model use "
                              "--sparsities and --methods")
         return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
-                           schedule=schedule, count=count or "written")
-    if sparsities or methods or schedule or count:
-        raise InputError("--sparsities/--methods/--schedule/--count apply to dense models; for an MoE model use --keep "
+                           schedule=schedule, count=count or "written", refit=refit or "both")
+    if sparsities or methods or schedule or count or refit:
+        raise InputError("--sparsities/--methods/--schedule/--count/--refit apply to dense models; for an MoE model use --keep "
                          "and --scorers")
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]

@@ -70,6 +70,11 @@ def test_family_contract(family, tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["premoe"]["kind"] == "dense" and cfg["num_key_value_heads"] == len(plan.kv[0])
     assert res.bytes_written < 0.75 * res.bytes_source
+    # --refit: re-fitted columns (and biases where the family's config can hold them) reload unchanged
+    fitted = dense_plan(info, store, "add", 0.5, refit=True, progress=False)
+    premoe.prune(model, store, "add", None, tmp_path / "fit", sparsity=0.5, refit=True, progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fit", dtype=torch.float32)
+    assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, fitted)(x).logits, atol=5e-3)
 
 
 def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
@@ -287,6 +292,7 @@ def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     same = sweep(tmp_path / "same", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
                  progress=False, schedule="uniform")
     assert {r["schedule"] for r in own["rows"] if r["method"] == "flap"} == {"adaptive"}
+    assert own["methods"] == ["seap", "seap+refit", "flap", "flap+refit"] and own["routing"]["method"] == "seap+refit"
     assert {r["schedule"] for r in same["rows"]} == {"uniform"} and same["schedule"] == "uniform"
     assert all(abs(r["sparsity_counted"] - 0.3) < 0.02 for r in same["summary"])
     assert (tmp_path / "same" / "results.json").exists() and (tmp_path / "same" / "results.csv").exists()
@@ -316,3 +322,81 @@ def test_head_energy_is_exact_and_feeds_the_uniform_split():
     both = pooled([{**means, "down.mean": means["o.mean"], "down.sq": means["o.sq"]},
                    {**means, "o.head_sq": 3 * means["o.head_sq"], "down.mean": means["o.mean"], "down.sq": means["o.sq"]}])
     assert torch.allclose(both["o.head_sq"], 2 * means["o.head_sq"])
+
+
+def test_refit_is_least_squares():
+    """solve_refit: the kept columns and bias minimising the output error on the Gram's tokens; an
+    input column that is an affine function of kept ones is taken over exactly (plain slicing is not)."""
+    from premoe.dense.refit import solve_refit
+
+    gen = torch.Generator().manual_seed(0)
+    n, D = 4000, 6
+    base = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    x = torch.cat([base, base[:, :4] @ torch.randn(4, 4, generator=gen, dtype=torch.float64) + 0.5], 1)  # 8..11 affine in 0..3
+    w = torch.randn(D, 12, generator=gen, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    g = xa.T @ xa / n
+    y = x @ w.T
+    kept = list(range(8))
+    wk, b = solve_refit(w, g, kept, ridge=0.0)
+    err_refit = ((x[:, kept] @ wk.double().T + b.double() - y) ** 2).mean()
+    err_plain = ((x[:, kept] @ w[:, kept].T - y) ** 2).mean()
+    assert err_plain > 0.1 and err_refit < 1e-6 * err_plain
+    wk_nb, none = solve_refit(w, g, kept, fit_bias=False, ridge=0.0)
+    assert none is None and wk_nb.shape == (D, 8)
+    with pytest.raises(InputError, match="does not match"):
+        solve_refit(w, g[:5, :5], kept)
+
+
+def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
+    """On the shipped dense model (tasks really learned), --refit at 50% keeps far more held-out
+    accuracy than the plain slice; the export reloads in plain transformers to the same logits as the
+    re-fitted plan in memory, records the re-fit in its premoe block, and bad refit input fails early."""
+    from transformers import AutoModelForCausalLM
+
+    from premoe.core.evaluation import exact_match
+    from premoe.core.modelio import load_tokenizer
+    from premoe.showcase import TINY_DENSE
+
+    calib = write_jsonl(tmp_path / "add.jsonl", samples("add", 64, "calib"))
+    ev = samples("add", 40, "eval")
+    premoe.calibrate(TINY_DENSE, calib, "add", tmp_path / "s", progress=False)
+    info = inspect_dense(TINY_DENSE)
+    plain = dense_plan(info, tmp_path / "s", "add", 0.5)
+    fitted = dense_plan(info, tmp_path / "s", "add", 0.5, refit=True, progress=False)
+    assert fitted.heads == plain.heads and fitted.channels == plain.channels and fitted.refit and fitted.bias
+    full = AutoModelForCausalLM.from_pretrained(TINY_DENSE, dtype=torch.float32)
+    tok = load_tokenizer(TINY_DENSE)
+    acc_plain = exact_match(prune_in_memory(full, info, plain), tok, ev, progress=False)
+    acc_fit = exact_match(prune_in_memory(full, info, fitted), tok, ev, progress=False)
+    assert acc_fit >= acc_plain + 0.3, (acc_plain, acc_fit)
+
+    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
+                 "--sparsity", "0.5", "--refit", "--out", str(tmp_path / "out")]) == 0
+    assert "re-fitted" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["premoe"]["refit"]["bias"] == {"o": True, "down": True} and cfg["premoe"]["bias_comp"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    x = torch.tensor([tok("add 12+34=")["input_ids"]])
+    # the same model up to the export's bf16 rounding of the fitted biases
+    assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, fitted)(x).logits, atol=5e-3)
+
+    # bad input: one line, before any work, nothing written
+    out = tmp_path / "bad"
+    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
+                 "--sparsity", "0.5", "--refit-data", str(calib), "--out", str(out)]) == 2
+    assert "--refit-data needs --refit" in capsys.readouterr().err
+    calib.write_text(calib.read_text() + json.dumps({"prompt": "add 1+1=", "completion": "2"}) + "\n")
+    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
+                 "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
+    assert "changed since calibration; pass --refit-data" in capsys.readouterr().err
+    calib.unlink()
+    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
+                 "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
+    assert "is gone; pass --refit-data" in capsys.readouterr().err
+    assert not out.exists()
+    from premoe.showcase import TINY_MODEL
+
+    assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
+                 "--refit", "--out", str(out)]) == 2
+    assert "--refit applies to dense" in capsys.readouterr().err

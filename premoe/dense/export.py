@@ -21,7 +21,8 @@ import torch
 from premoe._version import __version__
 from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor
 from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
-from premoe.dense.model import DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter, slices
+from premoe.dense.model import (DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter,
+                                refit_getter, slices)
 from premoe.errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _sliced(get, name: str, dim: int, ids: list[int | None], dtype: torch.dtype,
 
 
 def plan_tensors(info: DenseInfo, plan: DensePlan, reader: ByteReader) -> list[OutTensor]:
-    get = reader_getter(info, reader)
+    get = refit_getter(info, plan, reader_getter(info, reader))
     out: list[OutTensor] = []
     cut: dict[str, tuple[int, str]] = {}
     for l in range(info.num_layers):

@@ -150,6 +150,7 @@ class DensePlan:
     channels: dict[int, list[int]]
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
     method: str = ""
+    refit: dict[str, torch.Tensor] = field(default_factory=dict)  # "<layer>.o|down" -> re-fitted kept columns
     task: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -298,9 +299,12 @@ def pruned_skeleton(config_raw: dict[str, Any], info: DenseInfo, plan: DensePlan
 Getter = Callable[[str, int | None, list[int] | None], torch.Tensor]
 
 
-def fill_pruned(model: nn.Module, info: DenseInfo, plan: DensePlan, get: Getter, skip_prefixes: tuple[str, ...] = ()) -> None:
+def fill_pruned(model: nn.Module, info: DenseInfo, plan: DensePlan, get: Getter, skip_prefixes: tuple[str, ...] = (),
+                dtype: torch.dtype | None = None) -> None:
     """Set every meta tensor of ``model`` from ``get(checkpoint key, dim, kept ids)`` (dim ``None``:
-    the whole tensor); compensation biases are added to (or become) ``o_proj``/``down_proj`` biases."""
+    the whole tensor); compensation biases are added to (or become) ``o_proj``/``down_proj`` biases,
+    re-fitted columns (``plan.refit``) replace the sliced ones."""
+    get = refit_getter(info, plan, get, dtype)
     cut = {}
     for l in range(info.num_layers):
         cut.update(slices(info, plan, l))
@@ -345,6 +349,29 @@ def bias_compensation(info: DenseInfo, plan: DensePlan, name: str) -> torch.Tens
         if name == info.key(layer, which, "bias"):
             return plan.bias.get(f"{layer}.{which}")
     return None
+
+
+def refit_getter(info: DenseInfo, plan: DensePlan, get: Getter, dtype: torch.dtype | None = None) -> Getter:
+    """``get``, except that the ``o_proj``/``down_proj`` weights the plan re-fitted come from ``plan.refit``
+    (already sliced to the kept columns, rounded to the checkpoint's dtype as an export writes them, then
+    in ``dtype`` when given: what ``get`` returns for the other tensors)."""
+    if not plan.refit:
+        return get
+    from premoe.core.checkpoint import TORCH_DTYPES
+
+    names = {info.key(l, s): f"{l}.{s}" for l in range(info.num_layers) for s in ("o", "down")}
+
+    def wrapped(name: str, dim: int | None, ids: list[int] | None) -> torch.Tensor:
+        key = names.get(name)
+        if key not in plan.refit:
+            return get(name, dim, ids)
+        w = plan.refit[key]
+        if dim != 1 or ids is None or w.shape[1] != len(ids):
+            raise CheckpointError(f"{name}: the re-fitted weight {list(w.shape)} does not match the plan's columns")
+        w = w.to(TORCH_DTYPES[info.checkpoint.tensors[name].dtype])
+        return w if dtype is None else w.to(dtype)
+
+    return wrapped
 
 
 def reader_getter(info: DenseInfo, reader: ByteReader) -> Getter:
@@ -393,7 +420,7 @@ def prune_in_memory(model: nn.Module, info: DenseInfo, plan: DensePlan) -> nn.Mo
 
     raw = pruned_config(info, plan, bias=bool(plan.bias))
     pruned = pruned_skeleton(raw, info, plan)
-    fill_pruned(pruned, info, plan, get)
+    fill_pruned(pruned, info, plan, get, dtype=next(model.parameters()).dtype)
     finish_buffers(pruned)
     pruned.generation_config = model.generation_config
     return pruned.to(dev).eval()

@@ -11,18 +11,20 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import write_jsonl
+from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match
 from premoe.core.store import PatternStore
 from premoe.dense.calibration import calibrate_dense
 from premoe.dense.model import load_dense, prune_in_memory
 from premoe.dense.plans import METHODS, check_sparsity, make_dense_plan
+from premoe.dense.refit import apply_grams, pool_grams, stream_grams
 from premoe.dense.scoring import pooled
 from premoe.dense.verbs import DenseRouter
 from premoe.errors import InputError
@@ -31,13 +33,20 @@ DEFAULT_SPARSITIES = (0.2, 0.35, 0.5)
 
 
 def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, methods=None, progress: bool = True,
-                schedule: str | None = None, count: str = "written") -> dict[str, Any]:
+                schedule: str | None = None, count: str = "written", refit: str = "both") -> dict[str, Any]:
     """Every method at every sparsity, counted as ``premoe prune`` writes the checkpoint (``count``
     "written", the default: a plan whose layers differ, FLAP's adaptive one, is made sparser in
     memory until its zero-padded checkpoint removes the fraction asked) or in memory ("memory", as
-    the FLAP and SEAP papers count). Rows report both counts."""
+    the FLAP and SEAP papers count). Rows report both counts.
+
+    ``refit``: "off" (the methods as published), "on" (each plan's kept o_proj/down_proj columns
+    re-fitted by least squares on the calibration data its statistics came from, rows named
+    ``<method>+refit``; see :mod:`premoe.dense.refit`) or "both" (default: side by side)."""
     if count not in ("written", "memory"):
         raise InputError(f"count must be 'written' or 'memory', got {count!r}")
+    variants = {"off": [False], "on": [True], "both": [False, True]}.get(refit)
+    if variants is None:
+        raise InputError(f"refit must be 'off', 'on' or 'both', got {refit!r}")
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +70,14 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
     pool = pooled(list(stats.values()))
     evals = {n: _read(files[n][1]) for n in files}
     dense = {n: exact_match(lm, tok, evals[n], progress=False) for n in files}
+    grams: dict[str | None, dict] = {}
+    if True in variants:  # every task's Gram matrices once (streamed from the checkpoint, as premoe prune --refit does)
+        for name in files:
+            per: dict = {}
+            texts = [r.text for r in CalibrationData.open(files[name][0], None, 1, 1).records()]
+            stream_grams(info, tok, [texts], per.__setitem__, progress=False)
+            grams[name] = per
+        grams[None] = pool_grams([grams[n] for n in files])
     weights = {}
 
     def weight(layer, site):
@@ -71,31 +88,39 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
 
     plans = {}
 
-    def plan_for(method: str, s: float, name: str):
-        """One plan per (method, sparsity, task), or per (method, sparsity) for pooled methods."""
+    def plan_for(method: str, s: float, name: str, refit: bool = False):
+        """One plan per (method, sparsity, task), or per (method, sparsity) for pooled methods; re-fitted
+        on the same data as its statistics with ``refit``."""
         own = METHODS[method].source == "task"
         key = (method, s, name if own else None)
         if key not in plans:
             plans[key] = make_dense_plan(info, stats[name] if own else pool, method, s, schedule=schedule,
                                          weights=weight, task=name, written=count == "written")
-        return plans[key]
+        if not refit:
+            return plans[key]
+        if key + ("refit",) not in plans:
+            base = plans[key]
+            plans[key + ("refit",)] = apply_grams(info, replace(base, bias={}, refit={}, info=dict(base.info)),
+                                                  grams[key[2]], weight)
+        return plans[key + ("refit",)]
 
     rows = []
-    bar = tqdm(total=len(methods) * len(sparsities) * len(files), desc="sweep", disable=not progress)
-    for method in methods:
+    labels = [m + ("+refit" if r else "") for m in methods for r in variants]
+    bar = tqdm(total=len(labels) * len(sparsities) * len(files), desc="sweep", disable=not progress)
+    for method, label, fit in ((m, m + ("+refit" if r else ""), r) for m in methods for r in variants):
         for s in sparsities:
             for name in files:
-                plan = plan_for(method, s, name)
+                plan = plan_for(method, s, name, fit)
                 net = prune_in_memory(lm, info, plan)
                 acc = exact_match(net, tok, evals[name], progress=False)
-                rows.append({"method": method, "sparsity": s, "task": name, "accuracy": acc, "dense": dense[name],
+                rows.append({"method": label, "sparsity": s, "task": name, "accuracy": acc, "dense": dense[name],
                              "retention": acc / dense[name] if dense[name] else 0.0,
                              "sparsity_counted": plan.info["sparsity"], "sparsity_written": plan.info["sparsity_written"],
                              "schedule": plan.info["schedule"]})
                 bar.update(1)
     bar.close()
     summary = []
-    for method in methods:
+    for method in labels:
         for s in sparsities:
             sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
             summary.append({"method": method, "sparsity": s,
@@ -103,8 +128,11 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
                             "retention": sum(r["retention"] for r in sel) / len(sel),
                             "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
                             "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel)})
-    routing = _routing(info, store, evals, lm, tok, sparsities, plan_for) if len(files) > 1 else None
-    result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": methods,
+    routed = lambda m, s, name: plan_for(m, s, name, variants[-1])  # noqa: E731 - SEAP as premoe prunes it (re-fitted when on)
+    routing = _routing(info, store, evals, lm, tok, sparsities, routed) if len(files) > 1 else None
+    if routing:
+        routing["method"] = "seap" + ("+refit" if variants[-1] else "")
+    result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": labels, "refit": refit,
               "schedule": schedule or "each method's own", "count": count, "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
               "summary": summary, "rows": rows,
               "routing": routing, "seconds": time.perf_counter() - t0}
@@ -163,9 +191,13 @@ def _plot(out: Path, result: dict) -> list[str]:
     except ImportError:
         return []
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, str] = {}
     for method in result["methods"]:
+        base = method.removesuffix("+refit")
+        color = colors.setdefault(base, f"C{len(colors)}")
         pts = sorted((100 * r["sparsity_counted"], 100 * r["retention"]) for r in result["summary"] if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method, lw=2 if method == "seap" else 1.2)
+        ax.plot(*zip(*pts), marker="o", label=method, color=color, ls="-" if method.endswith("+refit") or
+                result.get("refit") == "off" else "--", lw=2 if base == "seap" else 1.2)
     ax.set_xlabel("decoder linear weights removed (%)")
     ax.set_ylabel("accuracy retained vs dense (%, mean over tasks)")
     ax.set_title(f"{Path(result['model']).name}: structured pruning, held-out exact match")
@@ -181,10 +213,10 @@ def format_dense_summary(result: dict) -> str:
     counted = "in the written checkpoint" if result.get("count", "written") == "written" else "in memory"
     lines = [f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed {counted}; "
              f"layer allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
-             f"{'method':<10}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
+             f"{'method':<16}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
     for m in result["methods"]:
         cells = [next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]]
-        lines.append(f"{m:<10}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))
+        lines.append(f"{m:<16}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))
     key = "sparsity_written" if result.get("count", "written") == "written" else "sparsity_counted"
     off = [(c["method"], c["sparsity"], c[key]) for c in result["summary"] if abs(c.get(key, c["sparsity"]) - c["sparsity"]) > 0.005]
     if off:
@@ -193,6 +225,7 @@ def format_dense_summary(result: dict) -> str:
     if result.get("routing"):
         r = result["routing"]
         lines.append(f"routing: {100 * r['accuracy']:.1f}% of {r['prompts']} held-out prompts (depth {r['depth']}); "
+                     f"{r.get('method', 'seap')} "
                      + ", ".join(f"{float(s):.0%}: routed {100 * v['routed']:.1f} vs oracle {100 * v['oracle']:.1f}"
                                  for s, v in r.items() if isinstance(v, dict)))
     return "\n".join(lines)

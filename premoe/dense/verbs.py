@@ -44,22 +44,70 @@ def weights_from_checkpoint(info: DenseInfo, reader: ByteReader):
     return lambda layer, site: get(info.key(layer, site), None, None)
 
 
+def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: bool,
+                  refit_data: list[str | Path] | None) -> tuple[list[list[str]], str]:
+    """The texts ``--refit`` fits on, one list per equally weighted source, and a description: the
+    ``refit_data`` files (each its own source), else the calibration data the store recorded for the
+    plan's statistics (the task's own for SEAP; every task's for the pooled methods), checked unchanged."""
+    from premoe.core.data import CalibrationData
+
+    if refit_data:
+        sources = []
+        for f in refit_data:
+            cal = CalibrationData.open(f, None, 1, 1)
+            sources.append([r.text for r in cal.records()])
+        return sources, ", ".join(str(f) for f in refit_data)
+    own = METHODS[method].source == "task" and not agnostic
+    names = [task] if own else sorted(st.tasks)
+    sources = []
+    for name in names:
+        entry = st.tasks[name]
+        rows = entry.get("data")
+        rows = rows if isinstance(rows, list) else [rows]
+        if not rows or any(not isinstance(r, dict) or "path" not in r for r in rows):
+            raise InputError(f"the store does not record task {name!r}'s calibration data; pass --refit-data FILE")
+        files = [Path(r["path"]) for r in rows]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"task {name!r}'s calibration data {f} is gone; pass --refit-data FILE (its texts)")
+        cal = CalibrationData.open(files, entry.get("samples"), 1, 1)
+        if [r.get("sha256") for r in rows] != cal.sha256:
+            raise InputError(f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
+                             "pass --refit-data FILE")
+        sources.append([r.text for r in cal.records()])
+    return sources, ("calibration data of " + ", ".join(names))
+
+
 def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,
                schedule: str | None = None, metric: str | None = None, whole_groups: bool = False,
                bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None,
-               written: bool = True) -> DensePlan:
+               written: bool = True, refit: bool = False, refit_data: list[str | Path] | None = None,
+               progress: bool = True) -> DensePlan:
     """The plan of ``task`` (or of all tasks pooled) at ``sparsity``, counted as ``premoe prune`` writes
-    it (``written``; a task server, which holds the plan itself unpadded, counts it in memory)."""
+    it (``written``; a task server, which holds the plan itself unpadded, counts it in memory). With
+    ``refit`` the kept ``o_proj``/``down_proj`` columns and biases are re-fitted by least squares
+    (:mod:`premoe.dense.refit`) on ``refit_data`` or on the calibration data the store recorded."""
     st = check_dense_store(store, info)
     if method == "seap" and agnostic:
         method = "seap-gen"
     stats, name = stats_for(st, method, task, agnostic)
+    if refit_data and not refit:
+        raise InputError("--refit-data needs --refit")
+    sources, about = refit_sources(st, method, task, agnostic, refit_data) if refit else ([], "")
     own = reader is None
     reader = reader or ByteReader()
     try:
-        return make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
-                               bias_comp=bias_comp, weights=weights_from_checkpoint(info, reader), seed=seed, task=name,
-                               written=written)
+        weights = weights_from_checkpoint(info, reader)
+        plan = make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
+                               bias_comp=bias_comp, weights=weights, seed=seed, task=name, written=written)
+        if refit:
+            from premoe.core.modelio import load_tokenizer
+            from premoe.dense.refit import refit as refit_plan
+
+            max_length = max(int((e.get("params") or {}).get("max_length", 2048)) for e in st.tasks.values())
+            refit_plan(info, plan, load_tokenizer(info.path), sources, weights, about=about, max_length=max_length,
+                       progress=progress, reader=reader)
+        return plan
     finally:
         if own:
             reader.close()

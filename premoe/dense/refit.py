@@ -1,0 +1,214 @@
+"""Least-squares re-fit of a structurally pruned dense model's output projections (``--refit``).
+
+Removing a query head or an FFN channel removes a column of ``o_proj`` / ``down_proj``, and the layer's
+output loses that column's contribution. The kept columns can take most of it over: with the Gram
+matrix ``G = E[[x; 1][x; 1]^T]`` of the projection's dense inputs on calibration tokens, the kept
+columns ``W'_K`` and the bias ``b'`` minimising ``E||W x - W'_K x_K - b'||^2`` solve
+
+    [W'_K, b'] = [W, 0] G[:, K+] (G[K+, K+] + lambda I)^-1          (K+ = K and the constant)
+
+(FLAP's bias compensation is the special case that keeps ``W_K`` and fits only ``b'``). The result is
+ordinary weights plus a bias in the same shapes the plan writes, so it survives a vanilla reload.
+With the task's own calibration tokens the re-fit is task-specific as SEAP's masks are.
+
+The Gram matrices come from one layer-by-layer pass of the dense model over the calibration texts
+(:class:`~premoe.core.streaming.LayerRunner`: one decoder layer and its two Gram matrices in memory at
+a time, hidden states spilled to disk past the budget); :func:`stream_grams` hands each layer's pair to
+a callback that solves it and drops it. Everything here but :func:`stream_grams` is pure tensor code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from premoe.dense.model import DenseInfo, DensePlan
+from premoe.errors import InputError
+
+RIDGE = 1e-3  # relative to the mean diagonal of the kept Gram block: a tiny, scale-free damping
+SITES = ("o", "down")
+Grams = dict[str, torch.Tensor]  # site -> [C + 1, C + 1] float64, normalised (the last entry is 1)
+
+
+def kept_columns(info: DenseInfo, plan: DensePlan, layer: int, site: str) -> list[int]:
+    """Input columns of ``site``'s projection the plan keeps, in the order the pruned weight holds them."""
+    if site == "o":
+        return [h * info.head_dim + j for h in plan.heads[layer] for j in range(info.head_dim)]
+    return list(plan.channels[layer])
+
+
+def solve_refit(weight: torch.Tensor, gram: torch.Tensor, kept: Sequence[int], fit_bias: bool = True,
+                ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The re-fitted kept columns ``[D, len(kept)]`` (float32) and the bias ``[D]`` (or ``None``)."""
+    w = weight.double()
+    g = gram.double().to(w.device)
+    c = w.shape[1]
+    if g.shape != (c + 1, c + 1):
+        raise InputError(f"a Gram matrix of shape {list(g.shape)} does not match a weight of {c} input columns")
+    idx = torch.tensor(list(kept) + ([c] if fit_bias else []), device=w.device, dtype=torch.long)
+    a = g.index_select(0, idx).index_select(1, idx)
+    a = a + ridge * a.diagonal().mean().clamp_min(1e-30) * torch.eye(len(idx), dtype=a.dtype, device=a.device)
+    rhs = w @ g[:c].index_select(1, idx)  # [D, k(+1)]: the constant column of [W, 0] is zero
+    try:
+        sol = torch.linalg.solve(a, rhs.T).T
+    except RuntimeError:  # singular even with the damping: the least-squares solution
+        sol = torch.linalg.lstsq(a, rhs.T).solution.T
+    if fit_bias:
+        return sol[:, :-1].float(), sol[:, -1].float()
+    return sol.float(), None
+
+
+def pool_grams(per_task: Sequence[dict[int, Grams]]) -> dict[int, Grams]:
+    """The equal-weight mixture of several tasks' normalised Gram matrices (as the pooled statistics are)."""
+    if not per_task:
+        raise InputError("no Gram matrices to pool")
+    return {l: {s: sum(g[l][s] for g in per_task) / len(per_task) for s in SITES} for l in per_task[0]}
+
+
+def refit_plan(info: DenseInfo, plan: DensePlan, layer: int, grams: Grams, weight: Callable[[int, str], torch.Tensor],
+               fit_bias: dict[str, bool]) -> None:
+    """Re-fit one layer of ``plan`` in place: ``plan.refit`` gets the kept columns' new weights and
+    ``plan.bias`` the fitted biases (replacing any mean-only compensation). A projection that keeps
+    every input column is left exactly as it is."""
+    for site in SITES:
+        kept = kept_columns(info, plan, layer, site)
+        if len(kept) == (info.heads * info.head_dim if site == "o" else info.intermediate):
+            continue
+        w, b = solve_refit(weight(layer, site), grams[site], kept, fit_bias[site])
+        plan.refit[f"{layer}.{site}"] = w.cpu()
+        if b is not None:
+            plan.bias[f"{layer}.{site}"] = b.cpu()
+        else:
+            plan.bias.pop(f"{layer}.{site}", None)
+
+
+def can_fit_bias(info: DenseInfo) -> dict[str, bool]:
+    """Per projection, whether it can carry a fitted bias through a vanilla reload (the family's config
+    has the flag); where it cannot, the re-fit has no constant term."""
+    return {"o": info.spec.attn_bias_key is not None, "down": info.spec.mlp_bias_key is not None}
+
+
+class GramCollector:
+    """Float64 sums of ``w * [x; 1][x; 1]^T`` over the counted tokens of ``o_proj`` and ``down_proj``
+    inputs of the layers attached; :attr:`mask` is the batch's [B*S] token mask, :attr:`weight` its
+    tokens' weight (1 / the tokens of its source, so every source counts the same)."""
+
+    def __init__(self, info: DenseInfo):
+        self.info = info
+        self.mask: torch.Tensor | None = None
+        self.weight = 1.0
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self._hooks: dict[int, list] = {}
+
+    def attach(self, layer: int, module: torch.nn.Module) -> None:
+        spec = self.info.spec
+        hooks = []
+        for site, mod in (("o", getattr(getattr(module, spec.attn), spec.o)), ("down", getattr(getattr(module, spec.mlp), spec.down))):
+            hooks.append(mod.register_forward_pre_hook(self._hook(layer, site)))
+        self._hooks[layer] = hooks
+
+    def _hook(self, layer: int, site: str):
+        def hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if self.mask is not None:
+                x = x[self.mask.to(x.device)]
+            if not len(x):
+                return
+            x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
+            g = (x.T @ x) * self.weight
+            per = self.sums.setdefault(layer, {})
+            per[site] = g if site not in per else per[site] + g
+        return hook
+
+    def take(self, layer: int) -> Grams:
+        """The layer's normalised Gram matrices (its hooks removed, its sums dropped)."""
+        for h in self._hooks.pop(layer, []):
+            h.remove()
+        per = self.sums.pop(layer, None)
+        if per is None or set(per) != set(SITES):
+            raise InputError("the refit data produced no tokens; check --refit-data")
+        return {s: (g / g[-1, -1]).cpu() for s, g in per.items()}
+
+    def close(self) -> None:
+        for layer in list(self._hooks):
+            for h in self._hooks.pop(layer):
+                h.remove()
+
+
+@torch.inference_mode()
+def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_layer: Callable[[int, Grams], None], *,
+                 batch_size: int = 16, max_length: int = 2048, hidden_budget: int = 1 << 62,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None, offload_dir: str | None = None,
+                 progress: bool = True, reader=None) -> dict[str, int]:
+    """Every decoder layer's Gram matrices over ``sources`` (lists of texts, each weighted equally),
+    one layer at a time: ``on_layer(layer, grams)`` gets them as soon as the layer is done."""
+    from premoe.core.checkpoint import ByteReader
+    from premoe.core.modelio import config_from_dict, skeleton
+    from premoe.core.streaming import LayerRunner, make_batches
+    from premoe.dense.calibration import DenseFiller
+    from premoe.moe.observe import _batches as token_batches
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches, weights = [], []
+    for texts in sources:
+        part = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
+        tokens = sum(int(b.counted.sum()) for b in part)
+        if tokens == 0:
+            raise InputError("the refit data produced no tokens; check --refit-data")
+        batches += part
+        weights += [1.0 / tokens] * len(part)
+    own = reader is None
+    reader = reader or ByteReader()
+    model = skeleton(config_from_dict(info.raw_config, info.spec.name))
+    runner = LayerRunner(model, DenseFiller(info, reader, dtype), reader, device)
+    grams = GramCollector(info)
+
+    def before(b: int) -> None:
+        grams.mask, grams.weight = batches[b].counted, weights[b]
+
+    def built(i: int, layer: torch.nn.Module) -> None:
+        if i > 0:
+            on_layer(i - 1, grams.take(i - 1))
+        grams.attach(i, layer)
+
+    try:
+        run = runner.run(batches, hidden_budget, before, progress=progress, desc="refit", offload_dir=offload_dir,
+                         built=built)
+        on_layer(info.num_layers - 1, grams.take(info.num_layers - 1))
+    finally:
+        grams.close()
+        if own:
+            reader.close()
+    run["bytes_read"] = reader.bytes_read
+    return run
+
+
+def refit(info: DenseInfo, plan: DensePlan, tok, sources: Sequence[Iterable[str]], weight: Callable[[int, str], torch.Tensor],
+          *, about: str = "", batch_size: int = 16, max_length: int = 2048, device: torch.device | None = None,
+          progress: bool = True, reader=None) -> DensePlan:
+    """Re-fit every layer of ``plan`` on ``sources`` (streamed: one layer's Gram matrices in memory at a
+    time, hidden states past the machine's memory budget spilled to disk); returns ``plan``."""
+    from premoe.core.memory import memory_budget
+    from premoe.core.streaming import activation_bytes, hidden_room
+    from premoe.dense.calibration import dense_sizes
+
+    fit_bias = can_fit_bias(info)
+    room = hidden_room(dense_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), memory_budget(None))
+    plan.bias = {}
+    stream_grams(info, tok, sources, lambda l, g: refit_plan(info, plan, l, g, weight, fit_bias), batch_size=batch_size,
+                 max_length=max_length, hidden_budget=room, device=device, progress=progress, reader=reader)
+    plan.info["bias_comp"] = False  # the fitted bias already holds the removed inputs' mean contribution
+    plan.info["refit"] = {"data": about, "bias": fit_bias, "ridge": RIDGE}
+    return plan
+
+
+def apply_grams(info: DenseInfo, plan: DensePlan, grams: dict[int, Grams], weight: Callable[[int, str], torch.Tensor]) -> DensePlan:
+    """:func:`refit` from Gram matrices already collected (every layer's; what ``premoe sweep`` reuses)."""
+    fit_bias = can_fit_bias(info)
+    plan.bias = {}
+    for layer in range(info.num_layers):
+        refit_plan(info, plan, layer, grams[layer], weight, fit_bias)
+    plan.info["bias_comp"] = False
+    plan.info["refit"] = {"data": "calibration", "bias": fit_bias, "ridge": RIDGE}
+    return plan
