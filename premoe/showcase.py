@@ -32,6 +32,7 @@ TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"
 TINY_DENSE = Path(__file__).parent / "assets" / "tiny-dense"
 DENSE_METHODS = {
     "seap": "SEAP, task-specific",
+    "seap+refit": "SEAP + LS re-fit (--refit)",
     "seap-gen": "SEAP-gen, tasks pooled",
     "wanda-sp": "Wanda-sp",
     "flap": "FLAP",
@@ -161,12 +162,13 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     rows = [_dense_row("dense", 0.0, info.checkpoint.nbytes, dense)]
     for s in sparsities:
         for method in DENSE_METHODS:
-            per_task = method == "seap"
+            base, refit = method.removesuffix("+refit"), method.endswith("+refit")
+            per_task = base == "seap"
             acc, nbytes, counted = {}, 0, 0.0
             for pattern in (tasks if per_task else [None]):
-                out = work / "models" / f"{pattern or method}-{round(100 * s)}"
-                res = prune(model, store, pattern, None, out, sparsity=s, method=method, agnostic=pattern is None,
-                            overwrite=True, progress=False)
+                out = work / "models" / f"{pattern or base}{'-refit' if refit else ''}-{round(100 * s)}"
+                res = prune(model, store, pattern, None, out, sparsity=s, method=base, agnostic=pattern is None,
+                            overwrite=True, progress=False, refit=refit)
                 nbytes, counted = res.bytes_written, res.sparsity
                 pruned_info, net, ptok = load_dense(out, device="cpu", dtype=torch.float32)
                 for t in ([pattern] if per_task else tasks):

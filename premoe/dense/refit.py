@@ -41,19 +41,27 @@ def kept_columns(info: DenseInfo, plan: DensePlan, layer: int, site: str) -> lis
 def solve_refit(weight: torch.Tensor, gram: torch.Tensor, kept: Sequence[int], fit_bias: bool = True,
                 ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The re-fitted kept columns ``[D, len(kept)]`` (float32) and the bias ``[D]`` (or ``None``)."""
-    w = weight.double()
-    g = gram.double().to(w.device)
-    c = w.shape[1]
+    g = gram.to(weight.device, torch.float64)
+    c = weight.shape[1]
     if g.shape != (c + 1, c + 1):
         raise InputError(f"a Gram matrix of shape {list(g.shape)} does not match a weight of {c} input columns")
-    idx = torch.tensor(list(kept) + ([c] if fit_bias else []), device=w.device, dtype=torch.long)
-    a = g.index_select(0, idx).index_select(1, idx)
-    a = a + ridge * a.diagonal().mean().clamp_min(1e-30) * torch.eye(len(idx), dtype=a.dtype, device=a.device)
-    rhs = w @ g[:c].index_select(1, idx)  # [D, k(+1)]: the constant column of [W, 0] is zero
+    idx = torch.tensor(list(kept) + ([c] if fit_bias else []), device=weight.device, dtype=torch.long)
+    a = g[idx[:, None], idx]  # [k(+1), k(+1)], gathered without a [k, C] intermediate
+    a.diagonal().add_(ridge * a.diagonal().mean().clamp_min(1e-30))
+    # rhs = [W, 0] G[:, K+] = W G[:C, K+], in blocks so neither W in float64 nor G[:C, K+] is ever whole
+    rhs = torch.empty(weight.shape[0], len(idx), dtype=torch.float64, device=weight.device)
+    step = 1024
+    for j in range(0, len(idx), step):
+        cols = g[:c].index_select(1, idx[j : j + step])  # [C, <=step]
+        for r in range(0, weight.shape[0], step):
+            rhs[r : r + step, j : j + step] = weight[r : r + step].double() @ cols
+        del cols
     try:
-        sol = torch.linalg.solve(a, rhs.T).T
-    except RuntimeError:  # singular even with the damping: the least-squares solution
-        sol = torch.linalg.lstsq(a, rhs.T).solution.T
+        chol = torch.linalg.cholesky(a)
+        del a
+        sol = torch.cholesky_solve(rhs.T, chol).T
+    except RuntimeError:  # not positive definite even with the damping: the least-squares solution
+        sol = torch.linalg.lstsq(g[idx[:, None], idx], rhs.T).solution.T
     if fit_bias:
         return sol[:, :-1].float(), sol[:, -1].float()
     return sol.float(), None
@@ -116,9 +124,10 @@ class GramCollector:
             if not len(x):
                 return
             x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
-            g = (x.T @ x) * self.weight
             per = self.sums.setdefault(layer, {})
-            per[site] = g if site not in per else per[site] + g
+            if site not in per:
+                per[site] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            per[site].addmm_(x.T, x, alpha=self.weight)  # in place: no second [C+1, C+1] matrix
         return hook
 
     def take(self, layer: int) -> Grams:
@@ -128,7 +137,7 @@ class GramCollector:
         per = self.sums.pop(layer, None)
         if per is None or set(per) != set(SITES):
             raise InputError("the refit data produced no tokens; check --refit-data")
-        return {s: (g / g[-1, -1]).cpu() for s, g in per.items()}
+        return {s: g.div_(g[-1, -1].clone()).cpu() for s, g in per.items()}
 
     def close(self) -> None:
         for layer in list(self._hooks):

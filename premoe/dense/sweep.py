@@ -192,13 +192,14 @@ def _plot(out: Path, result: dict) -> list[str]:
         return []
     fig, ax = plt.subplots(figsize=(8, 5))
     colors: dict[str, str] = {}
+    key = "sparsity_written" if result.get("count", "written") == "written" else "sparsity_counted"
     for method in result["methods"]:
         base = method.removesuffix("+refit")
         color = colors.setdefault(base, f"C{len(colors)}")
-        pts = sorted((100 * r["sparsity_counted"], 100 * r["retention"]) for r in result["summary"] if r["method"] == method)
+        pts = sorted((100 * r[key], 100 * r["retention"]) for r in result["summary"] if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method, color=color, ls="-" if method.endswith("+refit") or
                 result.get("refit") == "off" else "--", lw=2 if base == "seap" else 1.2)
-    ax.set_xlabel("decoder linear weights removed (%)")
+    ax.set_xlabel("decoder linear weights removed (%, " + ("as written" if key == "sparsity_written" else "in memory") + ")")
     ax.set_ylabel("accuracy retained vs dense (%, mean over tasks)")
     ax.set_title(f"{Path(result['model']).name}: structured pruning, held-out exact match")
     ax.grid(alpha=0.3)
