@@ -150,7 +150,9 @@ class DensePlan:
     channels: dict[int, list[int]]
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
     method: str = ""
-    refit: dict[str, torch.Tensor] = field(default_factory=dict)  # "<layer>.o|down" -> re-fitted kept columns
+    # "<layer>.o|down" -> re-fitted kept columns: a tensor, or a callable returning it (spilled to disk)
+    refit: dict[str, Any] = field(default_factory=dict)
+    spill: Any = field(default=None, repr=False, compare=False)  # where spilled re-fitted weights live (a TemporaryDirectory)
     task: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -366,6 +368,7 @@ def refit_getter(info: DenseInfo, plan: DensePlan, get: Getter, dtype: torch.dty
         if key not in plan.refit:
             return get(name, dim, ids)
         w = plan.refit[key]
+        w = w() if callable(w) else w
         if dim != 1 or ids is None or w.shape[1] != len(ids):
             raise CheckpointError(f"{name}: the re-fitted weight {list(w.shape)} does not match the plan's columns")
         w = w.to(TORCH_DTYPES[info.checkpoint.tensors[name].dtype])

@@ -19,10 +19,13 @@ a callback that solves it and drops it. Everything here but :func:`stream_grams`
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
+from premoe.core.checkpoint import TORCH_DTYPES
 from premoe.dense.model import DenseInfo, DensePlan
 from premoe.errors import InputError
 
@@ -75,20 +78,32 @@ def pool_grams(per_task: Sequence[dict[int, Grams]]) -> dict[int, Grams]:
 
 
 def refit_plan(info: DenseInfo, plan: DensePlan, layer: int, grams: Grams, weight: Callable[[int, str], torch.Tensor],
-               fit_bias: dict[str, bool]) -> None:
+               fit_bias: dict[str, bool], spill: Path | None = None) -> None:
     """Re-fit one layer of ``plan`` in place: ``plan.refit`` gets the kept columns' new weights and
     ``plan.bias`` the fitted biases (replacing any mean-only compensation). A projection that keeps
-    every input column is left exactly as it is."""
+    every input column is left exactly as it is. With ``spill`` the weights go to a safetensors file
+    there (in the checkpoint's dtype) and ``plan.refit`` holds a loader: memory stays flat in depth."""
     for site in SITES:
         kept = kept_columns(info, plan, layer, site)
         if len(kept) == (info.heads * info.head_dim if site == "o" else info.intermediate):
             continue
         w, b = solve_refit(weight(layer, site), grams[site], kept, fit_bias[site])
-        plan.refit[f"{layer}.{site}"] = w.cpu()
+        if spill is None:
+            plan.refit[f"{layer}.{site}"] = w.cpu()
+        else:
+            plan.refit[f"{layer}.{site}"] = _spilled(spill / f"{layer}.{site}.safetensors",
+                                                     w.to(TORCH_DTYPES[info.checkpoint.tensors[info.key(layer, site)].dtype]))
         if b is not None:
             plan.bias[f"{layer}.{site}"] = b.cpu()
         else:
             plan.bias.pop(f"{layer}.{site}", None)
+
+
+def _spilled(path: Path, w: torch.Tensor) -> Callable[[], torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": w.cpu().contiguous()}, str(path))
+    return lambda: load_file(str(path))["w"]
 
 
 def can_fit_bias(info: DenseInfo) -> dict[str, bool]:
@@ -137,7 +152,8 @@ class GramCollector:
         per = self.sums.pop(layer, None)
         if per is None or set(per) != set(SITES):
             raise InputError("the refit data produced no tokens; check --refit-data")
-        return {s: g.div_(g[-1, -1].clone()).cpu() for s, g in per.items()}
+        # normalised, then held in float32 (half the memory; the solve runs in float64 on the kept block)
+        return {s: g.div_(g[-1, -1].clone()).to("cpu", torch.float32) for s, g in per.items()}
 
     def close(self) -> None:
         for layer in list(self._hooks):
@@ -205,8 +221,11 @@ def refit(info: DenseInfo, plan: DensePlan, tok, sources: Sequence[Iterable[str]
     fit_bias = can_fit_bias(info)
     room = hidden_room(dense_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), memory_budget(None))
     plan.bias = {}
-    stream_grams(info, tok, sources, lambda l, g: refit_plan(info, plan, l, g, weight, fit_bias), batch_size=batch_size,
-                 max_length=max_length, hidden_budget=room, device=device, progress=progress, reader=reader)
+    spill = tempfile.TemporaryDirectory(prefix="premoe-refit-")
+    plan.spill = spill  # removed with the plan
+    stream_grams(info, tok, sources, lambda l, g: refit_plan(info, plan, l, g, weight, fit_bias, Path(spill.name)),
+                 batch_size=batch_size, max_length=max_length, hidden_budget=room, device=device, progress=progress,
+                 reader=reader)
     plan.info["bias_comp"] = False  # the fitted bias already holds the removed inputs' mean contribution
     plan.info["refit"] = {"data": about, "bias": fit_bias, "ridge": RIDGE}
     return plan
