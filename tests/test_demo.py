@@ -49,9 +49,12 @@ def test_demo_runs_end_to_end(tmp_path):
     # the dense (SEAP) part: every method at 50%, through real exports
     d = r["dense"]
     assert [(row["method"], row.get("requested")) for row in d["rows"]] == [
-        ("dense", None), ("seap", 0.5), ("seap-gen", 0.5), ("wanda-sp", 0.5), ("flap", 0.5), ("random", 0.5)]
+        ("dense", None), ("seap", 0.5), ("seap+refit", 0.5), ("seap-gen", 0.5), ("wanda-sp", 0.5), ("flap", 0.5),
+        ("random", 0.5)]
     rows = {row["method"]: row for row in d["rows"]}
     assert rows["seap"]["mean"] > rows["random"]["mean"]
+    assert rows["seap+refit"]["mean"] > rows["seap"]["mean"] and rows["seap+refit"]["sparsity"] == rows["seap"]["sparsity"]
     assert abs(rows["seap"]["sparsity"] - 0.5) < 0.03 and rows["seap"]["bytes"] < 0.7 * rows["dense"]["bytes"]
     assert "SEAP, task-specific" in table and "Wanda-sp" in table
     assert (tmp_path / "dense" / "models" / "add-50" / "config.json").is_file()
+    assert "refit" in json.loads((tmp_path / "dense" / "models" / "add-refit-50" / "config.json").read_text())["premoe"]
