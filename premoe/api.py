@@ -142,7 +142,7 @@ def prune(
     whole_groups: bool = False,
     bias_comp: bool | None = None,
     score: str | None = None,
-    refit: bool = False,
+    refit: bool | None = None,
     refit_data: list[str | Path] | None = None,
 ):
     """Keep the ``keep`` best experts of every MoE layer for ``task`` and write a HF checkpoint.
@@ -162,7 +162,8 @@ def prune(
         sparsity / method / schedule / whole_groups / bias_comp / score: dense models (see
             :func:`premoe.dense.plans.make_dense_plan`): the fraction of decoder linear weights removed.
         refit / refit_data: dense models: re-fit the kept o_proj/down_proj columns and biases by least
-            squares (:mod:`premoe.dense.refit`) on ``refit_data`` or the store's recorded calibration data.
+            squares (:mod:`premoe.dense.refit`) on ``refit_data`` or the store's recorded calibration data
+            (``None``, the default: when that data is still there unchanged; ``False``: never).
 
     Returns:
         :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`.
@@ -184,7 +185,7 @@ def prune(
 
 
 def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic, overwrite, verify,
-                 progress, score, refit=False, refit_data=None):
+                 progress, score, refit=None, refit_data=None):
     from premoe.dense.export import export_dense
     from premoe.dense.model import inspect_dense
     from premoe.dense.verbs import dense_plan
@@ -291,7 +292,7 @@ def evaluate(
     schedule: str | None = None,
     whole_groups: bool = False,
     score: str | None = None,
-    refit: bool = False,
+    refit: bool | None = None,
     refit_data: list[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model on a data file: greedy exact match for ``{"prompt", "completion"}`` lines,

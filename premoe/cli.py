@@ -74,10 +74,11 @@ def _add_dense_flags(p, serving: bool = False):
                    help="GQA: remove whole KV groups instead of the same number of query heads from every group")
     g.add_argument("--bias-comp", action=argparse.BooleanOptionalAction, default=None,
                    help="FLAP bias compensation of the removed inputs' mean (default: on for flap only)")
-    g.add_argument("--refit", action="store_true",
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit the kept o_proj/down_proj columns and biases by least squares so each pruned layer's "
                         "output matches the dense one on the calibration tokens (the store's recorded data, or "
-                        "--refit-data); plain weights, vanilla load")
+                        "--refit-data); plain weights, vanilla load (default: on when the recorded data is still there "
+                        "unchanged)")
     g.add_argument("--refit-data", nargs="+", metavar="FILE",
                    help="JSONL texts for --refit, each file weighted equally (default: the data the store was calibrated on)")
     g.add_argument("--score", choices=tuple(DENSE_METRICS),
@@ -282,7 +283,8 @@ def _run(args) -> int:
         p = res.plan
         if hasattr(res, "sparsity"):  # dense
             h, g, c = p.counts()
-            print(f"pruned ({p.method}, {p.info['schedule']}{', re-fitted' if p.refit else ''}) for task {p.task!r}: {res.sparsity:.1%} of decoder linear weights "
+            print(f"pruned ({p.method}, {p.info['schedule']}{', re-fitted' if p.refit else ''}"
+                  f"{', not re-fitted: ' + p.info['refit_skipped'] if p.info.get('refit_skipped') else ''}) for task {p.task!r}: {res.sparsity:.1%} of decoder linear weights "
                   f"removed ({res.params_kept:,} of {res.params_source:,}); {h} heads / {g} KV heads / {c} FFN channels per layer"
                   f"{' (zero-padded)' if res.padded else ''}; {_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
                   f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"

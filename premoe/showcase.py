@@ -31,8 +31,8 @@ from premoe.core.tasks import TASKS, samples
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"
 TINY_DENSE = Path(__file__).parent / "assets" / "tiny-dense"
 DENSE_METHODS = {
-    "seap": "SEAP, task-specific",
-    "seap+refit": "SEAP + LS re-fit (--refit)",
+    "seap": "SEAP, --no-refit",
+    "seap+refit": "SEAP (default: + re-fit)",
     "seap-gen": "SEAP-gen, tasks pooled",
     "wanda-sp": "Wanda-sp",
     "flap": "FLAP",

@@ -55,6 +55,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert rows["seap"]["mean"] > rows["random"]["mean"]
     assert rows["seap+refit"]["mean"] > rows["seap"]["mean"] and rows["seap+refit"]["sparsity"] == rows["seap"]["sparsity"]
     assert abs(rows["seap"]["sparsity"] - 0.5) < 0.03 and rows["seap"]["bytes"] < 0.7 * rows["dense"]["bytes"]
-    assert "SEAP, task-specific" in table and "Wanda-sp" in table
+    assert "SEAP, --no-refit" in table and "SEAP (default: + re-fit)" in table and "Wanda-sp" in table
     assert (tmp_path / "dense" / "models" / "add-50" / "config.json").is_file()
     assert "refit" in json.loads((tmp_path / "dense" / "models" / "add-refit-50" / "config.json").read_text())["premoe"]

@@ -61,7 +61,7 @@ def test_family_contract(family, tmp_path):
         mem = prune_in_memory(full, info, plan)
         assert torch.allclose(built(x).logits, mem(x).logits, atol=1e-5), method
     plan = dense_plan(info, store, "add", 0.5)
-    res = premoe.prune(model, store, "add", None, tmp_path / "out", sparsity=0.5, progress=False)
+    res = premoe.prune(model, store, "add", None, tmp_path / "out", sparsity=0.5, refit=False, progress=False)
     assert abs(res.sparsity - 0.5) < 0.05 and res.sparsity == plan.info["sparsity"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits, atol=1e-5)
@@ -85,7 +85,8 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     info = inspect_dense(model)
     plan = dense_plan(info, tmp_path / "s", "add", 0.4, method="seap", bias_comp=True)
     assert plan.bias
-    premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, progress=False)
+    premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, refit=False,
+                 progress=False)
     full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     x = torch.tensor([[1, 5, 6, 7, 8, 9]])
@@ -95,7 +96,8 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     q = _build(tmp_path / "q", "qwen2")
     premoe.calibrate(q, data / "add.jsonl", "add", tmp_path / "qs", progress=False)
     with pytest.raises(InputError, match="no-bias-comp"):
-        premoe.prune(q, tmp_path / "qs", "add", None, tmp_path / "qout", sparsity=0.4, bias_comp=True, progress=False)
+        premoe.prune(q, tmp_path / "qs", "add", None, tmp_path / "qout", sparsity=0.4, bias_comp=True, refit=False,
+                     progress=False)
     assert not (tmp_path / "qout").exists()
 
 
@@ -371,8 +373,9 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     acc_fit = exact_match(prune_in_memory(full, info, fitted), tok, ev, progress=False)
     assert acc_fit >= acc_plain + 0.3, (acc_plain, acc_fit)
 
+    # on by default while the recorded calibration data is there
     assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--refit", "--out", str(tmp_path / "out")]) == 0
+                 "--sparsity", "0.5", "--out", str(tmp_path / "out")]) == 0
     assert "re-fitted" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["premoe"]["refit"]["bias"] == {"o": True, "down": True} and cfg["premoe"]["bias_comp"] is False
@@ -384,8 +387,8 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     # bad input: one line, before any work, nothing written
     out = tmp_path / "bad"
     assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--refit-data", str(calib), "--out", str(out)]) == 2
-    assert "--refit-data needs --refit" in capsys.readouterr().err
+                 "--sparsity", "0.5", "--refit-data", str(calib), "--no-refit", "--out", str(out)]) == 2
+    assert "cannot go with --no-refit" in capsys.readouterr().err
     calib.write_text(calib.read_text() + json.dumps({"prompt": "add 1+1=", "completion": "2"}) + "\n")
     assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
                  "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
@@ -395,6 +398,11 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
                  "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
     assert "is gone; pass --refit-data" in capsys.readouterr().err
     assert not out.exists()
+    # without --refit the default warns and keeps the plain slice
+    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
+                 "--sparsity", "0.5", "--out", str(tmp_path / "plain")]) == 0
+    assert "not re-fitted: task 'add'" in capsys.readouterr().out
+    assert "refit" not in json.loads((tmp_path / "plain" / "config.json").read_text())["premoe"]
     from premoe.showcase import TINY_MODEL
 
     assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",

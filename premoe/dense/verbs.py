@@ -3,6 +3,7 @@ the model is a dense decoder, so users call the same commands for both kinds of 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from premoe.dense.plans import METHODS, make_dense_plan
 from premoe.dense.scoring import pooled
 from premoe.dense.switch import MIN_RUN_BYTES, switch_dense
 from premoe.errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
 
 
 def check_dense_store(store: str | Path | PatternStore, info: DenseInfo) -> PatternStore:
@@ -81,25 +84,39 @@ def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: boo
 def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,
                schedule: str | None = None, metric: str | None = None, whole_groups: bool = False,
                bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None,
-               written: bool = True, refit: bool = False, refit_data: list[str | Path] | None = None,
+               written: bool = True, refit: bool | None = False, refit_data: list[str | Path] | None = None,
                progress: bool = True) -> DensePlan:
     """The plan of ``task`` (or of all tasks pooled) at ``sparsity``, counted as ``premoe prune`` writes
     it (``written``; a task server, which holds the plan itself unpadded, counts it in memory). With
     ``refit`` the kept ``o_proj``/``down_proj`` columns and biases are re-fitted by least squares
-    (:mod:`premoe.dense.refit`) on ``refit_data`` or on the calibration data the store recorded."""
+    (:mod:`premoe.dense.refit`) on ``refit_data`` or on the calibration data the store recorded;
+    ``None`` (what ``premoe prune``/``eval`` default to): re-fit when that data is still there
+    unchanged (or ``refit_data`` is given), else warn and keep the plain slice."""
     st = check_dense_store(store, info)
     if method == "seap" and agnostic:
         method = "seap-gen"
     stats, name = stats_for(st, method, task, agnostic)
-    if refit_data and not refit:
-        raise InputError("--refit-data needs --refit")
-    sources, about = refit_sources(st, method, task, agnostic, refit_data) if refit else ([], "")
+    if refit_data and refit is False:
+        raise InputError("--refit-data cannot go with --no-refit")
+    sources, about, skipped = [], "", None
+    if refit is None and not refit_data:  # auto: re-fit when the recorded calibration data is still there
+        try:
+            sources, about = refit_sources(st, method, task, agnostic, None)
+            refit = True
+        except InputError as e:
+            log.warning("not re-fitted (%s); pass --refit-data FILE to re-fit, or --no-refit to silence this", e)
+            refit, skipped = False, str(e).split(";")[0]
+    elif refit or refit_data:
+        refit = True
+        sources, about = refit_sources(st, method, task, agnostic, refit_data)
     own = reader is None
     reader = reader or ByteReader()
     try:
         weights = weights_from_checkpoint(info, reader)
         plan = make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
                                bias_comp=bias_comp, weights=weights, seed=seed, task=name, written=written)
+        if skipped:
+            plan.info["refit_skipped"] = skipped
         if refit:
             from premoe.core.modelio import load_tokenizer
             from premoe.dense.refit import refit as refit_plan
