@@ -308,7 +308,8 @@ def _run(args) -> int:
         else:
             what = ""
             if args.store and "sparsity" in res:
-                what = f" ({res['method']} for {res['task']}, {res['sparsity']:.1%} of decoder weights removed)"
+                what = (f" ({res['method']}{', re-fitted' if res.get('refit') else ''} for {res['task']}, "
+                        f"{res['sparsity']:.1%} of decoder weights removed)")
             elif args.store:
                 what = f" ({res['scorer']} pattern of {res['task']}, {res['keep']} experts per layer)"
             if res["exact_match"] is not None:

@@ -13,10 +13,10 @@ import torch
 from premoe.core.checkpoint import ByteReader
 from premoe.core.store import PatternStore
 from premoe.dense.model import DenseInfo, DensePlan, build_dense, inspect_dense, reader_getter
-from premoe.dense.plans import METHODS, make_dense_plan
+from premoe.dense.plans import METHODS, compensation, make_dense_plan
 from premoe.dense.scoring import pooled
 from premoe.dense.switch import MIN_RUN_BYTES, switch_dense
-from premoe.errors import InputError, StoreError
+from premoe.errors import InputError, StoreError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, met
     if refit_data and refit is False:
         raise InputError("--refit-data cannot go with --no-refit")
     sources, about, skipped = [], "", None
-    if refit is None and not refit_data:  # auto: re-fit when the recorded calibration data is still there
+    auto = refit is None and not refit_data
+    if auto:  # auto: re-fit when the recorded calibration data is still there
         try:
             sources, about = refit_sources(st, method, task, agnostic, None)
             refit = True
@@ -122,8 +123,17 @@ def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, met
             from premoe.dense.refit import refit as refit_plan
 
             max_length = max(int((e.get("params") or {}).get("max_length", 2048)) for e in st.tasks.values())
-            refit_plan(info, plan, load_tokenizer(info.path), sources, weights, about=about, max_length=max_length,
-                       progress=progress, reader=reader)
+            try:
+                refit_plan(info, plan, load_tokenizer(info.path), sources, weights, about=about, max_length=max_length,
+                           progress=progress, reader=reader)
+            except UnsupportedModelError as e:  # a model that cannot run layer by layer
+                if not auto:
+                    raise
+                log.warning("not re-fitted (%s)", e)
+                plan.refit, plan.bias, plan.info["refit_skipped"] = {}, {}, "this model cannot run layer by layer"
+                plan.info.pop("refit", None)
+                if plan.info.get("bias_comp"):
+                    plan.bias = compensation(info, plan, stats, weights)
         return plan
     finally:
         if own:
@@ -148,7 +158,8 @@ def evaluate_dense(info: DenseInfo, data, plan: DensePlan | None, *, batch_size:
     out["mc_accuracy"] = choice_accuracy(net, tok, mc, progress=progress) if mc else None
     out["mc_samples"] = len(mc)
     if plan is not None:
-        out.update(method=plan.method, task=plan.task, sparsity=plan.info["sparsity"], schedule=plan.info["schedule"])
+        out.update(method=plan.method, task=plan.task, sparsity=plan.info["sparsity"], schedule=plan.info["schedule"],
+                   refit=bool(plan.refit))
     return out
 
 
