@@ -40,7 +40,8 @@ def intermediates(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return experts._apply_gate(h)
 
 
-def refit_layer(experts, h: torch.Tensor, logits: torch.Tensor, kept: list[int], spec, lam: float) -> dict[int, torch.Tensor]:
+def refit_layer(experts, h: torch.Tensor, logits: torch.Tensor, kept: list[int], spec, lam: float,
+                sweeps: int = 0) -> dict[int, torch.Tensor]:
     """New down_proj [D, I] per kept expert (joint ridge least squares toward the originals)."""
     from premoe.moe.routing import route
 
@@ -66,9 +67,19 @@ def refit_layer(experts, h: torch.Tensor, logits: torch.Tensor, kept: list[int],
         W0 = torch.cat([down[e] for e in kept], 1)  # [D, K*I]
         G = Z.T @ Z / T
         scale = lam * G.diagonal().mean()
-        A = G + scale * torch.eye(G.shape[0], dtype=G.dtype)
-        B = y.T @ Z / T + scale * W0
-        W = torch.linalg.solve(A, B.T).T
+        if sweeps == 0:  # joint solve
+            A = G + scale * torch.eye(G.shape[0], dtype=G.dtype)
+            B = y.T @ Z / T + scale * W0
+            W = torch.linalg.solve(A, B.T).T
+        else:  # block Gauss-Seidel: one [I, I] system per kept expert, the others held
+            W = W0.clone()
+            B = y.T @ Z / T  # [D, K*I]
+            for _ in range(sweeps):
+                for p in range(len(kept)):
+                    sl = slice(p * I, (p + 1) * I)
+                    rest = B[:, sl] - W @ G[:, sl] + W[:, sl] @ G[sl, sl]
+                    A = G[sl, sl] + scale * torch.eye(I, dtype=G.dtype)
+                    W[:, sl] = torch.linalg.solve(A, (rest + scale * W0[:, sl]).T).T
     return {e: W[:, p * I:(p + 1) * I].float() for p, e in enumerate(kept)}
 
 
@@ -80,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=100)
     ap.add_argument("--lam", type=float, default=1e-2, help="ridge toward the original weights (x mean diagonal)")
     ap.add_argument("--scorers", nargs="+", default=["tcess", "easyep"])
+    ap.add_argument("--sweeps", type=int, default=0, help="0: one joint solve; n: n block Gauss-Seidel sweeps (one [I, I] "
+                    "system per kept expert)")
     args = ap.parse_args(argv)
 
     from premoe.api import calibrate
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 for m in layers:
                     h, z, _ = data[m.index]
-                    new = refit_layer(m.experts, h, z, sorted(plan.kept[m.index]), spec, args.lam)
+                    new = refit_layer(m.experts, h, z, sorted(plan.kept[m.index]), spec, args.lam, args.sweeps)
                     with torch.no_grad():
                         for e, wt in new.items():
                             _twin(model, lm.model, m.experts).down_proj[e].copy_(wt)

@@ -138,8 +138,10 @@ def _add_sweep(sub):
                         "plans are padded there, so they are made sparser in memory to match) or in memory (as the "
                         "papers do)")
     p.add_argument("--refit", choices=("both", "on", "off"),
-                   help="dense models: also (both, default), only (on) or never (off) evaluate every method with its kept "
-                        "o_proj/down_proj columns re-fitted by least squares on its calibration data (rows <method>+refit)")
+                   help="also (both), only (on) or never (off) evaluate every method with a least-squares re-fit on its "
+                        "calibration data (rows <method>+refit): dense models re-fit the kept o_proj/down_proj columns "
+                        "(default both); MoE models the kept experts' down_proj under re-routing (task-specific rows; "
+                        "default off)")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -100,9 +100,12 @@ def sweep(
                              "--sparsities and --methods")
         return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
                            schedule=schedule, count=count or "written", refit=refit or "both")
-    if sparsities or methods or schedule or count or refit:
-        raise InputError("--sparsities/--methods/--schedule/--count/--refit apply to dense models; for an MoE model use --keep "
+    if sparsities or methods or schedule or count:
+        raise InputError("--sparsities/--methods/--schedule/--count apply to dense models; for an MoE model use --keep "
                          "and --scorers")
+    variants = {None: [False], "off": [False], "on": [True], "both": [False, True]}.get(refit)
+    if variants is None:
+        raise InputError(f"refit must be 'off', 'on' or 'both', got {refit!r}")
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:
@@ -115,6 +118,9 @@ def sweep(
     info = inspect_model(model)
     budget = memory_budget(max_memory)
     in_memory = stream is not True and not info.quant.method and fits(resident_sizes(info)["total"], budget)
+    if True in variants and not in_memory:
+        raise InputError("--refit in an MoE sweep needs the model in memory (it re-fits the experts it evaluates); "
+                         "drop --stream/--max-memory or use --refit off")
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
 
@@ -133,8 +139,9 @@ def sweep(
     store = work / "store"
     configs = [(s, m) for s in scorers for m in (("specific",) if s in DATA_FREE else ("specific", "agnostic"))]
     bar = tqdm(total=len(tasks) * 2 + len(configs) * len(keeps), desc="sweep", unit="step", disable=not progress)
+    paths = {}
     for name, (cal, _) in tasks.items():
-        path = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
+        path = paths[name] = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
         calibrate(lm or model, path, name, store, all_stats=True, overwrite=True, progress=False, stream=stream,
                   max_memory=max_memory)
         bar.update(1)
@@ -147,30 +154,49 @@ def sweep(
         for name in tasks:
             dense[name] = exact_match(net, tok, evals[name], progress=False)
             bar.update(1)
-    del lm, net
+    captured, dense_layers = {}, None
+    if True in variants:  # each task's calibration tokens through the dense model, once (premoe.moe.refit)
+        from premoe.core.data import CalibrationData
+        from premoe.moe.refit import TOKENS, capture
+
+        dense_layers = lm.layers
+        for name in tasks:
+            texts = [r.text for r in CalibrationData.open(paths[name], None, 1, 1).records()]
+            captured[name] = capture(lm.model, dense_layers, info.router, tok, texts, TOKENS)
+    else:
+        del lm
+    del net
 
     rows: list[dict[str, Any]] = []
     cache: dict[tuple, float] = {}
-    for scorer, mode in configs:
+    runs = [(s, m, r) for s, m in configs for r in variants if not (r and m == "agnostic")]
+    bar.total = len(tasks) * 2 + len(runs) * len(keeps)
+    for scorer, mode, fit in runs:
+        label = scorer + ("+refit" if fit else "")
         for keep in keeps:
             for name in tasks:
                 pattern = patterns[name] if mode == "specific" else pooled
                 plan = plan_from_pattern(info, pattern, keep, scorer=scorer)
-                key = (tuple(tuple(v) for v in plan.kept.values()), name)
+                key = (tuple(tuple(v) for v in plan.kept.values()), name, fit)
                 if key not in cache:
                     with ByteReader() as reader:
                         net = network(plan, reader)
+                        if fit:
+                            from premoe.moe.refit import refit_pruned_
+
+                            refit_pruned_(net, info.spec, plan, dense_layers, captured[name], info.router)
                         cache[key] = exact_match(net, tok, evals[name], progress=False)
                 acc = cache[key]
-                rows.append({"scorer": scorer, "mode": mode, "keep": keep, "task": name, "accuracy": acc,
+                rows.append({"scorer": label, "mode": mode, "keep": keep, "task": name, "accuracy": acc,
                              "dense_accuracy": dense[name], "retention": acc / dense[name] if dense[name] else 0.0})
-            bar.set_postfix_str(f"{scorer} {mode} {keep}")
+            bar.set_postfix_str(f"{label} {mode} {keep}")
             bar.update(1)
     bar.close()
     summary = _summary(rows)
     result = {
         "model": model_label, "experts": E, "top_k": K, "moe_layers": len(info.moe_layers), "tasks": list(tasks),
-        "keeps": keeps, "scorers": scorers, "dense": dense, "rows": rows, "summary": summary,
+        "keeps": keeps, "scorers": list(dict.fromkeys(r["scorer"] for r in rows)), "dense": dense, "rows": rows,
+        "summary": summary, "refit": refit or "off",
         "calib_samples": calib_samples, "eval_samples": eval_samples,
     }
     result["seconds"] = time.perf_counter() - t_start
@@ -278,10 +304,10 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
 
 def format_summary(result: dict) -> str:
     keeps = result["keeps"]
-    lines = [f"{'scorer':<10} {'mode':<9} " + " ".join(f"{k:>6}" for k in keeps)]
+    lines = [f"{'scorer':<14} {'mode':<9} " + " ".join(f"{k:>6}" for k in keeps)]
     by = {(r["scorer"], r["mode"], r["keep"]): r["retention"] for r in result["summary"]}
     for scorer in result["scorers"]:
         for mode in ("specific", "agnostic"):
             if (scorer, mode, keeps[0]) in by:
-                lines.append(f"{scorer:<10} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps))
+                lines.append(f"{scorer:<14} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps))
     return "\n".join(lines)
