@@ -106,9 +106,10 @@ def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok,
 
 @torch.inference_mode()
 def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
-                lam: float = LAM, sweeps: int = SWEEPS) -> dict[int, torch.Tensor]:
+                lam: float = LAM, sweeps: int = SWEEPS, pruned: RouterSpec | None = None) -> dict[int, torch.Tensor]:
     """New ``down_proj`` [D, I] (float32) of each kept expert of one dense MoE layer; ``{}`` when every
-    expert is kept (nothing to correct)."""
+    expert is kept (nothing to correct). ``pruned``: the pruned model's routing (default: ``spec`` over
+    the kept experts, top-k capped; group-limited routers pass the plan's groups)."""
     experts = layer.experts
     E = spec.num_experts
     kept = sorted(kept)
@@ -124,7 +125,7 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
         rows, slots = torch.where(idx_d == e)
         a = expert_hidden(experts, e, x[rows]).double()
         y.index_add_(0, rows, w_d[rows, slots, None].double() * expert_out(experts, e, a, down_weight(experts, e).double()))
-    sub = dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
+    sub = pruned or dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
     kb = None if bias is None else bias[kept]
     idx, w = route(logits[:, kept].to(x.device), sub, bias=kb, scaled=True)  # positions into ``kept``
     sel = {}
@@ -166,7 +167,9 @@ def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
     for pos, (dense, pruned) in enumerate(zip(dense_layers, find_moe_layers(net, arch))):
         check_supported(dense.experts, spec, arch.weight_on_input, arch.name)
         kept = sorted(plan.kept[dense.index])
-        new = refit_layer(dense, *captured[pos], kept, spec, lam, sweeps)
+        pruned_spec = dataclasses.replace(spec, num_experts=len(kept), top_k=plan.top_k, n_group=plan.n_group,
+                                          topk_group=plan.topk_group)
+        new = refit_layer(dense, *captured[pos], kept, spec, lam, sweeps, pruned_spec)
         with torch.no_grad():
             for e, wt in new.items():
                 target = down_weight(pruned.experts, kept.index(e))
