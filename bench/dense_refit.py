@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb  # noqa: E402
+from common import baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
 from dense_stream import config, drop_cache, make_checkpoint  # noqa: E402
-from large_model import CGROUP, peak_rss_of  # noqa: E402
+from large_model import peak_rss_of  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,17 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=32, help="calibration samples")
     ap.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed)")
     args = ap.parse_args(argv)
-    if not (CGROUP / "cgroup.procs").exists() or not os.access(CGROUP, os.W_OK):
-        ap.error(f"needs a writable cgroup-v1 memory controller at {CGROUP} (run as root)")
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="premoe-dense-refit-")
-        args.work = Path(tmp.name)
-    try:
-        result = run(args, args.work)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    require_cgroup(ap)
+    with work_dir(args.work, "premoe-dense-refit-") as work:
+        result = run(args, work)
     print(json.dumps({k: v for k, v in result.items() if k != "steps"} | {"steps": {
         n: {k: v for k, v in s.items() if k not in ("stdout", "stderr")} for n, s in result["steps"].items()}}, indent=2))
     report(result)

@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb  # noqa: E402
-from large_model import CGROUP, peak_rss_of  # noqa: E402
+from common import baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
+from large_model import peak_rss_of  # noqa: E402
 
 
 def config(layers: int, hidden: int, inter: int) -> dict:
@@ -125,17 +124,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.limit_frac > 0.5:
         ap.error("--limit-frac must be at most 0.5 (the limit is at most half the checkpoint)")
-    if not (CGROUP / "cgroup.procs").exists() or not os.access(CGROUP, os.W_OK):
-        ap.error(f"needs a writable cgroup-v1 memory controller at {CGROUP} (run as root)")
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="premoe-dense-stream-")
-        args.work = Path(tmp.name)
-    try:
-        result = run(args, args.work)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    require_cgroup(ap)
+    with work_dir(args.work, "premoe-dense-stream-") as work:
+        result = run(args, work)
     print(json.dumps(result, indent=2))
     report(result)
     return 0

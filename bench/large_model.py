@@ -26,7 +26,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb  # noqa: E402
-CGROUP = Path("/sys/fs/cgroup/memory")
+from common import CGROUP, baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
 BLOCK = 128
 
 
@@ -323,22 +321,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.limit_frac > 0.5:
         ap.error("--limit-frac must be at most 0.5 (the limit is at most half the checkpoint)")
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="premoe-large-")
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
-    result = {}
     if not args.skip_large:
-        if not (CGROUP / "cgroup.procs").exists() or not os.access(CGROUP, os.W_OK):
-            ap.error(f"needs a writable cgroup-v1 memory controller at {CGROUP} (run as root)")
-        result["large"] = large_run(args, args.work)
-    if not args.skip_throughput:
-        result["throughput"] = throughput_run(args, args.work)
-    print(json.dumps(result, indent=2))
-    report(result)
-    if tmp is not None:
-        tmp.cleanup()
+        require_cgroup(ap)
+    result = {}
+    with work_dir(args.work, "premoe-large-") as work:
+        if not args.skip_large:
+            result["large"] = large_run(args, work)
+        if not args.skip_throughput:
+            result["throughput"] = throughput_run(args, work)
+        print(json.dumps(result, indent=2))
+        report(result)
     return 0
 
 
