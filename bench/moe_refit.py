@@ -32,24 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recon_select import capture  # noqa: E402
 
 
-def intermediates(experts, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e``'s intermediate activation [T, I] (transformers' experts interface, not transposed)."""
-    import torch.nn.functional as F
-
-    h = F.linear(x, experts.gate_up_proj[e])
-    return experts._apply_gate(h)
-
-
-def refit_layer(experts, h: torch.Tensor, logits: torch.Tensor, kept: list[int], spec, lam: float,
+def refit_layer(layer, h: torch.Tensor, logits: torch.Tensor, kept: list[int], spec, lam: float,
                 sweeps: int = 0) -> dict[int, torch.Tensor]:
-    """New down_proj [D, I] per kept expert (joint ridge least squares toward the originals)."""
+    """New down_proj [D, I] per kept expert: one joint ridge least-squares solve (``sweeps`` 0, the
+    reference), or premoe's own block Gauss-Seidel re-fit (:func:`premoe.moe.refit.refit_layer`)."""
+    from premoe.moe.refit import expert_hidden
+    from premoe.moe.refit import refit_layer as package_refit
     from premoe.moe.routing import route
 
+    if sweeps:
+        return package_refit(layer, h, logits, kept, spec, lam, sweeps)
+    experts = layer.experts
     E = spec.num_experts
     T = h.shape[0]
     with torch.inference_mode():
         idx_d, w_d = route(logits, spec, scaled=True)
-        acts = {e: intermediates(experts, e, h).double() for e in range(E)}
+        acts = {e: expert_hidden(experts, e, h).double() for e in range(E)}
         down = {e: experts.down_proj[e].double() for e in range(E)}  # [D, I]
         y = torch.zeros(T, h.shape[1], dtype=torch.float64)
         for j in range(idx_d.shape[1]):
@@ -67,19 +65,9 @@ def refit_layer(experts, h: torch.Tensor, logits: torch.Tensor, kept: list[int],
         W0 = torch.cat([down[e] for e in kept], 1)  # [D, K*I]
         G = Z.T @ Z / T
         scale = lam * G.diagonal().mean()
-        if sweeps == 0:  # joint solve
-            A = G + scale * torch.eye(G.shape[0], dtype=G.dtype)
-            B = y.T @ Z / T + scale * W0
-            W = torch.linalg.solve(A, B.T).T
-        else:  # block Gauss-Seidel: one [I, I] system per kept expert, the others held
-            W = W0.clone()
-            B = y.T @ Z / T  # [D, K*I]
-            for _ in range(sweeps):
-                for p in range(len(kept)):
-                    sl = slice(p * I, (p + 1) * I)
-                    rest = B[:, sl] - W @ G[:, sl] + W[:, sl] @ G[sl, sl]
-                    A = G[sl, sl] + scale * torch.eye(I, dtype=G.dtype)
-                    W[:, sl] = torch.linalg.solve(A, (rest + scale * W0[:, sl]).T).T
+        A = G + scale * torch.eye(G.shape[0], dtype=G.dtype)
+        B = y.T @ Z / T + scale * W0
+        W = torch.linalg.solve(A, B.T).T
     return {e: W[:, p * I:(p + 1) * I].float() for p, e in enumerate(kept)}
 
 
@@ -91,8 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=100)
     ap.add_argument("--lam", type=float, default=1e-2, help="ridge toward the original weights (x mean diagonal)")
     ap.add_argument("--scorers", nargs="+", default=["tcess", "easyep"])
-    ap.add_argument("--sweeps", type=int, default=0, help="0: one joint solve; n: n block Gauss-Seidel sweeps (one [I, I] "
-                    "system per kept expert)")
+    ap.add_argument("--sweeps", type=int, default=0, help="0: one joint solve; n: premoe's re-fit with n block Gauss-Seidel "
+                    "sweeps (one [I, I] system per kept expert)")
     args = ap.parse_args(argv)
 
     from premoe.api import calibrate
@@ -131,7 +119,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 for m in layers:
                     h, z, _ = data[m.index]
-                    new = refit_layer(m.experts, h, z, sorted(plan.kept[m.index]), spec, args.lam, args.sweeps)
+                    new = refit_layer(m, h, z, sorted(plan.kept[m.index]), spec, args.lam, args.sweeps)
                     with torch.no_grad():
                         for e, wt in new.items():
                             _twin(model, lm.model, m.experts).down_proj[e].copy_(wt)
