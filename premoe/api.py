@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from premoe.core.outdir import check_out_dir
 from premoe.moe.export import export_pruned
 from premoe.moe.patterns import experts_for_mass, load_pattern, plan_from_pattern, pooled_pattern
 from premoe.moe.plans import PrunePlan, check_keep
+from premoe.moe.refit import refit_for
 from premoe.moe.scoring import SCORERS
 
 __all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve", "model_kind"]
@@ -21,7 +23,7 @@ __all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_
 MOE_ONLY = {"keep": "--keep", "top_k": "--top-k", "scorer": "--scorer", "k": "--k", "r": "--r", "all_stats": "--all-stats",
             "stream": "--stream", "max_memory": "--max-memory", "offload_dir": "--offload-dir"}
 DENSE_ONLY = {"sparsity": "--sparsity", "method": "--method", "schedule": "--schedule", "whole_groups": "--whole-groups",
-              "bias_comp": "--bias-comp", "score": "--score", "refit": "--refit", "refit_data": "--refit-data"}
+              "bias_comp": "--bias-comp", "score": "--score"}
 _MEMORY_FLAGS = ("stream", "max_memory", "offload_dir")  # dense models: calibrate only
 _NEUTRAL = {"all_stats": False, "whole_groups": False, "group_policy": "balanced", "signature_layers": 4}
 
@@ -161,9 +163,10 @@ def prune(
         verify: reload the result with ``AutoModelForCausalLM`` before moving it into place.
         sparsity / method / schedule / whole_groups / bias_comp / score: dense models (see
             :func:`premoe.dense.plans.make_dense_plan`): the fraction of decoder linear weights removed.
-        refit / refit_data: dense models: re-fit the kept o_proj/down_proj columns and biases by least
-            squares (:mod:`premoe.dense.refit`) on ``refit_data`` or the store's recorded calibration data
-            (``None``, the default: when that data is still there unchanged; ``False``: never).
+        refit / refit_data: re-fit by least squares on ``refit_data`` or the store's recorded calibration
+            data (``None``, the default: when that data is still there unchanged; ``False``: never): MoE
+            models the kept experts' down projections under re-routing (:mod:`premoe.moe.refit`), dense
+            models the kept o_proj/down_proj columns and biases (:mod:`premoe.dense.refit`).
 
     Returns:
         :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`.
@@ -181,7 +184,12 @@ def prune(
     check_keep(info.router, keep, top_k, group_policy)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
-    return export_pruned(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress)
+    weights = refit_for(info, store, the_plan, task, agnostic, refit, refit_data, progress)
+    try:
+        return export_pruned(info, the_plan, out, overwrite=overwrite, verify=verify, progress=progress, refit=weights)
+    finally:
+        if weights is not None:
+            weights.close()
 
 
 def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_groups, bias_comp, agnostic, overwrite, verify,
@@ -349,15 +357,21 @@ def evaluate(
     if store is not None:
         the_plan = plan(info, store, task, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, agnostic=agnostic)
         result.update(task="all-tasks (pooled)" if agnostic else task, keep=keep, scorer=the_plan.scorer, top_k=the_plan.top_k)
+    elif refit or refit_data:
+        raise InputError("--refit/--refit-data apply to a model pruned on the fly (--store, --task, --keep)")
+    weights = None if the_plan is None else refit_for(info, store, the_plan, task, agnostic, refit, refit_data, progress)
+    if the_plan is not None:
+        result["refit"] = the_plan.refit if weights is not None else None
     # transformers loads a whole unquantised model that fits; anything else is built from byte ranges
     by_transformers = (the_plan is None and stream is None and max_memory is None and not info.quant.method
                        and fits(resident_sizes(info)["total"], budget))
-    with ByteReader() as reader:
+    with ByteReader() as reader, contextlib.closing(weights) if weights is not None else contextlib.nullcontext():
         if by_transformers:
             lm = load_model(model, device=device, dtype=dtype)
             net, tokenizer = lm.model, lm.tokenizer
         else:
-            net, lazy = inference_model(info, the_plan, reader, budget=budget, stream=stream, device=resolve_device(device))
+            net, lazy = inference_model(info, the_plan, reader, budget=budget, stream=stream, device=resolve_device(device),
+                                        refit=weights)
             if not lazy:
                 dt = resolve_dtype(dtype)
                 net.to(device=resolve_device(device), dtype=None if dt == "auto" else dt)

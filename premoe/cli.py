@@ -58,6 +58,15 @@ def _add_selection_flags(p, keep_required: bool):
     p.add_argument("--group-policy", default="balanced", choices=("balanced", "flatten"),
                    help="group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k")
     _add_dense_flags(p)
+    r = p.add_argument_group("compensation (MoE and dense)")
+    r.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-fit by least squares so each pruned layer's output matches the dense one on the calibration "
+                        "tokens (the store's recorded data, or --refit-data): MoE models the kept experts' down "
+                        "projections under re-routing, dense models the kept o_proj/down_proj columns and biases; "
+                        "plain weights, vanilla load (default: on when the recorded data is still there unchanged; "
+                        "--no-refit: the published methods)")
+    r.add_argument("--refit-data", nargs="+", metavar="FILE",
+                   help="JSONL texts for --refit, each file weighted equally (default: the data the store was calibrated on)")
 
 
 def _add_dense_flags(p, serving: bool = False):
@@ -74,13 +83,6 @@ def _add_dense_flags(p, serving: bool = False):
                    help="GQA: remove whole KV groups instead of the same number of query heads from every group")
     g.add_argument("--bias-comp", action=argparse.BooleanOptionalAction, default=None,
                    help="FLAP bias compensation of the removed inputs' mean (default: on for flap only)")
-    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-fit the kept o_proj/down_proj columns and biases by least squares so each pruned layer's "
-                        "output matches the dense one on the calibration tokens (the store's recorded data, or "
-                        "--refit-data); plain weights, vanilla load (default: on when the recorded data is still there "
-                        "unchanged)")
-    g.add_argument("--refit-data", nargs="+", metavar="FILE",
-                   help="JSONL texts for --refit, each file weighted equally (default: the data the store was calibrated on)")
     g.add_argument("--score", choices=tuple(DENSE_METRICS),
                    help="importance score (default: the method's; sf = SEAP s_F, sw = Wanda-sp; see README)")
 
@@ -292,7 +294,10 @@ def _run(args) -> int:
                   f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
                   + (" (reload verified)" if args.verify else ""))
             return 0
-        print(f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}) for task {p.task!r}: "
+        fit = p.refit or {}
+        how = (f", {p.scorer}" + (f", re-fitted on {fit['tokens']} tokens" if "tokens" in fit else "")
+               + (f", not re-fitted: {fit['skipped']}" if "skipped" in fit else ""))
+        print(f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}{how}) for task {p.task!r}: "
               f"{_fmt_bytes(res.bytes_written)} of {_fmt_bytes(res.bytes_source)} "
               f"({res.bytes_written / max(res.bytes_source, 1):.1%}) -> {res.out} in {res.seconds:.1f}s"
               + (" (reload verified)" if args.verify else ""))

@@ -403,8 +403,3 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
                  "--sparsity", "0.5", "--out", str(tmp_path / "plain")]) == 0
     assert "not re-fitted: task 'add'" in capsys.readouterr().out
     assert "refit" not in json.loads((tmp_path / "plain" / "config.json").read_text())["premoe"]
-    from premoe.showcase import TINY_MODEL
-
-    assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
-                 "--refit", "--out", str(out)]) == 2
-    assert "--refit applies to dense" in capsys.readouterr().err

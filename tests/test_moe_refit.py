@@ -110,3 +110,65 @@ def test_sweep_shows_refit_rows(tmp_path):
     assert "easyep+refit" in format_summary(r)
     with pytest.raises(InputError, match="refit must be"):
         sweep(tmp_path / "t", tasks=tasks, keeps=[8], scorers=["easyep"], refit="sometimes", progress=False)
+
+
+def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
+    """``premoe prune``'s re-fit of a model larger than memory runs one decoder layer at a time; on a
+    model that fits, it gives the same weights as the whole-model run."""
+    from premoe.api import plan as make_plan
+    from premoe.api import calibrate
+    from premoe.core.data import write_jsonl
+    from premoe.core.modelio import inspect_model, load_tokenizer
+    from premoe.moe.refit import refit_model
+
+    src = family_dir("deepseek_v3")  # group-limited routing, a dense first layer, shared experts
+    rows = samples("add", 24, "calib")
+    calibrate(src, write_jsonl(tmp_path / "a.jsonl", rows), "a", tmp_path / "s", progress=False)
+    info = inspect_model(src)
+    plan = make_plan(info, tmp_path / "s", "a", 4)
+    texts = [[r["prompt"] + r["completion"] for r in rows]]
+    tok = load_tokenizer(info.path)
+    whole = refit_model(info, plan, tok, texts, progress=False, stream=False)
+    layered = refit_model(info, plan, tok, texts, progress=False, stream=True)
+    try:
+        assert whole.experts == layered.experts and whole.experts
+        for layer, experts in whole.experts.items():
+            for e in experts:
+                torch.testing.assert_close(layered.get(layer, e), whole.get(layer, e), rtol=1e-4, atol=1e-5)
+        assert whole.about["tokens"] == layered.about["tokens"] > 0
+    finally:
+        whole.close()
+        layered.close()
+
+
+def test_prune_cli_refits_by_default_and_refuses_bad_refit_input(tmp_path, capsys):
+    """`premoe prune` on an MoE re-fits by default on the store's recorded data and says so; an explicit
+    --refit with changed data, or --refit-data with --no-refit, is a one-line error with nothing written."""
+    import json
+
+    from premoe.cli import main
+    from premoe.core.data import write_jsonl
+    from premoe.showcase import TINY_MODEL
+
+    calib = write_jsonl(tmp_path / "sort.jsonl", samples("sort", 16, "calib"))
+    assert main(["-q", "calibrate", "--model", str(TINY_MODEL), "--data", str(calib), "--task", "sort",
+                 "--store", str(tmp_path / "s")]) == 0
+    args = ["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "sort", "--keep", "8"]
+    assert main([*args, "--out", str(tmp_path / "fit")]) == 0
+    line = capsys.readouterr().out
+    assert "re-fitted on" in line and "tokens" in line
+    refit = json.loads((tmp_path / "fit" / "config.json").read_text())["premoe"]["refit"]
+    assert refit["data"] == "calibration data of sort" and refit["tokens"] > 0
+    assert main([*args, "--no-refit", "--out", str(tmp_path / "plain")]) == 0
+    assert "re-fitted" not in capsys.readouterr().out
+    assert "refit" not in json.loads((tmp_path / "plain" / "config.json").read_text())["premoe"]
+
+    out = tmp_path / "bad"
+    assert main([*args, "--no-refit", "--refit-data", str(calib), "--out", str(out)]) == 2
+    assert "cannot go with --no-refit" in capsys.readouterr().err
+    calib.write_text(calib.read_text() + json.dumps({"text": "sort 21=12"}) + "\n")
+    assert main([*args, "--refit", "--out", str(out)]) == 2
+    assert "changed since calibration; pass --refit-data" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--out", str(out)]) == 0  # the default warns and keeps the plain slice
+    assert "not re-fitted: task 'sort'" in capsys.readouterr().out

@@ -130,6 +130,11 @@ def test_export_keeps_the_format_and_every_kept_expert_bit_for_bit(case, quantiz
     premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS), "t", tmp_path / "s", progress=False)
     res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)  # includes the reload self-check
     out = tmp_path / "out"
+    # premoe does not re-quantise re-fitted experts: the default keeps the plain slice and says so; --refit fails
+    assert "quantised" in res.plan.refit["skipped"] and "--no-refit" in res.plan.refit["skipped"]
+    with pytest.raises(UnsupportedModelError, match="-quantised .*; use --no-refit"):
+        premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out2", progress=False, refit=True)
+    assert not (tmp_path / "out2").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == info.raw_config["quantization_config"]
     new = inspect_model(out)

@@ -133,3 +133,33 @@ class CalibrationData:
         """What the store records about the data."""
         rows = [{"path": str(f.resolve()), "sha256": sha} for f, sha in zip(self.files, self.sha256)]
         return rows[0] if len(rows) == 1 else rows
+
+
+def refit_sources(entries: dict[str, dict], names: list[str], refit_data: list | None) -> tuple[list[list[str]], str]:
+    """The texts a ``--refit`` fits on, one list per equally weighted source, and a description: the
+    ``refit_data`` files (each its own source), else the calibration data the store recorded for each of
+    ``names`` (``entries``: the store's task entries), checked unchanged by sha256.
+
+    Raises:
+        InputError: the store records no data for a task, or the data is gone or changed.
+    """
+    if refit_data:
+        sources = [[r.text for r in CalibrationData.open(f, None, 1, 1).records()] for f in refit_data]
+        return sources, ", ".join(str(f) for f in refit_data)
+    sources = []
+    for name in names:
+        entry = entries[name]
+        rows = entry.get("data")
+        rows = rows if isinstance(rows, list) else [rows]
+        if not rows or any(not isinstance(r, dict) or "path" not in r for r in rows):
+            raise InputError(f"the store does not record task {name!r}'s calibration data; pass --refit-data FILE")
+        files = [Path(r["path"]) for r in rows]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"task {name!r}'s calibration data {f} is gone; pass --refit-data FILE (its texts)")
+        cal = CalibrationData.open(files, entry.get("samples"), 1, 1)
+        if [r.get("sha256") for r in rows] != cal.sha256:
+            raise InputError(f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
+                             "pass --refit-data FILE")
+        sources.append([r.text for r in cal.records()])
+    return sources, ("calibration data of " + ", ".join(names))

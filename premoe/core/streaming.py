@@ -299,10 +299,11 @@ class LayerRunner:
             trim_heap()
 
     def run_layer(self, i: int, batches: list[Batch], store: HiddenStore, before: Callable[[int], None] | None = None,
-                  after: Callable | None = None, built: Callable | None = None) -> int:
+                  after: Callable | None = None, built: Callable | None = None, done: Callable | None = None) -> int:
         """Build decoder layer ``i``, push every batch through it, free it; returns the bytes it held.
-        ``built(i, layer)`` runs once the layer is built, ``before(b)`` before batch ``b`` enters it and
-        ``after(i + 1, b, hidden)`` with what leaves it."""
+        ``built(i, layer)`` runs once the layer is built, ``before(b)`` before batch ``b`` enters it,
+        ``after(i + 1, b, hidden)`` with what leaves it and ``done(i, layer)`` after the last batch, before
+        the layer is freed."""
         layer = self.layers[i]
         held = self.build(layer)
         try:
@@ -323,6 +324,8 @@ class LayerRunner:
                 if after is not None:
                     after(i + 1, b, out)
                 store.put(b, out)
+            if done is not None:
+                done(i, layer)
         finally:
             release(layer)
             trim_heap()
@@ -331,11 +334,13 @@ class LayerRunner:
     def run(self, batches: list[Batch], hidden_budget: int, before: Callable[[int], None] | None = None,
             progress: bool = True, desc: str = "stream", offload_dir: str | None = None, *,
             after: Callable[[int, int, torch.Tensor], None] | None = None,
-            built: Callable[[int, nn.Module], None] | None = None) -> dict[str, int]:
+            built: Callable[[int, nn.Module], None] | None = None,
+            done: Callable[[int, nn.Module], None] | None = None) -> dict[str, int]:
         """Every batch through every layer; returns what it held at most and what spilled to disk.
 
         ``after(depth, b, hidden)``: the hidden states of batch ``b`` after the embeddings (depth 0) and
-        after each decoder layer (depth i + 1); ``built(i, layer)``: decoder layer ``i`` while it is built.
+        after each decoder layer (depth i + 1); ``built(i, layer)``: decoder layer ``i`` once it is built;
+        ``done(i, layer)``: the same layer once every batch has passed it, before it is freed.
         """
         store = HiddenStore(hidden_budget, offload_dir)
         largest = 0
@@ -345,7 +350,7 @@ class LayerRunner:
             if batches:
                 self.check_independent(batches[0], store.get(0).to(self.device))
             for i in range(len(self.layers)):
-                largest = max(largest, self.run_layer(i, batches, store, before, after, built))
+                largest = max(largest, self.run_layer(i, batches, store, before, after, built, done))
                 bar.set_postfix(read=f"{self.reader.bytes_read / 2**20:.0f}MB", refresh=False)
                 bar.update(1)
         finally:

@@ -49,36 +49,13 @@ def weights_from_checkpoint(info: DenseInfo, reader: ByteReader):
 
 def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: bool,
                   refit_data: list[str | Path] | None) -> tuple[list[list[str]], str]:
-    """The texts ``--refit`` fits on, one list per equally weighted source, and a description: the
-    ``refit_data`` files (each its own source), else the calibration data the store recorded for the
-    plan's statistics (the task's own for SEAP; every task's for the pooled methods), checked unchanged."""
-    from premoe.core.data import CalibrationData
+    """The texts ``--refit`` fits on (:func:`premoe.core.data.refit_sources`): ``refit_data``, else the
+    calibration data the store recorded for the plan's statistics (the task's own for SEAP; every
+    task's for the pooled methods)."""
+    from premoe.core.data import refit_sources as recorded
 
-    if refit_data:
-        sources = []
-        for f in refit_data:
-            cal = CalibrationData.open(f, None, 1, 1)
-            sources.append([r.text for r in cal.records()])
-        return sources, ", ".join(str(f) for f in refit_data)
     own = METHODS[method].source == "task" and not agnostic
-    names = [task] if own else sorted(st.tasks)
-    sources = []
-    for name in names:
-        entry = st.tasks[name]
-        rows = entry.get("data")
-        rows = rows if isinstance(rows, list) else [rows]
-        if not rows or any(not isinstance(r, dict) or "path" not in r for r in rows):
-            raise InputError(f"the store does not record task {name!r}'s calibration data; pass --refit-data FILE")
-        files = [Path(r["path"]) for r in rows]
-        for f in files:
-            if not f.is_file():
-                raise InputError(f"task {name!r}'s calibration data {f} is gone; pass --refit-data FILE (its texts)")
-        cal = CalibrationData.open(files, entry.get("samples"), 1, 1)
-        if [r.get("sha256") for r in rows] != cal.sha256:
-            raise InputError(f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
-                             "pass --refit-data FILE")
-        sources.append([r.text for r in cal.records()])
-    return sources, ("calibration data of " + ", ".join(names))
+    return recorded(st.tasks, [task] if own else sorted(st.tasks), refit_data)
 
 
 def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+import torch
+
 from premoe._version import __version__
-from premoe.core.checkpoint import OutTensor
+from premoe.core.checkpoint import TORCH_DTYPES, OutTensor
 from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
 from premoe.core.modelio import ModelInfo
 from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.plans import PrunePlan
+from premoe.moe.refit import RefitWeights, down_targets
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
@@ -44,14 +47,27 @@ class ExportResult:
     dropped: list[str] = field(default_factory=list)
 
 
-def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], list[str]]:
+def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit: RefitWeights):
+    """A fused down_proj tensor's kept rows, the re-fitted experts' from ``refit``, the others' from the source."""
+    t = info.checkpoint.tensors[name]
+
+    def make():
+        rows = [refit.get(layer, e) if refit.has(layer, e) else info.checkpoint.tensor(name, [e])[0] for e in ids]
+        return torch.stack(rows).to(TORCH_DTYPES[t.dtype])
+
+    return make
+
+
+def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = None) -> tuple[list[OutTensor], list[str]]:
     """The output tensors (as source byte ranges), in source order, and the keys dropped outright.
 
     Per-expert keys (and their quantisation scales) of kept experts are renumbered 0..N-1 where the
     expert id sits in the key; fused expert tensors, router rows and biases (and scales with an
     expert dimension) are sliced along it. Zero-computation experts keep their slots after the kept
-    experts. Everything else is copied as it is.
+    experts. Everything else is copied as it is. With ``refit`` the kept experts' down projections it
+    holds replace the source's (:mod:`premoe.moe.refit`).
     """
+    down = down_targets(info) if refit is not None else {}
     out, dropped = [], []
     slots = {layer: info.slots(ids) for layer, ids in plan.kept.items()}
     position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in slots.items()}
@@ -65,7 +81,12 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], lis
             new = position[role.layer].get(role.expert)
             if new is not None:
                 a, b = role.span
-                out.append(OutTensor(f"{name[:a]}{new}{name[b:]}", t.dtype, t.shape, whole))
+                renamed = f"{name[:a]}{new}{name[b:]}"
+                if role.target == down.get(role.layer) and not role.companion and refit.has(role.layer, role.expert):
+                    get = (lambda layer=role.layer, e=role.expert, dt=TORCH_DTYPES[t.dtype]: refit.get(layer, e).to(dt))
+                    out.append(OutTensor(renamed, t.dtype, t.shape, make=get))
+                else:
+                    out.append(OutTensor(renamed, t.dtype, t.shape, whole))
         elif role.kind == "router" and t.shape:
             dim = role.dim if t.shape[role.dim] == info.router.width else 0
             ids = slots[role.layer]
@@ -74,7 +95,11 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan) -> tuple[list[OutTensor], lis
         elif role.kind == "fused" and t.shape:
             ids = slots[role.layer] if role.rows == 0 else plan.kept[role.layer]
             per = max(role.rows, 1)  # rows per expert (per router slot), of this tensor or scale
-            out.append(OutTensor(name, t.dtype, (len(ids) * per, *t.shape[1:]), t.rows(ids, per)))
+            shape = (len(ids) * per, *t.shape[1:])
+            if role.target == down.get(role.layer) and not role.companion and refit.experts.get(role.layer):
+                out.append(OutTensor(name, t.dtype, shape, make=_refitted_rows(info, name, ids, role.layer, refit)))
+            else:
+                out.append(OutTensor(name, t.dtype, shape, t.rows(ids, per)))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, whole))
     return out, dropped
@@ -97,6 +122,8 @@ def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dic
         "kept_experts": {str(k): v for k, v in plan.kept.items()},
         "source_router_sha256": plan.source.get("router_sha256"),
     }
+    if plan.refit:
+        cfg["premoe"]["refit"] = plan.refit
     return cfg
 
 
@@ -165,12 +192,14 @@ def export_pruned(
     verify: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    refit: RefitWeights | None = None,
 ) -> ExportResult:
-    """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically)."""
+    """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically); ``refit``: the kept
+    experts' re-fitted down projections (:func:`premoe.moe.refit.refit_streamed`)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_out_dir(out, info.path, overwrite)
-    tensors, dropped = plan_tensors(info, plan)
+    tensors, dropped = plan_tensors(info, plan, refit)
     with staging_dir(out) as tmp:
         total = write_weights(tmp, tensors, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")

@@ -43,6 +43,7 @@ class PrunePlan:
     task: str | None = None
     scorer: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    refit: dict[str, Any] | None = None  # how the kept experts were re-fitted (premoe.moe.refit), if they were
 
     @property
     def keep(self) -> int:

@@ -21,11 +21,17 @@ zero-computation experts; other layouts are refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from premoe.errors import InputError, UnsupportedModelError
@@ -47,10 +53,10 @@ def check_supported(experts: nn.Module | None, spec: RouterSpec, weight_on_input
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e``'s intermediate activation [N, I] (what its down projection takes)."""
     up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-    up_w = getattr(experts, up_name)
-    h = x @ up_w[e] if experts.is_transposed else F.linear(x, up_w[e])
+    up_w = getattr(experts, up_name)[e].to(x.dtype)
+    h = x @ up_w if experts.is_transposed else F.linear(x, up_w)
     if experts.has_bias:
-        h = h + getattr(experts, f"{up_name}_bias")[e]
+        h = h + getattr(experts, f"{up_name}_bias")[e].to(x.dtype)
     return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
 
 
@@ -115,8 +121,7 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     kept = sorted(kept)
     if len(kept) >= E:
         return {}
-    dt = experts.down_proj.dtype
-    x = h.to(experts.down_proj.device, dt)
+    x = h.to(experts.down_proj.device, torch.float32)  # in float32 whatever the weights' dtype
     bias = layer.selection_bias()
     idx_d, w_d = route(logits.to(x.device), spec, bias=bias, scaled=True)
     T = x.shape[0]
@@ -157,6 +162,12 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
 
 
 
+def pruned_routing(spec: RouterSpec, plan) -> RouterSpec:
+    """How the model ``plan`` builds routes: its experts, top-k and expert groups."""
+    return dataclasses.replace(spec, num_experts=plan.keep, top_k=plan.top_k, n_group=plan.n_group,
+                               topk_group=plan.topk_group)
+
+
 def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec,
                   lam: float = LAM, sweeps: int = SWEEPS) -> int:
     """Re-fit the kept experts of ``net`` (the model ``plan`` built, kept experts at their ascending
@@ -167,12 +178,218 @@ def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
     for pos, (dense, pruned) in enumerate(zip(dense_layers, find_moe_layers(net, arch))):
         check_supported(dense.experts, spec, arch.weight_on_input, arch.name)
         kept = sorted(plan.kept[dense.index])
-        pruned_spec = dataclasses.replace(spec, num_experts=len(kept), top_k=plan.top_k, n_group=plan.n_group,
-                                          topk_group=plan.topk_group)
-        new = refit_layer(dense, *captured[pos], kept, spec, lam, sweeps, pruned_spec)
+        new = refit_layer(dense, *captured[pos], kept, spec, lam, sweeps, pruned_routing(spec, plan))
         with torch.no_grad():
             for e, wt in new.items():
                 target = down_weight(pruned.experts, kept.index(e))
                 target.copy_(wt.to(target.dtype))
         changed += bool(new)
     return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# premoe prune --refit: streamed, one decoder layer in memory at a time
+
+
+class RefitWeights:
+    """Re-fitted down projections of the kept experts, spilled to disk one layer per safetensors file
+    (removed with this object): :meth:`get` gives expert ``e`` of ``layer`` in the in-memory layout of
+    ``experts.down_proj[e]`` and the model's dtype."""
+
+    def __init__(self, about: dict[str, Any]):
+        self.directory = tempfile.TemporaryDirectory(prefix="premoe-moe-refit-")
+        self.about = about
+        self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
+
+    def put(self, layer: int, weights: dict[int, torch.Tensor]) -> None:
+        if weights:
+            save_file({str(e): w.contiguous() for e, w in weights.items()}, self._file(layer))
+            self.experts[layer] = sorted(weights)
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        with safe_open(self._file(layer), "pt") as f:
+            return f.get_tensor(str(expert))
+
+    def has(self, layer: int | None, expert: int | None) -> bool:
+        return expert in self.experts.get(layer, ())
+
+    def _file(self, layer: int) -> str:
+        return str(Path(self.directory.name) / f"layer{layer}.safetensors")
+
+    def close(self) -> None:
+        self.directory.cleanup()
+
+
+def pick_texts(tok, sources: Sequence[Sequence[str]], tokens: int, max_length: int) -> list[str]:
+    """Texts in order from each source until it has given an equal share of ``tokens``."""
+    share = -(-tokens // max(len(sources), 1))
+    out = []
+    for texts in sources:
+        got = 0
+        for text in texts:
+            if got >= share:
+                break
+            out.append(text)
+            got += len(tok(text, truncation=True, max_length=max_length)["input_ids"])
+    return out
+
+
+def down_targets(info) -> dict[int, str]:
+    """Per MoE layer, the in-memory name of its experts' fused ``down_proj``, where the checkpoint holds it
+    as per-expert keys or as a fused tensor in the in-memory layout (what ``--refit`` can rewrite).
+
+    Raises:
+        UnsupportedModelError: a layer's down projections are stored any other way.
+    """
+    out = {}
+    for layer, names in info.layout.moe.items():
+        target = next((n for n in names["experts"] if n.endswith(".down_proj")), None)
+        src = info.layout.sources.get(target) if target else None
+        if src is None or src.kind not in ("split", "fused") or src.converter is not None:
+            raise UnsupportedModelError(f"--refit rewrites the experts' down projections, but {info.spec.name} stores "
+                                        f"layer {layer}'s in a layout premoe does not rewrite; use --no-refit")
+        out[layer] = target
+    return out
+
+
+def check_refit_model(info) -> None:
+    """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
+    if info.quant.method:
+        raise UnsupportedModelError(f"--refit writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
+                                    "and premoe does not re-quantise them; use --no-refit")
+    if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
+        raise UnsupportedModelError(f"--refit re-fits experts routed by output weight in transformers' fused experts "
+                                    f"interface; {info.spec.name}'s experts are laid out otherwise; use --no-refit")
+
+
+def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str = "", tokens: int = TOKENS,
+                lam: float = LAM, sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
+                device: torch.device | None = None, progress: bool = True, reader=None,
+                stream: bool | None = None) -> RefitWeights:
+    """Re-fit the kept experts of every MoE layer of ``plan`` on up to ``tokens`` calibration tokens per
+    layer from ``sources`` (texts, equal shares): the dense model's MoE-block inputs and router logits
+    are recorded and each layer is re-fitted (:func:`refit_layer`), its new weights spilled to disk.
+
+    A model that fits in memory is built whole (``stream``: force either way); a larger one runs one
+    decoder layer at a time, each built from the checkpoint and re-fitted before it is freed. Memory
+    then: one decoder layer, one layer's recorded tokens and the hidden states (spilled to disk past
+    the machine's memory budget).
+    """
+    from premoe.core.memory import fits, memory_budget
+    from premoe.moe.streaming import resident_sizes
+
+    check_refit_model(info)
+    texts = pick_texts(tok, sources, tokens, max_length)
+    if not texts:
+        raise InputError("the refit data has no texts; pass --refit-data FILE or use --no-refit")
+    out = RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps})
+    routing = pruned_routing(info.router, plan)
+
+    def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor) -> None:
+        check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
+        out.about["tokens"] = len(h)
+        new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing)
+        dt = m.experts.down_proj.dtype
+        out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()})
+
+    budget = memory_budget(None)
+    try:
+        if stream is False or (stream is None and fits(resident_sizes(info)["total"], budget)):
+            _refit_in_memory(info, tok, texts, tokens, solve, reader, progress)
+        else:
+            _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress)
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _refit_in_memory(info, tok, texts, tokens, solve, reader, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from premoe.core.checkpoint import ByteReader
+    from premoe.moe.arch import find_moe_layers
+    from premoe.moe.selective import build_model
+
+    with contextlib.nullcontext(reader) if reader is not None else ByteReader() as r:
+        model = build_model(info, None, r)
+    layers = find_moe_layers(model, info.spec)
+    captured = capture(model, layers, info.router, tok, texts, tokens)
+    for m, (h, z) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
+        solve(m, h, z)
+
+
+def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
+    from premoe.core.streaming import activation_bytes, hidden_room
+    from premoe.moe.observe import _batches
+    from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = make_batches(_batches(tok, texts, batch_size, max_length, False), pad)
+    stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1)
+    moe = {m.index: m for m in stream.moe}
+    got: dict[int, tuple[list, list]] = {}
+    mask: dict[str, torch.Tensor] = {}
+    spec = info.router
+    hooks = []
+    for m in stream.moe:
+        def hook(mod, args, output, index=m.index):
+            logits = output[spec.logits_at] if isinstance(output, (tuple, list)) else output
+            keep = mask["m"].to(logits.device)
+            h, z = got.setdefault(index, ([], []))
+            h.append(args[0].reshape(-1, args[0].shape[-1])[keep].detach().float().cpu())
+            z.append(logits.reshape(-1, logits.shape[-1])[keep].detach().float().cpu())
+        hooks.append(m.router.register_forward_hook(hook))
+
+    def before(b: int) -> None:
+        mask["m"] = batches[b].counted
+
+    def done(i: int, layer) -> None:
+        if i in moe:
+            h, z = got.pop(i)
+            solve(moe[i], torch.cat(h)[:tokens], torch.cat(z)[:tokens])
+
+    room = hidden_room(resident_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), budget)
+    try:
+        stream.run(batches, room, before, progress=progress, desc="refit (streamed)", done=done)
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool | None,
+              refit_data: Sequence | None = None, progress: bool = True) -> RefitWeights | None:
+    """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan`` (recorded in ``plan.refit``).
+
+    ``refit``: ``False`` never; ``True`` always (a one-line error when it cannot); ``None`` (the default)
+    when it can: the data (``refit_data``, else the calibration data the store recorded for the task, or
+    for every task with ``agnostic``) is still there unchanged and the checkpoint's experts can be
+    rewritten, else a warning and the plain slice. A plan that keeps every expert needs nothing.
+    """
+    import logging
+
+    from premoe.core.data import refit_sources
+    from premoe.core.modelio import load_tokenizer
+    from premoe.core.store import PatternStore
+    from premoe.errors import PremoeError
+
+    if refit is False:
+        if refit_data:
+            raise InputError("--refit-data cannot go with --no-refit")
+        return None
+    if all(len(v) >= info.num_experts for v in plan.kept.values()):
+        return None  # every expert kept: nothing to correct
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    try:
+        check_refit_model(info)
+        down_targets(info)
+        sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], refit_data)
+        weights = refit_model(info, plan, load_tokenizer(info.path), sources, about=about, progress=progress)
+    except PremoeError as e:
+        if refit:
+            raise
+        logging.getLogger(__name__).warning("not re-fitting the kept experts: %s", e)
+        plan.refit = {"skipped": str(e)}
+        return None
+    plan.refit = dict(weights.about)
+    return weights

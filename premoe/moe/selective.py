@@ -88,11 +88,15 @@ class Materializer:
         routers: full router tensors already in memory ({layer: {in-memory name: tensor}}); their rows
             are sliced from memory instead of read again.
         dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
+        refit: re-fitted down projections of kept experts (:class:`premoe.moe.refit.RefitWeights`) that
+            replace the checkpoint's.
     """
 
     def __init__(self, info: ModelInfo, plan: PrunePlan | None, reader: ByteReader,
-                 routers: dict[int, dict[str, torch.Tensor]] | None = None, dtype: torch.dtype | None = None):
+                 routers: dict[int, dict[str, torch.Tensor]] | None = None, dtype: torch.dtype | None = None,
+                 refit=None):
         self.info = info
+        self.refit = refit
         self.plan = plan
         self.reader = reader
         self.routers = routers
@@ -210,7 +214,13 @@ class Materializer:
     def expert_rows(self, name: str, experts: list[int]) -> torch.Tensor:
         """The expert tensor ``name`` holding only ``experts`` (original ids), in that order; tensors
         indexed by router slot also get the zero-computation experts' rows."""
-        return self.rows(name, self.info.slots(experts) if self.slot_indexed(name) else list(experts))
+        value = self.rows(name, self.info.slots(experts) if self.slot_indexed(name) else list(experts))
+        layer = self.expert_names[name][0]
+        if self.refit is not None and self.refit.experts.get(layer) and name.endswith(".down_proj"):
+            for j, e in enumerate(experts):
+                if self.refit.has(layer, e):
+                    value[j].copy_(self.refit.get(layer, e))
+        return value
 
     def dtype_of(self, name: str) -> torch.dtype:
         src = self.info.layout.sources[name]
@@ -336,6 +346,7 @@ def build_model(
     base_only: bool = False,
     defer_experts: bool = False,
     dtype: torch.dtype | None = None,
+    refit=None,
 ) -> nn.Module:
     """A causal LM built from ``info``'s checkpoint, reading only what it needs.
 
@@ -372,7 +383,7 @@ def build_model(
     skip = {id(x) for mod in expert_mods for x in mod.modules()}
     if base_only:
         skip |= {id(x) for x in model.get_output_embeddings().modules()} if model.get_output_embeddings() is not None else set()
-    Materializer(info, plan, reader, routers, dtype).fill(model, skip=skip)
+    Materializer(info, plan, reader, routers, dtype, refit).fill(model, skip=skip)
     if not base_only:
         model.tie_weights()
     finish_buffers(model)

@@ -152,11 +152,12 @@ class _Residency:
 
 
 def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | None = None, stream: bool | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[nn.Module, bool]:
+                    dtype: torch.dtype | None = None, device: torch.device | None = None, refit=None) -> tuple[nn.Module, bool]:
     """The model of ``info`` (pruned to ``plan``) for generation or log-likelihoods: built whole when it
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
     either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
-    is returned on the CPU. Returns ``(model, lazy)``.
+    is returned on the CPU. ``refit``: re-fitted down projections of the kept experts
+    (:class:`premoe.moe.refit.RefitWeights`). Returns ``(model, lazy)``.
 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.
@@ -167,7 +168,7 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
     sizes = resident_sizes(info, plan=plan)
     lazy = stream if stream is not None else not fits(sizes["total"], budget)
     if not lazy:
-        return build_model(info, plan, reader, dtype=dtype), False
+        return build_model(info, plan, reader, dtype=dtype, refit=refit), False
     if sizes["largest_layer"] + sizes["outside"] > budget:
         raise InputError(
             f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "
@@ -176,11 +177,11 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
         )
     log.info("the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
              sizes["total"] / 2**20, budget / 2**20)
-    return lazy_model(info, plan, reader, budget - sizes["outside"], dtype, device), True
+    return lazy_model(info, plan, reader, budget - sizes["outside"], dtype, device, refit), True
 
 
 def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: torch.dtype | None = None,
-               device: torch.device | None = None) -> nn.Module:
+               device: torch.device | None = None, refit=None) -> nn.Module:
     """The causal LM of ``info`` (pruned to ``plan``) with everything but its decoder layers loaded, and
     the layers loaded on demand within ``budget`` bytes (:func:`lazy_layers`): generation and
     log-likelihoods for a model larger than memory, reading each layer once per forward pass. It runs
@@ -189,7 +190,7 @@ def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: to
 
     device = device or torch.device("cpu")
     model = skeleton(model_config(info, plan))
-    mat = Materializer(info, plan, reader, dtype=dtype)
+    mat = Materializer(info, plan, reader, dtype=dtype, refit=refit)
     skip = {id(x) for layer in decoder_layers(model) for x in layer.modules()}
     mat.fill(model, skip=skip)
     model.tie_weights()
