@@ -147,10 +147,10 @@ def run(args, work: Path) -> dict:
         drop_cache(model)
         steps[name] = peak_rss_of(py + ["calibrate", "--model", str(model), "--data", str(data), "--task", "t",
                                         "--store", str(work / store), *extra], limit)
-    for name, extra in (("prune --no-refit", ["--no-refit"]), ("prune (default)", [])):
+    for name, out, extra in (("prune --no-refit", "plain", ["--no-refit"]), ("prune (default)", "refit", [])):
         drop_cache(model)
         steps[name] = peak_rss_of(py + ["prune", "--model", str(model), "--store", str(work / "default"), "--task", "t",
-                                        "--keep", str(args.keep), "--out", str(work / name.split()[1]), *extra], limit)
+                                        "--keep", str(args.keep), "--out", str(work / out), "--overwrite", *extra], limit)
     for st in steps.values():
         if st["returncode"]:
             print(st["stderr"][-2000:], file=sys.stderr)

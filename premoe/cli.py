@@ -23,7 +23,9 @@ def _add_calibrate(sub):
                    help="JSONL ({\"text\"} or {\"prompt\",\"completion\"} per line) or .txt file; several are pooled")
     p.add_argument("--task", required=True, help="task name in the store")
     p.add_argument("--store", required=True, help="pattern-store directory (created if missing)")
-    p.add_argument("--scorer", default="tcess", choices=SCORER_NAMES, help="the task's default scorer (default tcess)")
+    p.add_argument("--scorer", choices=SCORER_NAMES,
+                   help="the task's default scorer (default easyep where the experts can be run one by one, else tcess; "
+                        "router statistics are always recorded, so --scorer tcess at prune time needs no recalibration)")
     p.add_argument("--all-stats", action="store_true",
                    help="also compute every other scorer's statistics in this pass (expert outputs, weights)")
     p.add_argument("--max-samples", type=int, help="use at most this many samples")
@@ -144,6 +146,11 @@ def _add_sweep(sub):
                         "calibration data (rows <method>+refit): dense models re-fit the kept o_proj/down_proj columns "
                         "(default both); MoE models the kept experts' down_proj under re-routing (task-specific rows; "
                         "default off)")
+    p.add_argument("--compensate", nargs="+", choices=("refit", "scale", "merge", "merge+refit"),
+                   help="MoE models: also evaluate each compensation for the removed experts (rows <scorer>+<method>): "
+                        "refit (least-squares down_proj under re-routing), scale (one least-squares output scale per "
+                        "kept expert), merge (removed experts folded into their closest kept one, frequency-weighted), "
+                        "merge+refit; task-specific rows, model in memory")
     p.add_argument("--calib-samples", type=int, default=64, help="built-in suite: calibration samples per task")
     p.add_argument("--eval-samples", type=int, default=100, help="built-in suite: held-out samples per task")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -350,7 +357,8 @@ def _run(args) -> int:
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,
                     calib_samples=args.calib_samples, eval_samples=args.eval_samples, progress=progress,
                     stream=args.stream, max_memory=args.max_memory, sparsities=args.sparsities, methods=args.methods,
-                    schedule=args.schedule, count=args.count, refit=args.refit)
+                    schedule=args.schedule, count=args.count, refit=args.refit,
+                    compensate=args.compensate)
         if "methods" in res:  # dense
             from premoe.dense.sweep import format_dense_summary
 

@@ -1,7 +1,9 @@
 """``premoe demo``: both halves of premoe on the shipped tiny models and the built-in task suite.
 
-MoE (PreMoe): calibrates every built-in task (TCESS), a task-agnostic pattern (all tasks' samples
-pooled) and a seeded random pattern on the shipped tiny MoE; prunes it to several keep counts.
+MoE (PreMoe): calibrates every built-in task, a task-agnostic pattern (all tasks' samples pooled) and a
+seeded random pattern on the shipped tiny MoE; prunes it to several keep counts with ``premoe prune``'s
+defaults (EASY-EP selection, the kept experts re-fitted on the task's calibration data) and as the
+paper does (TCESS, no re-fit), task-specific and pooled.
 
 Dense (SEAP): calibrates every built-in task on the shipped tiny dense Llama (GQA) and prunes it to
 several sparsities with SEAP (each task's own statistics), SEAP-gen (all tasks pooled), Wanda-sp,
@@ -40,7 +42,8 @@ DENSE_METHODS = {
 }
 DENSE_SPARSITIES = (0.2, 0.5)
 METHODS = {
-    "tcess": "TCESS, task-specific",
+    "default": "default: EASY-EP + re-fit",
+    "tcess": "TCESS, --no-refit (paper)",
     "agnostic": "TCESS, all tasks pooled",
     "random": "random",
 }
@@ -81,7 +84,7 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     evals = {t: samples(t, eval_samples, "eval") for t in tasks}
     calib = {t: samples(t, calib_samples, "calib") for t in tasks}
     store = work / "store"
-    steps = len(tasks) + 2 + len(tasks) + len(keeps) * (len(tasks) + 2)
+    steps = len(tasks) + 2 + len(tasks) + len(keeps) * (2 * len(tasks) + 2)
     bar = tqdm(total=steps, desc="demo", unit="step", disable=not progress)
 
     def step(desc: str):
@@ -110,12 +113,14 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     prune_times = []
     for keep in keeps:
         for method in METHODS:
-            pattern_for = {t: t if method == "tcess" else (AGNOSTIC if method == "agnostic" else RANDOM) for t in tasks}
+            own = method in ("default", "tcess")
+            pattern_for = {t: t if own else (AGNOSTIC if method == "agnostic" else RANDOM) for t in tasks}
+            options = {} if method == "default" else {"refit": False, "scorer": None if method == "random" else "tcess"}
             acc, nbytes = {}, 0
             for pattern in dict.fromkeys(pattern_for.values()):
-                out = work / "models" / f"{pattern}-{keep}"
+                out = work / "models" / f"{pattern}-{keep}{'-default' if method == 'default' else ''}"
                 t0 = time.perf_counter()
-                res = prune(model, store, pattern, keep, out, overwrite=True, progress=False)
+                res = prune(model, store, pattern, keep, out, overwrite=True, progress=False, **options)
                 prune_times.append(time.perf_counter() - t0)
                 nbytes = res.bytes_written
                 pruned = load_model(out, device="cpu", dtype=torch.float32)

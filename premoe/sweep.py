@@ -60,6 +60,7 @@ def sweep(
     schedule: str | None = None,
     count: str | None = None,
     refit: str | None = None,
+    compensate: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and write results and pictures into ``out`` (a dense model: see
     :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
@@ -79,8 +80,12 @@ def sweep(
             ``adaptive``) so criteria are compared on the same structure (default: each method's own).
         count: dense models: ``written`` (default; sparsity as ``premoe prune`` writes the checkpoint,
             padded plans made sparser in memory to match) or ``memory`` (as the papers count).
-        refit: dense models: ``both`` (default), ``on`` or ``off``: every method also with its kept
-            columns re-fitted by least squares (:mod:`premoe.dense.refit`).
+        refit: ``both``, ``on`` or ``off``: every method also (or only) with its kept weights re-fitted by
+            least squares (dense: :mod:`premoe.dense.refit`, default both; MoE: :mod:`premoe.moe.refit`,
+            task-specific rows only, default off).
+        compensate: MoE models: compensation methods each added as ``<scorer>+<method>`` rows, from
+            :data:`premoe.moe.compensate.COMPENSATIONS` (``refit``, ``scale``, ``merge``, ``merge+refit``);
+            ``refit="on"`` drops the plain rows.
     """
     from premoe.showcase import TINY_MODEL
 
@@ -95,17 +100,25 @@ def sweep(
     if model_kind(model) == "dense":
         from premoe.dense.sweep import sweep_dense
 
-        if keeps or scorers or stream or max_memory:
-            raise InputError("--keep/--scorers/--stream/--max-memory apply to MoE models; for a dense model use "
-                             "--sparsities and --methods")
+        if keeps or scorers or stream or max_memory or compensate:
+            raise InputError("--keep/--scorers/--stream/--max-memory/--compensate apply to MoE models; for a dense "
+                             "model use --sparsities and --methods")
         return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
                            schedule=schedule, count=count or "written", refit=refit or "both")
     if sparsities or methods or schedule or count:
         raise InputError("--sparsities/--methods/--schedule/--count apply to dense models; for an MoE model use --keep "
                          "and --scorers")
-    variants = {None: [False], "off": [False], "on": [True], "both": [False, True]}.get(refit)
+    from premoe.moe.compensate import COMPENSATIONS
+
+    variants = {None: [None], "off": [None], "on": ["refit"], "both": [None, "refit"]}.get(refit)
     if variants is None:
         raise InputError(f"refit must be 'off', 'on' or 'both', got {refit!r}")
+    bad = [c for c in compensate or [] if c not in COMPENSATIONS]
+    if bad:
+        raise InputError(f"unknown compensation(s) {bad}; choose from {', '.join(COMPENSATIONS)}")
+    if compensate:
+        variants = list(dict.fromkeys([v for v in variants if refit != "on" or v] + list(compensate)))
+    compensated = any(variants)
     scorers = scorers or list(SCORERS)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:
@@ -118,9 +131,9 @@ def sweep(
     info = inspect_model(model)
     budget = memory_budget(max_memory)
     in_memory = stream is not True and not info.quant.method and fits(resident_sizes(info)["total"], budget)
-    if True in variants and not in_memory:
-        raise InputError("--refit in an MoE sweep needs the model in memory (it re-fits the experts it evaluates); "
-                         "drop --stream/--max-memory or use --refit off")
+    if compensated and not in_memory:
+        raise InputError("--refit/--compensate in an MoE sweep need the model in memory (they change the experts they "
+                         "evaluate); drop --stream/--max-memory or use --refit off")
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
 
@@ -155,7 +168,7 @@ def sweep(
             dense[name] = exact_match(net, tok, evals[name], progress=False)
             bar.update(1)
     captured, dense_layers = {}, None
-    if True in variants:  # each task's calibration tokens through the dense model, once (premoe.moe.refit)
+    if compensated:  # each task's calibration tokens through the dense model, once (premoe.moe.refit)
         from premoe.core.data import CalibrationData
         from premoe.moe.refit import TOKENS, capture
 
@@ -172,7 +185,7 @@ def sweep(
     runs = [(s, m, r) for s, m in configs for r in variants if not (r and m == "agnostic")]
     bar.total = len(tasks) * 2 + len(runs) * len(keeps)
     for scorer, mode, fit in runs:
-        label = scorer + ("+refit" if fit else "")
+        label = scorer + (f"+{fit}" if fit else "")
         for keep in keeps:
             for name in tasks:
                 pattern = patterns[name] if mode == "specific" else pooled
@@ -182,9 +195,7 @@ def sweep(
                     with ByteReader() as reader:
                         net = network(plan, reader)
                         if fit:
-                            from premoe.moe.refit import refit_pruned_
-
-                            refit_pruned_(net, info.spec, plan, dense_layers, captured[name], info.router)
+                            COMPENSATIONS[fit](net, info.spec, plan, dense_layers, captured[name], info.router)
                         cache[key] = exact_match(net, tok, evals[name], progress=False)
                 acc = cache[key]
                 rows.append({"scorer": label, "mode": mode, "keep": keep, "task": name, "accuracy": acc,
@@ -196,7 +207,7 @@ def sweep(
     result = {
         "model": model_label, "experts": E, "top_k": K, "moe_layers": len(info.moe_layers), "tasks": list(tasks),
         "keeps": keeps, "scorers": list(dict.fromkeys(r["scorer"] for r in rows)), "dense": dense, "rows": rows,
-        "summary": summary, "refit": refit or "off",
+        "summary": summary, "refit": refit or "off", "compensate": [v for v in variants if v],
         "calib_samples": calib_samples, "eval_samples": eval_samples,
     }
     result["seconds"] = time.perf_counter() - t_start
@@ -242,7 +253,8 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
 
     names = []
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    colors = dict(zip(result["scorers"], plt.get_cmap("tab10").colors))
+    palette = plt.get_cmap("tab10" if len(result["scorers"]) <= 10 else "tab20").colors
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(result["scorers"])}
     for scorer in result["scorers"]:
         for mode, style in (("specific", "-"), ("agnostic", "--")):
             pts = sorted((r["keep"], 100 * r["retention"]) for r in result["summary"] if r["scorer"] == scorer and r["mode"] == mode)
@@ -304,10 +316,11 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
 
 def format_summary(result: dict) -> str:
     keeps = result["keeps"]
-    lines = [f"{'scorer':<14} {'mode':<9} " + " ".join(f"{k:>6}" for k in keeps)]
+    w = max([14, *(len(s) for s in result["scorers"])])
+    lines = [f"{'scorer':<{w}} {'mode':<9} " + " ".join(f"{k:>6}" for k in keeps)]
     by = {(r["scorer"], r["mode"], r["keep"]): r["retention"] for r in result["summary"]}
     for scorer in result["scorers"]:
         for mode in ("specific", "agnostic"):
             if (scorer, mode, keeps[0]) in by:
-                lines.append(f"{scorer:<14} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps))
+                lines.append(f"{scorer:<{w}} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps))
     return "\n".join(lines)

@@ -65,11 +65,11 @@ def test_samples_are_streamed_not_loaded_up_front(family_dir):
 
 def test_k_and_r_are_recorded_and_change_scores(family_dir, tmp_path, small_data):
     src = family_dir("qwen3_moe")  # renormalises over the chosen experts
-    a = premoe.calibrate(src, small_data, "a", tmp_path / "s", progress=False)
-    b = premoe.calibrate(src, small_data, "b", tmp_path / "s", r=0.5, progress=False)
+    a = premoe.calibrate(src, small_data, "a", tmp_path / "s", scorer="tcess", progress=False)
+    b = premoe.calibrate(src, small_data, "b", tmp_path / "s", scorer="tcess", r=0.5, progress=False)
     assert PatternStore.open(tmp_path / "s").tasks["b"]["params"]["r"] == 0.5
     assert (b.scores <= a.scores + 1e-6).all() and not torch.allclose(a.scores, b.scores)  # r drops minor shares
-    c = premoe.calibrate(src, small_data, "c", tmp_path / "s", k=1, progress=False)
+    c = premoe.calibrate(src, small_data, "c", tmp_path / "s", scorer="tcess", k=1, progress=False)
     torch.testing.assert_close(c.scores, c.means["count"])  # k=1, renormalised: weight 1 -> top-1 frequency
     torch.testing.assert_close(c.scores.sum(-1), torch.ones(3))
     off = premoe.calibrate(src, small_data, "d", tmp_path / "s", scorer="official", progress=False)

@@ -34,7 +34,9 @@ def test_calibrate_prune_inspect(family_dir, tmp_path, small_data, capsys):
     summary = json.loads(out)
     assert code == 0 and set(summary["tasks"]) == {"math", "freq"}
     assert summary["tasks"]["math"]["samples"] == 4 and summary["model"]["num_experts"] == 8
-    assert summary["tasks"]["math"]["scorers"] == ["tcess", "official", "frequency", "random"]  # no --all-stats
+    # the default (EASY-EP) records the router and expert-output statistics; weights need --all-stats
+    assert summary["tasks"]["math"]["scorers"] == ["tcess", "official", "frequency", "reap", "ean", "easyep", "random"]
+    assert summary["tasks"]["freq"]["scorers"] == ["tcess", "official", "frequency", "random"]  # router only
     code, out, _ = run(capsys, "inspect", "--store", tmp_path / "s")
     assert code == 0 and "math" in out and "frequency" in out
 

@@ -36,16 +36,19 @@ def test_shipped_dense_model_is_small_gqa_and_solves_every_task():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = demo(keeps=[16], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False, sparsities=[0.5])
+    r = demo(keeps=[8], eval_samples=20, calib_samples=16, workdir=tmp_path, progress=False, sparsities=[0.5])
     methods = [(row["method"], row["keep"]) for row in r["rows"]]
-    assert methods == [("dense", 32), ("tcess", 16), ("agnostic", 16), ("random", 16)]
-    dense, tcess, agnostic, rnd = r["rows"]
-    assert tcess["bytes"] < dense["bytes"] and tcess["bytes"] == rnd["bytes"]
-    assert tcess["mean"] > rnd["mean"]
+    assert methods == [("dense", 32), ("default", 8), ("tcess", 8), ("agnostic", 8), ("random", 8)]
+    dense, default, tcess, agnostic, rnd = r["rows"]
+    assert tcess["bytes"] < dense["bytes"] and tcess["bytes"] == rnd["bytes"] == default["bytes"]
+    assert default["mean"] > tcess["mean"] > rnd["mean"]
     assert set(tcess["accuracy"]) == set(TASKS)
     table = format_table(r)
-    assert "TCESS, task-specific" in table and "random" in table
-    assert (tmp_path / "models" / "add-16" / "premoe_plan.json").is_file()
+    assert "default: EASY-EP + re-fit" in table and "TCESS, --no-refit (paper)" in table and "random" in table
+    cfg = json.loads((tmp_path / "models" / "add-8-default" / "config.json").read_text())["premoe"]
+    assert cfg["scorer"] == "easyep" and cfg["refit"]["tokens"] > 0
+    plain = json.loads((tmp_path / "models" / "add-8" / "config.json").read_text())["premoe"]
+    assert plain["scorer"] == "tcess" and "refit" not in plain
     # the dense (SEAP) part: every method at 50%, through real exports
     d = r["dense"]
     assert [(row["method"], row.get("requested")) for row in d["rows"]] == [

@@ -43,7 +43,7 @@ def test_refit_lowers_the_block_error_and_keeps_full_layers(family_dir, name):
     layers, spec = lm.layers, lm.info.router
     texts = [r["prompt"] + r["completion"] for r in samples("add", 24, "calib")]
     data = capture(lm.model, layers, spec, lm.tokenizer, texts, 512)
-    h, z = data[0]
+    h, z, y = data[0]
     E = spec.num_experts
     kept = list(range(0, E, 2))
     with torch.inference_mode():
@@ -53,6 +53,13 @@ def test_refit_lowers_the_block_error_and_keeps_full_layers(family_dir, name):
         fitted = _block_error(layers[0], h, z, kept, spec, new)
     assert fitted < 0.8 * plain, (plain, fitted)
     assert refit_layer(layers[0], h, z, list(range(E)), spec) == {}  # nothing removed: nothing changes
+    # the routed output the model computed (captured at the experts module) is the target refit_layer recomputes
+    from premoe.moe.refit import dense_output
+
+    torch.testing.assert_close(y.double(), dense_output(layers[0], h, z, spec), rtol=1e-4, atol=1e-5)
+    with_target = refit_layer(layers[0], h, z, kept, spec, target=y)
+    for e, w in new.items():
+        torch.testing.assert_close(with_target[e], w, rtol=1e-3, atol=1e-4)
 
 
 def test_refit_pruned_writes_into_the_pruned_model_and_helps_on_the_shipped_model():
@@ -108,6 +115,11 @@ def test_sweep_shows_refit_rows(tmp_path):
     assert {(row["scorer"], row["mode"]) for row in r["summary"]} == {
         ("easyep", "specific"), ("easyep", "agnostic"), ("easyep+refit", "specific")}
     assert "easyep+refit" in format_summary(r)
+    c = sweep(tmp_path / "c", tasks=tasks, keeps=[8], scorers=["easyep"], refit="on", compensate=["merge"],
+              progress=False)
+    assert c["scorers"] == ["easyep+refit", "easyep+merge"] and c["compensate"] == ["refit", "merge"]
+    with pytest.raises(InputError, match="unknown compensation"):
+        sweep(tmp_path / "u", tasks=tasks, keeps=[8], scorers=["easyep"], compensate=["magic"], progress=False)
     with pytest.raises(InputError, match="refit must be"):
         sweep(tmp_path / "t", tasks=tasks, keeps=[8], scorers=["easyep"], refit="sometimes", progress=False)
 
@@ -172,3 +184,33 @@ def test_prune_cli_refits_by_default_and_refuses_bad_refit_input(tmp_path, capsy
     assert not out.exists()
     assert main([*args, "--out", str(out)]) == 0  # the default warns and keeps the plain slice
     assert "not re-fitted: task 'sort'" in capsys.readouterr().out
+
+
+def test_compensations_change_only_values_and_leave_full_layers(family_dir):
+    """Each compensation of `premoe sweep --compensate` changes only expert values of the pruned model
+    (shapes, router and everything else stay), merging folds removed experts in by routed-token counts,
+    and a plan that keeps every expert is left exactly as it is."""
+    from premoe.moe.compensate import COMPENSATIONS, merge_groups
+    from premoe.moe.plans import make_plan
+    from premoe.moe.surgery import apply_plan_
+
+    lm = load_model(family_dir("qwen3_moe"), device="cpu", dtype="float32")
+    layers, spec, info = lm.layers, lm.info.router, lm.info
+    texts = [r["prompt"] + r["completion"] for r in samples("add", 24, "calib")]
+    data = capture(lm.model, layers, spec, lm.tokenizer, texts, 512)
+    E = spec.num_experts
+    scores = torch.arange(E, 0, -1).float().repeat(len(layers), 1)
+    half = make_plan(scores, [m.index for m in layers], spec, E // 2)
+    full = make_plan(scores, [m.index for m in layers], spec, E)
+    groups, freq = merge_groups(layers[0], *data[0][:2], half.kept[layers[0].index], spec)
+    assert sorted(r for g in groups.values() for r in g) == sorted(set(range(E)) - set(half.kept[layers[0].index]))
+    assert freq.sum() == min(data[0][0].shape[0], 1024) * spec.top_k  # each token's top-k choices counted
+    for name, fn in COMPENSATIONS.items():
+        for plan, changes in ((half, True), (full, False)):
+            net = apply_plan_(copy.deepcopy(lm.model), info.spec, plan)
+            before = {n: p.clone() for n, p in net.named_parameters()}
+            fn(net, info.spec, plan, layers, data, spec)
+            changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+            assert all(".experts." in n for n in changed), (name, changed)
+            assert bool(changed) == changes, (name, plan.keep)
+            assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -129,7 +129,7 @@ def test_weights_scorer_needs_no_forward_pass(family_dir, tmp_path, small_data, 
 
 def test_scorer_without_its_statistics_is_refused(family_dir, tmp_path, small_data):
     src = family_dir("mixtral")
-    premoe.calibrate(src, small_data, "t", tmp_path / "s", progress=False)
+    premoe.calibrate(src, small_data, "t", tmp_path / "s", scorer="tcess", progress=False)  # router statistics only
     with pytest.raises(premoe.PremoeError, match="recalibrate with --scorer reap"):
         premoe.plan(src, tmp_path / "s", "t", 4, scorer="reap")
 

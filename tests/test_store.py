@@ -23,12 +23,12 @@ def test_manifest_records_task_and_model(family_dir, tmp_path, small_data):
     assert m["format"] == "premoe-pattern-store" and m["version"] == 1
     assert m["model"] == info.fingerprint.to_dict()
     t = m["tasks"]["math"]
-    assert t["samples"] == 5 and t["tokens"] > 5 and t["scorer"] == "tcess"
+    assert t["samples"] == 5 and t["tokens"] > 5 and t["scorer"] == "easyep"  # the default
     assert t["params"]["k"] == info.router.top_k and t["params"]["r"] is None
     assert t["data"]["sha256"] and (tmp_path / "s" / t["file"]).is_file()
     p = PatternStore.open(tmp_path / "s").load("math")
     assert p.scores.shape == (len(info.moe_layers), info.num_experts)
-    assert set(p.means) == {"tcess", "count", "official", "prob"}
+    assert set(p.means) == {"tcess", "count", "official", "prob", "reap", "ean", "easyep"}  # router + expert outputs
 
 
 def test_add_second_task_and_overwrite(family_dir, tmp_path, small_data):

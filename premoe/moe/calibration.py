@@ -49,13 +49,23 @@ def weight_stats(info: ModelInfo, progress: bool = False) -> torch.Tensor:
     return out
 
 
+DEFAULT_SCORER = "easyep"  # the default where expert outputs can be observed (README: tight keep counts)
+
+
+def default_scorer(info: ModelInfo) -> str:
+    """:data:`DEFAULT_SCORER` when every MoE layer has an experts module premoe can run expert by expert
+    (what the expert-output statistics need), else ``tcess`` (router logits only)."""
+    runnable = all(v["experts"] for v in info.layout.moe.values()) and info.spec.experts
+    return DEFAULT_SCORER if runnable else "tcess"
+
+
 def calibrate(
     model: str | Path | LoadedModel,
     data: str | Path | list[str | Path],
     task: str,
     store: str | Path,
     *,
-    scorer: str = "tcess",
+    scorer: str | None = None,
     max_samples: int | None = None,
     k: int | None = None,
     r: float | None = None,
@@ -80,8 +90,11 @@ def calibrate(
             files are pooled into one task (task-agnostic calibration).
         task: task name in the store.
         store: pattern-store directory (created if missing).
-        scorer: the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`): ``tcess``
-            (default), ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``weights``, ``random``.
+        scorer: the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`): ``tcess`` (PreMoe's),
+            ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``weights``, ``random``. Default:
+            :data:`DEFAULT_SCORER` (EASY-EP, which held up best at tight keep counts across the families
+            measured; see the README) where the model's experts can be run one by one, else ``tcess``.
+            Router statistics (``tcess``, ``official``, ``frequency``) are recorded whatever the scorer.
         max_samples: use at most this many samples.
         k: experts per token that count as selected (default: the model's top-k; ``official``: 1).
         r: minimum share of a token's top-k routing weight for an expert to count.
@@ -107,11 +120,12 @@ def calibrate(
             model weights are loaded.
     """
     check_task_name(task)
-    if scorer not in SCORERS:
+    if scorer is not None and scorer not in SCORERS:
         raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     cal = CalibrationData.open(data, max_samples, batch_size, max_length)
     n_samples = cal.samples
     info: ModelInfo = as_info(model)
+    scorer = scorer or default_scorer(info)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
     params = marker_params(info.router, scorer, k, r)

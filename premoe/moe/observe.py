@@ -84,7 +84,8 @@ class RouterObserver:
                 out = expert_forward(layer.experts, e, inp).float()
                 norms[rows, slots] = out.norm(dim=-1)
                 routed.index_add_(0, rows, out if self.arch.weight_on_input else out * w[rows, slots, None])
-            gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * routed, dim=-1)).clamp_min(0)
+            x, routed = x.double(), routed.double()  # 1 - cos of nearly parallel vectors: float32 rounds it to 0
+            gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * routed, dim=-1)).clamp_min(0).float()
             marks = output_markers(idx, w / scale, norms, gain, S)
             self.sums.add(pos, {k: v[:, :E] for k, v in marks.items()})
 

@@ -68,11 +68,25 @@ def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k
         keep,
         top_k=top_k,
         group_policy=group_policy,
-        tiebreak=pattern.means.get("prob"),  # unselected experts: the router's soft preference decides
+        tiebreak=tiebreak(pattern.means),
         task=pattern.name,
         scorer=scorer or pattern.scorer,
         source=info.fingerprint.to_dict(),
     )
+
+
+def tiebreak(means: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What decides between experts of equal score [L, E]: how often the router chose them (TCESS), then
+    its soft preference (mean gate probability), so an expert the task routed to always outranks one it
+    never did, and among unchosen experts the router's next picks come first."""
+    keys = [means[k] for k in ("tcess", "prob") if k in means]
+    if not keys:
+        return None
+    out = torch.zeros(keys[0].shape, dtype=torch.float64)
+    for k in keys:  # lexicographic: each key's rank within the layer, the earlier keys more significant
+        below = (k[..., None, :] < k[..., :, None]).sum(-1)  # experts with a smaller value: equal values tie
+        out = out * k.shape[-1] + below.double()
+    return out
 
 
 def experts_for_mass(scores: torch.Tensor, mass: float = 0.9) -> float:

@@ -75,24 +75,14 @@ def expert_out(experts: nn.Module, e: int, a: torch.Tensor, w: torch.Tensor) -> 
 
 
 def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok, texts: Iterable[str],
-            max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per MoE layer: (block input [T, D], router logits [T, S]) of up to ``max_tokens`` real tokens."""
-    got: list[tuple[list, list]] = [([], []) for _ in layers]
-    count = [0] * len(layers)
+            max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per MoE layer: (block input [T, D], router logits [T, S], routed experts' output [T, D] or ``None``
+    where the layer has no experts module) of up to ``max_tokens`` real tokens."""
+    got: list[tuple[list, list, list]] = [([], [], []) for _ in layers]
     mask: dict[str, torch.Tensor] = {}
     hooks = []
     for pos, layer in enumerate(layers):
-        def hook(mod, args, out, pos=pos):
-            if count[pos] >= max_tokens:
-                return
-            logits = out[spec.logits_at] if isinstance(out, (tuple, list)) else out
-            m = mask["m"].to(logits.device)
-            h = args[0].reshape(-1, args[0].shape[-1])[m]
-            z = logits.reshape(-1, logits.shape[-1])[m]
-            got[pos][0].append(h.detach().float().cpu())
-            got[pos][1].append(z.detach().float().cpu())
-            count[pos] += len(h)
-        hooks.append(layer.router.register_forward_hook(hook))
+        hooks += _record(layer, spec, got[pos], mask, max_tokens)
     dev = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -100,36 +90,74 @@ def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok,
                 enc = tok(text, return_tensors="pt")
                 mask["m"] = enc["attention_mask"].reshape(-1).bool()
                 model(**{k: v.to(dev) for k, v in enc.items()})
-                if min(count) >= max_tokens:
+                if min(sum(len(t) for t in g[0]) for g in got) >= max_tokens:
                     break
     finally:
         for h in hooks:
             h.remove()
-    if not count or min(count) == 0:
+    if not got or min(sum(len(t) for t in g[0]) for g in got) == 0:
         raise InputError("the refit data produced no tokens")
-    return [(torch.cat(h)[:max_tokens], torch.cat(z)[:max_tokens]) for h, z in got]
+    return [_joined(g, max_tokens) for g in got]
+
+
+def _record(layer: MoeLayer, spec: RouterSpec, into: tuple[list, list, list], mask: dict, max_tokens: int) -> list:
+    """Hooks appending the layer's block input and router logits (router hook) and its routed experts' output
+    (experts hook) at the real tokens of ``mask["m"]``, up to ``max_tokens``; returns the hook handles."""
+    def masked(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1])[mask["m"].to(t.device)].detach().float().cpu()
+
+    def router_hook(mod, args, out):
+        if sum(len(t) for t in into[0]) < max_tokens:
+            into[0].append(masked(args[0]))
+            into[1].append(masked(out[spec.logits_at] if isinstance(out, (tuple, list)) else out))
+
+    def experts_hook(mod, args, out):
+        if sum(len(t) for t in into[2]) < max_tokens:
+            into[2].append(masked(out[0] if isinstance(out, (tuple, list)) else out))
+
+    hooks = [layer.router.register_forward_hook(router_hook)]
+    if layer.experts is not None:
+        hooks.append(layer.experts.register_forward_hook(experts_hook))
+    return hooks
+
+
+def _joined(got: tuple[list, list, list], max_tokens: int):
+    h, z, y = (torch.cat(t)[:max_tokens] if t else None for t in got)
+    return h, z, (y if y is not None and len(y) == len(h) else None)
+
+
+def dense_output(layer: MoeLayer, x: torch.Tensor, logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The dense block's routed experts' output [T, D] (float64) for inputs ``x`` (float32)."""
+    experts = layer.experts
+    idx, w = route(logits.to(x.device), spec, bias=layer.selection_bias(), scaled=True)
+    y = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e in idx.unique().tolist():
+        rows, slots = torch.where(idx == e)
+        a = expert_hidden(experts, e, x[rows]).double()
+        y.index_add_(0, rows, w[rows, slots, None].double() * expert_out(experts, e, a, down_weight(experts, e).double()))
+    return y
 
 
 @torch.inference_mode()
 def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
-                lam: float = LAM, sweeps: int = SWEEPS, pruned: RouterSpec | None = None) -> dict[int, torch.Tensor]:
+                lam: float = LAM, sweeps: int = SWEEPS, pruned: RouterSpec | None = None,
+                kept_experts: nn.Module | None = None, target: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """New ``down_proj`` [D, I] (float32) of each kept expert of one dense MoE layer; ``{}`` when every
     expert is kept (nothing to correct). ``pruned``: the pruned model's routing (default: ``spec`` over
-    the kept experts, top-k capped; group-limited routers pass the plan's groups)."""
+    the kept experts, top-k capped; group-limited routers pass the plan's groups). ``kept_experts``:
+    where the kept experts' weights come from, by original id (default: the layer's own; merged experts
+    are re-fitted from theirs, toward the dense block's output). ``target``: the dense routed experts'
+    output on these tokens as the model computed it (default: recomputed here from every routed expert)."""
     experts = layer.experts
+    mine = kept_experts if kept_experts is not None else experts
     E = spec.num_experts
     kept = sorted(kept)
     if len(kept) >= E:
         return {}
     x = h.to(experts.down_proj.device, torch.float32)  # in float32 whatever the weights' dtype
     bias = layer.selection_bias()
-    idx_d, w_d = route(logits.to(x.device), spec, bias=bias, scaled=True)
     T = x.shape[0]
-    y = torch.zeros(T, x.shape[1], dtype=torch.float64, device=x.device)  # the dense block's routed output
-    for e in idx_d.unique().tolist():
-        rows, slots = torch.where(idx_d == e)
-        a = expert_hidden(experts, e, x[rows]).double()
-        y.index_add_(0, rows, w_d[rows, slots, None].double() * expert_out(experts, e, a, down_weight(experts, e).double()))
+    y = dense_output(layer, x, logits, spec) if target is None else target.to(x.device, torch.float64)
     sub = pruned or dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
     kb = None if bias is None else bias[kept]
     idx, w = route(logits[:, kept].to(x.device), sub, bias=kb, scaled=True)  # positions into ``kept``
@@ -137,15 +165,15 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     pred = torch.zeros_like(y)
     for p in idx.unique().tolist():
         rows, slots = torch.where(idx == p)
-        a = expert_hidden(experts, kept[p], x[rows]).double() * w[rows, slots, None].double()  # weight folded in
+        a = expert_hidden(mine, kept[p], x[rows]).double() * w[rows, slots, None].double()  # weight folded in
         sel[p] = (rows, a)
-        out = a @ down_weight(experts, kept[p]).double().T
-        if experts.has_bias:  # biases are kept as they are; they stay in the residual
-            out = out + w[rows, slots, None].double() * experts.down_proj_bias[kept[p]].double()
+        out = a @ down_weight(mine, kept[p]).double().T
+        if mine.has_bias:  # biases are kept as they are; they stay in the residual
+            out = out + w[rows, slots, None].double() * mine.down_proj_bias[kept[p]].double()
         pred.index_add_(0, rows, out)
     if not sel:
         return {}
-    W0 = {p: down_weight(experts, kept[p]).double() for p in sel}
+    W0 = {p: down_weight(mine, kept[p]).double() for p in sel}
     W = {p: W0[p].clone() for p in sel}
     s = lam * sum(float((a * a).sum(0).mean()) for _, a in sel.values()) / len(sel) / T
     resid = y - pred
@@ -178,7 +206,8 @@ def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
     for pos, (dense, pruned) in enumerate(zip(dense_layers, find_moe_layers(net, arch))):
         check_supported(dense.experts, spec, arch.weight_on_input, arch.name)
         kept = sorted(plan.kept[dense.index])
-        new = refit_layer(dense, *captured[pos], kept, spec, lam, sweeps, pruned_routing(spec, plan))
+        h, z, y = captured[pos]
+        new = refit_layer(dense, h, z, kept, spec, lam, sweeps, pruned_routing(spec, plan), target=y)
         with torch.no_grad():
             for e, wt in new.items():
                 target = down_weight(pruned.experts, kept.index(e))
@@ -285,10 +314,10 @@ def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str
     out = RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps})
     routing = pruned_routing(info.router, plan)
 
-    def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor) -> None:
+    def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
         check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
         out.about["tokens"] = len(h)
-        new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing)
+        new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing, target=y)
         dt = m.experts.down_proj.dtype
         out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()})
 
@@ -315,8 +344,8 @@ def _refit_in_memory(info, tok, texts, tokens, solve, reader, progress) -> None:
         model = build_model(info, None, r)
     layers = find_moe_layers(model, info.spec)
     captured = capture(model, layers, info.router, tok, texts, tokens)
-    for m, (h, z) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
-        solve(m, h, z)
+    for m, (h, z, y) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
+        solve(m, h, z, y)
 
 
 def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
@@ -328,26 +357,16 @@ def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, dev
     batches = make_batches(_batches(tok, texts, batch_size, max_length, False), pad)
     stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1)
     moe = {m.index: m for m in stream.moe}
-    got: dict[int, tuple[list, list]] = {}
+    got = {m.index: ([], [], []) for m in stream.moe}
     mask: dict[str, torch.Tensor] = {}
-    spec = info.router
-    hooks = []
-    for m in stream.moe:
-        def hook(mod, args, output, index=m.index):
-            logits = output[spec.logits_at] if isinstance(output, (tuple, list)) else output
-            keep = mask["m"].to(logits.device)
-            h, z = got.setdefault(index, ([], []))
-            h.append(args[0].reshape(-1, args[0].shape[-1])[keep].detach().float().cpu())
-            z.append(logits.reshape(-1, logits.shape[-1])[keep].detach().float().cpu())
-        hooks.append(m.router.register_forward_hook(hook))
+    hooks = [hk for m in stream.moe for hk in _record(m, info.router, got[m.index], mask, tokens)]
 
     def before(b: int) -> None:
         mask["m"] = batches[b].counted
 
     def done(i: int, layer) -> None:
         if i in moe:
-            h, z = got.pop(i)
-            solve(moe[i], torch.cat(h)[:tokens], torch.cat(z)[:tokens])
+            solve(moe[i], *_joined(got.pop(i), tokens))
 
     room = hidden_room(resident_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), budget)
     try:

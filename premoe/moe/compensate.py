@@ -1,0 +1,171 @@
+"""Compensation for removed experts, compared side by side in ``premoe sweep --compensate``.
+
+Each method changes only values of a pruned model built in memory (same architecture, expert count
+and router, so a vanilla load still works), from the dense model's layers and each MoE layer's
+captured calibration tokens (:func:`premoe.moe.refit.capture`):
+
+* ``refit``: the kept experts' down projections re-fitted by least squares under re-routing
+  (:func:`premoe.moe.refit.refit_pruned_`, what ``premoe prune`` applies by default);
+* ``scale``: one least-squares output scale per kept expert under re-routing (a one-parameter
+  special case of ``refit``, ridge toward 1);
+* ``merge``: every removed expert folded into its closest kept expert, weights averaged with the
+  experts' routed-token counts as weights (HC-SMoE / MC-SMoE style frequency-weighted merging);
+  closest: the highest cosine similarity of the two experts' outputs on the calibration tokens;
+* ``merge+refit``: merging, then the re-fit of the merged experts.
+
+All of them need the dense experts of the layer (the model in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from premoe.moe.arch import MoeLayer, RouterSpec, find_moe_layers
+from premoe.moe.refit import (
+    LAM,
+    check_supported,
+    dense_output,
+    down_weight,
+    expert_hidden,
+    expert_out,
+    pruned_routing,
+    refit_pruned_,
+)
+from premoe.moe.routing import route
+
+MERGE_TOKENS = 1024  # tokens per layer whose expert outputs decide which kept expert is closest
+
+
+def _pairs(dense_layers: Sequence[MoeLayer], net: nn.Module, arch, spec: RouterSpec):
+    for dense, pruned in zip(dense_layers, find_moe_layers(net, arch)):
+        check_supported(dense.experts, spec, arch.weight_on_input, arch.name)
+        yield dense, pruned
+
+
+@torch.inference_mode()
+def scale_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
+                pruned: RouterSpec, lam: float = LAM, target: torch.Tensor | None = None) -> dict[int, float]:
+    """Per kept expert, the output scale minimising the re-routed block's squared error against the dense
+    block on these tokens (ridge ``lam`` x the mean diagonal, toward 1)."""
+    experts = layer.experts
+    kept = sorted(kept)
+    x = h.to(experts.down_proj.device, torch.float32)
+    bias = layer.selection_bias()
+    y = dense_output(layer, x, logits, spec) if target is None else target.to(x.device, torch.float64)
+    idx, w = route(logits[:, kept].to(x.device), pruned, bias=None if bias is None else bias[kept], scaled=True)
+    cols = []
+    for p in range(len(kept)):
+        rows, slots = torch.where(idx == p)
+        col = torch.zeros_like(y)
+        if len(rows):
+            a = expert_hidden(experts, kept[p], x[rows]).double()
+            col.index_add_(0, rows, w[rows, slots, None].double() * expert_out(experts, kept[p], a, down_weight(experts, kept[p]).double()))
+        cols.append(col.reshape(-1))
+    A = torch.stack(cols, 1)  # [T*D, N]
+    g = A.T @ A
+    s = lam * float(g.diagonal().mean().clamp_min(1e-30))
+    alpha = torch.linalg.solve(g + s * torch.eye(len(kept), dtype=g.dtype), A.T @ y.reshape(-1) + s)
+    return {e: float(alpha[p]) for p, e in enumerate(kept)}
+
+
+def scale_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec) -> int:
+    """Scale each kept expert's down projection (and bias) of ``net`` by :func:`scale_layer`."""
+    changed = 0
+    for pos, (dense, pruned) in enumerate(_pairs(dense_layers, net, arch, spec)):
+        kept = sorted(plan.kept[dense.index])
+        if len(kept) >= spec.num_experts:
+            continue
+        h, z, y = captured[pos]
+        alpha = scale_layer(dense, h, z, kept, spec, pruned_routing(spec, plan), target=y)
+        with torch.no_grad():
+            for p, e in enumerate(kept):
+                pruned.experts.down_proj[p].mul_(alpha[e])
+                if pruned.experts.has_bias:
+                    pruned.experts.down_proj_bias[p].mul_(alpha[e])
+        changed += 1
+    return changed
+
+
+@torch.inference_mode()
+def merge_groups(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
+                 tokens: int = MERGE_TOKENS) -> tuple[dict[int, list[int]], torch.Tensor]:
+    """Which removed experts fold into which kept one ({kept: [removed...]}), by the cosine similarity of
+    their outputs on the first ``tokens`` tokens, and every expert's routed-token count (the weights)."""
+    experts = layer.experts
+    x = h[:tokens].to(experts.down_proj.device, torch.float32)
+    idx, _ = route(logits.to(x.device), spec, bias=layer.selection_bias(), scaled=True)
+    freq = torch.bincount(idx.reshape(-1).cpu(), minlength=spec.num_experts)[: spec.num_experts].double()
+    outs = torch.stack([expert_out(experts, e, expert_hidden(experts, e, x), down_weight(experts, e).float()).reshape(-1)
+                        for e in range(spec.num_experts)])
+    outs = torch.nn.functional.normalize(outs, dim=1)
+    kept = sorted(kept)
+    sim = outs @ outs[kept].T  # [E, N]
+    groups: dict[int, list[int]] = {e: [] for e in kept}
+    for r in sorted(set(range(spec.num_experts)) - set(kept)):
+        groups[kept[int(sim[r].argmax())]].append(r)
+    return groups, freq
+
+
+def merge_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec) -> int:
+    """Fold every removed expert of ``net``'s layers into its closest kept one (frequency-weighted average of
+    every expert tensor: gate/up and down projections and their biases). Router rows are kept as they are."""
+    changed = 0
+    for pos, (dense, pruned) in enumerate(_pairs(dense_layers, net, arch, spec)):
+        kept = sorted(plan.kept[dense.index])
+        if len(kept) >= spec.num_experts:
+            continue
+        groups, freq = merge_groups(dense, *captured[pos][:2], kept, spec)
+        names = [n for n, _ in pruned.experts.named_parameters(recurse=False)]
+        with torch.no_grad():
+            for p, e in enumerate(kept):
+                members = [e, *groups[e]]
+                wts = freq[members] + 1e-6  # an expert no token chose still counts a little
+                wts = wts / wts.sum()
+                for n in names:
+                    src = getattr(dense.experts, n)
+                    merged = sum(float(wt) * src[m].double() for wt, m in zip(wts, members))
+                    getattr(pruned.experts, n)[p].copy_(merged.to(src.dtype))
+        changed += 1
+    return changed
+
+
+def merge_refit_(net, arch, plan, dense_layers, captured, spec) -> int:
+    """Merging, then the least-squares re-fit of the merged experts' down projections."""
+    merge_pruned_(net, arch, plan, dense_layers, captured, spec)
+    return _refit_merged_(net, arch, plan, dense_layers, captured, spec)
+
+
+@torch.inference_mode()
+def _refit_merged_(net, arch, plan, dense_layers, captured, spec) -> int:
+    """:func:`premoe.moe.refit.refit_pruned_` for merged experts: the target is the dense block's output,
+    the prediction and the ridge's anchor the merged experts'."""
+    import copy
+
+    from premoe.moe.refit import refit_layer
+
+    changed = 0
+    for pos, (dense, pruned) in enumerate(_pairs(dense_layers, net, arch, spec)):
+        kept = sorted(plan.kept[dense.index])
+        if len(kept) >= spec.num_experts:
+            continue
+        merged = copy.deepcopy(dense.experts)  # the dense experts with the kept ones' rows merged
+        for n, _ in pruned.experts.named_parameters(recurse=False):
+            getattr(merged, n)[kept] = getattr(pruned.experts, n).to(getattr(merged, n).dtype)
+        h, z, y = captured[pos]
+        new = refit_layer(dense, h, z, kept, spec, pruned=pruned_routing(spec, plan), kept_experts=merged, target=y)
+        for e, wt in new.items():
+            target = down_weight(pruned.experts, kept.index(e))
+            target.copy_(wt.to(target.dtype))
+        changed += bool(new)
+    return changed
+
+
+COMPENSATIONS: dict[str, Callable] = {
+    "refit": refit_pruned_,
+    "scale": scale_pruned_,
+    "merge": merge_pruned_,
+    "merge+refit": merge_refit_,
+}
