@@ -75,9 +75,9 @@ def expert_out(experts: nn.Module, e: int, a: torch.Tensor, w: torch.Tensor) -> 
 
 
 def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok, texts: Iterable[str],
-            max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+            max_tokens: int, max_length: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per MoE layer: (block input [T, D], router logits [T, S], routed experts' output [T, D] or ``None``
-    where the layer has no experts module) of up to ``max_tokens`` real tokens."""
+    where the layer has no experts module) of up to ``max_tokens`` real tokens (texts cut at ``max_length``)."""
     got: list[tuple[list, list, list]] = [([], [], []) for _ in layers]
     mask: dict[str, torch.Tensor] = {}
     hooks = []
@@ -87,7 +87,7 @@ def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok,
     try:
         with torch.inference_mode():
             for text in texts:
-                enc = tok(text, return_tensors="pt")
+                enc = tok(text, return_tensors="pt", truncation=True, max_length=max_length)
                 mask["m"] = enc["attention_mask"].reshape(-1).bool()
                 model(**{k: v.to(dev) for k, v in enc.items()})
                 if min(sum(len(t) for t in g[0]) for g in got) >= max_tokens:
@@ -324,7 +324,7 @@ def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str
     budget = memory_budget(None)
     try:
         if stream is False or (stream is None and fits(resident_sizes(info)["total"], budget)):
-            _refit_in_memory(info, tok, texts, tokens, solve, reader, progress)
+            _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress)
         else:
             _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress)
     except BaseException:
@@ -333,7 +333,7 @@ def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str
     return out
 
 
-def _refit_in_memory(info, tok, texts, tokens, solve, reader, progress) -> None:
+def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress) -> None:
     from tqdm.auto import tqdm
 
     from premoe.core.checkpoint import ByteReader
@@ -343,7 +343,7 @@ def _refit_in_memory(info, tok, texts, tokens, solve, reader, progress) -> None:
     with contextlib.nullcontext(reader) if reader is not None else ByteReader() as r:
         model = build_model(info, None, r)
     layers = find_moe_layers(model, info.spec)
-    captured = capture(model, layers, info.router, tok, texts, tokens)
+    captured = capture(model, layers, info.router, tok, texts, tokens, max_length)
     for m, (h, z, y) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
         solve(m, h, z, y)
 
