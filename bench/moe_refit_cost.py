@@ -146,7 +146,7 @@ def run(args, work: Path) -> dict:
                                ("calibrate (default)", "default", [])):
         drop_cache(model)
         steps[name] = peak_rss_of(py + ["calibrate", "--model", str(model), "--data", str(data), "--task", "t",
-                                        "--store", str(work / store), *extra], limit)
+                                        "--store", str(work / store), "--overwrite", *extra], limit)
     for name, out, extra in (("prune --no-refit", "plain", ["--no-refit"]), ("prune (default)", "refit", [])):
         drop_cache(model)
         steps[name] = peak_rss_of(py + ["prune", "--model", str(model), "--store", str(work / "default"), "--task", "t",

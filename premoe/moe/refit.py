@@ -157,34 +157,37 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     x = h.to(experts.down_proj.device, torch.float32)  # in float32 whatever the weights' dtype
     bias = layer.selection_bias()
     T = x.shape[0]
-    y = dense_output(layer, x, logits, spec) if target is None else target.to(x.device, torch.float64)
+    y = (dense_output(layer, x, logits, spec) if target is None else target).to(x.device, torch.float32)
     sub = pruned or dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
     kb = None if bias is None else bias[kept]
     idx, w = route(logits[:, kept].to(x.device), sub, bias=kb, scaled=True)  # positions into ``kept``
     sel = {}
-    pred = torch.zeros_like(y)
-    for p in idx.unique().tolist():
+    resid = y.clone()  # what the kept experts have to produce, less what they produce now (float32 products;
+    for p in idx.unique().tolist():  # Gram matrices and solves in float64)
         rows, slots = torch.where(idx == p)
-        a = expert_hidden(mine, kept[p], x[rows]).double() * w[rows, slots, None].double()  # weight folded in
+        a = expert_hidden(mine, kept[p], x[rows]) * w[rows, slots, None].float()  # routing weight folded in
         sel[p] = (rows, a)
-        out = a @ down_weight(mine, kept[p]).double().T
+        out = a @ down_weight(mine, kept[p]).float().T
         if mine.has_bias:  # biases are kept as they are; they stay in the residual
-            out = out + w[rows, slots, None].double() * mine.down_proj_bias[kept[p]].double()
-        pred.index_add_(0, rows, out)
+            out = out + w[rows, slots, None].float() * mine.down_proj_bias[kept[p]].float()
+        resid.index_add_(0, rows, -out)
     if not sel:
         return {}
     W0 = {p: down_weight(mine, kept[p]).double() for p in sel}
     W = {p: W0[p].clone() for p in sel}
-    s = lam * sum(float((a * a).sum(0).mean()) for _, a in sel.values()) / len(sel) / T
-    resid = y - pred
+    s = lam * sum(float((a.double() ** 2).sum(0).mean()) for _, a in sel.values()) / len(sel) / T
+    s = max(s, 1e-12)
+    chol = {}
+    for p, (rows, a) in sel.items():  # each expert's system matrix is the same in every sweep: factor it once
+        g = a.double().T @ a.double() / T
+        g.diagonal().add_(s)
+        chol[p] = torch.linalg.cholesky(g)
     for _ in range(sweeps):
         for p, (rows, a) in sel.items():
-            r = resid[rows] + a @ W[p].T  # the residual with this expert's own contribution put back
-            g = a.T @ a / T
-            g.diagonal().add_(s)
-            b = r.T @ a / T + s * W0[p]
-            new = torch.linalg.solve(g, b.T).T
-            resid[rows] = r - a @ new.T
+            r = resid[rows] + a @ W[p].float().T  # the residual with this expert's own contribution put back
+            b = (r.T @ a).double() / T + s * W0[p]
+            new = torch.cholesky_solve(b.T, chol[p]).T
+            resid[rows] = r - a @ new.float().T
             W[p] = new
     return {kept[p]: W[p].float() for p in sel}
 
