@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
+from common import baseline_rss_mb, print_steps, require_cgroup, work_dir  # noqa: E402
 from dense_stream import config, drop_cache, make_checkpoint  # noqa: E402
 from large_model import peak_rss_of  # noqa: E402
 
@@ -82,10 +82,7 @@ def report(r: dict) -> None:
     print(f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Llama, {r['layers']} layers, hidden {r['hidden']}, FFN "
           f"{r['intermediate']}); prune limit {r['limit_mb']:.0f} MB; interpreter with torch + transformers "
           f"{r['baseline_mb']:.0f} MB; {r['samples']} calibration samples")
-    print(f"{'step':<20} {'rc':>4} {'seconds':>8} {'peak RSS MB':>12} {'/ checkpoint':>12}")
-    for name, st in s.items():
-        print(f"{name:<20} {st['returncode']:>4} {st['seconds']:>8.1f} {st['peak_rss_mb']:>12.0f} "
-              f"{st['peak_rss_mb'] / r['checkpoint_mb']:>12.2f}")
+    print_steps(s, r["checkpoint_mb"])
     if all(st["returncode"] == 0 for st in s.values()):
         extra = s["prune --refit"]["seconds"] - s["prune"]["seconds"]
         print(f"prune --refit / prune: {s['prune --refit']['seconds'] / s['prune']['seconds']:.2f}x time; the re-fit's "

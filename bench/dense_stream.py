@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
+from common import ShardedWriter, baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
 from large_model import peak_rss_of  # noqa: E402
 
 
@@ -49,7 +49,6 @@ def config(layers: int, hidden: int, inter: int) -> dict:
 def make_checkpoint(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
     """Write the checkpoint shard by shard (at most one shard in memory); returns its size."""
     import torch
-    from safetensors.torch import save_file
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from premoe.core.tasks import char_tokenizer
@@ -60,35 +59,14 @@ def make_checkpoint(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(CONFIG_MAPPING["llama"](**{k: v for k, v in cfg.items() if k != "model_type"}))
     gen = torch.Generator().manual_seed(0)
-    shard: dict = {}
-    weight_map: dict[str, str] = {}
-    size = 0
-    names: list[str] = []
-
-    def flush():
-        name = f"shard-{len(names):05d}.safetensors"
-        save_file(shard, path / name, metadata={"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-        shard.clear()
-
+    out = ShardedWriter(path, shard_bytes)
     for name, p in skeleton.named_parameters():
         if "norm" in name:  # trained-looking norms
             t = 1 + 0.1 * torch.randn(tuple(p.shape), generator=gen)
         else:
             t = 0.02 * torch.randn(tuple(p.shape), generator=gen)
-        shard[name] = t.to(torch.bfloat16)
-        size += shard[name].nbytes
-        if sum(v.nbytes for v in shard.values()) >= shard_bytes:
-            flush()
-    if shard:
-        flush()
-    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
-    for old, new in final.items():
-        os.rename(path / old, path / new)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": size}, "weight_map": {k: final[v] for k, v in weight_map.items()}}))
-    return size
+        out.put(name, t.to(torch.bfloat16))
+    return out.close()
 
 
 def drop_cache(model: Path) -> None:

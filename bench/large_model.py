@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CGROUP, baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
+from common import CGROUP, ShardedWriter, baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
 BLOCK = 128
 
 
@@ -57,7 +57,6 @@ def config(experts: int) -> dict:
 def make_checkpoint(path: Path, experts: int, shard_bytes: int = 1 << 30) -> int:
     """Write the checkpoint tensor by tensor (never the whole model in memory); returns its size."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
     from premoe.core.tasks import char_tokenizer
@@ -76,26 +75,8 @@ def make_checkpoint(path: Path, experts: int, shard_bytes: int = 1 << 30) -> int
         grid = (*shape[:-2], math.ceil(shape[-2] / BLOCK), math.ceil(shape[-1] / BLOCK))
         return q, 0.02 * (1 + 0.1 * torch.rand(grid, generator=gen))
 
-    shard: dict = {}
-    shards: list[dict] = []
-    size = 0
-
-    def put(name, t):
-        nonlocal size
-        shard[name] = t.contiguous()
-        size += t.nbytes
-        if sum(v.nbytes for v in shard.values()) >= shard_bytes:
-            shards.append(dict(shard))
-            shard.clear()
-            flush(len(shards) - 1)
-
-    written = []
-
-    def flush(i):
-        name = f"model-{i + 1:05d}.safetensors"
-        save_file(shards[i], path / name, metadata={"format": "pt"})
-        written.append((name, list(shards[i])))
-        shards[i] = {}
+    out = ShardedWriter(path, shard_bytes)
+    put = out.put
 
     for name, p in skeleton.named_parameters():
         shape = tuple(p.shape)
@@ -122,17 +103,7 @@ def make_checkpoint(path: Path, experts: int, shard_bytes: int = 1 << 30) -> int
     for name, b in skeleton.named_buffers():
         if name.endswith("e_score_correction_bias"):
             put(name, torch.randn(tuple(b.shape), generator=gen) * 0.01)
-    if shard:
-        shards.append(dict(shard))
-        flush(len(shards) - 1)
-    total = len(written)
-    weight_map = {}
-    for i, (name, keys) in enumerate(written):
-        new = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        os.rename(path / name, path / new)
-        weight_map.update({k: new for k in keys})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
-    return size
+    return out.close()
 
 
 # ---------------------------------------------------------------------------------------------

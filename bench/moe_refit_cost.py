@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_rss_mb, require_cgroup, work_dir  # noqa: E402
+from common import ShardedWriter, baseline_rss_mb, print_steps, require_cgroup, work_dir  # noqa: E402
 from dense_stream import drop_cache  # noqa: E402
 from large_model import peak_rss_of  # noqa: E402
 
@@ -48,7 +47,6 @@ def make_checkpoint(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
     """Write the checkpoint as the hub publishes Qwen3-MoE (``experts.{e}.gate_proj.weight`` ...), one
     shard in memory at a time; returns its size."""
     import torch
-    from safetensors.torch import save_file
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from premoe.core.tasks import char_tokenizer
@@ -60,50 +58,29 @@ def make_checkpoint(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
         skeleton = AutoModelForCausalLM.from_config(CONFIG_MAPPING["qwen3_moe"](**{k: v for k, v in cfg.items()
                                                                                    if k != "model_type"}))
     gen = torch.Generator().manual_seed(0)
-    shard: dict = {}
-    weight_map: dict[str, str] = {}
-    names: list[str] = []
-    size = 0
+    out = ShardedWriter(path, shard_bytes)
 
     def rand(shape, std=0.02):
         return (std * torch.randn(tuple(shape), generator=gen)).to(torch.bfloat16)
-
-    def flush():
-        name = f"shard-{len(names):05d}.safetensors"
-        save_file(shard, path / name, metadata={"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-        shard.clear()
 
     inter = cfg["moe_intermediate_size"]
     for name, p in skeleton.named_parameters():
         if name.endswith("experts.gate_up_proj"):  # [E, 2I, H] -> per-expert gate_proj / up_proj [I, H]
             prefix = name[: -len("gate_up_proj")]
             for e in range(p.shape[0]):
-                shard[f"{prefix}{e}.gate_proj.weight"] = rand((inter, p.shape[2]))
-                shard[f"{prefix}{e}.up_proj.weight"] = rand((inter, p.shape[2]))
+                out.put(f"{prefix}{e}.gate_proj.weight", rand((inter, p.shape[2])))
+                out.put(f"{prefix}{e}.up_proj.weight", rand((inter, p.shape[2])))
         elif name.endswith("experts.down_proj"):  # [E, H, I] -> per-expert down_proj [H, I]
             prefix = name[: -len("down_proj")]
             for e in range(p.shape[0]):
-                shard[f"{prefix}{e}.down_proj.weight"] = rand(p.shape[1:])
+                out.put(f"{prefix}{e}.down_proj.weight", rand(p.shape[1:]))
         elif "norm" in name:
-            shard[name] = (1 + 0.1 * torch.randn(tuple(p.shape), generator=gen)).to(torch.bfloat16)
+            out.put(name, (1 + 0.1 * torch.randn(tuple(p.shape), generator=gen)).to(torch.bfloat16))
         elif name.endswith("mlp.gate.weight"):
-            shard[name] = rand(p.shape, 1.0)  # decisive routing, as in trained models
+            out.put(name, rand(p.shape, 1.0))  # decisive routing, as in trained models
         else:
-            shard[name] = rand(p.shape)
-        if sum(v.nbytes for v in shard.values()) >= shard_bytes:
-            size += sum(v.nbytes for v in shard.values())
-            flush()
-    if shard:
-        size += sum(v.nbytes for v in shard.values())
-        flush()
-    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
-    for old, new in final.items():
-        os.rename(path / old, path / new)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": size}, "weight_map": {k: final[v] for k, v in weight_map.items()}}))
-    return size
+            out.put(name, rand(p.shape))
+    return out.close()
 
 
 def main(argv=None) -> int:
@@ -164,10 +141,7 @@ def report(r: dict) -> None:
     print(f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Qwen3-MoE, {r['layers']} layers, hidden {r['hidden']}, "
           f"{r['experts']} experts of {r['inter']}, top-{r['top_k']}); limit {r['limit_mb']:.0f} MB; interpreter with "
           f"torch + transformers {r['baseline_mb']:.0f} MB; {r['samples']} calibration samples; keep {r['keep']}")
-    print(f"{'step':<26} {'rc':>4} {'seconds':>8} {'peak RSS MB':>12} {'/ checkpoint':>12}")
-    for name, st in s.items():
-        print(f"{name:<26} {st['returncode']:>4} {st['seconds']:>8.1f} {st['peak_rss_mb']:>12.0f} "
-              f"{st['peak_rss_mb'] / r['checkpoint_mb']:>12.2f}")
+    print_steps(s, r["checkpoint_mb"])
     if all(st["returncode"] == 0 for st in s.values()):
         plain = s["calibrate --scorer tcess"]["seconds"]
         extra = s["prune (default)"]["seconds"] - s["prune --no-refit"]["seconds"]
