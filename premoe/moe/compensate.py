@@ -33,6 +33,8 @@ from premoe.moe.refit import (
     expert_out,
     pruned_routing,
     refit_pruned_,
+    rerouted,
+    routed_out,
 )
 from premoe.moe.routing import route
 
@@ -53,16 +55,14 @@ def scale_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     experts = layer.experts
     kept = sorted(kept)
     x = h.to(experts.down_proj.device, torch.float32)
-    bias = layer.selection_bias()
     y = dense_output(layer, x, logits, spec) if target is None else target.to(x.device, torch.float64)
-    idx, w = route(logits[:, kept].to(x.device), pruned, bias=None if bias is None else bias[kept], scaled=True)
+    sel = rerouted(experts, x, logits, kept, pruned, layer.selection_bias())
     cols = []
     for p in range(len(kept)):
-        rows, slots = torch.where(idx == p)
         col = torch.zeros_like(y)
-        if len(rows):
-            a = expert_hidden(experts, kept[p], x[rows]).double()
-            col.index_add_(0, rows, w[rows, slots, None].double() * expert_out(experts, kept[p], a, down_weight(experts, kept[p]).double()))
+        if p in sel:
+            rows, a, wt = sel[p]
+            col.index_add_(0, rows, routed_out(experts, kept[p], a.double(), wt))
         cols.append(col.reshape(-1))
     A = torch.stack(cols, 1)  # [T*D, N]
     g = A.T @ A
@@ -133,34 +133,10 @@ def merge_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
 
 
 def merge_refit_(net, arch, plan, dense_layers, captured, spec) -> int:
-    """Merging, then the least-squares re-fit of the merged experts' down projections."""
+    """Merging, then the least-squares re-fit of the merged experts' down projections (toward the dense
+    block's output, starting from the merged weights)."""
     merge_pruned_(net, arch, plan, dense_layers, captured, spec)
-    return _refit_merged_(net, arch, plan, dense_layers, captured, spec)
-
-
-@torch.inference_mode()
-def _refit_merged_(net, arch, plan, dense_layers, captured, spec) -> int:
-    """:func:`premoe.moe.refit.refit_pruned_` for merged experts: the target is the dense block's output,
-    the prediction and the ridge's anchor the merged experts'."""
-    import copy
-
-    from premoe.moe.refit import refit_layer
-
-    changed = 0
-    for pos, (dense, pruned) in enumerate(_pairs(dense_layers, net, arch, spec)):
-        kept = sorted(plan.kept[dense.index])
-        if len(kept) >= spec.num_experts:
-            continue
-        merged = copy.deepcopy(dense.experts)  # the dense experts with the kept ones' rows merged
-        for n, _ in pruned.experts.named_parameters(recurse=False):
-            getattr(merged, n)[kept] = getattr(pruned.experts, n).to(getattr(merged, n).dtype)
-        h, z, y = captured[pos]
-        new = refit_layer(dense, h, z, kept, spec, pruned=pruned_routing(spec, plan), kept_experts=merged, target=y)
-        for e, wt in new.items():
-            target = down_weight(pruned.experts, kept.index(e))
-            target.copy_(wt.to(target.dtype))
-        changed += bool(new)
-    return changed
+    return refit_pruned_(net, arch, plan, dense_layers, captured, spec, from_pruned=True)
 
 
 COMPENSATIONS: dict[str, Callable] = {

@@ -138,6 +138,28 @@ def dense_output(layer: MoeLayer, x: torch.Tensor, logits: torch.Tensor, spec: R
     return y
 
 
+def rerouted(experts: nn.Module, x: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], routing: RouterSpec,
+             bias: torch.Tensor | None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """How the pruned block routes ``x``: per position p into ``kept`` (ascending) that some token goes to,
+    (those tokens' rows, expert ``kept[p]``'s activation [n, I] with the routing weight folded in, the
+    routing weights [n]), all float32."""
+    idx, w = route(logits[:, kept].to(x.device), routing, bias=None if bias is None else bias[kept], scaled=True)
+    out = {}
+    for p in idx.unique().tolist():
+        rows, slots = torch.where(idx == p)
+        wt = w[rows, slots].float()
+        out[p] = (rows, expert_hidden(experts, kept[p], x[rows]) * wt[:, None], wt)
+    return out
+
+
+def routed_out(experts: nn.Module, e: int, a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s weighted output from its weighted activation ``a`` (its bias times the weights ``wt``)."""
+    out = a @ down_weight(experts, e).to(a.dtype).T
+    if experts.has_bias:
+        out = out + wt[:, None].to(a.dtype) * experts.down_proj_bias[e].to(a.dtype)
+    return out
+
+
 @torch.inference_mode()
 def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
                 lam: float = LAM, sweeps: int = SWEEPS, pruned: RouterSpec | None = None,
@@ -159,31 +181,23 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     T = x.shape[0]
     y = (dense_output(layer, x, logits, spec) if target is None else target).to(x.device, torch.float32)
     sub = pruned or dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
-    kb = None if bias is None else bias[kept]
-    idx, w = route(logits[:, kept].to(x.device), sub, bias=kb, scaled=True)  # positions into ``kept``
-    sel = {}
+    sel = rerouted(mine, x, logits, kept, sub, bias)
     resid = y.clone()  # what the kept experts have to produce, less what they produce now (float32 products;
-    for p in idx.unique().tolist():  # Gram matrices and solves in float64)
-        rows, slots = torch.where(idx == p)
-        a = expert_hidden(mine, kept[p], x[rows]) * w[rows, slots, None].float()  # routing weight folded in
-        sel[p] = (rows, a)
-        out = a @ down_weight(mine, kept[p]).float().T
-        if mine.has_bias:  # biases are kept as they are; they stay in the residual
-            out = out + w[rows, slots, None].float() * mine.down_proj_bias[kept[p]].float()
-        resid.index_add_(0, rows, -out)
+    for p, (rows, a, wt) in sel.items():  # Gram matrices and solves in float64)
+        resid.index_add_(0, rows, -routed_out(mine, kept[p], a, wt))  # biases stay as they are, in the residual
     if not sel:
         return {}
     W0 = {p: down_weight(mine, kept[p]).double() for p in sel}
     W = {p: W0[p].clone() for p in sel}
-    s = lam * sum(float((a.double() ** 2).sum(0).mean()) for _, a in sel.values()) / len(sel) / T
+    s = lam * sum(float((a.double() ** 2).sum(0).mean()) for _, a, _ in sel.values()) / len(sel) / T
     s = max(s, 1e-12)
     chol = {}
-    for p, (rows, a) in sel.items():  # each expert's system matrix is the same in every sweep: factor it once
+    for p, (rows, a, _) in sel.items():  # each expert's system matrix is the same in every sweep: factor it once
         g = a.double().T @ a.double() / T
         g.diagonal().add_(s)
         chol[p] = torch.linalg.cholesky(g)
     for _ in range(sweeps):
-        for p, (rows, a) in sel.items():
+        for p, (rows, a, _) in sel.items():
             r = resid[rows] + a @ W[p].float().T  # the residual with this expert's own contribution put back
             b = (r.T @ a).double() / T + s * W0[p]
             new = torch.cholesky_solve(b.T, chol[p]).T
@@ -192,25 +206,36 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     return {kept[p]: W[p].float() for p in sel}
 
 
-
 def pruned_routing(spec: RouterSpec, plan) -> RouterSpec:
     """How the model ``plan`` builds routes: its experts, top-k and expert groups."""
     return dataclasses.replace(spec, num_experts=plan.keep, top_k=plan.top_k, n_group=plan.n_group,
                                topk_group=plan.topk_group)
 
 
+@torch.inference_mode()
 def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec,
-                  lam: float = LAM, sweeps: int = SWEEPS) -> int:
+                  lam: float = LAM, sweeps: int = SWEEPS, from_pruned: bool = False) -> int:
     """Re-fit the kept experts of ``net`` (the model ``plan`` built, kept experts at their ascending
-    positions) from the dense model's layers and the captured tokens; returns the layers changed."""
+    positions) from the dense model's layers and the captured tokens; returns the layers changed.
+    ``from_pruned``: start from ``net``'s kept experts as they are (merged ones, say) rather than the
+    dense model's; the target is the dense block's output either way."""
+    import copy
+
     from premoe.moe.arch import find_moe_layers
 
     changed = 0
     for pos, (dense, pruned) in enumerate(zip(dense_layers, find_moe_layers(net, arch))):
         check_supported(dense.experts, spec, arch.weight_on_input, arch.name)
         kept = sorted(plan.kept[dense.index])
+        if len(kept) >= spec.num_experts:
+            continue
+        mine = None
+        if from_pruned:  # the dense experts with the kept ones' rows taken from ``net``
+            mine = copy.deepcopy(dense.experts)
+            for n, _ in pruned.experts.named_parameters(recurse=False):
+                getattr(mine, n)[kept] = getattr(pruned.experts, n).to(getattr(mine, n).dtype)
         h, z, y = captured[pos]
-        new = refit_layer(dense, h, z, kept, spec, lam, sweeps, pruned_routing(spec, plan), target=y)
+        new = refit_layer(dense, h, z, kept, spec, lam, sweeps, pruned_routing(spec, plan), kept_experts=mine, target=y)
         with torch.no_grad():
             for e, wt in new.items():
                 target = down_weight(pruned.experts, kept.index(e))
