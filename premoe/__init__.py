@@ -4,6 +4,7 @@ Python API (mirrors the CLI verbs)::
 
     import premoe
     premoe.calibrate("path/to/moe", "math.jsonl", task="math", store="patterns")
+    premoe.refit("path/to/moe", "patterns", keep=64)  # optional: re-fitted rows stored with the patterns
     premoe.prune("path/to/moe", "patterns", task="math", keep=64, out="moe-math-64")
     premoe.inspect("patterns")
 
@@ -17,6 +18,7 @@ from premoe.errors import PremoeError
 
 _LAZY = {
     "calibrate": "api",
+    "refit": "api",
     "prune": "api",
     "plan": "api",
     "inspect_store": "api",
@@ -28,7 +30,7 @@ _LAZY = {
     "load_model": "core.loading",
 }
 
-__all__ = ["__version__", "calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect", "inspect_store", "route",
+__all__ = ["__version__", "calibrate", "refit", "prune", "plan", "pooled_pattern", "evaluate", "inspect", "inspect_store", "route",
            "serve", "inspect_model",
            "load_model", "demo", "PremoeError"]
 

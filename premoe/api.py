@@ -18,7 +18,7 @@ from premoe.moe.plans import PrunePlan, check_keep
 from premoe.moe.refit import refit_for
 from premoe.moe.scoring import SCORERS
 
-__all__ = ["calibrate", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve", "model_kind"]
+__all__ = ["calibrate", "refit", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve", "model_kind"]
 
 MOE_ONLY = {"keep": "--keep", "top_k": "--top-k", "scorer": "--scorer", "k": "--k", "r": "--r", "all_stats": "--all-stats",
             "stream": "--stream", "max_memory": "--max-memory", "offload_dir": "--offload-dir"}
@@ -124,6 +124,66 @@ def plan(
     return plan_from_pattern(info, pattern, keep, top_k=top_k, group_policy=group_policy, scorer=scorer, seed=seed)
 
 
+def check_refit_keeps(model, keeps: list[int], top_k: int | None = None, group_policy: str = "balanced") -> ModelInfo:
+    """Raise unless :func:`refit` can store re-fitted rows of ``model`` for ``keeps`` (returns its info)."""
+    from premoe.moe.refit import check_refit_model, down_targets
+
+    if model_kind(model) == "dense":
+        raise InputError("stored re-fits (premoe refit, --refit-keep) are for MoE models; a dense model re-fits in "
+                         "`premoe prune --refit`")
+    info = as_info(model)
+    for k in keeps:
+        check_keep(info.router, k, top_k, group_policy)
+    check_refit_model(info)
+    down_targets(info)
+    return info
+
+
+def refit(
+    model: str | Path | ModelInfo,
+    store: str | Path,
+    keep: int | list[int],
+    *,
+    tasks: list[str] | None = None,
+    top_k: int | None = None,
+    group_policy: str = "balanced",
+    scorer: str | None = None,
+    refit_data: list[str | Path] | None = None,
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """Store re-fitted rows with task patterns (MoE): for each task (default: every task in the store)
+    and keep count, the down projections of the experts ``keep`` keeps, re-fitted by least squares under
+    re-routing on the task's calibration data (or ``refit_data``), one pass over the model per task.
+    ``premoe prune``/``eval`` then skip the re-fit and ``generate``/``chat``/``serve`` (TAER) load these
+    rows instead of the checkpoint's, for the same keep count, top-k, group policy and scorer.
+
+    Returns:
+        {task: [one manifest entry per keep count: keep, key, experts re-fitted, data, tokens, ...]}
+
+    Raises:
+        PremoeError: dense model, impossible keep, unknown task, quantised checkpoint or unsupported
+            expert layout, calibration data gone or changed.
+    """
+    from premoe.moe.refit import store_refits
+
+    keeps = [keep] if isinstance(keep, int) else list(keep)
+    info = check_refit_keeps(model, keeps, top_k, group_policy)
+    st = PatternStore.open(store)
+    st.check_model(info.fingerprint)
+    names = list(tasks) if tasks else sorted(st.tasks)
+    if not names:
+        raise InputError(f"store {st.path} has no tasks; calibrate one first")
+    if refit_data and (not tasks or len(names) > 1):
+        raise InputError("--refit-data is the data of one task's rows; name that one task with --task")
+    out = {}
+    for name in names:
+        pattern = st.load(name)
+        plans = [plan_from_pattern(info, pattern, k, top_k=top_k, group_policy=group_policy, scorer=scorer)
+                 for k in keeps]
+        out[name] = store_refits(info, st, name, plans, refit_data, progress=progress)
+    return out
+
+
 def prune(
     model: str | Path | LoadedModel | ModelInfo,
     store: str | Path,
@@ -226,6 +286,8 @@ def inspect_store(store: str | Path) -> dict[str, Any]:
             "experts_for_90pct": round(experts_for_mass(concentration, 0.9), 2),
             "scorers": [n for n, sc in SCORERS.items() if all(k in pattern.means for k in sc.needs)],
             "top_experts": {str(layer): row.argsort(descending=True)[:8].tolist() for layer, row in zip(pattern.layers, pattern.scores)},
+            "refits": sorted(({k: r.get(k) for k in ("keep", "top_k", "group_policy", "scorer", "experts", "dir")}
+                              for r in entry.get("refits", {}).values()), key=lambda r: r["keep"]),
         }
     return {"path": str(st.path), "version": manifest["version"], "model": manifest["model"], "tasks": tasks}
 

@@ -6,7 +6,9 @@ prompt it computes the signature with the backbone (no experts involved), retrie
 stored task and, if that task's pattern differs from the one held, switches: experts both patterns
 keep stay where they are, experts in the cache are taken from it, and only the rest are read from
 the checkpoint. Experts the new pattern drops go to an LRU cache bounded by ``cache_bytes`` (0:
-dropped). The switched model is bit-identical to one built fresh for the new task.
+dropped). Where ``premoe refit`` stored re-fitted down projections with a task's pattern for this
+keep count, they are read from the store instead of the checkpoint's rows. The switched model is
+bit-identical to one built fresh for the new task.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class SwitchStats:
     experts_read: int = 0
     experts_kept: int = 0
     experts_from_cache: int = 0
+    refit_bytes: int = 0  # re-fitted rows read from the pattern store
     seconds: float = 0.0
 
 
@@ -90,6 +93,8 @@ def install_pattern(
     cache: ExpertCache | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    refit=None,
+    patched: dict[int, set[int]] | None = None,
 ) -> SwitchStats:
     """Make ``model`` (pruned to ``plan.keep`` experts per layer) hold ``plan``'s experts.
 
@@ -99,14 +104,21 @@ def install_pattern(
     identical to building from scratch. Experts never loaded before are created on ``device`` in
     ``dtype`` (default: CPU, the checkpoint's dtype; quantised experts: the config's dtype).
     ``routers`` holds every router tensor at full size ({layer: {in-memory name: tensor}}).
+    ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit.RefitWeights`), which
+    replace the checkpoint's rows of the experts they cover; ``patched`` ({layer: experts whose rows in
+    memory are re-fitted ones}, updated in place) keeps those from being reused or cached as the
+    checkpoint's.
     """
     t0 = time.perf_counter()
     before = reader.bytes_read
     stats = SwitchStats(plan.task or "?")
     mat = Materializer(info, None, reader)
+    patched = {} if patched is None else patched
     for m in find_moe_layers(model, info.spec):
         layer, new, old = m.index, plan.kept[m.index], held.get(m.index)
-        if old == new:
+        mine = set(refit.experts.get(layer, ())) if refit is not None else set()
+        was = patched.get(layer, set())
+        if old == new and not mine and not was:
             stats.experts_kept += len(new)
             continue
         prefix = info.layout.moe[layer]["prefix"]
@@ -114,6 +126,7 @@ def install_pattern(
         fresh: dict[str, torch.Tensor] = {}
         for path, rows in m.expert_tensors.items():
             name, cur = f"{prefix}.{path}", m.tensor(path)
+            down = path.rsplit(".", 1)[-1] == "down_proj"
             per = max(rows, 1)
             ids = info.slots(new) if rows == 0 else new
             if cur.is_meta:
@@ -122,7 +135,11 @@ def install_pattern(
                 t = torch.empty_like(cur)
             for j, e in enumerate(ids):
                 dst = t[j * per:(j + 1) * per]
-                if e in old_pos:
+                if down and e in mine:
+                    value = refit.get(layer, e)
+                    stats.refit_bytes += value.nbytes
+                    dst.copy_(value.reshape(dst.shape))
+                elif e in old_pos and not (down and e in was):
                     dst.copy_(cur[old_pos[e] * per:(old_pos[e] + 1) * per])
                 elif (layer, e) in (cache or {}) and name in cache.peek((layer, e)):
                     dst.copy_(cache.peek((layer, e))[name])
@@ -143,6 +160,8 @@ def install_pattern(
             for e in set(old) - set(new):
                 rows_of = {}
                 for path, rows in m.expert_tensors.items():
+                    if e in was and path.rsplit(".", 1)[-1] == "down_proj":
+                        continue  # a re-fitted row is not the checkpoint's: read it again when needed
                     per = max(rows, 1)
                     rows_of[f"{prefix}.{path}"] = m.tensor(path)[old_pos[e] * per:(old_pos[e] + 1) * per].detach().clone()
                 cache.put((layer, e), rows_of)
@@ -155,6 +174,7 @@ def install_pattern(
             value = full.index_select(dim, torch.tensor(info.slots(new))).to(device=cur.device, dtype=cur.dtype).clone()
             set_tensor(m.block, path, value)
         held[layer] = list(new)
+        patched[layer] = mine & set(new)
     stats.bytes_read = reader.bytes_read - before
     stats.seconds = time.perf_counter() - t0
     return stats
@@ -184,6 +204,7 @@ class Reply:
     experts_per_layer: int
     switched: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: bool = False  # served with re-fitted rows from the pattern store
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +216,7 @@ class Reply:
             "bytes_read": self.bytes_read,
             "experts_per_layer": self.experts_per_layer,
             "switched": self.switched,
+            "refit": self.refit,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
 
@@ -213,6 +235,9 @@ class TaskServer:
         device: where to run (default: CPU; "auto": the accelerator if there is one).
         dtype: compute dtype (default: the checkpoint's).
         scorer: rank experts with this scorer instead of each task's own.
+        refit: use the re-fitted down projections ``premoe refit`` stored with each task's pattern for
+            this keep count: ``None`` (default) where the store has them, ``True`` always (a task
+            without them is an error), ``False`` never (the checkpoint's rows, the paper's TAER).
     """
 
     def __init__(
@@ -228,9 +253,11 @@ class TaskServer:
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
         scorer: str | None = None,
+        refit: bool | None = None,
     ):
         self.info = inspect_model(model)
         self.scorer = scorer
+        self.refit = refit
         check_keep(self.info.router, keep, top_k, group_policy)
         self.store = PatternStore.open(store)
         self.store.check_model(self.info.fingerprint)
@@ -247,6 +274,9 @@ class TaskServer:
         self.model: nn.Module | None = None
         self._signature: SignatureModel | None = None
         self._plans: dict[str, PrunePlan] = {}
+        self._refits: dict[str, Any] = {}
+        self.patched: dict[int, set[int]] = {}
+        self.refit_bytes = 0
 
     def plan_for(self, task: str) -> PrunePlan:
         if task not in self._plans:
@@ -254,6 +284,20 @@ class TaskServer:
             self._plans[task] = plan_from_pattern(self.info, pattern, self.keep, top_k=self.top_k,
                                                   group_policy=self.group_policy, scorer=self.scorer)
         return self._plans[task]
+
+    def refit_for(self, task: str):
+        """The re-fitted rows stored with ``task``'s pattern for this keep count, or ``None``
+        (see ``refit``)."""
+        if task not in self._refits:
+            from premoe.moe.refit import stored_refit
+
+            found = None if self.refit is False else stored_refit(self.store, task, self.plan_for(task))
+            if found is None and self.refit:
+                raise InputError(f"task {task!r} has no re-fitted rows for --keep {self.keep} in store {self.store.path}; "
+                                 f"run `premoe refit --model {self.info.path} --store {self.store.path} --keep {self.keep}`"
+                                 " or pass --no-refit")
+            self._refits[task] = found
+        return self._refits[task]
 
     def _ensure_backbone(self) -> None:
         """Read the non-expert weights and the full routers (once); experts stay unloaded."""
@@ -276,8 +320,8 @@ class TaskServer:
 
     @property
     def bytes_read(self) -> int:
-        """Checkpoint bytes read so far (backbone, routers and experts)."""
-        return self.reader.bytes_read
+        """Bytes read so far: the checkpoint's (backbone, routers and experts) and re-fitted rows from the store."""
+        return self.reader.bytes_read + self.refit_bytes
 
     def route(self, text: str) -> RouteResult:
         """The stored task nearest to ``text`` (computes only the signature layers, no experts)."""
@@ -290,13 +334,15 @@ class TaskServer:
             raise InputError(f"unknown task {task!r}; the store has {', '.join(self.retriever.names)}")
         self._ensure_backbone()
         stats = install_pattern(self.model, self.info, self.plan_for(task), self.held, self.routers, self.reader,
-                                self.cache, device=self.device, dtype=self.dtype)
+                                self.cache, device=self.device, dtype=self.dtype, refit=self.refit_for(task),
+                                patched=self.patched)
+        self.refit_bytes += stats.refit_bytes
         self.task = task
         return stats
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Reply:
         """Route ``prompt``, switch patterns if needed, and complete it greedily."""
-        before = self.reader.bytes_read
+        before = self.bytes_read
         t0 = time.perf_counter()
         route = self.route(prompt)
         t1 = time.perf_counter()
@@ -308,8 +354,9 @@ class TaskServer:
             raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
         text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
         t3 = time.perf_counter()
-        return Reply(route.task, text, route, self.reader.bytes_read - before, self.keep, switched,
-                     {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2})
+        return Reply(route.task, text, route, self.bytes_read - before, self.keep, switched,
+                     {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2},
+                     refit=self._refits.get(route.task) is not None)
 
     def close(self) -> None:
         self.reader.close()

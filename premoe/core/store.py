@@ -6,11 +6,14 @@ Layout of a store directory::
     tasks/<task>-<sha8>.safetensors  "scores" [L, E], "mean.<stat>" [L, E] per-expert means and
                                      "sig.<source>.<stat>" [M, E] retrieval keys (premoe.moe.signature)
     signatures.safetensors           cache: every task's keys stacked, rebuilt when tasks change
+    refits/<task>-<key8>/            optional (``premoe refit``): the re-fitted down projections of the
+                                     experts one keep count keeps for the task, one safetensors file per
+                                     MoE layer, keyed in the manifest by the kept set's digest
     .lock                            serialises concurrent manifest updates
 
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
-then ``os.replace``) after the task file it points to is complete, so an interrupted calibration
-leaves the store exactly as it was. A store belongs to one model (checked by
+then ``os.replace``) after the task file (or re-fit directory) it points to is complete, so an
+interrupted calibration leaves the store exactly as it was; recalibrating a task drops its re-fits. A store belongs to one model (checked by
 :class:`~premoe.core.modelio.ModelFingerprint`). Only JSON and safetensors are ever read.
 """
 
@@ -304,6 +307,53 @@ class PatternStore:
             if old is not None and old.get("file") != entry["file"]:
                 with contextlib.suppress(OSError):
                     (self.path / old["file"]).unlink()
+            for r in (old or {}).get("refits", {}).values():  # fitted to the old pattern's kept sets
+                shutil.rmtree(self.path / r["dir"], ignore_errors=True)
+
+    # -- re-fitted rows ---------------------------------------------------------------------------
+
+    def refit_workdir(self) -> Path:
+        """A fresh directory inside the store to write a re-fit into before :meth:`add_refit` (removed
+        by it, or by the caller on failure)."""
+        (self.path / "refits").mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".refit.", suffix=".tmp", dir=self.path / "refits"))
+
+    def add_refit(self, task: str, key: str, meta: dict[str, Any], directory: Path) -> None:
+        """Record ``directory`` (from :meth:`refit_workdir`, complete) as ``task``'s re-fit for the kept
+        set with digest ``key``, replacing any earlier one; ``meta`` goes into the manifest."""
+        files = {f.name: f.stat().st_size for f in sorted(Path(directory).glob("*.safetensors"))}
+        rel = f"refits/{task}-{key[:8]}"
+        with _locked(self.path):
+            manifest = self.manifest()
+            entry = manifest["tasks"].get(task)
+            if entry is None:
+                raise StoreError(f"task {task!r} is not in store {self.path}; calibrate it first")
+            final, stale = self.path / rel, self.path / "refits" / f".{task}-{key[:8]}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # an earlier re-fit of the same kept set: replaced
+                os.replace(final, stale)
+            os.rename(directory, final)
+            entry.setdefault("refits", {})[key] = {**meta, "dir": rel, "files": files}
+            _write_json_atomic(self.manifest_path, manifest)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def refit_dir(self, task: str, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """``task``'s stored re-fit for the kept set with digest ``key``: (its directory, its manifest
+        entry), or ``None`` when there is none.
+
+        Raises:
+            StoreError: the manifest lists it but its files are missing or truncated.
+        """
+        entry = self.tasks.get(task, {}).get("refits", {}).get(key)
+        if entry is None:
+            return None
+        d = self.path / entry["dir"]
+        for name, size in entry.get("files", {}).items():
+            f = d / name
+            if not f.is_file() or f.stat().st_size != size:
+                raise StoreError(f"store re-fit file {f} is missing or truncated; rerun `premoe refit` for task {task!r} "
+                                 "or pass --no-refit")
+        return d, entry
 
 
 def _write_task_file(root: Path, pattern: TaskPattern, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -319,7 +369,7 @@ def _write_task_file(root: Path, pattern: TaskPattern, tensors: dict[str, torch.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    entry = {k: v for k, v in pattern.info.items() if k not in ("file", "sha256")}
+    entry = {k: v for k, v in pattern.info.items() if k not in ("file", "sha256", "refits")}
     entry.update(file=rel, sha256=digest)
     entry.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return entry

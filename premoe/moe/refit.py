@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -249,14 +249,34 @@ def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
 
 
 class RefitWeights:
-    """Re-fitted down projections of the kept experts, spilled to disk one layer per safetensors file
-    (removed with this object): :meth:`get` gives expert ``e`` of ``layer`` in the in-memory layout of
-    ``experts.down_proj[e]`` and the model's dtype."""
+    """Re-fitted down projections of the kept experts, one safetensors file per MoE layer in
+    ``directory`` (default: a temporary one, removed by :meth:`close`; a pattern store's re-fits are
+    kept): :meth:`get` gives expert ``e`` of ``layer`` in the in-memory layout of ``experts.down_proj[e]``
+    and the model's dtype."""
 
-    def __init__(self, about: dict[str, Any]):
-        self.directory = tempfile.TemporaryDirectory(prefix="premoe-moe-refit-")
+    def __init__(self, about: dict[str, Any], directory: str | Path | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="premoe-moe-refit-") if directory is None else None
+        self.path = Path(self._tmp.name if self._tmp else directory)
         self.about = about
         self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
+
+    @classmethod
+    def open(cls, directory: str | Path, about: dict[str, Any]) -> "RefitWeights":
+        """The re-fit written earlier into ``directory`` (a pattern store's; nothing is removed on close).
+
+        Raises:
+            StoreError: a file is not readable safetensors.
+        """
+        from premoe.errors import StoreError
+
+        out = cls(about, directory)
+        for f in sorted(out.path.glob("layer*.safetensors")):
+            try:
+                with safe_open(f, "pt") as g:
+                    out.experts[int(f.stem.removeprefix("layer"))] = sorted(int(k) for k in g.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass --no-refit") from None
+        return out
 
     def put(self, layer: int, weights: dict[int, torch.Tensor]) -> None:
         if weights:
@@ -271,10 +291,21 @@ class RefitWeights:
         return expert in self.experts.get(layer, ())
 
     def _file(self, layer: int) -> str:
-        return str(Path(self.directory.name) / f"layer{layer}.safetensors")
+        return str(self.path / f"layer{layer}.safetensors")
 
     def close(self) -> None:
-        self.directory.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def plan_key(plan) -> str:
+    """Digest of what a re-fit depends on in ``plan``: each layer's kept experts and the pruned routing."""
+    import hashlib
+    import json
+
+    what = {"kept": {str(k): sorted(v) for k, v in sorted(plan.kept.items())}, "top_k": plan.top_k,
+            "n_group": plan.n_group, "topk_group": plan.topk_group}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def pick_texts(tok, sources: Sequence[Sequence[str]], tokens: int, max_length: int) -> list[str]:
@@ -319,13 +350,22 @@ def check_refit_model(info) -> None:
                                     f"interface; {info.spec.name}'s experts are laid out otherwise; use --no-refit")
 
 
-def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str = "", tokens: int = TOKENS,
-                lam: float = LAM, sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
-                device: torch.device | None = None, progress: bool = True, reader=None,
-                stream: bool | None = None) -> RefitWeights:
-    """Re-fit the kept experts of every MoE layer of ``plan`` on up to ``tokens`` calibration tokens per
-    layer from ``sources`` (texts, equal shares): the dense model's MoE-block inputs and router logits
-    are recorded and each layer is re-fitted (:func:`refit_layer`), its new weights spilled to disk.
+def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, directory: str | Path | None = None,
+                **kwargs) -> RefitWeights:
+    """Re-fit the kept experts of every MoE layer of ``plan``: :func:`refit_models` for one plan."""
+    return refit_models(info, [plan], tok, sources, directories=[directory], **kwargs)[0]
+
+
+def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *, about: str = "",
+                 directories: Sequence[str | Path | None] | None = None, tokens: int = TOKENS, lam: float = LAM,
+                 sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
+                 device: torch.device | None = None, progress: bool = True, reader=None,
+                 stream: bool | None = None) -> list[RefitWeights]:
+    """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``tokens`` calibration
+    tokens per layer from ``sources`` (texts, equal shares), in one pass over the model: the dense
+    model's MoE-block inputs and router logits are recorded and each layer is re-fitted for every plan
+    (:func:`refit_layer`), the new weights spilled to disk (``directories``: one per plan, default
+    temporary ones).
 
     A model that fits in memory is built whole (``stream``: force either way); a larger one runs one
     decoder layer at a time, each built from the checkpoint and re-fitted before it is freed. Memory
@@ -339,15 +379,17 @@ def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str
     texts = pick_texts(tok, sources, tokens, max_length)
     if not texts:
         raise InputError("the refit data has no texts; pass --refit-data FILE or use --no-refit")
-    out = RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps})
-    routing = pruned_routing(info.router, plan)
+    outs = [RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
+            for d in (directories or [None] * len(plans))]
+    routings = [pruned_routing(info.router, plan) for plan in plans]
 
     def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
         check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
-        out.about["tokens"] = len(h)
-        new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing, target=y)
         dt = m.experts.down_proj.dtype
-        out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()})
+        for plan, routing, out in zip(plans, routings, outs):
+            out.about["tokens"] = len(h)
+            new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing, target=y)
+            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()})
 
     budget = memory_budget(None)
     try:
@@ -356,9 +398,10 @@ def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, about: str
         else:
             _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress)
     except BaseException:
-        out.close()
+        for out in outs:
+            out.close()
         raise
-    return out
+    return outs
 
 
 def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress) -> None:
@@ -427,6 +470,11 @@ def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool |
     if all(len(v) >= info.num_experts for v in plan.kept.values()):
         return None  # every expert kept: nothing to correct
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    if not refit_data and not agnostic:
+        stored = stored_refit(st, task, plan)
+        if stored is not None:
+            plan.refit = dict(stored.about)
+            return stored
     try:
         check_refit_model(info)
         down_targets(info)
@@ -440,3 +488,50 @@ def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool |
         return None
     plan.refit = dict(weights.about)
     return weights
+
+
+def stored_refit(store, task: str, plan) -> RefitWeights | None:
+    """``task``'s re-fit for ``plan``'s kept set that ``premoe refit`` stored with the pattern, if any."""
+    found = store.refit_dir(task, plan_key(plan))
+    if found is None:
+        return None
+    directory, entry = found
+    return RefitWeights.open(directory, {**entry.get("about", {}), "stored": entry["dir"]})
+
+
+def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence | None = None,
+                 progress: bool = True, **kwargs) -> list[dict[str, Any]]:
+    """Re-fit ``task``'s kept experts for each of ``plans`` (one pass over the model) on ``refit_data``
+    or the task's recorded calibration data, and store the rows with the pattern (``premoe refit``);
+    returns each plan's manifest entry. Plans that keep every expert are skipped.
+
+    Raises:
+        UnsupportedModelError / InputError: as ``premoe prune --refit`` (quantised checkpoint, other
+            expert layout, calibration data gone or changed).
+    """
+    import shutil
+
+    from premoe.core.data import refit_sources
+    from premoe.core.modelio import load_tokenizer
+
+    plans = [p for p in plans if any(len(v) < info.num_experts for v in p.kept.values())]
+    if not plans:
+        return []
+    check_refit_model(info)
+    down_targets(info)
+    sources, about = refit_sources(store.tasks, [task], refit_data)
+    dirs = [store.refit_workdir() for _ in plans]
+    try:
+        outs = refit_models(info, plans, load_tokenizer(info.path), sources, about=about, directories=dirs,
+                            progress=progress, **kwargs)
+        entries = []
+        for plan, out, d in zip(plans, outs, dirs):
+            key = plan_key(plan)
+            meta = {"keep": plan.keep, "top_k": plan.top_k, "group_policy": plan.group_policy, "scorer": plan.scorer,
+                    "experts": sum(len(v) for v in out.experts.values()), "about": out.about}
+            store.add_refit(task, key, meta, d)
+            entries.append({**meta, "key": key})
+        return entries
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
