@@ -172,6 +172,10 @@ def install_pattern(
             dim = m.router_tensors[path]
             cur = m.tensor(path)
             value = full.index_select(dim, torch.tensor(info.slots(new))).to(device=cur.device, dtype=cur.dtype).clone()
+            fitted = refit.router(layer, name) if refit is not None else None
+            if fitted is not None:  # the task's re-fitted rows (read from the store)
+                stats.refit_bytes += fitted.nbytes
+                value.copy_(fitted)
             set_tensor(m.block, path, value)
         held[layer] = list(new)
         patched[layer] = mine & set(new)

@@ -107,7 +107,7 @@ def _add_sweep(sub):
                         "calibration data (rows <method>+refit): dense models re-fit the kept o_proj/down_proj columns "
                         "(default both); MoE models the kept experts' down_proj under re-routing (task-specific rows; "
                         "default off)")
-    p.add_argument("--compensate", nargs="+", choices=("refit", "scale", "merge", "merge+refit"),
+    p.add_argument("--compensate", nargs="+", choices=("refit", "scale", "merge", "merge+refit", "router", "refit+router"),
                    help="MoE models: also evaluate each compensation for the removed experts (rows <scorer>+<method>): "
                         "refit (least-squares down_proj under re-routing), scale (one least-squares output scale per "
                         "kept expert), merge (removed experts folded into their closest kept one, frequency-weighted), "

@@ -5,13 +5,17 @@ and router, so a vanilla load still works), from the dense model's layers and ea
 captured calibration tokens (:func:`premoe.moe.refit.capture`):
 
 * ``refit``: the kept experts' down projections re-fitted by least squares under re-routing
-  (:func:`premoe.moe.refit.refit_pruned_`, what ``premoe prune`` applies by default);
+  (:func:`premoe.moe.refit.refit_pruned_`);
 * ``scale``: one least-squares output scale per kept expert under re-routing (a one-parameter
   special case of ``refit``, ridge toward 1);
 * ``merge``: every removed expert folded into its closest kept expert, weights averaged with the
   experts' routed-token counts as weights (HC-SMoE / MC-SMoE style frequency-weighted merging);
   closest: the highest cosine similarity of the two experts' outputs on the calibration tokens;
-* ``merge+refit``: merging, then the re-fit of the merged experts.
+* ``merge+refit``: merging, then the re-fit of the merged experts;
+* ``router``: the kept experts' router rows re-fitted so the re-routed block output matches the
+  dense one (:func:`premoe.moe.refit.router_delta`), experts unchanged;
+* ``refit+router``: the down-projection re-fit, then the router re-fit with the re-fitted experts
+  (what ``premoe prune`` applies by default).
 
 All of them need the dense experts of the layer (the model in memory).
 """
@@ -35,6 +39,8 @@ from premoe.moe.refit import (
     refit_pruned_,
     rerouted,
     routed_out,
+    router_delta,
+    router_weight_path,
 )
 from premoe.moe.routing import route
 
@@ -139,7 +145,35 @@ def merge_refit_(net, arch, plan, dense_layers, captured, spec) -> int:
     return refit_pruned_(net, arch, plan, dense_layers, captured, spec, from_pruned=True)
 
 
+def router_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec) -> int:
+    """Re-fit the kept experts' router rows of ``net`` (:func:`premoe.moe.refit.router_delta`), its
+    experts as they are."""
+    changed = 0
+    for pos, (dense, pruned) in enumerate(_pairs(dense_layers, net, arch, spec)):
+        kept = sorted(plan.kept[dense.index])
+        path = router_weight_path(pruned)
+        if len(kept) >= spec.num_experts or path is None:
+            continue
+        h, z, y = captured[pos]
+        target = dense_output(dense, h.float(), z, spec) if y is None else y
+        down = {e: down_weight(pruned.experts, p).float() for p, e in enumerate(kept)}
+        delta = router_delta(dense.experts, kept, h, z, pruned_routing(spec, plan), dense.selection_bias(), target, down)
+        with torch.no_grad():
+            w = pruned.tensor(path)
+            w.add_(delta.to(w.dtype))
+        changed += 1
+    return changed
+
+
+def refit_router_(net, arch, plan, dense_layers, captured, spec) -> int:
+    """The down-projection re-fit, then the router re-fit with the re-fitted experts."""
+    refit_pruned_(net, arch, plan, dense_layers, captured, spec)
+    return router_pruned_(net, arch, plan, dense_layers, captured, spec)
+
+
 COMPENSATIONS: dict[str, Callable] = {
+    "router": router_pruned_,
+    "refit+router": refit_router_,
     "refit": refit_pruned_,
     "scale": scale_pruned_,
     "merge": merge_pruned_,

@@ -64,8 +64,8 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = 
     Per-expert keys (and their quantisation scales) of kept experts are renumbered 0..N-1 where the
     expert id sits in the key; fused expert tensors, router rows and biases (and scales with an
     expert dimension) are sliced along it. Zero-computation experts keep their slots after the kept
-    experts. Everything else is copied as it is. With ``refit`` the kept experts' down projections it
-    holds replace the source's (:mod:`premoe.moe.refit`).
+    experts. Everything else is copied as it is. With ``refit`` the kept experts' down projections and
+    router rows it holds replace the source's (:mod:`premoe.moe.refit`).
     """
     down = down_targets(info) if refit is not None else {}
     out, dropped = [], []
@@ -91,7 +91,11 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = 
             dim = role.dim if t.shape[role.dim] == info.router.width else 0
             ids = slots[role.layer]
             shape = (*t.shape[:dim], len(ids), *t.shape[dim + 1:])
-            out.append(OutTensor(name, t.dtype, shape, t.select(dim, ids)))
+            if refit is not None and role.target in refit.routers.get(role.layer, ()) and dim == 0:
+                get = (lambda layer=role.layer, n=role.target, dt=TORCH_DTYPES[t.dtype]: refit.router(layer, n).to(dt))
+                out.append(OutTensor(name, t.dtype, shape, make=get))
+            else:
+                out.append(OutTensor(name, t.dtype, shape, t.select(dim, ids)))
         elif role.kind == "fused" and t.shape:
             ids = slots[role.layer] if role.rows == 0 else plan.kept[role.layer]
             per = max(role.rows, 1)  # rows per expert (per router slot), of this tensor or scale

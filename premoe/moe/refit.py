@@ -206,6 +206,65 @@ def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Se
     return {kept[p]: W[p].float() for p in sel}
 
 
+ROUTER_STEPS = 200  # Adam steps of the router re-fit
+ROUTER_TOKENS = 1024  # calibration tokens per layer the router re-fit uses
+ROUTER_CANDIDATES = 2  # x top-k: the kept experts per token (best first) the re-fit router may move weight among
+
+
+def router_weight_path(layer: MoeLayer) -> str | None:
+    """Path (in ``layer.block``) of the layer's router weight matrix, experts on dim 0, if it has one."""
+    return next((p for p, d in layer.router_tensors.items()
+                 if d == 0 and p.endswith("weight") and layer.tensor(p).dim() == 2), None)
+
+
+def router_delta(experts: nn.Module, kept: Sequence[int], h: torch.Tensor, logits: torch.Tensor, routing: RouterSpec,
+                 bias: torch.Tensor | None, target: torch.Tensor, down: dict[int, torch.Tensor] | None = None,
+                 lam: float = LAM, steps: int = ROUTER_STEPS, tokens: int = ROUTER_TOKENS) -> torch.Tensor:
+    """A change [N, D] (float32) to the kept experts' router rows (ascending ids) that lowers the pruned
+    block's squared error against ``target`` (the dense routed output) on the first ``tokens`` tokens,
+    with the kept experts fixed (``down``: their down projections [D, I] by id, default the layer's).
+
+    Adam on the routing weights' gradient (the top-k choice is piecewise constant), ridge ``lam``
+    toward the original rows; each token may move weight only among its best ``ROUTER_CANDIDATES`` x
+    top-k kept experts (the others are kept out of its choice), which bounds memory by
+    tokens x candidates x hidden. Routers that compute logits as ``x @ W.T`` (+ a bias) only.
+    """
+    kept = sorted(kept)
+    down = down or {}
+    with torch.inference_mode(False), torch.enable_grad():
+        dev = experts.down_proj.device
+        x = h[:tokens].to(dev, torch.float32).clone()
+        y = target[:tokens].to(dev, torch.float32).clone()
+        z0 = logits[:tokens, kept].to(dev, torch.float32).clone()
+        kb = None if bias is None else bias[kept].to(dev, torch.float32).clone()
+        T, N = z0.shape
+        c = min(N, ROUTER_CANDIDATES * routing.top_k)
+        with torch.no_grad():
+            cand, _ = route(z0, routing, k=c, bias=kb)  # [T, c] positions into kept
+            outs = torch.zeros(T, c, x.shape[1], device=dev)
+            for p in cand.unique().tolist():
+                rows, slots = torch.where(cand == p)
+                e = kept[p]
+                w = down.get(e, down_weight(experts, e)).to(dev, torch.float32)
+                outs[rows, slots] = expert_out(experts, e, expert_hidden(experts, e, x[rows]), w).float()
+            slot = torch.full((T, N), -1, dtype=torch.long, device=dev)
+            slot.scatter_(1, cand, torch.arange(c, device=dev).expand(T, c))
+            keep_out = torch.where(slot >= 0, 0.0, -1e4)  # selection-only: non-candidates are never chosen
+            sel_bias = keep_out if kb is None else keep_out + kb
+        rows = torch.arange(T, device=dev)[:, None]
+        delta = torch.zeros(N, x.shape[1], device=dev, requires_grad=True)
+        scale = float(y.pow(2).sum(-1).mean().clamp_min(1e-12))
+        opt = torch.optim.Adam([delta], lr=1e-2 / float(x.norm(dim=1).mean().clamp_min(1e-12)))
+        for _ in range(steps):
+            idx, w = route(z0 + x @ delta.T, routing, bias=sel_bias, scaled=True)
+            got = (w[..., None] * outs[rows, slot.gather(1, idx).clamp_min(0)]).sum(1)
+            loss = (got - y).pow(2).sum(-1).mean() / scale + lam * delta.pow(2).sum() / N
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return delta.detach()
+
+
 def pruned_routing(spec: RouterSpec, plan) -> RouterSpec:
     """How the model ``plan`` builds routes: its experts, top-k and expert groups."""
     return dataclasses.replace(spec, num_experts=plan.keep, top_k=plan.top_k, n_group=plan.n_group,
@@ -259,6 +318,7 @@ class RefitWeights:
         self.path = Path(self._tmp.name if self._tmp else directory)
         self.about = about
         self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
+        self.routers: dict[int, list[str]] = {}  # layer -> router weights with re-fitted rows (in-memory names)
 
     @classmethod
     def open(cls, directory: str | Path, about: dict[str, Any]) -> "RefitWeights":
@@ -273,19 +333,33 @@ class RefitWeights:
         for f in sorted(out.path.glob("layer*.safetensors")):
             try:
                 with safe_open(f, "pt") as g:
-                    out.experts[int(f.stem.removeprefix("layer"))] = sorted(int(k) for k in g.keys())
+                    layer = int(f.stem.removeprefix("layer"))
+                    out.experts[layer] = sorted(int(k) for k in g.keys() if k.isdigit())
+                    out.routers[layer] = sorted(k for k in g.keys() if not k.isdigit())
             except (SafetensorError, OSError, ValueError) as e:
                 raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass --no-refit") from None
         return out
 
-    def put(self, layer: int, weights: dict[int, torch.Tensor]) -> None:
+    def put(self, layer: int, weights: dict[int, torch.Tensor], routers: dict[str, torch.Tensor] | None = None) -> None:
+        """Store a layer's re-fitted down projections ({expert: tensor}) and router rows ({in-memory name
+        of the router weight: [kept, D] rows, kept experts ascending})."""
         if weights:
-            save_file({str(e): w.contiguous() for e, w in weights.items()}, self._file(layer))
+            tensors = {str(e): w.contiguous() for e, w in weights.items()}
+            tensors.update({n: r.contiguous() for n, r in (routers or {}).items()})
+            save_file(tensors, self._file(layer))
             self.experts[layer] = sorted(weights)
+            self.routers[layer] = sorted(routers or {})
 
     def get(self, layer: int, expert: int) -> torch.Tensor:
         with safe_open(self._file(layer), "pt") as f:
             return f.get_tensor(str(expert))
+
+    def router(self, layer: int | None, name: str) -> torch.Tensor | None:
+        """The re-fitted rows [kept, D] of router weight ``name`` (in-memory name) of ``layer``, if any."""
+        if name not in self.routers.get(layer, ()):
+            return None
+        with safe_open(self._file(layer), "pt") as f:
+            return f.get_tensor(name)
 
     def has(self, layer: int | None, expert: int | None) -> bool:
         return expert in self.experts.get(layer, ())
@@ -340,6 +414,17 @@ def down_targets(info) -> dict[int, str]:
     return out
 
 
+def router_target(info, layer: int) -> str | None:
+    """In-memory name of ``layer``'s router weight where the checkpoint stores it as one plain key with the
+    experts on dim 0 (what the router re-fit rewrites), else ``None``."""
+    for name, dim in info.layout.moe[layer]["router"].items():
+        src = info.layout.sources.get(name)
+        if dim == 0 and name.endswith(".weight") and src is not None and src.kind == "router" and src.key \
+                and src.converter is None and not src.scales:
+            return name
+    return None
+
+
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
     if info.quant.method:
@@ -360,12 +445,13 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
                  directories: Sequence[str | Path | None] | None = None, tokens: int = TOKENS, lam: float = LAM,
                  sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
                  device: torch.device | None = None, progress: bool = True, reader=None,
-                 stream: bool | None = None) -> list[RefitWeights]:
+                 stream: bool | None = None, router: bool = True) -> list[RefitWeights]:
     """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``tokens`` calibration
     tokens per layer from ``sources`` (texts, equal shares), in one pass over the model: the dense
     model's MoE-block inputs and router logits are recorded and each layer is re-fitted for every plan
-    (:func:`refit_layer`), the new weights spilled to disk (``directories``: one per plan, default
-    temporary ones).
+    (:func:`refit_layer`), then, with ``router``, the kept experts' router rows with the re-fitted
+    experts (:func:`router_delta`, where the checkpoint stores the router weight as one plain key); the
+    new weights are spilled to disk (``directories``: one per plan, default temporary ones).
 
     A model that fits in memory is built whole (``stream``: force either way); a larger one runs one
     decoder layer at a time, each built from the checkpoint and re-fitted before it is freed. Memory
@@ -386,10 +472,21 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
     def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
         check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
         dt = m.experts.down_proj.dtype
+        name = router_target(info, m.index) if router else None
+        path = name.removeprefix(info.layout.moe[m.index]["prefix"] + ".") if name else None
+        if y is None:
+            y = dense_output(m, h.to(m.experts.down_proj.device, torch.float32), z, info.router).float()
         for plan, routing, out in zip(plans, routings, outs):
             out.about["tokens"] = len(h)
-            new = refit_layer(m, h, z, sorted(plan.kept[m.index]), info.router, lam, sweeps, routing, target=y)
-            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()})
+            kept = sorted(plan.kept[m.index])
+            new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y)
+            rows = {}
+            if new and path is not None and path in m.router_tensors:
+                w = m.tensor(path)
+                delta = router_delta(m.experts, kept, h, z, routing, m.selection_bias(), y, new, lam)
+                rows[name] = (w[kept].float() + delta.to(w.device)).to(w.dtype)
+                out.about["router_tokens"] = min(len(h), ROUTER_TOKENS)
+            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()}, rows)
 
     budget = memory_budget(None)
     try:

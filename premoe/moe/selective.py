@@ -88,8 +88,8 @@ class Materializer:
         routers: full router tensors already in memory ({layer: {in-memory name: tensor}}); their rows
             are sliced from memory instead of read again.
         dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
-        refit: re-fitted down projections of kept experts (:class:`premoe.moe.refit.RefitWeights`) that
-            replace the checkpoint's.
+        refit: re-fitted down projections and router rows of kept experts
+            (:class:`premoe.moe.refit.RefitWeights`) that replace the checkpoint's.
     """
 
     def __init__(self, info: ModelInfo, plan: PrunePlan | None, reader: ByteReader,
@@ -148,6 +148,9 @@ class Materializer:
             layer, dim = self.router_names[name]
             kept = self.experts_for(layer)
             ids = None if kept is None else self.info.slots(kept)
+            fitted = self.refit.router(layer, name) if self.refit is not None and ids is not None else None
+            if fitted is not None:  # re-fitted rows of the kept experts
+                return fitted
             if self.routers is not None and name in self.routers.get(layer, {}):
                 full = self.routers[layer][name]
                 return (full if ids is None else full.index_select(dim, torch.tensor(ids))).clone()
