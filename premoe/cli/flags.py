@@ -32,7 +32,7 @@ def add_selection_flags(p, keep_required: bool):
     r.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit by least squares so each pruned layer's output matches the dense one on the calibration "
                         "tokens (the store's recorded data, or --refit-data): MoE models the kept experts' down "
-                        "projections under re-routing, dense models the kept o_proj/down_proj columns and biases; "
+                        "projections and router rows under re-routing, dense models the kept o_proj/down_proj columns and biases; "
                         "plain weights, vanilla load (default: on when the recorded data is still there unchanged; "
                         "--no-refit: the published methods)")
     r.add_argument("--refit-data", nargs="+", metavar="FILE",
