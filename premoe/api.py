@@ -15,7 +15,7 @@ from premoe.core.outdir import check_out_dir
 from premoe.moe.export import export_pruned
 from premoe.moe.patterns import experts_for_mass, load_pattern, plan_from_pattern, pooled_pattern
 from premoe.moe.plans import PrunePlan, check_keep
-from premoe.moe.refit import refit_for
+from premoe.moe.refit_checkpoint import refit_for
 from premoe.moe.scoring import SCORERS
 
 __all__ = ["calibrate", "refit", "prune", "plan", "pooled_pattern", "evaluate", "inspect_store", "route", "serve", "model_kind"]
@@ -126,7 +126,7 @@ def plan(
 
 def check_refit_keeps(model, keeps: list[int], top_k: int | None = None, group_policy: str = "balanced") -> ModelInfo:
     """Raise unless :func:`refit` can store re-fitted rows of ``model`` for ``keeps`` (returns its info)."""
-    from premoe.moe.refit import check_refit_model, down_targets
+    from premoe.moe.refit_checkpoint import check_refit_model, down_targets
 
     if model_kind(model) == "dense":
         raise InputError("stored re-fits (premoe refit, --refit-keep) are for MoE models; a dense model re-fits in "
@@ -164,7 +164,7 @@ def refit(
         PremoeError: dense model, impossible keep, unknown task, quantised checkpoint or unsupported
             expert layout, calibration data gone or changed.
     """
-    from premoe.moe.refit import store_refits
+    from premoe.moe.refit_checkpoint import store_refits
 
     keeps = [keep] if isinstance(keep, int) else list(keep)
     info = check_refit_keeps(model, keeps, top_k, group_policy)

@@ -104,7 +104,7 @@ def install_pattern(
     identical to building from scratch. Experts never loaded before are created on ``device`` in
     ``dtype`` (default: CPU, the checkpoint's dtype; quantised experts: the config's dtype).
     ``routers`` holds every router tensor at full size ({layer: {in-memory name: tensor}}).
-    ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit.RefitWeights`), which
+    ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit_checkpoint.RefitWeights`), which
     replace the checkpoint's rows of the experts they cover; ``patched`` ({layer: experts whose rows in
     memory are re-fitted ones}, updated in place) keeps those from being reused or cached as the
     checkpoint's.
@@ -293,7 +293,7 @@ class TaskServer:
         """The re-fitted rows stored with ``task``'s pattern for this keep count, or ``None``
         (see ``refit``)."""
         if task not in self._refits:
-            from premoe.moe.refit import stored_refit
+            from premoe.moe.refit_checkpoint import stored_refit
 
             found = None if self.refit is False else stored_refit(self.store, task, self.plan_for(task))
             if found is None and self.refit:

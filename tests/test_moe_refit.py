@@ -131,7 +131,7 @@ def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     from premoe.api import calibrate
     from premoe.core.data import write_jsonl
     from premoe.core.modelio import inspect_model, load_tokenizer
-    from premoe.moe.refit import refit_model
+    from premoe.moe.refit_checkpoint import refit_model
 
     src = family_dir("deepseek_v3")  # group-limited routing, a dense first layer, shared experts
     rows = samples("add", 24, "calib")

@@ -122,7 +122,7 @@ def test_refit_export_changes_only_kept_down_projections_and_router_rows(family,
     from premoe.core.checkpoint import ByteReader
     from premoe.core.data import refit_sources
     from premoe.core.modelio import load_tokenizer
-    from premoe.moe.refit import refit_model
+    from premoe.moe.refit_checkpoint import refit_model
     from premoe.moe.selective import build_model as build_pruned
 
     src = family_dir(family)

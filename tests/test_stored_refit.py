@@ -15,7 +15,7 @@ from premoe.core.modelio import inspect_model
 from premoe.core.store import PatternStore
 from premoe.core.tasks import samples
 from premoe.errors import InputError, StoreError
-from premoe.moe.refit import plan_key, stored_refit
+from premoe.moe.refit_checkpoint import plan_key, stored_refit
 from premoe.moe.selective import ByteReader, build_model
 from premoe.serving import TaskServer
 

@@ -29,7 +29,7 @@ from premoe.core.modelio import ModelInfo
 from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.plans import PrunePlan
-from premoe.moe.refit import RefitWeights, down_targets
+from premoe.moe.refit_checkpoint import RefitWeights, down_targets
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = 
     expert id sits in the key; fused expert tensors, router rows and biases (and scales with an
     expert dimension) are sliced along it. Zero-computation experts keep their slots after the kept
     experts. Everything else is copied as it is. With ``refit`` the kept experts' down projections and
-    router rows it holds replace the source's (:mod:`premoe.moe.refit`).
+    router rows it holds replace the source's (:mod:`premoe.moe.refit_checkpoint`).
     """
     down = down_targets(info) if refit is not None else {}
     out, dropped = [], []
@@ -199,7 +199,7 @@ def export_pruned(
     refit: RefitWeights | None = None,
 ) -> ExportResult:
     """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically); ``refit``: the kept
-    experts' re-fitted down projections (:func:`premoe.moe.refit.refit_streamed`)."""
+    experts' re-fitted down projections (:func:`premoe.moe.refit_checkpoint.refit_models`)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_out_dir(out, info.path, overwrite)

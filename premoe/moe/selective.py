@@ -89,7 +89,7 @@ class Materializer:
             are sliced from memory instead of read again.
         dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
         refit: re-fitted down projections and router rows of kept experts
-            (:class:`premoe.moe.refit.RefitWeights`) that replace the checkpoint's.
+            (:class:`premoe.moe.refit_checkpoint.RefitWeights`) that replace the checkpoint's.
     """
 
     def __init__(self, info: ModelInfo, plan: PrunePlan | None, reader: ByteReader,

@@ -157,7 +157,7 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
     either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
     is returned on the CPU. ``refit``: re-fitted down projections of the kept experts
-    (:class:`premoe.moe.refit.RefitWeights`). Returns ``(model, lazy)``.
+    (:class:`premoe.moe.refit_checkpoint.RefitWeights`). Returns ``(model, lazy)``.
 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.

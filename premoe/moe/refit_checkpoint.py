@@ -1,0 +1,362 @@
+"""Re-fitting a whole checkpoint (``premoe prune``/``eval`` default, ``premoe refit``): the dense model's
+calibration tokens recorded in one pass (whole, or one decoder layer at a time), each MoE layer solved
+by :mod:`premoe.moe.refit` and its new weights spilled to disk (:class:`RefitWeights`), the policy of
+when to re-fit, and re-fits stored with task patterns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.arch import MoeLayer
+from premoe.moe.refit import (
+    LAM,
+    ROUTER_TOKENS,
+    SWEEPS,
+    TOKENS,
+    _joined,
+    _record,
+    capture,
+    check_supported,
+    dense_output,
+    pruned_routing,
+    refit_layer,
+    router_delta,
+)
+
+
+
+class RefitWeights:
+    """Re-fitted down projections of the kept experts, one safetensors file per MoE layer in
+    ``directory`` (default: a temporary one, removed by :meth:`close`; a pattern store's re-fits are
+    kept): :meth:`get` gives expert ``e`` of ``layer`` in the in-memory layout of ``experts.down_proj[e]``
+    and the model's dtype."""
+
+    def __init__(self, about: dict[str, Any], directory: str | Path | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="premoe-moe-refit-") if directory is None else None
+        self.path = Path(self._tmp.name if self._tmp else directory)
+        self.about = about
+        self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
+        self.routers: dict[int, list[str]] = {}  # layer -> router weights with re-fitted rows (in-memory names)
+
+    @classmethod
+    def open(cls, directory: str | Path, about: dict[str, Any]) -> "RefitWeights":
+        """The re-fit written earlier into ``directory`` (a pattern store's; nothing is removed on close).
+
+        Raises:
+            StoreError: a file is not readable safetensors.
+        """
+        from premoe.errors import StoreError
+
+        out = cls(about, directory)
+        for f in sorted(out.path.glob("layer*.safetensors")):
+            try:
+                with safe_open(f, "pt") as g:
+                    layer = int(f.stem.removeprefix("layer"))
+                    out.experts[layer] = sorted(int(k) for k in g.keys() if k.isdigit())
+                    out.routers[layer] = sorted(k for k in g.keys() if not k.isdigit())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass --no-refit") from None
+        return out
+
+    def put(self, layer: int, weights: dict[int, torch.Tensor], routers: dict[str, torch.Tensor] | None = None) -> None:
+        """Store a layer's re-fitted down projections ({expert: tensor}) and router rows ({in-memory name
+        of the router weight: [kept, D] rows, kept experts ascending})."""
+        if weights:
+            tensors = {str(e): w.contiguous() for e, w in weights.items()}
+            tensors.update({n: r.contiguous() for n, r in (routers or {}).items()})
+            save_file(tensors, self._file(layer))
+            self.experts[layer] = sorted(weights)
+            self.routers[layer] = sorted(routers or {})
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        with safe_open(self._file(layer), "pt") as f:
+            return f.get_tensor(str(expert))
+
+    def router(self, layer: int | None, name: str) -> torch.Tensor | None:
+        """The re-fitted rows [kept, D] of router weight ``name`` (in-memory name) of ``layer``, if any."""
+        if name not in self.routers.get(layer, ()):
+            return None
+        with safe_open(self._file(layer), "pt") as f:
+            return f.get_tensor(name)
+
+    def has(self, layer: int | None, expert: int | None) -> bool:
+        return expert in self.experts.get(layer, ())
+
+    def _file(self, layer: int) -> str:
+        return str(self.path / f"layer{layer}.safetensors")
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def plan_key(plan) -> str:
+    """Digest of what a re-fit depends on in ``plan``: each layer's kept experts and the pruned routing."""
+    import hashlib
+    import json
+
+    what = {"kept": {str(k): sorted(v) for k, v in sorted(plan.kept.items())}, "top_k": plan.top_k,
+            "n_group": plan.n_group, "topk_group": plan.topk_group}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pick_texts(tok, sources: Sequence[Sequence[str]], tokens: int, max_length: int) -> list[str]:
+    """Texts in order from each source until it has given an equal share of ``tokens``."""
+    share = -(-tokens // max(len(sources), 1))
+    out = []
+    for texts in sources:
+        got = 0
+        for text in texts:
+            if got >= share:
+                break
+            out.append(text)
+            got += len(tok(text, truncation=True, max_length=max_length)["input_ids"])
+    return out
+
+
+def down_targets(info) -> dict[int, str]:
+    """Per MoE layer, the in-memory name of its experts' fused ``down_proj``, where the checkpoint holds it
+    as per-expert keys or as a fused tensor in the in-memory layout (what ``--refit`` can rewrite).
+
+    Raises:
+        UnsupportedModelError: a layer's down projections are stored any other way.
+    """
+    out = {}
+    for layer, names in info.layout.moe.items():
+        target = next((n for n in names["experts"] if n.endswith(".down_proj")), None)
+        src = info.layout.sources.get(target) if target else None
+        if src is None or src.kind not in ("split", "fused") or src.converter is not None:
+            raise UnsupportedModelError(f"--refit rewrites the experts' down projections, but {info.spec.name} stores "
+                                        f"layer {layer}'s in a layout premoe does not rewrite; use --no-refit")
+        out[layer] = target
+    return out
+
+
+def router_target(info, layer: int) -> str | None:
+    """In-memory name of ``layer``'s router weight where the checkpoint stores it as one plain key with the
+    experts on dim 0 (what the router re-fit rewrites), else ``None``."""
+    for name, dim in info.layout.moe[layer]["router"].items():
+        src = info.layout.sources.get(name)
+        if dim == 0 and name.endswith(".weight") and src is not None and src.kind == "router" and src.key \
+                and src.converter is None and not src.scales:
+            return name
+    return None
+
+
+def check_refit_model(info) -> None:
+    """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
+    if info.quant.method:
+        raise UnsupportedModelError(f"--refit writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
+                                    "and premoe does not re-quantise them; use --no-refit")
+    if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
+        raise UnsupportedModelError(f"--refit re-fits experts routed by output weight in transformers' fused experts "
+                                    f"interface; {info.spec.name}'s experts are laid out otherwise; use --no-refit")
+
+
+def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, directory: str | Path | None = None,
+                **kwargs) -> RefitWeights:
+    """Re-fit the kept experts of every MoE layer of ``plan``: :func:`refit_models` for one plan."""
+    return refit_models(info, [plan], tok, sources, directories=[directory], **kwargs)[0]
+
+
+def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *, about: str = "",
+                 directories: Sequence[str | Path | None] | None = None, tokens: int = TOKENS, lam: float = LAM,
+                 sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
+                 device: torch.device | None = None, progress: bool = True, reader=None,
+                 stream: bool | None = None, router: bool = True) -> list[RefitWeights]:
+    """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``tokens`` calibration
+    tokens per layer from ``sources`` (texts, equal shares), in one pass over the model: the dense
+    model's MoE-block inputs and router logits are recorded and each layer is re-fitted for every plan
+    (:func:`refit_layer`), then, with ``router``, the kept experts' router rows with the re-fitted
+    experts (:func:`router_delta`, where the checkpoint stores the router weight as one plain key); the
+    new weights are spilled to disk (``directories``: one per plan, default temporary ones).
+
+    A model that fits in memory is built whole (``stream``: force either way); a larger one runs one
+    decoder layer at a time, each built from the checkpoint and re-fitted before it is freed. Memory
+    then: one decoder layer, one layer's recorded tokens and the hidden states (spilled to disk past
+    the machine's memory budget).
+    """
+    from premoe.core.memory import fits, memory_budget
+    from premoe.moe.streaming import resident_sizes
+
+    check_refit_model(info)
+    texts = pick_texts(tok, sources, tokens, max_length)
+    if not texts:
+        raise InputError("the refit data has no texts; pass --refit-data FILE or use --no-refit")
+    outs = [RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
+            for d in (directories or [None] * len(plans))]
+    routings = [pruned_routing(info.router, plan) for plan in plans]
+
+    def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
+        check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
+        dt = m.experts.down_proj.dtype
+        name = router_target(info, m.index) if router else None
+        path = name.removeprefix(info.layout.moe[m.index]["prefix"] + ".") if name else None
+        if y is None:
+            y = dense_output(m, h.to(m.experts.down_proj.device, torch.float32), z, info.router).float()
+        for plan, routing, out in zip(plans, routings, outs):
+            out.about["tokens"] = len(h)
+            kept = sorted(plan.kept[m.index])
+            new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y)
+            rows = {}
+            if new and path is not None and path in m.router_tensors:
+                w = m.tensor(path)
+                delta = router_delta(m.experts, kept, h, z, routing, m.selection_bias(), y, new, lam)
+                rows[name] = (w[kept].float() + delta.to(w.device)).to(w.dtype)
+                out.about["router_tokens"] = min(len(h), ROUTER_TOKENS)
+            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()}, rows)
+
+    budget = memory_budget(None)
+    try:
+        if stream is False or (stream is None and fits(resident_sizes(info)["total"], budget)):
+            _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress)
+        else:
+            _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress)
+    except BaseException:
+        for out in outs:
+            out.close()
+        raise
+    return outs
+
+
+def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from premoe.core.checkpoint import ByteReader
+    from premoe.moe.arch import find_moe_layers
+    from premoe.moe.selective import build_model
+
+    with contextlib.nullcontext(reader) if reader is not None else ByteReader() as r:
+        model = build_model(info, None, r)
+    layers = find_moe_layers(model, info.spec)
+    captured = capture(model, layers, info.router, tok, texts, tokens, max_length)
+    for m, (h, z, y) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
+        solve(m, h, z, y)
+
+
+def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
+    from premoe.core.streaming import activation_bytes, hidden_room
+    from premoe.moe.observe import _batches
+    from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = make_batches(_batches(tok, texts, batch_size, max_length, False), pad)
+    stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1)
+    moe = {m.index: m for m in stream.moe}
+    got = {m.index: ([], [], []) for m in stream.moe}
+    mask: dict[str, torch.Tensor] = {}
+    hooks = [hk for m in stream.moe for hk in _record(m, info.router, got[m.index], mask, tokens)]
+
+    def before(b: int) -> None:
+        mask["m"] = batches[b].counted
+
+    def done(i: int, layer) -> None:
+        if i in moe:
+            solve(moe[i], *_joined(got.pop(i), tokens))
+
+    room = hidden_room(resident_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), budget)
+    try:
+        stream.run(batches, room, before, progress=progress, desc="refit (streamed)", done=done)
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool | None,
+              refit_data: Sequence | None = None, progress: bool = True) -> RefitWeights | None:
+    """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan`` (recorded in ``plan.refit``).
+
+    ``refit``: ``False`` never; ``True`` always (a one-line error when it cannot); ``None`` (the default)
+    when it can: the data (``refit_data``, else the calibration data the store recorded for the task, or
+    for every task with ``agnostic``) is still there unchanged and the checkpoint's experts can be
+    rewritten, else a warning and the plain slice. A plan that keeps every expert needs nothing.
+    """
+    import logging
+
+    from premoe.core.data import refit_sources
+    from premoe.core.modelio import load_tokenizer
+    from premoe.core.store import PatternStore
+    from premoe.errors import PremoeError
+
+    if refit is False:
+        if refit_data:
+            raise InputError("--refit-data cannot go with --no-refit")
+        return None
+    if all(len(v) >= info.num_experts for v in plan.kept.values()):
+        return None  # every expert kept: nothing to correct
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    if not refit_data and not agnostic:
+        stored = stored_refit(st, task, plan)
+        if stored is not None:
+            plan.refit = dict(stored.about)
+            return stored
+    try:
+        check_refit_model(info)
+        down_targets(info)
+        sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], refit_data)
+        weights = refit_model(info, plan, load_tokenizer(info.path), sources, about=about, progress=progress)
+    except PremoeError as e:
+        if refit:
+            raise
+        logging.getLogger(__name__).warning("not re-fitting the kept experts: %s", e)
+        plan.refit = {"skipped": str(e)}
+        return None
+    plan.refit = dict(weights.about)
+    return weights
+
+
+def stored_refit(store, task: str, plan) -> RefitWeights | None:
+    """``task``'s re-fit for ``plan``'s kept set that ``premoe refit`` stored with the pattern, if any."""
+    found = store.refit_dir(task, plan_key(plan))
+    if found is None:
+        return None
+    directory, entry = found
+    return RefitWeights.open(directory, {**entry.get("about", {}), "stored": entry["dir"]})
+
+
+def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence | None = None,
+                 progress: bool = True, **kwargs) -> list[dict[str, Any]]:
+    """Re-fit ``task``'s kept experts for each of ``plans`` (one pass over the model) on ``refit_data``
+    or the task's recorded calibration data, and store the rows with the pattern (``premoe refit``);
+    returns each plan's manifest entry. Plans that keep every expert are skipped.
+
+    Raises:
+        UnsupportedModelError / InputError: as ``premoe prune --refit`` (quantised checkpoint, other
+            expert layout, calibration data gone or changed).
+    """
+    import shutil
+
+    from premoe.core.data import refit_sources
+    from premoe.core.modelio import load_tokenizer
+
+    plans = [p for p in plans if any(len(v) < info.num_experts for v in p.kept.values())]
+    if not plans:
+        return []
+    check_refit_model(info)
+    down_targets(info)
+    sources, about = refit_sources(store.tasks, [task], refit_data)
+    dirs = [store.refit_workdir() for _ in plans]
+    try:
+        outs = refit_models(info, plans, load_tokenizer(info.path), sources, about=about, directories=dirs,
+                            progress=progress, **kwargs)
+        entries = []
+        for plan, out, d in zip(plans, outs, dirs):
+            key = plan_key(plan)
+            meta = {"keep": plan.keep, "top_k": plan.top_k, "group_policy": plan.group_policy, "scorer": plan.scorer,
+                    "experts": sum(len(v) for v in out.experts.values()), "about": out.about}
+            store.add_refit(task, key, meta, d)
+            entries.append({**meta, "key": key})
+        return entries
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
