@@ -7,6 +7,8 @@ the model one decoder layer at a time):
 
 1. ``premoe calibrate --scorer tcess`` (the paper's statistics: router logits only);
 2. ``premoe calibrate`` (the default: also the expert-output statistics EASY-EP ranks by);
+   and ``premoe calibrate --scorer recon`` (also the selection by the pruned block's output,
+   :mod:`premoe.moe.recon`);
 3. ``premoe prune --keep N --no-refit`` (the plain slice);
 4. ``premoe prune --keep N`` (the default: the kept experts' down projections re-fitted under
    re-routing on the task's calibration tokens, one streamed pass).
@@ -120,7 +122,8 @@ def run(args, work: Path) -> dict:
     py = [sys.executable, "-m", "premoe", "-q"]
     steps = {}
     for name, store, extra in (("calibrate --scorer tcess", "tcess", ["--scorer", "tcess"]),
-                               ("calibrate (default)", "default", [])):
+                               ("calibrate (default)", "default", []),
+                               ("calibrate --scorer recon", "recon", ["--scorer", "recon"])):
         drop_cache(model)
         steps[name] = peak_rss_of(py + ["calibrate", "--model", str(model), "--data", str(data), "--task", "t",
                                         "--store", str(work / store), "--overwrite", *extra], limit)
@@ -149,6 +152,9 @@ def report(r: dict) -> None:
         print(f"default calibration / tcess calibration: {s['calibrate (default)']['seconds'] / plain:.2f}x; "
               f"re-fit extra over a plain prune: {extra / plain:.2f}x a tcess calibration; "
               f"calibration + selection + re-fit: {total / plain:.2f}x plain calibration")
+        if "calibrate --scorer recon" in s:
+            print(f"recon calibration (selection by the pruned block's output) / tcess calibration: "
+                  f"{s['calibrate --scorer recon']['seconds'] / plain:.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "weights", "random")  # premoe.moe.scoring.SCORERS
+SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "recon", "weights", "random")  # premoe.moe.scoring.SCORERS
 DENSE_METRICS = ("sf", "sw", "sw-paper", "sw-code")  # premoe.dense.scoring.METRICS
 SERVE_POLICIES = ("affinity", "fcfs")  # premoe.server.scheduler.POLICIES
 

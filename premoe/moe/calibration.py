@@ -18,8 +18,9 @@ from premoe.core.data import CalibrationData
 from premoe.core.loading import LoadedModel, as_loaded
 from premoe.core.modelio import ModelInfo, as_info, load_tokenizer, resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
-from premoe.errors import InputError
+from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.observe import marker_params, observe, observe_streamed
+from premoe.moe.recon import unsupported as recon_unsupported
 from premoe.moe.scoring import (
     OUTPUT_SCORERS,
     SCORERS,
@@ -91,7 +92,8 @@ def calibrate(
         task: task name in the store.
         store: pattern-store directory (created if missing).
         scorer: the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`): ``tcess`` (PreMoe's),
-            ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``weights``, ``random``. Default:
+            ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``recon`` (greedy elimination by the
+            pruned block's output error, :mod:`premoe.moe.recon`), ``weights``, ``random``. Default:
             :data:`DEFAULT_SCORER` (EASY-EP, which held up best at tight keep counts across the families
             measured; see the README) where the model's experts can be run one by one, else ``tcess``.
             Router statistics (``tcess``, ``official``, ``frequency``) are recorded whatever the scorer.
@@ -134,6 +136,10 @@ def calibrate(
         raise InputError(f"--signature-layers must be positive, got {signature_layers}")
     sig_layers = min(signature_layers, len(info.moe_layers))
     outputs = all_stats or scorer in OUTPUT_SCORERS
+    why_not = recon_unsupported(info.router, info.spec.weight_on_input, bool(info.spec.experts))
+    if scorer == "recon" and why_not:
+        raise UnsupportedModelError(f"--scorer recon cannot score {info.spec.name}: {why_not}; use --scorer easyep")
+    recon = (all_stats or scorer == "recon") and not why_not
     run_model = all_stats or SCORERS[scorer].needs_model
 
     lm = None
@@ -153,7 +159,7 @@ def calibrate(
     if run_model and use_stream:
         sums, run = observe_streamed(
             info, tok, (rec.text for rec in cal.records()), params, batch_size=batch_size,
-            max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs,
+            max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs, recon=recon,
             hidden_budget=hidden_budget, device=resolve_device(device),
             offload_dir=offload_dir,
         )
@@ -164,7 +170,7 @@ def calibrate(
         sums = observe(
             lm.model, lm.layers, lm.info, tok, (rec.text for rec in cal.records()), params,
             batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
-            desc=f"calibrate {task}", outputs=outputs, logits_to_keep=1,
+            desc=f"calibrate {task}", outputs=outputs, recon=recon, logits_to_keep=1,
         )
         tokens, means = sums.tokens, sums.means()
     else:

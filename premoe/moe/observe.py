@@ -12,6 +12,7 @@ from premoe.core.modules import decoder_layers
 from premoe.errors import InputError
 from premoe.moe.arch import MoeLayer, RouterSpec
 from premoe.moe.kernels import expert_forward
+from premoe.moe.recon import LayerRecon
 from premoe.moe.routing import route
 from premoe.moe.scoring import OUTPUT_SUM_NAMES, SUM_NAMES, MarkerParams, RoutingSums, layer_markers, output_markers
 
@@ -23,11 +24,13 @@ class RouterObserver:
     :attr:`mask` to the flattened [B*S] attention mask so padding is not counted. With ``outputs``
     it also recomputes, after each MoE block has run, every chosen expert's output from its fused
     weight slices for its tokens (nothing is unfused), for the expert-output criteria (REAP, EAN,
-    EASY-EP), keeping the residual entering the block for one layer.
+    EASY-EP), keeping the residual entering the block for one layer. With ``recon`` as well, it
+    records each layer's first tokens for the ``recon`` scorer (:mod:`premoe.moe.recon`); call
+    :meth:`finish` after the pass.
     """
 
     def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams,
-                 decoder: list | None = None, outputs: bool = False):
+                 decoder: list | None = None, outputs: bool = False, recon: bool = False):
         self.layers = layers
         self.router = router
         self.arch = arch
@@ -41,6 +44,15 @@ class RouterObserver:
         self._residual: dict[int, torch.Tensor] = {}
         self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
+        self.recon = [LayerRecon(router) for _ in layers] if outputs and recon else None
+
+    def finish(self) -> RoutingSums:
+        """The sums, with the ``recon`` scores of every layer (computed now where not yet done)."""
+        if self.recon is not None:
+            got = [r.finish() for r in self.recon]
+            E = self.router.num_experts
+            self.sums.ranked["recon"] = torch.stack([g if g is not None else torch.zeros(E) for g in got])
+        return self.sums
 
     def _masked(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().reshape(-1, t.shape[-1])  # [B*S, ...]
@@ -84,6 +96,12 @@ class RouterObserver:
                 out = expert_forward(layer.experts, e, inp).float()
                 norms[rows, slots] = out.norm(dim=-1)
                 routed.index_add_(0, rows, out if self.arch.weight_on_input else out * w[rows, slots, None])
+            rec = self.recon[pos] if self.recon is not None else None
+            if rec is not None and not rec.full:
+                rec.add(lambda e, h: expert_forward(layer.experts, e, h), hidden, logits, layer.selection_bias(),
+                        x, routed, mult)
+                if rec.full:
+                    rec.finish()  # the statistics are freed as soon as the layer has its tokens
             x, routed = x.double(), routed.double()  # 1 - cos of nearly parallel vectors: float32 rounds it to 0
             gain = (1 - torch.nn.functional.cosine_similarity(x, x + mult * routed, dim=-1)).clamp_min(0).float()
             marks = output_markers(idx, w / scale, norms, gain, S)
@@ -151,6 +169,7 @@ def observe(
     desc: str = "calibrate",
     skip_special: bool = False,
     outputs: bool = False,
+    recon: bool = False,
     **forward_kwargs,
 ) -> RoutingSums:
     """Stream ``texts`` through ``model`` and return the routing sums of ``layers``' routers.
@@ -162,7 +181,7 @@ def observe(
     device = next(model.parameters()).device
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     decoder = decoder_layers(model) if outputs else None
-    with RouterObserver(layers, info.router, info.spec, params, decoder, outputs) as obs:
+    with RouterObserver(layers, info.router, info.spec, params, decoder, outputs, recon) as obs:
         for batch in _batches(tokenizer, texts, batch_size, max_length, skip_special):
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
@@ -173,7 +192,7 @@ def observe(
             obs.sums.tokens += int(counted.sum())
             bar.update(len(batch))
     bar.close()
-    return obs.sums
+    return obs.finish()
 
 
 @torch.inference_mode()
@@ -191,6 +210,7 @@ def observe_streamed(
     desc: str = "calibrate",
     skip_special: bool = False,
     outputs: bool = False,
+    recon: bool = False,
     hidden_budget: int = 1 << 62,
     reader=None,
     device=None,
@@ -205,13 +225,21 @@ def observe_streamed(
     batches = make_batches(_batches(tokenizer, texts, batch_size, max_length, skip_special), pad)
     stream = LayerStream(info, num_layers=num_layers, experts=experts, reader=reader, device=device)
     decoder = stream.layers if outputs else None
-    with RouterObserver(stream.moe, info.router, info.spec, params, decoder, outputs) as obs:
+    with RouterObserver(stream.moe, info.router, info.spec, params, decoder, outputs, recon) as obs:
         obs.sums.tokens = sum(int(b.counted.sum()) for b in batches)
 
         def before(b: int) -> None:
             obs.mask = batches[b].counted.to(stream.device)
 
-        stats = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir)
+        where = {m.index: pos for pos, m in enumerate(stream.moe)}
+
+        def done(i: int, layer) -> None:  # the layer's recon scores before it is freed
+            if obs.recon is not None and i in where:
+                obs.recon[where[i]].finish()
+
+        stats = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir,
+                           done=done)
+        obs.finish()
     stats["bytes_read"] = stream.reader.bytes_read
     return obs.sums, stats
 

@@ -72,6 +72,7 @@ def route(
     k: int | None = None,
     bias: torch.Tensor | None = None,
     scaled: bool = False,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts each token is routed to and their routing weights.
 
@@ -82,6 +83,10 @@ def route(
         bias: selection-only bias [S].
         scaled: multiply by the family's constant factor (``routed_scaling_factor``...; off for
             scoring, a constant does not change rankings).
+        exclude: [S] or [T, S] bool, experts that do not exist (pruned): the routing is the one of
+            the model without them (their logits sliced out, the spec's expert count and groups
+            reduced to match) as long as at least k survive in the groups a token may use; past
+            that, excluded experts fill the missing places with weight 0.
 
     Returns:
         ``(indices, weights)``: [T, k] long and [T, k] float32; with ``k`` equal to the model's
@@ -90,12 +95,18 @@ def route(
     """
     k = spec.top_k if k is None else k
     z = logits.float()
+    if exclude is not None:  # softmax over the survivors; sigmoid 0; never chosen while enough survive
+        z = z.masked_fill(exclude, float("-inf"))
     if spec.weights == "sparsemixer":
         indices, weights = sparsemixer(z, k, spec.jitter)
         return indices, weights * spec.scale if scaled else weights
     probs, choice = gate_scores(z, spec, bias)
+    if exclude is not None:  # a sigmoid's 0 plus a selection bias would still compete
+        choice = choice.masked_fill(exclude, float("-inf"))
     if spec.group_limited:
         choice = choice.masked_fill(~_group_mask(choice, spec), spec.group_fill)
+        if exclude is not None:  # the fill of unused groups must not bring excluded experts back
+            choice = choice.masked_fill(exclude, float("-inf"))
     indices = choice.topk(k, dim=-1).indices
     if spec.weights == "softmax":
         weights = z.gather(1, indices).softmax(dim=-1)
@@ -110,6 +121,9 @@ def route(
         if spec.renorm_min is not None:
             denom = denom.clamp_min(spec.renorm_min)
         weights = weights / denom
+    if exclude is not None:  # only where fewer than k survive: an excluded expert's place carries nothing
+        gone = (exclude if exclude.dim() == 2 else exclude.expand(z.shape[0], -1)).gather(1, indices)
+        weights = weights.nan_to_num(0.0).masked_fill(gone, 0.0)
     if scaled:
         weights = weights * spec.scale
     return indices, weights

@@ -21,7 +21,7 @@ sigmoid routers most logits are negative, so an expert that wins often with a ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -140,6 +140,7 @@ class RoutingSums:
 
     sums: dict[str, torch.Tensor]
     tokens: int = 0
+    ranked: dict[str, torch.Tensor] = field(default_factory=dict)  # [L, E] statistics that are not sums (recon)
 
     @classmethod
     def zeros(cls, num_layers: int, num_experts: int, device: torch.device | None = None,
@@ -155,7 +156,8 @@ class RoutingSums:
 
     def means(self) -> dict[str, torch.Tensor]:
         n = max(self.tokens, 1)
-        return {name: (s / n).float().cpu() for name, s in self.sums.items()}
+        return {**{name: (s / n).float().cpu() for name, s in self.sums.items()},
+                **{name: s.float().cpu() for name, s in self.ranked.items()}}
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,12 @@ SCORERS: dict[str, Scorer] = {
         Scorer("reap", "REAP: mean over routed tokens of routing weight x expert output norm", ("reap", "count")),
         Scorer("ean", "EAN/MAN: mean expert output norm over the tokens routed to it", ("ean", "count")),
         Scorer("easyep", "EASY-EP: routing weight x output norm x (1 - cos(x, x + r)), summed", ("easyep",)),
+        Scorer("recon", "greedy elimination by the pruned block's output error under re-routing", ("recon",)),
         Scorer("weights", "AIMER-style, calibration-free: RMS / mean|w| of the expert's weights", ("weights",), False),
         Scorer("random", "seeded random scores (baseline)", (), False),
     ]
 }
-OUTPUT_SCORERS = {"reap", "ean", "easyep"}
+OUTPUT_SCORERS = {"reap", "ean", "easyep", "recon"}
 
 
 def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -204,7 +207,8 @@ def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, in
 
 def pool_means(parts: list[tuple[dict[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], int]:
     """Token-weighted pooling of several calibrations' means: exactly the means one calibration over
-    all their samples would give (every statistic is a sum over tokens; ``weights`` is data-free)."""
+    all their samples would give (every statistic is a sum over tokens; ``weights`` is data-free),
+    except ``recon``, a ranking, which pools to the rankings' token-weighted mean (a Borda count)."""
     total = sum(tokens for _, tokens in parts)
     keys = set.intersection(*(set(m) for m, _ in parts)) if parts else set()
     pooled = {k: sum(m[k].double() * tokens for m, tokens in parts) / max(total, 1) for k in keys}
