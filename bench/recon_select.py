@@ -1,5 +1,9 @@
 """Prototype for issue 10: choose the kept experts by what the pruned block will output.
 
+Superseded by :mod:`premoe.moe.recon` (``premoe calibrate --scorer recon``: streamed, any family,
+groups, a bounded objective); kept to reproduce the prototype's numbers in the README and because
+``bench/moe_refit.py`` reuses :func:`capture`.
+
 Scores rank experts one at a time; after pruning, every token is re-routed to its best surviving
 experts with renormalised weights. This experiment captures, on a task's calibration tokens, each
 MoE block's input and router logits, computes every expert's output once, and removes experts one
@@ -9,8 +13,7 @@ output least (squared error against the dense block). The elimination order is a
 so one pass serves every keep count. Plans are applied in memory and scored on held-out samples,
 next to TCESS and EASY-EP from the same calibration.
 
-Not yet in premoe's calibrate/prune (no store field, no streaming, no group-limited routers):
-this measures whether the idea carries the tight end before it is built in.
+The prototype has no store field, no streaming and no group-limited routers.
 
     python bench/recon_select.py [--keeps 16 8 4] [--tokens 2048]
 """
