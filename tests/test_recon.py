@@ -171,3 +171,19 @@ def test_recon_refuses_what_it_cannot_score_and_all_stats_skips_it(family, famil
         premoe.calibrate(src, data, "t", tmp_path / "s", scorer="recon", progress=False)
     pat = premoe.calibrate(src, data, "t", tmp_path / "s", all_stats=True, progress=False)
     assert "recon" not in pat.means and "easyep" in pat.means
+
+
+def test_the_token_budget_is_filled_across_batches():
+    """A layer's statistics stop at the budget, mid-batch, and equal one pass over the same first tokens."""
+    from premoe.moe.recon import LayerRecon
+
+    spec, z, outs, dense = synthetic(T=50)
+    h = torch.randn(50, outs.shape[-1])
+    W = torch.randn(spec.num_experts, outs.shape[-1], outs.shape[-1])
+    fwd = lambda e, x: x @ W[e]  # noqa: E731  linear experts
+    one, two = LayerRecon(spec, tokens=30), LayerRecon(spec, tokens=30)
+    one.add(fwd, h[:30], z[:30], None, h[:30], dense[:30])
+    for part in (slice(0, 20), slice(20, 50)):  # the second batch crosses the budget
+        two.add(fwd, h[part], z[part], None, h[part], dense[part])
+    assert two.full and two.seen == 30
+    torch.testing.assert_close(one.finish(), two.finish())

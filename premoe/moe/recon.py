@@ -217,7 +217,7 @@ class LayerRecon:
         if n <= 0 or self.scores is not None:
             return
         self.bias = None if bias is None else bias.detach().float().cpu()
-        logits = logits[:n].float()
+        hidden, logits, residual, routed = hidden[:n], logits[:n].float(), residual[:n], routed[:n]
         cand = candidates(logits, self.spec, None if bias is None else bias.float(), self.c)
         for s in range(0, n, chunk):
             cc, h = cand[s : s + chunk], hidden[s : s + chunk]
