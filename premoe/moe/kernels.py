@@ -27,6 +27,16 @@ def bucket(count: int) -> int:
     return -(-count // 64) * 64
 
 
+def slot_outputs(ids: torch.Tensor, run, width: int) -> torch.Tensor:
+    """[T, c, width] float32: at ``[t, j]`` the output ``run(e, rows)`` [n, width] gives for expert
+    ``e = ids[t, j]``, each expert run once on all the tokens (``rows``) that list it."""
+    out = torch.zeros(*ids.shape, width, dtype=torch.float32, device=ids.device)
+    for e in ids.unique().tolist():
+        rows, slots = torch.where(ids == e)
+        out[rows, slots] = run(e, rows).float()
+    return out
+
+
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e``'s output for inputs ``x`` [N, H] -> [N, H], from the fused weight slices, before
     routing weights are applied. Covers transformers' experts interface (concatenated or interleaved

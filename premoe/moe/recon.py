@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from premoe.moe.arch import RouterSpec
+from premoe.moe.kernels import slot_outputs
 from premoe.moe.routing import gate_scores, route
 
 TOKENS = 2048  # calibration tokens per layer the selection uses
@@ -76,8 +77,12 @@ class TokenStats:
     rnorm2: torch.Tensor  # [T] |x|^2
     rdot: torch.Tensor  # [T] x . y
 
+    def apply(self, fn) -> "TokenStats":
+        """``fn`` applied to every field."""
+        return TokenStats(*(fn(getattr(self, f.name)) for f in fields(self)))
+
     def __getitem__(self, rows) -> "TokenStats":
-        return TokenStats(*(getattr(self, f.name)[rows] for f in fields(self)))
+        return self.apply(lambda t: t[rows])
 
     @classmethod
     def cat(cls, parts: list["TokenStats"]) -> "TokenStats":
@@ -221,13 +226,10 @@ class LayerRecon:
         cand = candidates(logits, self.spec, None if bias is None else bias.float(), self.c)
         for s in range(0, n, chunk):
             cc, h = cand[s : s + chunk], hidden[s : s + chunk]
-            outs = torch.zeros(*cc.shape, h.shape[-1], dtype=torch.float32, device=h.device)
-            for e in cc.unique().tolist():
-                rows, slots = torch.where(cc == e)
-                outs[rows, slots] = forward(e, h[rows]).float()
+            outs = slot_outputs(cc, lambda e, rows: forward(e, h[rows]), h.shape[-1])
             st = token_stats(logits[s : s + chunk], cc, mult * outs, mult * routed[s : s + chunk].float(),
                              residual[s : s + chunk])
-            self.parts.append(TokenStats(*(getattr(st, f.name).cpu() for f in fields(st))))
+            self.parts.append(st.apply(torch.Tensor.cpu))
         self.seen += n
 
     def finish(self) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer, RouterSpec
+from premoe.moe.kernels import slot_outputs
 from premoe.moe.routing import route
 
 LAM = 1e-2  # ridge toward the original weights, times the mean diagonal of the experts' Gram matrices
@@ -235,12 +236,13 @@ def router_delta(experts: nn.Module, kept: Sequence[int], h: torch.Tensor, logit
         c = min(N, ROUTER_CANDIDATES * routing.top_k)
         with torch.no_grad():
             cand, _ = route(z0, routing, k=c, bias=kb)  # [T, c] positions into kept
-            outs = torch.zeros(T, c, x.shape[1], device=dev)
-            for p in cand.unique().tolist():
-                rows, slots = torch.where(cand == p)
+
+            def run(p: int, rows: torch.Tensor) -> torch.Tensor:
                 e = kept[p]
                 w = down.get(e, down_weight(experts, e)).to(dev, torch.float32)
-                outs[rows, slots] = expert_out(experts, e, expert_hidden(experts, e, x[rows]), w).float()
+                return expert_out(experts, e, expert_hidden(experts, e, x[rows]), w)
+
+            outs = slot_outputs(cand, run, x.shape[1])
             slot = torch.full((T, N), -1, dtype=torch.long, device=dev)
             slot.scatter_(1, cand, torch.arange(c, device=dev).expand(T, c))
             keep_out = torch.where(slot >= 0, 0.0, -1e4)  # selection-only: non-candidates are never chosen
