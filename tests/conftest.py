@@ -31,7 +31,7 @@ def _available(name: str) -> bool:
     return FAMILIES[name][0] in CONFIG_MAPPING
 
 
-# Families the installed transformers does not ship yet (premoe is tested with 5.24) are skipped, not failed.
+# Families the installed transformers does not ship yet (premoe is tested with 5.25) are skipped, not failed.
 @pytest.fixture(params=[pytest.param(n, marks=() if _available(n) else pytest.mark.skip(reason="not in this transformers"))
                         for n in sorted(FAMILIES)])
 def family(request):
