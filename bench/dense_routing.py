@@ -1,7 +1,7 @@
 """Task routing for dense models: SEAP's proof of concept against premoe's centroid retrieval.
 
 SEAP routes a query with a classifier trained on the mean token embedding of the task corpora (its
-proof of concept: logistic regression). premoe's dense router (``premoe.dense.verbs.DenseRouter``)
+proof of concept: logistic regression). premoe's dense router (``premoe.dense.router.DenseRouter``)
 stores one centroid per task (the mean of the L2-normalised mean hidden states of the task's
 calibration prompts) at every depth and routes to the nearest (cosine), at the depth where the
 stored centroids are best separated (``depth="auto"``, chosen from the store alone).
@@ -39,7 +39,7 @@ from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 from premoe.dense.calibration import prompt_features  # noqa: E402
 from premoe.dense.model import load_dense  # noqa: E402
-from premoe.dense.verbs import DenseRouter  # noqa: E402
+from premoe.dense.router import DenseRouter  # noqa: E402
 from premoe.showcase import TINY_DENSE  # noqa: E402
 from premoe.testing import DENSE_FAMILIES, build_dense_model  # noqa: E402
 

@@ -24,8 +24,8 @@ import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.errors import UnsupportedModelError  # noqa: E402
 from premoe.moe.families import supported_model_types, resolve  # noqa: E402
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.testing import FAMILIES, build_model, save_model  # noqa: E402
 

@@ -177,7 +177,7 @@ def write_tasks(work: Path, n: int) -> dict[str, Path]:
 
 def hidden_bytes(model: Path, data: list[Path], max_length: int = 2048) -> int:
     from premoe.core.data import iter_samples
-    from premoe.core.modelio import load_tokenizer
+    from premoe.core.config import load_tokenizer
 
     tok = load_tokenizer(model)
     tokens = sum(len(tok(t, truncation=True, max_length=max_length)["input_ids"]) for f in data for t in iter_samples(f))
@@ -185,7 +185,7 @@ def hidden_bytes(model: Path, data: list[Path], max_length: int = 2048) -> int:
 
 
 def large_run(args, work: Path) -> dict:
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
     from premoe.moe.streaming import resident_sizes
 
     model = work / "model"
@@ -264,7 +264,7 @@ def throughput_run(args, work: Path) -> dict:
     b = PatternStore.open(work / "store-stream").load("t")
     rel = max(float(((a.means[k] - b.means[k]).abs() / a.means[k].abs().clamp_min(1e-6)).max()) for k in a.means)
     best = {m: min(res[m]) for m in ("memory", "stream")}
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
 
     return {"checkpoint_mb": inspect_model(model).checkpoint.nbytes / 2**20, "tokens": res["tokens"],
             "seconds": best, "ratio": best["memory"] / best["stream"], "max_rel_diff": rel,

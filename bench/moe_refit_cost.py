@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
 def run(args, work: Path) -> dict:
     from premoe.core.data import write_jsonl
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
     from premoe.core.tasks import samples
 
     model = work / "model"

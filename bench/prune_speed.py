@@ -34,7 +34,7 @@ if method != "copy":  # imports are a fixed start-up cost, the same for both; ti
     import torch, premoe
     import transformers.models.qwen3_moe.modeling_qwen3_moe
     from transformers import AutoModelForCausalLM
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
     from premoe.moe.surgery import apply_plan_
 def rss_kb(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import premoe
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="premoe-bench-"))
     src = work / "src"

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     from premoe.api import calibrate
     from premoe.core.data import write_jsonl
     from premoe.core.evaluation import exact_match
-    from premoe.core.loading import load_model
+    from premoe.moe.loading import load_model
     from premoe.core.tasks import TASKS, samples
     from premoe.moe.plans import make_plan
     from premoe.moe.scoring import score

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
 from premoe.core.retrieval import METRICS, NORMS, SOURCES, STATS, Retriever, SignatureSpec  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
 from premoe.moe.signature import SignatureModel  # noqa: E402

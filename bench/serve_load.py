@@ -128,11 +128,11 @@ def main(argv=None) -> int:
     random.Random(args.seed).shuffle(work)
 
     if args.dense:
-        from premoe.dense.verbs import DenseServer
+        from premoe.dense.server import DenseServer
 
         ref = DenseServer(args.model, store, args.sparsity)
     else:
-        from premoe.serving import TaskServer
+        from premoe.moe.server import TaskServer
 
         ref = TaskServer(args.model, store, args.keep)
     kind = ref.info.raw_config["model_type"]
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     ref.load(args.tasks[0])
     weights_mb = sum(t.nbytes for t in list(ref.model.parameters()) + list(ref.model.buffers())
                      if not t.is_meta) / 2**20
-    base_mb = baseline_rss_mb(f"torch, transformers, premoe.serving, premoe.dense.verbs, premoe.server.app, uvicorn, {module}")
+    base_mb = baseline_rss_mb(f"torch, transformers, premoe.moe.server, premoe.dense.server, premoe.server.app, uvicorn, {module}")
 
     report = {"model": str(args.model), "requests": len(work), "clients": args.clients, "max_batch": args.max_batch,
               "max_tokens": args.max_tokens, "baseline_rss_mb": base_mb, "resident_weights_mb": weights_mb,

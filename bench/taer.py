@@ -45,8 +45,8 @@ from premoe.core.tasks import TASKS, samples  # noqa: E402
 
 
 def quality(keep: int, queries: int, calib: int) -> dict:
-    from premoe.core.loading import load_model
-    from premoe.core.retrieval import QueryRouter
+    from premoe.moe.loading import load_model
+    from premoe.moe.router import QueryRouter
     from premoe.moe.selective import ByteReader, build_model
 
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-q-"))
@@ -84,7 +84,7 @@ torch.set_num_threads(1)
 prompt = "the quick brown fox jumps over the lazy dog " * 6
 out = {"rss_after_imports": rss("VmRSS:")}
 if mode == "serve":
-    from premoe.serving import TaskServer
+    from premoe.moe.server import TaskServer
     from premoe.moe.selective import ideal_bytes
     server = TaskServer(src, store, keep)
     reply = server.generate(prompt, max_new_tokens=8)
@@ -124,7 +124,7 @@ elif mode == "dense":
     out["peak_rss"] = rss("VmHWM:")
 elif mode == "load":
     import ctypes, statistics
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
     from premoe.moe.selective import ByteReader, build_model
     info = inspect_model(src)
     plan = premoe.plan(info, store, "a", keep)
@@ -201,7 +201,7 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
     src = work / "model"
     if not (src / "config.json").exists():
         make_model(src, gb)
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
 
     info = inspect_model(src)
     keep = max(info.router.top_k, round(info.num_experts * keep_frac))
@@ -224,8 +224,8 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
 def scale(n_tasks: int) -> dict:
     import statistics
 
-    from premoe.core.loading import load_model
-    from premoe.core.retrieval import QueryRouter
+    from premoe.moe.loading import load_model
+    from premoe.moe.router import QueryRouter
     from premoe.core.store import PatternStore, TaskPattern
 
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-scale-"))

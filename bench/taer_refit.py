@@ -3,7 +3,7 @@
 On the shipped tiny model and the built-in suite: each task is calibrated on --calib samples, then
 ``premoe refit --keep K...`` stores the re-fitted down projections of each task's kept experts. Every
 held-out prompt (--queries per task) is routed to its nearest stored task, and served by a
-:class:`premoe.serving.TaskServer` holding that task's experts: with the checkpoint's rows
+:class:`premoe.moe.server.TaskServer` holding that task's experts: with the checkpoint's rows
 (``--no-refit``, the paper's TAER) and with the stored rows (the default where they exist), side by
 side in one run. Reported per keep: exact match as a share of the full model's (every expert kept,
 same path), bytes read per task switch, and the re-fit's store footprint.
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.core.retrieval import QueryRouter  # noqa: E402
+from premoe.moe.router import QueryRouter  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
-from premoe.serving import TaskServer  # noqa: E402
+from premoe.moe.server import TaskServer  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
 
 

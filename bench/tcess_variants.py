@@ -22,7 +22,7 @@ import premoe  # noqa: E402
 from premoe.moe.patterns import plan_from_pattern  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.moe.selective import ByteReader, build_model  # noqa: E402
 from premoe.showcase import TINY_MODEL  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402

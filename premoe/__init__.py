@@ -26,8 +26,8 @@ _LAZY = {
     "evaluate": "api",
     "pooled_pattern": "api",
     "serve": "api",
-    "inspect_model": "core.modelio",
-    "load_model": "core.loading",
+    "inspect_model": "moe.model",
+    "load_model": "moe.loading",
 }
 
 __all__ = ["__version__", "calibrate", "refit", "prune", "plan", "pooled_pattern", "evaluate", "inspect", "inspect_store", "route",

@@ -6,8 +6,8 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from premoe.core.loading import LoadedModel
-from premoe.core.modelio import ModelInfo, as_info
+from premoe.moe.loading import LoadedModel
+from premoe.moe.model import ModelInfo, as_info
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.calibration import calibrate as calibrate_moe
@@ -34,7 +34,7 @@ def model_kind(model) -> str:
     Raises:
         UnsupportedModelError: neither a supported MoE family nor a supported dense family.
     """
-    from premoe.core.modelio import read_config
+    from premoe.core.config import read_config
     from premoe.dense.families import resolve_dense
     from premoe.dense.model import DenseInfo
     from premoe.errors import UnsupportedModelError
@@ -256,7 +256,7 @@ def _prune_dense(model, store, task, out, sparsity, method, schedule, whole_grou
                  progress, score, refit=None, refit_data=None):
     from premoe.dense.export import export_dense
     from premoe.dense.model import inspect_dense
-    from premoe.dense.verbs import dense_plan
+    from premoe.dense.patterns import dense_plan
 
     if sparsity is None:
         raise InputError("--sparsity (fraction of decoder weights removed, e.g. 0.5) is required for a dense model")
@@ -319,11 +319,12 @@ def route(
     Raises:
         PremoeError: empty store, store of another model, empty query.
     """
-    from premoe.core.retrieval import QueryRouter, signature_spec
+    from premoe.moe.router import QueryRouter
+    from premoe.core.retrieval import signature_spec
 
     queries = [queries] if isinstance(queries, str) else list(queries)
     if model_kind(model) == "dense":
-        from premoe.dense.verbs import ROUTE_DEPTH, DenseRouter
+        from premoe.dense.router import ROUTE_DEPTH, DenseRouter
 
         router = DenseRouter(model, store, ROUTE_DEPTH if layers is None else layers, device=device or "cpu")
         return router.route_many(queries), router.bytes_read
@@ -332,8 +333,8 @@ def route(
 
 
 def serve(model: str | Path, store: str | Path, keep: int, **kwargs):
-    """A :class:`~premoe.serving.TaskServer`: route prompts and serve them with only their task's experts."""
-    from premoe.serving import TaskServer
+    """A :class:`~premoe.moe.server.TaskServer`: route prompts and serve them with only their task's experts."""
+    from premoe.moe.server import TaskServer
 
     return TaskServer(model, store, keep, **kwargs)
 
@@ -378,8 +379,8 @@ def evaluate(
         ``None`` when the file has no sample of that kind).
     """
     from premoe.core.evaluation import choice_accuracy, exact_match, read_eval_data
-    from premoe.core.loading import load_model
-    from premoe.core.modelio import load_tokenizer, resolve_device, resolve_dtype
+    from premoe.moe.loading import load_model
+    from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
     from premoe.moe.kernels import select_kernel
 
     given = dict(keep=keep, top_k=top_k, scorer=scorer, stream=stream, max_memory=max_memory, sparsity=sparsity,
@@ -387,7 +388,8 @@ def evaluate(
                  refit_data=refit_data)
     if model_kind(model) == "dense":
         from premoe.dense.model import inspect_dense
-        from premoe.dense.verbs import dense_plan, evaluate_dense
+        from premoe.dense.patterns import dense_plan
+        from premoe.dense.evaluate import evaluate_dense
 
         _refuse("dense", given)
         if store is None and (task or agnostic or sparsity is not None):

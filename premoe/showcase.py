@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from premoe.api import calibrate, prune
 from premoe.core.data import write_jsonl
 from premoe.core.evaluation import exact_match
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.core.tasks import TASKS, samples
 
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"

@@ -204,7 +204,7 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
 
     from safetensors.torch import load_file, save_file
 
-    from premoe.core.modelio import inspect_model
+    from premoe.moe.model import inspect_model
     from premoe.core.quant import quantize_fp8, quantize_mxfp4
 
     info = inspect_model(src)

@@ -5,7 +5,7 @@ import pytest
 from premoe.moe.arch import router_spec
 from premoe.errors import UnsupportedModelError
 from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
-from premoe.core.modelio import inspect_model
+from premoe.moe.model import inspect_model
 
 from conftest import FAMILIES
 

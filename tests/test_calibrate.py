@@ -7,7 +7,7 @@ import premoe
 from premoe.moe.observe import RouterObserver, marker_params, observe
 from premoe.core.data import iter_samples
 from premoe.errors import InputError, MissingFileError, UnsupportedModelError
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore
 
 from conftest import write_jsonl

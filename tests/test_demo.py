@@ -6,8 +6,8 @@ import torch
 
 from premoe.showcase import TINY_DENSE, TINY_MODEL, demo, format_table
 from premoe.core.evaluation import exact_match
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
 from premoe.core.tasks import TASKS, samples
 
 

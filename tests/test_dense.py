@@ -13,7 +13,8 @@ from premoe.core.data import write_jsonl
 from premoe.core.tasks import samples
 from premoe.dense.model import build_dense, inspect_dense, kept_params, prune_in_memory
 from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
-from premoe.dense.verbs import DenseRouter, dense_plan
+from premoe.dense.router import DenseRouter
+from premoe.dense.patterns import dense_plan
 from premoe.errors import InputError, StoreError
 from premoe.testing import DENSE_FAMILIES, build_dense_model
 
@@ -286,7 +287,7 @@ def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     """premoe sweep on the shipped dense model: each method's own allocation by default (FLAP:
     adaptive), one allocation for all with schedule=; results and picture written."""
     from premoe.showcase import TINY_DENSE, TINY_MODEL
-    from premoe.sweep import sweep
+    from premoe.moe.sweep import sweep
 
     tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "sort")}
     own = sweep(tmp_path / "own", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
@@ -357,7 +358,7 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from premoe.core.evaluation import exact_match
-    from premoe.core.modelio import load_tokenizer
+    from premoe.core.config import load_tokenizer
     from premoe.showcase import TINY_DENSE
 
     calib = write_jsonl(tmp_path / "add.jsonl", samples("add", 64, "calib"))

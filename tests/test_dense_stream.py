@@ -7,7 +7,7 @@ import torch
 import premoe
 from premoe.cli import main
 from premoe.core.data import write_jsonl
-from premoe.core.modelio import load_tokenizer
+from premoe.core.config import load_tokenizer
 from premoe.core.store import PatternStore
 from premoe.core.streaming import activation_bytes
 from premoe.core.tasks import char_tokenizer, samples

@@ -10,7 +10,7 @@ from premoe.core.tasks import char_tokenizer, samples
 from premoe.core.data import write_jsonl
 from premoe.dense.model import DensePlan, build_dense, check_plan, inspect_dense, slices
 from premoe.dense.switch import MIN_RUN_BYTES, assemble, read_columns, runs, switch_dense
-from premoe.dense.verbs import DenseServer
+from premoe.dense.server import DenseServer
 
 FAMILIES = {  # name -> (model_type, config overrides, which compensation biases the family can hold)
     "llama": ("llama", {}, ("o", "down")),

@@ -10,7 +10,7 @@ import premoe
 from premoe.cli import main
 from premoe.errors import InputError
 from premoe.core.evaluation import choice_logliks, exact_match, read_eval_data
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.showcase import TINY_MODEL
 from premoe.core.tasks import samples
 
@@ -88,7 +88,7 @@ def test_eval_cli(add_setup, capsys):
 
 
 def test_sweep_writes_results_and_pictures(tmp_path):
-    from premoe.sweep import sweep
+    from premoe.moe.sweep import sweep
 
     tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "reverse")}
     res = sweep(tmp_path / "sw", tasks=tasks, keeps=[16, 8], scorers=["tcess", "reap", "random"], progress=False)
@@ -156,7 +156,7 @@ def test_lm_eval_harness_runs_an_exported_dense_pruned_model(tmp_path, monkeypat
 
 def test_sweep_streamed_equals_in_memory(family_dir, tmp_path):
     """A model larger than memory: calibration streamed, evaluation with layers loaded on demand."""
-    from premoe.sweep import sweep
+    from premoe.moe.sweep import sweep
 
     tasks = {t: (samples(t, 8, "calib"), samples(t, 6, "eval")) for t in ("add", "sort")}
     kw = dict(model=family_dir("qwen3_moe"), tasks=tasks, keeps=[4], scorers=["tcess", "frequency"], progress=False)

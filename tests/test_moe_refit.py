@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.core.tasks import samples
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.refit import capture, check_supported, down_weight, expert_hidden, refit_layer, refit_pruned_
@@ -107,7 +107,7 @@ def test_unsupported_layouts_and_empty_data_are_refused(family_dir):
 
 
 def test_sweep_shows_refit_rows(tmp_path):
-    from premoe.sweep import format_summary, sweep
+    from premoe.moe.sweep import format_summary, sweep
 
     tasks = {t: (samples(t, 32, "calib"), samples(t, 20, "eval")) for t in ("add", "sort")}
     r = sweep(tmp_path / "s", tasks=tasks, keeps=[8], scorers=["easyep"], refit="both", progress=False)
@@ -130,7 +130,8 @@ def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     from premoe.api import plan as make_plan
     from premoe.api import calibrate
     from premoe.core.data import write_jsonl
-    from premoe.core.modelio import inspect_model, load_tokenizer
+    from premoe.moe.model import inspect_model
+    from premoe.core.config import load_tokenizer
     from premoe.moe.refit_checkpoint import refit_model
 
     src = family_dir("deepseek_v3")  # group-limited routing, a dense first layer, shared experts

@@ -10,8 +10,8 @@ import premoe
 from premoe.core.modules import config_get
 from premoe.moe.arch import find_moe_layers
 from premoe.errors import InputError, StoreError
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore
 from premoe.moe.surgery import apply_plan_
 
@@ -121,7 +121,7 @@ def test_refit_export_changes_only_kept_down_projections_and_router_rows(family,
     Families whose experts cannot be rewritten fall back to the plain slice and say why."""
     from premoe.core.checkpoint import ByteReader
     from premoe.core.data import refit_sources
-    from premoe.core.modelio import load_tokenizer
+    from premoe.core.config import load_tokenizer
     from premoe.moe.refit_checkpoint import refit_model
     from premoe.moe.selective import build_model as build_pruned
 

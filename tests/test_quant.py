@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 
 import premoe
 from premoe.errors import CheckpointError, UnsupportedModelError
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
 from premoe.core.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
 from premoe.moe.selective import ByteReader, build_model as build_selective
-from premoe.serving import TaskServer
+from premoe.moe.server import TaskServer
 from premoe.moe.surgery import apply_plan_
 from premoe.moe.streaming import resident_sizes
 from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import premoe
-from premoe.core.loading import load_model
-from premoe.core.modelio import inspect_model
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
 from premoe.errors import UnsupportedModelError
 from premoe.moe.arch import RouterSpec
 from premoe.moe.kernels import expert_forward

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from premoe.moe.arch import RouterSpec, find_moe_layers
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.moe.routing import route
 from premoe.moe.scoring import MarkerParams, official_marker, selection_marker, tcess_marker, layer_markers
 

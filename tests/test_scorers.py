@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import premoe
 from premoe.moe.observe import marker_params, observe
 from premoe.moe.kernels import expert_forward
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.moe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
 
 from conftest import write_jsonl

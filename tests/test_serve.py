@@ -69,7 +69,7 @@ def running(backend, **opts):
 
 @pytest.fixture(scope="module")
 def moe_backend(moe_store):
-    from premoe.serving import TaskServer
+    from premoe.moe.server import TaskServer
 
     srv = TaskServer(TINY_MOE, moe_store, 8)
     srv.load(srv.tasks[0])
@@ -222,7 +222,7 @@ def test_metrics_count_requests_tokens_switches_and_bytes(moe):
 
 
 def test_dense_model_is_served_the_same_way(dense_store):
-    from premoe.dense.verbs import DenseServer
+    from premoe.dense.server import DenseServer
 
     backend = DenseServer(TINY_DENSE, dense_store, 0.3)
     backend.load(backend.tasks[0])
@@ -244,7 +244,7 @@ def test_dense_model_is_served_the_same_way(dense_store):
 def slow_backend(store, seconds: float):
     """A fresh MoE task server whose every forward takes at least ``seconds`` (a stand-in for a large
     model, so requests overlap)."""
-    from premoe.serving import TaskServer
+    from premoe.moe.server import TaskServer
 
     backend = TaskServer(TINY_MOE, store, 8)
     backend.load(backend.tasks[0])
@@ -333,7 +333,7 @@ def test_chat_template_is_applied_and_routed_as_the_model_sees_it(moe_store):
     """A tokenizer with a chat template: the prompt the model sees (and routes on) is the template's,
     with the generation prompt; special tokens it holds are not added twice."""
     from premoe.server.backend import encode, render_chat
-    from premoe.serving import TaskServer
+    from premoe.moe.server import TaskServer
 
     backend = TaskServer(TINY_MOE, moe_store, 8)
     tok = backend.tokenizer
@@ -379,7 +379,7 @@ def test_engine_cancellation_and_stop_strings(moe_backend):
 def test_engine_continuous_batching_joins_without_changing_answers(kind, moe_backend, dense_store):
     """Sequences admitted into a running batch (different prompt lengths, joining at different steps)
     produce exactly their standalone greedy completions."""
-    from premoe.dense.verbs import DenseServer
+    from premoe.dense.server import DenseServer
 
     backend = moe_backend if kind == "moe" else DenseServer(TINY_DENSE, dense_store, 0.3)
     backend.load("sort")

@@ -7,7 +7,7 @@ import torch
 
 import premoe
 from premoe.errors import StoreError
-from premoe.core.modelio import inspect_model
+from premoe.moe.model import inspect_model
 from premoe.core.store import PatternStore, TaskPattern
 
 
@@ -129,7 +129,7 @@ def test_missing_and_foreign_store_dirs(tmp_path):
     (tmp_path / "other" / "x.txt").write_text("hi")
     with pytest.raises(StoreError, match="not a premoe pattern store"):
         PatternStore.open(tmp_path / "other")
-    fp = premoe.core.modelio.ModelFingerprint("mixtral", "X", 1, (0,), 2, 1, "0" * 64)
+    fp = premoe.moe.model.ModelFingerprint("mixtral", "X", 1, (0,), 2, 1, "0" * 64)
     with pytest.raises(StoreError, match="not a premoe pattern store"):
         PatternStore(tmp_path / "other").add(TaskPattern("t", [0], torch.zeros(1, 2)), fp)
 

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 import premoe
 from premoe.cli import main
 from premoe.core.data import write_jsonl
-from premoe.core.modelio import inspect_model
+from premoe.moe.model import inspect_model
 from premoe.core.store import PatternStore
 from premoe.core.tasks import samples
 from premoe.errors import InputError, StoreError
 from premoe.moe.refit_checkpoint import plan_key, stored_refit
 from premoe.moe.selective import ByteReader, build_model
-from premoe.serving import TaskServer
+from premoe.moe.server import TaskServer
 
 
 def _data(tmp_path, task, n=24):

@@ -6,7 +6,8 @@ import torch
 import premoe
 from premoe.moe.observe import observe_streamed
 from premoe.errors import InputError, UnsupportedModelError
-from premoe.core.modelio import inspect_model, load_tokenizer
+from premoe.moe.model import inspect_model
+from premoe.core.config import load_tokenizer
 from premoe.moe.scoring import MarkerParams
 from premoe.core.store import PatternStore
 from premoe.moe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
@@ -65,10 +66,10 @@ def test_one_layer_is_held_at_a_time(family_dir):
         held.append(sum(1 for layer in stream.layers if not next(layer.parameters()).is_meta))
 
     hooks = [layer.register_forward_pre_hook(count) for layer in stream.layers]
-    from premoe.moe.observe import _batches
+    from premoe.core.data import token_batches
     from premoe.moe.streaming import make_batches
 
-    batches = make_batches(_batches(tok, ["add 1+2=3", "sort 21=12"], 1, 64, False), tok.pad_token_id)
+    batches = make_batches(token_batches(tok, ["add 1+2=3", "sort 21=12"], 1, 64, False), tok.pad_token_id)
     run = stream.run(batches, hidden_budget=1 << 30, progress=False)
     for h in hooks:
         h.remove()
@@ -114,7 +115,7 @@ def test_budget_too_small_for_one_layer_fails_before_writing(family_dir, tmp_pat
 
 
 def test_lazy_layers_give_the_same_logits_and_generations(family_dir, tmp_path):
-    from premoe.core.loading import load_model
+    from premoe.moe.loading import load_model
     from premoe.moe.selective import ByteReader
     from premoe.moe.streaming import lazy_model
 

@@ -9,11 +9,12 @@ import premoe
 from premoe.cli import main
 from premoe.core.data import write_jsonl
 from premoe.errors import InputError, StoreError
-from premoe.core.modelio import inspect_model
-from premoe.core.loading import load_model
-from premoe.core.retrieval import QueryRouter, Retriever, SignatureSpec
+from premoe.moe.model import inspect_model
+from premoe.moe.loading import load_model
+from premoe.moe.router import QueryRouter
+from premoe.core.retrieval import Retriever, SignatureSpec
 from premoe.moe.selective import ByteReader, build_model, ideal_bytes
-from premoe.serving import ExpertCache, TaskServer
+from premoe.moe.server import ExpertCache, TaskServer
 from premoe.showcase import TINY_MODEL
 from premoe.moe.signature import SignatureModel
 from premoe.core.store import PatternStore

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import premoe
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.showcase import TINY_MODEL
 from premoe.core.tasks import TASKS, samples
 

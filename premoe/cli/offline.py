@@ -218,7 +218,7 @@ def run(args) -> int:
                 print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t['experts_for_90pct']:>16}  "
                       f"{t['created']:<25}  {','.join(t['scorers']):<16}  {','.join(str(r['keep']) for r in t['refits']) or '-'}")
     elif args.command == "sweep":
-        from premoe.sweep import format_summary, sweep
+        from premoe.moe.sweep import format_summary, sweep
 
         tasks = {name: (calib, ev) for name, calib, ev in args.task} if args.task else None
         res = sweep(args.out, model=args.model, tasks=tasks, keeps=args.keep, scorers=args.scorers,

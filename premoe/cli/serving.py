@@ -87,14 +87,14 @@ def _spec(args):
 
 
 def _route(args) -> int:
-    from premoe.core.retrieval import QueryRouter
+    from premoe.moe.router import QueryRouter
     from premoe.errors import InputError
 
     queries = _queries(args, "query")
     from premoe.api import model_kind
 
     if model_kind(args.model) == "dense":
-        from premoe.dense.verbs import ROUTE_DEPTH, DenseRouter
+        from premoe.dense.router import ROUTE_DEPTH, DenseRouter
 
         router = DenseRouter(args.model, args.store, ROUTE_DEPTH if args.layers is None else args.layers, device=args.device)
     else:
@@ -112,10 +112,11 @@ def _task_server(args):
     """The task server (MoE or dense) that generate, chat and serve use, from the shared flags."""
     from premoe.api import model_kind
     from premoe.errors import InputError
-    from premoe.serving import TaskServer
+    from premoe.moe.server import TaskServer
 
     if model_kind(args.model) == "dense":
-        from premoe.dense.verbs import ROUTE_DEPTH, DenseServer
+        from premoe.dense.router import ROUTE_DEPTH
+        from premoe.dense.server import DenseServer
 
         if args.keep is not None or args.top_k is not None:
             raise InputError("--keep/--top-k apply to MoE models only; for a dense model use --sparsity (and --method)")

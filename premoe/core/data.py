@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,3 +163,27 @@ def refit_sources(entries: dict[str, dict], names: list[str], refit_data: list |
                              "pass --refit-data FILE")
         sources.append([r.text for r in cal.records()])
     return sources, ("calibration data of " + ", ".join(names))
+
+
+def token_batches(
+    tokenizer, texts: Iterable[str], batch_size: int, max_length: int, skip_special: bool, window: int = 256
+) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Token batches of ``texts`` for a forward pass, as lists of (token ids, count mask) rows: samples are
+    length-sorted within windows of ``window`` texts to limit padding, at most ``max_length`` tokens each.
+    With ``skip_special`` the count mask leaves out special tokens (BOS...)."""
+    buf: list[str] = []
+
+    def flush():
+        enc = tokenizer(buf, truncation=True, max_length=max_length, return_special_tokens_mask=skip_special)
+        masks = enc["special_tokens_mask"] if skip_special else [[0] * len(x) for x in enc["input_ids"]]
+        rows = sorted(((ids, [1 - s for s in sp]) for ids, sp in zip(enc["input_ids"], masks) if ids), key=lambda r: len(r[0]))
+        for i in range(0, len(rows), batch_size):
+            yield rows[i : i + batch_size]
+
+    for text in texts:
+        buf.append(text)
+        if len(buf) == window:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()

@@ -41,7 +41,7 @@ def config_set(config: Any, key: str, value: Any) -> None:
         setattr(target, leaf, value)
 
 
-def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+def owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     owner, _, leaf = path.rpartition(".")
     return (module.get_submodule(owner) if owner else module), leaf
 
@@ -49,7 +49,7 @@ def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
 def set_tensor(module: nn.Module, path: str, value: torch.Tensor, requires_grad: bool = False) -> None:
     """Put ``value`` at ``path`` (dotted, relative to ``module``): as a parameter where the module has
     a parameter of that name, else as a buffer."""
-    mod, leaf = _owner(module, path)
+    mod, leaf = owner(module, path)
     if leaf in mod._parameters:
         mod._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=requires_grad)
     else:

@@ -126,36 +126,3 @@ class Retriever:
     def route(self, signature: dict[str, torch.Tensor]) -> RouteResult:
         """Route one query from its signature ({stat: [M, E]})."""
         return self.route_stats(signature[self.spec.stat])[0]
-
-
-class QueryRouter:
-    """Routes texts for one model and store, reading no routed expert.
-
-    Builds the signature model from the checkpoint: embeddings, the decoder layers up to the
-    ``spec.layers``-th MoE layer and their full routers (``bytes_read`` says how much that was).
-
-    Raises:
-        PremoeError: a store of another model or without tasks; signature layers out of range.
-    """
-
-    def __init__(self, model, store, spec: SignatureSpec | None = None, device=None, dtype=None):
-        from premoe.core.modelio import as_info, load_tokenizer, resolve_device, resolve_dtype
-        from premoe.moe.selective import ByteReader
-        from premoe.moe.signature import SignatureModel
-
-        self.info = as_info(model)
-        self.store = store if isinstance(store, PatternStore) else PatternStore.open(store)
-        self.store.check_model(self.info.fingerprint)
-        self.spec = spec or SignatureSpec()
-        self.retriever = Retriever.from_store(self.store, self.spec)
-        tokenizer = load_tokenizer(self.info.path)
-        with ByteReader() as reader:
-            self.signature_model = SignatureModel.from_checkpoint(self.info, tokenizer, self.spec.layers, reader)
-            self.bytes_read = reader.bytes_read
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype) if dtype not in (None, "auto") else None
-        if dev.type != "cpu" or dt is not None:
-            self.signature_model.view.to(device=dev, dtype=dt)
-
-    def route(self, text: str) -> RouteResult:
-        return self.retriever.route(self.signature_model.signature(text))

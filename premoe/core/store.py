@@ -14,7 +14,7 @@ Layout of a store directory::
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
 then ``os.replace``) after the task file (or re-fit directory) it points to is complete, so an
 interrupted calibration leaves the store exactly as it was; recalibrating a task drops its re-fits. A store belongs to one model (checked by
-:class:`~premoe.core.modelio.ModelFingerprint`). Only JSON and safetensors are ever read.
+its fingerprint, :class:`Fingerprint`). Only JSON and safetensors are ever read.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from premoe._version import __version__
-from premoe.core.modelio import ModelFingerprint
 from premoe.errors import InputError, StoreError
 
 STORE_FORMAT = "premoe-pattern-store"
@@ -44,6 +43,15 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE_CACHE = "signatures.safetensors"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class Fingerprint(Protocol):
+    """A model's identity as a store records it (the MoE and dense models each have one)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """What differs from the model the store recorded (empty: the same model)."""
 
 
 def check_task_name(name: str) -> str:
@@ -151,26 +159,27 @@ class PatternStore:
         return m
 
     @property
-    def fingerprint(self) -> ModelFingerprint:
-        try:
-            return ModelFingerprint.from_dict(self.manifest()["model"])
-        except (TypeError, KeyError) as e:
-            raise StoreError(f"corrupt store manifest {self.manifest_path}: bad model fingerprint ({e})") from None
+    def model(self) -> dict[str, Any]:
+        """The record of the model the store was built for (its fingerprint's ``to_dict()``)."""
+        return self.manifest()["model"]
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
         return self.manifest()["tasks"]
 
-    def check_model(self, fingerprint: ModelFingerprint) -> None:
+    def check_model(self, fingerprint: Fingerprint) -> None:
         """Raise :class:`StoreError` unless the store was built for this model."""
-        diff = self.fingerprint.differences(fingerprint)
+        try:
+            diff = fingerprint.differences(self.model)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise StoreError(f"corrupt store manifest {self.manifest_path}: bad model record ({e})") from None
         if diff:
             raise StoreError(
                 f"pattern store {self.path} was built for another model ({'; '.join(diff)}); "
                 "use the model it was calibrated on, or calibrate into a new --store"
             )
 
-    def check_new_task(self, fingerprint: ModelFingerprint, task: str, overwrite: bool) -> None:
+    def check_new_task(self, fingerprint: Fingerprint, task: str, overwrite: bool) -> None:
         """Before calibrating ``task`` into this store (which may not exist yet): the store is this
         model's, and the task is new unless ``overwrite``."""
         if self.exists():
@@ -196,9 +205,10 @@ class PatternStore:
             raise StoreError(f"store file {file} is corrupt ({e}); recalibrate task {task!r}") from None
         means = {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")}
         sig = {k.removeprefix("sig."): v for k, v in tensors.items() if k.startswith("sig.")}
-        layers = list(self.fingerprint.moe_layers)
+        model = self.model
+        layers = [int(x) for x in model.get("moe_layers") or ()]
         scores = tensors.get("scores")
-        if scores is None or scores.shape != (len(layers), self.fingerprint.num_experts):
+        if scores is None or tuple(scores.shape) != (len(layers), int(model.get("num_experts") or 0)):
             raise StoreError(f"store file {file} does not match the store's model; recalibrate task {task!r}")
         return TaskPattern(task, layers, scores, means, dict(entry), sig)
 
@@ -251,7 +261,7 @@ class PatternStore:
                     os.unlink(tmp)
         return names, stacked[key]
 
-    def add(self, pattern: TaskPattern, fingerprint: ModelFingerprint, overwrite: bool = False) -> None:
+    def add(self, pattern: TaskPattern, fingerprint: Fingerprint, overwrite: bool = False) -> None:
         """Add (or with ``overwrite`` replace) a task, atomically. Creates the store if needed.
 
         Raises:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.data import CalibrationData
-from premoe.core.modelio import config_from_dict, resolve_device, skeleton
+from premoe.core.config import config_from_dict, resolve_device, skeleton
 from premoe.core.modules import set_tensor
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.dense.model import DenseInfo, inspect_dense, reader_getter
@@ -122,7 +122,7 @@ def weight_norms(model: torch.nn.Module, info: DenseInfo) -> dict[str, torch.Ten
 
 
 def _batches(tok, texts: Iterable[str], batch_size: int, max_length: int, skip_special: bool):
-    from premoe.moe.observe import _batches as token_batches
+    from premoe.core.data import token_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for rows in token_batches(tok, texts, batch_size, max_length, skip_special):
@@ -272,7 +272,7 @@ def observe_dense_streamed(info: DenseInfo, tok, texts: Iterable[str], prompts: 
     the weight norms, tokens, prompt features [N, L+1, D], run)``; ``run``: the largest layer held, the
     bytes of hidden states spilled to disk and the bytes read."""
     from premoe.core.streaming import Batch, LayerRunner, make_batches
-    from premoe.moe.observe import _batches as token_batches
+    from premoe.core.data import token_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
@@ -339,7 +339,7 @@ def calibrate_dense(
     The statistics are the same either way.
     """
     from premoe.core.memory import memory_budget
-    from premoe.core.modelio import load_tokenizer, resolve_dtype
+    from premoe.core.config import load_tokenizer, resolve_dtype
     from premoe.core.streaming import activation_bytes, choose_stream, hidden_room
     from premoe.dense.model import load_dense
 

@@ -20,12 +20,37 @@ import torch
 from torch import nn
 
 from premoe.core.checkpoint import ByteReader, Checkpoint, tensor_bytes
-from premoe.core.modelio import ModelFingerprint, _meta_model, config_from_dict, read_config, skeleton
+from premoe.core.config import config_from_dict, meta_model, read_config, skeleton
 from premoe.core.modules import set_tensor
 from premoe.dense.families import DenseSpec, resolve_dense
 from premoe.errors import CheckpointError, InputError, UnsupportedModelError
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class DenseFingerprint:
+    """Identity of a dense model for pattern stores: its shape and a hash of its weights (:func:`_identity_hash`)."""
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "dense", "model_type": self.model_type, "architecture": self.architecture,
+                "num_layers": self.num_layers, "sha256": self.sha256}
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """What differs from the model a store recorded (``"<what> <this model's> vs <the store's>"``)."""
+        if stored.get("kind", "dense" if not stored.get("num_experts") else "moe") != "dense":
+            return [f"a dense {self.model_type} model vs an MoE {stored.get('model_type')} model"]
+        out = [f"{key} {getattr(self, key)} vs {stored.get(key)}" for key in ("model_type", "architecture", "num_layers")
+               if getattr(self, key) != stored.get(key)]
+        theirs = str(stored.get("sha256") or stored.get("router_sha256"))  # older dense stores name it router_sha256
+        if not out and self.sha256 != theirs:
+            out.append(f"weights differ (hash {self.sha256[:12]} vs {theirs[:12]})")
+        return out
 
 
 @dataclass
@@ -39,7 +64,7 @@ class DenseInfo:
     num_layers: int
     decoder_prefix: str
     checkpoint: Checkpoint
-    fingerprint: ModelFingerprint
+    fingerprint: DenseFingerprint
     hidden: int
     heads: int
     kv_heads: int
@@ -65,14 +90,6 @@ class DenseInfo:
     @property
     def model_config(self) -> dict[str, Any]:
         return self.raw_config
-
-
-def is_dense(raw_config: dict[str, Any]) -> bool:
-    try:
-        resolve_dense(raw_config)
-        return True
-    except UnsupportedModelError:
-        return False
 
 
 def _identity_hash(ckpt: Checkpoint) -> str:
@@ -107,7 +124,7 @@ def inspect_dense(path: str | Path) -> DenseInfo:
         )
     config = config_from_dict(raw, spec.name)
     ckpt = Checkpoint(path)
-    _, prefix, num_layers = _meta_model(json.dumps(raw, sort_keys=True, default=str), spec.name)
+    _, prefix, num_layers = meta_model(json.dumps(raw, sort_keys=True, default=str), spec.name)
     hidden = int(config.hidden_size)
     heads = int(getattr(config, spec.heads_key))
     kv = int(getattr(config, spec.kv_key, None) or heads)
@@ -115,15 +132,8 @@ def inspect_dense(path: str | Path) -> DenseInfo:
     inter = int(getattr(config, spec.inter_key))
     if heads % kv:
         raise CheckpointError(f"{path}: {heads} attention heads are not a multiple of {kv} KV heads")
-    fp = ModelFingerprint(
-        model_type=spec.name,
-        architecture=(raw.get("architectures") or [type(config).__name__])[0],
-        num_layers=num_layers,
-        moe_layers=(),
-        num_experts=0,
-        top_k=0,
-        router_sha256=_identity_hash(ckpt),
-    )
+    fp = DenseFingerprint(model_type=spec.name, architecture=(raw.get("architectures") or [type(config).__name__])[0],
+                          num_layers=num_layers, sha256=_identity_hash(ckpt))
     info = DenseInfo(path, raw, config, spec, num_layers, prefix, ckpt, fp, hidden, heads, kv, head_dim, inter)
     want = {"q": (heads * head_dim, hidden), "k": (kv * head_dim, hidden), "v": (kv * head_dim, hidden),
             "o": (hidden, heads * head_dim), "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
@@ -451,7 +461,7 @@ def load_dense(path: str | Path, device=None, dtype="auto"):
     """(DenseInfo, model, tokenizer) with transformers' own loader."""
     from transformers import AutoModelForCausalLM
 
-    from premoe.core.modelio import load_tokenizer, resolve_device, resolve_dtype
+    from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 
     info = inspect_dense(path)
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=resolve_dtype(dtype))

@@ -169,10 +169,10 @@ def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_laye
     """Every decoder layer's Gram matrices over ``sources`` (lists of texts, each weighted equally),
     one layer at a time: ``on_layer(layer, grams)`` gets them as soon as the layer is done."""
     from premoe.core.checkpoint import ByteReader
-    from premoe.core.modelio import config_from_dict, skeleton
+    from premoe.core.config import config_from_dict, skeleton
     from premoe.core.streaming import LayerRunner, make_batches
     from premoe.dense.calibration import DenseFiller
-    from premoe.moe.observe import _batches as token_batches
+    from premoe.core.data import token_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches, weights = [], []

@@ -26,7 +26,7 @@ from premoe.dense.model import load_dense, prune_in_memory
 from premoe.dense.plans import METHODS, check_sparsity, make_dense_plan
 from premoe.dense.refit import apply_grams, pool_grams, stream_grams
 from premoe.dense.scoring import pooled
-from premoe.dense.verbs import DenseRouter
+from premoe.dense.router import DenseRouter
 from premoe.errors import InputError
 
 DEFAULT_SPARSITIES = (0.2, 0.35, 0.5)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.core.modules import _owner, config_get, decoder_layers
+from premoe.core.modules import owner, config_get, decoder_layers
 from premoe.errors import UnsupportedModelError
 
 # Config keys that may hold the routed-expert count, in any family (aliases included).
@@ -253,7 +253,7 @@ class MoeLayer:
     bias_path: str | None = None
 
     def tensor(self, path: str) -> torch.Tensor:
-        mod, leaf = _owner(self.block, path)
+        mod, leaf = owner(self.block, path)
         return getattr(mod, leaf)
 
     def selection_bias(self) -> torch.Tensor | None:

@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.data import CalibrationData
-from premoe.core.loading import LoadedModel, as_loaded
-from premoe.core.modelio import ModelInfo, as_info, load_tokenizer, resolve_device
+from premoe.moe.loading import LoadedModel, as_loaded
+from premoe.moe.model import ModelInfo, as_info
+from premoe.core.config import load_tokenizer, resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.observe import marker_params, observe, observe_streamed
@@ -86,7 +87,7 @@ def calibrate(
     """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
 
     Args:
-        model: model directory (or a :class:`~premoe.core.modelio.LoadedModel` to reuse).
+        model: model directory (or a :class:`~premoe.moe.model.LoadedModel` to reuse).
         data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples; several
             files are pooled into one task (task-agnostic calibration).
         task: task name in the store.

@@ -25,7 +25,7 @@ import torch
 from premoe._version import __version__
 from premoe.core.checkpoint import TORCH_DTYPES, OutTensor
 from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
-from premoe.core.modelio import ModelInfo
+from premoe.moe.model import ModelInfo
 from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.plans import PrunePlan
@@ -139,7 +139,8 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
     from transformers import AutoModelForCausalLM
 
-    from premoe.core.modelio import config_from_dict, inspect_model
+    from premoe.core.config import config_from_dict
+    from premoe.moe.model import inspect_model
 
     new = inspect_model(path)
     if new.num_experts != plan.keep or new.moe_layers != info.moe_layers:

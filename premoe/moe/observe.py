@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.modelio import ModelInfo
+from premoe.moe.model import ModelInfo
+from premoe.core.data import token_batches
 from premoe.core.modules import decoder_layers
 from premoe.errors import InputError
 from premoe.moe.arch import MoeLayer, RouterSpec
@@ -130,29 +131,6 @@ class RouterObserver:
         self._routed.clear()
 
 
-def _batches(
-    tokenizer, texts: Iterable[str], batch_size: int, max_length: int, skip_special: bool, window: int = 256
-) -> Iterator[list[tuple[list[int], list[int]]]]:
-    """Batches of (token ids, count mask); samples are length-sorted within windows to limit padding.
-    With ``skip_special`` the count mask leaves out special tokens (BOS...)."""
-    buf: list[str] = []
-
-    def flush():
-        enc = tokenizer(buf, truncation=True, max_length=max_length, return_special_tokens_mask=skip_special)
-        masks = enc["special_tokens_mask"] if skip_special else [[0] * len(x) for x in enc["input_ids"]]
-        rows = sorted(((ids, [1 - s for s in sp]) for ids, sp in zip(enc["input_ids"], masks) if ids), key=lambda r: len(r[0]))
-        for i in range(0, len(rows), batch_size):
-            yield rows[i : i + batch_size]
-
-    for text in texts:
-        buf.append(text)
-        if len(buf) == window:
-            yield from flush()
-            buf = []
-    if buf:
-        yield from flush()
-
-
 @torch.inference_mode()
 def observe(
     model: torch.nn.Module,
@@ -182,7 +160,7 @@ def observe(
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     decoder = decoder_layers(model) if outputs else None
     with RouterObserver(layers, info.router, info.spec, params, decoder, outputs, recon) as obs:
-        for batch in _batches(tokenizer, texts, batch_size, max_length, skip_special):
+        for batch in token_batches(tokenizer, texts, batch_size, max_length, skip_special):
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
             attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
@@ -222,7 +200,7 @@ def observe_streamed(
     from premoe.moe.streaming import LayerStream, make_batches
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches(_batches(tokenizer, texts, batch_size, max_length, skip_special), pad)
+    batches = make_batches(token_batches(tokenizer, texts, batch_size, max_length, skip_special), pad)
     stream = LayerStream(info, num_layers=num_layers, experts=experts, reader=reader, device=device)
     decoder = stream.layers if outputs else None
     with RouterObserver(stream.moe, info.router, info.spec, params, decoder, outputs, recon) as obs:

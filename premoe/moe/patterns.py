@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from premoe.core.modelio import ModelInfo
+from premoe.moe.model import ModelInfo
 from premoe.core.store import PatternStore, TaskPattern
 from premoe.errors import InputError, StoreError
 from premoe.moe.plans import PrunePlan, make_plan

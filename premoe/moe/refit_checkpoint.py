@@ -246,11 +246,11 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
 
 def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
     from premoe.core.streaming import activation_bytes, hidden_room
-    from premoe.moe.observe import _batches
+    from premoe.core.data import token_batches
     from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(_batches(tok, texts, batch_size, max_length, False), pad)
+    batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
     stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1)
     moe = {m.index: m for m in stream.moe}
     got = {m.index: ([], [], []) for m in stream.moe}
@@ -284,7 +284,7 @@ def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool |
     import logging
 
     from premoe.core.data import refit_sources
-    from premoe.core.modelio import load_tokenizer
+    from premoe.core.config import load_tokenizer
     from premoe.core.store import PatternStore
     from premoe.errors import PremoeError
 
@@ -337,7 +337,7 @@ def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence |
     import shutil
 
     from premoe.core.data import refit_sources
-    from premoe.core.modelio import load_tokenizer
+    from premoe.core.config import load_tokenizer
 
     plans = [p for p in plans if any(len(v) < info.num_experts for v in p.kept.values())]
     if not plans:

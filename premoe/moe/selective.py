@@ -1,7 +1,7 @@
 """Building a model (or one part of it) straight from safetensors, reading only the tensors it needs.
 
 The model skeleton is created on the meta device (no memory), then every tensor is read from the
-checkpoint's byte ranges (:mod:`premoe.core.layout` says which) into its final storage: non-expert
+checkpoint's byte ranges (:mod:`premoe.moe.layout` says which) into its final storage: non-expert
 weights as they are, routers sliced to the kept rows, and each MoE layer's fused expert tensors
 ([N, 2I, H]...) assembled from the kept experts only, whether the checkpoint stores one key per
 expert or fused 3D tensors. Quantised tensors (FP8, MXFP4) are dequantised one at a time to the
@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from premoe.core.checkpoint import TORCH_DTYPES, ByteReader
-from premoe.core.layout import Source
-from premoe.core.modelio import ModelInfo, config_from_dict, skeleton
+from premoe.moe.layout import Source
+from premoe.moe.model import ModelInfo
+from premoe.core.config import config_from_dict, skeleton
 from premoe.core.modules import backbone, finish_buffers, set_tensor
 from premoe.core.quant import dequant_fp8, dequant_mxfp4
 from premoe.errors import CheckpointError, UnsupportedModelError
@@ -363,7 +364,7 @@ def build_model(
             sliced from them instead of read again.
         base_only: skip the LM head (signature models never produce logits).
         defer_experts: leave the routed experts unloaded (on the meta device) for
-            :func:`premoe.serving.install_pattern` to fill.
+            :func:`premoe.moe.server.install_pattern` to fill.
         dtype: what quantised tensors are dequantised to (default: the config's dtype).
 
     Returns:

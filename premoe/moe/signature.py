@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from premoe.core.modelio import ModelInfo
+from premoe.moe.model import ModelInfo
 from premoe.core.modules import backbone, decoder_layers, set_tensor
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer, find_moe_layers

@@ -22,7 +22,7 @@ from torch import nn
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.memory import available_bytes, fits
-from premoe.core.modelio import ModelInfo
+from premoe.moe.model import ModelInfo
 from premoe.core.modules import decoder_layers
 from premoe.core.streaming import (  # noqa: F401  (HiddenStore, Batch, make_batches: re-exported)
     Batch,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.core.layout import expert_slots
+from premoe.moe.layout import expert_slots
 from premoe.core.modules import config_get, config_has, config_set, set_tensor
 from premoe.errors import InputError
 from premoe.moe.arch import EXPERT_COUNT_KEYS, ArchSpec, find_moe_layers, router_spec

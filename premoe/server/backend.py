@@ -1,7 +1,7 @@
 """What the HTTP server needs from a task server, MoE or dense, and how prompts are rendered.
 
-Both :class:`premoe.serving.TaskServer` (experts of one task pattern resident) and
-:class:`premoe.dense.verbs.DenseServer` (heads and channels of one task resident) satisfy
+Both :class:`premoe.moe.server.TaskServer` (experts of one task pattern resident) and
+:class:`premoe.dense.server.DenseServer` (heads and channels of one task resident) satisfy
 :class:`TaskBackend`; the server never asks which kind it holds.
 """
 

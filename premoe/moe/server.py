@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from premoe.core.evaluation import generate_greedy
-from premoe.core.modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
+from premoe.moe.model import ModelInfo, inspect_model
+from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.core.modules import set_tensor
 from premoe.core.retrieval import Retriever, RouteResult, SignatureSpec
 from premoe.core.store import PatternStore

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from premoe.core.modelio import ModelInfo, inspect_model, load_tokenizer, resolve_device, resolve_dtype
+from premoe.moe.model import ModelInfo, inspect_model
+from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.moe.arch import MoeLayer, find_moe_layers
 
 

@@ -1,9 +1,9 @@
-"""Looking at a model directory (no weights loaded) and loading it.
+"""Looking at an MoE model directory (no weights loaded).
 
 :func:`inspect_model` reads ``config.json`` and the safetensors headers, builds the model skeleton on
 the meta device to learn which decoder layers are MoE (transformers' own rule: DeepSeek's leading
 dense layers, Qwen's ``mlp_only_layers``...), classifies every checkpoint key and fingerprints the
-model by hashing its router tensors. :func:`premoe.core.loading.load_model` then loads weights and tokenizer.
+model by hashing its router tensors. :func:`premoe.moe.loading.load_model` then loads weights and tokenizer.
 """
 
 from __future__ import annotations
@@ -11,22 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from premoe.core.checkpoint import ByteReader, Checkpoint, tensor_bytes
-from premoe.core.layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
-from premoe.core.modules import decoder_layers
+from premoe.core.config import config_from_dict, meta_model, read_config, text_part
 from premoe.core.quant import QuantFormat, quant_format
-from premoe.errors import CheckpointError, InputError, MissingFileError
 from premoe.moe.arch import ArchSpec, RouterSpec, router_spec
 from premoe.moe.families import resolve
+from premoe.moe.layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +42,18 @@ class ModelFingerprint:
         d["moe_layers"] = list(self.moe_layers)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelFingerprint":
-        d = dict(d)
-        d["moe_layers"] = tuple(d["moe_layers"])
-        return cls(**d)
-
-    def differences(self, other: "ModelFingerprint") -> list[str]:
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """What differs between this model and the one a pattern store was built for (``stored``: the
+        store's record of it), as ``"<what> <this model's> vs <the store's>"``."""
         out = []
         for key in ("model_type", "architecture", "num_layers", "num_experts", "top_k", "moe_layers"):
-            a, b = getattr(self, key), getattr(other, key)
-            if a != b:
-                out.append(f"{key} {b} vs {a}")
-        if not out and self.router_sha256 != other.router_sha256:
-            out.append(f"router weights differ (hash {other.router_sha256[:12]} vs {self.router_sha256[:12]})")
+            mine, theirs = getattr(self, key), stored.get(key)
+            if key == "moe_layers":
+                theirs = tuple(theirs or ())
+            if mine != theirs:
+                out.append(f"{key} {mine} vs {theirs}")
+        if not out and self.router_sha256 != stored.get("router_sha256"):
+            out.append(f"router weights differ (hash {self.router_sha256[:12]} vs {str(stored.get('router_sha256'))[:12]})")
         return out
 
 
@@ -102,66 +94,6 @@ class ModelInfo:
         return expert_slots(kept, self.router.num_experts, self.router.width)
 
 
-def text_part(raw: dict[str, Any], text_key: str | None) -> dict[str, Any]:
-    """The language model's config of a release (its ``text_config`` when multimodal, with the wrapper's
-    word-embedding tying, which the wrapper's head follows)."""
-    if not text_key:
-        return raw
-    text = dict(raw[text_key])
-    if "tie_word_embeddings" in raw:
-        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
-    return text
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    if not path.exists():
-        raise MissingFileError(f"model directory {path} does not exist")
-    if not cfg_path.is_file():
-        raise MissingFileError(f"{path} has no config.json; point --model at a HuggingFace model directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download it") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path} is not a JSON object")
-    return raw
-
-
-def config_from_dict(raw: dict[str, Any], model_type: str):
-    """A transformers config for ``raw`` read with ``model_type``'s config class, without premoe's own
-    block and without quantisation (premoe handles quantised tensors itself)."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    raw = {k: v for k, v in raw.items() if k not in ("premoe", "model_type", "quantization_config", "auto_map")}
-    raw = PretrainedConfig._decode_special_floats(raw)  # {"__float__": "Infinity"}, as transformers writes it
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoConfig.for_model(model_type, **raw)
-    except Exception as e:  # noqa: BLE001 - also huggingface_hub's strict-dataclass validation errors
-        raise CheckpointError(f"transformers cannot read this config.json as {model_type}: {e}") from None
-
-
-def skeleton(config) -> nn.Module:
-    """The causal-LM module tree on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
-
-
-@lru_cache(maxsize=4)
-def _meta_model(config_json: str, model_type: str) -> tuple[nn.Module, str, int]:
-    """(meta-device model, decoder prefix, number of decoder layers), cached per config."""
-    model = skeleton(config_from_dict(json.loads(config_json), model_type))
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
-    return model, prefix, len(layers)
-
-
 def _hash_routers(ckpt: Checkpoint, roles: dict[str, KeyRole], moe_layers: list[int]) -> str:
     h = hashlib.sha256()
     by_layer: dict[int, list[str]] = {}
@@ -195,7 +127,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
     config = config_from_dict(model_raw, config_type)
     rspec = router_spec(config, spec)
     ckpt = Checkpoint(path)
-    model, prefix, num_layers = _meta_model(json.dumps(model_raw, sort_keys=True, default=str), config_type)
+    model, prefix, num_layers = meta_model(json.dumps(model_raw, sort_keys=True, default=str), config_type)
     layout = map_checkpoint(ckpt.tensors, model, spec, quant, rspec.num_experts, rspec.width, prefix, num_layers)
     moe = sorted(layout.moe)
     fp = ModelFingerprint(
@@ -208,35 +140,6 @@ def inspect_model(path: str | Path) -> ModelInfo:
         router_sha256=_hash_routers(ckpt, layout.roles, moe),
     )
     return ModelInfo(path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type, text_key)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: the current accelerator if there is one, else the CPU."""
-    if device is None or str(device) == "auto":
-        acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-        return acc if acc is not None and torch.accelerator.is_available() else torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"invalid device {device!r}: {e}") from None
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return dtype or "auto"
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise InputError(f"invalid dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return value
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise MissingFileError(f"cannot load the tokenizer of {path}: {e}") from None
 
 
 def as_info(model) -> ModelInfo:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from premoe.core.data import write_jsonl
 from premoe.core.evaluation import exact_match
-from premoe.core.loading import load_model
+from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.calibration import calibrate
@@ -125,7 +125,8 @@ def sweep(
         raise InputError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
     tasks = tasks or builtin_tasks(calib_samples, eval_samples)
     from premoe.core.memory import fits, memory_budget
-    from premoe.core.modelio import inspect_model, load_tokenizer
+    from premoe.moe.model import inspect_model
+    from premoe.core.config import load_tokenizer
     from premoe.moe.streaming import inference_model, resident_sizes
 
     info = inspect_model(model)
