@@ -128,11 +128,11 @@ def test_bad_arguments(family_dir, tmp_path, small_data):
         premoe.calibrate(src, tmp_path / "nodata.jsonl", "t", tmp_path / "s")
     with pytest.raises(InputError, match="invalid task name"):
         premoe.calibrate(src, small_data, "../evil", tmp_path / "s")
-    with pytest.raises(InputError, match="unknown scorer"):
+    with pytest.raises(InputError, match="`scorer` must be one of"):
         premoe.calibrate(src, small_data, "t", tmp_path / "s", scorer="magic")
-    with pytest.raises(InputError, match="--k must be between"):
+    with pytest.raises(InputError, match="`k` must be between"):
         premoe.calibrate(src, small_data, "t", tmp_path / "s", k=9)
-    with pytest.raises(InputError, match="--r must be"):
+    with pytest.raises(InputError, match="`r` must be"):
         premoe.calibrate(src, small_data, "t", tmp_path / "s", r=1.5)
     assert not (tmp_path / "s").exists()
 

@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from premoe.showcase import TINY_DENSE, TINY_MODEL, demo, format_table
+from premoe.assets import TINY_DENSE, TINY_MODEL
+from premoe.verbs.demo import demo, format_table
 from premoe.core.evaluation import exact_match
 from premoe.moe.model import inspect_model
 from premoe.moe.loading import load_model

@@ -14,6 +14,8 @@ from premoe.core.tasks import samples
 from premoe.dense.model import build_dense, inspect_dense, kept_params, prune_in_memory
 from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
 from premoe.dense.router import DenseRouter
+from premoe.core.options import RefitOptions
+from premoe.dense.options import DenseSelection
 from premoe.dense.patterns import dense_plan
 from premoe.errors import InputError, StoreError
 from premoe.testing import DENSE_FAMILIES, build_dense_model
@@ -55,7 +57,7 @@ def test_family_contract(family, tmp_path):
     full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     x = torch.tensor([[1, 5, 6, 7, 8, 9]])
     for method in ("seap", "seap-gen", "wanda-sp", "flap", "random"):
-        plan = dense_plan(info, store, "add", 0.5, method=method, bias_comp=False)
+        plan = dense_plan(info, store, "add", DenseSelection(0.5, method=method, bias_comp=False))
         with ByteReader() as reader:
             built = build_dense(info, plan, reader).float()
             assert reader.bytes_read < info.checkpoint.nbytes
@@ -72,7 +74,7 @@ def test_family_contract(family, tmp_path):
     assert cfg["premoe"]["kind"] == "dense" and cfg["num_key_value_heads"] == len(plan.kv[0])
     assert res.bytes_written < 0.75 * res.bytes_source
     # --refit: re-fitted columns (and biases where the family's config can hold them) reload unchanged
-    fitted = dense_plan(info, store, "add", 0.5, refit=True, progress=False)
+    fitted = dense_plan(info, store, "add", 0.5, refit=RefitOptions(True), progress=False)
     premoe.prune(model, store, "add", None, tmp_path / "fit", sparsity=0.5, refit=True, progress=False)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fit", dtype=torch.float32)
     assert torch.allclose(reloaded(x).logits, prune_in_memory(full, info, fitted)(x).logits, atol=5e-3)
@@ -84,7 +86,7 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     model = _build(tmp_path / "m", "llama")
     premoe.calibrate(model, data / "add.jsonl", "add", tmp_path / "s", progress=False)
     info = inspect_dense(model)
-    plan = dense_plan(info, tmp_path / "s", "add", 0.4, method="seap", bias_comp=True)
+    plan = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="seap", bias_comp=True))
     assert plan.bias
     premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, refit=False,
                  progress=False)
@@ -96,7 +98,7 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     # a family with no o_proj/down_proj bias flag refuses instead of silently dropping it
     q = _build(tmp_path / "q", "qwen2")
     premoe.calibrate(q, data / "add.jsonl", "add", tmp_path / "qs", progress=False)
-    with pytest.raises(InputError, match="no-bias-comp"):
+    with pytest.raises(InputError, match="`bias_comp=False`"):
         premoe.prune(q, tmp_path / "qs", "add", None, tmp_path / "qout", sparsity=0.4, bias_comp=True, refit=False,
                      progress=False)
     assert not (tmp_path / "qout").exists()
@@ -112,8 +114,8 @@ def test_layer_varying_plans_are_written_at_the_requested_sparsity(tmp_path, dat
     for t in ("add", "sort"):
         premoe.calibrate(model, data / f"{t}.jsonl", t, tmp_path / "s", progress=False)
     info = inspect_dense(model)
-    memory = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap", written=False)
-    written = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap")
+    memory = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="flap"), written=False)
+    written = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="flap"))
     assert not memory.uniform() and memory.info["sparsity_written"] < 0.4 - 1e-3  # padding gave weights back
     assert abs(written.info["sparsity_written"] - 0.4) < 0.02 and written.info["sparsity"] > 0.4
     res = premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, method="flap", progress=False)
@@ -133,7 +135,7 @@ def test_compensation_bias_takes_the_loaded_dtype(tmp_path, data):
     premoe.calibrate(tmp_path / "bf16", data / "add.jsonl", "add", tmp_path / "s", progress=False)
     info = inspect_dense(tmp_path / "bf16")
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    plan = dense_plan(info, tmp_path / "s", "add", 0.4, method="flap")
+    plan = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="flap"))
     assert plan.bias
     net = prune_in_memory(full, info, plan)
     assert {p.dtype for p in net.parameters()} == {torch.float32}
@@ -187,10 +189,10 @@ def test_statistics_are_exact_and_batch_independent(tmp_path, data):
 
 
 def test_scores_rank_as_their_formulas_and_the_cli_lists_them():
-    from premoe.cli import DENSE_METRICS
+    from premoe.dense.options import SCORE_NAMES
     from premoe.dense.scoring import METRICS, channel_scores
 
-    assert DENSE_METRICS == tuple(METRICS)
+    assert SCORE_NAMES == tuple(METRICS)
     # channel 0: large variance, small norm; channel 1: large mean, no variance; channel 2: heavy weights
     m = {"o.var": torch.tensor([[4.0, 0.0, 1.0]]), "o.sq": torch.tensor([[4.0, 9.0, 1.0]]),
          "w.o.l2sq": torch.tensor([[1.0, 1.0, 9.0]]), "w.o.l1mean": torch.tensor([[1.0, 1.0, 3.0]])}
@@ -259,10 +261,10 @@ def test_bad_input_one_line_errors(tmp_path, capsys, data):
     cases = [
         (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "1.0", "--out", str(tmp_path / "o")], "[0, 1)"),
         (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "-0.1", "--out", str(tmp_path / "o")], "[0, 1)"),
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--keep", "4", "--out", str(tmp_path / "o")], "--keep applies to MoE"),
+        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--keep", "4", "--out", str(tmp_path / "o")], "--keep does not apply to dense models"),
         (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--out", str(tmp_path / "o")], "--sparsity"),
         (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "0.99", "--out", str(tmp_path / "o")], "lower --sparsity"),
-        (["calibrate", "--model", str(model), "--data", str(data / "add.jsonl"), "--task", "x", "--store", str(tmp_path / "s2"), "--scorer", "reap"], "--scorer applies to MoE"),
+        (["calibrate", "--model", str(model), "--data", str(data / "add.jsonl"), "--task", "x", "--store", str(tmp_path / "s2"), "--scorer", "reap"], "--scorer does not apply to dense models"),
     ]
     for argv, msg in cases:
         assert main(["-q", *argv]) == 2, argv
@@ -276,18 +278,18 @@ def test_bad_input_one_line_errors(tmp_path, capsys, data):
 
 
 def test_moe_flag_refused_on_dense_and_reverse(tmp_path, capsys):
-    from premoe.showcase import TINY_MODEL
+    from premoe.assets import TINY_MODEL
 
     assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
                  "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
-    assert "--sparsity applies to dense" in capsys.readouterr().err
+    assert "--sparsity does not apply to MoE models" in capsys.readouterr().err
 
 
 def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     """premoe sweep on the shipped dense model: each method's own allocation by default (FLAP:
     adaptive), one allocation for all with schedule=; results and picture written."""
-    from premoe.showcase import TINY_DENSE, TINY_MODEL
-    from premoe.moe.sweep import sweep
+    from premoe.assets import TINY_DENSE, TINY_MODEL
+    from premoe.verbs.sweep import sweep
 
     tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "sort")}
     own = sweep(tmp_path / "own", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
@@ -299,7 +301,7 @@ def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     assert {r["schedule"] for r in same["rows"]} == {"uniform"} and same["schedule"] == "uniform"
     assert all(abs(r["sparsity_counted"] - 0.3) < 0.02 for r in same["summary"])
     assert (tmp_path / "same" / "results.json").exists() and (tmp_path / "same" / "results.csv").exists()
-    with pytest.raises(InputError, match="dense models"):
+    with pytest.raises(InputError, match="does not apply to MoE models"):
         sweep(tmp_path / "moe", model=TINY_MODEL, tasks=tasks, schedule="uniform", progress=False)
 
 
@@ -359,14 +361,14 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
 
     from premoe.core.evaluation import exact_match
     from premoe.core.config import load_tokenizer
-    from premoe.showcase import TINY_DENSE
+    from premoe.assets import TINY_DENSE
 
     calib = write_jsonl(tmp_path / "add.jsonl", samples("add", 64, "calib"))
     ev = samples("add", 40, "eval")
     premoe.calibrate(TINY_DENSE, calib, "add", tmp_path / "s", progress=False)
     info = inspect_dense(TINY_DENSE)
     plain = dense_plan(info, tmp_path / "s", "add", 0.5)
-    fitted = dense_plan(info, tmp_path / "s", "add", 0.5, refit=True, progress=False)
+    fitted = dense_plan(info, tmp_path / "s", "add", 0.5, refit=RefitOptions(True), progress=False)
     assert fitted.heads == plain.heads and fitted.channels == plain.channels and fitted.refit and fitted.bias
     full = AutoModelForCausalLM.from_pretrained(TINY_DENSE, dtype=torch.float32)
     tok = load_tokenizer(TINY_DENSE)

@@ -120,11 +120,11 @@ def test_bad_input_is_one_line(models, data, tmp_path, capsys):
     src = models["llama"]
     with pytest.raises(InputError, match="too small for even one layer"):
         premoe.calibrate(src, data, "t", tmp_path / "s", max_memory=0.01, stream=True, progress=False)
-    with pytest.raises(InputError, match="--max-memory must be positive"):
+    with pytest.raises(InputError, match="`max_memory` must be a number > 0"):
         premoe.calibrate(src, data, "t", tmp_path / "s", max_memory=-1, progress=False)
-    with pytest.raises(InputError, match="--offload-dir"):
+    with pytest.raises(InputError, match="`offload_dir`"):
         premoe.calibrate(src, data, "t", tmp_path / "s", stream=True, offload_dir=tmp_path / "missing", progress=False)
-    with pytest.raises(InputError, match="--stream applies to dense models in `premoe calibrate` only"):
+    with pytest.raises(InputError, match="`stream` does not apply to dense models in `premoe eval`"):
         premoe.evaluate(src, data, stream=True, progress=False)
     assert not (tmp_path / "s").exists()
     code = main(["-q", "calibrate", "--model", str(src), "--data", str(data), "--task", "t", "--store",

@@ -11,7 +11,7 @@ from premoe.cli import main
 from premoe.errors import InputError
 from premoe.core.evaluation import choice_logliks, exact_match, read_eval_data
 from premoe.moe.loading import load_model
-from premoe.showcase import TINY_MODEL
+from premoe.assets import TINY_MODEL
 from premoe.core.tasks import samples
 
 from conftest import write_jsonl
@@ -84,11 +84,11 @@ def test_eval_cli(add_setup, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["keep"] == 16 and res["generate_samples"] == 40 and res["exact_match"] > 0.8
     assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--keep", "16"]) == 2
-    assert "need --store" in capsys.readouterr().err
+    assert "needs --store" in capsys.readouterr().err
 
 
 def test_sweep_writes_results_and_pictures(tmp_path):
-    from premoe.moe.sweep import sweep
+    from premoe.verbs.sweep import sweep
 
     tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "reverse")}
     res = sweep(tmp_path / "sw", tasks=tasks, keeps=[16, 8], scorers=["tcess", "reap", "random"], progress=False)
@@ -143,7 +143,7 @@ def test_lm_eval_harness_runs_an_exported_pruned_model(add_setup, tmp_path, monk
 def test_lm_eval_harness_runs_an_exported_dense_pruned_model(tmp_path, monkeypatch):
     """The same for a SEAP export of the shipped dense model: lm-eval agrees with premoe eval, and
     the task is still solved."""
-    from premoe.showcase import TINY_DENSE
+    from premoe.assets import TINY_DENSE
 
     calib = write_jsonl(tmp_path / "add_calib.jsonl", samples("add", 32, "calib"))
     evals = write_jsonl(tmp_path / "add_eval.jsonl", samples("add", 40, "eval"))
@@ -156,7 +156,7 @@ def test_lm_eval_harness_runs_an_exported_dense_pruned_model(tmp_path, monkeypat
 
 def test_sweep_streamed_equals_in_memory(family_dir, tmp_path):
     """A model larger than memory: calibration streamed, evaluation with layers loaded on demand."""
-    from premoe.moe.sweep import sweep
+    from premoe.verbs.sweep import sweep
 
     tasks = {t: (samples(t, 8, "calib"), samples(t, 6, "eval")) for t in ("add", "sort")}
     kw = dict(model=family_dir("qwen3_moe"), tasks=tasks, keeps=[4], scorers=["tcess", "frequency"], progress=False)

@@ -65,13 +65,13 @@ def test_refit_lowers_the_block_error_and_keeps_full_layers(family_dir, name):
 def test_refit_pruned_writes_into_the_pruned_model_and_helps_on_the_shipped_model():
     """On the shipped tiny MoE (tasks really learned), EASY-EP at 4 of 32 experts with the re-fit
     answers far more held-out prompts than without it; the re-fit touches only down_proj values."""
-    from premoe.api import calibrate
+    from premoe.verbs.calibrate import calibrate
     from premoe.core.data import write_jsonl
     from premoe.core.evaluation import exact_match
     from premoe.moe.plans import make_plan
     from premoe.moe.scoring import score
     from premoe.moe.surgery import apply_plan_
-    from premoe.showcase import TINY_MODEL
+    from premoe.assets import TINY_MODEL
     import tempfile
     from pathlib import Path
 
@@ -98,37 +98,37 @@ def test_refit_pruned_writes_into_the_pruned_model_and_helps_on_the_shipped_mode
 def test_unsupported_layouts_and_empty_data_are_refused(family_dir):
     lm = load_model(family_dir("qwen3_moe"), device="cpu", dtype="float32")
     spec = lm.info.router
-    with pytest.raises(UnsupportedModelError, match="--no-refit"):
+    with pytest.raises(UnsupportedModelError, match="`refit=False`"):
         check_supported(torch.nn.Linear(2, 2), spec, False, "x")
-    with pytest.raises(UnsupportedModelError, match="--no-refit"):
+    with pytest.raises(UnsupportedModelError, match="`refit=False`"):
         check_supported(lm.layers[0].experts, spec, True, "llama4")
     with pytest.raises(InputError, match="no tokens"):
         capture(lm.model, lm.layers, spec, lm.tokenizer, [], 16)
 
 
 def test_sweep_shows_refit_rows(tmp_path):
-    from premoe.moe.sweep import format_summary, sweep
+    from premoe.moe.sweep import format_summary
+    from premoe.verbs.sweep import sweep
 
     tasks = {t: (samples(t, 32, "calib"), samples(t, 20, "eval")) for t in ("add", "sort")}
-    r = sweep(tmp_path / "s", tasks=tasks, keeps=[8], scorers=["easyep"], refit="both", progress=False)
-    assert r["scorers"] == ["easyep", "easyep+refit"] and r["refit"] == "both"
+    r = sweep(tmp_path / "s", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["plain", "refit"], progress=False)
+    assert r["scorers"] == ["easyep", "easyep+refit"] and r["variants"] == ["plain", "refit"]
     assert {(row["scorer"], row["mode"]) for row in r["summary"]} == {
         ("easyep", "specific"), ("easyep", "agnostic"), ("easyep+refit", "specific")}
     assert "easyep+refit" in format_summary(r)
-    c = sweep(tmp_path / "c", tasks=tasks, keeps=[8], scorers=["easyep"], refit="on", compensate=["merge"],
-              progress=False)
-    assert c["scorers"] == ["easyep+refit", "easyep+merge"] and c["compensate"] == ["refit", "merge"]
-    with pytest.raises(InputError, match="unknown compensation"):
-        sweep(tmp_path / "u", tasks=tasks, keeps=[8], scorers=["easyep"], compensate=["magic"], progress=False)
-    with pytest.raises(InputError, match="refit must be"):
-        sweep(tmp_path / "t", tasks=tasks, keeps=[8], scorers=["easyep"], refit="sometimes", progress=False)
+    c = sweep(tmp_path / "c", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["refit", "merge"], progress=False)
+    assert c["scorers"] == ["easyep+refit", "easyep+merge"] and c["variants"] == ["refit", "merge"]
+    with pytest.raises(InputError, match="unknown `variants`"):
+        sweep(tmp_path / "u", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["magic"], progress=False)
+    with pytest.raises(InputError, match="unknown `variants`"):
+        sweep(tmp_path / "t", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["sometimes"], progress=False)
 
 
 def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     """``premoe prune``'s re-fit of a model larger than memory runs one decoder layer at a time; on a
     model that fits, it gives the same weights as the whole-model run."""
-    from premoe.api import plan as make_plan
-    from premoe.api import calibrate
+    from premoe.verbs.prune import plan as make_plan
+    from premoe.verbs.calibrate import calibrate
     from premoe.core.data import write_jsonl
     from premoe.moe.model import inspect_model
     from premoe.core.config import load_tokenizer
@@ -161,7 +161,7 @@ def test_prune_cli_refits_by_default_and_refuses_bad_refit_input(tmp_path, capsy
 
     from premoe.cli import main
     from premoe.core.data import write_jsonl
-    from premoe.showcase import TINY_MODEL
+    from premoe.assets import TINY_MODEL
 
     calib = write_jsonl(tmp_path / "sort.jsonl", samples("sort", 16, "calib"))
     assert main(["-q", "calibrate", "--model", str(TINY_MODEL), "--data", str(calib), "--task", "sort",
@@ -216,3 +216,71 @@ def test_compensations_change_only_values_and_leave_full_layers(family_dir):
                 (name, changed)
             assert bool(changed) == changes, (name, plan.keep)
             assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_refit_layer_reaches_the_joint_ridge_least_squares_optimum(family_dir, name):
+    """refit_layer's block Gauss-Seidel sweeps against one joint ridge solve of all kept experts'
+    down_proj (the reference the re-fit was prototyped with), on the objective
+
+        f(W) = 1/T sum_t || y(t) - sum_{e in sel(t)} w_te W_e h_e(t) ||^2 + s sum_e ||W_e - W0_e||^2
+
+    written here as a dense [T, K*I] design matrix Z (y: the dense block's routed output; sel, w: the
+    re-routing over the kept experts) and solved exactly. f is strictly convex, so block Gauss-Seidel
+    decreases it monotonically to the joint minimiser. Measured on these layers: the default 3 sweeps
+    leave 0.1% (qwen3_moe) and 2% (deepseek_v3: each token takes both experts of one group, so pairs
+    are tightly coupled) of the reachable gain f(W0) - f*, 200 sweeps less than 1e-7 of it; a 3x ridge,
+    a 1% error in the target or routing without renormalisation leave more than 5e-5 after 200."""
+    import dataclasses
+
+    from premoe.moe.refit import LAM
+
+    lm = load_model(family_dir(name), device="cpu", dtype="float32")
+    layer, spec = lm.layers[0], lm.info.router
+    assert not layer.experts.has_bias  # f has no bias term
+    texts = [r["prompt"] + r["completion"] for r in samples("add", 24, "calib")]
+    h, z, _ = capture(lm.model, lm.layers, spec, lm.tokenizer, texts, 512)[0]
+    kept = list(range(0, spec.num_experts, 2))
+    bias = layer.selection_bias()
+    T, D = h.shape
+    with torch.inference_mode():
+        acts = {e: expert_hidden(layer.experts, e, h).double() for e in range(spec.num_experts)}  # [T, I]
+        W0 = {e: down_weight(layer.experts, e).double() for e in range(spec.num_experts)}  # [D, I]
+        idx, w = route(z, spec, bias=bias, scaled=True)  # the dense block's routing -> target y [T, D]
+        y = torch.zeros(T, D, dtype=torch.float64)
+        for j in range(idx.shape[1]):
+            for e in idx[:, j].unique().tolist():
+                rows = idx[:, j] == e
+                y[rows] += w[rows, j, None].double() * (acts[e][rows] @ W0[e].T)
+        sub = dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
+        idx, w = route(z[:, kept], sub, bias=None if bias is None else bias[kept], scaled=True)  # re-routed
+        I = acts[kept[0]].shape[1]
+        Z = torch.zeros(T, len(kept) * I, dtype=torch.float64)
+        for j in range(idx.shape[1]):
+            for p in idx[:, j].unique().tolist():
+                rows = idx[:, j] == p
+                Z[rows, p * I:(p + 1) * I] += w[rows, j, None].double() * acts[kept[p]][rows]
+    routed = [p for p in range(len(kept)) if Z[:, p * I:(p + 1) * I].abs().sum() > 0]
+    assert len(routed) > 1  # more than one block to sweep over
+    G = Z.T @ Z / T  # [K*I, K*I]
+    # ridge: LAM x the mean diagonal of the routed experts' Gram blocks (an expert no token reaches stays as is)
+    s = LAM * torch.stack([G.diagonal()[p * I:(p + 1) * I].mean() for p in routed]).mean()
+    W0k = torch.cat([W0[e] for e in kept], 1)  # [D, K*I]
+    W_opt = torch.linalg.solve(G + s * torch.eye(len(kept) * I, dtype=G.dtype), (y.T @ Z / T + s * W0k).T).T
+
+    def f(W: torch.Tensor) -> float:
+        return float(((y - Z @ W.T) ** 2).sum() / T + s * ((W - W0k) ** 2).sum())
+
+    def left(sweeps: int) -> float:
+        """Share of the reachable gain f(W0) - f* that premoe's re-fit with ``sweeps`` sweeps leaves."""
+        new = refit_layer(layer, h, z, kept, spec, LAM, sweeps)
+        W = torch.cat([new.get(e, W0[e].float()).double() for e in kept], 1)
+        assert f(W) >= f_opt * (1 - 1e-9)  # nothing beats the joint optimum
+        return (f(W) - f_opt) / (f0 - f_opt)
+
+    f0, f_opt = f(W0k), f(W_opt)
+    assert f_opt < 0.5 * f0, (f0, f_opt)  # both beat the unfitted weights by far
+    default = left(3)  # premoe's default sweeps
+    assert default <= 0.05, default
+    converged = left(200)
+    assert converged <= 1e-6 and converged <= default, (default, converged)

@@ -131,8 +131,8 @@ def test_export_keeps_the_format_and_every_kept_expert_bit_for_bit(case, quantiz
     res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)  # includes the reload self-check
     out = tmp_path / "out"
     # premoe does not re-quantise re-fitted experts: the default keeps the plain slice and says so; --refit fails
-    assert "quantised" in res.plan.refit["skipped"] and "--no-refit" in res.plan.refit["skipped"]
-    with pytest.raises(UnsupportedModelError, match="-quantised .*; use --no-refit"):
+    assert "quantised" in res.plan.refit["skipped"] and "`refit=False`" in res.plan.refit["skipped"]
+    with pytest.raises(UnsupportedModelError, match="-quantised .*; use `refit=False`"):
         premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out2", progress=False, refit=True)
     assert not (tmp_path / "out2").exists()
     cfg = json.loads((out / "config.json").read_text())

@@ -167,7 +167,7 @@ def test_recon_refuses_what_it_cannot_score_and_all_stats_skips_it(family, famil
     info = inspect_model(src)
     assert unsupported(info.router, info.spec.weight_on_input, True)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(UnsupportedModelError, match="use --scorer easyep"):
+    with pytest.raises(UnsupportedModelError, match="use `scorer='easyep'`"):
         premoe.calibrate(src, data, "t", tmp_path / "s", scorer="recon", progress=False)
     pat = premoe.calibrate(src, data, "t", tmp_path / "s", all_stats=True, progress=False)
     assert "recon" not in pat.means and "easyep" in pat.means

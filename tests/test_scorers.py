@@ -41,7 +41,7 @@ def test_weight_ratio_by_hand():
 
 
 def test_missing_statistics_name_the_fix():
-    with pytest.raises(ValueError, match="recalibrate with --scorer reap or --all-stats"):
+    with pytest.raises(ValueError, match="recalibrate with `scorer='reap'` or `all_stats=True`"):
         score("reap", {"tcess": torch.zeros(1, 3)}, (1, 3))
     with pytest.raises(ValueError, match="unknown scorer"):
         score("magic", {}, (1, 3))
@@ -130,7 +130,7 @@ def test_weights_scorer_needs_no_forward_pass(family_dir, tmp_path, small_data, 
 def test_scorer_without_its_statistics_is_refused(family_dir, tmp_path, small_data):
     src = family_dir("mixtral")
     premoe.calibrate(src, small_data, "t", tmp_path / "s", scorer="tcess", progress=False)  # router statistics only
-    with pytest.raises(premoe.PremoeError, match="recalibrate with --scorer reap"):
+    with pytest.raises(premoe.PremoeError, match="recalibrate with `scorer='reap'`"):
         premoe.plan(src, tmp_path / "s", "t", 4, scorer="reap")
 
 
@@ -150,11 +150,11 @@ def test_pooled_pattern_equals_calibrating_on_all_samples(family_dir, tmp_path):
     torch.testing.assert_close(pooled.means["recon"], (ta * pa.means["recon"] + tb * pb.means["recon"]) / (ta + tb))
     agnostic = premoe.plan(src, tmp_path / "s", None, 4, agnostic=True)
     assert agnostic.task == "all-tasks"
-    with pytest.raises(premoe.PremoeError, match="either --task NAME or --agnostic"):
+    with pytest.raises(premoe.PremoeError, match="either `task` or `agnostic`"):
         premoe.plan(src, tmp_path / "s", "a", 4, agnostic=True)
 
 
 def test_cli_scorer_names_match_the_table():
-    from premoe.cli import SCORER_NAMES
+    from premoe.moe.options import SCORER_NAMES
 
     assert SCORER_NAMES == tuple(SCORERS)

@@ -23,8 +23,8 @@ from premoe.server.app import ServeOptions
 from premoe.server.engine import Sampling, Sequence, run_batch
 from premoe.server.main import bind, make_server, url_of
 from premoe.server.scheduler import POLICIES, Job, QueueFull, Scheduler
-from premoe.showcase import TINY_DENSE
-from premoe.showcase import TINY_MODEL as TINY_MOE
+from premoe.assets import TINY_DENSE
+from premoe.assets import TINY_MODEL as TINY_MOE
 from conftest import write_jsonl
 
 MOE_TASKS = ("add", "reverse", "sort")

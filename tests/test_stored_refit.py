@@ -116,6 +116,6 @@ def test_refit_flags_refuse_what_cannot_work(tmp_path, family_dir, capsys):
                  "--refit-keep", "999"]) == 2
     capsys.readouterr()
     assert "b" not in PatternStore.open(store).tasks  # refused before calibrating
-    with pytest.raises(InputError, match="--task"):
+    with pytest.raises(InputError, match="name that one task"):
         premoe.refit(src, store, 4, refit_data=[data], tasks=None)
     assert premoe.refit(src, store, inspect_model(src).num_experts, progress=False) == {"add": []}

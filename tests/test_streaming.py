@@ -31,7 +31,7 @@ def test_streamed_calibration_equals_in_memory(family, family_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     mem = premoe.calibrate(src, data, "mem", tmp_path / "s", all_stats=True, stream=False, batch_size=3, progress=False)
     if family in STATEFUL:
-        with pytest.raises(UnsupportedModelError, match="--no-stream"):
+        with pytest.raises(UnsupportedModelError, match="`stream=False`"):
             premoe.calibrate(src, data, "st", tmp_path / "s", all_stats=True, stream=True, batch_size=3, progress=False)
         return
     st = premoe.calibrate(src, data, "st", tmp_path / "s", all_stats=True, stream=True, batch_size=3, progress=False)
@@ -109,7 +109,7 @@ def test_budget_too_small_for_one_layer_fails_before_writing(family_dir, tmp_pat
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(InputError, match="too small for even one layer"):
         premoe.calibrate(family_dir("mixtral"), data, "t", tmp_path / "s", max_memory=0.01, stream=True, progress=False)
-    with pytest.raises(InputError, match="--max-memory must be positive"):
+    with pytest.raises(InputError, match="`max_memory` must be a number > 0"):
         premoe.calibrate(family_dir("mixtral"), data, "t", tmp_path / "s", max_memory=-1, progress=False)
     assert not (tmp_path / "s").exists()
 

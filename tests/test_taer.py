@@ -12,10 +12,11 @@ from premoe.errors import InputError, StoreError
 from premoe.moe.model import inspect_model
 from premoe.moe.loading import load_model
 from premoe.moe.router import QueryRouter
-from premoe.core.retrieval import Retriever, SignatureSpec
+from premoe.core.retrieval import Retriever
+from premoe.core.options import SignatureSpec
 from premoe.moe.selective import ByteReader, build_model, ideal_bytes
 from premoe.moe.server import ExpertCache, TaskServer
-from premoe.showcase import TINY_MODEL
+from premoe.assets import TINY_MODEL
 from premoe.moe.signature import SignatureModel
 from premoe.core.store import PatternStore
 from premoe.moe.surgery import apply_plan_
@@ -266,7 +267,7 @@ def test_cli_chat_switches_with_the_topic(builtin_store, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["route", "--model", TINY_MODEL, "--store", "STORE"], "give either a QUERY or --data"),
+        (["route", "--model", TINY_MODEL, "--store", "STORE"], "give either QUERY or --data"),
         (["route", "--model", TINY_MODEL, "--store", "STORE", "   "], "the query is empty"),
         (["generate", "--model", TINY_MODEL, "--store", "STORE", "--keep", 1, "x"], "below the 2 experts"),
         (["route", "--model", TINY_MODEL, "--store", "NOSTORE", "x"], "no pattern store"),

@@ -15,7 +15,7 @@ import torch
 
 import premoe
 from premoe.moe.loading import load_model
-from premoe.showcase import TINY_MODEL
+from premoe.assets import TINY_MODEL
 from premoe.core.tasks import TASKS, samples
 
 from conftest import write_jsonl

@@ -283,3 +283,12 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         for f in handles.values():
             f.close()
     return pos
+
+
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 MB``, ``7.0 GB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"

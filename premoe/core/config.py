@@ -32,7 +32,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise MissingFileError(f"model directory {path} does not exist")
     if not cfg_path.is_file():
-        raise MissingFileError(f"{path} has no config.json; point --model at a HuggingFace model directory")
+        raise MissingFileError(f"{path} has no config.json; point `model` at a HuggingFace model directory")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:

@@ -108,15 +108,13 @@ class CalibrationData:
     sha256: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, data, max_samples: int | None, batch_size: int, max_length: int) -> "CalibrationData":
+    def open(cls, data, max_samples: int | None = None) -> "CalibrationData":
         """Raises InputError / MissingFileError: bad counts, no file, a malformed line, no samples."""
-        if max_samples is not None and max_samples < 1:
-            raise InputError(f"--max-samples must be positive, got {max_samples}")
-        if batch_size < 1 or max_length < 1:
-            raise InputError("--batch-size and --max-length must be positive")
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+            raise InputError(f"`max_samples` must be positive, got {max_samples}")
         files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
         if not files:
-            raise InputError("give at least one --data file")
+            raise InputError("give at least one `data` file")
         scanned = [scan(f, max_samples) for f in files]
         total = sum(n for n, _ in scanned)
         return cls(files, max_samples, min(total, max_samples or total), [sha for _, sha in scanned])
@@ -144,7 +142,7 @@ def refit_sources(entries: dict[str, dict], names: list[str], refit_data: list |
         InputError: the store records no data for a task, or the data is gone or changed.
     """
     if refit_data:
-        sources = [[r.text for r in CalibrationData.open(f, None, 1, 1).records()] for f in refit_data]
+        sources = [[r.text for r in CalibrationData.open(f).records()] for f in refit_data]
         return sources, ", ".join(str(f) for f in refit_data)
     sources = []
     for name in names:
@@ -152,15 +150,15 @@ def refit_sources(entries: dict[str, dict], names: list[str], refit_data: list |
         rows = entry.get("data")
         rows = rows if isinstance(rows, list) else [rows]
         if not rows or any(not isinstance(r, dict) or "path" not in r for r in rows):
-            raise InputError(f"the store does not record task {name!r}'s calibration data; pass --refit-data FILE")
+            raise InputError(f"the store does not record task {name!r}'s calibration data; pass `refit_data`")
         files = [Path(r["path"]) for r in rows]
         for f in files:
             if not f.is_file():
-                raise InputError(f"task {name!r}'s calibration data {f} is gone; pass --refit-data FILE (its texts)")
-        cal = CalibrationData.open(files, entry.get("samples"), 1, 1)
+                raise InputError(f"task {name!r}'s calibration data {f} is gone; pass `refit_data` (its texts)")
+        cal = CalibrationData.open(files, entry.get("samples"))
         if [r.get("sha256") for r in rows] != cal.sha256:
             raise InputError(f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
-                             "pass --refit-data FILE")
+                             "pass `refit_data`")
         sources.append([r.text for r in cal.records()])
     return sources, ("calibration data of " + ", ".join(names))
 

@@ -84,7 +84,7 @@ def memory_budget(max_memory: float | None) -> int:
     if max_memory is None:
         return available_bytes()
     if max_memory <= 0:
-        raise InputError(f"--max-memory must be positive, got {max_memory}")
+        raise InputError(f"`max_memory` must be positive, got {max_memory}")
     return int(float(max_memory) * 1024 * 1024)
 
 

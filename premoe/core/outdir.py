@@ -27,9 +27,9 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 def check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
     """Refuse an output directory that exists (unless ``overwrite``) or is the model itself."""
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
-        raise InputError(f"--out {out} is inside the source model directory; choose a separate directory")
+        raise InputError(f"`out` {out} is inside the source model directory; choose a separate directory")
     if out.exists() and not overwrite:
-        raise InputError(f"--out {out} already exists; choose a new directory or pass --overwrite")
+        raise InputError(f"`out` {out} already exists; choose a new directory or pass `overwrite`")
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -18,43 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from premoe.core.options import SignatureSpec
 from premoe.core.store import PatternStore
 from premoe.errors import InputError, StoreError
-
-STATS = ("prob", "tcess", "count", "official")
-SOURCES = ("prompt", "full")
-NORMS = ("none", "l1", "l2")
-METRICS = ("l2", "cosine", "l1")
-
-
-@dataclass(frozen=True)
-class SignatureSpec:
-    """How queries are compared with stored tasks."""
-
-    layers: int = 1
-    stat: str = "prob"
-    source: str = "prompt"
-    norm: str = "l1"
-    metric: str = "l1"
-
-    def __post_init__(self):
-        for value, allowed, what in ((self.stat, STATS, "stat"), (self.source, SOURCES, "source"),
-                                     (self.norm, NORMS, "norm"), (self.metric, METRICS, "metric")):
-            if value not in allowed:
-                raise InputError(f"unknown signature {what} {value!r}; choose one of {', '.join(allowed)}")
-        if self.layers < 1:
-            raise InputError(f"signature layers must be positive, got {self.layers}")
-
-    @property
-    def key(self) -> str:
-        return f"{self.source}.{self.stat}"
-
-
-def signature_spec(layers: int = 1, stat=None, source=None, norm=None, metric=None) -> SignatureSpec:
-    """A :class:`SignatureSpec` with the defaults for every setting left ``None``."""
-    given = {k: v for k, v in dict(stat=stat, source=source, norm=norm, metric=metric).items() if v is not None}
-    return SignatureSpec(layers=layers, **given)
-
 
 def features(stats: torch.Tensor, spec: SignatureSpec) -> torch.Tensor:
     """[..., M, E] per-layer means -> [..., layers * E] comparable vectors."""
@@ -99,8 +65,8 @@ class Retriever:
             raise StoreError("the pattern store has no tasks to route to; calibrate some first")
         if table.shape[1] < spec.layers:
             raise InputError(
-                f"the store's keys span {table.shape[1]} MoE layers but --layers is {spec.layers}; "
-                f"use --layers {table.shape[1]} or recalibrate with --signature-layers {spec.layers}"
+                f"the store's keys span {table.shape[1]} MoE layers but `layers` is {spec.layers}; "
+                f"use `layers={table.shape[1]}` or recalibrate with `signature_layers={spec.layers}`"
             )
         self.names = names
         self.spec = spec

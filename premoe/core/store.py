@@ -75,6 +75,17 @@ class TaskPattern:
     def scorer(self) -> str:
         return self.info.get("scorer", "?")
 
+    def summary(self) -> str:
+        """One line: what the calibration recorded."""
+        info = self.info
+        if info.get("kind") == "dense":
+            what = f"{info['signature']['layers']} decoder layers (dense: head and FFN-channel statistics)"
+        else:
+            what = f"{len(self.layers)} MoE layers"
+        how = ", streamed layer by layer" if info.get("streamed") else ""
+        return (f"calibrated task {self.name!r} ({self.scorer}): {info.get('samples')} samples, {info.get('tokens')} "
+                f"tokens, {what}{how}")
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -149,7 +160,7 @@ class PatternStore:
         except FileNotFoundError:
             raise StoreError(f"no pattern store at {self.path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"corrupt store manifest {self.manifest_path} ({e}); restore it or recalibrate into a new --store") from None
+            raise StoreError(f"corrupt store manifest {self.manifest_path} ({e}); restore it or recalibrate into a new `store`") from None
         if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.manifest_path} is not a premoe pattern-store manifest")
         if m.get("version") != STORE_VERSION:
@@ -176,7 +187,7 @@ class PatternStore:
         if diff:
             raise StoreError(
                 f"pattern store {self.path} was built for another model ({'; '.join(diff)}); "
-                "use the model it was calibrated on, or calibrate into a new --store"
+                "use the model it was calibrated on, or calibrate into a new `store`"
             )
 
     def check_new_task(self, fingerprint: Fingerprint, task: str, overwrite: bool) -> None:
@@ -185,7 +196,7 @@ class PatternStore:
         if self.exists():
             self.check_model(fingerprint)
             if task in self.tasks and not overwrite:
-                raise StoreError(f"task {task!r} already exists in {self.path}; pass --overwrite to replace it")
+                raise StoreError(f"task {task!r} already exists in {self.path}; pass `overwrite` to replace it")
 
     def load(self, task: str) -> TaskPattern:
         """Load one task's pattern (integrity-checked against the manifest)."""
@@ -275,7 +286,7 @@ class PatternStore:
             self._add_existing(pattern, tensors, fingerprint, overwrite)
             return
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise StoreError(f"{self.path} exists and is not a premoe pattern store; choose another --store")
+            raise StoreError(f"{self.path} exists and is not a premoe pattern store; choose another `store`")
         # New store: build it beside the target, then rename into place in one step.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
@@ -305,7 +316,7 @@ class PatternStore:
             manifest = self.manifest()
             old = manifest["tasks"].get(pattern.name)
             if old is not None and not overwrite:
-                raise StoreError(f"task {pattern.name!r} already exists in {self.path}; pass --overwrite to replace it")
+                raise StoreError(f"task {pattern.name!r} already exists in {self.path}; pass `overwrite` to replace it")
             entry = _write_task_file(self.path, pattern, tensors)
             try:
                 manifest["tasks"][pattern.name] = entry
@@ -362,7 +373,7 @@ class PatternStore:
             f = d / name
             if not f.is_file() or f.stat().st_size != size:
                 raise StoreError(f"store re-fit file {f} is missing or truncated; rerun `premoe refit` for task {task!r} "
-                                 "or pass --no-refit")
+                                 "or pass `refit=False`")
         return d, entry
 
 

@@ -69,10 +69,10 @@ def choose_stream(sizes: dict[str, int], act: int, budget: int, stream: bool | N
         raise InputError(
             f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "
             f"{sizes['largest_layer'] / 2**20:.0f} MB plus {act / 2**20:.0f} MB of activations for a batch; raise "
-            "--max-memory, free memory, or lower --batch-size / --max-length"
+            "`max_memory`, free memory, or lower `batch_size` / `max_length`"
         )
     if not stream and need > budget:
-        log.warning("the model may not fit in %.0f MB; pass --stream to calibrate it layer by layer", budget / 2**20)
+        log.warning("the model may not fit in %.0f MB; pass `stream` to calibrate it layer by layer", budget / 2**20)
     return stream
 
 
@@ -243,12 +243,12 @@ class LayerRunner:
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             raise UnsupportedModelError(
                 f"{name}'s decoder layers pass each other more than hidden states ({type(e).__name__}: {e}), so it "
-                "cannot be run layer by layer; calibrate it in memory (--no-stream)"
+                "cannot be run layer by layer; calibrate it in memory (`stream=False`)"
             ) from None
         if "changed" in calls:
             raise UnsupportedModelError(
                 f"{name} changes hidden states between decoder layers (before layer {calls['changed']}), so it "
-                "cannot be run layer by layer; calibrate it in memory (--no-stream)"
+                "cannot be run layer by layer; calibrate it in memory (`stream=False`)"
             )
         return calls
 
@@ -265,7 +265,7 @@ class LayerRunner:
             if not same:
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__} passes decoder layer {i} inputs computed from earlier layers' "
-                    "outputs besides its hidden states, so it cannot be run layer by layer; calibrate it in memory (--no-stream)"
+                    "outputs besides its hidden states, so it cannot be run layer by layer; calibrate it in memory (`stream=False`)"
                 )
 
     # -- running ----------------------------------------------------------------------------------

@@ -110,3 +110,8 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def suite(calib_samples: int, eval_samples: int) -> dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]:
+    """The built-in suite: {task: (calibration samples, evaluation samples)}."""
+    return {t: (samples(t, calib_samples, "calib"), samples(t, eval_samples, "eval")) for t in TASKS}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.data import CalibrationData
+from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.config import config_from_dict, resolve_device, skeleton
 from premoe.core.modules import set_tensor
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
@@ -315,50 +316,42 @@ def observe_dense_streamed(info: DenseInfo, tok, texts: Iterable[str], prompts: 
 
 
 def calibrate_dense(
-    model: str | Path,
-    data: str | Path | list[str | Path],
+    model: str | Path | DenseInfo,
+    cal: CalibrationData,
     task: str,
     store: str | Path,
     *,
-    max_samples: int | None = None,
-    batch_size: int = 16,
-    max_length: int = 2048,
-    device: str | None = None,
-    dtype: str | None = "auto",
+    run: RunOptions = RunOptions(),
+    memory: MemoryOptions = MemoryOptions(),
     overwrite: bool = False,
-    progress: bool = True,
-    stream: bool | None = None,
-    max_memory: float | None = None,
-    offload_dir: str | Path | None = None,
 ) -> TaskPattern:
     """Calibrate ``task`` of a dense model: activation statistics and retrieval keys into ``store``.
 
-    ``stream`` runs the model one decoder layer at a time, read from the checkpoint (``None``: when it
-    would not fit in ``max_memory`` MB, by default what the machine and this process's cgroup leave);
-    hidden states past that budget go to ``offload_dir`` (default: the system's temporary directory).
-    The statistics are the same either way.
+    ``memory.stream`` runs the model one decoder layer at a time, read from the checkpoint (default: when it
+    would not fit in ``memory.max_memory`` MB, else what the machine and this process's cgroup leave);
+    hidden states past that budget go to ``memory.offload_dir`` (default: the system's temporary
+    directory). The statistics are the same either way.
     """
-    from premoe.core.memory import memory_budget
     from premoe.core.config import load_tokenizer, resolve_dtype
+    from premoe.core.memory import memory_budget
     from premoe.core.streaming import activation_bytes, choose_stream, hidden_room
     from premoe.dense.model import load_dense
 
     check_task_name(task)
-    cal = CalibrationData.open(data, max_samples, batch_size, max_length)
     n_samples = cal.samples
-    if offload_dir is not None and not Path(offload_dir).is_dir():
-        raise InputError(f"--offload-dir {offload_dir} is not a directory")
-    info = inspect_dense(model)
+    batch_size, max_length, progress = run.batch_size, run.max_length, run.progress
+    device, dtype, offload_dir = run.device, run.dtype, memory.offload_dir
+    info = model if isinstance(model, DenseInfo) else inspect_dense(model)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
-    budget = memory_budget(max_memory)
+    budget = memory_budget(memory.max_memory)
     dt = resolve_dtype(dtype)
     dt = None if dt == "auto" else dt
     tok = load_tokenizer(info.path)
     longest = max(len(tok(r.text, truncation=True, max_length=max_length)["input_ids"])
                   for r in cal.records())  # the real batch shape, not the cap
     sizes, act = dense_sizes(info, dt), activation_bytes(info, batch_size, longest)
-    use_stream = choose_stream(sizes, act, budget, stream)
+    use_stream = choose_stream(sizes, act, budget, memory.stream)
     texts, prompts = (r.text for r in cal.records()), [r.prompt for r in cal.records()]
     if use_stream:
         means, tokens, feats, _ = observe_dense_streamed(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from premoe._version import __version__
-from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor
+from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor, fmt_bytes
 from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
 from premoe.dense.model import (DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter,
                                 refit_getter, slices)
@@ -40,6 +40,19 @@ class DenseExportResult:
     sparsity: float  # decoder linear weights removed, as written
     padded: bool
     seconds: float
+    verified: bool = False
+
+    def summary(self) -> str:
+        """One line: the method, the share of decoder weights removed, the kept counts and the bytes written."""
+        p = self.plan
+        h, g, c = p.counts()
+        how = (", re-fitted" if p.refit else "") + (f", not re-fitted: {p.info['refit_skipped']}"
+                                                    if p.info.get("refit_skipped") else "")
+        return (f"pruned ({p.method}, {p.info['schedule']}{how}) for task {p.task!r}: {self.sparsity:.1%} of decoder "
+                f"linear weights removed ({self.params_kept:,} of {self.params_source:,}); {h} heads / {g} KV heads / "
+                f"{c} FFN channels per layer{' (zero-padded)' if self.padded else ''}; {fmt_bytes(self.bytes_written)} "
+                f"of {fmt_bytes(self.bytes_source)} ({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} "
+                f"in {self.seconds:.1f}s" + (" (reload verified)" if self.verified else ""))
 
 
 def _padded_ids(info: DenseInfo, plan: DensePlan, layer: int) -> dict[str, list[int | None]]:
@@ -197,7 +210,7 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
     padded = not plan.uniform()
     if padded:
         log.warning("layers keep different counts: padding every layer to the largest (%d heads, %d channels) so "
-                    "vanilla transformers loads it; use --schedule uniform for the full size reduction", plan.counts()[0],
+                    "vanilla transformers loads it; use `schedule='uniform'` for the full size reduction", plan.counts()[0],
                     plan.counts()[2])
     with staging_dir(out) as tmp:
         with ByteReader() as reader:
@@ -219,4 +232,4 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
                             "reloading it in transformers", total / 2**20)
             verify_export(tmp, info, plan, reload=reload)
     return DenseExportResult(out, plan, total, info.checkpoint.nbytes, params_kept, params_source, sparsity, padded,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, verified=verify)

@@ -170,6 +170,11 @@ class DensePlan:
         """Same head, KV-head and channel counts in every layer (what a transformers config can say)."""
         return all(len({len(v) for v in d.values()}) <= 1 for d in (self.heads, self.kv, self.channels))
 
+    def close(self) -> None:
+        """Free re-fitted weights spilled to disk (the plan's re-fitted columns are unusable afterwards)."""
+        if self.spill is not None:
+            self.spill.cleanup()
+
     def counts(self) -> tuple[int, int, int]:
         """The largest kept (heads, KV heads, channels) of any layer."""
         return (max(map(len, self.heads.values())), max(map(len, self.kv.values())), max(map(len, self.channels.values())))
@@ -198,7 +203,7 @@ def check_plan(info: DenseInfo, plan: DensePlan) -> None:
     for l in range(info.num_layers):
         heads, kv, ch = plan.heads[l], plan.kv[l], plan.channels[l]
         if not heads or not kv or not ch:
-            raise InputError(f"layer {l} would keep no attention head or FFN channel; lower --sparsity")
+            raise InputError(f"layer {l} would keep no attention head or FFN channel; lower `sparsity`")
         per = [sum(1 for h in heads if h // info.group == g) for g in kv]
         if len(set(per)) != 1 or sum(per) != len(heads):
             raise InputError(f"layer {l}: kept query heads {heads} do not form equal groups over KV heads {kv}")
@@ -273,7 +278,7 @@ def bias_flags(info: DenseInfo, plan: DensePlan) -> dict[str, bool]:
             if key is None:
                 raise InputError(
                     f"{info.spec.name} has no config flag for a {which}_proj bias, so bias compensation would be lost "
-                    "on a vanilla reload; use --no-bias-comp"
+                    "on a vanilla reload; use `bias_comp=False`"
                 )
             flags[key] = True
     return flags

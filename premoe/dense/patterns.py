@@ -10,7 +10,9 @@ import torch
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.store import PatternStore
+from premoe.core.options import RefitOptions
 from premoe.dense.model import DenseInfo, DensePlan, reader_getter
+from premoe.dense.options import DenseSelection
 from premoe.dense.plans import METHODS, compensation, make_dense_plan
 from premoe.dense.scoring import pooled
 from premoe.errors import InputError, StoreError, UnsupportedModelError
@@ -31,7 +33,7 @@ def stats_for(st: PatternStore, method: str, task: str | None, agnostic: bool) -
     task_source = METHODS[method].source == "task" and not agnostic
     if task_source:
         if not task:
-            raise InputError(f"--method {method} needs --task (or --agnostic for the pooled statistics)")
+            raise InputError(f"`method` {method} needs `task` (or `agnostic` for the pooled statistics)")
         return st.load(task).means, task
     names = sorted(st.tasks)
     if not names:
@@ -55,44 +57,46 @@ def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: boo
     return recorded(st.tasks, [task] if own else sorted(st.tasks), refit_data)
 
 
-def dense_plan(info: DenseInfo, store, task: str | None, sparsity: float, *, method: str = "seap", agnostic: bool = False,
-               schedule: str | None = None, metric: str | None = None, whole_groups: bool = False,
-               bias_comp: bool | None = None, seed: int = 0, reader: ByteReader | None = None,
-               written: bool = True, refit: bool | None = False, refit_data: list[str | Path] | None = None,
-               progress: bool = True) -> DensePlan:
-    """The plan of ``task`` (or of all tasks pooled) at ``sparsity``, counted as ``premoe prune`` writes
-    it (``written``; a task server, which holds the plan itself unpadded, counts it in memory). With
-    ``refit`` the kept ``o_proj``/``down_proj`` columns and biases are re-fitted by least squares
-    (:mod:`premoe.dense.refit`) on ``refit_data`` or on the calibration data the store recorded;
-    ``None`` (what ``premoe prune``/``eval`` default to): re-fit when that data is still there
-    unchanged (or ``refit_data`` is given), else warn and keep the plain slice."""
+def dense_plan(info: DenseInfo, store, task: str | None, selection: DenseSelection | float, *, agnostic: bool = False,
+               refit: RefitOptions = RefitOptions(refit=False), written: bool = True, seed: int = 0,
+               reader: ByteReader | None = None, progress: bool = True) -> DensePlan:
+    """The plan of ``task`` (or of all tasks pooled) for ``selection`` (a float: that sparsity with SEAP),
+    counted as ``premoe prune`` writes it (``written``; a task server, which holds the plan itself
+    unpadded, counts it in memory). With ``refit`` the kept ``o_proj``/``down_proj`` columns and biases
+    are re-fitted by least squares (:mod:`premoe.dense.refit`) on ``refit.refit_data`` or on the
+    calibration data the store recorded; ``refit.refit=None`` (what ``premoe prune``/``eval`` default
+    to): re-fit when that data is still there unchanged (or ``refit_data`` is given), else warn and keep
+    the plain slice."""
+    if not isinstance(selection, DenseSelection):
+        selection = DenseSelection(sparsity=selection)
+    sparsity, method = selection.required(), selection.method
     st = check_dense_store(store, info)
     if method == "seap" and agnostic:
         method = "seap-gen"
     stats, name = stats_for(st, method, task, agnostic)
-    if refit_data and refit is False:
-        raise InputError("--refit-data cannot go with --no-refit")
     sources, about, skipped = [], "", None
-    auto = refit is None and not refit_data
+    auto = refit.auto
+    do_refit = False
     if auto:  # auto: re-fit when the recorded calibration data is still there
         try:
             sources, about = refit_sources(st, method, task, agnostic, None)
-            refit = True
+            do_refit = True
         except InputError as e:
-            log.warning("not re-fitted (%s); pass --refit-data FILE to re-fit, or --no-refit to silence this", e)
-            refit, skipped = False, str(e).split(";")[0]
-    elif refit or refit_data:
-        refit = True
-        sources, about = refit_sources(st, method, task, agnostic, refit_data)
+            log.warning("not re-fitted (%s); pass `refit_data` to re-fit, or `refit=False` to silence this", e)
+            skipped = str(e).split(";")[0]
+    elif refit.refit or refit.refit_data:
+        do_refit = True
+        sources, about = refit_sources(st, method, task, agnostic, refit.refit_data)
     own = reader is None
     reader = reader or ByteReader()
     try:
         weights = weights_from_checkpoint(info, reader)
-        plan = make_dense_plan(info, stats, method, sparsity, schedule=schedule, metric=metric, whole_groups=whole_groups,
-                               bias_comp=bias_comp, weights=weights, seed=seed, task=name, written=written)
+        plan = make_dense_plan(info, stats, method, sparsity, schedule=selection.schedule, metric=selection.score,
+                               whole_groups=selection.whole_groups, bias_comp=selection.bias_comp, weights=weights,
+                               seed=seed, task=name, written=written)
         if skipped:
             plan.info["refit_skipped"] = skipped
-        if refit:
+        if do_refit:
             from premoe.core.config import load_tokenizer
             from premoe.dense.refit import refit as refit_plan
 

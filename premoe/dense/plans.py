@@ -56,7 +56,7 @@ SCHEDULES = ("uniform", "logistic", "adaptive")
 
 def check_sparsity(sparsity: float) -> float:
     if not (0 <= sparsity < 1):
-        raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+        raise InputError(f"`sparsity` must be in [0, 1), got {sparsity}")
     return float(sparsity)
 
 
@@ -118,7 +118,7 @@ def _sparser_in_memory(plan: DensePlan, sparsity: float, build: Callable[[float]
             lo = mid
     if best.info["sparsity_written"] < sparsity - 0.02:
         raise InputError(f"a {best.info['schedule']} plan cannot be written at sparsity {sparsity} (padded, at most "
-                         f"{best.info['sparsity_written']:.3f}); lower --sparsity or use --schedule uniform")
+                         f"{best.info['sparsity_written']:.3f}); lower `sparsity` or use `schedule='uniform'`")
     best.info["sparsity_requested"] = sparsity
     return best
 
@@ -167,7 +167,7 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
     if counted < sparsity - 0.02 and schedule != "adaptive":
         raise InputError(
             f"sparsity {sparsity} would remove every attention head or FFN channel of a layer (at most {counted:.3f} "
-            "can be removed while each layer keeps one valid head group and one channel); lower --sparsity"
+            "can be removed while each layer keeps one valid head group and one channel); lower `sparsity`"
         )
     plan.info = {"sparsity_requested": sparsity, "sparsity": round(1 - kept_params(info, plan) / total, 6),
                  "sparsity_written": round(1 - kept_params(info, plan, padded=not plan.uniform()) / total, 6),

@@ -151,7 +151,7 @@ class GramCollector:
             h.remove()
         per = self.sums.pop(layer, None)
         if per is None or set(per) != set(SITES):
-            raise InputError("the refit data produced no tokens; check --refit-data")
+            raise InputError("the refit data produced no tokens; check `refit_data`")
         # normalised, then held in float32 (half the memory; the solve runs in float64 on the kept block)
         return {s: g.div_(g[-1, -1].clone()).to("cpu", torch.float32) for s, g in per.items()}
 
@@ -180,7 +180,7 @@ def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_laye
         part = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
         tokens = sum(int(b.counted.sum()) for b in part)
         if tokens == 0:
-            raise InputError("the refit data produced no tokens; check --refit-data")
+            raise InputError("the refit data produced no tokens; check `refit_data`")
         batches += part
         weights += [1.0 / tokens] * len(part)
     own = reader is None

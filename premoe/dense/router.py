@@ -51,7 +51,7 @@ class DenseRouter:
         if depth == "auto":
             depth = self.best_depth(self.centroids, max(1, self.info.num_layers // 2))
         if not (0 <= int(depth) <= self.info.num_layers):
-            raise InputError(f"--layers must be in 0..{self.info.num_layers} for this model, got {depth}")
+            raise InputError(f"`layers` must be in 0..{self.info.num_layers} for this model, got {depth}")
         self.depth = int(depth)
         self.tokenizer = load_tokenizer(self.info.path)
         with ByteReader() as reader:

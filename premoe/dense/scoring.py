@@ -101,7 +101,7 @@ def logistic_shape(num_layers: int, k: float = 1.0, x0: float = 0.3, protect: tu
         m, n = protect
     active = num_layers - m - n
     if active < 1:
-        raise InputError(f"a logistic schedule over {num_layers} layers leaves no layer to prune; use --schedule uniform")
+        raise InputError(f"a logistic schedule over {num_layers} layers leaves no layer to prune; use `schedule='uniform'`")
     x = torch.linspace(0, 1, active) if active > 1 else torch.zeros(1)
     shape = torch.zeros(num_layers)
     shape[m : m + active] = 1 / (1 + torch.exp(-k * (x - x0)))
@@ -114,7 +114,7 @@ def scale_schedule(shape: torch.Tensor, target: float, cap: float = 0.95) -> tor
         return torch.zeros_like(shape)
     if (shape.clamp(max=1) > 0).float().mean() * cap < target:
         raise InputError(f"sparsity {target} is not reachable with this layer schedule (protected layers); lower it "
-                         "or use --schedule uniform")
+                         "or use `schedule='uniform'`")
     lo, hi = 0.0, cap / max(float(shape[shape > 0].min()), 1e-9)
     for _ in range(100):
         lam = (lo + hi) / 2

@@ -8,6 +8,7 @@ from typing import Any
 
 from premoe.core.checkpoint import ByteReader
 from premoe.dense.model import DensePlan, build_dense
+from premoe.dense.options import DenseSelection
 from premoe.dense.patterns import dense_plan
 from premoe.dense.router import ROUTE_DEPTH, DenseRoute, DenseRouter
 from premoe.dense.switch import MIN_RUN_BYTES, switch_dense
@@ -43,15 +44,16 @@ class DenseServer:
     compensation also reads its o_proj/down_proj weights).
     """
 
-    def __init__(self, model, store, sparsity: float, *, method: str = "seap", schedule: str | None = None,
-                 whole_groups: bool = False, depth: int | str = ROUTE_DEPTH, device="cpu", dtype="auto"):
+    def __init__(self, model, store, selection: DenseSelection | float, *, depth: int | str = ROUTE_DEPTH, device="cpu",
+                 dtype="auto"):
         from premoe.core.config import resolve_device, resolve_dtype
-        from premoe.dense.plans import check_sparsity
 
-        check_sparsity(sparsity)
+        if not isinstance(selection, DenseSelection):
+            selection = DenseSelection(sparsity=selection)
+        self.sparsity = selection.required()
+        self.selection = selection
         self.router = DenseRouter(model, store, depth, device)
         self.info, self.store = self.router.info, self.router.store
-        self.sparsity, self.method, self.schedule, self.whole_groups = sparsity, method, schedule, whole_groups
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.tokenizer = self.router.tokenizer
         self.task: str | None = None
@@ -62,8 +64,7 @@ class DenseServer:
 
     def plan(self, task: str) -> DensePlan:
         if task not in self._plans:
-            self._plans[task] = dense_plan(self.info, self.store, task, self.sparsity, method=self.method,
-                                           schedule=self.schedule, whole_groups=self.whole_groups, reader=self.reader,
+            self._plans[task] = dense_plan(self.info, self.store, task, self.selection, reader=self.reader,
                                            written=False)
         return self._plans[task]
 

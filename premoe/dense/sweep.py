@@ -22,8 +22,10 @@ from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match
 from premoe.core.store import PatternStore
 from premoe.dense.calibration import calibrate_dense
-from premoe.dense.model import load_dense, prune_in_memory
-from premoe.dense.plans import METHODS, check_sparsity, make_dense_plan
+from premoe.core.options import RunOptions
+from premoe.dense.model import DenseInfo, load_dense, prune_in_memory
+from premoe.dense.options import DenseSweep
+from premoe.dense.plans import METHODS, make_dense_plan
 from premoe.dense.refit import apply_grams, pool_grams, stream_grams
 from premoe.dense.scoring import pooled
 from premoe.dense.router import DenseRouter
@@ -32,29 +34,30 @@ from premoe.errors import InputError
 DEFAULT_SPARSITIES = (0.2, 0.35, 0.5)
 
 
-def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, methods=None, progress: bool = True,
-                schedule: str | None = None, count: str = "written", refit: str = "both") -> dict[str, Any]:
-    """Every method at every sparsity, counted as ``premoe prune`` writes the checkpoint (``count``
-    "written", the default: a plan whose layers differ, FLAP's adaptive one, is made sparser in
-    memory until its zero-padded checkpoint removes the fraction asked) or in memory ("memory", as
-    the FLAP and SEAP papers count). Rows report both counts.
+def sweep_dense(out, info: DenseInfo, tasks: dict[str, tuple[Any, Any]], opts: DenseSweep = DenseSweep(), *,
+                variants: tuple[str, ...] | None = None, progress: bool = True,
+                about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every method at every sparsity (``opts``), counted as ``premoe prune`` writes the checkpoint
+    (``opts.count`` "written", the default: a plan whose layers differ, FLAP's adaptive one, is made sparser
+    in memory until its zero-padded checkpoint removes the fraction asked) or in memory ("memory", as the
+    FLAP and SEAP papers count). Rows report both counts.
 
-    ``refit``: "off" (the methods as published), "on" (each plan's kept o_proj/down_proj columns
-    re-fitted by least squares on the calibration data its statistics came from, rows named
-    ``<method>+refit``; see :mod:`premoe.dense.refit`) or "both" (default: side by side)."""
-    if count not in ("written", "memory"):
-        raise InputError(f"count must be 'written' or 'memory', got {count!r}")
-    variants = {"off": [False], "on": [True], "both": [False, True]}.get(refit)
-    if variants is None:
-        raise InputError(f"refit must be 'off', 'on' or 'both', got {refit!r}")
+    ``variants``: ``plain`` (the methods as published) and ``refit`` (each plan's kept o_proj/down_proj
+    columns re-fitted by least squares on the calibration data its statistics came from, rows named
+    ``<method>+refit``; see :mod:`premoe.dense.refit`); default both, side by side. ``about`` is recorded in
+    the results as it is."""
+    allowed = {"plain": False, "refit": True}
+    bad = [v for v in variants or () if v not in allowed]
+    if bad:
+        raise InputError(f"unknown `variants` {bad} for a dense model; choose from plain, refit")
+    variants = [allowed[v] for v in dict.fromkeys(variants or ("plain", "refit"))]
+    schedule, count = opts.schedule, opts.count
+    model = info.path
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sparsities = [check_sparsity(s) for s in (sparsities or DEFAULT_SPARSITIES)]
-    methods = list(methods or METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    sparsities = [float(s) for s in (opts.sparsities or DEFAULT_SPARSITIES)]
+    methods = list(opts.methods or METHODS)
     data = out / "data"
     data.mkdir(exist_ok=True)
     files = {}
@@ -63,7 +66,7 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
                        write_jsonl(data / f"{name}.eval.jsonl", ev) if isinstance(ev, list) else Path(ev)]
     store = out / "store"
     for name, (calib, _) in files.items():
-        calibrate_dense(model, calib, name, store, overwrite=True, progress=progress)
+        calibrate_dense(info, CalibrationData.open(calib), name, store, run=RunOptions(progress=progress), overwrite=True)
     info, lm, tok = load_dense(model, device="cpu", dtype=torch.float32)
     st = PatternStore.open(store)
     stats = {n: st.load(n).means for n in files}
@@ -74,7 +77,7 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
     if True in variants:  # every task's Gram matrices once (streamed from the checkpoint, as premoe prune --refit does)
         for name in files:
             per: dict = {}
-            texts = [r.text for r in CalibrationData.open(files[name][0], None, 1, 1).records()]
+            texts = [r.text for r in CalibrationData.open(files[name][0]).records()]
             stream_grams(info, tok, [texts], per.__setitem__, progress=False)
             grams[name] = per
         grams[None] = pool_grams([grams[n] for n in files])
@@ -132,10 +135,11 @@ def sweep_dense(out, model, tasks: dict[str, tuple[Any, Any]], sparsities=None, 
     routing = _routing(info, store, evals, lm, tok, sparsities, routed) if len(files) > 1 else None
     if routing:
         routing["method"] = "seap" + ("+refit" if variants[-1] else "")
-    result = {"model": str(model), "tasks": list(files), "sparsities": sparsities, "methods": labels, "refit": refit,
+    result = {"model": str(model), "kind": "dense", "out": str(out), "tasks": list(files), "sparsities": sparsities,
+              "methods": labels, "variants": ["refit" if v else "plain" for v in variants],
               "schedule": schedule or "each method's own", "count": count, "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
               "summary": summary, "rows": rows,
-              "routing": routing, "seconds": time.perf_counter() - t0}
+              "routing": routing, "seconds": time.perf_counter() - t0, **(about or {})}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -198,7 +202,7 @@ def _plot(out: Path, result: dict) -> list[str]:
         color = colors.setdefault(base, f"C{len(colors)}")
         pts = sorted((100 * r[key], 100 * r["retention"]) for r in result["summary"] if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method, color=color, ls="-" if method.endswith("+refit") or
-                result.get("refit") == "off" else "--", lw=2 if base == "seap" else 1.2)
+                "refit" not in result.get("variants", ("plain", "refit")) else "--", lw=2 if base == "seap" else 1.2)
     ax.set_xlabel("decoder linear weights removed (%, " + ("as written" if key == "sparsity_written" else "in memory") + ")")
     ax.set_ylabel("accuracy retained vs dense (%, mean over tasks)")
     ax.set_title(f"{Path(result['model']).name}: structured pruning, held-out exact match")

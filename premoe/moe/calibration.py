@@ -15,11 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.data import CalibrationData
+from premoe.core.options import MemoryOptions, RunOptions
 from premoe.moe.loading import LoadedModel, as_loaded
 from premoe.moe.model import ModelInfo, as_info
 from premoe.core.config import load_tokenizer, resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.options import MoeCalibration
 from premoe.moe.observe import marker_params, observe, observe_streamed
 from premoe.moe.recon import unsupported as recon_unsupported
 from premoe.moe.scoring import (
@@ -62,86 +64,63 @@ def default_scorer(info: ModelInfo) -> str:
 
 
 def calibrate(
-    model: str | Path | LoadedModel,
-    data: str | Path | list[str | Path],
+    model: str | Path | ModelInfo | LoadedModel,
+    cal: CalibrationData,
     task: str,
     store: str | Path,
     *,
-    scorer: str | None = None,
-    max_samples: int | None = None,
-    k: int | None = None,
-    r: float | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    max_length: int = 2048,
-    device: str | None = None,
-    dtype: str | None = "auto",
+    run: RunOptions = RunOptions(),
+    memory: MemoryOptions = MemoryOptions(),
+    calibration: MoeCalibration = MoeCalibration(),
     overwrite: bool = False,
-    progress: bool = True,
-    signature_layers: int = 4,
-    all_stats: bool = False,
-    stream: bool | None = None,
-    max_memory: float | None = None,
-    offload_dir: str | None = None,
 ) -> TaskPattern:
-    """Calibrate ``task`` on the samples in ``data`` and add its pattern to ``store``.
+    """Calibrate ``task`` on the samples of ``cal`` and add its pattern to ``store``.
 
     Args:
-        model: model directory (or a :class:`~premoe.moe.model.LoadedModel` to reuse).
-        data: JSONL (``text`` or ``prompt``+``completion``) or .txt file of task samples; several
-            files are pooled into one task (task-agnostic calibration).
+        model: model directory (or a :class:`~premoe.moe.loading.LoadedModel` to reuse).
+        cal: the task's samples (``text`` or ``prompt``+``completion``), checked before any model is loaded.
         task: task name in the store.
         store: pattern-store directory (created if missing).
-        scorer: the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`): ``tcess`` (PreMoe's),
-            ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``recon`` (greedy elimination by the
-            pruned block's output error, :mod:`premoe.moe.recon`), ``weights``, ``random``. Default:
-            :data:`DEFAULT_SCORER` (EASY-EP, which held up best at tight keep counts across the families
-            measured; see the README) where the model's experts can be run one by one, else ``tcess``.
+        run: device, dtype, batch size, tokens kept per sample, progress bars.
+        memory: for a model larger than memory: stream it one decoder layer at a time (``stream``; default
+            when it would not fit in ``max_memory`` MB or what the machine and this process's cgroup
+            leave), hidden states past the budget in ``offload_dir``.
+        calibration: ``scorer``, the task's default scorer (see :data:`premoe.moe.scoring.SCORERS`):
+            ``tcess`` (PreMoe's), ``official``, ``frequency``, ``reap``, ``ean``, ``easyep``, ``recon``
+            (greedy elimination by the pruned block's output error, :mod:`premoe.moe.recon`), ``weights``,
+            ``random``; default :data:`DEFAULT_SCORER` (EASY-EP, which held up best at tight keep counts
+            across the families measured) where the model's experts can be run one by one, else ``tcess``.
             Router statistics (``tcess``, ``official``, ``frequency``) are recorded whatever the scorer.
-        max_samples: use at most this many samples.
-        k: experts per token that count as selected (default: the model's top-k; ``official``: 1).
-        r: minimum share of a token's top-k routing weight for an expert to count.
-        seed: seed of the ``random`` scorer.
-        batch_size / max_length: samples per forward pass; tokens kept per sample.
-        device / dtype: where and in which precision to run the model.
+            ``all_stats`` computes every scorer's statistics in this one pass, so the task can later be
+            pruned or evaluated with any scorer; ``k``/``r`` select the experts a token counts for (default:
+            the model's top-k, no threshold; ``official``: 1); ``seed`` seeds ``random``;
+            ``signature_layers``: MoE layers the stored retrieval keys span (capped at the model's).
         overwrite: replace the task if the store already has it.
-        progress: show a progress bar.
-        signature_layers: MoE layers the stored retrieval keys span (capped at the model's);
-            queries can then be routed with any ``--layers`` up to this.
-        all_stats: compute every scorer's statistics in this one pass (expert outputs and weights
-            included), so the task can later be pruned or evaluated with any ``--scorer``.
-        stream: run the model one decoder layer at a time (``None``: when it would not fit in memory).
-        max_memory: memory budget in MB (default: what the machine and this process's cgroup leave);
-            decides streaming and how many hidden states stay in memory rather than on disk.
-        offload_dir: where hidden states past the budget go (default: the system's temporary directory).
 
     Returns:
         The stored :class:`~premoe.core.store.TaskPattern`.
 
     Raises:
-        PremoeError: bad input (files, task name, scorer, k/r, store of another model...), before any
-            model weights are loaded.
+        PremoeError: bad input (task name, scorer, k/r, store of another model...), before any model
+            weights are loaded.
     """
     check_task_name(task)
-    if scorer is not None and scorer not in SCORERS:
-        raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    cal = CalibrationData.open(data, max_samples, batch_size, max_length)
-    n_samples = cal.samples
+    opts, n_samples = calibration, cal.samples
+    batch_size, max_length, progress = run.batch_size, run.max_length, run.progress
     info: ModelInfo = as_info(model)
-    scorer = scorer or default_scorer(info)
+    scorer = opts.scorer or default_scorer(info)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
-    params = marker_params(info.router, scorer, k, r)
+    params = marker_params(info.router, scorer, opts.k, opts.r)
     shape = (len(info.moe_layers), info.num_experts)
-    if signature_layers < 1:
-        raise InputError(f"--signature-layers must be positive, got {signature_layers}")
-    sig_layers = min(signature_layers, len(info.moe_layers))
-    outputs = all_stats or scorer in OUTPUT_SCORERS
+    sig_layers = min(opts.signature_layers, len(info.moe_layers))
+    outputs = opts.all_stats or scorer in OUTPUT_SCORERS
     why_not = recon_unsupported(info.router, info.spec.weight_on_input, bool(info.spec.experts))
     if scorer == "recon" and why_not:
-        raise UnsupportedModelError(f"--scorer recon cannot score {info.spec.name}: {why_not}; use --scorer easyep")
-    recon = (all_stats or scorer == "recon") and not why_not
-    run_model = all_stats or SCORERS[scorer].needs_model
+        raise UnsupportedModelError(f"`scorer='recon'` cannot score {info.spec.name}: {why_not}; use `scorer='easyep'`")
+    recon = (opts.all_stats or scorer == "recon") and not why_not
+    run_model = opts.all_stats or SCORERS[scorer].needs_model
+    offload_dir = memory.offload_dir
 
     lm = None
     use_stream = False
@@ -149,24 +128,24 @@ def calibrate(
         from premoe.core.memory import memory_budget
         from premoe.moe.streaming import activation_bytes, plan_memory, resident_sizes
 
-        budget = memory_budget(max_memory)
+        budget = memory_budget(memory.max_memory)
         tok = load_tokenizer(info.path)
         longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
                       for rec in cal.records())  # the real batch shape, not the cap
-        use_stream = plan_memory(info, budget, batch_size, longest, stream)
+        use_stream = plan_memory(info, budget, batch_size, longest, memory.stream)
         sizes = resident_sizes(info)
         hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
                             - activation_bytes(info, batch_size, longest), 0)
     if run_model and use_stream:
-        sums, run = observe_streamed(
+        sums, _ = observe_streamed(
             info, tok, (rec.text for rec in cal.records()), params, batch_size=batch_size,
             max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs, recon=recon,
-            hidden_budget=hidden_budget, device=resolve_device(device),
+            hidden_budget=hidden_budget, device=resolve_device(run.device),
             offload_dir=offload_dir,
         )
         tokens, means = sums.tokens, sums.means()
     elif run_model:
-        lm = as_loaded(model, device=device, dtype=dtype)
+        lm = as_loaded(model, device=run.device, dtype=run.dtype)
         tok = lm.tokenizer
         sums = observe(
             lm.model, lm.layers, lm.info, tok, (rec.text for rec in cal.records()), params,
@@ -181,9 +160,9 @@ def calibrate(
         means = {}
     if tokens == 0:
         raise InputError(f"data file {cal.files[0]}: the tokenizer produced no tokens")
-    if all_stats or scorer == "weights":
+    if opts.all_stats or scorer == "weights":
         means["weights"] = weight_stats(info, progress)
-    scores = score(scorer, means, shape, seed)
+    scores = score(scorer, means, shape, opts.seed)
     from premoe.moe.signature import SignatureModel
 
     signature, sig_tokens = {}, {}
@@ -212,7 +191,7 @@ def calibrate(
             "samples": n_samples,
             "tokens": tokens,
             "scorer": scorer,
-            "params": {**params.to_dict(), "seed": seed, "max_length": max_length},
+            "params": {**params.to_dict(), "seed": opts.seed, "max_length": max_length},
             "data": cal.describe(),
             "signature": {"layers": sig_layers, "tokens": sig_tokens},
             "streamed": use_stream,

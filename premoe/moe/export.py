@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from premoe._version import __version__
-from premoe.core.checkpoint import TORCH_DTYPES, OutTensor
+from premoe.core.checkpoint import TORCH_DTYPES, OutTensor, fmt_bytes
 from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
 from premoe.moe.model import ModelInfo
 from premoe.errors import CheckpointError
@@ -45,6 +45,17 @@ class ExportResult:
     tensors: int
     seconds: float
     dropped: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    def summary(self) -> str:
+        """One line: what was kept, how it was chosen and re-fitted, and the bytes written."""
+        p, fit = self.plan, self.plan.refit or {}
+        how = (f", {p.scorer}" + (f", re-fitted on {fit['tokens']} tokens" if "tokens" in fit else "")
+               + (f", not re-fitted: {fit['skipped']}" if "skipped" in fit else ""))
+        return (f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}{how}) "
+                f"for task {p.task!r}: {fmt_bytes(self.bytes_written)} of {fmt_bytes(self.bytes_source)} "
+                f"({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} in {self.seconds:.1f}s"
+                + (" (reload verified)" if self.verified else ""))
 
 
 def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit: RefitWeights):
@@ -197,14 +208,13 @@ def export_pruned(
     verify: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
-    refit: RefitWeights | None = None,
 ) -> ExportResult:
-    """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically); ``refit``: the kept
-    experts' re-fitted down projections (:func:`premoe.moe.refit_checkpoint.refit_models`)."""
+    """Write the checkpoint of ``info`` pruned to ``plan`` into ``out`` (atomically), with the kept experts'
+    re-fitted rows where the plan holds them (``plan.weights``, :func:`premoe.moe.refit_checkpoint.refit_for`)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_out_dir(out, info.path, overwrite)
-    tensors, dropped = plan_tensors(info, plan, refit)
+    tensors, dropped = plan_tensors(info, plan, plan.weights)
     with staging_dir(out) as tmp:
         total = write_weights(tmp, tensors, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")
@@ -223,6 +233,7 @@ def export_pruned(
                 log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
                             "reloading it in transformers", need / 2**20)
             verify_export(tmp, info, plan, reload=reload)
+            result.verified = True
     result.seconds = time.perf_counter() - t0
     if dropped:
         log.warning("dropped %d tensors of layers past num_hidden_layers (e.g. %s)", len(dropped), dropped[0])

@@ -225,9 +225,9 @@ def observe_streamed(
 def marker_params(router: RouterSpec, scorer: str, k: int | None, r: float | None) -> MarkerParams:
     """Selection settings; ``k``/``r`` apply to the chosen scorer, the other statistics use defaults."""
     if k is not None and not 1 <= k <= router.num_experts:
-        raise InputError(f"--k must be between 1 and the {router.num_experts} experts per layer, got {k}")
+        raise InputError(f"`k` must be between 1 and the {router.num_experts} experts per layer, got {k}")
     if r is not None and not 0.0 < r <= 1.0:
-        raise InputError(f"--r must be in (0, 1], got {r}")
+        raise InputError(f"`r` must be in (0, 1], got {r}")
     if scorer == "official":
         return MarkerParams(k=router.top_k, official_k=k or 1, official_r=r)
     return MarkerParams(k=k or router.top_k, r=r)

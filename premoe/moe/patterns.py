@@ -9,7 +9,8 @@ import torch
 from premoe.moe.model import ModelInfo
 from premoe.core.store import PatternStore, TaskPattern
 from premoe.errors import InputError, StoreError
-from premoe.moe.plans import PrunePlan, make_plan
+from premoe.moe.options import MoeSelection, ResolvedSelection
+from premoe.moe.plans import PrunePlan, make_plan, resolved
 from premoe.moe.scoring import pool_means, score
 
 
@@ -54,23 +55,24 @@ def load_pattern(store: str | Path | PatternStore, task: str | None, agnostic: b
     """A stored task's pattern, or with ``agnostic`` the pooled pattern of every task in the store."""
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
     if agnostic == (task is not None):
-        raise InputError("give either --task NAME or --agnostic (pool every task in the store)")
+        raise InputError("give either `task` or `agnostic` (pool every task in the store)")
     return pooled_pattern(st) if agnostic else st.load(task)
 
 
-def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, keep: int, *, top_k=None, group_policy="balanced",
-                      scorer: str | None = None, seed: int = 0) -> PrunePlan:
-    scores = score_pattern(pattern, scorer, seed=seed)
+def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, selection: MoeSelection | ResolvedSelection | int,
+                      seed: int = 0) -> PrunePlan:
+    """The plan keeping ``selection``'s experts (an int: that many) of ``pattern``, ranked by its scorer
+    (default: the pattern's own)."""
+    selection = resolved(selection, info.router)
+    scores = score_pattern(pattern, selection.scorer, seed=seed)
     return make_plan(
         scores,
         pattern.layers,
         info.router,
-        keep,
-        top_k=top_k,
-        group_policy=group_policy,
+        selection,
         tiebreak=tiebreak(pattern.means),
         task=pattern.name,
-        scorer=scorer or pattern.scorer,
+        scorer=selection.scorer or pattern.scorer,
         source=info.fingerprint.to_dict(),
     )
 

@@ -18,20 +18,20 @@ experts into ``n_group`` equal groups, scores each group and only routes into th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from premoe.errors import InputError
 from premoe.moe.arch import RouterSpec
-
-GROUP_POLICIES = ("balanced", "flatten")
+from premoe.moe.options import MoeSelection, ResolvedSelection
 
 
 @dataclass
 class PrunePlan:
-    """Kept experts per MoE layer plus the routing settings of the pruned model."""
+    """Kept experts per MoE layer plus the routing settings of the pruned model. ``weights`` holds the kept
+    experts' re-fitted rows when the plan was re-fitted (not serialised; :meth:`close` frees them)."""
 
     kept: dict[int, list[int]]  # decoder-layer id -> kept original expert ids, ascending
     num_experts: int  # before pruning
@@ -44,20 +44,26 @@ class PrunePlan:
     scorer: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     refit: dict[str, Any] | None = None  # how the kept experts were re-fitted (premoe.moe.refit), if they were
+    weights: Any = field(default=None, repr=False, compare=False)  # premoe.moe.refit_checkpoint.RefitWeights
 
     @property
     def keep(self) -> int:
         return len(next(iter(self.kept.values())))
 
+    def close(self) -> None:
+        """Free the re-fitted rows (temporary files) the plan holds."""
+        if self.weights is not None:
+            self.weights.close()
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "weights"}
         d["kept"] = {str(k): v for k, v in self.kept.items()}
         d["keep"] = self.keep
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrunePlan":
-        d = {k: v for k, v in d.items() if k != "keep"}
+        d = {k: v for k, v in d.items() if k not in ("keep", "weights")}
         d["kept"] = {int(k): list(v) for k, v in d["kept"].items()}
         return cls(**d)
 
@@ -68,52 +74,6 @@ def rank_experts(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> 
     if tiebreak is not None:
         order = torch.sort(tiebreak.float(), descending=True, stable=True).indices
     return order[torch.sort(scores.float()[order], descending=True, stable=True).indices]
-
-
-def check_keep(router: RouterSpec, keep: int, top_k: int | None, group_policy: str) -> tuple[int, int, int]:
-    """Validate a keep count before any work; returns (top_k, n_group, topk_group) after pruning.
-
-    Raises:
-        InputError: the keep count or top-k is impossible for this router.
-    """
-    E, K = router.num_experts, router.top_k
-    if group_policy not in GROUP_POLICIES:
-        raise InputError(f"unknown group policy {group_policy!r}; choose {' or '.join(GROUP_POLICIES)}")
-    if not isinstance(keep, int) or keep < 1:
-        raise InputError(f"--keep must be a positive number of experts per layer, got {keep}")
-    if keep > E:
-        raise InputError(f"--keep {keep} exceeds the model's {E} experts per layer")
-    new_k = K if top_k is None else top_k
-    if new_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    if top_k is not None and top_k > K:
-        raise InputError(f"--top-k {top_k} exceeds the model's own top-k {K}; it can only be lowered")
-    if keep < new_k:
-        raise InputError(
-            f"--keep {keep} is below the {new_k} experts each token is routed to; keep at least {new_k} "
-            f"experts per layer (or lower top-k with --top-k)"
-        )
-    if not router.group_limited or group_policy == "flatten":
-        if router.group_score == "top2sum" and keep < 2:
-            raise InputError("DeepSeek-V3-style routers score expert groups by their two best experts; keep at least 2")
-        return (new_k, router.n_group, router.topk_group) if not router.group_limited else (new_k, 1, 1)
-    G, TG = router.n_group, router.topk_group
-    if keep % G:
-        raise InputError(
-            f"--keep {keep} is not a multiple of the router's {G} expert groups; use a multiple of {G} "
-            f"or --group-policy flatten"
-        )
-    if router.group_score == "top2sum" and keep < 2 * G:
-        raise InputError(
-            f"--keep {keep} leaves fewer than 2 experts in some of the {G} groups, but this router scores groups "
-            f"by their two best experts; keep at least {2 * G} or use --group-policy flatten"
-        )
-    if TG * (keep // G) < new_k:
-        raise InputError(
-            f"--keep {keep} leaves {keep // G} experts in each of the {TG} groups a token may use, fewer than "
-            f"top-k {new_k}; keep at least {G * -(-new_k // TG)} or use --group-policy flatten"
-        )
-    return new_k, G, TG
 
 
 def select_experts(
@@ -141,26 +101,33 @@ def select_experts(
     return out
 
 
+def resolved(selection: MoeSelection | ResolvedSelection | int, router: RouterSpec) -> ResolvedSelection:
+    """``selection`` checked against ``router`` (an int: keep that many experts with the model's routing)."""
+    if isinstance(selection, ResolvedSelection):
+        return selection
+    return (selection if isinstance(selection, MoeSelection) else MoeSelection(keep=selection)).resolve(router)
+
+
 def make_plan(
     scores: torch.Tensor,
     layers: list[int],
     router: RouterSpec,
-    keep: int,
-    top_k: int | None = None,
-    group_policy: str = "balanced",
+    selection: MoeSelection | ResolvedSelection | int,
     tiebreak: torch.Tensor | None = None,
     **meta: Any,
 ) -> PrunePlan:
-    """A :class:`PrunePlan` keeping the ``keep`` best experts per layer by ``scores`` [L, E]."""
-    new_k, n_group, topk_group = check_keep(router, keep, top_k, group_policy)
-    kept = select_experts(scores, keep, router, group_policy, tiebreak)
+    """A :class:`PrunePlan` keeping the best experts per layer by ``scores`` [L, E]: ``selection``'s keep
+    count (an int: that many, the model's routing otherwise), checked against ``router`` first unless it
+    already was (a :class:`~premoe.moe.options.ResolvedSelection`)."""
+    sel = resolved(selection, router)
+    kept = select_experts(scores, sel.keep, router, sel.group_policy or "balanced", tiebreak)
     return PrunePlan(
         kept=dict(zip(layers, kept)),
         num_experts=router.num_experts,
-        top_k=new_k,
+        top_k=sel.top_k,
         top_k_before=router.top_k,
-        n_group=n_group,
-        topk_group=topk_group,
-        group_policy=group_policy if router.group_limited else None,
+        n_group=sel.n_group,
+        topk_group=sel.topk_group,
+        group_policy=sel.group_policy,
         **meta,
     )

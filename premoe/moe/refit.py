@@ -41,8 +41,8 @@ TOKENS = 4096  # calibration tokens per layer the re-fit uses
 def check_supported(experts: nn.Module | None, spec: RouterSpec, weight_on_input: bool, family: str) -> None:
     if experts is None or not hasattr(experts, "has_gate") or weight_on_input or spec.slots:
         raise UnsupportedModelError(
-            f"--refit re-fits experts in transformers' fused experts interface routed by output weight; {family}'s "
-            "experts are laid out otherwise; use --no-refit")
+            f"`refit` re-fits experts in transformers' fused experts interface routed by output weight; {family}'s "
+            "experts are laid out otherwise; use `refit=False`")
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:

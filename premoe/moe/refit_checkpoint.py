@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from premoe.core.options import RefitOptions
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer
 from premoe.moe.refit import (
@@ -65,7 +66,7 @@ class RefitWeights:
                     out.experts[layer] = sorted(int(k) for k in g.keys() if k.isdigit())
                     out.routers[layer] = sorted(k for k in g.keys() if not k.isdigit())
             except (SafetensorError, OSError, ValueError) as e:
-                raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass --no-refit") from None
+                raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass `refit=False`") from None
         return out
 
     def put(self, layer: int, weights: dict[int, torch.Tensor], routers: dict[str, torch.Tensor] | None = None) -> None:
@@ -136,8 +137,8 @@ def down_targets(info) -> dict[int, str]:
         target = next((n for n in names["experts"] if n.endswith(".down_proj")), None)
         src = info.layout.sources.get(target) if target else None
         if src is None or src.kind not in ("split", "fused") or src.converter is not None:
-            raise UnsupportedModelError(f"--refit rewrites the experts' down projections, but {info.spec.name} stores "
-                                        f"layer {layer}'s in a layout premoe does not rewrite; use --no-refit")
+            raise UnsupportedModelError(f"`refit` rewrites the experts' down projections, but {info.spec.name} stores "
+                                        f"layer {layer}'s in a layout premoe does not rewrite; use `refit=False`")
         out[layer] = target
     return out
 
@@ -156,11 +157,11 @@ def router_target(info, layer: int) -> str | None:
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
     if info.quant.method:
-        raise UnsupportedModelError(f"--refit writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
-                                    "and premoe does not re-quantise them; use --no-refit")
+        raise UnsupportedModelError(f"`refit` writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
+                                    "and premoe does not re-quantise them; use `refit=False`")
     if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
-        raise UnsupportedModelError(f"--refit re-fits experts routed by output weight in transformers' fused experts "
-                                    f"interface; {info.spec.name}'s experts are laid out otherwise; use --no-refit")
+        raise UnsupportedModelError(f"`refit` re-fits experts routed by output weight in transformers' fused experts "
+                                    f"interface; {info.spec.name}'s experts are laid out otherwise; use `refit=False`")
 
 
 def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, directory: str | Path | None = None,
@@ -192,7 +193,7 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
     check_refit_model(info)
     texts = pick_texts(tok, sources, tokens, max_length)
     if not texts:
-        raise InputError("the refit data has no texts; pass --refit-data FILE or use --no-refit")
+        raise InputError("the refit data has no texts; pass `refit_data` or use `refit=False`")
     outs = [RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
             for d in (directories or [None] * len(plans))]
     routings = [pruned_routing(info.router, plan) for plan in plans]
@@ -272,46 +273,45 @@ def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, dev
             hk.remove()
 
 
-def refit_for(info, store, plan, task: str | None, agnostic: bool, refit: bool | None,
-              refit_data: Sequence | None = None, progress: bool = True) -> RefitWeights | None:
-    """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan`` (recorded in ``plan.refit``).
+def refit_for(info, store, plan, task: str | None, agnostic: bool, options: RefitOptions = RefitOptions(),
+              progress: bool = True) -> RefitWeights | None:
+    """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan``: recorded in ``plan.refit`` and held in
+    ``plan.weights`` (also returned).
 
-    ``refit``: ``False`` never; ``True`` always (a one-line error when it cannot); ``None`` (the default)
-    when it can: the data (``refit_data``, else the calibration data the store recorded for the task, or
-    for every task with ``agnostic``) is still there unchanged and the checkpoint's experts can be
-    rewritten, else a warning and the plain slice. A plan that keeps every expert needs nothing.
+    ``options.refit``: ``False`` never; ``True`` always (a one-line error when it cannot); ``None`` (the
+    default) when it can: the data (``options.refit_data``, else the calibration data the store recorded for
+    the task, or for every task with ``agnostic``) is still there unchanged and the checkpoint's experts can
+    be rewritten, else a warning and the plain slice. A plan that keeps every expert needs nothing.
     """
     import logging
 
-    from premoe.core.data import refit_sources
     from premoe.core.config import load_tokenizer
+    from premoe.core.data import refit_sources
     from premoe.core.store import PatternStore
     from premoe.errors import PremoeError
 
-    if refit is False:
-        if refit_data:
-            raise InputError("--refit-data cannot go with --no-refit")
+    if options.refit is False:
         return None
     if all(len(v) >= info.num_experts for v in plan.kept.values()):
         return None  # every expert kept: nothing to correct
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
-    if not refit_data and not agnostic:
+    if not options.refit_data and not agnostic:
         stored = stored_refit(st, task, plan)
         if stored is not None:
-            plan.refit = dict(stored.about)
+            plan.refit, plan.weights = dict(stored.about), stored
             return stored
     try:
         check_refit_model(info)
         down_targets(info)
-        sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], refit_data)
+        sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], options.refit_data)
         weights = refit_model(info, plan, load_tokenizer(info.path), sources, about=about, progress=progress)
     except PremoeError as e:
-        if refit:
+        if options.refit:
             raise
         logging.getLogger(__name__).warning("not re-fitting the kept experts: %s", e)
         plan.refit = {"skipped": str(e)}
         return None
-    plan.refit = dict(weights.about)
+    plan.refit, plan.weights = dict(weights.about), weights
     return weights
 
 
@@ -360,3 +360,40 @@ def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence |
     finally:
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def refit_tasks(info, store, keeps: Sequence[int], *, tasks: Sequence[str] | None = None, selection=None,
+                refit_data: Sequence = (), progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """``premoe refit``: for each of ``tasks`` (default: every task in the store) and keep count, the down
+    projections and router rows of the experts ``selection`` keeps (its keep replaced by each of ``keeps``),
+    re-fitted under re-routing on the task's calibration data (or ``refit_data``) in one pass over the model
+    per task, and stored with the pattern. Returns {task: one manifest entry per keep count}.
+
+    Raises:
+        PremoeError: impossible keep, unknown task, quantised checkpoint or unsupported expert layout,
+            calibration data gone or changed.
+    """
+    from dataclasses import replace
+
+    from premoe.core.store import PatternStore
+    from premoe.moe.options import MoeSelection
+    from premoe.moe.patterns import plan_from_pattern
+
+    selection = selection or MoeSelection()
+    for k in keeps:
+        replace(selection, keep=k).resolve(info.router)
+    check_refit_model(info)
+    down_targets(info)
+    st = store if isinstance(store, PatternStore) else PatternStore.open(store)
+    st.check_model(info.fingerprint)
+    names = list(tasks) if tasks else sorted(st.tasks)
+    if not names:
+        raise InputError(f"store {st.path} has no tasks; calibrate one first")
+    if refit_data and (not tasks or len(names) > 1):
+        raise InputError("`refit_data` is the data of one task's rows; name that one task in `tasks`")
+    out = {}
+    for name in names:
+        pattern = st.load(name)
+        plans = [plan_from_pattern(info, pattern, replace(selection, keep=k)) for k in keeps]
+        out[name] = store_refits(info, st, name, plans, list(refit_data) or None, progress=progress)
+    return out

@@ -198,7 +198,7 @@ def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, in
     means = means or {}
     missing = [k for k in SCORERS[name].needs if k not in means]
     if missing:
-        raise ValueError(f"scorer {name!r} needs calibration statistics {missing}; recalibrate with --scorer {name} or --all-stats")
+        raise ValueError(f"scorer {name!r} needs calibration statistics {missing}; recalibrate with `scorer='{name}'` or `all_stats=True`")
     if name in ("reap", "ean"):
         count = means["count"].float()
         return torch.where(count > 0, means[name].float() / count.clamp_min(1e-30), torch.zeros_like(count))

@@ -26,13 +26,15 @@ from premoe.core.evaluation import generate_greedy
 from premoe.moe.model import ModelInfo, inspect_model
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.core.modules import set_tensor
-from premoe.core.retrieval import Retriever, RouteResult, SignatureSpec
+from premoe.core.retrieval import Retriever, RouteResult
+from premoe.core.options import SignatureSpec
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.kernels import select_kernel
 from premoe.moe.patterns import plan_from_pattern
-from premoe.moe.plans import PrunePlan, check_keep
+from premoe.moe.options import MoeSelection
+from premoe.moe.plans import PrunePlan
 from premoe.moe.selective import ByteReader, Materializer, build_model, read_routers
 from premoe.moe.signature import SignatureModel
 
@@ -41,7 +43,7 @@ class ExpertCache:
     """LRU cache of experts' rows, {(layer, expert): {param: tensor}}, under a byte budget."""
 
     def __init__(self, budget_bytes: int = 0):
-        self.budget = max(0, int(budget_bytes))
+        self.budget = int(budget_bytes)
         self.bytes = 0
         self._items: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
 
@@ -232,14 +234,13 @@ class TaskServer:
     Args:
         model: source model directory (safetensors; never fully loaded).
         store: pattern store calibrated on that model.
-        keep: experts held per MoE layer.
-        top_k: lower the experts routed per token as well.
-        group_policy: group-limited routers, see :mod:`premoe.moe.plans`.
+        selection: the experts held per MoE layer (``keep``; an int: that many), and optionally a lower
+            ``top_k``, the ``group_policy`` of group-limited routers (see :mod:`premoe.moe.plans`) and the
+            ``scorer`` that ranks experts instead of each task's own.
         signature: how prompts are matched to tasks.
         cache_bytes: budget for experts dropped by a switch, kept for later switches (0: none).
         device: where to run (default: CPU; "auto": the accelerator if there is one).
         dtype: compute dtype (default: the checkpoint's).
-        scorer: rank experts with this scorer instead of each task's own.
         refit: use the re-fitted down projections ``premoe refit`` stored with each task's pattern for
             this keep count: ``None`` (default) where the store has them, ``True`` always (a task
             without them is an error), ``False`` never (the checkpoint's rows, the paper's TAER).
@@ -249,26 +250,26 @@ class TaskServer:
         self,
         model: str | Path,
         store: str | Path,
-        keep: int,
+        selection: MoeSelection | int,
         *,
-        top_k: int | None = None,
-        group_policy: str = "balanced",
         signature: SignatureSpec | None = None,
         cache_bytes: int = 0,
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
-        scorer: str | None = None,
         refit: bool | None = None,
     ):
+        if not isinstance(selection, MoeSelection):
+            selection = MoeSelection(keep=selection)
+        if cache_bytes < 0:
+            raise InputError(f"`cache_bytes` must be >= 0, got {cache_bytes}")
         self.info = inspect_model(model)
-        self.scorer = scorer
         self.refit = refit
-        check_keep(self.info.router, keep, top_k, group_policy)
         self.store = PatternStore.open(store)
         self.store.check_model(self.info.fingerprint)
         self.spec = signature or SignatureSpec()
         self.retriever = Retriever.from_store(self.store, self.spec)
-        self.keep, self.top_k, self.group_policy = keep, top_k, group_policy
+        self.selection = selection.resolve(self.info.router)  # an impossible selection fails before any load
+        self.keep = self.selection.keep
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
         self.tokenizer = load_tokenizer(self.info.path)
@@ -286,8 +287,7 @@ class TaskServer:
     def plan_for(self, task: str) -> PrunePlan:
         if task not in self._plans:
             pattern = self.store.load(task)
-            self._plans[task] = plan_from_pattern(self.info, pattern, self.keep, top_k=self.top_k,
-                                                  group_policy=self.group_policy, scorer=self.scorer)
+            self._plans[task] = plan_from_pattern(self.info, pattern, self.selection)
         return self._plans[task]
 
     def refit_for(self, task: str):
@@ -298,9 +298,9 @@ class TaskServer:
 
             found = None if self.refit is False else stored_refit(self.store, task, self.plan_for(task))
             if found is None and self.refit:
-                raise InputError(f"task {task!r} has no re-fitted rows for --keep {self.keep} in store {self.store.path}; "
+                raise InputError(f"task {task!r} has no re-fitted rows for `keep` {self.keep} in store {self.store.path}; "
                                  f"run `premoe refit --model {self.info.path} --store {self.store.path} --keep {self.keep}`"
-                                 " or pass --no-refit")
+                                 " or pass `refit=False`")
             self._refits[task] = found
         return self._refits[task]
 
@@ -356,7 +356,7 @@ class TaskServer:
             self.load(route.task)
         t2 = time.perf_counter()
         if max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+            raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
         text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
         t3 = time.perf_counter()
         return Reply(route.task, text, route, self.bytes_read - before, self.keep, switched,

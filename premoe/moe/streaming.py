@@ -173,7 +173,7 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
         raise InputError(
             f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "
             f"{sizes['largest_layer'] / 2**20:.0f} MB besides {sizes['outside'] / 2**20:.0f} MB of embeddings and head; "
-            "raise --max-memory or free memory"
+            "raise `max_memory` or free memory"
         )
     log.info("the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
              sizes["total"] / 2**20, budget / 2**20)

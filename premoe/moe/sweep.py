@@ -24,12 +24,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import write_jsonl
+from premoe.core.config import load_tokenizer
+from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match
-from premoe.moe.loading import load_model
+from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.calibration import calibrate
+from premoe.moe.loading import load_model
+from premoe.moe.model import ModelInfo
+from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
 from premoe.moe.patterns import plan_from_pattern, pooled_pattern
 from premoe.moe.scoring import SCORERS
 from premoe.moe.selective import ByteReader, build_model
@@ -37,104 +41,59 @@ from premoe.moe.selective import ByteReader, build_model
 DATA_FREE = {"random", "weights"}  # same ranking whatever the calibration data: one mode suffices
 
 
-def builtin_tasks(calib_samples: int, eval_samples: int) -> dict[str, tuple[list[dict], list[dict]]]:
-    from premoe.core.tasks import TASKS, samples
-
-    return {t: (samples(t, calib_samples, "calib"), samples(t, eval_samples, "eval")) for t in TASKS}
-
-
 def sweep(
     out: str | Path,
-    model: str | Path | None = None,
-    tasks: dict[str, tuple[Any, Any]] | None = None,
-    keeps: list[int] | None = None,
-    scorers: list[str] | None = None,
-    calib_samples: int = 64,
-    eval_samples: int = 100,
-    overlap_keep: int | None = None,
+    info: ModelInfo,
+    tasks: dict[str, tuple[Any, Any]],
+    opts: MoeSweep = MoeSweep(),
+    *,
+    variants: tuple[str, ...] | None = None,
+    memory: MemoryOptions = MemoryOptions(),
     progress: bool = True,
-    stream: bool | None = None,
-    max_memory: float | None = None,
-    sparsities: list[float] | None = None,
-    methods: list[str] | None = None,
-    schedule: str | None = None,
-    count: str | None = None,
-    refit: str | None = None,
-    compensate: list[str] | None = None,
+    about: dict[str, Any] | None = None,
+    overlap_keep: int | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep and write results and pictures into ``out`` (a dense model: see
-    :func:`premoe.dense.sweep.sweep_dense`, over ``sparsities`` and ``methods``).
+    """Run the sweep and write results and pictures into ``out``.
 
     Args:
         out: output directory (created; ``work/`` inside it holds the store and calibration files).
-        model: model directory (default: the shipped tiny MoE).
-        tasks: {name: (calibration samples, evaluation samples)}, each a list of
-            ``{"prompt", "completion"}`` dicts or a JSONL path (default: the built-in suite).
-        keeps: experts kept per layer (default: 3/4, 1/2, 3/8, 1/4, 1/8 of the experts, at least top-k).
-        scorers: scorer names (default: all).
-        calib_samples / eval_samples: sizes of the built-in splits (ignored for given tasks).
+        info: the model.
+        tasks: {name: (calibration samples, evaluation samples)}, each a list of ``{"prompt", "completion"}``
+            dicts or a JSONL path.
+        opts: keep counts (default: 3/4, 1/2, 3/8, 1/4, 1/8 of the experts, at least top-k) and scorers
+            (default: all).
+        variants: ``plain`` (the published selection) and compensations of the removed experts, each added as
+            ``<scorer>+<variant>`` rows (task-specific only), from :data:`premoe.moe.compensate.COMPENSATIONS`:
+            ``refit`` (least-squares down_proj under re-routing), ``scale``, ``merge``, ``merge+refit``,
+            ``router``, ``refit+router`` (default: ``plain``).
+        memory: for a model larger than memory: calibration streams it layer by layer and evaluation loads
+            its layers on demand (``stream`` forces either way); compensations need it in memory.
+        about: recorded in the results as they are (the model's label, the sizes of the built-in splits).
         overlap_keep: keep count of the overlap picture (default: half the experts).
-        stream / max_memory: for a model larger than memory (or ``max_memory`` MB): calibration streams
-            it layer by layer and evaluation loads its layers on demand (``stream`` forces either way).
-        schedule: dense models: one layer allocation for every method (``uniform``, ``logistic``,
-            ``adaptive``) so criteria are compared on the same structure (default: each method's own).
-        count: dense models: ``written`` (default; sparsity as ``premoe prune`` writes the checkpoint,
-            padded plans made sparser in memory to match) or ``memory`` (as the papers count).
-        refit: ``both``, ``on`` or ``off``: every method also (or only) with its kept weights re-fitted by
-            least squares (dense: :mod:`premoe.dense.refit`, default both; MoE: :mod:`premoe.moe.refit`,
-            task-specific rows only, default off).
-        compensate: MoE models: compensation methods each added as ``<scorer>+<method>`` rows, from
-            :data:`premoe.moe.compensate.COMPENSATIONS` (``refit``, ``scale``, ``merge``, ``merge+refit``);
-            ``refit="on"`` drops the plain rows.
     """
-    from premoe.showcase import TINY_MODEL
+    from premoe.moe.compensate import COMPENSATIONS
 
     logging.getLogger("premoe").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_label = str(model) if model else "premoe/assets/tiny-moe (shipped)"
-    model = Path(model or TINY_MODEL)
-    from premoe.api import model_kind
-
-    if model_kind(model) == "dense":
-        from premoe.dense.sweep import sweep_dense
-
-        if keeps or scorers or stream or max_memory or compensate:
-            raise InputError("--keep/--scorers/--stream/--max-memory/--compensate apply to MoE models; for a dense "
-                             "model use --sparsities and --methods")
-        return sweep_dense(out, model, tasks or builtin_tasks(calib_samples, eval_samples), sparsities, methods, progress,
-                           schedule=schedule, count=count or "written", refit=refit or "both")
-    if sparsities or methods or schedule or count:
-        raise InputError("--sparsities/--methods/--schedule/--count apply to dense models; for an MoE model use --keep "
-                         "and --scorers")
-    from premoe.moe.compensate import COMPENSATIONS
-
-    variants = {None: [None], "off": [None], "on": ["refit"], "both": [None, "refit"]}.get(refit)
-    if variants is None:
-        raise InputError(f"refit must be 'off', 'on' or 'both', got {refit!r}")
-    bad = [c for c in compensate or [] if c not in COMPENSATIONS]
+    variants = tuple(variants or ("plain",))
+    bad = [v for v in variants if v != "plain" and v not in COMPENSATIONS]
     if bad:
-        raise InputError(f"unknown compensation(s) {bad}; choose from {', '.join(COMPENSATIONS)}")
-    if compensate:
-        variants = list(dict.fromkeys([v for v in variants if refit != "on" or v] + list(compensate)))
+        raise InputError(f"unknown `variants` {bad} for an MoE model; choose from plain, {', '.join(COMPENSATIONS)}")
+    variants = tuple(None if v == "plain" else v for v in dict.fromkeys(variants))
     compensated = any(variants)
-    scorers = scorers or list(SCORERS)
-    bad = [s for s in scorers if s not in SCORERS]
-    if bad:
-        raise InputError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
-    tasks = tasks or builtin_tasks(calib_samples, eval_samples)
+    scorers = list(opts.scorers or SCORERS)
     from premoe.core.memory import fits, memory_budget
-    from premoe.moe.model import inspect_model
-    from premoe.core.config import load_tokenizer
     from premoe.moe.streaming import inference_model, resident_sizes
 
-    info = inspect_model(model)
-    budget = memory_budget(max_memory)
+    model = info.path
+    budget = memory_budget(memory.max_memory)
+    stream = memory.stream
     in_memory = stream is not True and not info.quant.method and fits(resident_sizes(info)["total"], budget)
     if compensated and not in_memory:
-        raise InputError("--refit/--compensate in an MoE sweep need the model in memory (they change the experts they "
-                         "evaluate); drop --stream/--max-memory or use --refit off")
+        raise InputError("compensation `variants` in an MoE sweep need the model in memory (they change the experts "
+                         "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`")
+    out.mkdir(parents=True, exist_ok=True)
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
 
@@ -144,7 +103,7 @@ def sweep(
         return inference_model(info, plan, reader, budget=budget, stream=stream)[0]
 
     E, K = info.num_experts, info.router.top_k
-    keeps = sorted({k for k in (keeps or [E * 3 // 4, E // 2, E * 3 // 8, E // 4, E // 8]) if K <= k <= E}, reverse=True)
+    keeps = sorted({k for k in (opts.keeps or [E * 3 // 4, E // 2, E * 3 // 8, E // 4, E // 8]) if K <= k <= E}, reverse=True)
     if not keeps:
         raise InputError(f"no keep count between top-k {K} and {E} experts")
     evals = {name: _rows(ev) for name, (_, ev) in tasks.items()}
@@ -156,8 +115,8 @@ def sweep(
     paths = {}
     for name, (cal, _) in tasks.items():
         path = paths[name] = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
-        calibrate(lm or model, path, name, store, all_stats=True, overwrite=True, progress=False, stream=stream,
-                  max_memory=max_memory)
+        calibrate(lm or info, CalibrationData.open(path), name, store, run=RunOptions(progress=False), memory=memory,
+                  calibration=MoeCalibration(all_stats=True), overwrite=True)
         bar.update(1)
     st = PatternStore.open(store)
     patterns = {name: st.load(name) for name in tasks}
@@ -170,12 +129,11 @@ def sweep(
             bar.update(1)
     captured, dense_layers = {}, None
     if compensated:  # each task's calibration tokens through the dense model, once (premoe.moe.refit)
-        from premoe.core.data import CalibrationData
         from premoe.moe.refit import TOKENS, capture
 
         dense_layers = lm.layers
         for name in tasks:
-            texts = [r.text for r in CalibrationData.open(paths[name], None, 1, 1).records()]
+            texts = [r.text for r in CalibrationData.open(paths[name]).records()]
             captured[name] = capture(lm.model, dense_layers, info.router, tok, texts, TOKENS)
     else:
         del lm
@@ -190,7 +148,7 @@ def sweep(
         for keep in keeps:
             for name in tasks:
                 pattern = patterns[name] if mode == "specific" else pooled
-                plan = plan_from_pattern(info, pattern, keep, scorer=scorer)
+                plan = plan_from_pattern(info, pattern, MoeSelection(keep=keep, scorer=scorer))
                 key = (tuple(tuple(v) for v in plan.kept.values()), name, fit)
                 if key not in cache:
                     with ByteReader() as reader:
@@ -206,10 +164,10 @@ def sweep(
     bar.close()
     summary = _summary(rows)
     result = {
-        "model": model_label, "experts": E, "top_k": K, "moe_layers": len(info.moe_layers), "tasks": list(tasks),
+        "model": str(model), "experts": E, "top_k": K, "moe_layers": len(info.moe_layers), "tasks": list(tasks),
         "keeps": keeps, "scorers": list(dict.fromkeys(r["scorer"] for r in rows)), "dense": dense, "rows": rows,
-        "summary": summary, "refit": refit or "off", "compensate": [v for v in variants if v],
-        "calib_samples": calib_samples, "eval_samples": eval_samples,
+        "summary": summary, "variants": [v or "plain" for v in variants], "kind": "moe", "out": str(out),
+        **(about or {}),
     }
     result["seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,6 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,22 +31,11 @@ from premoe.errors import PremoeError
 from premoe.server.backend import context_length, encode, render_chat
 from premoe.server.engine import Sampling
 from premoe.server.metrics import Metrics
+from premoe.server.options import ServeOptions
 from premoe.server.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 AUTO = "auto"
 MAX_STOPS = 4
-
-
-@dataclass
-class ServeOptions:
-    api_key: str | None = None
-    max_queue: int = 64
-    max_batch: int = 8
-    policy: str = "affinity"
-    max_wait: float = 2.0
-    continuous: bool = True  # requests of the running batch's task join it between tokens
-    max_body_bytes: int = 1 << 20
-    max_tokens: int | None = None  # cap for requests that give none (default: the rest of the context)
 
 
 class APIError(Exception):

@@ -13,7 +13,8 @@ import socket
 from typing import Callable
 
 from premoe.errors import InputError
-from premoe.server.app import ServeOptions, create_app
+from premoe.server.app import create_app
+from premoe.server.options import ServeOptions
 
 log = logging.getLogger("premoe")
 
@@ -23,7 +24,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise InputError(f"cannot resolve --host {host!r} ({e.strerror}); use an address such as 127.0.0.1") from None
+        raise InputError(f"cannot resolve `host` {host!r} ({e.strerror}); use an address such as 127.0.0.1") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -31,7 +32,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); choose another `port` or `host`") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -61,14 +62,13 @@ def make_server(backend, opts: ServeOptions, sock: socket.socket, drain_seconds:
     return Server(config)
 
 
-def serve(backend, opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, drain_seconds: float = 120.0,
-          log_level: str = "warning", announce: Callable[[str], None] = print) -> int:
-    """Serve ``backend`` until SIGTERM/SIGINT; returns the exit status."""
-    sock = bind(host, port)
-    server = make_server(backend, opts, sock, drain_seconds, log_level)
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("listening on %s: reachable from other machines%s", host,
-                    "" if opts.api_key else " and no --api-key is set")
+def serve(backend, opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
+    """Serve ``backend`` on ``opts.host:opts.port`` until SIGTERM/SIGINT; returns the exit status."""
+    sock = bind(opts.host, opts.port)
+    server = make_server(backend, opts, sock, opts.drain_seconds, opts.log_level)
+    if opts.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s: reachable from other machines%s", opts.host,
+                    "" if opts.api_key else " and no API key is set")
     announce(f"premoe serve: listening on {url_of(sock)} (tasks: {', '.join(backend.tasks)}; model 'auto' routes "
              f"each request)")
     server.run(sockets=[sock])

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from premoe.errors import PremoeError
+from premoe.server.options import POLICIES
 from premoe.server.engine import Sampling, Sequence, run_batch
 
 log = logging.getLogger("premoe")
-POLICIES = ("affinity", "fcfs")
 
 
 class QueueFull(Exception):

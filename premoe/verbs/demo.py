@@ -21,17 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from premoe.assets import TINY_DENSE, TINY_MODEL
 
-from premoe.api import calibrate, prune
-from premoe.core.data import write_jsonl
-from premoe.core.evaluation import exact_match
-from premoe.moe.loading import load_model
-from premoe.core.tasks import TASKS, samples
-
-TINY_MODEL = Path(__file__).parent / "assets" / "tiny-moe"
-TINY_DENSE = Path(__file__).parent / "assets" / "tiny-dense"
+HELP = ("calibrate, prune and evaluate the shipped tiny MoE (PreMoe) and tiny dense model (SEAP) on the built-in "
+        "tasks")
 DENSE_METHODS = {
     "seap": "SEAP, --no-refit",
     "seap+refit": "SEAP (default: + re-fit)",
@@ -63,6 +56,8 @@ def demo(
 ) -> dict[str, Any]:
     """Run the demo; returns the results (see :func:`format_table`). The MoE results sit at the top
     level, the dense (SEAP) ones under ``"dense"`` (left out with ``dense_model=None``)."""
+    from premoe.core.tasks import TASKS
+
     logging.getLogger("premoe").setLevel(logging.WARNING)
     tasks = tasks or list(TASKS)
     with tempfile.TemporaryDirectory(prefix="premoe-demo-") as tmp:
@@ -76,6 +71,16 @@ def demo(
 
 
 def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, progress) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from premoe.core.data import write_jsonl
+    from premoe.core.evaluation import exact_match
+    from premoe.core.tasks import samples
+    from premoe.moe.loading import load_model
+    from premoe.verbs.calibrate import calibrate
+    from premoe.verbs.prune import prune
+
     t_start = time.perf_counter()
     lm = load_model(model, device="cpu", dtype=torch.float32)
     info = lm.info
@@ -146,7 +151,15 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
 
 
 def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples, tasks, progress) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from premoe.core.data import write_jsonl
+    from premoe.core.evaluation import exact_match
+    from premoe.core.tasks import samples
     from premoe.dense.model import inspect_dense, load_dense
+    from premoe.verbs.calibrate import calibrate
+    from premoe.verbs.prune import prune
 
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -235,3 +248,24 @@ def _format_dense(d: dict[str, Any], tasks: list[str], eval_samples: int) -> str
     lines += ["", "removed: decoder linear weights removed, as counted in the written checkpoint (SEAP: one "
               f"checkpoint per task); dense part {d['seconds']:.0f}s"]
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help=HELP, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("--keep", dest="keeps", type=int, nargs="+", help="MoE keep counts (default: 1/2, 1/4, 1/8 of the experts)")
+    p.add_argument("--sparsity", dest="sparsities", type=float, nargs="+", help="dense sparsities (default: 0.2 0.5)")
+    p.add_argument("--no-dense", action="store_true", help="run the MoE part only")
+    p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task (default 100)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples per task (default 64)")
+    p.add_argument("--workdir", help="keep the stores and pruned models here (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    result = demo(keeps=args.keeps, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
+                  workdir=args.workdir, progress=not args.quiet, sparsities=args.sparsities,
+                  dense_model=None if args.no_dense else TINY_DENSE)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
