@@ -40,7 +40,7 @@ from premoe.core.tasks import TASKS, samples  # noqa: E402
 from premoe.dense.calibration import prompt_features  # noqa: E402
 from premoe.dense.model import load_dense  # noqa: E402
 from premoe.dense.router import DenseRouter  # noqa: E402
-from premoe.showcase import TINY_DENSE  # noqa: E402
+from premoe.assets import TINY_DENSE  # noqa: E402
 from premoe.testing import DENSE_FAMILIES, build_dense_model  # noqa: E402
 
 

@@ -30,16 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
-from premoe.dense.calibration import calibrate_dense  # noqa: E402
 from premoe.dense.model import kept_params, load_dense, prune_in_memory  # noqa: E402
 from premoe.dense.plans import make_dense_plan  # noqa: E402
 from premoe.dense.scoring import METRICS  # noqa: E402
 from premoe.errors import InputError  # noqa: E402
-from premoe.showcase import TINY_DENSE  # noqa: E402
+from premoe.assets import TINY_DENSE  # noqa: E402
 
 
 def main() -> None:
@@ -55,8 +55,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     work = Path(tempfile.mkdtemp(prefix="premoe-dense-scores-"))
     for t in TASKS:
-        calibrate_dense(args.model, write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib")), t, work / "store",
-                        progress=False)
+        data = write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib"))
+        premoe.calibrate(args.model, data, t, work / "store", progress=False)
     info, lm, tok = load_dense(args.model, dtype="float32")
     store = PatternStore.open(work / "store")
     evals = {t: samples(t, args.eval, "eval") for t in TASKS}

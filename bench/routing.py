@@ -8,7 +8,7 @@ Part 2 is harder and covers every router family: for the tiny model of each fami
 premoe.testing.FAMILIES, eight synthetic "tasks" are overlapping random character distributions;
 keys come from 8 samples of 24 characters, queries are 4 to 8 characters long.
 
-Together they are the evidence behind premoe.core.retrieval.SignatureSpec's defaults.
+Together they are the evidence behind premoe.core.options.SignatureSpec's defaults.
 
     python bench/routing.py [--queries 200] [--calib 64]
 """
@@ -30,8 +30,9 @@ import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.moe.model import inspect_model
 from premoe.moe.loading import load_model
-from premoe.core.retrieval import METRICS, NORMS, SOURCES, STATS, Retriever, SignatureSpec  # noqa: E402
-from premoe.showcase import TINY_MODEL  # noqa: E402
+from premoe.core.options import METRICS, NORMS, SOURCES, STATS, SignatureSpec  # noqa: E402
+from premoe.core.retrieval import Retriever
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.moe.signature import SignatureModel  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402

@@ -46,7 +46,7 @@ def metric(text: str, name: str) -> float:
 def start_server(args, store: Path, config: str):
     policy, batching = config.split(":")
     cmd = [sys.executable, "-m", "premoe", "-q", "serve", "--model", str(args.model), "--store", str(store),
-           "--port", "0", "--schedule", policy, "--batching", batching, "--max-batch", str(args.max_batch),
+           "--port", "0", "--policy", policy, "--batching", batching, "--max-batch", str(args.max_batch),
            "--max-queue", str(args.requests)]
     cmd += ["--sparsity", str(args.sparsity)] if args.dense else ["--keep", str(args.keep)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--configs", nargs="+", default=["affinity:continuous", "fcfs:continuous", "affinity:static",
                                                      "fcfs:static"],
-                    help="POLICY:BATCHING pairs (--schedule and --batching of premoe serve)")
+                    help="POLICY:BATCHING pairs (--policy and --batching of premoe serve)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per policy at most")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--seed", type=int, default=0)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from premoe.core.data import write_jsonl
     from premoe.core.evaluation import generate_greedy
     from premoe.core.tasks import samples
-    from premoe.showcase import TINY_DENSE, TINY_MODEL
+    from premoe.assets import TINY_DENSE, TINY_MODEL
 
     torch.set_num_threads(args.threads)
     args.model = args.model or (TINY_DENSE if args.dense else TINY_MODEL)

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.showcase import TINY_MODEL  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 
 

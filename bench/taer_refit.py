@@ -29,7 +29,7 @@ from premoe.core.evaluation import exact_match  # noqa: E402
 from premoe.moe.router import QueryRouter  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 from premoe.moe.server import TaskServer  # noqa: E402
-from premoe.showcase import TINY_MODEL  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 
 
 def serve_all(store: Path, keep: int, refit: bool | None, groups: dict[str, list[dict]]) -> dict:

@@ -1,14 +1,16 @@
 """TCESS settings on the built-in suite: the default (k = the model's top-k, no threshold) vs.
 counting only each token's primary expert (k = 1) or only dominant shares (r = 0.5).
 
-Evidence for the README's note on why task-specific TCESS trails output-aware criteria and the
-official top-1 preset at small keep counts.
+Evidence for the note on why task-specific TCESS trails output-aware criteria and the official
+top-1 preset at small keep counts. Every variant is calibrated and pruned with ``--scorer tcess``
+(the default scorer is EASY-EP, which ``--k``/``--r`` do not change).
 
     python bench/tcess_variants.py
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -22,9 +24,9 @@ import premoe  # noqa: E402
 from premoe.moe.patterns import plan_from_pattern  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.moe.loading import load_model
+from premoe.moe.loading import load_model  # noqa: E402
 from premoe.moe.selective import ByteReader, build_model  # noqa: E402
-from premoe.showcase import TINY_MODEL  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 
@@ -32,9 +34,15 @@ VARIANTS = {"tcess (k=top-k, no r)": {}, "tcess k=1": {"k": 1}, "tcess r=0.5": {
 KEEPS = (24, 16, 12, 8, 4)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)
     logging.disable(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="premoe-tcess-"))
+    with tempfile.TemporaryDirectory(prefix="premoe-tcess-") as tmp:
+        table(Path(tmp))
+
+
+def table(work: Path) -> None:
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     evals = {t: samples(t, 100, "eval") for t in TASKS}
     dense = {t: exact_match(lm.model, lm.tokenizer, evals[t], progress=False) for t in TASKS}
@@ -42,7 +50,7 @@ def main() -> None:
     for i, (label, kwargs) in enumerate(VARIANTS.items()):
         for t in TASKS:
             data = write_jsonl(work / f"{t}.jsonl", samples(t, 64, "calib"))
-            premoe.calibrate(lm, data, t, work / f"store{i}", progress=False, **kwargs)
+            premoe.calibrate(lm, data, t, work / f"store{i}", scorer="tcess", progress=False, **kwargs)
         st = PatternStore.open(work / f"store{i}")
         cells = []
         for keep in KEEPS:
