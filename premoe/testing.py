@@ -204,9 +204,12 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
 
     from safetensors.torch import load_file, save_file
 
+    from premoe.core.quant import FORMATS, Fp8Blocks
     from premoe.moe.model import inspect_model
-    from premoe.core.quant import quantize_fp8, quantize_mxfp4
 
+    if method not in FORMATS:
+        raise ValueError(f"unknown quantisation method {method!r}; choose from {', '.join(FORMATS)}")
+    fmt = Fp8Blocks(block) if FORMATS[method] is Fp8Blocks else FORMATS[method]()
     info = inspect_model(src)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -217,32 +220,13 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
         tensors.update(load_file(shard))
     done = {}
     for name, t in tensors.items():
-        role = info.roles[name]
-        if method == "fp8":
-            quantizable = t.dim() == 2 and name.endswith(".weight") and role.kind in ("expert", "other") \
-                and "embed" not in name and "lm_head" not in name and "norm" not in name
-            if role.kind == "fused" and t.dim() == 3:
-                quantizable = True
-            if quantizable:
-                q, s = quantize_fp8(t, block)
-                done[name] = q
-                done[f"{name}_scale_inv"] = s.float()
-                continue
-        elif method == "mxfp4" and role.kind == "fused" and t.dim() == 3 and not name.endswith("_bias"):
-            blocks, scales = quantize_mxfp4(t.transpose(1, 2).contiguous())  # in memory [E, in, out]
-            done[f"{name}_blocks"] = blocks
-            done[f"{name}_scales"] = scales
-            continue
-        done[name] = t
+        if fmt.quantizes(name, t, info.roles[name]):
+            done.update(fmt.encode(name, t, transposed=info.spec.packed_transposed))
+        else:
+            done[name] = t
     save_file({k: v.contiguous() for k, v in done.items()}, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    if method == "fp8":
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": list(block) if block else None}
-    else:
-        cfg["quantization_config"] = {"quant_method": "mxfp4",
-                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                                 "model.embed_tokens", "lm_head"]}
+    cfg["quantization_config"] = fmt.config()
     cfg.setdefault("dtype", "bfloat16")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

@@ -62,3 +62,59 @@ def test_no_import_cycles():
         if not state.get(mod):
             visit(mod, [mod])
 
+
+
+def _package(mod: str) -> str:
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else mod
+
+
+# package -> the premoe packages and top-level modules it may import
+LAYERS = {
+    "premoe.core": {"premoe.core", "premoe.errors", "premoe._version"},
+    "premoe.moe": {"premoe.moe", "premoe.core", "premoe.errors", "premoe._version"},
+    "premoe.dense": {"premoe.dense", "premoe.core", "premoe.errors", "premoe._version"},
+    "premoe.server": {"premoe.server", "premoe.core", "premoe.errors", "premoe._version"},
+    "premoe.assets": set(),
+}
+
+
+def test_layers_hold():
+    """core/ is a shared layer (nothing above it), moe/ and dense/ never import each other, server/ sits on
+    core/ only; lazy imports inside functions count."""
+    bad = []
+    for mod, deps in _import_graph().items():
+        allowed = LAYERS.get(_package(mod))
+        if allowed is None:
+            continue
+        for dep in deps:
+            if _package(dep) not in allowed and dep not in allowed:
+                bad.append(f"{mod} -> {dep}")
+    assert not bad, bad
+
+
+def test_quantisation_methods_are_compared_only_in_core_quant():
+    """Formats are classes looked up by quant_method; nothing else compares a method name."""
+    import ast
+    from pathlib import Path
+
+    root = Path(premoe.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "quant":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                if any(v in ("fp8", "mxfp4") for v in consts):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
+
+
+def test_every_verb_is_one_module_named_after_it():
+    from premoe.cli import VERBS, build_parser
+
+    build_parser()
+    for verb in VERBS:
+        mod = importlib.import_module(f"premoe.verbs.{verb}")
+        assert callable(mod.add_parser) and callable(mod.run), verb

@@ -3,6 +3,7 @@ written back in the original format, bit for bit."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quant
     assert any(r.companion == "scale" for r in info.roles.values())
     ours = load_model(q, device="cpu").model.state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(q).state_dict()
-    block = info.quant.block
+    block = getattr(info.quant, "block", None)  # FP8 only
     for k, v in ours.items():
         divides = block is None or v.dim() < 2 or (v.shape[-2] % block[0] == 0 and v.shape[-1] % block[1] == 0)
         if divides:  # transformers derives blocks from the scale grid, so it only agrees where blocks divide
@@ -236,3 +237,30 @@ def test_scales_that_do_not_match_their_blocks_are_refused(quantized, tmp_path):
     save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="has no .*_scale_inv"):
         inspect_model(q)
+
+
+def test_formats_are_classes_looked_up_by_quant_method():
+    """quant_format picks the class by quant_method; every format maps its companions back to their main
+    tensor and refuses FP8 bytes it cannot read; an unknown method names the supported ones."""
+    from premoe.core.quant import FORMATS, Fp8Blocks, Mxfp4, Plain, quant_format
+
+    assert isinstance(quant_format({}), Plain) and not quant_format({}).quantized
+    assert quant_format({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}) == Fp8Blocks((128, 128))
+    assert isinstance(quant_format({"text_config": {"quantization_config": {"quant_method": "mxfp4"}}}), Mxfp4)
+    assert set(FORMATS) == {"fp8", "mxfp4"} and all(FORMATS[m].method == m for m in FORMATS)
+    fp8, mx = Fp8Blocks((2, 2)), Mxfp4()
+    assert fp8.companion("a.weight_scale_inv") == ("a.weight", "scale") and fp8.companion("a.weight") is None
+    assert mx.companion("e.down_proj_scales") == ("e.down_proj_blocks", "scale") and mx.target("e.down_proj_blocks") == "e.down_proj"
+    assert fp8.resident_bytes("w", "F8_E4M3", 10, 2) == 20 and mx.resident_bytes("x_blocks", "U8", 10, 2) == 40
+    assert Plain().resident_bytes("w", "BF16", 10, 2) == 10
+    from premoe.core.checkpoint import TensorInfo
+
+    f8 = TensorInfo("w", Path("x"), "F8_E4M3", (4, 4), 0, 16)
+    with pytest.raises(CheckpointError, match="no fp8 quantization_config"):
+        Plain().check_tensor("w", f8, None, None)
+    with pytest.raises(CheckpointError, match="has no w_scale_inv"):
+        fp8.check_tensor("w", f8, None, None)
+    with pytest.raises(CheckpointError, match="scales do not match"):
+        fp8.check_tensor("w", f8, "w_scale_inv", TensorInfo("s", Path("x"), "F32", (3, 2), 0, 24))
+    with pytest.raises(UnsupportedModelError, match='"fp8", "mxfp4"'):
+        quant_format({"quantization_config": {"quant_method": "awq"}})

@@ -110,6 +110,8 @@ class ArchSpec:
         pre_moe_norm: the decoder layer's norm just before the MoE block (EASY-EP compares the routed
             output with the residual entering it); ``None``: the block input is used.
         weight_on_input: the routing weight scales the expert's input, not its output (Llama-4).
+        packed_transposed: fused experts are held [E, in, out] in memory while quantised checkpoints pack
+            them [E, out, in] along the input dimension (GPT-OSS's MXFP4 release).
         layers_key: config key of the number of decoder layers (LongCat-Flash: ``num_layers``).
         shared: names of shared-expert submodules (never pruned; for documentation).
         notes: what the README says about the family.
@@ -126,6 +128,7 @@ class ArchSpec:
     extra_slots: str | None = None
     pre_moe_norm: str | None = "post_attention_layernorm"
     weight_on_input: bool = False
+    packed_transposed: bool = False
     layers_key: str = "num_hidden_layers"
     shared: tuple[str, ...] = ()
     notes: str = ""

@@ -36,7 +36,7 @@ def evaluate_moe(info: ModelInfo, data: str | Path, plan: PrunePlan | None, *, r
                       refit=plan.refit if plan.weights is not None else None,
                       pruning=f"{plan.scorer} pattern of {plan.task}, {plan.keep} experts per layer")
     budget = memory_budget(memory.max_memory)
-    by_transformers = (plan is None and memory.stream is None and memory.max_memory is None and not info.quant.method
+    by_transformers = (plan is None and memory.stream is None and memory.max_memory is None and not info.quant.quantized
                        and fits(resident_sizes(info)["total"], budget))
     with ByteReader() as reader:
         if by_transformers:

@@ -168,7 +168,7 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
         loader = getattr(transformers, arch)  # a multimodal release: load it the way its users do
     elif new.config_type != new.raw_config.get("model_type"):
         config = config_from_dict(new.model_config, new.config_type)
-        if new.quant.method:
+        if new.quant.quantized:
             config.quantization_config = new.raw_config["quantization_config"]
         kwargs["config"] = config
     from transformers.utils import logging as hf_logging

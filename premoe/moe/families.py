@@ -72,7 +72,7 @@ _SPECS = [
              notes="Mamba / attention / MoE hybrid; experts without a gate (`up_proj`)"),
     ArchSpec("beam", Routing("sigmoid", renormalize="norm_topk_prob", eps=1e-20, bias="gate.e_score_correction_bias",
                              group="top2sum"), "num_experts", pre_moe_norm="pre_feedforward_layernorm", notes="routed output x routed_scaling_factor in the block"),
-    ArchSpec("gpt_oss", TOPK_SOFTMAX, "num_local_experts", router="router",
+    ArchSpec("gpt_oss", TOPK_SOFTMAX, "num_local_experts", router="router", packed_transposed=True,
              notes="fused, transposed, interleaved gate/up; router bias and expert biases sliced; MXFP4 on the hub"),
     ArchSpec("granitemoe", TOPK_SOFTMAX, "num_local_experts", block=("block_sparse_moe",), router="router",
              notes="hub: fused `input_linear`/`output_linear`"),

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from premoe.core.checkpoint import TensorInfo
-from premoe.core.quant import FP8_DTYPES, QuantFormat, check_fp8_pair, check_mxfp4_pair
+from premoe.core.quant import QuantFormat
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import ArchSpec, find_moe_layers
 
@@ -238,7 +238,7 @@ def map_checkpoint(
             if role.kind == "fused":
                 role = replace(role, rows=0 if n == width and width != num_experts else n // num_experts)
         roles[key] = replace(role, companion=kind)
-    _check_quant(tensors, roles, companions, quant)
+    _check_quant(tensors, companions, quant)
     sources = _sources(tensors, roles, companions, converted)
     _check_complete(moe, roles, sources, spec, num_experts, width, decoder_prefix)
     return CheckpointLayout(roles, sources, moe)
@@ -265,21 +265,12 @@ def _wrapper_prefix(tensors, model: nn.Module, renamings, converters, meta_state
     return ""
 
 
-def _check_quant(tensors, roles, companions, quant: QuantFormat) -> None:
+def _check_quant(tensors, companions, quant: QuantFormat) -> None:
     scales = {main: key for key, (main, kind) in companions.items() if kind == "scale"}
     for key, info in tensors.items():
-        if quant.method == "fp8" and info.dtype in FP8_DTYPES:
-            if key not in scales:
-                raise CheckpointError(f"{key} is stored in FP8 but has no {key}_scale_inv; the checkpoint is incomplete")
-            check_fp8_pair(key, info.shape, scales[key], tensors[scales[key]].shape, quant.block)
-        elif quant.method == "mxfp4" and key.endswith("_blocks"):
-            if key not in scales:
-                raise CheckpointError(f"{key} is MXFP4 but has no {key.removesuffix('_blocks')}_scales")
-            check_mxfp4_pair(key, info.shape, scales[key], tensors[scales[key]].shape)
-        elif info.dtype in FP8_DTYPES and quant.method != "fp8":
-            raise CheckpointError(
-                f"{key} is stored in FP8 but config.json has no fp8 quantization_config; add it or re-download the config"
-            )
+        if key not in companions:
+            scale = scales.get(key)
+            quant.check_tensor(key, info, scale, tensors[scale] if scale else None)
 
 
 def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[str, Source]:

@@ -45,7 +45,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     info = inspect_model(path)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(info.path)
-    if info.quant.method or info.text_key or info.config_type != info.raw_config.get("model_type"):
+    if info.quant.quantized or info.text_key or info.config_type != info.raw_config.get("model_type"):
         # transformers cannot (or, for quantised weights on a CPU, should not) load it itself: build it
         # from byte ranges, dequantising one tensor at a time
         from premoe.moe.selective import ByteReader, build_model

@@ -17,7 +17,7 @@ from typing import Any
 
 from premoe.core.checkpoint import ByteReader, Checkpoint, tensor_bytes
 from premoe.core.config import config_from_dict, meta_model, read_config, text_part
-from premoe.core.quant import QuantFormat, quant_format
+from premoe.core.quant import Plain, QuantFormat, quant_format
 from premoe.moe.arch import ArchSpec, RouterSpec, router_spec
 from premoe.moe.families import resolve
 from premoe.moe.layout import CheckpointLayout, KeyRole, expert_slots, map_checkpoint
@@ -72,7 +72,7 @@ class ModelInfo:
     checkpoint: Checkpoint
     layout: CheckpointLayout
     fingerprint: ModelFingerprint
-    quant: QuantFormat = field(default_factory=QuantFormat)
+    quant: QuantFormat = field(default_factory=Plain)
     config_type: str = ""  # the model_type whose config class reads the language model's config
     text_key: str | None = None  # "text_config" when the checkpoint wraps its language model (multimodal releases)
 

@@ -156,7 +156,7 @@ def router_target(info, layer: int) -> str | None:
 
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
-    if info.quant.method:
+    if info.quant.quantized:
         raise UnsupportedModelError(f"`refit` writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
                                     "and premoe does not re-quantise them; use `refit=False`")
     if info.spec.weight_on_input or info.router.slots or not info.spec.experts:

@@ -23,7 +23,6 @@ from premoe.moe.layout import Source
 from premoe.moe.model import ModelInfo
 from premoe.core.config import config_from_dict, skeleton
 from premoe.core.modules import backbone, finish_buffers, set_tensor
-from premoe.core.quant import dequant_fp8, dequant_mxfp4
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.kernels import select_kernel
@@ -128,12 +127,9 @@ class Materializer:
         return self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
 
     def _dequant(self, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        q = self.info.quant
         if scale is None:
             return value
-        if q.method == "fp8":
-            return dequant_fp8(value, scale, q.block, self.dtype)
-        return dequant_mxfp4(value, scale, self.dtype)  # [.., rows, cols]
+        return self.info.quant.dequant(value, scale, self.dtype)
 
     # -- one in-memory tensor --------------------------------------------------------------------
 
@@ -244,8 +240,8 @@ class Materializer:
                 scale_key = src.scales[src.key]
                 scale = self._select(scale_key, 0, ids, self._block_rows(scale_key, src))
                 value = self._dequant(value, scale)
-                if self.info.quant.method == "mxfp4":
-                    value = value.transpose(-1, -2).contiguous()  # hub [E, out, in] -> GPT-OSS [E, in, out]
+                if self.info.spec.packed_transposed:
+                    value = value.transpose(-1, -2).contiguous()  # packed on disk [E, out, in] -> memory [E, in, out]
             return value
         keys = [src.parts.get((e, p)) for e in ids for p in range(src.n_parts)]
         if not src.scales and all(k is not None for k in keys) and len({self.tensors[k].dtype for k in keys}) == 1:

@@ -64,11 +64,7 @@ def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None, plan=None)
         if role.kind == "beyond" or role.target is None or role.companion:
             continue
         t = info.checkpoint.tensors[name]
-        nbytes = kept_bytes(info, role, t.nbytes, plan)
-        if info.quant.method == "fp8" and t.dtype.startswith("F8"):
-            nbytes *= item  # one byte per value
-        elif info.quant.method == "mxfp4" and name.endswith("_blocks"):
-            nbytes *= 2 * item  # two values per byte
+        nbytes = info.quant.resident_bytes(name, t.dtype, kept_bytes(info, role, t.nbytes, plan), item)
         if role.layer is not None:
             per_layer[role.layer] = per_layer.get(role.layer, 0) + nbytes
         else:

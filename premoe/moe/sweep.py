@@ -89,7 +89,7 @@ def sweep(
     model = info.path
     budget = memory_budget(memory.max_memory)
     stream = memory.stream
-    in_memory = stream is not True and not info.quant.method and fits(resident_sizes(info)["total"], budget)
+    in_memory = stream is not True and not info.quant.quantized and fits(resident_sizes(info)["total"], budget)
     if compensated and not in_memory:
         raise InputError("compensation `variants` in an MoE sweep need the model in memory (they change the experts "
                          "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`")

@@ -1,0 +1,95 @@
+"""What a quantisation format is to premoe: a class with a fixed contract (transformers' ``HfQuantizer`` idea).
+
+Every caller asks the checkpoint's format (``info.quant``) rather than comparing method names. The base
+class is the unquantised checkpoint (:class:`Plain`); :mod:`premoe.core.quant.fp8` and
+:mod:`premoe.core.quant.mxfp4` override what their published layouts need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from premoe.errors import CheckpointError
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+class QuantFormat:
+    """How a checkpoint's weights are stored (this base: plain floating-point weights).
+
+    Hooks: :meth:`companion` and :meth:`target` (which keys are scales, and which in-memory tensor a key
+    stands for), :meth:`check_tensor` (a tensor and its scale agree, before any work), :meth:`dequant`
+    (one tensor to the compute dtype), :meth:`resident_bytes` (what a stored tensor takes once
+    dequantised), and for building hub-layout checkpoints :meth:`quantizes` / :meth:`encode` /
+    :meth:`config`.
+    """
+
+    method: ClassVar[str | None] = None  # the config's quant_method
+
+    @property
+    def quantized(self) -> bool:
+        return self.method is not None
+
+    @property
+    def label(self) -> str:
+        return self.method or "none"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    def companion(self, key: str) -> tuple[str, str] | None:
+        """``(main key, kind)`` when ``key`` is a scale (``"scale"``) or static activation scale
+        (``"activation"``) belonging to another tensor, else ``None``."""
+        return None
+
+    def target(self, key: str) -> str:
+        """The tensor name a main key stands for in memory."""
+        return key
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def check_tensor(self, key: str, info: Any, scale_key: str | None, scale_info: Any) -> None:
+        """Raise :class:`CheckpointError` unless ``key`` (a :class:`premoe.core.checkpoint.TensorInfo`) and
+        its scale agree with this format. The base refuses FP8 tensors: the config must say how to read them."""
+        if info.dtype in FP8_DTYPES:
+            raise CheckpointError(f"{key} is stored in FP8 but config.json has no fp8 quantization_config; add it or "
+                                  "re-download the config")
+
+    # -- values ---------------------------------------------------------------------------------------
+
+    def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``value`` and its ``scale`` as a ``dtype`` tensor."""
+        raise CheckpointError(f"{self.label} checkpoints have no scales to apply")
+
+    def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
+        """Bytes ``key`` (``nbytes`` on disk) takes in memory once dequantised to ``itemsize`` bytes per value."""
+        return nbytes
+
+    # -- writing hub-layout checkpoints (tests and benchmarks) ----------------------------------------
+
+    def quantizes(self, key: str, tensor: torch.Tensor, role: Any) -> bool:
+        """Whether the published layout stores ``key`` (a tensor of ``role``) quantised."""
+        return False
+
+    def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors that store ``tensor`` in this format (``transposed``: its last two dims are
+        swapped on disk, as GPT-OSS publishes packed experts)."""
+        return {key: tensor}
+
+    def config(self) -> dict[str, Any] | None:
+        """The ``quantization_config`` of a checkpoint in this format."""
+        return None
+
+
+class Plain(QuantFormat):
+    """Unquantised weights (bf16, fp16, fp32)."""

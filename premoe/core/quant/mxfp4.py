@@ -1,0 +1,98 @@
+"""MXFP4 (``quant_method: "mxfp4"``), as GPT-OSS publishes it.
+
+Fused expert tensors as ``<name>_blocks`` [E, rows, G, 16] (two FP4 e2m1 values per byte, low nibble
+first) and ``<name>_scales`` [E, rows, G] (E8M0 exponents, bias 127), 32 values per scale, packed along
+the input dimension (families that hold such experts transposed in memory say so in their family row,
+:attr:`premoe.moe.arch.ArchSpec.packed_transposed`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from premoe.core.quant.base import QuantFormat
+from premoe.errors import CheckpointError
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32  # values per scale
+
+
+class Mxfp4(QuantFormat):
+    method: ClassVar[str | None] = "mxfp4"
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]) -> "Mxfp4":
+        return cls()
+
+    def companion(self, key: str) -> tuple[str, str] | None:
+        """``x_scales`` belongs to ``x_blocks`` (the blocks are the main tensor)."""
+        if key.endswith("_scales"):
+            return key.removesuffix("_scales") + "_blocks", "scale"
+        return None
+
+    def target(self, key: str) -> str:
+        """``x_blocks`` stands for ``x`` in memory."""
+        return key.removesuffix("_blocks") if key.endswith("_blocks") else key
+
+    def check_tensor(self, key: str, info: Any, scale_key: str | None, scale_info: Any) -> None:
+        if not key.endswith("_blocks"):
+            super().check_tensor(key, info, scale_key, scale_info)
+            return
+        if scale_key is None:
+            raise CheckpointError(f"{key} is MXFP4 but has no {key.removesuffix('_blocks')}_scales")
+        check_mxfp4_pair(key, info.shape, scale_key, scale_info.shape)
+
+    def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequant_mxfp4(value, scale, dtype)  # [..., rows, cols]
+
+    def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
+        return nbytes * 2 * itemsize if key.endswith("_blocks") else nbytes  # two values per byte on disk
+
+    def quantizes(self, key: str, tensor: torch.Tensor, role: Any) -> bool:
+        """The fused expert matrices (not their biases)."""
+        return role.kind == "fused" and tensor.dim() == 3 and not key.endswith("_bias")
+
+    def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
+        blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2).contiguous() if transposed else tensor)
+        return {f"{key}_blocks": blocks, f"{key}_scales": scales}
+
+    def config(self) -> dict[str, Any]:
+        return {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                    "model.embed_tokens", "lm_head"]}
+
+
+def check_mxfp4_pair(name: str, blocks_shape, scale_name: str, scales_shape) -> None:
+    blocks_shape, scales_shape = tuple(blocks_shape), tuple(scales_shape)
+    if len(blocks_shape) < 2 or blocks_shape[-1] != MXFP4_GROUP // 2 or blocks_shape[:-1] != scales_shape:
+        raise CheckpointError(
+            f"{scale_name} has shape {list(scales_shape)} but {name} {list(blocks_shape)} needs "
+            f"{list(blocks_shape[:-1])} (one scale per {MXFP4_GROUP} values); the MXFP4 tensors do not match"
+        )
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., G, 16] packed FP4 + [..., G] E8M0 scales -> [..., G * 32] values."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    b = blocks.to(torch.uint8)
+    vals = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1).flatten(-2)  # [..., G, 32]
+    out = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return out.flatten(-2).to(dtype)
+
+
+def quantize_mxfp4(w: torch.Tensor):
+    """(blocks uint8 [..., G, 16], scales uint8 [..., G]) of ``w`` [..., C] (C a multiple of 32), round to
+    nearest FP4 value: the GPT-OSS hub layout. Used to build test checkpoints."""
+    w = w.float()
+    if w.shape[-1] % MXFP4_GROUP:
+        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {MXFP4_GROUP}, got {w.shape[-1]}")
+    g = w.unflatten(-1, (-1, MXFP4_GROUP))  # [..., G, 32]
+    amax = g.abs().amax(dim=-1).clamp_min(2.0**-126)
+    exp = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)  # largest FP4 magnitude is 6 = 1.5 * 2^2
+    scaled = g / torch.exp2(exp).unsqueeze(-1)
+    lut = torch.tensor(FP4_VALUES[:8])
+    idx = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(dim=-1)
+    idx = idx + 8 * (scaled < 0).long() * (idx > 0).long()
+    packed = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exp + 127).to(torch.uint8)
