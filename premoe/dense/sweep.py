@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -193,6 +194,8 @@ def _plot(out: Path, result: dict) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        logging.getLogger(__name__).warning("results written without a picture: it needs matplotlib "
+                                            "(pip install 'premoe[plots]')")
         return []
     fig, ax = plt.subplots(figsize=(8, 5))
     colors: dict[str, str] = {}

@@ -208,7 +208,9 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("premoe sweep draws its pictures with matplotlib: pip install 'premoe[plots]'") from None
+        logging.getLogger(__name__).warning("results written without pictures: they need matplotlib "
+                                            "(pip install 'premoe[plots]')")
+        return []
 
     names = []
     fig, ax = plt.subplots(figsize=(11, 5.5))
