@@ -7,7 +7,7 @@ from premoe.errors import UnsupportedModelError
 from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
 from premoe.moe.model import inspect_model
 
-from conftest import FAMILIES
+from premoe.testing import FAMILIES
 
 
 def test_every_required_family_is_supported():

@@ -10,7 +10,7 @@ from premoe.errors import InputError, MissingFileError, UnsupportedModelError
 from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 TEXTS = ["add 1+2=3", "reverse abcdef=fedcba", "sort 9382=2389", "count a in abca=2", "shift ab=bc"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from premoe.cli import main
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 
 def run(capsys, *argv):

@@ -10,10 +10,11 @@ from premoe.core.data import write_jsonl
 from premoe.core.config import load_tokenizer
 from premoe.core.store import PatternStore
 from premoe.core.streaming import activation_bytes
-from premoe.core.tasks import char_tokenizer, samples
+from premoe.core.tasks import samples
 from premoe.dense.calibration import dense_sizes, observe_dense_streamed
 from premoe.dense.model import inspect_dense
 from premoe.errors import InputError
+from premoe.testing import build_dense_model
 
 FAMILIES = {  # model_type -> config overrides: plain GQA, Gemma's scaled embedding (a computed buffer), q/k/v biases
     "llama": {},
@@ -22,29 +23,10 @@ FAMILIES = {  # model_type -> config overrides: plain GQA, Gemma's scaled embedd
 }
 
 
-def _build(path, model_type, **over):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = char_tokenizer()
-    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg.update(over)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n:  # trained-looking norms and biases
-                p.normal_(0.5 if "norm" in n else 0.0, 0.1)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("dense-stream")
-    return {name: _build(d / name, name, **over) for name, over in FAMILIES.items()}
+    return {name: build_dense_model(d / name, name, trained_norms=True, **over) for name, over in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")

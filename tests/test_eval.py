@@ -14,7 +14,9 @@ from premoe.moe.loading import load_model
 from premoe.assets import TINY_MODEL
 from premoe.core.tasks import samples
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
+
+from expected import EVAL_DENSE_PRUNED_EXACT_MATCH, EVAL_EXACT_MATCH, EVAL_MC_ACCURACY, EVAL_PRUNED_EXACT_MATCH
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,8 @@ def test_eval_dense_exported_and_on_the_fly_agree(add_setup):
     work, evals = add_setup
     dense = premoe.evaluate(TINY_MODEL, evals, dtype="float32", progress=False)
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
-    assert dense["exact_match"] == exact_match(lm.model, lm.tokenizer, samples("add", 40, "eval"), progress=False) >= 0.9
+    direct = exact_match(lm.model, lm.tokenizer, samples("add", 40, "eval"), progress=False)
+    assert dense["exact_match"] == direct >= EVAL_EXACT_MATCH
     premoe.prune(TINY_MODEL, work / "store", "add", 12, work / "add-12", scorer="reap", overwrite=True, progress=False)
     exported = premoe.evaluate(work / "add-12", evals, dtype="float32", progress=False)
     on_the_fly = premoe.evaluate(TINY_MODEL, evals, store=work / "store", task="add", keep=12, scorer="reap",
@@ -41,7 +44,9 @@ def test_eval_dense_exported_and_on_the_fly_agree(add_setup):
     assert on_the_fly["bytes_read"] < 0.6 * premoe.inspect_model(TINY_MODEL).checkpoint.nbytes
     assert on_the_fly["scorer"] == "reap" and on_the_fly["keep"] == 12
     agnostic = premoe.evaluate(TINY_MODEL, evals, store=work / "store", agnostic=True, keep=12, dtype="float32", progress=False)
-    assert agnostic["task"].startswith("all-tasks") and 0 <= agnostic["exact_match"] <= 1
+    premoe.prune(TINY_MODEL, work / "store", None, 12, work / "all-12", agnostic=True, overwrite=True, progress=False)
+    pooled = premoe.evaluate(work / "all-12", evals, dtype="float32", progress=False)
+    assert agnostic["task"].startswith("all-tasks") and agnostic["exact_match"] == pooled["exact_match"]
 
 
 def test_multiple_choice_log_likelihood(tmp_path):
@@ -56,7 +61,7 @@ def test_multiple_choice_log_likelihood(tmp_path):
     rows = [{"prompt": s["prompt"], "choices": [s["completion"], s["completion"] + "9"], "answer": 0} for s in samples("add", 20, "eval")]
     rows.append({"prompt": "sort 321=", "choices": ["132", "123"], "answer": "123"})
     res = premoe.evaluate(TINY_MODEL, write_jsonl(tmp_path / "mc.jsonl", rows), dtype="float32", progress=False)
-    assert res["mc_samples"] == 21 and res["exact_match"] is None and res["mc_accuracy"] >= 0.9
+    assert res["mc_samples"] == 21 and res["exact_match"] is None and res["mc_accuracy"] >= EVAL_MC_ACCURACY
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def test_eval_cli(add_setup, capsys):
     assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--store", str(work / "store"),
                  "--task", "add", "--keep", "16", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["keep"] == 16 and res["generate_samples"] == 40 and res["exact_match"] > 0.8
+    assert res["keep"] == 16 and res["generate_samples"] == 40 and res["exact_match"] >= EVAL_PRUNED_EXACT_MATCH
     assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--keep", "16"]) == 2
     assert "needs --store" in capsys.readouterr().err
 
@@ -151,7 +156,7 @@ def test_lm_eval_harness_runs_an_exported_dense_pruned_model(tmp_path, monkeypat
     premoe.prune(TINY_DENSE, tmp_path / "store", "add", None, tmp_path / "add-20", sparsity=0.2, progress=False)
     theirs = _lm_eval_exact_match(tmp_path / "add-20", evals, tmp_path, monkeypatch)
     ours = premoe.evaluate(tmp_path / "add-20", evals, dtype="float32", progress=False)["exact_match"]
-    assert theirs == pytest.approx(ours) and ours >= 0.8
+    assert theirs == pytest.approx(ours) and ours >= EVAL_DENSE_PRUNED_EXACT_MATCH
 
 
 def test_sweep_streamed_equals_in_memory(family_dir, tmp_path):

@@ -13,6 +13,9 @@ from premoe.core.tasks import samples
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.refit import capture, check_supported, down_weight, expert_hidden, refit_layer, refit_pruned_
 from premoe.moe.routing import route
+from premoe.testing import family_variant
+
+from expected import MOE_REFIT_GAIN
 
 
 def _block_error(layer, h, z, kept, spec, down):
@@ -92,7 +95,7 @@ def test_refit_pruned_writes_into_the_pruned_model_and_helps_on_the_shipped_mode
     assert changed and all("down_proj" in n for n in changed)
     a_plain = exact_match(plain, lm.tokenizer, ev, progress=False)
     a_fit = exact_match(fitted, lm.tokenizer, ev, progress=False)
-    assert a_fit >= a_plain + 0.2, (a_plain, a_fit)
+    assert a_fit >= a_plain + MOE_REFIT_GAIN, (a_plain, a_fit)
 
 
 def test_unsupported_layouts_and_empty_data_are_refused(family_dir):
@@ -143,11 +146,13 @@ def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     tok = load_tokenizer(info.path)
     whole = refit_model(info, plan, tok, texts, progress=False, stream=False)
     layered = refit_model(info, plan, tok, texts, progress=False, stream=True)
+    # both runs compute in the storage dtype, batched differently: equal up to its rounding
+    tol = dict(rtol=1e-4, atol=1e-5) if family_variant("deepseek_v3").dtype == "float32" else dict(rtol=2e-3, atol=1e-4)
     try:
         assert whole.experts == layered.experts and whole.experts
         for layer, experts in whole.experts.items():
             for e in experts:
-                torch.testing.assert_close(layered.get(layer, e), whole.get(layer, e), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(layered.get(layer, e), whole.get(layer, e), **tol)
         assert whole.about["tokens"] == layered.about["tokens"] > 0
     finally:
         whole.close()
@@ -227,9 +232,10 @@ def test_refit_layer_reaches_the_joint_ridge_least_squares_optimum(family_dir, n
 
     written here as a dense [T, K*I] design matrix Z (y: the dense block's routed output; sel, w: the
     re-routing over the kept experts) and solved exactly. f is strictly convex, so block Gauss-Seidel
-    decreases it monotonically to the joint minimiser. Measured on these layers: the default 3 sweeps
-    leave 0.1% (qwen3_moe) and 2% (deepseek_v3: each token takes both experts of one group, so pairs
-    are tightly coupled) of the reachable gain f(W0) - f*, 200 sweeps less than 1e-7 of it; a 3x ridge,
+    decreases it monotonically to the joint minimiser. Measured on these layers (as premoe.testing's
+    variants build them): the default 3 sweeps leave 1.5% (qwen3_moe) and under 1e-10 (deepseek_v3; 2%
+    on the plain float32 build, where each token takes both kept experts of one group) of the reachable
+    gain f(W0) - f*, 200 sweeps less than 1e-7 of it; a 3x ridge,
     a 1% error in the target or routing without renormalisation leave more than 5e-5 after 200."""
     import dataclasses
 
@@ -283,4 +289,4 @@ def test_refit_layer_reaches_the_joint_ridge_least_squares_optimum(family_dir, n
     default = left(3)  # premoe's default sweeps
     assert default <= 0.05, default
     converged = left(200)
-    assert converged <= 1e-6 and converged <= default, (default, converged)
+    assert converged <= 1e-6 and converged <= default + 1e-9, (default, converged)  # + float noise: both can be ~0

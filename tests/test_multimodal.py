@@ -9,7 +9,7 @@ from safetensors import safe_open
 import premoe
 from premoe.core.tasks import char_tokenizer
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 
 def test_llama4_multimodal_checkpoint_prunes_its_text_experts(tmp_path):

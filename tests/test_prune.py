@@ -4,18 +4,14 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import premoe
-from premoe.core.modules import config_get
-from premoe.moe.arch import find_moe_layers
 from premoe.errors import InputError, StoreError
 from premoe.moe.model import inspect_model
 from premoe.moe.loading import load_model
-from premoe.core.store import PatternStore
 from premoe.moe.surgery import apply_plan_
 
-from conftest import FAMILIES, build_model, save_model, write_jsonl
+from premoe.testing import FAMILIES, build_model, save_model
 
 TEXT = "ab"  # 3 tokens with BOS: a few experts per layer
 
@@ -23,150 +19,6 @@ TEXT = "ab"  # 3 tokens with BOS: a few experts per layer
 def logits_of(model, tok, text=TEXT):
     with torch.no_grad():
         return model(**tok(text, return_tensors="pt"), use_cache=False).logits[0].float()
-
-
-def hits_per_layer(store, task):
-    """Distinct experts the calibration input routed to, per MoE layer."""
-    p = PatternStore.open(store).load(task)
-    return {layer: (row > 0).nonzero().flatten().tolist() for layer, row in zip(p.layers, p.means["count"])}
-
-
-def contract_keep(info, hits):
-    """The smallest keep count that holds every hit expert (per group for balanced group routing)."""
-    r = info.router
-    if not r.group_limited:
-        return max(len(h) for h in hits.values())
-    size = r.num_experts // r.n_group
-    per_group = max(sum(1 for e in h if e // size == g) for h in hits.values() for g in range(r.n_group))
-    return r.n_group * max(per_group, 2)
-
-
-def test_exactness_contract(family, family_dir, tmp_path):
-    """Calibrate on one input, keep exactly the experts it hits: the pruned model's logits equal the
-    original's where the router renormalises over the chosen experts; otherwise they deviate (documented).
-    The default re-fit (on that input) keeps what is exact exact, and brings the others closer."""
-    src = family_dir(family)
-    data = write_jsonl(tmp_path / "one.jsonl", [{"text": TEXT}])
-    premoe.calibrate(src, data, "one", tmp_path / "store", progress=False)
-    info = inspect_model(src)
-    hits = hits_per_layer(tmp_path / "store", "one")
-    keep = contract_keep(info, hits)
-    assert keep < info.num_experts, "the contract input should not hit every expert"
-    res = premoe.prune(src, tmp_path / "store", "one", keep, tmp_path / "out", progress=False)
-    premoe.prune(src, tmp_path / "store", "one", keep, tmp_path / "plain", progress=False, refit=False)
-    for layer, h in hits.items():
-        assert set(h) <= set(res.plan.kept[layer])
-
-    lm = load_model(src, device="cpu")
-    before = logits_of(lm.model, lm.tokenizer)
-    after, plain = ((lambda m: logits_of(m.model, m.tokenizer))(load_model(tmp_path / d, device="cpu")) for d in ("out", "plain"))
-    renormalises = FAMILIES[family][2]
-    if renormalises:
-        torch.testing.assert_close(plain, before, rtol=1e-5, atol=1e-6)  # float noise only (~1e-8 seen)
-        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)  # the re-fit changes nothing exact
-    else:
-        # Softmax over all experts without renormalisation: dropping experts shrinks the denominator,
-        # so the kept weights grow. Same experts chosen, different mixing weights: a deviation far
-        # above float noise (1e-5 to 1e-3 on these tiny models; see bench/exactness.py).
-        assert (plain - before).abs().max() > 1e-6
-        assert torch.equal(plain.argmax(-1), before.argmax(-1))
-        if res.plan.refit and "tokens" in res.plan.refit:  # the re-fit corrects part of the deviation
-            assert (after - before).abs().max() < (plain - before).abs().max()
-
-
-def test_export_layout_and_config(family, family_dir, tmp_path, small_data):
-    src = family_dir(family)
-    premoe.calibrate(src, small_data, "t", tmp_path / "store", progress=False)
-    info = inspect_model(src)
-    keep = 4
-    res = premoe.prune(src, tmp_path / "store", "t", keep, tmp_path / "out", progress=False, refit=False)
-    out = tmp_path / "out"
-    cfg = json.loads((out / "config.json").read_text())
-    assert config_get(cfg, info.spec.count_key) == keep  # hub-native key
-    assert config_get(cfg, info.spec.topk_key) == info.router.top_k
-    assert {int(k): v for k, v in cfg["premoe"]["kept_experts"].items()} == res.plan.kept
-    assert json.loads((out / "premoe_plan.json").read_text())["kept"] == {str(k): v for k, v in res.plan.kept.items()}
-    assert (out / "tokenizer.json").is_file()
-
-    new = inspect_model(out)
-    assert new.num_experts == keep and new.moe_layers == info.moe_layers
-    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
-        out_keys = set(f.keys())
-    src_ckpt = info.checkpoint
-    for name, role in info.roles.items():
-        kept = res.plan.kept.get(role.layer)
-        if role.kind == "other":  # attention, norms, dense layers, shared experts: byte-identical
-            assert name in out_keys
-            assert torch.equal(new.checkpoint.tensor(name), src_ckpt.tensor(name))
-        elif role.kind == "router":  # router rows and biases of the kept experts (and zero-computation slots), in order
-            expected = src_ckpt.tensor(name).index_select(role.dim, torch.tensor(info.slots(kept)))
-            assert torch.equal(new.checkpoint.tensor(name), expected)
-        elif role.kind == "fused":  # row blocks of the kept experts, in order
-            ids = info.slots(kept) if role.rows == 0 else kept
-            full = src_ckpt.tensor(name)
-            expected = full.unflatten(0, (-1, full.shape[0] // (info.router.width if role.rows == 0 else info.num_experts)))
-            assert torch.equal(new.checkpoint.tensor(name), expected[ids].flatten(0, 1))
-        elif role.kind == "expert" and role.expert in info.slots(kept):
-            pos = info.slots(kept).index(role.expert)
-            a, b = role.span
-            assert torch.equal(new.checkpoint.tensor(f"{name[:a]}{pos}{name[b:]}"), src_ckpt.tensor(name))
-    n_router = sum(r.kind == "router" for r in info.roles.values())
-    assert n_router >= len(info.moe_layers)  # weight, plus bias / correction bias where the family has them
-
-
-def test_refit_export_changes_only_kept_down_projections_and_router_rows(family, family_dir, tmp_path, small_data):
-    """The default MoE export re-fits the kept experts' down projections and router rows
-    (premoe.moe.refit): every other tensor is byte-identical to the plain export, the config records it, and transformers reloads it to
-    the same logits as the model premoe builds in memory from the plan and the re-fitted weights.
-    Families whose experts cannot be rewritten fall back to the plain slice and say why."""
-    from premoe.core.checkpoint import ByteReader
-    from premoe.core.data import refit_sources
-    from premoe.core.config import load_tokenizer
-    from premoe.moe.refit_checkpoint import refit_model
-    from premoe.moe.selective import build_model as build_pruned
-
-    src = family_dir(family)
-    premoe.calibrate(src, small_data, "t", tmp_path / "store", progress=False)
-    info = inspect_model(src)
-    res = premoe.prune(src, tmp_path / "store", "t", 4, tmp_path / "fit", progress=False)
-    premoe.prune(src, tmp_path / "store", "t", 4, tmp_path / "plain", progress=False, refit=False)
-    fit, plain = inspect_model(tmp_path / "fit"), inspect_model(tmp_path / "plain")
-    cfg = json.loads((tmp_path / "fit" / "config.json").read_text())["premoe"]
-    assert cfg["refit"] == res.plan.refit
-    if "skipped" in res.plan.refit:
-        assert "`refit=False`" in res.plan.refit["skipped"]
-        assert family in ("llama4_text", "longcat_flash", "dbrx"), res.plan.refit
-        return
-    assert res.plan.refit["tokens"] > 0 and res.plan.refit["data"] == "calibration data of t"
-    changed = [n for n in plain.checkpoint.tensors
-               if not torch.equal(fit.checkpoint.tensor(n), plain.checkpoint.tensor(n))]
-    assert changed and all(fit.roles[n].target.endswith(".down_proj") or fit.roles[n].kind == "router" for n in changed)
-    assert any(fit.roles[n].target.endswith(".down_proj") for n in changed)
-
-    st = PatternStore.open(tmp_path / "store")
-    sources, about = refit_sources(st.tasks, ["t"], None)
-    weights = refit_model(info, res.plan, load_tokenizer(info.path), sources, about=about, progress=False)
-    try:
-        with ByteReader() as reader:
-            mine = build_pruned(info, res.plan, reader, refit=weights)
-    finally:
-        weights.close()
-    reloaded = load_model(tmp_path / "fit", device="cpu")
-    torch.testing.assert_close(logits_of(reloaded.model, reloaded.tokenizer), logits_of(mine, reloaded.tokenizer))
-
-
-def test_in_memory_surgery_matches_export(family, family_dir, tmp_path, small_data):
-    src = family_dir(family)
-    premoe.calibrate(src, small_data, "t", tmp_path / "store", progress=False)
-    plan = premoe.plan(src, tmp_path / "store", "t", 4)
-    premoe.prune(src, tmp_path / "store", "t", 4, tmp_path / "out", progress=False, refit=False)
-    lm = load_model(src, device="cpu")
-    apply_plan_(lm.model, lm.info.spec, plan)
-    exported = load_model(tmp_path / "out", device="cpu")
-    torch.testing.assert_close(logits_of(lm.model, lm.tokenizer), logits_of(exported.model, exported.tokenizer))
-    for m in find_moe_layers(lm.model, lm.info.spec):
-        for path, dim in m.router_tensors.items():
-            assert m.tensor(path).shape[dim] == len(lm.info.slots([0, 1, 2, 3]))
 
 
 def test_lower_top_k(family_dir, tmp_path, small_data):

@@ -1,7 +1,6 @@
 """The ``recon`` scorer (premoe.moe.recon): exact re-routing by exclusion, the error algebra against a
 brute-force pruned block, the greedy elimination, and its place in calibration."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -15,47 +14,10 @@ from premoe.moe.kernels import expert_forward
 from premoe.moe.recon import damage, eliminate, routed_error, token_stats, unsupported
 from premoe.moe.routing import route
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
+from premoe.testing import random_kept, sliced_router
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)] + [{"text": "sort 321=123"}]
-
-
-def kept_set(spec: RouterSpec, keep: int, seed: int) -> list[int]:
-    """A random kept set, balanced across expert groups for group-limited routers."""
-    g = torch.Generator().manual_seed(seed)
-    if not spec.group_limited:
-        return sorted(torch.randperm(spec.num_experts, generator=g)[:keep].tolist())
-    size = spec.num_experts // spec.n_group
-    return sorted(gi * size + int(e) for gi in range(spec.n_group)
-                  for e in torch.randperm(size, generator=g)[: keep // spec.n_group])
-
-
-def sliced(spec: RouterSpec, keep: int) -> RouterSpec:
-    return dataclasses.replace(spec, num_experts=keep, top_k=min(spec.top_k, keep))
-
-
-def test_excluding_experts_routes_like_the_sliced_router(family, family_dir):
-    """Every family's rule: routing with the removed experts excluded is routing the pruned model's sliced
-    logits (experts, weights, selection bias, groups) -- what the elimination relies on."""
-    spec = inspect_model(family_dir(family)).router
-    if spec.slots:
-        pytest.skip("zero-computation experts: recon does not score them")
-    E = spec.num_experts
-    keep = max(spec.top_k, E // 2)
-    if spec.group_limited:
-        keep = max(keep // spec.n_group, 2) * spec.n_group
-    torch.manual_seed(0)
-    z = torch.randn(64, E) * 2
-    bias = torch.randn(E) * 0.1 if spec.bias_on_logits or spec.score == "sigmoid" else None
-    for seed in range(3):
-        kept = kept_set(spec, keep, seed)
-        gone = torch.ones(E, dtype=torch.bool)
-        gone[kept] = False
-        idx, w = route(z, spec, bias=bias, scaled=True, exclude=gone)
-        sidx, sw = route(z[:, kept], sliced(spec, keep), bias=None if bias is None else bias[kept], scaled=True)
-        full = torch.zeros(64, E).scatter_(1, idx, w)
-        ref = torch.zeros(64, E).scatter_(1, torch.tensor(kept)[sidx], sw)
-        torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
@@ -81,10 +43,10 @@ def test_routed_error_is_the_pruned_blocks_error(family, family_dir):
     keep = max(spec.top_k, E // 2)
     if spec.group_limited:
         keep = keep // spec.n_group * spec.n_group
-    kept = kept_set(spec, keep, 1)
+    kept = random_kept(spec, keep, 1)
     gone = torch.ones(E, dtype=torch.bool)
     gone[kept] = False
-    sidx, sw = route(z[:, kept], sliced(spec, keep), bias=None if bias is None else bias[kept], scaled=True)
+    sidx, sw = route(z[:, kept], sliced_router(spec, keep), bias=None if bias is None else bias[kept], scaled=True)
     pruned = (outs.gather(1, torch.tensor(kept)[sidx][..., None].expand(-1, -1, h.shape[1])) * sw[..., None]).sum(1)
     want = ((pruned - dense) ** 2).sum(-1)
     got = routed_error(st, spec, bias, gone)

@@ -10,7 +10,7 @@ from premoe.moe.kernels import expert_forward
 from premoe.moe.loading import load_model
 from premoe.moe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 IDX = torch.tensor([[0, 1], [1, 2]])
 W = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
@@ -58,7 +58,7 @@ def test_pool_means_is_token_weighted():
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "granitemoe"])
 def test_expert_forward_reproduces_the_experts_module(family, family_dir):
-    lm = load_model(family_dir(family), device="cpu")
+    lm = load_model(family_dir(family), device="cpu", dtype="float32")  # the formula, not bf16 rounding
     layer = lm.layers[0]
     torch.manual_seed(0)
     h = torch.randn(12, lm.model.config.hidden_size)

@@ -58,7 +58,7 @@ def test_store_of_another_model_is_refused(family_dir, tmp_path, small_data):
 
 
 def test_same_shapes_different_router_weights_is_refused(tmp_path, small_data):
-    from conftest import FAMILIES, build_model, save_model
+    from premoe.testing import FAMILIES, build_model, save_model
 
     a = save_model(*build_model(*FAMILIES["mixtral"][:2], seed=0), tmp_path / "a")
     b = save_model(*build_model(*FAMILIES["mixtral"][:2], seed=1), tmp_path / "b")

@@ -5,14 +5,14 @@ import torch
 
 import premoe
 from premoe.moe.observe import observe_streamed
-from premoe.errors import InputError, UnsupportedModelError
+from premoe.errors import InputError
 from premoe.moe.model import inspect_model
 from premoe.core.config import load_tokenizer
 from premoe.moe.scoring import MarkerParams
 from premoe.core.store import PatternStore
 from premoe.moe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)]
 ROWS += [{"text": "reverse abc=cba"}, {"text": "sort 321=123"}]
@@ -23,25 +23,6 @@ STATEFUL = {"hy_v4", "glm_moe_dsa", "inkling2_text"}
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / a.abs().clamp_min(1e-6)).max())
-
-
-def test_streamed_calibration_equals_in_memory(family, family_dir, tmp_path):
-    """Every statistic of every scorer (router and expert-output ones) and the retrieval keys."""
-    src = family_dir(family)
-    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    mem = premoe.calibrate(src, data, "mem", tmp_path / "s", all_stats=True, stream=False, batch_size=3, progress=False)
-    if family in STATEFUL:
-        with pytest.raises(UnsupportedModelError, match="`stream=False`"):
-            premoe.calibrate(src, data, "st", tmp_path / "s", all_stats=True, stream=True, batch_size=3, progress=False)
-        return
-    st = premoe.calibrate(src, data, "st", tmp_path / "s", all_stats=True, stream=True, batch_size=3, progress=False)
-    assert st.info["streamed"] and not mem.info["streamed"] and st.info["tokens"] == mem.info["tokens"]
-    assert set(st.means) == set(mem.means)
-    for k in mem.means:
-        assert max_rel(mem.means[k], st.means[k]) <= 1e-4, k
-    for k in mem.signature:
-        torch.testing.assert_close(st.signature[k], mem.signature[k], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(st.scores, mem.scores, rtol=1e-4, atol=1e-7)
 
 
 def test_hidden_states_spill_to_disk_without_changing_results(family_dir):

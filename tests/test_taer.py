@@ -17,44 +17,16 @@ from premoe.core.options import SignatureSpec
 from premoe.moe.selective import ByteReader, build_model, ideal_bytes
 from premoe.moe.server import ExpertCache, TaskServer
 from premoe.assets import TINY_MODEL
-from premoe.moe.signature import SignatureModel
 from premoe.core.store import PatternStore
 from premoe.moe.surgery import apply_plan_
 from premoe.core.tasks import TASKS, samples
 
-from conftest import FAMILIES, build_model as build_tiny
+from premoe.testing import FAMILIES, TWO_TASKS, state_equal
+from premoe.testing import build_model as build_tiny
 
-A = [{"prompt": "add 1+2=", "completion": "3"}, {"prompt": "add 15+7=", "completion": "22"}]
-B = [{"prompt": "reverse abcd=", "completion": "dcba"}, {"prompt": "sort 9142=", "completion": "1249"}]
+from expected import ROUTING_ACCURACY, ROUTING_MARGIN
 
-
-@pytest.fixture
-def two_tasks(family_dir, tmp_path):
-    def make(family):
-        src = family_dir(family)
-        premoe.calibrate(src, write_jsonl(tmp_path / "a.jsonl", A), "a", tmp_path / "s", progress=False)
-        premoe.calibrate(src, write_jsonl(tmp_path / "b.jsonl", B), "b", tmp_path / "s", progress=False)
-        return src, tmp_path / "s"
-
-    return make
-
-
-def state_equal(m1, m2) -> bool:
-    s1, s2 = m1.state_dict(), m2.state_dict()
-    return set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
-
-
-def test_selective_build_equals_full_load_then_slice(family, two_tasks):
-    """Per-expert (Mixtral, Qwen, DeepSeek, OLMoE) and fused (GPT-OSS, Granite) checkpoints alike."""
-    src, store = two_tasks(family)
-    info = inspect_model(src)
-    plan = premoe.plan(info, store, "a", 4)
-    with ByteReader() as r:
-        built = build_model(info, plan, r)
-        assert r.bytes_read == ideal_bytes(info, plan)["total"]  # nothing read twice, no other expert
-    ref = load_model(src, device="cpu").model
-    apply_plan_(ref, info.spec, plan)
-    assert state_equal(built, ref)
+A = TWO_TASKS["a"]
 
 
 def test_selective_build_from_sharded_checkpoint(tmp_path):
@@ -70,36 +42,6 @@ def test_selective_build_from_sharded_checkpoint(tmp_path):
         built = build_model(info, plan, r)
     apply_plan_(model, info.spec, plan)
     assert state_equal(built, model)
-
-
-def test_switching_is_identical_to_a_fresh_build_and_reads_only_missing_experts(family, two_tasks):
-    src, store = two_tasks(family)
-    server = TaskServer(src, store, 4)
-    first = server.load("a")
-    info = server.info
-    assert first.bytes_read == ideal_bytes(info, server.plan_for("a"))["experts"]  # the backbone is read once, before
-    plan_a, plan_b = server.plan_for("a"), server.plan_for("b")
-    expert_bytes = {}
-    for name, role in info.roles.items():
-        t = info.checkpoint.tensors[name]
-        if role.kind == "expert":
-            expert_bytes[(role.layer, role.expert)] = expert_bytes.get((role.layer, role.expert), 0) + t.nbytes
-        elif role.kind == "fused":
-            for e in range(info.num_experts):
-                expert_bytes[(role.layer, e)] = expert_bytes.get((role.layer, e), 0) + t.nbytes // info.num_experts
-    for src_plan, dst_task in ((plan_a, "b"), (server.plan_for("b"), "a"), (plan_a, "b")):
-        dst_plan = server.plan_for(dst_task)
-        missing = [(layer, e) for layer, kept in dst_plan.kept.items() for e in kept if e not in src_plan.kept[layer]]
-        st = server.load(dst_task)
-        assert st.bytes_read == sum(expert_bytes[x] for x in missing)
-        assert st.experts_read == len(missing)
-        with ByteReader() as r:
-            fresh = build_model(info, dst_plan, r)
-        assert state_equal(server.model, fresh)
-    ids = server.tokenizer("add 1+2=", return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(server.model(**ids).logits, fresh(**ids).logits)
-    del plan_b
 
 
 def test_first_prompt_reads_exactly_the_ideal_bytes(two_tasks):
@@ -137,23 +79,6 @@ def test_expert_cache_is_lru_under_budget():
     assert ExpertCache(0).budget == 0
 
 
-def test_signature_reads_no_experts_and_matches_the_full_model(family, family_dir):
-    src = family_dir(family)
-    info = inspect_model(src)
-    lm = load_model(src, device="cpu")
-    with ByteReader() as r:
-        sm = SignatureModel.from_checkpoint(info, lm.tokenizer, 1, r)
-        nbytes = r.bytes_read
-    assert nbytes < ideal_bytes(info, None)["non_expert"]
-    from premoe.moe.observe import marker_params, observe
-
-    full = observe(lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], marker_params(info.router, "tcess", None, None),
-                   progress=False, skip_special=True).means()
-    sig = sm.signature("add 12+3=")
-    for stat in sig:
-        torch.testing.assert_close(sig[stat][0], full[stat][0])  # M = 1 is exact
-
-
 @pytest.fixture(scope="module")
 def builtin_store(tmp_path_factory):
     work = tmp_path_factory.mktemp("builtin")
@@ -171,8 +96,10 @@ def test_routing_on_the_builtin_suite(builtin_store):
             truth.append(t)
     results, nbytes = premoe.route(TINY_MODEL, builtin_store, prompts)
     acc = sum(r.task == t for r, t in zip(results, truth)) / len(truth)
-    assert acc >= 0.98
-    assert all(r.margin is not None and r.margin >= 0 for r in results)
+    assert acc >= ROUTING_ACCURACY
+    # every prompt won by a clear margin over the runner-up (distances are sorted, so margin >= 0 always holds)
+    assert all(r.second != r.task and r.margin == pytest.approx(r.second_distance - r.distance) for r in results)
+    assert min(r.margin for r in results) > ROUTING_MARGIN
     assert nbytes < inspect_model(TINY_MODEL).checkpoint.nbytes / 4
 
 

@@ -18,7 +18,7 @@ from premoe.moe.loading import load_model
 from premoe.assets import TINY_MODEL
 from premoe.core.tasks import TASKS, samples
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
 
 pytestmark = pytest.mark.vllm
 VLLM_PYTHON = os.environ.get("PREMOE_VLLM_PYTHON")

@@ -104,5 +104,8 @@ def _prefix_model(info: DenseInfo, layers: int, reader: ByteReader):
     skip = tuple(n for n, m in model.named_modules() if m is head)
     plan = full_plan(info)
     fill_pruned(model, info, plan, reader_getter(info, reader), skip_prefixes=skip)
+    for name in skip:  # an untied head was never read (a tied one is the embeddings): not left on the meta device
+        if any(p.is_meta for p in model.get_submodule(name).parameters()):
+            model.set_submodule(name, torch.nn.Identity())
     finish_buffers(model)
     return model.eval()
