@@ -31,24 +31,12 @@ def _available(name: str) -> bool:
     return FAMILIES[name][0] in CONFIG_MAPPING
 
 
-# Rows whose variant runs into a known premoe bug in a module being reworked elsewhere: the error type named
-# is expected (xfail), any other failure still fails. Remove the row once the bug is fixed (its tests XPASS).
-KNOWN_BUGS = {
-    "inkling2_text": ((RuntimeError, AssertionError),
-                      "known bug: premoe/moe/selective.py builds the LM head of a bf16 checkpoint in float32 "
-                      "(transformers' Inkling2UnpadVocab casts to the dtype of the skeleton's parameter, float32, "
-                      "not bf16), so the built model's forward mixes float32 and bf16"),
-}
 
 
 def _param(name: str):
     if not _available(name):  # families the installed transformers does not ship yet are skipped, not failed
         return pytest.param(name, id=name, marks=pytest.mark.skip(reason="not in this transformers"))
-    marks = ()
-    if name in KNOWN_BUGS and family_variant(name).dtype != "float32":
-        error, reason = KNOWN_BUGS[name]
-        marks = pytest.mark.xfail(raises=error, reason=reason, strict=False)
-    return pytest.param(name, id=f"{name}-{family_variant(name)}", marks=marks)  # the id names the row's variant
+    return pytest.param(name, id=f"{name}-{family_variant(name)}")  # the id names the row's variant
 
 
 @pytest.fixture(params=[_param(n) for n in sorted(FAMILIES)])

@@ -186,13 +186,16 @@ class LayerRunner:
         filler: builds modules of ``model`` from the checkpoint.
         reader: what ``filler`` reads with (for the bytes read).
         device: where layers run (hidden states stay on the CPU between layers).
+        dtype: run every built module in this dtype (default: as the checkpoint stores it).
 
     Everything outside the decoder layers but the embeddings and the LM head is built at once; the
     embeddings are built only to embed the batches, the LM head never.
     """
 
-    def __init__(self, model: nn.Module, filler: Filler, reader: ByteReader, device: torch.device | None = None):
+    def __init__(self, model: nn.Module, filler: Filler, reader: ByteReader, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         self.model = model
+        self.dtype = dtype
         self.mat = filler
         self.reader = reader
         self.device = device or torch.device("cpu")
@@ -206,7 +209,7 @@ class LayerRunner:
             skip |= {id(x) for x in head.modules()}
         self.mat.fill(model, skip=skip)  # the final norm and whatever else sits outside the layers
         finish_buffers(model)
-        to_device(model, self.device)
+        to_device(model, self.device, self.dtype)
 
     # -- capturing what the model passes each layer --------------------------------------------
 
@@ -279,7 +282,7 @@ class LayerRunner:
                 if mod._buffers.get(n) is not None:
                     mod._buffers[n] = torch.empty_like(mod._buffers[n], device="meta")
         finish_buffers(self.model)
-        to_device(module, self.device)
+        to_device(module, self.device, self.dtype)
         return held
 
     def first_hidden(self, batches: list[Batch], store: HiddenStore, after: Callable | None = None) -> None:
@@ -378,17 +381,22 @@ def trim_heap() -> None:
 _LIBC = None
 
 
-def to_device(module: nn.Module, device: torch.device) -> None:
-    """Move the tensors of ``module`` that are loaded (not on the meta device) to ``device``."""
-    if device.type == "cpu":
+def to_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move the tensors of ``module`` that are loaded (not on the meta device) to ``device`` (floating ones
+    to ``dtype`` as well, when given)."""
+    if device.type == "cpu" and dtype is None:
         return
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
     for mod in module.modules():
         for leaf, p in mod._parameters.items():
-            if p is not None and not p.is_meta and p.device != device:
-                mod._parameters[leaf] = nn.Parameter(p.to(device), requires_grad=False)
+            if p is not None and not p.is_meta and moved(p) is not p:
+                mod._parameters[leaf] = nn.Parameter(moved(p), requires_grad=False)
         for leaf, b in mod._buffers.items():
-            if b is not None and not b.is_meta and b.device != device:
-                mod._buffers[leaf] = b.to(device)
+            if b is not None and not b.is_meta:
+                mod._buffers[leaf] = moved(b)
 
 
 def _leaves(call) -> list[torch.Tensor]:

@@ -197,10 +197,14 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
     outs = [RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
             for d in (directories or [None] * len(plans))]
     routings = [pruned_routing(info.router, plan) for plan in plans]
+    from premoe.moe.selective import Materializer
+
+    stored = Materializer(info, None, None).dtype_of  # the model is fitted in float32, rows are kept as stored
+    downs = down_targets(info)
 
     def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
         check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
-        dt = m.experts.down_proj.dtype
+        dt = stored(downs[m.index])
         name = router_target(info, m.index) if router else None
         path = name.removeprefix(info.layout.moe[m.index]["prefix"] + ".") if name else None
         if y is None:
@@ -213,7 +217,7 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
             if new and path is not None and path in m.router_tensors:
                 w = m.tensor(path)
                 delta = router_delta(m.experts, kept, h, z, routing, m.selection_bias(), y, new, lam)
-                rows[name] = (w[kept].float() + delta.to(w.device)).to(w.dtype)
+                rows[name] = (w[kept].float() + delta.to(w.device)).to(stored(name))
                 out.about["router_tokens"] = min(len(h), ROUTER_TOKENS)
             out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()}, rows)
 
@@ -238,7 +242,7 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
     from premoe.moe.selective import build_model
 
     with contextlib.nullcontext(reader) if reader is not None else ByteReader() as r:
-        model = build_model(info, None, r)
+        model = build_model(info, None, r, dtype=torch.float32).float()  # targets not rounded to the storage dtype
     layers = find_moe_layers(model, info.spec)
     captured = capture(model, layers, info.router, tok, texts, tokens, max_length)
     for m, (h, z, y) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
@@ -252,7 +256,8 @@ def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, dev
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
-    stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1)
+    stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1, dtype=torch.float32,
+                         compute_dtype=torch.float32)  # targets not rounded to the storage dtype
     moe = {m.index: m for m in stream.moe}
     got = {m.index: ([], [], []) for m in stream.moe}
     mask: dict[str, torch.Tensor] = {}

@@ -66,12 +66,12 @@ def model_config(info: ModelInfo, plan: PrunePlan | None = None, num_layers: int
 class _Shapes:
     """Stands in for the model where a transformers conversion op asks for a parameter's shape."""
 
-    def __init__(self, model: nn.Module | None, name: str, shape):
-        self.model, self.name, self.shape = model, name, shape
+    def __init__(self, model: nn.Module | None, name: str, shape, dtype: torch.dtype | None = None):
+        self.model, self.name, self.shape, self.dtype = model, name, shape, dtype
 
     def get_parameter(self, name: str):
-        if name == self.name and self.shape is not None:
-            return torch.empty(self.shape, device="meta")
+        if name == self.name and self.shape is not None:  # in the dtype it is built in (ops may cast to it)
+            return torch.empty(self.shape, device="meta", dtype=self.dtype)
         if self.model is None:
             raise KeyError(name)
         owner, _, leaf = name.rpartition(".")
@@ -182,7 +182,7 @@ class Materializer:
         for t in conv.target_patterns[1:]:  # the name transformers converts under: the first target's
             if t in name:
                 first = name.replace(t, conv.target_patterns[0])
-        shim = _Shapes(self.model, name, self.expected.get(name))
+        shim = _Shapes(self.model, name, self.expected.get(name), self.dtype_of(name))
         try:
             for op in conv.operations:
                 out = op.convert(out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,

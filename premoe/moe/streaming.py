@@ -98,10 +98,12 @@ class LayerStream(LayerRunner):
         reader: counts the bytes read.
         device: where layers run (hidden states stay on the CPU between layers).
         dtype: what quantised tensors are dequantised to.
+        compute_dtype: run every built layer in this dtype (default: the checkpoint's).
     """
 
     def __init__(self, info: ModelInfo, *, num_layers: int | None = None, experts: bool = True,
-                 reader: ByteReader | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None):
+                 reader: ByteReader | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None):
         self.info = info
         reader = reader or ByteReader()
         model = skeleton(model_config(info, None, num_layers))
@@ -111,7 +113,7 @@ class LayerStream(LayerRunner):
                 if m.experts is not None:
                     setattr(m.block, info.spec.experts, ZeroExperts())
                     m.experts = None
-        super().__init__(model, Materializer(info, None, reader, dtype=dtype), reader, device)
+        super().__init__(model, Materializer(info, None, reader, dtype=dtype), reader, device, compute_dtype)
         select_kernel(self.model, self.device)
 
 
