@@ -4,10 +4,14 @@ import pytest
 
 from premoe.moe.arch import router_spec
 from premoe.errors import UnsupportedModelError
-from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, get_spec, resolve, supported_model_types
+from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, resolve, supported_model_types
 from premoe.moe.model import inspect_model
 
 from premoe.testing import FAMILIES
+
+
+def get_spec(model_type):
+    return resolve({"model_type": model_type})[0]
 
 
 def test_every_required_family_is_supported():
@@ -94,3 +98,22 @@ def test_per_layer_counts_are_read_when_uniform_and_refused_otherwise():
     assert router_spec({"num_experts": 8, "moe_topk": [2, 2, 2]}, spec).top_k == 2
     with pytest.raises(UnsupportedModelError, match="different experts per token per layer"):
         router_spec({"num_experts": 8, "moe_topk": [2, 1, 2]}, spec)
+
+
+def test_selective_build_keeps_what_transformers_keeps_in_float32(tmp_path):
+    """A bf16 DeepSeek-V3 checkpoint: transformers loads its router weight and correction bias in float32
+    (_keep_in_fp32_modules_strict); premoe's byte-range build gives every tensor the dtype transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from premoe.moe.selective import ByteReader, build_model as build_selective
+    from premoe.testing import FAMILIES, build_model, save_model
+
+    model_type, overrides, _ = FAMILIES["deepseek_v3"]
+    model, tok = build_model(model_type, overrides)
+    src = save_model(model.to(torch.bfloat16), tok, tmp_path / "bf16")
+    theirs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+    with ByteReader() as reader:
+        ours = build_selective(inspect_model(src), None, reader).state_dict()
+    assert {k: v.dtype for k, v in ours.items() if k in theirs} == {k: theirs[k].dtype for k in ours if k in theirs}
+    assert any(v.dtype == torch.float32 for k, v in ours.items() if k.endswith("gate.weight"))

@@ -21,7 +21,8 @@ from premoe.moe.surgery import apply_plan_
 from premoe.moe.streaming import resident_sizes
 from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
 
-from conftest import write_jsonl
+from premoe.core.data import write_jsonl
+from premoe.core.evaluation import generate_greedy
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)] + [{"text": "sort 321=123"}]
 # (family, format, config overrides): FP8 as DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8 and GLM-4.x-FP8 publish it,
@@ -181,12 +182,22 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     # the memory planner's size of the pruned model, dequantised, is what the build holds
     assert resident_sizes(server.info, plan=server.plan_for("b"))["total"] == sum(t.nbytes for t in sb.values())
-    reply = server.generate("add 2+5=", max_new_tokens=3)
-    assert reply.task in ("a", "b")
-    results, nbytes = premoe.route(q, tmp_path / "s", ["sort 43=34"])
-    assert results[0].task in ("a", "b") and nbytes > 0
-    res = premoe.evaluate(q, write_jsonl(tmp_path / "e.jsonl", ROWS[:3]), store=tmp_path / "s", task="a", keep=4, progress=False)
-    assert res["generate_samples"] == 3 and 0.0 <= res["exact_match"] <= 1.0
+    reply = server.generate("add 2+5=", max_new_tokens=3)  # answered by a fresh build of the task it routed to
+    with ByteReader() as r:
+        routed = build_selective(server.info, server.plan_for(reply.task), r)
+    assert reply.switched == (reply.task != "b")
+    assert reply.text == generate_greedy(routed, server.tokenizer, ["add 2+5="], 3)[0]
+    premoe.calibrate(q, write_jsonl(tmp_path / "c.jsonl", [{"prompt": "sort 43=", "completion": "34"}]), "c",
+                     tmp_path / "s", progress=False)
+    results, nbytes = premoe.route(q, tmp_path / "s", ["sort 43="])  # a task's own calibration prompt
+    assert results[0].task == "c" and results[0].distance < 1e-4 and nbytes > 0
+    with ByteReader() as r:
+        pruned = build_selective(server.info, premoe.plan(q, tmp_path / "s", "a", 4), r)
+    prompts = [row["prompt"] for row in ROWS[:3]]
+    answers = generate_greedy(pruned, server.tokenizer, prompts, 3)
+    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+    res = premoe.evaluate(q, data, store=tmp_path / "s", task="a", keep=4, max_new_tokens=3, progress=False)
+    assert res["generate_samples"] == 3 and res["exact_match"] == 1.0  # the same pruned model, built by eval
 
 
 def test_kimi_k2_model_type_loads_through_its_architecture(quantized, tmp_path):

@@ -189,8 +189,3 @@ def resolve(raw_config: dict[str, Any]) -> tuple[ArchSpec, str, str | None]:
         f"unsupported architecture {model_type!r}: premoe supports MoE families "
         f"{', '.join(supported_model_types())} (add a row to premoe/moe/families.py to extend it)"
     )
-
-
-def get_spec(model_type: str | None) -> ArchSpec:
-    """The row for a ``model_type`` (see :func:`resolve`)."""
-    return resolve({"model_type": model_type})[0]

@@ -299,6 +299,7 @@ class Materializer:
         self.model = model
         held = 0
         tied = getattr(model, "all_tied_weights_keys", {}) or {}
+        keep_fp32 = _fp32_rule(model, compute_dtype(self.info))
         for mod_name, mod in model.named_modules():
             if id(mod) in skip:
                 continue
@@ -315,9 +316,23 @@ class Materializer:
                 value = self.value(full)
                 if tuple(value.shape) != tuple(t.shape):
                     raise CheckpointError(f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
+                if keep_fp32 is not None and value.dtype in (torch.float16, torch.bfloat16) and keep_fp32.search(full):
+                    value = value.float()
                 set_tensor(mod, leaf, value)
                 held += value.nbytes
         return held
+
+
+def _fp32_rule(model: nn.Module, dtype: torch.dtype):
+    """The pattern of the tensors transformers loads in float32 for a model of ``dtype`` (its
+    ``_keep_in_fp32_modules[_strict]``: DeepSeek-V3's router weight and correction bias...), or ``None``."""
+    get_plan = getattr(model, "_get_dtype_plan", None)
+    plan = get_plan(dtype) if get_plan is not None else {}
+    if not plan:
+        return None
+    from transformers.core_model_loading import build_glob_alternation
+
+    return build_glob_alternation(list(plan))[0]
 
 
 def _check_no_meta(model: nn.Module, skip: set[int] = frozenset()) -> None:
