@@ -38,8 +38,9 @@ def premoe(name: str, *args, stdin: str | None = None) -> str:
 def serve(name: str, *args) -> None:
     """Start ``premoe serve --port 0``, get one completion over HTTP, stop it with SIGTERM."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*PREMOE, "serve", "--port", "0", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*PREMOE, "serve", "--port", "0", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://[\w.:\[\]]+", line)
@@ -71,8 +72,10 @@ def checkpoints(work: Path) -> dict[str, tuple[Path, int]]:
     from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
 
     out = {"bf16 (shipped tiny MoE)": (TINY_MODEL, 16)}
-    for label, family, method, extra in (("block FP8 (DeepSeek-V3 layout)", "deepseek_v3", "fp8", {}),
-                                         ("MXFP4 (GPT-OSS layout)", "gpt_oss", "mxfp4", {"intermediate_size": 64})):
+    for label, family, method, extra in (
+        ("block FP8 (DeepSeek-V3 layout)", "deepseek_v3", "fp8", {}),
+        ("MXFP4 (GPT-OSS layout)", "gpt_oss", "mxfp4", {"intermediate_size": 64}),
+    ):
         model_type, overrides, _ = FAMILIES[family]
         src = save_model(*build_model(model_type, {**overrides, **extra}), work / family)
         out[label] = (quantize_checkpoint(src, work / f"{family}-{method}", method), 4)
@@ -94,36 +97,131 @@ def main() -> int:
         for label, (model, keep) in checkpoints(work).items():
             store, out = work / f"store-{model.name}", work / f"pruned-{model.name}"
             for t, f in calib.items():
-                premoe(f"{label}: calibrate {t}", "calibrate", "--model", model, "--data", f, "--task", t, "--store", store)
+                premoe(
+                    f"{label}: calibrate {t}", "calibrate", "--model", model, "--data", f, "--task", t, "--store", store
+                )
             premoe(f"{label}: inspect", "inspect", "--store", store)
-            line = premoe(f"{label}: prune", "prune", "--model", model, "--store", store, "--task", "add", "--keep", keep,
-                          "--out", out)
+            line = premoe(
+                f"{label}: prune",
+                "prune",
+                "--model",
+                model,
+                "--store",
+                store,
+                "--task",
+                "add",
+                "--keep",
+                keep,
+                "--out",
+                out,
+            )
             if "reload verified" not in line:
                 sys.exit(f"smoke: {label}: prune did not verify its export: {line}")
             premoe(f"{label}: eval (export)", "eval", "--model", out, "--data", evals)
-            premoe(f"{label}: eval (on the fly)", "eval", "--model", model, "--data", evals, "--store", store,
-                   "--task", "add", "--keep", keep)
+            premoe(
+                f"{label}: eval (on the fly)",
+                "eval",
+                "--model",
+                model,
+                "--data",
+                evals,
+                "--store",
+                store,
+                "--task",
+                "add",
+                "--keep",
+                keep,
+            )
             premoe(f"{label}: route", "route", "--model", model, "--store", store, "add 1+2=")
-            premoe(f"{label}: generate", "generate", "--model", model, "--store", store, "--keep", keep,
-                   "--max-new-tokens", 4, "add 1+2=")
+            premoe(
+                f"{label}: generate",
+                "generate",
+                "--model",
+                model,
+                "--store",
+                store,
+                "--keep",
+                keep,
+                "--max-new-tokens",
+                4,
+                "add 1+2=",
+            )
             serve(f"{label}: serve", "--model", model, "--store", store, "--keep", keep)
         store = work / f"store-{TINY_MODEL.name}"
         premoe("bf16: refit", "refit", "--model", TINY_MODEL, "--store", store, "--keep", 8, "--task", "add")
-        premoe("bf16: chat", "chat", "--model", TINY_MODEL, "--store", store, "--keep", 16, "--max-new-tokens", 4,
-               stdin="add 1+2=\n/task\n/exit\n")
+        premoe(
+            "bf16: chat",
+            "chat",
+            "--model",
+            TINY_MODEL,
+            "--store",
+            store,
+            "--keep",
+            16,
+            "--max-new-tokens",
+            4,
+            stdin="add 1+2=\n/task\n/exit\n",
+        )
         dense, store = TINY_DENSE, work / "store-dense"
         for t, f in calib.items():
             premoe(f"dense: calibrate {t}", "calibrate", "--model", dense, "--data", f, "--task", t, "--store", store)
-        premoe("dense: prune", "prune", "--model", dense, "--store", store, "--task", "add", "--sparsity", 0.3,
-               "--out", work / "dense-pruned")
-        premoe("dense: eval", "eval", "--model", dense, "--data", evals, "--store", store, "--task", "add",
-               "--sparsity", 0.3)
+        premoe(
+            "dense: prune",
+            "prune",
+            "--model",
+            dense,
+            "--store",
+            store,
+            "--task",
+            "add",
+            "--sparsity",
+            0.3,
+            "--out",
+            work / "dense-pruned",
+        )
+        premoe(
+            "dense: eval",
+            "eval",
+            "--model",
+            dense,
+            "--data",
+            evals,
+            "--store",
+            store,
+            "--task",
+            "add",
+            "--sparsity",
+            0.3,
+        )
         premoe("dense: route", "route", "--model", dense, "--store", store, "add 1+2=")
-        premoe("dense: generate", "generate", "--model", dense, "--store", store, "--sparsity", 0.3,
-               "--max-new-tokens", 4, "add 1+2=")
+        premoe(
+            "dense: generate",
+            "generate",
+            "--model",
+            dense,
+            "--store",
+            store,
+            "--sparsity",
+            0.3,
+            "--max-new-tokens",
+            4,
+            "add 1+2=",
+        )
         serve("dense: serve", "--model", dense, "--store", store, "--sparsity", 0.3)
-        premoe("sweep", "sweep", "--out", work / "sweep", "--keep", 16, "--scorers", "tcess", "--calib-samples", 8,
-               "--eval-samples", 8)
+        premoe(
+            "sweep",
+            "sweep",
+            "--out",
+            work / "sweep",
+            "--keep",
+            16,
+            "--scorers",
+            "tcess",
+            "--calib-samples",
+            8,
+            "--eval-samples",
+            8,
+        )
         premoe("demo", "demo", "--keep", 16, "--sparsity", 0.5, "--calib-samples", 8, "--eval-samples", 8)
     finally:
         if args.keep_work:
@@ -133,7 +231,10 @@ def main() -> int:
     width = max(len(n) for n, _ in steps)
     for name, seconds in steps:
         print(f"  {name:<{width}}  {seconds:6.1f}s")
-    print(f"smoke: {len(steps)} steps passed in {sum(s for _, s in steps):.0f}s (plain install, python {sys.version.split()[0]})")
+    print(
+        f"smoke: {len(steps)} steps passed in {sum(s for _, s in steps):.0f}s (plain install, python "
+        f"{sys.version.split()[0]})"
+    )
     return 0
 
 

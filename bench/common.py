@@ -38,10 +38,19 @@ def work_dir(work: Path | None, prefix: str) -> Iterator[Path]:
 def baseline_rss_mb(modules: str) -> float:
     """RSS (MB) of a fresh Python that has imported ``modules`` (comma-separated) and holds no model:
     the interpreter cost a benchmark's peak RSS is compared against."""
-    code = (f"import {modules}; "
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
+    code = (
+        f"import {modules}; "
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)"
+    )
+    return float(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ).stdout.strip()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +92,8 @@ class ShardedWriter:
             os.rename(self.path / name, self.path / final)
             weight_map.update({k: final for k in keys})
         (self.path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": self.size}, "weight_map": weight_map}))
+            json.dumps({"metadata": {"total_size": self.size}, "weight_map": weight_map})
+        )
         return self.size
 
 
@@ -98,8 +108,9 @@ def meta_skeleton(path: Path, cfg: dict):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     char_tokenizer().save_pretrained(path)
-    c = CONFIG_MAPPING[cfg["model_type"]](**{k: v for k, v in cfg.items()
-                                             if k not in ("model_type", "quantization_config")})
+    c = CONFIG_MAPPING[cfg["model_type"]](
+        **{k: v for k, v in cfg.items() if k not in ("model_type", "quantization_config")}
+    )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(c)
 
@@ -144,8 +155,13 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
         (group / "memory.max_usage_in_bytes").write_text("0")
         prefix = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(prefix + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        prefix + cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     done = threading.Event()
     anon = [0]  # the group's peak anonymous memory (its usage also counts reclaimable page cache)
 
@@ -162,8 +178,13 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
     out, err = proc.communicate()
     done.set()
     wall = time.perf_counter() - t0
-    result = {"cmd": " ".join(cmd), "returncode": proc.returncode, "seconds": wall,
-              "stdout": out[-4000:], "stderr": err[-2000:]}
+    result = {
+        "cmd": " ".join(cmd),
+        "returncode": proc.returncode,
+        "seconds": wall,
+        "stdout": out[-4000:],
+        "stderr": err[-2000:],
+    }
     if group is not None:
         result["cgroup_max_usage_mb"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
         result["cgroup_peak_anon_mb"] = anon[0] / 2**20
@@ -178,9 +199,11 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
 
 def peak_rss_of(cmd: list[str], limit: int | None) -> dict:
     """:func:`run_limited` through a tiny launcher that reports the child's peak RSS (VmHWM) as ``peak_rss_mb``."""
-    launcher = ("import json, os, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-                "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-                "print('\\nPEAK ' + json.dumps({'rc': r.returncode, 'maxrss_mb': u.ru_maxrss / 1024}))")
+    launcher = (
+        "import json, os, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print('\\nPEAK ' + json.dumps({'rc': r.returncode, 'maxrss_mb': u.ru_maxrss / 1024}))"
+    )
     res = run_limited([sys.executable, "-c", launcher, *cmd], limit)
     line = next((ln for ln in res["stdout"].splitlines() if ln.startswith("PEAK ")), None)
     peak = json.loads(line[5:]) if line else {"rc": -1, "maxrss_mb": float("nan")}
@@ -190,6 +213,7 @@ def peak_rss_of(cmd: list[str], limit: int | None) -> dict:
 
 def print_result(result: dict) -> None:
     """``result`` as JSON, each step without its output tails; the stderr of each failed step goes to stderr."""
+
     def clean(obj, name: str = ""):
         if isinstance(obj, dict) and "returncode" in obj and "stderr" in obj:  # a step of run_limited
             if obj["returncode"]:
@@ -205,5 +229,7 @@ def print_steps(steps: dict[str, dict], checkpoint_mb: float) -> None:
     w = max(20, *(len(n) for n in steps))
     print(f"{'step':<{w}} {'rc':>4} {'seconds':>8} {'peak RSS MB':>12} {'/ checkpoint':>12}")
     for name, st in steps.items():
-        print(f"{name:<{w}} {st['returncode']:>4} {st['seconds']:>8.1f} {st['peak_rss_mb']:>12.0f} "
-              f"{st['peak_rss_mb'] / checkpoint_mb:>12.2f}")
+        print(
+            f"{name:<{w}} {st['returncode']:>4} {st['seconds']:>8.1f} {st['peak_rss_mb']:>12.0f} "
+            f"{st['peak_rss_mb'] / checkpoint_mb:>12.2f}"
+        )

@@ -34,13 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
+from premoe.assets import TINY_DENSE  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 from premoe.dense.calibration import prompt_features  # noqa: E402
 from premoe.dense.model import load_dense  # noqa: E402
 from premoe.dense.router import DenseRouter  # noqa: E402
-from premoe.assets import TINY_DENSE  # noqa: E402
 from premoe.testing import DENSE_FAMILIES, build_dense_model  # noqa: E402
 
 
@@ -60,16 +60,27 @@ def logreg(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3, ste
     return lin
 
 
-def compare(model_dir: Path, work: Path, calib: dict[str, list[dict]], queries: dict[str, list[str]]) -> dict[str, float]:
+def compare(
+    model_dir: Path, work: Path, calib: dict[str, list[dict]], queries: dict[str, list[str]]
+) -> dict[str, float]:
     """Held-out routing accuracy of every row (see the module docstring)."""
     names = sorted(calib)
     work.mkdir(parents=True, exist_ok=True)
     for t in names:
-        premoe.calibrate(model_dir, write_jsonl(work / f"{t}.jsonl", calib[t]), t, work / "store", overwrite=True,
-                         dtype="float32", progress=False)
+        premoe.calibrate(
+            model_dir,
+            write_jsonl(work / f"{t}.jsonl", calib[t]),
+            t,
+            work / "store",
+            overwrite=True,
+            dtype="float32",
+            progress=False,
+        )
     info, lm, tok = load_dense(model_dir, dtype="float32")
     store = PatternStore.open(work / "store")
-    cents = torch.nn.functional.normalize(torch.stack([store.load(t).signature["prompt.hidden"] for t in names]), dim=-1)
+    cents = torch.nn.functional.normalize(
+        torch.stack([store.load(t).signature["prompt.hidden"] for t in names]), dim=-1
+    )
     train_x, train_y = [], []
     for j, t in enumerate(names):
         prompts = [r.get("prompt", r.get("text")) for r in calib[t]]
@@ -133,8 +144,11 @@ def main() -> None:
     calib = {t: samples(t, args.calib, "calib") for t in TASKS}
     queries = {t: [s["prompt"] for s in samples(t, args.queries, "eval")] for t in TASKS}
     part1 = {"built-in": compare(args.model, work / "builtin", calib, queries)}
-    show(f"part 1: built-in tasks on {args.model.name}, {args.queries} held-out prompts per task, "
-         f"{args.calib} calibration samples per task", part1)
+    show(
+        f"part 1: built-in tasks on {args.model.name}, {args.queries} held-out prompts per task, "
+        f"{args.calib} calibration samples per task",
+        part1,
+    )
 
     calib, queries = synthetic_tasks(8, max(args.queries // 4, 10))
     part2 = {"shipped": compare(args.model, work / "syn-shipped", calib, queries)}
@@ -145,8 +159,10 @@ def main() -> None:
     common = [r for r in next(iter(part2.values())) if r != "auto_depth" and all(r in v for v in part2.values())]
     means = {r: sum(v[r] for v in part2.values()) / len(part2) for r in common}
     best = max(means, key=means.get)
-    print(f"\npart 2 mean over models: best {best} {means[best]:.3f}; auto {means['auto']:.3f}; "
-          f"SEAP's logreg@0 {means['logreg@0']:.3f}; centroid@0 {means['centroid@0']:.3f}")
+    print(
+        f"\npart 2 mean over models: best {best} {means[best]:.3f}; auto {means['auto']:.3f}; "
+        f"SEAP's logreg@0 {means['logreg@0']:.3f}; centroid@0 {means['centroid@0']:.3f}"
+    )
 
 
 if __name__ == "__main__":

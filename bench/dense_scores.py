@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
+from premoe.assets import TINY_DENSE  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
@@ -39,7 +40,6 @@ from premoe.dense.model import kept_params, load_dense, prune_in_memory  # noqa:
 from premoe.dense.plans import make_dense_plan  # noqa: E402
 from premoe.dense.scoring import METRICS  # noqa: E402
 from premoe.errors import InputError  # noqa: E402
-from premoe.assets import TINY_DENSE  # noqa: E402
 
 
 def main() -> None:
@@ -62,15 +62,28 @@ def main() -> None:
     evals = {t: samples(t, args.eval, "eval") for t in TASKS}
     dense = {t: exact_match(lm, tok, evals[t], progress=False) for t in TASKS}
     total = kept_params(info, None)
-    print(f"{args.model.name}: dense mean {sum(dense.values()) / len(dense):.3f} "
-          f"({', '.join(f'{t} {a:.3f}' for t, a in dense.items())}); {args.eval} held-out samples per task")
+    print(
+        f"{args.model.name}: dense mean {sum(dense.values()) / len(dense):.3f} "
+        f"({', '.join(f'{t} {a:.3f}' for t, a in dense.items())}); {args.eval} held-out samples per task"
+    )
     print(f"{'score':<8} {'schedule':<9} {'gqa':<7} {'sparsity':>8} {'written':>8} {'retained':>9}  per task")
     for metric, schedule, groups in itertools.product(METRICS, ("uniform", "logistic", "adaptive"), (False, True)):
         for s in args.sparsities:
             acc, written = {}, []
             try:
-                plans = {t: make_dense_plan(info, store.load(t).means, "seap", s, metric=metric, schedule=schedule,
-                                            whole_groups=groups, task=t) for t in TASKS}
+                plans = {
+                    t: make_dense_plan(
+                        info,
+                        store.load(t).means,
+                        "seap",
+                        s,
+                        metric=metric,
+                        schedule=schedule,
+                        whole_groups=groups,
+                        task=t,
+                    )
+                    for t in TASKS
+                }
             except InputError as e:
                 print(f"{metric:<8} {schedule:<9} {'groups' if groups else 'heads':<7} {s:>8.0%}  unreachable: {e}")
                 continue
@@ -79,8 +92,10 @@ def main() -> None:
                 written.append(1 - kept_params(info, plan, padded=True) / total)
                 acc[t] = exact_match(prune_in_memory(lm, info, plan), tok, evals[t], progress=False)
             ret = sum(acc[t] / dense[t] for t in TASKS if dense[t]) / sum(1 for t in TASKS if dense[t])
-            print(f"{metric:<8} {schedule:<9} {'groups' if groups else 'heads':<7} {s:>8.0%} "
-                  f"{sum(written) / len(written):>8.1%} {ret:>9.1%}  " + " ".join(f"{t} {a:.2f}" for t, a in acc.items()))
+            print(
+                f"{metric:<8} {schedule:<9} {'groups' if groups else 'heads':<7} {s:>8.0%} "
+                f"{sum(written) / len(written):>8.1%} {ret:>9.1%}  " + " ".join(f"{t} {a:.2f}" for t, a in acc.items())
+            )
 
 
 if __name__ == "__main__":

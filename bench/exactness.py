@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
-from premoe.errors import UnsupportedModelError  # noqa: E402
-from premoe.moe.families import supported_model_types, resolve  # noqa: E402
-from premoe.moe.model import inspect_model
-from premoe.moe.loading import load_model
 from premoe.core.store import PatternStore  # noqa: E402
+from premoe.errors import UnsupportedModelError  # noqa: E402
+from premoe.moe.families import resolve, supported_model_types  # noqa: E402
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
 from premoe.testing import FAMILIES, build_model, save_model  # noqa: E402
 
 TEXT = "ab"
@@ -60,10 +60,16 @@ def measure(name: str, model_type: str, overrides: dict) -> dict:
             y = b.model(**b.tokenizer(TEXT, return_tensors="pt"), use_cache=False).logits.float()
         kinds = {role.kind for role in info.roles.values()}
         return {
-            "family": name, "spec": info.spec, "experts": info.num_experts, "keep": keep,
-            "diff": (x - y).abs().max().item(), "rel": ((x - y).norm() / x.norm()).item(),
-            "same_argmax": bool(torch.equal(x.argmax(-1), y.argmax(-1))), "exact": FAMILIES[name][2],
-            "layout": "per expert" if "expert" in kinds else "fused", "streams": streams,
+            "family": name,
+            "spec": info.spec,
+            "experts": info.num_experts,
+            "keep": keep,
+            "diff": (x - y).abs().max().item(),
+            "rel": ((x - y).norm() / x.norm()).item(),
+            "same_argmax": bool(torch.equal(x.argmax(-1), y.argmax(-1))),
+            "exact": FAMILIES[name][2],
+            "layout": "per expert" if "expert" in kinds else "fused",
+            "streams": streams,
             "rule": info.spec.routing_for(info.config).describe(),
         }
 
@@ -85,19 +91,29 @@ def main() -> None:
     args = ap.parse_args()
     rows = [measure(name, mt, ov) for name, (mt, ov, _) in FAMILIES.items()]
     if args.markdown:
-        print("| `model_type` | routing rule | expert-count key | experts on disk | streamed calibration | "
-              "max abs. logit difference (exactness contract) | notes |")
+        print(
+            "| `model_type` | routing rule | expert-count key | experts on disk | streamed calibration | "
+            "max abs. logit difference (exactness contract) | notes |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: r["family"]):
             spec = r["spec"]
             names = ", ".join(f"`{m}`" for m in [spec.name, *aliases(spec.name)])
-            print(f"| {names} | {r['rule']} | `{spec.count_key}` | {r['layout']} | {'yes' if r['streams'] else 'no (in memory)'} | "
-                  f"{r['diff']:.1e}{'' if r['exact'] else ' (not renormalised: expected)'} | {spec.notes} |")
+            print(
+                f"| {names} | {r['rule']} | `{spec.count_key}` | {r['layout']} | "
+                f"{'yes' if r['streams'] else 'no (in memory)'} | "
+                f"{r['diff']:.1e}{'' if r['exact'] else ' (not renormalised: expected)'} | {spec.notes} |"
+            )
         return
-    print(f"{'family':<18} {'exact':>6} {'experts':>8} {'kept':>5} {'max |dlogit|':>13} {'rel. L2':>9}  same argmax  streams")
+    print(
+        f"{'family':<18} {'exact':>6} {'experts':>8} {'kept':>5} {'max |dlogit|':>13} {'rel. L2':>9}  same "
+        "argmax  streams"
+    )
     for r in rows:
-        print(f"{r['family']:<18} {str(r['exact']):>6} {r['experts']:>8} {r['keep']:>5} {r['diff']:>13.2e} "
-              f"{r['rel']:>9.2e}  {str(r['same_argmax']):>11}  {r['streams']}")
+        print(
+            f"{r['family']:<18} {str(r['exact']):>6} {r['experts']:>8} {r['keep']:>5} {r['diff']:>13.2e} "
+            f"{r['rel']:>9.2e}  {str(r['same_argmax']):>11}  {r['streams']}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT, ShardedWriter, baseline_rss_mb, drop_cache, generated, meta_skeleton, peak_rss_of, print_result,
-    print_steps, require_cgroup, work_dir)
+    ROOT,
+    ShardedWriter,
+    baseline_rss_mb,
+    drop_cache,
+    generated,
+    meta_skeleton,
+    peak_rss_of,
+    print_result,
+    print_steps,
+    require_cgroup,
+    work_dir,
+)
 
 sys.path.insert(0, str(ROOT))
 PREMOE = [sys.executable, "-m", "premoe", "-q"]
@@ -59,15 +69,39 @@ def special_tokens() -> dict:
 
 def deepseek_config(experts: int) -> dict:
     return dict(
-        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=8192, hidden_size=2048,
-        intermediate_size=5632, moe_intermediate_size=768, num_hidden_layers=14, first_k_dense_replace=2,
-        n_routed_experts=experts, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, num_attention_heads=16, num_key_value_heads=16,
-        q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16",
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        vocab_size=8192,
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=768,
+        num_hidden_layers=14,
+        first_k_dense_replace=2,
+        n_routed_experts=experts,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=512,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
         **special_tokens(),
-        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                             "weight_block_size": [BLOCK, BLOCK]},
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [BLOCK, BLOCK],
+        },
     )
 
 
@@ -112,10 +146,22 @@ def make_deepseek(path: Path, experts: int, shard_bytes: int = 1 << 30) -> int:
 
 
 def llama_config(layers: int, hidden: int, inter: int) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=8192, hidden_size=hidden,
-                intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                num_key_value_heads=max(hidden // 512, 1), head_dim=128, max_position_embeddings=4096,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16", **special_tokens())
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=8192,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(hidden // 512, 1),
+        head_dim=128,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        **special_tokens(),
+    )
 
 
 def make_llama(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
@@ -137,11 +183,25 @@ def make_llama(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
 def qwen3_moe_config(layers: int, hidden: int, experts: int, inter: int, top_k: int) -> dict:
     from premoe.core.tasks import char_tokenizer
 
-    return {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": len(char_tokenizer()),
-            "hidden_size": hidden, "intermediate_size": 4 * hidden, "moe_intermediate_size": inter,
-            "num_hidden_layers": layers, "num_attention_heads": hidden // 128, "num_key_value_heads": 4,
-            "head_dim": 128, "num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": True,
-            "max_position_embeddings": 2048, "tie_word_embeddings": False, "dtype": "bfloat16", **special_tokens()}
+    return {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": len(char_tokenizer()),
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "moe_intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "norm_topk_prob": True,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        **special_tokens(),
+    }
 
 
 def make_qwen3_moe(path: Path, cfg: dict, shard_bytes: int = 256 << 20) -> int:
@@ -225,39 +285,84 @@ def moe_large(args, work: Path) -> dict:
     size = info.checkpoint.nbytes
     limit = int(size * args.limit_frac)
     sizes = resident_sizes(info)
-    base = baseline_rss_mb(f"{CLI}, premoe.moe.streaming, premoe.moe.server, "
-                           "transformers.models.deepseek_v3.modeling_deepseek_v3")
+    base = baseline_rss_mb(
+        f"{CLI}, premoe.moe.streaming, premoe.moe.server, transformers.models.deepseek_v3.modeling_deepseek_v3"
+    )
     tasks = write_tasks(work, args.samples)
     store, out = work / "store", work / "pruned"
     steps = {}
     for t, f in tasks.items():
-        steps[f"calibrate {t}"] = peak_rss_of(PREMOE + ["calibrate", "--model", str(model), "--data", str(f),
-                                                       "--task", t, "--store", str(store), "--overwrite"], limit)
-    steps["prune"] = peak_rss_of(PREMOE + ["prune", "--model", str(model), "--store", str(store), "--task", "add",
-                                           "--keep", str(args.keep), "--out", str(out), "--overwrite"] +
-                                 ([] if args.verify else ["--no-verify"]), limit)
+        steps[f"calibrate {t}"] = peak_rss_of(
+            PREMOE
+            + ["calibrate", "--model", str(model), "--data", str(f), "--task", t, "--store", str(store), "--overwrite"],
+            limit,
+        )
+    steps["prune"] = peak_rss_of(
+        PREMOE
+        + [
+            "prune",
+            "--model",
+            str(model),
+            "--store",
+            str(store),
+            "--task",
+            "add",
+            "--keep",
+            str(args.keep),
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+        + ([] if args.verify else ["--no-verify"]),
+        limit,
+    )
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("add 12+30=", "reverse hello=", "add 7+8=")))
-    steps["generate"] = peak_rss_of(PREMOE + ["generate", "--model", str(model), "--store", str(store), "--keep",
-                                              str(args.keep), "--data", str(prompts), "--json",
-                                              "--max-new-tokens", "4"], limit)
+    steps["generate"] = peak_rss_of(
+        PREMOE
+        + [
+            "generate",
+            "--model",
+            str(model),
+            "--store",
+            str(store),
+            "--keep",
+            str(args.keep),
+            "--data",
+            str(prompts),
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ],
+        limit,
+    )
     if steps["calibrate add"]["returncode"] == 0:
         pruned = resident_sizes(info, plan=premoe.plan(info, store, "add", args.keep))
     else:  # calibration failed (killed at the limit, say): no plan to size the pruned model by
         pruned = {"total": float("nan")}
     routers = sum(info.checkpoint.tensors[k].nbytes for k, r in info.roles.items() if r.kind == "router")
     tok = load_tokenizer(model)
-    tokens = sum(len(tok(t, truncation=True, max_length=2048)["input_ids"])
-                 for f in tasks.values() for t in iter_samples(f))
+    tokens = sum(
+        len(tok(t, truncation=True, max_length=2048)["input_ids"]) for f in tasks.values() for t in iter_samples(f)
+    )
     hid = tokens * 2048 * 2  # hidden states: bf16 x hidden size 2048
     ideal = {f"calibrate {t}": base + (sizes["largest_layer"] + hid) / 2**20 for t in tasks}
     ideal["prune"] = base + 16
     ideal["generate"] = base + (pruned["total"] + routers) / 2**20
     for name, st in steps.items():
         st["ideal_mb"] = ideal[name]
-    return {"checkpoint_mb": size / 2**20, "limit_mb": limit / 2**20, "resident_mb": sizes["total"] / 2**20,
-            "largest_layer_mb": sizes["largest_layer"] / 2**20, "baseline_mb": base, "hidden_mb": hid / 2**20,
-            "pruned_resident_mb": pruned["total"] / 2**20, "keep": args.keep, "experts": args.experts, "steps": steps}
+    return {
+        "checkpoint_mb": size / 2**20,
+        "limit_mb": limit / 2**20,
+        "resident_mb": sizes["total"] / 2**20,
+        "largest_layer_mb": sizes["largest_layer"] / 2**20,
+        "baseline_mb": base,
+        "hidden_mb": hid / 2**20,
+        "pruned_resident_mb": pruned["total"] / 2**20,
+        "keep": args.keep,
+        "experts": args.experts,
+        "steps": steps,
+    }
 
 
 THROUGHPUT = r"""
@@ -282,8 +387,13 @@ def moe_throughput(args, work: Path) -> dict:
     for mode in ("memory", "stream", "memory", "stream"):
         store = work / f"store-{mode}"
         flag = "1" if mode == "stream" else "0"
-        out = subprocess.run([sys.executable, "-c", THROUGHPUT, str(model), str(f), str(store), flag],
-                             capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out = subprocess.run(
+            [sys.executable, "-c", THROUGHPUT, str(model), str(f), str(store), flag],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -292,29 +402,41 @@ def moe_throughput(args, work: Path) -> dict:
     a = PatternStore.open(work / "store-memory").load("t")
     b = PatternStore.open(work / "store-stream").load("t")
     best = {m: min(res[m]) for m in ("memory", "stream")}
-    same = all(x.topk(16).indices.sort().values.equal(y.topk(16).indices.sort().values)
-               for x, y in zip(a.scores, b.scores))
-    return {"checkpoint_mb": inspect_model(model).checkpoint.nbytes / 2**20, "tokens": res["tokens"],
-            "seconds": best, "ratio": best["memory"] / best["stream"], "max_rel_diff": max_rel_diff(a, b),
-            "same_kept_16": bool(same)}
+    same = all(
+        x.topk(16).indices.sort().values.equal(y.topk(16).indices.sort().values) for x, y in zip(a.scores, b.scores)
+    )
+    return {
+        "checkpoint_mb": inspect_model(model).checkpoint.nbytes / 2**20,
+        "tokens": res["tokens"],
+        "seconds": best,
+        "ratio": best["memory"] / best["stream"],
+        "max_rel_diff": max_rel_diff(a, b),
+        "same_kept_16": bool(same),
+    }
 
 
 def report_moe(result: dict) -> int:
     if "large" in result:
         r = result["large"]
-        print(f"\ncheckpoint {r['checkpoint_mb'] / 1024:.2f} GB (FP8, {r['experts']} experts x 12 MoE layers), "
-              f"memory limit {r['limit_mb'] / 1024:.2f} GB ({r['limit_mb'] / r['checkpoint_mb']:.2f} of it); "
-              f"dequantised the model needs {r['resident_mb'] / 1024:.2f} GB")
+        print(
+            f"\ncheckpoint {r['checkpoint_mb'] / 1024:.2f} GB (FP8, {r['experts']} experts x 12 MoE layers), "
+            f"memory limit {r['limit_mb'] / 1024:.2f} GB ({r['limit_mb'] / r['checkpoint_mb']:.2f} of it); "
+            f"dequantised the model needs {r['resident_mb'] / 1024:.2f} GB"
+        )
         print(f"{'step':<20} {'ok':>3} {'seconds':>8} {'peak RSS MB':>12} {'ideal MB':>9} {'ratio':>6}")
         for name, st in r["steps"].items():
-            print(f"{name:<20} {'yes' if st['returncode'] == 0 else 'NO':>3} {st['seconds']:>8.1f} "
-                  f"{st['peak_rss_mb']:>12.0f} {st['ideal_mb']:>9.0f} {st['peak_rss_mb'] / st['ideal_mb']:>6.2f}")
+            print(
+                f"{name:<20} {'yes' if st['returncode'] == 0 else 'NO':>3} {st['seconds']:>8.1f} "
+                f"{st['peak_rss_mb']:>12.0f} {st['ideal_mb']:>9.0f} {st['peak_rss_mb'] / st['ideal_mb']:>6.2f}"
+            )
     if "throughput" in result:
         t = result["throughput"]
-        print(f"\ncalibration on a {t['checkpoint_mb'] / 1024:.2f} GB checkpoint that fits ({t['tokens']} tokens): "
-              f"in memory {t['seconds']['memory']:.1f}s, streamed {t['seconds']['stream']:.1f}s -> streamed throughput "
-              f"{t['ratio']:.2f} of in-memory; max relative difference of the statistics {t['max_rel_diff']:.1e}; "
-              f"same kept experts at 16: {t['same_kept_16']}")
+        print(
+            f"\ncalibration on a {t['checkpoint_mb'] / 1024:.2f} GB checkpoint that fits ({t['tokens']} tokens): "
+            f"in memory {t['seconds']['memory']:.1f}s, streamed {t['seconds']['stream']:.1f}s -> streamed throughput "
+            f"{t['ratio']:.2f} of in-memory; max relative difference of the statistics {t['max_rel_diff']:.1e}; "
+            f"same kept experts at 16: {t['same_kept_16']}"
+        )
     return 0
 
 
@@ -349,8 +471,9 @@ def run_dense(args, work: Path) -> dict:
     size = info.checkpoint.nbytes
     limit = int(size * args.limit_frac)
     sizes = dense_sizes(info)
-    base = baseline_rss_mb(f"{CLI}, premoe.dense.calibration, "
-                           "premoe.core.streaming, transformers.models.llama.modeling_llama")
+    base = baseline_rss_mb(
+        f"{CLI}, premoe.dense.calibration, premoe.core.streaming, transformers.models.llama.modeling_llama"
+    )
     data = write_jsonl(work / "add.jsonl", samples("add", args.samples, "calib"))
     offload = work / "offload"
     offload.mkdir(exist_ok=True)
@@ -367,12 +490,18 @@ def run_dense(args, work: Path) -> dict:
         steps[name] = st = peak_rss_of(cmd + flags, lim)
         st["streamed_note"] = "streamed layer by layer" in st["stdout"]
     ok = steps["--stream, limited"]["returncode"] == 0 and steps["--no-stream, no limit"]["returncode"] == 0
-    return {"checkpoint_mb": size / 2**20, "limit_mb": limit / 2**20,
-            "largest_layer_mb": sizes["largest_layer"] / 2**20, "outside_mb": sizes["outside"] / 2**20,
-            "baseline_mb": base, "ideal_streamed_mb": base + sizes["largest_layer"] / 2**20, "layers": args.layers,
-            "steps": steps,
-            "agreement": dense_agreement(work / "s-memory", work / "s-stream") if ok else None,
-            "offload_left": sorted(p.name for p in offload.iterdir())}
+    return {
+        "checkpoint_mb": size / 2**20,
+        "limit_mb": limit / 2**20,
+        "largest_layer_mb": sizes["largest_layer"] / 2**20,
+        "outside_mb": sizes["outside"] / 2**20,
+        "baseline_mb": base,
+        "ideal_streamed_mb": base + sizes["largest_layer"] / 2**20,
+        "layers": args.layers,
+        "steps": steps,
+        "agreement": dense_agreement(work / "s-memory", work / "s-stream") if ok else None,
+        "offload_left": sorted(p.name for p in offload.iterdir()),
+    }
 
 
 def dense_agreement(a_store: Path, b_store: Path) -> dict:
@@ -381,28 +510,39 @@ def dense_agreement(a_store: Path, b_store: Path) -> dict:
 
     a, b = PatternStore.open(a_store).load("t"), PatternStore.open(b_store).load("t")
     sig = max(float((a.signature[k] - b.signature[k]).abs().max()) for k in a.signature)
-    return {"max_rel_diff": max_rel_diff(a, b), "max_abs_diff_centroids": sig,
-            "tokens": [a.info["tokens"], b.info["tokens"]],
-            "streamed": [a.info.get("streamed"), b.info.get("streamed")]}
+    return {
+        "max_rel_diff": max_rel_diff(a, b),
+        "max_abs_diff_centroids": sig,
+        "tokens": [a.info["tokens"], b.info["tokens"]],
+        "streamed": [a.info.get("streamed"), b.info.get("streamed")],
+    }
 
 
 def report_dense(r: dict) -> int:
-    print(f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Llama, {r['layers']} layers; largest part "
-          f"{r['largest_layer_mb']:.0f} MB), memory limit {r['limit_mb']:.0f} MB "
-          f"({r['limit_mb'] / r['checkpoint_mb']:.2f} of it); interpreter with torch + transformers "
-          f"{r['baseline_mb']:.0f} MB")
-    print(f"{'step':<22} {'rc':>4} {'streamed':>8} {'seconds':>8} {'peak RSS MB':>12} {'/ checkpoint':>12} "
-          f"{'group anon MB':>13} {'group usage MB':>14}")
+    print(
+        f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Llama, {r['layers']} layers; largest part "
+        f"{r['largest_layer_mb']:.0f} MB), memory limit {r['limit_mb']:.0f} MB "
+        f"({r['limit_mb'] / r['checkpoint_mb']:.2f} of it); interpreter with torch + transformers "
+        f"{r['baseline_mb']:.0f} MB"
+    )
+    print(
+        f"{'step':<22} {'rc':>4} {'streamed':>8} {'seconds':>8} {'peak RSS MB':>12} {'/ checkpoint':>12} "
+        f"{'group anon MB':>13} {'group usage MB':>14}"
+    )
     for name, st in r["steps"].items():
         anon, usage = st.get("cgroup_peak_anon_mb"), st.get("cgroup_max_usage_mb")
-        print(f"{name:<22} {st['returncode']:>4} {'yes' if st['streamed_note'] else 'no':>8} {st['seconds']:>8.1f} "
-              f"{st['peak_rss_mb']:>12.0f} {st['peak_rss_mb'] / r['checkpoint_mb']:>12.2f} "
-              f"{'-' if anon is None else f'{anon:.0f}':>13} {'-' if usage is None else f'{usage:.0f}':>14}")
+        print(
+            f"{name:<22} {st['returncode']:>4} {'yes' if st['streamed_note'] else 'no':>8} {st['seconds']:>8.1f} "
+            f"{st['peak_rss_mb']:>12.0f} {st['peak_rss_mb'] / r['checkpoint_mb']:>12.2f} "
+            f"{'-' if anon is None else f'{anon:.0f}':>13} {'-' if usage is None else f'{usage:.0f}':>14}"
+        )
     print(f"ideal streamed peak RSS (interpreter + largest part): {r['ideal_streamed_mb']:.0f} MB")
     if r["agreement"]:
         a = r["agreement"]
-        print(f"streamed vs in-memory statistics: max relative difference {a['max_rel_diff']:.1e}, prompt centroids "
-              f"max abs difference {a['max_abs_diff_centroids']:.1e}, tokens {a['tokens']}")
+        print(
+            f"streamed vs in-memory statistics: max relative difference {a['max_rel_diff']:.1e}, prompt centroids "
+            f"max abs difference {a['max_abs_diff_centroids']:.1e}, tokens {a['tokens']}"
+        )
     return 0
 
 
@@ -429,33 +569,78 @@ def run_dense_refit(args, work: Path) -> dict:
     model = generated(work / "model", lambda p: make_llama(p, cfg))
     size = inspect_dense(model).checkpoint.nbytes
     limit = int(size * args.limit_frac)
-    base = baseline_rss_mb(f"{CLI}, premoe.dense.refit, premoe.dense.export, "
-                           "premoe.core.streaming, transformers.models.llama.modeling_llama")
+    base = baseline_rss_mb(
+        f"{CLI}, premoe.dense.refit, premoe.dense.export, "
+        "premoe.core.streaming, transformers.models.llama.modeling_llama"
+    )
     data = write_jsonl(work / "add.jsonl", samples("add", args.samples, "calib"))
     store = work / "store"
     drop_cache(model)
-    steps = {"calibrate --stream": peak_rss_of(PREMOE + ["calibrate", "--model", str(model), "--data", str(data),
-                                                         "--task", "t", "--store", str(store), "--stream"], None)}
+    steps = {
+        "calibrate --stream": peak_rss_of(
+            PREMOE
+            + [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--task",
+                "t",
+                "--store",
+                str(store),
+                "--stream",
+            ],
+            None,
+        )
+    }
     for name, extra in (("prune", []), ("prune --refit", ["--refit"])):
         drop_cache(model)
-        steps[name] = peak_rss_of(PREMOE + ["prune", "--model", str(model), "--store", str(store), "--task", "t",
-                                            "--sparsity", str(args.sparsity),
-                                            "--out", str(work / name.replace(" ", "")), *extra], limit)
-    return {"checkpoint_mb": size / 2**20, "limit_mb": limit / 2**20, "baseline_mb": base, "layers": args.layers,
-            "hidden": args.hidden, "intermediate": args.intermediate, "sparsity": args.sparsity,
-            "samples": args.samples, "steps": steps}
+        steps[name] = peak_rss_of(
+            PREMOE
+            + [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--task",
+                "t",
+                "--sparsity",
+                str(args.sparsity),
+                "--out",
+                str(work / name.replace(" ", "")),
+                *extra,
+            ],
+            limit,
+        )
+    return {
+        "checkpoint_mb": size / 2**20,
+        "limit_mb": limit / 2**20,
+        "baseline_mb": base,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "sparsity": args.sparsity,
+        "samples": args.samples,
+        "steps": steps,
+    }
 
 
 def report_dense_refit(r: dict) -> int:
     s = r["steps"]
-    print(f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Llama, {r['layers']} layers, hidden {r['hidden']}, FFN "
-          f"{r['intermediate']}); prune limit {r['limit_mb']:.0f} MB; interpreter with torch + transformers "
-          f"{r['baseline_mb']:.0f} MB; {r['samples']} calibration samples")
+    print(
+        f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Llama, {r['layers']} layers, hidden {r['hidden']}, FFN "
+        f"{r['intermediate']}); prune limit {r['limit_mb']:.0f} MB; interpreter with torch + transformers "
+        f"{r['baseline_mb']:.0f} MB; {r['samples']} calibration samples"
+    )
     print_steps(s, r["checkpoint_mb"])
     if all(st["returncode"] == 0 for st in s.values()):
         extra = s["prune --refit"]["seconds"] - s["prune"]["seconds"]
-        print(f"prune --refit / prune: {s['prune --refit']['seconds'] / s['prune']['seconds']:.2f}x time; the re-fit's "
-              f"extra time is {extra / s['calibrate --stream']['seconds']:.2f}x a streamed calibration")
+        print(
+            f"prune --refit / prune: {s['prune --refit']['seconds'] / s['prune']['seconds']:.2f}x time; the re-fit's "
+            f"extra time is {extra / s['calibrate --stream']['seconds']:.2f}x a streamed calibration"
+        )
     return 0
 
 
@@ -484,42 +669,93 @@ def run_moe_refit(args, work: Path) -> dict:
     model = generated(work / "model", lambda p: make_qwen3_moe(p, cfg))
     size = inspect_model(model).checkpoint.nbytes
     limit = int(size * args.limit_frac)
-    base = baseline_rss_mb(f"{CLI}, premoe.moe.refit, premoe.moe.export, "
-                           "premoe.core.streaming, transformers.models.qwen3_moe.modeling_qwen3_moe")
+    base = baseline_rss_mb(
+        f"{CLI}, premoe.moe.refit, premoe.moe.export, "
+        "premoe.core.streaming, transformers.models.qwen3_moe.modeling_qwen3_moe"
+    )
     data = write_tasks(work, args.samples, ("sort",))["sort"]
     steps = {}
-    for name, store, extra in (("calibrate --scorer tcess", "tcess", ["--scorer", "tcess"]),
-                               ("calibrate (default)", "default", []),
-                               ("calibrate --scorer recon", "recon", ["--scorer", "recon"])):
+    for name, store, extra in (
+        ("calibrate --scorer tcess", "tcess", ["--scorer", "tcess"]),
+        ("calibrate (default)", "default", []),
+        ("calibrate --scorer recon", "recon", ["--scorer", "recon"]),
+    ):
         drop_cache(model)
-        steps[name] = peak_rss_of(PREMOE + ["calibrate", "--model", str(model), "--data", str(data), "--task", "t",
-                                            "--store", str(work / store), "--overwrite", *extra], limit)
+        steps[name] = peak_rss_of(
+            PREMOE
+            + [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--task",
+                "t",
+                "--store",
+                str(work / store),
+                "--overwrite",
+                *extra,
+            ],
+            limit,
+        )
     for name, out, extra in (("prune --no-refit", "plain", ["--no-refit"]), ("prune (default)", "refit", [])):
         drop_cache(model)
-        steps[name] = peak_rss_of(PREMOE + ["prune", "--model", str(model), "--store", str(work / "default"), "--task",
-                                            "t", "--keep", str(args.keep), "--out", str(work / out), "--overwrite",
-                                            *extra], limit)
-    return {"checkpoint_mb": size / 2**20, "limit_mb": limit / 2**20, "baseline_mb": base, "layers": args.layers,
-            "hidden": args.hidden, "experts": args.experts, "inter": args.inter, "top_k": args.top_k, "keep": args.keep,
-            "samples": args.samples, "steps": steps}
+        steps[name] = peak_rss_of(
+            PREMOE
+            + [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(work / "default"),
+                "--task",
+                "t",
+                "--keep",
+                str(args.keep),
+                "--out",
+                str(work / out),
+                "--overwrite",
+                *extra,
+            ],
+            limit,
+        )
+    return {
+        "checkpoint_mb": size / 2**20,
+        "limit_mb": limit / 2**20,
+        "baseline_mb": base,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "experts": args.experts,
+        "inter": args.inter,
+        "top_k": args.top_k,
+        "keep": args.keep,
+        "samples": args.samples,
+        "steps": steps,
+    }
 
 
 def report_moe_refit(r: dict) -> int:
     s = r["steps"]
-    print(f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Qwen3-MoE, {r['layers']} layers, hidden {r['hidden']}, "
-          f"{r['experts']} experts of {r['inter']}, top-{r['top_k']}); limit {r['limit_mb']:.0f} MB; interpreter with "
-          f"torch + transformers {r['baseline_mb']:.0f} MB; {r['samples']} calibration samples; keep {r['keep']}")
+    print(
+        f"\ncheckpoint {r['checkpoint_mb']:.0f} MB (bf16 Qwen3-MoE, {r['layers']} layers, hidden {r['hidden']}, "
+        f"{r['experts']} experts of {r['inter']}, top-{r['top_k']}); limit {r['limit_mb']:.0f} MB; interpreter with "
+        f"torch + transformers {r['baseline_mb']:.0f} MB; {r['samples']} calibration samples; keep {r['keep']}"
+    )
     print_steps(s, r["checkpoint_mb"])
     if not all(st["returncode"] == 0 for st in s.values()):
         return 1
     plain = s["calibrate --scorer tcess"]["seconds"]
     extra = s["prune (default)"]["seconds"] - s["prune --no-refit"]["seconds"]
     total = s["calibrate (default)"]["seconds"] + extra
-    print(f"default calibration / tcess calibration: {s['calibrate (default)']['seconds'] / plain:.2f}x; "
-          f"re-fit extra over a plain prune: {extra / plain:.2f}x a tcess calibration; "
-          f"calibration + selection + re-fit: {total / plain:.2f}x plain calibration")
-    print(f"recon calibration (selection by the pruned block's output) / tcess calibration: "
-          f"{s['calibrate --scorer recon']['seconds'] / plain:.2f}x")
+    print(
+        f"default calibration / tcess calibration: {s['calibrate (default)']['seconds'] / plain:.2f}x; "
+        f"re-fit extra over a plain prune: {extra / plain:.2f}x a tcess calibration; "
+        f"calibration + selection + re-fit: {total / plain:.2f}x plain calibration"
+    )
+    print(
+        f"recon calibration (selection by the pruned block's output) / tcess calibration: "
+        f"{s['calibrate --scorer recon']['seconds'] / plain:.2f}x"
+    )
     return 0
 
 
@@ -531,31 +767,62 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="{moe,dense,dense-refit,moe-refit}")
 
     def command(name: str, run, report, summary: str, samples: int, half_at_most: bool) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=summary, description=inspect.cleandoc(run.__doc__),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=inspect.cleandoc(run.__doc__),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(run=run, report=report, prefix=f"premoe-{name}-", half_at_most=half_at_most)
-        p.add_argument("--limit-frac", type=float, default=0.5, help="memory limit as a fraction of the checkpoint"
-                       + (" (<= 0.5)" if half_at_most else ""))
-        p.add_argument("--samples", type=int, default=samples,
-                       help="calibration samples" + (" per task" if name == "moe" else ""))
+        p.add_argument(
+            "--limit-frac",
+            type=float,
+            default=0.5,
+            help="memory limit as a fraction of the checkpoint" + (" (<= 0.5)" if half_at_most else ""),
+        )
+        p.add_argument(
+            "--samples", type=int, default=samples, help="calibration samples" + (" per task" if name == "moe" else "")
+        )
         p.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed)")
         return p
 
-    p = command("moe", run_moe, report_moe, "calibrate, prune and generate a DeepSeek-V3-shaped FP8 MoE under half its "
-                "size; streamed vs in-memory calibration", 32, True)
+    p = command(
+        "moe",
+        run_moe,
+        report_moe,
+        "calibrate, prune and generate a DeepSeek-V3-shaped FP8 MoE under half its "
+        "size; streamed vs in-memory calibration",
+        32,
+        True,
+    )
     p.add_argument("--experts", type=int, default=128, help="routed experts per MoE layer of the large model (size)")
     p.add_argument("--small-experts", type=int, default=16, help="routed experts of the model that fits (throughput)")
     p.add_argument("--keep", type=int, default=16, help="experts kept per layer when pruning and serving")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip prune's self-check (by default: read back, reloaded in transformers only if it fits)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip prune's self-check (by default: read back, reloaded in transformers only if it fits)",
+    )
     p.add_argument("--skip-large", action="store_true", help="the throughput comparison only (needs no cgroup)")
     p.add_argument("--skip-throughput", action="store_true")
 
     for name, run, report, summary, layers in (
-            ("dense", run_dense, report_dense,
-             "calibrate a Llama-shaped bf16 model streamed, automatically and in memory under a memory limit", 12),
-            ("dense-refit", run_dense_refit, report_dense_refit,
-             "what premoe prune --refit costs on a dense model larger than its memory limit", 24)):
+        (
+            "dense",
+            run_dense,
+            report_dense,
+            "calibrate a Llama-shaped bf16 model streamed, automatically and in memory under a memory limit",
+            12,
+        ),
+        (
+            "dense-refit",
+            run_dense_refit,
+            report_dense_refit,
+            "what premoe prune --refit costs on a dense model larger than its memory limit",
+            24,
+        ),
+    ):
         p = command(name, run, report, summary, 32, name == "dense")
         p.add_argument("--layers", type=int, default=layers, help="decoder layers (size)")
         p.add_argument("--hidden", type=int, default=2048)
@@ -563,8 +830,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "dense-refit":
             p.add_argument("--sparsity", type=float, default=0.5)
 
-    p = command("moe-refit", run_moe_refit, report_moe_refit, "what the tight-keep defaults (EASY-EP or recon "
-                "selection, re-fit) cost on a Qwen3-MoE-shaped model larger than its memory limit", 64, False)
+    p = command(
+        "moe-refit",
+        run_moe_refit,
+        report_moe_refit,
+        "what the tight-keep defaults (EASY-EP or recon "
+        "selection, re-fit) cost on a Qwen3-MoE-shaped model larger than its memory limit",
+        64,
+        False,
+    )
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--experts", type=int, default=64)

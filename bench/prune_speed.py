@@ -64,9 +64,19 @@ def make_model(path: Path, gb: float) -> None:
 
     tok = char_tokenizer()
     hidden, inter, experts, layers = 1024, 256, 64, max(1, round(gb * 2**30 / (2 * 3 * 1024 * 256 * 64)))
-    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                         num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+    )
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="100GB")
@@ -104,8 +114,12 @@ def main() -> None:
         for _ in range(args.repeat):
             out = work / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            res = subprocess.run([sys.executable, "-c", CHILD, method, str(src), str(store), str(out), str(keep)],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            res = subprocess.run(
+                [sys.executable, "-c", CHILD, method, str(src), str(store), str(out), str(keep)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             if res.returncode:
                 print(res.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{method} failed")
@@ -114,12 +128,17 @@ def main() -> None:
             runs.append(run)
             shutil.rmtree(out, ignore_errors=True)
         rows[method] = min(runs, key=lambda r: r["seconds"])
-    print(f"checkpoint: {size / 2**30:.2f} GiB, {info.num_experts} experts x {len(info.moe_layers)} layers, keep {keep}")
+    print(
+        f"checkpoint: {size / 2**30:.2f} GiB, {info.num_experts} experts x {len(info.moe_layers)} layers, keep {keep}"
+    )
     base = rows["copy"]["seconds"]
     print(f"{'method':<10} {'seconds':>8} {'x copy':>7} {'peak RSS':>10} {'after imports':>14} {'written':>10}")
     for m, r in rows.items():
-        print(f"{m:<10} {r['seconds']:>8.2f} {r['seconds'] / base:>7.2f} {r['peak_rss_mb']:>8.0f}MB "
-              f"{r['base_rss_mb']:>12.0f}MB {r['bytes'] / 2**20:>8.0f}MB")
+        print(
+            f"{m:<10} {r['seconds']:>8.2f} {r['seconds'] / base:>7.2f} {r['peak_rss_mb']:>8.0f}MB "
+            f"{r['base_rss_mb']:>12.0f}MB {r['bytes'] / 2**20:>8.0f}MB"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -27,15 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
-from premoe.moe.model import inspect_model
-from premoe.moe.loading import load_model
 from premoe.core.options import METRICS, NORMS, SOURCES, STATS, SignatureSpec  # noqa: E402
 from premoe.core.retrieval import Retriever
-from premoe.assets import TINY_MODEL  # noqa: E402
-from premoe.moe.signature import SignatureModel  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.signature import SignatureModel  # noqa: E402
 
 
 def query_stats(sm: SignatureModel, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -55,7 +55,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="premoe-routing-"))
     lm = load_model(args.model, device="cpu", dtype=torch.float32)
     for t in TASKS:
-        premoe.calibrate(lm, write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib")), t, work / "store", progress=False)
+        premoe.calibrate(
+            lm, write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib")), t, work / "store", progress=False
+        )
     store = PatternStore.open(work / "store")
     info = inspect_model(args.model)
     M = store.load(next(iter(TASKS))).info["signature"]["layers"]
@@ -75,7 +77,10 @@ def main() -> None:
         acc = sum(a == b for a, b in zip(routed, truth)) / len(truth)
         rows.append((acc, spec))
     default = SignatureSpec()
-    print(f"{len(prompts)} held-out prompts ({args.queries} per task, {len(TASKS)} tasks); keys from {args.calib} calibration samples per task")
+    print(
+        f"{len(prompts)} held-out prompts ({args.queries} per task, {len(TASKS)} tasks); keys from {args.calib} "
+        "calibration samples per task"
+    )
     print(f"{'accuracy':>8}  layers stat     source norm metric")
     for acc, s in sorted(rows, key=lambda r: -r[0]):
         mark = "  <- default" if s == default else ""
@@ -127,9 +132,14 @@ def synthetic(n_queries: int, n_tasks: int = 8, seed: int = 0) -> None:
         for stat, norm, metric in itertools.product(STATS, NORMS, METRICS):
             spec = SignatureSpec(1, stat, "prompt", norm, metric)
             routed = [x.task for x in Retriever.from_store(store, spec).route_stats(stats[stat])]
-            per_family.setdefault((stat, norm, metric), {})[fam] = sum(a == b for a, b in zip(routed, truth)) / len(truth)
+            per_family.setdefault((stat, norm, metric), {})[fam] = sum(a == b for a, b in zip(routed, truth)) / len(
+                truth
+            )
     fams = list(FAMILIES)
-    print(f"\nsynthetic overlapping tasks, {n_tasks} per model, {n_queries // 4} queries each, 1 MoE layer; accuracy per family")
+    print(
+        f"\nsynthetic overlapping tasks, {n_tasks} per model, {n_queries // 4} queries each, 1 MoE layer; "
+        "accuracy per family"
+    )
     print(f"{'stat':<8} {'norm':<4} {'metric':<6} {'mean':>6} " + " ".join(f"{f[:9]:>9}" for f in fams))
     default = SignatureSpec()
     for key, accs in sorted(per_family.items(), key=lambda kv: -sum(kv[1].values())):

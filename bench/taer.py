@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import premoe  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
 
 
@@ -52,7 +52,9 @@ def quality(keep: int, queries: int, calib: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-q-"))
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     for t in TASKS:
-        premoe.calibrate(lm, write_jsonl(work / f"{t}.jsonl", samples(t, calib, "calib")), t, work / "store", progress=False)
+        premoe.calibrate(
+            lm, write_jsonl(work / f"{t}.jsonl", samples(t, calib, "calib")), t, work / "store", progress=False
+        )
     router = QueryRouter(TINY_MODEL, work / "store")
     evals = {t: samples(t, queries, "eval") for t in TASKS}
     routed = {t: [router.route(s["prompt"]).task for s in evals[t]] for t in TASKS}
@@ -68,8 +70,14 @@ def quality(keep: int, queries: int, calib: int) -> dict:
             group = [s for s, r in zip(evals[t], routed[t]) if r == task]
             retrieved += exact_match(models[task], lm.tokenizer, group, progress=False) * len(group)
     n = sum(map(len, evals.values()))
-    return {"routing_accuracy": acc_route, "e2e_retrieved": retrieved / n, "e2e_oracle": oracle / n,
-            "queries": n, "keep": keep, "signature_bytes_read": router.bytes_read}
+    return {
+        "routing_accuracy": acc_route,
+        "e2e_retrieved": retrieved / n,
+        "e2e_oracle": oracle / n,
+        "queries": n,
+        "keep": keep,
+        "signature_bytes_read": router.bytes_read,
+    }
 
 
 CHILD = r"""
@@ -174,10 +182,22 @@ def make_model(path: Path, gb: float) -> None:
     tok = char_tokenizer()
     hidden, inter, experts = 1024, 256, 64
     layers = max(2, round(gb * 2**30 / (2 * 3 * hidden * inter * experts)))
-    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                         num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():  # decisive routers, as in trained models
@@ -188,8 +208,12 @@ def make_model(path: Path, gb: float) -> None:
 
 
 def child(mode: str, src: Path, store: Path, keep: int) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(store), str(keep)], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(src), str(store), str(keep)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if res.returncode:
         print(res.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{mode} failed")
@@ -207,7 +231,10 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
     keep = max(info.router.top_k, round(info.num_experts * keep_frac))
     store = work / "store"
     if not store.exists():  # two tasks with different (random) patterns and different key texts
-        for name, seed, text in (("a", 0, "the quick brown fox jumps over the lazy dog"), ("b", 1, "0123456789 + 98765 = ")):
+        for name, seed, text in (
+            ("a", 0, "the quick brown fox jumps over the lazy dog"),
+            ("b", 1, "0123456789 + 98765 = "),
+        ):
             (work / f"{name}.txt").write_text((text + "\n") * 4)
             premoe.calibrate(src, work / f"{name}.txt", name, store, scorer="random", seed=seed, progress=False)
     for f in sorted(src.glob("*.safetensors")):  # warm the page cache
@@ -217,29 +244,47 @@ def systems(gb: float, keep_frac: float, workdir: Path | None) -> dict:
     serve = child("serve", src, store, keep)
     dense = child("dense", src, store, keep)
     load = child("load", src, store, keep)
-    return {"checkpoint_bytes": info.checkpoint.nbytes, "layers": len(info.moe_layers), "experts": info.num_experts,
-            "keep": keep, "serve": serve, "dense": dense, "load": load}
+    return {
+        "checkpoint_bytes": info.checkpoint.nbytes,
+        "layers": len(info.moe_layers),
+        "experts": info.num_experts,
+        "keep": keep,
+        "serve": serve,
+        "dense": dense,
+        "load": load,
+    }
 
 
 def scale(n_tasks: int) -> dict:
     import statistics
 
+    from premoe.core.store import PatternStore, TaskPattern
     from premoe.moe.loading import load_model
     from premoe.moe.router import QueryRouter
-    from premoe.core.store import PatternStore, TaskPattern
 
     work = Path(tempfile.mkdtemp(prefix="premoe-taer-scale-"))
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     for t in TASKS:
-        premoe.calibrate(lm, write_jsonl(work / f"{t}.jsonl", samples(t, 16, "calib")), t, work / "store", progress=False)
+        premoe.calibrate(
+            lm, write_jsonl(work / f"{t}.jsonl", samples(t, 16, "calib")), t, work / "store", progress=False
+        )
     st = PatternStore.open(work / "store")
     template = st.load(next(iter(TASKS)))
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for i in range(n_tasks - len(TASKS)):  # synthetic tasks: random gate distributions as keys
         sig = {k: torch.rand(v.shape, generator=gen).softmax(-1) for k, v in template.signature.items()}
-        st.add(TaskPattern(f"synthetic-{i:05d}", template.layers, torch.rand(template.scores.shape, generator=gen),
-                           {}, {"samples": 1, "tokens": 1, "scorer": "random"}, sig), lm.info.fingerprint)
+        st.add(
+            TaskPattern(
+                f"synthetic-{i:05d}",
+                template.layers,
+                torch.rand(template.scores.shape, generator=gen),
+                {},
+                {"samples": 1, "tokens": 1, "scorer": "random"},
+                sig,
+            ),
+            lm.info.fingerprint,
+        )
     build = time.perf_counter() - t0
     timings = {}
     for label in ("open_cold", "open_cached", "open_after_add"):
@@ -254,44 +299,77 @@ def scale(n_tasks: int) -> dict:
     sigs = [router.signature_model.signature(p) for p in prompts]
     search, full = [], []
     for p, g in zip(prompts, sigs):
-        t0 = time.perf_counter(); router.retriever.route(g); search.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); router.route(p); full.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        router.retriever.route(g)
+        search.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        router.route(p)
+        full.append(time.perf_counter() - t0)
     truth = [t for t in TASKS for _ in range(20)]
     correct = sum(router.route(p).task in (t, f"{t}-again") for p, t in zip(prompts, truth))
-    return {"tasks": len(router.retriever.names), "store_build_seconds": build, **timings,
-            "search_ms": 1000 * statistics.median(search), "route_ms": 1000 * statistics.median(full),
-            "accuracy_among_all": correct / len(prompts)}
+    return {
+        "tasks": len(router.retriever.names),
+        "store_build_seconds": build,
+        **timings,
+        "search_ms": 1000 * statistics.median(search),
+        "route_ms": 1000 * statistics.median(full),
+        "accuracy_among_all": correct / len(prompts),
+    }
 
 
 def report(q: dict | None, s: dict | None, sc: dict | None = None) -> None:
     mb = 2**20
     if q:
         print(f"routing accuracy on {q['queries']} held-out built-in prompts: {q['routing_accuracy']:.3f}")
-        print(f"end-to-end exact match at keep {q['keep']}: retrieved pattern {q['e2e_retrieved']:.3f}, "
-              f"oracle pattern {q['e2e_oracle']:.3f} (difference {100 * (q['e2e_oracle'] - q['e2e_retrieved']):.1f} points)")
+        print(
+            f"end-to-end exact match at keep {q['keep']}: retrieved pattern {q['e2e_retrieved']:.3f}, "
+            f"oracle pattern {q['e2e_oracle']:.3f} (difference "
+            f"{100 * (q['e2e_oracle'] - q['e2e_retrieved']):.1f} points)"
+        )
     if sc:
-        print(f"\nstore of {sc['tasks']} tasks: opened in {sc['open_cold']:.2f}s without its key cache, {sc['open_cached']:.2f}s "
-              f"with it, {sc['open_after_add']:.2f}s after one more task was added (signature model build included); per query: search {sc['search_ms']:.2f} ms, signature + search "
-              f"{sc['route_ms']:.1f} ms; built-in prompts still routed right among all: {sc['accuracy_among_all']:.3f}")
+        print(
+            f"\nstore of {sc['tasks']} tasks: opened in {sc['open_cold']:.2f}s without its key cache, "
+            f"{sc['open_cached']:.2f}s "
+            f"with it, {sc['open_after_add']:.2f}s after one more task was added (signature model build "
+            f"included); per query: search {sc['search_ms']:.2f} ms, signature + search "
+            f"{sc['route_ms']:.1f} ms; built-in prompts still routed right among all: {sc['accuracy_among_all']:.3f}"
+        )
     if not s:
         return
     sv, d, ld = s["serve"], s["dense"], s["load"]
     ideal = sv["ideal"]["total"]
-    print(f"\ngenerated Qwen3-MoE: {s['checkpoint_bytes'] / mb:.0f} MB, {s['layers']} MoE layers x {s['experts']} experts, keep {s['keep']}")
-    print(f"bytes read, first prompt: {sv['bytes_read'] / mb:.1f} MB vs ideal {ideal / mb:.1f} MB "
-          f"(non-expert {sv['ideal']['non_expert'] / mb:.1f} + experts {sv['ideal']['experts'] / mb:.1f}): "
-          f"{sv['bytes_read'] / ideal:.4f}x (all router rows are kept for switching: {(sv['ideal_full_routers'] - ideal) / mb:.1f} MB)")
+    print(
+        f"\ngenerated Qwen3-MoE: {s['checkpoint_bytes'] / mb:.0f} MB, {s['layers']} MoE layers x {s['experts']} "
+        f"experts, keep {s['keep']}"
+    )
+    print(
+        f"bytes read, first prompt: {sv['bytes_read'] / mb:.1f} MB vs ideal {ideal / mb:.1f} MB "
+        f"(non-expert {sv['ideal']['non_expert'] / mb:.1f} + experts {sv['ideal']['experts'] / mb:.1f}): "
+        f"{sv['bytes_read'] / ideal:.4f}x (all router rows are kept for switching: "
+        f"{(sv['ideal_full_routers'] - ideal) / mb:.1f} MB)"
+    )
     goal = ideal * 1.15 + 300 * mb
-    print(f"peak RSS serving: {sv['peak_rss'] / mb:.0f} MB (after imports {sv['rss_after_imports'] / mb:.0f} MB) vs goal "
-          f"ideal*1.15+300MB = {goal / mb:.0f} MB; dense model peak {d['peak_rss'] / mb:.0f} MB "
-          f"({sv['peak_rss'] / d['peak_rss']:.2f}x of dense)")
-    print(f"pattern load: {ld['load_bytes'] / mb:.0f} MB in {ld['load_seconds']:.3f}s vs the same {ld['reads']} reads raw into new "
-          f"memory {ld['raw_seconds']:.3f}s: {ld['raw_seconds'] / ld['load_seconds']:.2f} of raw throughput "
-          f"(into already-resident memory, a pure copy: {ld['raw_resident_seconds']:.3f}s; medians of 5)")
-    print(f"task switch: read {sv['switch_bytes'] / mb:.1f} MB = experts missing from the held pattern "
-          f"{sv['switch_missing_expert_bytes'] / mb:.1f} MB ({sv['switch_experts_read']} read, {sv['switch_experts_kept']} kept in memory)")
-    print(f"signature + retrieval: {1000 * sv['route_seconds']:.1f} ms vs full prefill of the same {sv['prompt_tokens']}-token "
-          f"prompt {1000 * sv['prefill_seconds']:.1f} ms: ratio {sv['route_seconds'] / sv['prefill_seconds']:.3f}")
+    print(
+        f"peak RSS serving: {sv['peak_rss'] / mb:.0f} MB (after imports {sv['rss_after_imports'] / mb:.0f} MB) vs goal "
+        f"ideal*1.15+300MB = {goal / mb:.0f} MB; dense model peak {d['peak_rss'] / mb:.0f} MB "
+        f"({sv['peak_rss'] / d['peak_rss']:.2f}x of dense)"
+    )
+    print(
+        f"pattern load: {ld['load_bytes'] / mb:.0f} MB in {ld['load_seconds']:.3f}s vs the same {ld['reads']} "
+        "reads raw into new "
+        f"memory {ld['raw_seconds']:.3f}s: {ld['raw_seconds'] / ld['load_seconds']:.2f} of raw throughput "
+        f"(into already-resident memory, a pure copy: {ld['raw_resident_seconds']:.3f}s; medians of 5)"
+    )
+    print(
+        f"task switch: read {sv['switch_bytes'] / mb:.1f} MB = experts missing from the held pattern "
+        f"{sv['switch_missing_expert_bytes'] / mb:.1f} MB ({sv['switch_experts_read']} read, "
+        f"{sv['switch_experts_kept']} kept in memory)"
+    )
+    print(
+        f"signature + retrieval: {1000 * sv['route_seconds']:.1f} ms vs full prefill of the same "
+        f"{sv['prompt_tokens']}-token "
+        f"prompt {1000 * sv['prefill_seconds']:.1f} ms: ratio {sv['route_seconds'] / sv['prefill_seconds']:.3f}"
+    )
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.moe.router import QueryRouter  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
+from premoe.moe.router import QueryRouter  # noqa: E402
 from premoe.moe.server import TaskServer  # noqa: E402
-from premoe.assets import TINY_MODEL  # noqa: E402
 
 
 def serve_all(store: Path, keep: int, refit: bool | None, groups: dict[str, list[dict]]) -> dict:
@@ -43,8 +43,12 @@ def serve_all(store: Path, keep: int, refit: bool | None, groups: dict[str, list
         switch_bytes += server.bytes_read - before
         right += exact_match(server.model, server.tokenizer, group, progress=False) * len(group)
         n += len(group)
-    return {"exact_match": right / n, "bytes_per_switch": switch_bytes / len(groups),
-            "refit_bytes": server.refit_bytes, "seconds": time.perf_counter() - t0}
+    return {
+        "exact_match": right / n,
+        "bytes_per_switch": switch_bytes / len(groups),
+        "refit_bytes": server.refit_bytes,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -58,8 +62,9 @@ def main() -> None:
     try:
         store = work / "store"
         for t in TASKS:
-            premoe.calibrate(TINY_MODEL, write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib")), t, store,
-                             progress=False)
+            premoe.calibrate(
+                TINY_MODEL, write_jsonl(work / f"{t}.jsonl", samples(t, args.calib, "calib")), t, store, progress=False
+            )
         t0 = time.perf_counter()
         premoe.refit(TINY_MODEL, store, args.keep, progress=False)
         refit_seconds = time.perf_counter() - t0
@@ -74,19 +79,34 @@ def main() -> None:
         for keep in args.keep:
             for refit in (False, None):
                 r = serve_all(store, keep, refit, groups)
-                rows.append({"keep": keep, "rows": "stored re-fit" if refit is None else "checkpoint (--no-refit)",
-                             "retention": r["exact_match"] / full["exact_match"], **r})
-        out = {"full_exact_match": full["exact_match"], "prompts": len(prompts), "refit_seconds": refit_seconds,
-               "store_refit_bytes": footprint, "rows": rows}
+                rows.append(
+                    {
+                        "keep": keep,
+                        "rows": "stored re-fit" if refit is None else "checkpoint (--no-refit)",
+                        "retention": r["exact_match"] / full["exact_match"],
+                        **r,
+                    }
+                )
+        out = {
+            "full_exact_match": full["exact_match"],
+            "prompts": len(prompts),
+            "refit_seconds": refit_seconds,
+            "store_refit_bytes": footprint,
+            "rows": rows,
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{len(prompts)} held-out prompts, each routed and served with its retrieved task's experts; full model "
-          f"exact match {out['full_exact_match']:.3f}; `premoe refit --keep {' '.join(map(str, args.keep))}` for "
-          f"{len(TASKS)} tasks: {refit_seconds:.1f}s, {footprint / 2**20:.2f} MB in the store")
+    print(
+        f"{len(prompts)} held-out prompts, each routed and served with its retrieved task's experts; full model "
+        f"exact match {out['full_exact_match']:.3f}; `premoe refit --keep {' '.join(map(str, args.keep))}` for "
+        f"{len(TASKS)} tasks: {refit_seconds:.1f}s, {footprint / 2**20:.2f} MB in the store"
+    )
     print(f"{'keep':>4}  {'rows':<24} {'exact match':>11} {'retention':>9} {'KB read per switch':>19}")
     for r in rows:
-        print(f"{r['keep']:>4}  {r['rows']:<24} {r['exact_match']:>11.3f} {100 * r['retention']:>8.1f}% "
-              f"{r['bytes_per_switch'] / 1024:>19.1f}")
+        print(
+            f"{r['keep']:>4}  {r['rows']:<24} {r['exact_match']:>11.3f} {100 * r['retention']:>8.1f}% "
+            f"{r['bytes_per_switch'] / 1024:>19.1f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

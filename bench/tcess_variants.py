@@ -21,14 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import premoe  # noqa: E402
-from premoe.moe.patterns import plan_from_pattern  # noqa: E402
+from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.data import write_jsonl  # noqa: E402
 from premoe.core.evaluation import exact_match  # noqa: E402
-from premoe.moe.loading import load_model  # noqa: E402
-from premoe.moe.selective import ByteReader, build_model  # noqa: E402
-from premoe.assets import TINY_MODEL  # noqa: E402
 from premoe.core.store import PatternStore  # noqa: E402
 from premoe.core.tasks import TASKS, samples  # noqa: E402
+from premoe.moe.loading import load_model  # noqa: E402
+from premoe.moe.patterns import plan_from_pattern  # noqa: E402
+from premoe.moe.selective import ByteReader, build_model  # noqa: E402
 
 VARIANTS = {"tcess (k=top-k, no r)": {}, "tcess k=1": {"k": 1}, "tcess r=0.5": {"r": 0.5}}
 KEEPS = (24, 16, 12, 8, 4)

@@ -19,8 +19,11 @@ VERBS = ("calibrate", "refit", "prune", "eval", "inspect", "route", "generate", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="premoe", description="Task-specific pruning of MoE experts (PreMoe) and of "
-                                                            "dense heads and channels (SEAP), with task routing.")
+    ap = argparse.ArgumentParser(
+        prog="premoe",
+        description="Task-specific pruning of MoE experts (PreMoe) and of "
+        "dense heads and channels (SEAP), with task routing.",
+    )
     ap.add_argument("--version", action="version", version=f"premoe {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -22,36 +22,61 @@ class Kind(Protocol):
     name: ClassVar[str]  # "moe" or "dense"
     label: ClassVar[str]  # how messages name the kind
     hint: ClassVar[str]  # what selects a pruned model of this kind, for messages
-    accepts: ClassVar[dict[str, tuple[type[Options] | str, ...]]]  # verb -> the option bundles (and other options) it takes
+    accepts: ClassVar[
+        dict[str, tuple[type[Options] | str, ...]]
+    ]  # verb -> the option bundles (and other options) it takes
     unsupported: ClassVar[dict[str, str]]  # verb -> why this kind has no such verb, and what to use
 
     def inspect(self, model: Any) -> Any:
         """The model directory's description (no weights loaded)."""
 
-    def calibrate(self, info: Any, data: Any, task: str, store: Any, *, run: Any, memory: Any, calibration: Any,
-                  overwrite: bool) -> Any:
+    def calibrate(
+        self, info: Any, data: Any, task: str, store: Any, *, run: Any, memory: Any, calibration: Any, overwrite: bool
+    ) -> Any:
         """Calibrate ``task`` on ``data`` (a :class:`premoe.core.data.CalibrationData`) into ``store``."""
 
-    def plan(self, info: Any, store: Any, task: str | None, *, agnostic: bool, selection: Any, refit: Any,
-             progress: bool) -> Any:
+    def plan(
+        self, info: Any, store: Any, task: str | None, *, agnostic: bool, selection: Any, refit: Any, progress: bool
+    ) -> Any:
         """The plan ``selection`` gives for ``task`` (or every task pooled), re-fitted as ``refit`` says."""
 
     def export(self, info: Any, plan: Any, out: Path, *, overwrite: bool, verify: bool, progress: bool) -> Any:
         """Write the pruned checkpoint; returns a result with a ``summary()`` line."""
 
-    def evaluate(self, info: Any, data: Any, plan: Any, *, run: Any, memory: Any, limit: int | None,
-                 max_new_tokens: int | None) -> dict[str, Any]:
+    def evaluate(
+        self, info: Any, data: Any, plan: Any, *, run: Any, memory: Any, limit: int | None, max_new_tokens: int | None
+    ) -> dict[str, Any]:
         """Accuracy on ``data`` of the model, or of it pruned to ``plan``."""
 
     def router(self, info: Any, store: Any, *, layers: int | None, signature: Any, run: Any) -> Any:
         """Routes texts to stored tasks (``route(text)``, ``bytes_read``)."""
 
-    def task_server(self, info: Any, store: Any, *, selection: Any, layers: int | None, signature: Any,
-                    refit: Any, cache_mb: float, run: Any) -> Any:
+    def task_server(
+        self,
+        info: Any,
+        store: Any,
+        *,
+        selection: Any,
+        layers: int | None,
+        signature: Any,
+        refit: Any,
+        cache_mb: float,
+        run: Any,
+    ) -> Any:
         """A task server (:class:`premoe.server.backend.TaskBackend`): routes prompts, holds one task's plan."""
 
-    def sweep(self, out: Path, info: Any, tasks: dict, *, sweep: Any, variants: tuple[str, ...] | None,
-              memory: Any, progress: bool, about: dict[str, Any]) -> dict[str, Any]:
+    def sweep(
+        self,
+        out: Path,
+        info: Any,
+        tasks: dict,
+        *,
+        sweep: Any,
+        variants: tuple[str, ...] | None,
+        memory: Any,
+        progress: bool,
+        about: dict[str, Any],
+    ) -> dict[str, Any]:
         """Every method at every size, on every task; writes results into ``out``."""
 
     def format_sweep(self, result: dict[str, Any]) -> str:
@@ -90,8 +115,9 @@ def kind_of(model: Any) -> Kind:
                 raise dense_error from None
             if "MoE family premoe cannot prune" in str(moe_error):
                 raise moe_error from None
-            raise UnsupportedModelError(f"{moe_error}; dense families: {', '.join(sorted(DENSE_SPECS))} "
-                                        "(premoe/dense/families.py)") from None
+            raise UnsupportedModelError(
+                f"{moe_error}; dense families: {', '.join(sorted(DENSE_SPECS))} (premoe/dense/families.py)"
+            ) from None
 
 
 def backend(name: str) -> Kind:
@@ -133,5 +159,6 @@ def check_options(kind: Kind, verb: str, *bundles: Options | None, **extra: bool
 def _refuse(kind: Kind, verb: str, names: list[str], other: bool) -> None:
     what = ", ".join(f"`{n}`" for n in names)
     hint = f"; {kind.label} models take {kind.hint}" if other and kind.hint else ""
-    raise InputError(f"{what} {'does' if len(names) == 1 else 'do'} not apply to {kind.label} models in "
-                     f"`premoe {verb}`{hint}")
+    raise InputError(
+        f"{what} {'does' if len(names) == 1 else 'do'} not apply to {kind.label} models in `premoe {verb}`{hint}"
+    )

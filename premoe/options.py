@@ -13,5 +13,15 @@ from premoe.dense.options import DenseSelection, DenseSweep
 from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
 from premoe.server.options import ServeOptions
 
-__all__ = ["RunOptions", "MemoryOptions", "RefitOptions", "SignatureSpec", "MoeSelection", "MoeCalibration", "MoeSweep",
-           "DenseSelection", "DenseSweep", "ServeOptions"]
+__all__ = [
+    "RunOptions",
+    "MemoryOptions",
+    "RefitOptions",
+    "SignatureSpec",
+    "MoeSelection",
+    "MoeCalibration",
+    "MoeSweep",
+    "DenseSelection",
+    "DenseSweep",
+    "ServeOptions",
+]

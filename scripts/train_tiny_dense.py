@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from premoe.core.tasks import char_tokenizer  # noqa: E402
 from train_tiny_moe import add_training_args, fit_and_save  # noqa: E402
+
+from premoe.core.tasks import char_tokenizer  # noqa: E402
 
 
 def build_config(tok, args):
@@ -49,7 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=32, help="attention head size (vLLM's CPU attention needs 32, 64, 80, ...)")
+    ap.add_argument(
+        "--head-dim", type=int, default=32, help="attention head size (vLLM's CPU attention needs 32, 64, 80, ...)"
+    )
     add_training_args(ap, steps=5000)
     args = ap.parse_args(argv)
 

@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from premoe.core.tasks import char_tokenizer  # noqa: E402
 from train_tiny_moe import add_training_args, fit_and_save  # noqa: E402
+
+from premoe.core.tasks import char_tokenizer  # noqa: E402
 
 FAMILIES = ("mixtral", "deepseek_v3", "gpt_oss")
 DEFAULT_EXPERTS = {"mixtral": 16, "deepseek_v3": 32, "gpt_oss": 16}
@@ -74,7 +75,8 @@ def build_config(tok, args):
             qk_rope_head_dim=16,
             qk_nope_head_dim=16,
             v_head_dim=args.head_dim,
-            num_key_value_heads=4,  # MLA: keys/values are per head (no GQA); transformers requires it to equal the heads
+            # MLA: keys/values are per head (no GQA); transformers requires it to equal the heads
+            num_key_value_heads=4,
         )
     elif args.family == "gpt_oss":
         family = dict(
@@ -86,8 +88,15 @@ def build_config(tok, args):
             router_aux_loss_coef=args.aux,
             # gpt-oss ships YaRN (factor 32 over 4096 positions); keep the YaRN keys (vLLM reads them) but
             # with factor 1 over our 64 positions, which is plain RoPE and matches max_position_embeddings.
-            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 1.0, "beta_fast": 32.0,
-                             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 1.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
         )
     else:
         raise ValueError(f"unknown family {args.family!r}")
@@ -107,8 +116,13 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=None, help="default: 16 (mixtral, gpt_oss), 32 (deepseek_v3)")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--expert-size", type=int, default=32)
-    ap.add_argument("--rope-theta", type=float, default=None,
-                    help="RoPE base; default: the family's (mixtral 1e6, deepseek_v3 1e4, gpt_oss 1.5e5); the shipped model uses 1e4")
+    ap.add_argument(
+        "--rope-theta",
+        type=float,
+        default=None,
+        help="RoPE base; default: the family's (mixtral 1e6, deepseek_v3 1e4, gpt_oss 1.5e5); "
+        "the shipped model uses 1e4",
+    )
     ap.add_argument("--aux", type=float, default=0.001, help="router load-balancing loss coefficient (not deepseek_v3)")
     add_training_args(ap, steps=6000)
     args = ap.parse_args(argv)

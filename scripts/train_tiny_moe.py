@@ -93,7 +93,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("premoe/assets/tiny-moe"))
     ap.add_argument("--hidden", type=int, default=96)
-    ap.add_argument("--head-dim", type=int, default=32, help="attention head size (vLLM's CPU attention needs 32, 64, 80, ...)")
+    ap.add_argument(
+        "--head-dim", type=int, default=32, help="attention head size (vLLM's CPU attention needs 32, 64, 80, ...)"
+    )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=2)

@@ -24,8 +24,9 @@ def main() -> None:
     model, prompts_path, out = sys.argv[1:4]
     dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
     prompts = json.load(open(prompts_path))
-    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=64, max_num_seqs=8, seed=0,
-              skip_tokenizer_init=True)
+    llm = LLM(
+        model=model, dtype=dtype, enforce_eager=True, max_model_len=64, max_num_seqs=8, seed=0, skip_tokenizer_init=True
+    )
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     result = [[None] + [d[t].logprob for t, d in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]

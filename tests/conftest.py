@@ -31,8 +31,6 @@ def _available(name: str) -> bool:
     return FAMILIES[name][0] in CONFIG_MAPPING
 
 
-
-
 def _param(name: str):
     if not _available(name):  # families the installed transformers does not ship yet are skipped, not failed
         return pytest.param(name, id=name, marks=pytest.mark.skip(reason="not in this transformers"))

@@ -2,11 +2,10 @@
 
 import pytest
 
-from premoe.moe.arch import router_spec
 from premoe.errors import UnsupportedModelError
+from premoe.moe.arch import router_spec
 from premoe.moe.families import ARCH_SPECS, UNSUPPORTED, resolve, supported_model_types
 from premoe.moe.model import inspect_model
-
 from premoe.testing import FAMILIES
 
 
@@ -18,7 +17,9 @@ def test_every_required_family_is_supported():
     required = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss"}
     assert required <= set(supported_model_types())
     tested = {mt for mt, _, _ in FAMILIES.values()}
-    assert {resolve({"model_type": mt})[0].name for mt in tested} == set(ARCH_SPECS)  # every row has a contract-test model
+    assert {resolve({"model_type": mt})[0].name for mt in tested} == set(
+        ARCH_SPECS
+    )  # every row has a contract-test model
 
 
 def test_unknown_family_error_lists_supported():
@@ -61,22 +62,55 @@ def test_router_specs_from_config():
     def cfg(mt, **kw):
         return CONFIG_MAPPING[mt](**kw)
 
-    spec = router_spec(cfg("deepseek_v3", num_experts_per_tok=8, n_routed_experts=256, n_group=8, topk_group=4,
-                           norm_topk_prob=True, routed_scaling_factor=2.5), get_spec("deepseek_v3"))
-    assert (spec.score, spec.num_experts, spec.top_k, spec.n_group, spec.topk_group, spec.scale) == ("sigmoid", 256, 8, 8, 4, 2.5)
+    spec = router_spec(
+        cfg(
+            "deepseek_v3",
+            num_experts_per_tok=8,
+            n_routed_experts=256,
+            n_group=8,
+            topk_group=4,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        ),
+        get_spec("deepseek_v3"),
+    )
+    assert (spec.score, spec.num_experts, spec.top_k, spec.n_group, spec.topk_group, spec.scale) == (
+        "sigmoid",
+        256,
+        8,
+        8,
+        4,
+        2.5,
+    )
     assert spec.group_limited and spec.renormalize
-    v2 = router_spec(cfg("deepseek_v2", num_experts_per_tok=6, n_routed_experts=160, topk_method="group_limited_greedy",
-                         n_group=8, topk_group=3), get_spec("deepseek_v2"))
+    v2 = router_spec(
+        cfg(
+            "deepseek_v2",
+            num_experts_per_tok=6,
+            n_routed_experts=160,
+            topk_method="group_limited_greedy",
+            n_group=8,
+            topk_group=3,
+        ),
+        get_spec("deepseek_v2"),
+    )
     assert v2.group_limited and v2.group_score == "max" and not v2.renormalize
-    greedy = router_spec(cfg("deepseek_v2", num_experts_per_tok=6, n_routed_experts=64, topk_method="greedy", n_group=1),
-                         get_spec("deepseek_v2"))
+    greedy = router_spec(
+        cfg("deepseek_v2", num_experts_per_tok=6, n_routed_experts=64, topk_method="greedy", n_group=1),
+        get_spec("deepseek_v2"),
+    )
     assert not greedy.group_limited
-    q = router_spec(cfg("qwen3_moe", num_experts_per_tok=8, num_experts=128, norm_topk_prob=True), get_spec("qwen3_moe"))
+    q = router_spec(
+        cfg("qwen3_moe", num_experts_per_tok=8, num_experts=128, norm_topk_prob=True), get_spec("qwen3_moe")
+    )
     assert q.num_experts == 128 and q.renormalize
 
 
 def test_fused_and_per_expert_layouts_are_recognised(family_dir):
-    kinds = {fam: {r.kind for r in inspect_model(family_dir(fam)).roles.values()} for fam in ("gpt_oss", "granitemoe", "olmoe")}
+    kinds = {
+        fam: {r.kind for r in inspect_model(family_dir(fam)).roles.values()}
+        for fam in ("gpt_oss", "granitemoe", "olmoe")
+    }
     assert "fused" in kinds["gpt_oss"] and "expert" not in kinds["gpt_oss"]
     assert "fused" in kinds["granitemoe"]
     assert "expert" in kinds["olmoe"] and "fused" not in kinds["olmoe"]
@@ -106,7 +140,8 @@ def test_selective_build_keeps_what_transformers_keeps_in_float32(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from premoe.moe.selective import ByteReader, build_model as build_selective
+    from premoe.moe.selective import ByteReader
+    from premoe.moe.selective import build_model as build_selective
     from premoe.testing import FAMILIES, build_model, save_model
 
     model_type, overrides, _ = FAMILIES["deepseek_v3"]

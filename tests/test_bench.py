@@ -18,8 +18,14 @@ def test_every_script_is_listed_in_the_bench_readme():
 
 @pytest.mark.parametrize("argv", [[n] for n in SCRIPTS] + [["memory.py", sub] for sub in MEMORY], ids=" ".join)
 def test_help(argv):
-    r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:], "--help"], capture_output=True, text=True,
-                       check=False, timeout=120, cwd=BENCH.parent)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / argv[0]), *argv[1:], "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=BENCH.parent,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"usage: {' '.join(argv)}"), r.stdout[:200]
     purpose = r.stdout.split("\n\n")[1]  # the description's first paragraph: what the script measures

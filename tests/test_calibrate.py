@@ -4,13 +4,11 @@ import pytest
 import torch
 
 import premoe
-from premoe.moe.observe import RouterObserver, marker_params, observe
-from premoe.core.data import iter_samples
+from premoe.core.data import iter_samples, write_jsonl
+from premoe.core.store import PatternStore
 from premoe.errors import InputError, MissingFileError, UnsupportedModelError
 from premoe.moe.loading import load_model
-from premoe.core.store import PatternStore
-
-from premoe.core.data import write_jsonl
+from premoe.moe.observe import RouterObserver, marker_params, observe
 
 TEXTS = ["add 1+2=3", "reverse abcdef=fedcba", "sort 9382=2389", "count a in abca=2", "shift ab=bc"]
 
@@ -27,8 +25,15 @@ def test_batching_and_padding_do_not_change_statistics(family_dir):
 
 def test_tcess_mass_per_token_is_one_for_renormalising_router(family_dir):
     lm = load_model(family_dir("mixtral"), device="cpu")
-    means = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, marker_params(lm.info.router, "tcess", None, None),
-                    progress=False).means()
+    means = observe(
+        lm.model,
+        lm.layers,
+        lm.info,
+        lm.tokenizer,
+        TEXTS,
+        marker_params(lm.info.router, "tcess", None, None),
+        progress=False,
+    ).means()
     torch.testing.assert_close(means["tcess"].sum(-1), torch.ones(len(lm.layers)))  # weights sum to 1 per token
     torch.testing.assert_close(means["count"].sum(-1), torch.full((len(lm.layers),), 2.0))  # top-2
 
@@ -53,10 +58,20 @@ def test_samples_are_streamed_not_loaded_up_front(family_dir):
             yield TEXTS[i % len(TEXTS)]
 
     first_forward = []
-    handle = lm.layers[0].router.register_forward_hook(lambda *a: first_forward.append(len(consumed)) if not first_forward else None)
+    handle = lm.layers[0].router.register_forward_hook(
+        lambda *a: first_forward.append(len(consumed)) if not first_forward else None
+    )
     try:
-        sums = observe(lm.model, lm.layers, lm.info, lm.tokenizer, gen(), marker_params(lm.info.router, "tcess", None, None),
-                       batch_size=32, progress=False)
+        sums = observe(
+            lm.model,
+            lm.layers,
+            lm.info,
+            lm.tokenizer,
+            gen(),
+            marker_params(lm.info.router, "tcess", None, None),
+            batch_size=32,
+            progress=False,
+        )
     finally:
         handle.remove()
     assert first_forward[0] <= 256  # one sorting window, not the whole stream
@@ -140,8 +155,13 @@ def test_bad_arguments(family_dir, tmp_path, small_data):
 def test_unsupported_architecture_lists_supported(tmp_path, small_data):
     from transformers import BloomConfig, BloomForCausalLM
 
-    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "bloom")
-    with pytest.raises(UnsupportedModelError, match=r"'bloom'.*deepseek_v3.*gpt_oss.*mixtral.*olmoe.*qwen3_moe.*dense families: .*llama"):
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "bloom"
+    )
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"'bloom'.*deepseek_v3.*gpt_oss.*mixtral.*olmoe.*qwen3_moe.*dense families: .*llama",
+    ):
         premoe.calibrate(tmp_path / "bloom", small_data, "t", tmp_path / "s")
 
 

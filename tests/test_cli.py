@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from premoe.cli import main
-
 from premoe.core.data import write_jsonl
 
 
@@ -20,14 +19,50 @@ def run(capsys, *argv):
 
 def test_calibrate_prune_inspect(family_dir, tmp_path, small_data, capsys):
     src = family_dir("qwen2_moe")
-    code, out, _ = run(capsys, "calibrate", "--model", src, "--data", small_data, "--task", "math",
-                       "--store", tmp_path / "s", "--max-samples", 4)
+    code, out, _ = run(
+        capsys,
+        "calibrate",
+        "--model",
+        src,
+        "--data",
+        small_data,
+        "--task",
+        "math",
+        "--store",
+        tmp_path / "s",
+        "--max-samples",
+        4,
+    )
     assert code == 0 and "calibrated task 'math'" in out and "4 samples" in out
-    code, out, _ = run(capsys, "calibrate", "--model", src, "--data", small_data, "--task", "freq",
-                       "--store", tmp_path / "s", "--scorer", "frequency")
+    code, out, _ = run(
+        capsys,
+        "calibrate",
+        "--model",
+        src,
+        "--data",
+        small_data,
+        "--task",
+        "freq",
+        "--store",
+        tmp_path / "s",
+        "--scorer",
+        "frequency",
+    )
     assert code == 0
-    code, out, _ = run(capsys, "prune", "--model", src, "--store", tmp_path / "s", "--task", "math",
-                       "--keep", 4, "--out", tmp_path / "out")
+    code, out, _ = run(
+        capsys,
+        "prune",
+        "--model",
+        src,
+        "--store",
+        tmp_path / "s",
+        "--task",
+        "math",
+        "--keep",
+        4,
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 0 and "2/4" in out and "reload verified" in out
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 4
     code, out, _ = run(capsys, "inspect", "--store", tmp_path / "s", "--json")
@@ -44,10 +79,34 @@ def test_calibrate_prune_inspect(family_dir, tmp_path, small_data, capsys):
 @pytest.mark.parametrize(
     "make_argv, match",
     [
-        (lambda d, s, t: ["calibrate", "--model", t / "missing", "--data", d, "--task", "x", "--store", t / "s"], "does not exist"),
-        (lambda d, s, t: ["calibrate", "--model", s, "--data", t / "empty.jsonl", "--task", "x", "--store", t / "s"], "holds no samples"),
-        (lambda d, s, t: ["prune", "--model", s, "--store", t / "s", "--task", "x", "--keep", 1, "--out", t / "o"], "below the 2 experts"),
-        (lambda d, s, t: ["prune", "--model", s, "--store", t / "nostore", "--task", "x", "--keep", 4, "--out", t / "o"], "no pattern store"),
+        (
+            lambda d, s, t: ["calibrate", "--model", t / "missing", "--data", d, "--task", "x", "--store", t / "s"],
+            "does not exist",
+        ),
+        (
+            lambda d, s, t: ["calibrate", "--model", s, "--data", t / "empty.jsonl", "--task", "x", "--store", t / "s"],
+            "holds no samples",
+        ),
+        (
+            lambda d, s, t: ["prune", "--model", s, "--store", t / "s", "--task", "x", "--keep", 1, "--out", t / "o"],
+            "below the 2 experts",
+        ),
+        (
+            lambda d, s, t: [
+                "prune",
+                "--model",
+                s,
+                "--store",
+                t / "nostore",
+                "--task",
+                "x",
+                "--keep",
+                4,
+                "--out",
+                t / "o",
+            ],
+            "no pattern store",
+        ),
         (lambda d, s, t: ["inspect", "--store", t / "nostore"], "no pattern store"),
     ],
 )
@@ -61,12 +120,50 @@ def test_errors_are_one_line_with_status_2(family_dir, tmp_path, small_data, cap
 
 
 def test_unknown_task_and_foreign_store(family_dir, tmp_path, small_data, capsys):
-    assert run(capsys, "calibrate", "--model", family_dir("mixtral"), "--data", small_data, "--task", "a", "--store", tmp_path / "s")[0] == 0
-    code, _, err = run(capsys, "prune", "--model", family_dir("mixtral"), "--store", tmp_path / "s", "--task", "b",
-                       "--keep", 4, "--out", tmp_path / "o")
+    assert (
+        run(
+            capsys,
+            "calibrate",
+            "--model",
+            family_dir("mixtral"),
+            "--data",
+            small_data,
+            "--task",
+            "a",
+            "--store",
+            tmp_path / "s",
+        )[0]
+        == 0
+    )
+    code, _, err = run(
+        capsys,
+        "prune",
+        "--model",
+        family_dir("mixtral"),
+        "--store",
+        tmp_path / "s",
+        "--task",
+        "b",
+        "--keep",
+        4,
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 2 and "task 'b' is not in store" in err and "tasks: a" in err
-    code, _, err = run(capsys, "prune", "--model", family_dir("granitemoe"), "--store", tmp_path / "s", "--task", "a",
-                       "--keep", 4, "--out", tmp_path / "o")
+    code, _, err = run(
+        capsys,
+        "prune",
+        "--model",
+        family_dir("granitemoe"),
+        "--store",
+        tmp_path / "s",
+        "--task",
+        "a",
+        "--keep",
+        4,
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 2 and "built for another model" in err
 
 
@@ -79,7 +176,9 @@ def test_entry_point_runs_as_module():
 def test_txt_data_via_cli(family_dir, tmp_path, capsys):
     f = tmp_path / "d.txt"
     f.write_text("add 1+2=3\nreverse ab=ba\n")
-    code, out, _ = run(capsys, "calibrate", "--model", family_dir("olmoe"), "--data", f, "--task", "t", "--store", tmp_path / "s")
+    code, out, _ = run(
+        capsys, "calibrate", "--model", family_dir("olmoe"), "--data", f, "--task", "t", "--store", tmp_path / "s"
+    )
     assert code == 0 and "2 samples" in out
     write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])
 
@@ -109,15 +208,20 @@ def _broken_checkpoint(src, tmp_path, how):
     return d
 
 
-@pytest.mark.parametrize("how, match", [
-    ("missing-shard", "lists shards that are missing"),
-    ("truncated", "truncated download"),
-    ("gptq", "quantization method 'gptq' is not supported"),
-])
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("missing-shard", "lists shards that are missing"),
+        ("truncated", "truncated download"),
+        ("gptq", "quantization method 'gptq' is not supported"),
+    ],
+)
 def test_broken_checkpoints_fail_in_one_line_before_writing(family_dir, tmp_path, small_data, capsys, how, match):
     model = _broken_checkpoint(family_dir("qwen3_moe"), tmp_path, how)
-    for argv in (["calibrate", "--model", model, "--data", small_data, "--task", "x", "--store", tmp_path / "s"],
-                 ["route", "--model", model, "--store", tmp_path / "s", "add"]):
+    for argv in (
+        ["calibrate", "--model", model, "--data", small_data, "--task", "x", "--store", tmp_path / "s"],
+        ["route", "--model", model, "--store", tmp_path / "s", "add"],
+    ):
         code, out, err = run(capsys, *argv)
         lines = err.strip().splitlines()
         assert code == 2 and out == "" and len(lines) == 1 and match in lines[0], err
@@ -125,7 +229,20 @@ def test_broken_checkpoints_fail_in_one_line_before_writing(family_dir, tmp_path
 
 
 def test_memory_budget_too_small_fails_in_one_line(family_dir, tmp_path, small_data, capsys):
-    code, out, err = run(capsys, "calibrate", "--model", family_dir("qwen3_moe"), "--data", small_data, "--task", "x",
-                         "--store", tmp_path / "s", "--stream", "--max-memory", "0.01")
+    code, out, err = run(
+        capsys,
+        "calibrate",
+        "--model",
+        family_dir("qwen3_moe"),
+        "--data",
+        small_data,
+        "--task",
+        "x",
+        "--store",
+        tmp_path / "s",
+        "--stream",
+        "--max-memory",
+        "0.01",
+    )
     assert code == 2 and "too small for even one layer" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()

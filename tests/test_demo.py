@@ -3,15 +3,14 @@
 import json
 
 import torch
+from expected import REPORTED_EXACT_MATCH, SHIPPED_EXACT_MATCH
 
 from premoe.assets import TINY_DENSE, TINY_MODEL
-from premoe.verbs.demo import demo, format_table
 from premoe.core.evaluation import exact_match
-from premoe.moe.model import inspect_model
-from premoe.moe.loading import load_model
 from premoe.core.tasks import TASKS, samples
-
-from expected import REPORTED_EXACT_MATCH, SHIPPED_EXACT_MATCH
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.verbs.demo import demo, format_table
 
 
 def test_shipped_model_is_small_and_solves_every_task():
@@ -20,7 +19,9 @@ def test_shipped_model_is_small_and_solves_every_task():
     assert info.checkpoint.nbytes < 8 * 2**20  # a few MB
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     for task in TASKS:
-        assert exact_match(lm.model, lm.tokenizer, samples(task, 60, "eval"), progress=False) >= SHIPPED_EXACT_MATCH, task
+        assert exact_match(lm.model, lm.tokenizer, samples(task, 60, "eval"), progress=False) >= SHIPPED_EXACT_MATCH, (
+            task
+        )
     report = json.loads((TINY_MODEL / "training_report.json").read_text())
     assert min(report["eval_exact_match_bf16_weights"].values()) >= REPORTED_EXACT_MATCH
 
@@ -55,11 +56,19 @@ def test_demo_runs_end_to_end(tmp_path):
     # the dense (SEAP) part: every method at 50%, through real exports
     d = r["dense"]
     assert [(row["method"], row.get("requested")) for row in d["rows"]] == [
-        ("dense", None), ("seap", 0.5), ("seap+refit", 0.5), ("seap-gen", 0.5), ("wanda-sp", 0.5), ("flap", 0.5),
-        ("random", 0.5)]
+        ("dense", None),
+        ("seap", 0.5),
+        ("seap+refit", 0.5),
+        ("seap-gen", 0.5),
+        ("wanda-sp", 0.5),
+        ("flap", 0.5),
+        ("random", 0.5),
+    ]
     rows = {row["method"]: row for row in d["rows"]}
     assert rows["seap"]["mean"] > rows["random"]["mean"]
-    assert rows["seap+refit"]["mean"] > rows["seap"]["mean"] and rows["seap+refit"]["sparsity"] == rows["seap"]["sparsity"]
+    assert (
+        rows["seap+refit"]["mean"] > rows["seap"]["mean"] and rows["seap+refit"]["sparsity"] == rows["seap"]["sparsity"]
+    )
     assert abs(rows["seap"]["sparsity"] - 0.5) < 0.03 and rows["seap"]["bytes"] < 0.7 * rows["dense"]["bytes"]
     assert "SEAP, --no-refit" in table and "SEAP (default: + re-fit)" in table and "Wanda-sp" in table
     assert (tmp_path / "dense" / "models" / "add-50" / "config.json").is_file()

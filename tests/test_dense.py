@@ -6,21 +6,20 @@ import json
 
 import pytest
 import torch
+from expected import DENSE_REFIT_GAIN
 
 import premoe
 from premoe.cli import main
 from premoe.core.data import write_jsonl
+from premoe.core.options import RefitOptions
 from premoe.core.tasks import samples
 from premoe.dense.model import inspect_dense, kept_params, prune_in_memory
-from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
-from premoe.dense.router import DenseRouter
-from premoe.core.options import RefitOptions
 from premoe.dense.options import DenseSelection
 from premoe.dense.patterns import dense_plan
+from premoe.dense.router import DenseRouter
+from premoe.dense.scoring import attention_units, logistic_shape, pooled, scale_schedule
 from premoe.errors import InputError, StoreError
 from premoe.testing import build_dense_model
-
-from expected import DENSE_REFIT_GAIN
 
 
 def _build(path, model_type, seed=0, **over):
@@ -45,8 +44,9 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     info = inspect_dense(model)
     plan = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="seap", bias_comp=True))
     assert plan.bias
-    premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, refit=False,
-                 progress=False)
+    premoe.prune(
+        model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, bias_comp=True, refit=False, progress=False
+    )
     full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     x = torch.tensor([[1, 5, 6, 7, 8, 9]])
@@ -56,8 +56,17 @@ def test_bias_compensation_survives_vanilla_reload(tmp_path, data):
     q = _build(tmp_path / "q", "qwen2")
     premoe.calibrate(q, data / "add.jsonl", "add", tmp_path / "qs", progress=False)
     with pytest.raises(InputError, match="`bias_comp=False`"):
-        premoe.prune(q, tmp_path / "qs", "add", None, tmp_path / "qout", sparsity=0.4, bias_comp=True, refit=False,
-                     progress=False)
+        premoe.prune(
+            q,
+            tmp_path / "qs",
+            "add",
+            None,
+            tmp_path / "qout",
+            sparsity=0.4,
+            bias_comp=True,
+            refit=False,
+            progress=False,
+        )
     assert not (tmp_path / "qout").exists()
 
 
@@ -75,7 +84,9 @@ def test_layer_varying_plans_are_written_at_the_requested_sparsity(tmp_path, dat
     written = dense_plan(info, tmp_path / "s", "add", DenseSelection(0.4, method="flap"))
     assert not memory.uniform() and memory.info["sparsity_written"] < 0.4 - 1e-3  # padding gave weights back
     assert abs(written.info["sparsity_written"] - 0.4) < 0.02 and written.info["sparsity"] > 0.4
-    res = premoe.prune(model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, method="flap", progress=False)
+    res = premoe.prune(
+        model, tmp_path / "s", "add", None, tmp_path / "out", sparsity=0.4, method="flap", progress=False
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     n_linear = sum(p.numel() for n, p in reloaded.named_parameters() if n.endswith("proj.weight"))
     assert abs(1 - n_linear / kept_params(info, None) - 0.4) < 0.02 and abs(res.sparsity - 0.4) < 0.02
@@ -151,8 +162,12 @@ def test_scores_rank_as_their_formulas_and_the_cli_lists_them():
 
     assert SCORE_NAMES == tuple(METRICS)
     # channel 0: large variance, small norm; channel 1: large mean, no variance; channel 2: heavy weights
-    m = {"o.var": torch.tensor([[4.0, 0.0, 1.0]]), "o.sq": torch.tensor([[4.0, 9.0, 1.0]]),
-         "w.o.l2sq": torch.tensor([[1.0, 1.0, 9.0]]), "w.o.l1mean": torch.tensor([[1.0, 1.0, 3.0]])}
+    m = {
+        "o.var": torch.tensor([[4.0, 0.0, 1.0]]),
+        "o.sq": torch.tensor([[4.0, 9.0, 1.0]]),
+        "w.o.l2sq": torch.tensor([[1.0, 1.0, 9.0]]),
+        "w.o.l1mean": torch.tensor([[1.0, 1.0, 3.0]]),
+    }
     assert channel_scores(m, "o", "sf").tolist() == [[4.0, 0.0, 9.0]]  # var x ||w||^2
     assert channel_scores(m, "o", "sw").tolist() == [[2.0, 3.0, 3.0]]  # rms x mean|w|
     assert channel_scores(m, "o", "sw-paper").tolist() == [[4.0, 9.0, 3.0]]  # E[x^2] x ||w||_1 (/D)
@@ -181,9 +196,18 @@ def test_logistic_schedule_mean_and_protection():
 
 
 def test_pooled_statistics_weight_tasks_equally():
-    a = {"o.mean": torch.zeros(1, 2), "o.sq": torch.ones(1, 2), "down.mean": torch.zeros(1, 2), "down.sq": torch.ones(1, 2)}
-    b = {"o.mean": torch.full((1, 2), 2.0), "o.sq": torch.full((1, 2), 5.0), "down.mean": torch.zeros(1, 2),
-         "down.sq": torch.ones(1, 2)}
+    a = {
+        "o.mean": torch.zeros(1, 2),
+        "o.sq": torch.ones(1, 2),
+        "down.mean": torch.zeros(1, 2),
+        "down.sq": torch.ones(1, 2),
+    }
+    b = {
+        "o.mean": torch.full((1, 2), 2.0),
+        "o.sq": torch.full((1, 2), 5.0),
+        "down.mean": torch.zeros(1, 2),
+        "down.sq": torch.ones(1, 2),
+    }
     p = pooled([a, b])
     # mixture of N(0,1) and N(2,1): mean 1, variance 1 + 1
     assert torch.allclose(p["o.mean"], torch.ones(1, 2)) and torch.allclose(p["o.var"], torch.full((1, 2), 2.0))
@@ -206,8 +230,25 @@ def test_routing_and_generate(tmp_path, data, capsys):
         assert torch.allclose(DenseRouter(model, tmp_path / "s", k).features(texts), ref[:, k], atol=1e-5), k
     res = router.route_many([r["prompt"] for r in samples("add", 5, "eval")])
     assert all(r.task == "add" for r in res)  # the prompt format alone separates these tasks at the embeddings
-    assert main(["-q", "generate", "--model", str(model), "--store", str(tmp_path / "s"), "--sparsity", "0.3",
-                 "--json", "--max-new-tokens", "3", "add 1+2="]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                "--model",
+                str(model),
+                "--store",
+                str(tmp_path / "s"),
+                "--sparsity",
+                "0.3",
+                "--json",
+                "--max-new-tokens",
+                "3",
+                "add 1+2=",
+            ]
+        )
+        == 0
+    )
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reply["task"] == "add" and reply["switched"]
 
@@ -216,12 +257,90 @@ def test_bad_input_one_line_errors(tmp_path, capsys, data):
     model, store = _build(tmp_path / "m", "llama"), tmp_path / "store"
     premoe.calibrate(model, data / "add.jsonl", "add", store, progress=False)
     cases = [
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "1.0", "--out", str(tmp_path / "o")], "[0, 1)"),
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "-0.1", "--out", str(tmp_path / "o")], "[0, 1)"),
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--keep", "4", "--out", str(tmp_path / "o")], "--keep does not apply to dense models"),
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--out", str(tmp_path / "o")], "--sparsity"),
-        (["prune", "--model", str(model), "--store", str(store), "--task", "add", "--sparsity", "0.99", "--out", str(tmp_path / "o")], "lower --sparsity"),
-        (["calibrate", "--model", str(model), "--data", str(data / "add.jsonl"), "--task", "x", "--store", str(tmp_path / "s2"), "--scorer", "reap"], "--scorer does not apply to dense models"),
+        (
+            [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--task",
+                "add",
+                "--sparsity",
+                "1.0",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "[0, 1)",
+        ),
+        (
+            [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--task",
+                "add",
+                "--sparsity",
+                "-0.1",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "[0, 1)",
+        ),
+        (
+            [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--task",
+                "add",
+                "--keep",
+                "4",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "--keep does not apply to dense models",
+        ),
+        (
+            ["prune", "--model", str(model), "--store", str(store), "--task", "add", "--out", str(tmp_path / "o")],
+            "--sparsity",
+        ),
+        (
+            [
+                "prune",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.99",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "lower --sparsity",
+        ),
+        (
+            [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data",
+                str(data / "add.jsonl"),
+                "--task",
+                "x",
+                "--store",
+                str(tmp_path / "s2"),
+                "--scorer",
+                "reap",
+            ],
+            "--scorer does not apply to dense models",
+        ),
     ]
     for argv, msg in cases:
         assert main(["-q", *argv]) == 2, argv
@@ -237,8 +356,27 @@ def test_bad_input_one_line_errors(tmp_path, capsys, data):
 def test_moe_flag_refused_on_dense_and_reverse(tmp_path, capsys):
     from premoe.assets import TINY_MODEL
 
-    assert main(["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "add", "--keep", "8",
-                 "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_MODEL),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--keep",
+                "8",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--sparsity does not apply to MoE models" in capsys.readouterr().err
 
 
@@ -249,10 +387,18 @@ def test_dense_sweep_compares_methods_on_one_structure_when_asked(tmp_path):
     from premoe.verbs.sweep import sweep
 
     tasks = {t: (samples(t, 16, "calib"), samples(t, 10, "eval")) for t in ("add", "sort")}
-    own = sweep(tmp_path / "own", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
-                progress=False)
-    same = sweep(tmp_path / "same", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"],
-                 progress=False, schedule="uniform")
+    own = sweep(
+        tmp_path / "own", model=TINY_DENSE, tasks=tasks, sparsities=[0.3], methods=["seap", "flap"], progress=False
+    )
+    same = sweep(
+        tmp_path / "same",
+        model=TINY_DENSE,
+        tasks=tasks,
+        sparsities=[0.3],
+        methods=["seap", "flap"],
+        progress=False,
+        schedule="uniform",
+    )
     assert {r["schedule"] for r in own["rows"] if r["method"] == "flap"} == {"adaptive"}
     assert own["methods"] == ["seap", "seap+refit", "flap", "flap+refit"] and own["routing"]["method"] == "seap+refit"
     assert {r["schedule"] for r in same["rows"]} == {"uniform"} and same["schedule"] == "uniform"
@@ -272,17 +418,31 @@ def test_head_energy_is_exact_and_feeds_the_uniform_split():
     g = torch.Generator().manual_seed(0)
     H, d, D, N = 4, 8, 16, 50
     x, w = torch.randn(N, H * d, generator=g), torch.randn(D, H * d, generator=g)
-    brute = torch.stack([((x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) ** 2).sum() for h in range(H)])
+    brute = torch.stack([((x[:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T) ** 2).sum() for h in range(H)])
     assert torch.allclose(head_energy(x, w, H).float(), brute, rtol=1e-4)
-    means = {"o.head_sq": (brute / N)[None], "o.mean": x.mean(0)[None], "o.sq": (x * x).mean(0)[None],
-             "o.var": x.var(0, unbiased=False)[None], "w.o.l2sq": (w * w).sum(0)[None]}
+    means = {
+        "o.head_sq": (brute / N)[None],
+        "o.mean": x.mean(0)[None],
+        "o.sq": (x * x).mean(0)[None],
+        "o.var": x.var(0, unbiased=False)[None],
+        "w.o.l2sq": (w * w).sum(0)[None],
+    }
     assert torch.allclose(head_perturbation(means, d, False), (brute / N)[None])
-    centred = torch.stack([((( x - x.mean(0))[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) ** 2).sum() for h in range(H)]) / N
+    centred = (
+        torch.stack(
+            [(((x - x.mean(0))[:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T) ** 2).sum() for h in range(H)]
+        )
+        / N
+    )
     assert torch.allclose(head_perturbation(means, d, True, lambda l, s: w), centred[None], rtol=1e-3)
     old = {k: v for k, v in means.items() if k != "o.head_sq"}
     assert torch.allclose(head_perturbation(old, d, False), head_scores(perturbation(old, "o", False), d))
-    both = pooled([{**means, "down.mean": means["o.mean"], "down.sq": means["o.sq"]},
-                   {**means, "o.head_sq": 3 * means["o.head_sq"], "down.mean": means["o.mean"], "down.sq": means["o.sq"]}])
+    both = pooled(
+        [
+            {**means, "down.mean": means["o.mean"], "down.sq": means["o.sq"]},
+            {**means, "o.head_sq": 3 * means["o.head_sq"], "down.mean": means["o.mean"], "down.sq": means["o.sq"]},
+        ]
+    )
     assert torch.allclose(both["o.head_sq"], 2 * means["o.head_sq"])
 
 
@@ -294,7 +454,9 @@ def test_refit_is_least_squares():
     gen = torch.Generator().manual_seed(0)
     n, D = 4000, 6
     base = torch.randn(n, 8, generator=gen, dtype=torch.float64)
-    x = torch.cat([base, base[:, :4] @ torch.randn(4, 4, generator=gen, dtype=torch.float64) + 0.5], 1)  # 8..11 affine in 0..3
+    x = torch.cat(
+        [base, base[:, :4] @ torch.randn(4, 4, generator=gen, dtype=torch.float64) + 0.5], 1
+    )  # 8..11 affine in 0..3
     w = torch.randn(D, 12, generator=gen, dtype=torch.float64)
     xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
     g = xa.T @ xa / n
@@ -316,9 +478,9 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     re-fitted plan in memory, records the re-fit in its premoe block, and bad refit input fails early."""
     from transformers import AutoModelForCausalLM
 
-    from premoe.core.evaluation import exact_match
-    from premoe.core.config import load_tokenizer
     from premoe.assets import TINY_DENSE
+    from premoe.core.config import load_tokenizer
+    from premoe.core.evaluation import exact_match
 
     calib = write_jsonl(tmp_path / "add.jsonl", samples("add", 64, "calib"))
     ev = samples("add", 40, "eval")
@@ -334,8 +496,25 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     assert acc_fit >= acc_plain + DENSE_REFIT_GAIN, (acc_plain, acc_fit)
 
     # on by default while the recorded calibration data is there
-    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_DENSE),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert "re-fitted" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["premoe"]["refit"]["bias"] == {"o": True, "down": True} and cfg["premoe"]["bias_comp"] is False
@@ -346,20 +525,93 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
 
     # bad input: one line, before any work, nothing written
     out = tmp_path / "bad"
-    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--refit-data", str(calib), "--no-refit", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_DENSE),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.5",
+                "--refit-data",
+                str(calib),
+                "--no-refit",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "cannot go with --no-refit" in capsys.readouterr().err
     calib.write_text(calib.read_text() + json.dumps({"prompt": "add 1+1=", "completion": "2"}) + "\n")
-    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_DENSE),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.5",
+                "--refit",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "changed since calibration; pass --refit-data" in capsys.readouterr().err
     calib.unlink()
-    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--refit", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_DENSE),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.5",
+                "--refit",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "is gone; pass --refit-data" in capsys.readouterr().err
     assert not out.exists()
     # without --refit the default warns and keeps the plain slice
-    assert main(["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add",
-                 "--sparsity", "0.5", "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "prune",
+                "--model",
+                str(TINY_DENSE),
+                "--store",
+                str(tmp_path / "s"),
+                "--task",
+                "add",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "plain"),
+            ]
+        )
+        == 0
+    )
     assert "not re-fitted: task 'add'" in capsys.readouterr().out
     assert "refit" not in json.loads((tmp_path / "plain" / "config.json").read_text())["premoe"]

@@ -6,8 +6,8 @@ import torch
 
 import premoe
 from premoe.cli import main
-from premoe.core.data import write_jsonl
 from premoe.core.config import load_tokenizer
+from premoe.core.data import write_jsonl
 from premoe.core.store import PatternStore
 from premoe.core.streaming import activation_bytes
 from premoe.core.tasks import samples
@@ -63,8 +63,9 @@ def test_hidden_states_spill_to_disk_without_changing_results(models, tmp_path):
     texts = [r["prompt"] + r["completion"] for r in samples("add", 5, "calib")]
     prompts = [r["prompt"] for r in samples("add", 5, "calib")]
     kept = observe_dense_streamed(info, tok, texts, prompts, batch_size=2, progress=False)
-    spilled = observe_dense_streamed(info, tok, texts, prompts, batch_size=2, progress=False, hidden_budget=0,
-                                     offload_dir=str(tmp_path))
+    spilled = observe_dense_streamed(
+        info, tok, texts, prompts, batch_size=2, progress=False, hidden_budget=0, offload_dir=str(tmp_path)
+    )
     assert kept[3]["spilled"] == 0 and spilled[3]["spilled"] > 0
     assert not list(tmp_path.iterdir())  # the hidden-state file is gone
     for k in kept[0]:
@@ -81,8 +82,9 @@ def test_streaming_is_chosen_when_the_model_does_not_fit(models, data, tmp_path)
     act = activation_bytes(info, 2, 32)
     # room for the largest layer and a batch, not for the whole model
     budget_mb = (sizes["largest_layer"] + act + (sizes["total"] - sizes["largest_layer"]) / 2) / 2**20
-    p = premoe.calibrate(info.path, data, "t", tmp_path / "s", max_memory=budget_mb, batch_size=2, max_length=32,
-                         progress=False)
+    p = premoe.calibrate(
+        info.path, data, "t", tmp_path / "s", max_memory=budget_mb, batch_size=2, max_length=32, progress=False
+    )
     assert p.info["streamed"] is True and PatternStore.open(tmp_path / "s").tasks["t"]["streamed"] is True
     q = premoe.calibrate(info.path, data, "u", tmp_path / "s", batch_size=2, max_length=32, progress=False)
     assert q.info["streamed"] is False
@@ -91,8 +93,23 @@ def test_streaming_is_chosen_when_the_model_does_not_fit(models, data, tmp_path)
 
 
 def test_cli_says_it_streamed(models, data, tmp_path, capsys):
-    code = main(["-q", "calibrate", "--model", str(models["llama"]), "--data", str(data), "--task", "t",
-                 "--store", str(tmp_path / "s"), "--stream", "--offload-dir", str(tmp_path)])
+    code = main(
+        [
+            "-q",
+            "calibrate",
+            "--model",
+            str(models["llama"]),
+            "--data",
+            str(data),
+            "--task",
+            "t",
+            "--store",
+            str(tmp_path / "s"),
+            "--stream",
+            "--offload-dir",
+            str(tmp_path),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "streamed layer by layer" in out
@@ -109,7 +126,22 @@ def test_bad_input_is_one_line(models, data, tmp_path, capsys):
     with pytest.raises(InputError, match="`stream` does not apply to dense models in `premoe eval`"):
         premoe.evaluate(src, data, stream=True, progress=False)
     assert not (tmp_path / "s").exists()
-    code = main(["-q", "calibrate", "--model", str(src), "--data", str(data), "--task", "t", "--store",
-                 str(tmp_path / "s"), "--stream", "--max-memory", "0.01"])
+    code = main(
+        [
+            "-q",
+            "calibrate",
+            "--model",
+            str(src),
+            "--data",
+            str(data),
+            "--task",
+            "t",
+            "--store",
+            str(tmp_path / "s"),
+            "--stream",
+            "--max-memory",
+            "0.01",
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith("premoe: error:") and len(err.strip().splitlines()) == 1

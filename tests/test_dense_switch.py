@@ -29,7 +29,6 @@ def test_assemble_orders_kept_and_read_slices():
     assert torch.equal(assemble(old.T, [2, 5, 7, 9], [5, 9], 0, read), full[:, [5, 9]].T) and len(asked) == 1
 
 
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("dense-switch")
@@ -37,7 +36,6 @@ def served(tmp_path_factory):
     for t in ("add", "reverse", "sort"):
         premoe.calibrate(model, write_jsonl(d / f"{t}.jsonl", samples(t, 24, "calib")), t, d / "store", progress=False)
     return model, d / "store"
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,6 +63,7 @@ def test_server_switches_equal_fresh_builds(served, dtype):
     reply = server.generate("add 1+2=", max_new_tokens=2, task="sort")
     assert not reply.switched and reply.bytes_read == 0
     reply = server.generate("add 1+2=", max_new_tokens=2, task="reverse")
-    assert reply.switched and reply.bytes_read == switch_bytes(info, plans["sort"], plans["reverse"], server.column_run_bytes)
+    assert reply.switched and reply.bytes_read == switch_bytes(
+        info, plans["sort"], plans["reverse"], server.column_run_bytes
+    )
     assert reply.to_dict()["bytes_read"] == reply.bytes_read
-

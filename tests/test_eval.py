@@ -5,18 +5,16 @@ import json
 
 import pytest
 import torch
+from expected import EVAL_DENSE_PRUNED_EXACT_MATCH, EVAL_EXACT_MATCH, EVAL_MC_ACCURACY, EVAL_PRUNED_EXACT_MATCH
 
 import premoe
-from premoe.cli import main
-from premoe.errors import InputError
-from premoe.core.evaluation import choice_logliks, exact_match, read_eval_data
-from premoe.moe.loading import load_model
 from premoe.assets import TINY_MODEL
-from premoe.core.tasks import samples
-
+from premoe.cli import main
 from premoe.core.data import write_jsonl
-
-from expected import EVAL_DENSE_PRUNED_EXACT_MATCH, EVAL_EXACT_MATCH, EVAL_MC_ACCURACY, EVAL_PRUNED_EXACT_MATCH
+from premoe.core.evaluation import choice_logliks, exact_match, read_eval_data
+from premoe.core.tasks import samples
+from premoe.errors import InputError
+from premoe.moe.loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +23,15 @@ def add_setup(tmp_path_factory):
     calib = write_jsonl(work / "add_calib.jsonl", samples("add", 32, "calib"))
     evals = write_jsonl(work / "add_eval.jsonl", samples("add", 40, "eval"))
     premoe.calibrate(TINY_MODEL, calib, "add", work / "store", all_stats=True, dtype="float32", progress=False)
-    premoe.calibrate(TINY_MODEL, write_jsonl(work / "sort.jsonl", samples("sort", 32, "calib")), "sort", work / "store",
-                     all_stats=True, dtype="float32", progress=False)
+    premoe.calibrate(
+        TINY_MODEL,
+        write_jsonl(work / "sort.jsonl", samples("sort", 32, "calib")),
+        "sort",
+        work / "store",
+        all_stats=True,
+        dtype="float32",
+        progress=False,
+    )
     return work, evals
 
 
@@ -38,12 +43,15 @@ def test_eval_dense_exported_and_on_the_fly_agree(add_setup):
     assert dense["exact_match"] == direct >= EVAL_EXACT_MATCH
     premoe.prune(TINY_MODEL, work / "store", "add", 12, work / "add-12", scorer="reap", overwrite=True, progress=False)
     exported = premoe.evaluate(work / "add-12", evals, dtype="float32", progress=False)
-    on_the_fly = premoe.evaluate(TINY_MODEL, evals, store=work / "store", task="add", keep=12, scorer="reap",
-                                 dtype="float32", progress=False)
+    on_the_fly = premoe.evaluate(
+        TINY_MODEL, evals, store=work / "store", task="add", keep=12, scorer="reap", dtype="float32", progress=False
+    )
     assert on_the_fly["exact_match"] == exported["exact_match"]  # the same model, built two ways
     assert on_the_fly["bytes_read"] < 0.6 * premoe.inspect_model(TINY_MODEL).checkpoint.nbytes
     assert on_the_fly["scorer"] == "reap" and on_the_fly["keep"] == 12
-    agnostic = premoe.evaluate(TINY_MODEL, evals, store=work / "store", agnostic=True, keep=12, dtype="float32", progress=False)
+    agnostic = premoe.evaluate(
+        TINY_MODEL, evals, store=work / "store", agnostic=True, keep=12, dtype="float32", progress=False
+    )
     premoe.prune(TINY_MODEL, work / "store", None, 12, work / "all-12", agnostic=True, overwrite=True, progress=False)
     pooled = premoe.evaluate(work / "all-12", evals, dtype="float32", progress=False)
     assert agnostic["task"].startswith("all-tasks") and agnostic["exact_match"] == pooled["exact_match"]
@@ -58,7 +66,10 @@ def test_multiple_choice_log_likelihood(tmp_path):
         logp = lm.model(ids).logits.log_softmax(-1)
     assert lls[0] == pytest.approx(float(logp[0, -2, ids[0, -1]]), abs=1e-4)  # one-token continuation
     assert lls[0] > lls[1]
-    rows = [{"prompt": s["prompt"], "choices": [s["completion"], s["completion"] + "9"], "answer": 0} for s in samples("add", 20, "eval")]
+    rows = [
+        {"prompt": s["prompt"], "choices": [s["completion"], s["completion"] + "9"], "answer": 0}
+        for s in samples("add", 20, "eval")
+    ]
     rows.append({"prompt": "sort 321=", "choices": ["132", "123"], "answer": "123"})
     res = premoe.evaluate(TINY_MODEL, write_jsonl(tmp_path / "mc.jsonl", rows), dtype="float32", progress=False)
     assert res["mc_samples"] == 21 and res["exact_match"] is None and res["mc_accuracy"] >= EVAL_MC_ACCURACY
@@ -67,10 +78,10 @@ def test_multiple_choice_log_likelihood(tmp_path):
 @pytest.mark.parametrize(
     "line, match",
     [
-        ('{"prompt": "x"}', "expected \"completion\""),
+        ('{"prompt": "x"}', 'expected "completion"'),
         ('{"prompt": "x", "choices": ["a"], "answer": 0}', "at least two"),
         ('{"prompt": "x", "choices": ["a", "b"], "answer": 2}', "index into"),
-        ('{"completion": "x"}', "\"prompt\" string"),
+        ('{"completion": "x"}', '"prompt" string'),
         ("nope", "invalid JSON"),
     ],
 )
@@ -84,8 +95,26 @@ def test_eval_data_errors(tmp_path, line, match):
 def test_eval_cli(add_setup, capsys):
     work, evals = add_setup
     capsys.readouterr()
-    assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--store", str(work / "store"),
-                 "--task", "add", "--keep", "16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "eval",
+                "--model",
+                str(TINY_MODEL),
+                "--data",
+                str(evals),
+                "--store",
+                str(work / "store"),
+                "--task",
+                "add",
+                "--keep",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["keep"] == 16 and res["generate_samples"] == 40 and res["exact_match"] >= EVAL_PRUNED_EXACT_MATCH
     assert main(["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--keep", "16"]) == 2
@@ -119,19 +148,21 @@ def _lm_eval_exact_match(model_dir, evals, tmp_path, monkeypatch) -> float:
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "premoe_task.yaml").write_text(
-        "task: premoe_task\n"
-        "dataset_path: json\n"
+        "task: premoe_task\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {evals}\n"
-        "test_split: test\n"
-        "output_type: generate_until\n"
+        "test_split: test\noutput_type: generate_until\n"
         'doc_to_text: "{{prompt}}"\n'
         'doc_to_target: "{{completion}}"\n'
         "generation_kwargs:\n  until: ['</s>']\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["premoe_task"],
-        task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu", batch_size=8,
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=["premoe_task"],
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        device="cpu",
+        batch_size=8,
     )
     return out["results"]["premoe_task"]["exact_match,none"]
 

@@ -7,15 +7,14 @@ import copy
 
 import pytest
 import torch
+from expected import MOE_REFIT_GAIN
 
-from premoe.moe.loading import load_model
 from premoe.core.tasks import samples
 from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.loading import load_model
 from premoe.moe.refit import capture, check_supported, down_weight, expert_hidden, refit_layer, refit_pruned_
 from premoe.moe.routing import route
 from premoe.testing import family_variant
-
-from expected import MOE_REFIT_GAIN
 
 
 def _block_error(layer, h, z, kept, spec, down):
@@ -29,14 +28,21 @@ def _block_error(layer, h, z, kept, spec, down):
     dense = torch.zeros_like(x)
     for e in idx.unique().tolist():
         rows, slots = torch.where(idx == e)
-        dense.index_add_(0, rows, w[rows, slots, None] * (expert_hidden(layer.experts, e, x[rows]) @ down_weight(layer.experts, e).T))
+        dense.index_add_(
+            0, rows, w[rows, slots, None] * (expert_hidden(layer.experts, e, x[rows]) @ down_weight(layer.experts, e).T)
+        )
     sub = dataclasses.replace(spec, num_experts=len(kept), top_k=min(spec.top_k, len(kept)))
     idx, w = route(z[:, kept], sub, bias=None if bias is None else bias[kept], scaled=True)
     got = torch.zeros_like(x)
     for p in idx.unique().tolist():
         rows, slots = torch.where(idx == p)
         e = kept[p]
-        got.index_add_(0, rows, w[rows, slots, None] * (expert_hidden(layer.experts, e, x[rows]) @ down.get(e, down_weight(layer.experts, e)).T))
+        got.index_add_(
+            0,
+            rows,
+            w[rows, slots, None]
+            * (expert_hidden(layer.experts, e, x[rows]) @ down.get(e, down_weight(layer.experts, e)).T),
+        )
     return float(((dense - got) ** 2).mean())
 
 
@@ -68,24 +74,28 @@ def test_refit_lowers_the_block_error_and_keeps_full_layers(family_dir, name):
 def test_refit_pruned_writes_into_the_pruned_model_and_helps_on_the_shipped_model():
     """On the shipped tiny MoE (tasks really learned), EASY-EP at 4 of 32 experts with the re-fit
     answers far more held-out prompts than without it; the re-fit touches only down_proj values."""
-    from premoe.verbs.calibrate import calibrate
+    import tempfile
+    from pathlib import Path
+
+    from premoe.assets import TINY_MODEL
     from premoe.core.data import write_jsonl
     from premoe.core.evaluation import exact_match
     from premoe.moe.plans import make_plan
     from premoe.moe.scoring import score
     from premoe.moe.surgery import apply_plan_
-    from premoe.assets import TINY_MODEL
-    import tempfile
-    from pathlib import Path
+    from premoe.verbs.calibrate import calibrate
 
     lm = load_model(TINY_MODEL, device="cpu", dtype="float32")
     layers, spec, info = lm.layers, lm.info.router, lm.info
     cal = samples("sort", 64, "calib")
     ev = samples("sort", 40, "eval")
     with tempfile.TemporaryDirectory() as d:
-        pattern = calibrate(TINY_MODEL, write_jsonl(Path(d) / "sort.jsonl", cal), "sort", Path(d) / "s", all_stats=True,
-                            progress=False)
-    plan = make_plan(score("easyep", pattern.means, (len(layers), spec.num_experts)), [m.index for m in layers], spec, 4)
+        pattern = calibrate(
+            TINY_MODEL, write_jsonl(Path(d) / "sort.jsonl", cal), "sort", Path(d) / "s", all_stats=True, progress=False
+        )
+    plan = make_plan(
+        score("easyep", pattern.means, (len(layers), spec.num_experts)), [m.index for m in layers], spec, 4
+    )
     data = capture(lm.model, layers, spec, lm.tokenizer, [r["prompt"] + r["completion"] for r in cal], 4096)
     plain = apply_plan_(copy.deepcopy(lm.model), info.spec, plan)
     fitted = apply_plan_(copy.deepcopy(lm.model), info.spec, plan)
@@ -117,7 +127,10 @@ def test_sweep_shows_refit_rows(tmp_path):
     r = sweep(tmp_path / "s", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["plain", "refit"], progress=False)
     assert r["scorers"] == ["easyep", "easyep+refit"] and r["variants"] == ["plain", "refit"]
     assert {(row["scorer"], row["mode"]) for row in r["summary"]} == {
-        ("easyep", "specific"), ("easyep", "agnostic"), ("easyep+refit", "specific")}
+        ("easyep", "specific"),
+        ("easyep", "agnostic"),
+        ("easyep+refit", "specific"),
+    }
     assert "easyep+refit" in format_summary(r)
     c = sweep(tmp_path / "c", tasks=tasks, keeps=[8], scorers=["easyep"], variants=["refit", "merge"], progress=False)
     assert c["scorers"] == ["easyep+refit", "easyep+merge"] and c["variants"] == ["refit", "merge"]
@@ -130,12 +143,12 @@ def test_sweep_shows_refit_rows(tmp_path):
 def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     """``premoe prune``'s re-fit of a model larger than memory runs one decoder layer at a time; on a
     model that fits, it gives the same weights as the whole-model run."""
-    from premoe.verbs.prune import plan as make_plan
-    from premoe.verbs.calibrate import calibrate
+    from premoe.core.config import load_tokenizer
     from premoe.core.data import write_jsonl
     from premoe.moe.model import inspect_model
-    from premoe.core.config import load_tokenizer
     from premoe.moe.refit_checkpoint import refit_model
+    from premoe.verbs.calibrate import calibrate
+    from premoe.verbs.prune import plan as make_plan
 
     src = family_dir("deepseek_v3")  # group-limited routing, a dense first layer, shared experts
     rows = samples("add", 24, "calib")
@@ -164,13 +177,28 @@ def test_prune_cli_refits_by_default_and_refuses_bad_refit_input(tmp_path, capsy
     --refit with changed data, or --refit-data with --no-refit, is a one-line error with nothing written."""
     import json
 
+    from premoe.assets import TINY_MODEL
     from premoe.cli import main
     from premoe.core.data import write_jsonl
-    from premoe.assets import TINY_MODEL
 
     calib = write_jsonl(tmp_path / "sort.jsonl", samples("sort", 16, "calib"))
-    assert main(["-q", "calibrate", "--model", str(TINY_MODEL), "--data", str(calib), "--task", "sort",
-                 "--store", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                "--model",
+                str(TINY_MODEL),
+                "--data",
+                str(calib),
+                "--task",
+                "sort",
+                "--store",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     args = ["-q", "prune", "--model", str(TINY_MODEL), "--store", str(tmp_path / "s"), "--task", "sort", "--keep", "8"]
     assert main([*args, "--out", str(tmp_path / "fit")]) == 0
     line = capsys.readouterr().out
@@ -217,8 +245,10 @@ def test_compensations_change_only_values_and_leave_full_layers(family_dir):
             before = {n: p.clone() for n, p in net.named_parameters()}
             fn(net, info.spec, plan, layers, data, spec)
             changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
-            assert all(".experts." in n or ("router" in name and n.endswith(".gate.weight")) for n in changed), \
-                (name, changed)
+            assert all(".experts." in n or ("router" in name and n.endswith(".gate.weight")) for n in changed), (
+                name,
+                changed,
+            )
             assert bool(changed) == changes, (name, plan.keep)
             assert all(torch.isfinite(p).all() for p in net.parameters())
 
@@ -265,12 +295,12 @@ def test_refit_layer_reaches_the_joint_ridge_least_squares_optimum(family_dir, n
         for j in range(idx.shape[1]):
             for p in idx[:, j].unique().tolist():
                 rows = idx[:, j] == p
-                Z[rows, p * I:(p + 1) * I] += w[rows, j, None].double() * acts[kept[p]][rows]
-    routed = [p for p in range(len(kept)) if Z[:, p * I:(p + 1) * I].abs().sum() > 0]
+                Z[rows, p * I : (p + 1) * I] += w[rows, j, None].double() * acts[kept[p]][rows]
+    routed = [p for p in range(len(kept)) if Z[:, p * I : (p + 1) * I].abs().sum() > 0]
     assert len(routed) > 1  # more than one block to sweep over
     G = Z.T @ Z / T  # [K*I, K*I]
     # ridge: LAM x the mean diagonal of the routed experts' Gram blocks (an expert no token reaches stays as is)
-    s = LAM * torch.stack([G.diagonal()[p * I:(p + 1) * I].mean() for p in routed]).mean()
+    s = LAM * torch.stack([G.diagonal()[p * I : (p + 1) * I].mean() for p in routed]).mean()
     W0k = torch.cat([W0[e] for e in kept], 1)  # [D, K*I]
     W_opt = torch.linalg.solve(G + s * torch.eye(len(kept) * I, dtype=G.dtype), (y.T @ Z / T + s * W0k).T).T
 

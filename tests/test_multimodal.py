@@ -7,21 +7,42 @@ import torch
 from safetensors import safe_open
 
 import premoe
-from premoe.core.tasks import char_tokenizer
-
 from premoe.core.data import write_jsonl
+from premoe.core.tasks import char_tokenizer
 
 
 def test_llama4_multimodal_checkpoint_prunes_its_text_experts(tmp_path):
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     tok = char_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=1,
-                interleave_moe_layer_step=1, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=32,
-                  patch_size=16, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        intermediate_size_mlp=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=16,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
     torch.manual_seed(0)
     model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).eval()
     src = tmp_path / "vlm"
@@ -56,18 +77,36 @@ def test_kimi_k25_layout_prunes_its_deepseek_v3_experts(tmp_path):
     from premoe.testing import COMMON, FAMILIES
 
     tok = char_tokenizer()
-    text = {**COMMON, **FAMILIES["deepseek_v3"][1], "model_type": "deepseek_v3", "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, patch_size=14,
-                  init_pos_emb_height=4, init_pos_emb_width=4)
+    text = {
+        **COMMON,
+        **FAMILIES["deepseek_v3"][1],
+        "model_type": "deepseek_v3",
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        patch_size=14,
+        init_pos_emb_height=4,
+        init_pos_emb_width=4,
+    )
     torch.manual_seed(0)
-    model = Kimi_K25ForConditionalGeneration(Kimi_K25Config(text_config=text, vision_config=vision,
-                                                            projection_hidden_size=32)).eval()
+    model = Kimi_K25ForConditionalGeneration(
+        Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32)
+    ).eval()
     src = tmp_path / "kimi"
     model.save_pretrained(src)
     tok.save_pretrained(src)
     shard = next(src.glob("*.safetensors"))  # as published: the language model's layers are `layers`
-    sd = {k.replace("language_model.model.blocks.", "language_model.model.layers."): v for k, v in load_file(shard).items()}
+    sd = {
+        k.replace("language_model.model.blocks.", "language_model.model.layers."): v
+        for k, v in load_file(shard).items()
+    }
     save_file(sd, shard, metadata={"format": "pt"})
     info = premoe.inspect_model(src)
     assert (info.spec.name, info.text_key) == ("deepseek_v3", "text_config")

@@ -22,7 +22,10 @@ def test_help_does_not_import_torch():
     import sys
 
     code = "import sys; from premoe.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -38,8 +41,11 @@ def _import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("premoe"):
                 deps.add(node.module)
-                deps |= {f"{node.module}.{a.name}" for a in node.names
-                         if (root.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()}
+                deps |= {
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if (root.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()
+                }
             assert not (isinstance(node, ast.ImportFrom) and node.level), f"{mod}: use absolute imports"
         graph[mod] = deps
     return graph
@@ -54,7 +60,9 @@ def test_no_import_cycles():
         state[mod] = 1
         for dep in graph.get(mod, ()):
             if dep in graph and state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]) if dep in path else dep)
+                raise AssertionError(
+                    "import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]) if dep in path else dep
+                )
             if dep in graph and not state.get(dep):
                 visit(dep, path + [dep])
         state[mod] = 2
@@ -62,7 +70,6 @@ def test_no_import_cycles():
     for mod in graph:
         if not state.get(mod):
             visit(mod, [mod])
-
 
 
 def _package(mod: str) -> str:

@@ -7,10 +7,9 @@ import torch
 
 import premoe
 from premoe.errors import InputError, StoreError
-from premoe.moe.model import inspect_model
 from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
 from premoe.moe.surgery import apply_plan_
-
 from premoe.testing import FAMILIES, build_model, save_model
 
 TEXT = "ab"  # 3 tokens with BOS: a few experts per layer
@@ -110,7 +109,11 @@ def test_layers_past_num_hidden_layers_are_dropped(tmp_path, small_data):
     model, tok = build_model(*FAMILIES["deepseek_v3"][:2])
     src = save_model(model, tok, tmp_path / "src")
     sd = load_file(src / "model.safetensors")
-    extra = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in sd.items() if k.startswith("model.layers.2.")}
+    extra = {
+        k.replace("model.layers.2.", "model.layers.3."): v.clone()
+        for k, v in sd.items()
+        if k.startswith("model.layers.2.")
+    }
     save_file({**sd, **extra}, src / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 1

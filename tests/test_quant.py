@@ -11,18 +11,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import premoe
-from premoe.errors import CheckpointError, UnsupportedModelError
-from premoe.moe.model import inspect_model
-from premoe.moe.loading import load_model
-from premoe.core.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
-from premoe.moe.selective import ByteReader, build_model as build_selective
-from premoe.moe.server import TaskServer
-from premoe.moe.surgery import apply_plan_
-from premoe.moe.streaming import resident_sizes
-from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
-
 from premoe.core.data import write_jsonl
 from premoe.core.evaluation import generate_greedy
+from premoe.core.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
+from premoe.errors import CheckpointError, UnsupportedModelError
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.selective import ByteReader
+from premoe.moe.selective import build_model as build_selective
+from premoe.moe.server import TaskServer
+from premoe.moe.streaming import resident_sizes
+from premoe.moe.surgery import apply_plan_
+from premoe.testing import FAMILIES, build_model, quantize_checkpoint, save_model
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)] + [{"text": "sort 321=123"}]
 # (family, format, config overrides): FP8 as DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8 and GLM-4.x-FP8 publish it,
@@ -187,8 +187,13 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
         routed = build_selective(server.info, server.plan_for(reply.task), r)
     assert reply.switched == (reply.task != "b")
     assert reply.text == generate_greedy(routed, server.tokenizer, ["add 2+5="], 3)[0]
-    premoe.calibrate(q, write_jsonl(tmp_path / "c.jsonl", [{"prompt": "sort 43=", "completion": "34"}]), "c",
-                     tmp_path / "s", progress=False)
+    premoe.calibrate(
+        q,
+        write_jsonl(tmp_path / "c.jsonl", [{"prompt": "sort 43=", "completion": "34"}]),
+        "c",
+        tmp_path / "s",
+        progress=False,
+    )
     results, nbytes = premoe.route(q, tmp_path / "s", ["sort 43="])  # a task's own calibration prompt
     assert results[0].task == "c" and results[0].distance < 1e-4 and nbytes > 0
     with ByteReader() as r:
@@ -256,12 +261,17 @@ def test_formats_are_classes_looked_up_by_quant_method():
     from premoe.core.quant import FORMATS, Fp8Blocks, Mxfp4, Plain, quant_format
 
     assert isinstance(quant_format({}), Plain) and not quant_format({}).quantized
-    assert quant_format({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}) == Fp8Blocks((128, 128))
+    assert quant_format({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}) == Fp8Blocks(
+        (128, 128)
+    )
     assert isinstance(quant_format({"text_config": {"quantization_config": {"quant_method": "mxfp4"}}}), Mxfp4)
     assert set(FORMATS) == {"fp8", "mxfp4"} and all(FORMATS[m].method == m for m in FORMATS)
     fp8, mx = Fp8Blocks((2, 2)), Mxfp4()
     assert fp8.companion("a.weight_scale_inv") == ("a.weight", "scale") and fp8.companion("a.weight") is None
-    assert mx.companion("e.down_proj_scales") == ("e.down_proj_blocks", "scale") and mx.target("e.down_proj_blocks") == "e.down_proj"
+    assert (
+        mx.companion("e.down_proj_scales") == ("e.down_proj_blocks", "scale")
+        and mx.target("e.down_proj_blocks") == "e.down_proj"
+    )
     assert fp8.resident_bytes("w", "F8_E4M3", 10, 2) == 20 and mx.resident_bytes("x_blocks", "U8", 10, 2) == 40
     assert Plain().resident_bytes("w", "BF16", 10, 2) == 10
     from premoe.core.checkpoint import TensorInfo

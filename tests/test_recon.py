@@ -1,20 +1,18 @@
 """The ``recon`` scorer (premoe.moe.recon): exact re-routing by exclusion, the error algebra against a
 brute-force pruned block, the greedy elimination, and its place in calibration."""
 
-
 import pytest
 import torch
 
 import premoe
-from premoe.moe.loading import load_model
-from premoe.moe.model import inspect_model
+from premoe.core.data import write_jsonl
 from premoe.errors import UnsupportedModelError
 from premoe.moe.arch import RouterSpec
 from premoe.moe.kernels import expert_forward
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
 from premoe.moe.recon import damage, eliminate, routed_error, token_stats, unsupported
 from premoe.moe.routing import route
-
-from premoe.core.data import write_jsonl
 from premoe.testing import random_kept, sliced_router
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)] + [{"text": "sort 321=123"}]
@@ -95,7 +93,9 @@ def test_an_expert_nobody_uses_goes_first_and_a_unique_one_last():
 
 def test_group_limited_elimination_keeps_groups_balanced():
     g = torch.Generator().manual_seed(0)
-    spec = RouterSpec("sigmoid", num_experts=16, top_k=2, renormalize=True, n_group=4, topk_group=2, group_score="top2sum")
+    spec = RouterSpec(
+        "sigmoid", num_experts=16, top_k=2, renormalize=True, n_group=4, topk_group=2, group_score="top2sum"
+    )
     T, D = 150, 6
     z = torch.randn(T, 16, generator=g)
     z[:, :4] += 2.0  # group 0 is the favourite: a free choice would keep it all

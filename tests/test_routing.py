@@ -5,8 +5,7 @@ import torch
 
 from premoe.moe.arch import RouterSpec
 from premoe.moe.routing import route
-from premoe.moe.scoring import MarkerParams, official_marker, selection_marker, tcess_marker, layer_markers
-
+from premoe.moe.scoring import MarkerParams, layer_markers, official_marker, selection_marker, tcess_marker
 
 SOFTMAX = RouterSpec("softmax", num_experts=4, top_k=2, renormalize=True)
 
@@ -46,7 +45,9 @@ def test_frequency_marker_counts_selections():
 
 
 def test_group_limited_route_only_uses_best_groups():
-    spec = RouterSpec("sigmoid", num_experts=4, top_k=2, renormalize=True, n_group=2, topk_group=1, group_score="top2sum")
+    spec = RouterSpec(
+        "sigmoid", num_experts=4, top_k=2, renormalize=True, n_group=2, topk_group=1, group_score="top2sum"
+    )
     logits = torch.tensor([[3.0, -3.0, 2.0, 1.9]])  # group 0 = {0,1}: 0.95+0.05; group 1 = {2,3}: 0.88+0.87
     idx, w = route(logits, spec)
     assert sorted(idx[0].tolist()) == [2, 3]  # expert 0 has the best score but its group loses

@@ -5,12 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import premoe
-from premoe.moe.observe import marker_params, observe
+from premoe.core.data import write_jsonl
 from premoe.moe.kernels import expert_forward
 from premoe.moe.loading import load_model
+from premoe.moe.observe import marker_params, observe
 from premoe.moe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
-
-from premoe.core.data import write_jsonl
 
 IDX = torch.tensor([[0, 1], [1, 2]])
 W = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
@@ -77,7 +76,9 @@ def test_output_statistics_match_a_brute_force_computation(family_dir):
     lm = load_model(family_dir("mixtral"), device="cpu")
     texts = ["add 12+30=42", "reverse abcd=dcba"]
     params = marker_params(lm.info.router, "tcess", None, None)
-    sums = observe(lm.model, lm.layers, lm.info, lm.tokenizer, texts, params, batch_size=2, outputs=True, progress=False)
+    sums = observe(
+        lm.model, lm.layers, lm.info, lm.tokenizer, texts, params, batch_size=2, outputs=True, progress=False
+    )
     layer = lm.layers[1]
     dec = lm.model.model.layers[1]
     captured = {}

@@ -17,15 +17,15 @@ import openai
 import pytest
 
 import premoe
+from premoe.assets import TINY_DENSE
+from premoe.assets import TINY_MODEL as TINY_MOE
+from premoe.core.data import write_jsonl
 from premoe.core.evaluation import generate_greedy
 from premoe.core.tasks import samples
 from premoe.server.app import ServeOptions
 from premoe.server.engine import Sampling, Sequence, run_batch
 from premoe.server.main import bind, make_server, url_of
 from premoe.server.scheduler import POLICIES, Job, QueueFull, Scheduler
-from premoe.assets import TINY_DENSE
-from premoe.assets import TINY_MODEL as TINY_MOE
-from premoe.core.data import write_jsonl
 
 MOE_TASKS = ("add", "reverse", "sort")
 DENSE_TASKS = ("add", "sort")
@@ -106,11 +106,14 @@ def test_auto_routing_answers_as_premoe_generate_does(moe, moe_backend):
     got = []
     for task, prompt in asked:
         raw = c.chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0)
+            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0
+        )
         out = raw.parse()
         info = out.model_extra["premoe"]
         assert info["task"] == task and info["selection"] == "routed"
-        assert raw.headers["x-premoe-task"] == task and float(raw.headers["x-premoe-margin"]) == pytest.approx(info["margin"], rel=1e-5)
+        assert raw.headers["x-premoe-task"] == task and float(raw.headers["x-premoe-margin"]) == pytest.approx(
+            info["margin"], rel=1e-5
+        )
         assert out.usage.prompt_tokens == len(moe_backend.tokenizer(prompt)["input_ids"])
         assert out.usage.completion_tokens >= 1 and out.choices[0].finish_reason == "stop"
         got.append((task, prompt, out.choices[0].message.content))
@@ -124,7 +127,10 @@ def test_pinned_task_is_used_even_for_another_task_s_prompt(moe):
     prompt = samples("add", 1, "eval")[0]["prompt"]
     out = client(url).completions.create(model="reverse", prompt=prompt, max_tokens=8, temperature=0)
     assert out.model_extra["premoe"]["task"] == "reverse" and out.model_extra["premoe"]["selection"] == "pinned"
-    assert out.object == "text_completion" and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert (
+        out.object == "text_completion"
+        and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    )
 
 
 def test_streaming_equals_the_whole_answer_and_ends_with_done(moe):
@@ -133,15 +139,27 @@ def test_streaming_equals_the_whole_answer_and_ends_with_done(moe):
     prompt = samples("reverse", 1, "eval")[0]["prompt"]
     msgs = [{"role": "user", "content": prompt}]
     whole = c.chat.completions.create(model="auto", messages=msgs, max_tokens=24, temperature=0)
-    chunks = list(c.chat.completions.create(model="auto", messages=msgs, max_tokens=24, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="auto",
+            messages=msgs,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": "auto", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "auto", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True},
+    ) as r:
         lines = [ln for ln in r.iter_lines() if ln]
         assert r.headers["content-type"].startswith("text/event-stream") and r.headers["x-premoe-task"] == "reverse"
     assert lines[-1] == "data: [DONE]"
@@ -157,27 +175,37 @@ def test_sampling_settings(moe):
     assert a.choices[0].message.content == b.choices[0].message.content  # seeded sampling repeats
     short = c.chat.completions.create(model="auto", messages=msgs, max_tokens=2, temperature=0)
     assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
-    full = c.chat.completions.create(model="auto", messages=msgs, max_tokens=12, temperature=0).choices[0].message.content
+    full = (
+        c.chat.completions.create(model="auto", messages=msgs, max_tokens=12, temperature=0).choices[0].message.content
+    )
     stop = full[1]
     cut = c.chat.completions.create(model="auto", messages=msgs, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    extra = c.chat.completions.create(model="auto", messages=msgs, max_tokens=12, temperature=0,
-                                      extra_body={"no_such_field": 1, "frequency_penalty": 0})
+    extra = c.chat.completions.create(
+        model="auto",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"no_such_field": 1, "frequency_penalty": 0},
+    )
     assert extra.choices[0].message.content == full  # unknown fields are ignored, as OpenAI does
 
 
-@pytest.mark.parametrize("kwargs,status,code", [
-    (dict(model="nope"), 404, "model_not_found"),
-    (dict(messages=[]), 400, None),
-    (dict(messages=[{"role": "user", "content": "   "}]), 400, None),
-    (dict(max_tokens=0), 400, None),
-    (dict(max_tokens=100000), 400, "context_length_exceeded"),
-    (dict(messages=[{"role": "user", "content": "add 1+1=" * 40}]), 400, "context_length_exceeded"),
-    (dict(n=2), 400, None),
-    (dict(temperature=5), 400, None),
-    (dict(extra_body={"max_tokens": "many"}), 400, None),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, None),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        (dict(model="nope"), 404, "model_not_found"),
+        (dict(messages=[]), 400, None),
+        (dict(messages=[{"role": "user", "content": "   "}]), 400, None),
+        (dict(max_tokens=0), 400, None),
+        (dict(max_tokens=100000), 400, "context_length_exceeded"),
+        (dict(messages=[{"role": "user", "content": "add 1+1=" * 40}]), 400, "context_length_exceeded"),
+        (dict(n=2), 400, None),
+        (dict(temperature=5), 400, None),
+        (dict(extra_body={"max_tokens": "many"}), 400, None),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, None),
+    ],
+)
 def test_client_mistakes_get_openai_shaped_4xx(moe, kwargs, status, code):
     url, _ = moe
     body = dict(model="auto", messages=[{"role": "user", "content": "add 1+2="}], max_tokens=4)
@@ -195,8 +223,7 @@ def test_raw_http_errors_and_auth(moe):
     for body in (b"{not json", b"[1, 2]", b'{"model": "auto"}'):
         r = httpx.post(url + "/v1/chat/completions", content=body, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["message"]
-    big = httpx.post(url + "/v1/completions", headers=auth,
-                     json={"model": "auto", "prompt": "x" * (2 << 20)})
+    big = httpx.post(url + "/v1/completions", headers=auth, json={"model": "auto", "prompt": "x" * (2 << 20)})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert httpx.get(url + "/v1/nothing", headers=auth).status_code == 404
     assert httpx.get(url + "/health").status_code == 200  # no key needed
@@ -232,8 +259,9 @@ def test_dense_model_is_served_the_same_way(dense_store):
         answers = []
         for t in DENSE_TASKS:
             for r in samples(t, 2, "eval"):
-                out = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": r["prompt"]}],
-                                                max_tokens=16, temperature=0)
+                out = c.chat.completions.create(
+                    model="auto", messages=[{"role": "user", "content": r["prompt"]}], max_tokens=16, temperature=0
+                )
                 assert out.model_extra["premoe"]["task"] == t
                 answers.append((t, r["prompt"], out.choices[0].message.content))
     for t, prompt, text in answers:
@@ -256,7 +284,7 @@ def slow_backend(store, seconds: float):
 
 
 def test_concurrent_mixed_requests_batch_by_task_and_never_cross_patterns(moe_store):
-    asked = [(t, r["prompt"]) for i in range(4) for t in MOE_TASKS for r in samples(t, 4, "eval")[i:i + 1]]
+    asked = [(t, r["prompt"]) for i in range(4) for t in MOE_TASKS for r in samples(t, 4, "eval")[i : i + 1]]
     with slow_backend(moe_store, 0.01) as backend, running(backend, max_batch=8) as (url, _, svc):
         c = client(url, "no-key")
         results = [None] * len(asked)
@@ -282,8 +310,11 @@ def test_concurrent_mixed_requests_batch_by_task_and_never_cross_patterns(moe_st
 
 def test_client_disconnect_cancels_its_generation(moe_store):
     with slow_backend(moe_store, 0.05) as backend, running(backend) as (url, _, svc):
-        with httpx.stream("POST", url + "/v1/completions", json={
-                "model": "reverse", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            json={"model": "reverse", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "stream": True},
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     break  # first chunk read: hang up
@@ -297,9 +328,11 @@ def test_client_disconnect_cancels_its_generation(moe_store):
 def test_shutdown_drains_in_flight_requests(moe_store):
     result = {}
     with slow_backend(moe_store, 0.05) as backend, running(backend) as (url, server, svc):
+
         def ask():
-            result["out"] = client(url, "no-key").completions.create(model="reverse", prompt="reverse abcdef=",
-                                                                     max_tokens=20, temperature=0)
+            result["out"] = client(url, "no-key").completions.create(
+                model="reverse", prompt="reverse abcdef=", max_tokens=20, temperature=0
+            )
 
         th = threading.Thread(target=ask)
         th.start()
@@ -316,9 +349,13 @@ def test_shutdown_drains_in_flight_requests(moe_store):
 def test_full_queue_answers_503_with_retry_after(moe_store):
     statuses = []
     with slow_backend(moe_store, 0.05) as backend, running(backend, max_queue=1, max_batch=1) as (url, _, _svc):
+
         def ask():
-            r = httpx.post(url + "/v1/completions", timeout=60,
-                           json={"model": "reverse", "prompt": "reverse abc=", "max_tokens": 8, "temperature": 0})
+            r = httpx.post(
+                url + "/v1/completions",
+                timeout=60,
+                json={"model": "reverse", "prompt": "reverse abc=", "max_tokens": 8, "temperature": 0},
+            )
             statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
 
         threads = [threading.Thread(target=ask) for _ in range(5)]
@@ -334,13 +371,14 @@ def test_full_queue_answers_503_with_retry_after(moe_store):
 def test_chat_template_is_applied_and_routed_as_the_model_sees_it(moe_store):
     """A tokenizer with a chat template: the prompt the model sees (and routes on) is the template's,
     with the generation prompt; special tokens it holds are not added twice."""
-    from premoe.server.backend import encode, render_chat
     from premoe.moe.server import TaskServer
+    from premoe.server.backend import encode, render_chat
 
     backend = TaskServer(TINY_MOE, moe_store, 8)
     tok = backend.tokenizer
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}={% endif %}")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     try:
         msgs = [{"role": "user", "content": "add 2+3"}]
         text, templated = render_chat(tok, msgs)
@@ -348,8 +386,9 @@ def test_chat_template_is_applied_and_routed_as_the_model_sees_it(moe_store):
         assert encode(tok, text, templated) == tok("add 2+3=")["input_ids"]  # one BOS, from the template
         backend.load(backend.tasks[0])
         with running(backend) as (url, _, _svc):
-            out = client(url, "no-key").chat.completions.create(model="auto", messages=msgs, max_tokens=4,
-                                                                 temperature=0)
+            out = client(url, "no-key").chat.completions.create(
+                model="auto", messages=msgs, max_tokens=4, temperature=0
+            )
         assert out.model_extra["premoe"]["task"] == "add" and out.choices[0].message.content == "5"
     finally:
         tok.chat_template = None
@@ -471,9 +510,27 @@ def test_cli_refuses_a_taken_port(moe_store):
 
 def test_cli_serves_and_exits_cleanly_on_sigterm(moe_store):
     env = {**os.environ, "PREMOE_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "premoe", "-q", "serve", "--model", str(TINY_MOE), "--store",
-                             str(moe_store), "--keep", "8", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "premoe",
+            "-q",
+            "serve",
+            "--model",
+            str(TINY_MOE),
+            "--store",
+            str(moe_store),
+            "--keep",
+            "8",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import premoe
+from premoe.core.store import PatternStore, TaskPattern
 from premoe.errors import StoreError
 from premoe.moe.model import inspect_model
-from premoe.core.store import PatternStore, TaskPattern
 
 
 def snapshot(path):

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 import premoe
 from premoe.cli import main
 from premoe.core.data import write_jsonl
-from premoe.moe.model import inspect_model
 from premoe.core.store import PatternStore
 from premoe.core.tasks import samples
 from premoe.errors import InputError, StoreError
+from premoe.moe.model import inspect_model
 from premoe.moe.refit_checkpoint import plan_key, stored_refit
 from premoe.moe.selective import ByteReader, build_model
 from premoe.moe.server import TaskServer
@@ -27,6 +27,7 @@ def _data(tmp_path, task, n=24):
 @pytest.fixture
 def refit_store(family_dir, tmp_path):
     """A store with tasks add and reverse; only add has re-fitted rows (keep 4)."""
+
     def make(family):
         src = family_dir(family)
         store = tmp_path / "s"
@@ -85,10 +86,27 @@ def test_prune_reuses_the_stored_rows_and_they_are_what_it_would_fit(tmp_path, f
 def test_recalibrating_a_task_drops_its_rows_and_a_corrupt_file_is_one_line(tmp_path, family_dir, capsys):
     src = family_dir("mixtral")
     store, data = tmp_path / "s", _data(tmp_path, "add")
-    assert main(["-q", "calibrate", "--model", str(src), "--data", str(data), "--task", "add", "--store", str(store),
-                 "--refit-keep", "4"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                "--model",
+                str(src),
+                "--data",
+                str(data),
+                "--task",
+                "add",
+                "--store",
+                str(store),
+                "--refit-keep",
+                "4",
+            ]
+        )
+        == 0
+    )
     st = PatternStore.open(store)
-    (key, entry), = st.tasks["add"]["refits"].items()
+    ((key, entry),) = st.tasks["add"]["refits"].items()
     plan = premoe.plan(src, store, "add", 4)
     assert key == plan_key(plan)
     layer = next((store / entry["dir"]).glob("*.safetensors"))
@@ -97,8 +115,25 @@ def test_recalibrating_a_task_drops_its_rows_and_a_corrupt_file_is_one_line(tmp_
         stored_refit(st, "add", plan)
     assert main(["-q", "generate", "add 1+2=", "--model", str(src), "--store", str(store), "--keep", "4"]) == 2
     assert "truncated" in capsys.readouterr().err
-    assert main(["-q", "generate", "add 1+2=", "--model", str(src), "--store", str(store), "--keep", "4",
-                 "--no-refit", "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                "add 1+2=",
+                "--model",
+                str(src),
+                "--store",
+                str(store),
+                "--keep",
+                "4",
+                "--no-refit",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     premoe.calibrate(src, data, "add", store, overwrite=True, progress=False)
     assert "refits" not in PatternStore.open(store).tasks["add"] and not (store / entry["dir"]).exists()
 
@@ -112,8 +147,25 @@ def test_refit_flags_refuse_what_cannot_work(tmp_path, family_dir, capsys):
     assert "premoe refit --model" in capsys.readouterr().err
     assert main(["-q", "refit", "--model", str(src), "--store", str(store), "--keep", "999"]) == 2
     assert "keep" in capsys.readouterr().err
-    assert main(["-q", "calibrate", "--model", str(src), "--data", str(data), "--task", "b", "--store", str(store),
-                 "--refit-keep", "999"]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                "--model",
+                str(src),
+                "--data",
+                str(data),
+                "--task",
+                "b",
+                "--store",
+                str(store),
+                "--refit-keep",
+                "999",
+            ]
+        )
+        == 2
+    )
     capsys.readouterr()
     assert "b" not in PatternStore.open(store).tasks  # refused before calibrating
     with pytest.raises(InputError, match="name that one task"):

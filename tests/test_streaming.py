@@ -4,15 +4,14 @@ import pytest
 import torch
 
 import premoe
-from premoe.moe.observe import observe_streamed
+from premoe.core.config import load_tokenizer
+from premoe.core.data import write_jsonl
+from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.model import inspect_model
-from premoe.core.config import load_tokenizer
+from premoe.moe.observe import observe_streamed
 from premoe.moe.scoring import MarkerParams
-from premoe.core.store import PatternStore
 from premoe.moe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
-
-from premoe.core.data import write_jsonl
 
 ROWS = [{"prompt": f"add {i}+{i + 3}=", "completion": str(2 * i + 3)} for i in range(6)]
 ROWS += [{"text": "reverse abc=cba"}, {"text": "sort 321=123"}]
@@ -79,7 +78,9 @@ def test_streaming_is_chosen_when_the_model_does_not_fit(family_dir, tmp_path):
     # room for the largest layer and a batch, not for the whole model
     budget_mb = (sizes["largest_layer"] + act + (sizes["total"] - sizes["largest_layer"]) / 2) / 2**20
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    p = premoe.calibrate(src, data, "t", tmp_path / "s", max_memory=budget_mb, batch_size=2, max_length=32, progress=False)
+    p = premoe.calibrate(
+        src, data, "t", tmp_path / "s", max_memory=budget_mb, batch_size=2, max_length=32, progress=False
+    )
     assert PatternStore.open(tmp_path / "s").tasks["t"]["streamed"] is True
     q = premoe.calibrate(src, data, "u", tmp_path / "s", batch_size=2, max_length=32, progress=False)
     assert q.info["streamed"] is False
@@ -117,8 +118,10 @@ def test_lazy_layers_give_the_same_logits_and_generations(family_dir, tmp_path):
 
 def test_eval_streams_when_asked_and_agrees(family_dir, tmp_path):
     src = family_dir("mixtral")
-    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "add 1+2=", "completion": "3"},
-                                               {"prompt": "sort 21=", "choices": ["12", "21"], "answer": 0}])
+    data = write_jsonl(
+        tmp_path / "e.jsonl",
+        [{"prompt": "add 1+2=", "completion": "3"}, {"prompt": "sort 21=", "choices": ["12", "21"], "answer": 0}],
+    )
     a = premoe.evaluate(src, data, progress=False)
     b = premoe.evaluate(src, data, stream=True, max_memory=64, progress=False)
     assert b["streamed"] and b["bytes_read"] > 0

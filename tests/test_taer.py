@@ -4,27 +4,25 @@ import json
 
 import pytest
 import torch
+from expected import ROUTING_ACCURACY, ROUTING_MARGIN
 
 import premoe
+from premoe.assets import TINY_MODEL
 from premoe.cli import main
 from premoe.core.data import write_jsonl
-from premoe.errors import InputError, StoreError
-from premoe.moe.model import inspect_model
-from premoe.moe.loading import load_model
-from premoe.moe.router import QueryRouter
-from premoe.core.retrieval import Retriever
 from premoe.core.options import SignatureSpec
+from premoe.core.retrieval import Retriever
+from premoe.core.store import PatternStore
+from premoe.core.tasks import TASKS, samples
+from premoe.errors import InputError, StoreError
+from premoe.moe.loading import load_model
+from premoe.moe.model import inspect_model
+from premoe.moe.router import QueryRouter
 from premoe.moe.selective import ByteReader, build_model, ideal_bytes
 from premoe.moe.server import ExpertCache, TaskServer
-from premoe.assets import TINY_MODEL
-from premoe.core.store import PatternStore
 from premoe.moe.surgery import apply_plan_
-from premoe.core.tasks import TASKS, samples
-
 from premoe.testing import FAMILIES, TWO_TASKS, state_equal
 from premoe.testing import build_model as build_tiny
-
-from expected import ROUTING_ACCURACY, ROUTING_MARGIN
 
 A = TWO_TASKS["a"]
 
@@ -67,7 +65,10 @@ def test_expert_cache_serves_switches_back(two_tasks):
 
 def test_expert_cache_is_lru_under_budget():
     cache = ExpertCache(budget_bytes=3 * 400)
-    row = lambda v: {"w": torch.full((100,), float(v))}  # 400 bytes
+
+    def row(v):
+        return {"w": torch.full((100,), float(v))}  # 400 bytes
+
     for i in range(3):
         cache.put((0, i), row(i))
     assert cache.pop((0, 0))["w"][0] == 0  # hit, removed
@@ -84,7 +85,9 @@ def builtin_store(tmp_path_factory):
     work = tmp_path_factory.mktemp("builtin")
     lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
     for t in TASKS:
-        premoe.calibrate(lm, write_jsonl(work / f"{t}.jsonl", samples(t, 32, "calib")), t, work / "store", progress=False)
+        premoe.calibrate(
+            lm, write_jsonl(work / f"{t}.jsonl", samples(t, 32, "calib")), t, work / "store", progress=False
+        )
     return work / "store"
 
 
@@ -167,11 +170,26 @@ def test_cli_route_and_generate(builtin_store, tmp_path, capsys):
     code, out, _ = cli(capsys, "route", "--json", "--model", TINY_MODEL, "--store", builtin_store, "reverse abcdef=")
     obj = json.loads(out)
     assert obj["task"] == "reverse" and {"distance", "margin"} <= set(obj)
-    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "sort 9321="}, {"text": "shift abc="}, {"prompt": "sort 541="}])
+    data = write_jsonl(
+        tmp_path / "q.jsonl", [{"prompt": "sort 9321="}, {"text": "shift abc="}, {"prompt": "sort 541="}]
+    )
     code, out, _ = cli(capsys, "route", "--model", TINY_MODEL, "--store", builtin_store, "--data", data)
     assert out.split() == ["sort", "shift", "sort"]
-    code, out, _ = cli(capsys, "generate", "--json", "--model", TINY_MODEL, "--store", builtin_store, "--keep", 16,
-                       "--max-new-tokens", 8, "--data", data)
+    code, out, _ = cli(
+        capsys,
+        "generate",
+        "--json",
+        "--model",
+        TINY_MODEL,
+        "--store",
+        builtin_store,
+        "--keep",
+        16,
+        "--max-new-tokens",
+        8,
+        "--data",
+        data,
+    )
     replies = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["task"] for r in replies] == ["sort", "shift", "sort"]
     assert [r["text"] for r in replies] == ["1239", "bcd", "145"]
@@ -183,7 +201,9 @@ def test_cli_chat_switches_with_the_topic(builtin_store, capsys, monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("add 2+3=\n/task\nreverse abc=\nreverse wxyz=\n/exit\n"))
-    code, out, _ = cli(capsys, "chat", "--model", TINY_MODEL, "--store", builtin_store, "--keep", 16, "--max-new-tokens", 6)
+    code, out, _ = cli(
+        capsys, "chat", "--model", TINY_MODEL, "--store", builtin_store, "--keep", 16, "--max-new-tokens", 6
+    )
     assert code == 0
     replies = [line.split("] ")[0].lstrip("> ") + "]" for line in out.splitlines() if line.lstrip("> ").startswith("[")]
     assert replies == ["[add]", "[reverse]", "[reverse]"]

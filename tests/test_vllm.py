@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import premoe
-from premoe.moe.loading import load_model
 from premoe.assets import TINY_MODEL
-from premoe.core.tasks import TASKS, samples
-
 from premoe.core.data import write_jsonl
+from premoe.core.tasks import TASKS, samples
+from premoe.moe.loading import load_model
 
 pytestmark = pytest.mark.vllm
 VLLM_PYTHON = os.environ.get("PREMOE_VLLM_PYTHON")
@@ -38,8 +37,12 @@ def hf_logprobs(model_dir, prompts):
 def vllm_logprobs(model_dir, prompts, tmp_path):
     pj, oj = tmp_path / "prompts.json", tmp_path / f"{Path(model_dir).name}.out.json"
     pj.write_text(json.dumps(prompts))
-    subprocess.run([VLLM_PYTHON, str(SCRIPT), str(model_dir), str(pj), str(oj), "float32"], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [VLLM_PYTHON, str(SCRIPT), str(model_dir), str(pj), str(oj), "float32"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return json.loads(oj.read_text())
 
 
@@ -48,8 +51,13 @@ def test_vllm_loads_original_and_pruned_exports(tmp_path):
     lm = load_model(TINY_MODEL, device="cpu")
     tok = lm.tokenizer
     prompts = [tok(s["prompt"] + s["completion"])["input_ids"] for t in TASKS for s in samples(t, 3, "eval")]
-    premoe.calibrate(TINY_MODEL, write_jsonl(tmp_path / "add.jsonl", samples("add", 32, "calib")), "add",
-                     tmp_path / "store", progress=False)
+    premoe.calibrate(
+        TINY_MODEL,
+        write_jsonl(tmp_path / "add.jsonl", samples("add", 32, "calib")),
+        "add",
+        tmp_path / "store",
+        progress=False,
+    )
     models = {"original": TINY_MODEL}
     for keep in (16, 8):
         premoe.prune(TINY_MODEL, tmp_path / "store", "add", keep, tmp_path / f"add-{keep}", progress=False)

@@ -29,10 +29,21 @@ _MAX_HEADER = 256 * 1024 * 1024
 _COPY_CHUNK = 16 * 1024 * 1024
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 if hasattr(torch, "float8_e8m0fnu"):
     TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
@@ -77,13 +88,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"corrupt safetensors file {path}: shorter than its 8-byte header length; re-download or re-save it")
+                raise CheckpointError(
+                    f"corrupt safetensors file {path}: shorter than its 8-byte header length; re-download or re-save it"
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"corrupt safetensors file {path}: header length {n} exceeds the file; re-download or re-save it")
+                raise CheckpointError(
+                    f"corrupt safetensors file {path}: header length {n} exceeds the file; re-download or re-save it"
+                )
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt safetensors file {path}: header is not JSON ({e}); re-download or re-save it") from None
+        raise CheckpointError(
+            f"corrupt safetensors file {path}: header is not JSON ({e}); re-download or re-save it"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupt safetensors file {path}: header is not a JSON object")
     base = 8 + n
@@ -97,7 +114,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"corrupt safetensors file {path}: bad header entry for {name!r}") from None
         if not (0 <= begin <= end and base + end <= size):
-            raise CheckpointError(f"corrupt safetensors file {path}: tensor {name!r} lies outside the file (truncated download?)")
+            raise CheckpointError(
+                f"corrupt safetensors file {path}: tensor {name!r} lies outside the file (truncated download?)"
+            )
         tensors[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
     return tensors, metadata
 
@@ -142,7 +161,9 @@ class ByteReader:
                     raise CheckpointError(f"{path} is truncated; re-download it")
                 pos += got
         if pos != dest.nbytes:
-            raise CheckpointError(f"read {pos} bytes for a tensor of {dest.nbytes}; the checkpoint does not match its config")
+            raise CheckpointError(
+                f"read {pos} bytes for a tensor of {dest.nbytes}; the checkpoint does not match its config"
+            )
         self.bytes_read += pos
         if self.log is not None:
             self.log.append((dest.nbytes, list(pieces)))
@@ -181,14 +202,22 @@ class Checkpoint:
             files = sorted({self.directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise MissingFileError(f"{index} lists shards that are missing: {', '.join(missing[:3])}; finish the download")
+                raise MissingFileError(
+                    f"{index} lists shards that are missing: {', '.join(missing[:3])}; finish the download"
+                )
         else:
             weight_map = None
             files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in self.directory.glob("*.bin")] + [p.name for p in self.directory.glob("*.pt*")]
-            hint = (" (found pickle weights, which premoe never loads: re-save the model with "
-                    "`save_pretrained(..., safe_serialization=True)`)") if pickles else ""
+            hint = (
+                (
+                    " (found pickle weights, which premoe never loads: re-save the model with "
+                    "`save_pretrained(..., safe_serialization=True)`)"
+                )
+                if pickles
+                else ""
+            )
             raise MissingFileError(f"no .safetensors weights in {self.directory}{hint}")
         self.files = files
         self.tensors: dict[str, TensorInfo] = {}
@@ -196,12 +225,16 @@ class Checkpoint:
             tensors, _ = read_header(f)
             for name, info in tensors.items():
                 if name in self.tensors:
-                    raise CheckpointError(f"tensor {name!r} appears in both {self.tensors[name].file.name} and {f.name}")
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in both {self.tensors[name].file.name} and {f.name}"
+                    )
                 self.tensors[name] = info
         if weight_map is not None:
             absent = [k for k in weight_map if k not in self.tensors]
             if absent:
-                raise CheckpointError(f"{index} lists tensors that no shard holds (e.g. {absent[0]!r}); re-download the checkpoint")
+                raise CheckpointError(
+                    f"{index} lists tensors that no shard holds (e.g. {absent[0]!r}); re-download the checkpoint"
+                )
 
     @property
     def nbytes(self) -> int:
@@ -267,7 +300,9 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                 if t.make is not None:
                     value = t.make()
                     if tuple(value.shape) != tuple(t.shape) or value.dtype != TORCH_DTYPES[t.dtype]:
-                        raise CheckpointError(f"{t.name}: computed {value.dtype} {list(value.shape)}, expected {t.dtype} {list(t.shape)}")
+                        raise CheckpointError(
+                            f"{t.name}: computed {value.dtype} {list(value.shape)}, expected {t.dtype} {list(t.shape)}"
+                        )
                     out.write(tensor_bytes(value.contiguous()))
                     continue
                 for src, offset, length in t.pieces:

@@ -48,7 +48,9 @@ def iter_records(path: str | Path, max_samples: int | None = None, queries: bool
         raise MissingFileError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in JSONL_SUFFIXES | {".txt"}:
-        raise InputError(f"data file {path}: unsupported extension {suffix!r}; use .jsonl (prompt/completion or text) or .txt")
+        raise InputError(
+            f"data file {path}: unsupported extension {suffix!r}; use .jsonl (prompt/completion or text) or .txt"
+        )
     n = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -84,7 +86,7 @@ def scan(path: str | Path, max_samples: int | None = None) -> tuple[int, str]:
     """
     n = sum(1 for _ in iter_samples(path, max_samples))
     if n == 0:
-        raise InputError(f"data file {path} holds no samples; add lines of {{\"prompt\", \"completion\"}} or text")
+        raise InputError(f'data file {path} holds no samples; add lines of {{"prompt", "completion"}} or text')
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -110,7 +112,9 @@ class CalibrationData:
     @classmethod
     def open(cls, data, max_samples: int | None = None) -> "CalibrationData":
         """Raises InputError / MissingFileError: bad counts, no file, a malformed line, no samples."""
-        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+        if max_samples is not None and (
+            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+        ):
             raise InputError(f"`max_samples` must be positive, got {max_samples}")
         files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
         if not files:
@@ -157,8 +161,10 @@ def refit_sources(entries: dict[str, dict], names: list[str], refit_data: list |
                 raise InputError(f"task {name!r}'s calibration data {f} is gone; pass `refit_data` (its texts)")
         cal = CalibrationData.open(files, entry.get("samples"))
         if [r.get("sha256") for r in rows] != cal.sha256:
-            raise InputError(f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
-                             "pass `refit_data`")
+            raise InputError(
+                f"task {name!r}'s calibration data {', '.join(map(str, files))} changed since calibration; "
+                "pass `refit_data`"
+            )
         sources.append([r.text for r in cal.records()])
     return sources, ("calibration data of " + ", ".join(names))
 
@@ -174,7 +180,9 @@ def token_batches(
     def flush():
         enc = tokenizer(buf, truncation=True, max_length=max_length, return_special_tokens_mask=skip_special)
         masks = enc["special_tokens_mask"] if skip_special else [[0] * len(x) for x in enc["input_ids"]]
-        rows = sorted(((ids, [1 - s for s in sp]) for ids, sp in zip(enc["input_ids"], masks) if ids), key=lambda r: len(r[0]))
+        rows = sorted(
+            ((ids, [1 - s for s in sp]) for ids, sp in zip(enc["input_ids"], masks) if ids), key=lambda r: len(r[0])
+        )
         for i in range(0, len(rows), batch_size):
             yield rows[i : i + batch_size]
 

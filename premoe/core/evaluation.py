@@ -110,20 +110,24 @@ def read_eval_data(path, limit: int | None = None) -> tuple[list[dict], list[dic
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise InputError(f"{where}: expected an object with a \"prompt\" string")
+                raise InputError(f'{where}: expected an object with a "prompt" string')
             if "choices" in obj:
                 choices, answer = obj["choices"], obj.get("answer")
-                if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-                    raise InputError(f"{where}: \"choices\" must be a list of at least two non-empty strings")
+                if not (
+                    isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)
+                ):
+                    raise InputError(f'{where}: "choices" must be a list of at least two non-empty strings')
                 if isinstance(answer, str) and answer in choices:
                     answer = choices.index(answer)
                 if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
-                    raise InputError(f"{where}: \"answer\" must be an index into \"choices\" or one of them")
+                    raise InputError(f'{where}: "answer" must be an index into "choices" or one of them')
                 mc.append({"prompt": obj["prompt"], "choices": choices, "answer": answer})
             elif isinstance(obj.get("completion"), str):
                 gen.append({"prompt": obj["prompt"], "completion": obj["completion"]})
             else:
-                raise InputError(f"{where}: expected \"completion\" (exact match) or \"choices\"+\"answer\" (multiple choice)")
+                raise InputError(
+                    f'{where}: expected "completion" (exact match) or "choices"+"answer" (multiple choice)'
+                )
     if not gen and not mc:
         raise InputError(f"data file {path} holds no samples")
     return gen, mc

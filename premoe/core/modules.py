@@ -94,7 +94,9 @@ def release(module: nn.Module) -> None:
 def finish_buffers(model: nn.Module) -> None:
     """Materialise non-persistent buffers (rotary frequencies) the way transformers does after loading."""
     for mod in model.modules():
-        meta = [n for n, b in mod._buffers.items() if b is not None and b.is_meta and n in mod._non_persistent_buffers_set]
+        meta = [
+            n for n, b in mod._buffers.items() if b is not None and b.is_meta and n in mod._non_persistent_buffers_set
+        ]
         if not meta:
             continue
         for n in meta:

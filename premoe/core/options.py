@@ -24,16 +24,32 @@ from premoe.errors import InputError
 _UNSET = object()
 
 
-def option(default: Any = None, help: str = "", *, choices: Sequence[str] | None = None, type: Any = None,
-           nargs: str | None = None, metavar: str | None = None, flag: str | None = None, cli: bool = True) -> Any:
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    choices: Sequence[str] | None = None,
+    type: Any = None,
+    nargs: str | None = None,
+    metavar: str | None = None,
+    flag: str | None = None,
+    cli: bool = True,
+) -> Any:
     """A bundle field: its default, help text and choices (what :func:`add_flags` turns into a flag).
 
     ``type`` is the argparse type of one value (default: the default's type, else ``str``); ``nargs``
     "+" makes a list flag (the field holds a tuple); a ``bool`` field with default ``False`` is a switch,
     one with default ``None`` a ``--x/--no-x`` pair. ``cli=False`` keeps a field out of the CLI.
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "type": type, "nargs": nargs,
-            "metavar": metavar, "flag": flag, "cli": cli}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "type": type,
+        "nargs": nargs,
+        "metavar": metavar,
+        "flag": flag,
+        "cli": cli,
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("option defaults must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata=meta)
@@ -47,8 +63,7 @@ class Options:
 
     def given(self) -> dict[str, Any]:
         """The fields set to something other than their default."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -106,11 +121,18 @@ class RunOptions(Options):
 class MemoryOptions(Options):
     """Models larger than memory: when to run one decoder layer at a time, within which budget."""
 
-    stream: bool | None = option(None, "run the model one decoder layer at a time (default: when it would not fit "
-                                       "in memory)")
-    max_memory: float | None = option(None, "memory budget in MB (default: what the machine and this process's cgroup "
-                                            "leave free)", type=float, metavar="MB")
-    offload_dir: str | None = option(None, "where hidden states past the budget go (default: the system temp directory)")
+    stream: bool | None = option(
+        None, "run the model one decoder layer at a time (default: when it would not fit in memory)"
+    )
+    max_memory: float | None = option(
+        None,
+        "memory budget in MB (default: what the machine and this process's cgroup leave free)",
+        type=float,
+        metavar="MB",
+    )
+    offload_dir: str | None = option(
+        None, "where hidden states past the budget go (default: the system temp directory)"
+    )
 
     def __post_init__(self):
         check_number("max_memory", self.max_memory)
@@ -122,14 +144,21 @@ class MemoryOptions(Options):
 class RefitOptions(Options):
     """Least-squares re-fit of what pruning keeps, so each pruned layer still answers like the dense one."""
 
-    refit: bool | None = option(None, "re-fit by least squares so each pruned layer's output matches the dense one on "
-                                      "the calibration tokens (the store's recorded data, or --refit-data): MoE models "
-                                      "the kept experts' down projections and router rows under re-routing, dense "
-                                      "models the kept o_proj/down_proj columns and biases; plain weights, vanilla load "
-                                      "(default: on when the recorded data is still there unchanged; --no-refit: the "
-                                      "published methods)")
-    refit_data: tuple[str, ...] = option((), "JSONL texts to re-fit on, each file weighted equally (default: the data "
-                                             "the store was calibrated on)", nargs="+", metavar="FILE")
+    refit: bool | None = option(
+        None,
+        "re-fit by least squares so each pruned layer's output matches the dense one on "
+        "the calibration tokens (the store's recorded data, or --refit-data): MoE models "
+        "the kept experts' down projections and router rows under re-routing, dense "
+        "models the kept o_proj/down_proj columns and biases; plain weights, vanilla load "
+        "(default: on when the recorded data is still there unchanged; --no-refit: the "
+        "published methods)",
+    )
+    refit_data: tuple[str, ...] = option(
+        (),
+        "JSONL texts to re-fit on, each file weighted equally (default: the data the store was calibrated on)",
+        nargs="+",
+        metavar="FILE",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "refit_data", tuple(str(p) for p in (self.refit_data or ())))
@@ -185,8 +214,16 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_flags(parser, cls: type, *, defaults: dict[str, Any] | None = None, only: Sequence[str] | None = None,
-              skip: Sequence[str] = (), required: Sequence[str] = (), title: str | None = None) -> None:
+def add_flags(
+    parser,
+    cls: type,
+    *,
+    defaults: dict[str, Any] | None = None,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    required: Sequence[str] = (),
+    title: str | None = None,
+) -> None:
     """Add a flag for every CLI field of the bundle ``cls`` to ``parser`` (in an argument group ``title``).
 
     ``defaults`` overrides a field's default for this verb (the Python function of the verb has the same
@@ -211,8 +248,9 @@ def add_flags(parser, cls: type, *, defaults: dict[str, Any] | None = None, only
                 kwargs["choices"] = meta["choices"]
             if meta.get("nargs"):
                 kwargs["nargs"] = meta["nargs"]
-            typ = meta.get("type") or (type(default) if default is not None and not isinstance(default, (str, tuple))
-                                       else None)
+            typ = meta.get("type") or (
+                type(default) if default is not None and not isinstance(default, (str, tuple)) else None
+            )
             if typ is not None:
                 kwargs["type"] = typ
             if meta.get("metavar"):
@@ -231,8 +269,11 @@ def defaults_of(fn, names: Sequence[str] | None = None) -> dict[str, Any]:
     import inspect
 
     params = inspect.signature(fn).parameters
-    return {n: p.default for n, p in params.items()
-            if p.default is not inspect.Parameter.empty and (names is None or n in names)}
+    return {
+        n: p.default
+        for n, p in params.items()
+        if p.default is not inspect.Parameter.empty and (names is None or n in names)
+    }
 
 
 def kwargs_of(fn, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:

@@ -75,8 +75,9 @@ def shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
     return out
 
 
-def write_weights(directory: Path, tensors: list[OutTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  progress: bool = True) -> int:
+def write_weights(
+    directory: Path, tensors: list[OutTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True
+) -> int:
     """Write ``tensors`` as the hub does: ``model.safetensors``, or shards of at most
     ``max_shard_bytes`` with a ``model.safetensors.index.json``; one tensor in memory at a time.
     Returns the tensor bytes written."""

@@ -22,6 +22,7 @@ from premoe.core.options import SignatureSpec
 from premoe.core.store import PatternStore
 from premoe.errors import InputError, StoreError
 
+
 def features(stats: torch.Tensor, spec: SignatureSpec) -> torch.Tensor:
     """[..., M, E] per-layer means -> [..., layers * E] comparable vectors."""
     x = stats[..., : spec.layers, :].float()

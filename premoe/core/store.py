@@ -13,8 +13,9 @@ Layout of a store directory::
 
 The manifest is the single source of truth and is replaced atomically (write to a temporary file,
 then ``os.replace``) after the task file (or re-fit directory) it points to is complete, so an
-interrupted calibration leaves the store exactly as it was; recalibrating a task drops its re-fits. A store belongs to one model (checked by
-its fingerprint, :class:`Fingerprint`). Only JSON and safetensors are ever read.
+interrupted calibration leaves the store exactly as it was; recalibrating a task drops its re-fits. A
+store belongs to one model (checked by its fingerprint, :class:`Fingerprint`). Only JSON and
+safetensors are ever read.
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ class TaskPattern:
         else:
             what = f"{len(self.layers)} MoE layers"
         how = ", streamed layer by layer" if info.get("streamed") else ""
-        return (f"calibrated task {self.name!r} ({self.scorer}): {info.get('samples')} samples, {info.get('tokens')} "
-                f"tokens, {what}{how}")
+        return (
+            f"calibrated task {self.name!r} ({self.scorer}): {info.get('samples')} samples, {info.get('tokens')} "
+            f"tokens, {what}{how}"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -150,7 +153,9 @@ class PatternStore:
         if not store.exists():
             if store.path.is_dir() and any(store.path.iterdir()):
                 raise StoreError(f"{store.path} is not a premoe pattern store (no {MANIFEST})")
-            raise StoreError(f"no pattern store at {store.path}; create one with `premoe calibrate --store {store.path} ...`")
+            raise StoreError(
+                f"no pattern store at {store.path}; create one with `premoe calibrate --store {store.path} ...`"
+            )
         store.manifest()  # validate now
         return store
 
@@ -160,11 +165,15 @@ class PatternStore:
         except FileNotFoundError:
             raise StoreError(f"no pattern store at {self.path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"corrupt store manifest {self.manifest_path} ({e}); restore it or recalibrate into a new `store`") from None
+            raise StoreError(
+                f"corrupt store manifest {self.manifest_path} ({e}); restore it or recalibrate into a new `store`"
+            ) from None
         if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.manifest_path} is not a premoe pattern-store manifest")
         if m.get("version") != STORE_VERSION:
-            raise StoreError(f"{self.path}: store version {m.get('version')} is not supported by this premoe (wants {STORE_VERSION})")
+            raise StoreError(
+                f"{self.path}: store version {m.get('version')} is not supported by this premoe (wants {STORE_VERSION})"
+            )
         if not isinstance(m.get("tasks"), dict) or not isinstance(m.get("model"), dict):
             raise StoreError(f"corrupt store manifest {self.manifest_path}: missing model or tasks")
         return m
@@ -256,10 +265,14 @@ class PatternStore:
             i = cached.get((n, file)) if key in old else None
             sig = {k: v[i] for k, v in old.items()} if i is not None else self.load(n).signature
             if key not in sig:
-                raise StoreError(f"task {n!r} in {self.path} has no retrieval key {key!r}; recalibrate it with this premoe")
+                raise StoreError(
+                    f"task {n!r} in {self.path} has no retrieval key {key!r}; recalibrate it with this premoe"
+                )
             for k, v in sig.items():
                 rows.setdefault(k, []).append(v)
-        stacked = {k: torch.stack(v) for k, v in rows.items() if len(v) == len(names) and len({t.shape for t in v}) == 1}
+        stacked = {
+            k: torch.stack(v) for k, v in rows.items() if len(v) == len(names) and len({t.shape for t in v}) == 1
+        }
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".signatures.", suffix=".tmp", dir=self.path)
@@ -372,8 +385,10 @@ class PatternStore:
         for name, size in entry.get("files", {}).items():
             f = d / name
             if not f.is_file() or f.stat().st_size != size:
-                raise StoreError(f"store re-fit file {f} is missing or truncated; rerun `premoe refit` for task {task!r} "
-                                 "or pass `refit=False`")
+                raise StoreError(
+                    f"store re-fit file {f} is missing or truncated; rerun `premoe refit` for task {task!r} "
+                    "or pass `refit=False`"
+                )
         return d, entry
 
 

@@ -62,8 +62,11 @@ def choose_stream(sizes: dict[str, int], act: int, budget: int, stream: bool | N
     if stream is None:
         stream = not fits(sizes["total"] + act, budget)
         if stream:
-            log.info("the model needs %.0f MB in memory but %.0f MB are available: streaming it layer by layer",
-                     sizes["total"] / 2**20, budget / 2**20)
+            log.info(
+                "the model needs %.0f MB in memory but %.0f MB are available: streaming it layer by layer",
+                sizes["total"] / 2**20,
+                budget / 2**20,
+            )
     need = sizes["largest_layer"] + act + (sizes["outside"] if stream else sizes["total"])
     if stream and sizes["largest_layer"] + act > budget:
         raise InputError(
@@ -192,8 +195,14 @@ class LayerRunner:
     embeddings are built only to embed the batches, the LM head never.
     """
 
-    def __init__(self, model: nn.Module, filler: Filler, reader: ByteReader, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        filler: Filler,
+        reader: ByteReader,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.dtype = dtype
         self.mat = filler
@@ -268,7 +277,8 @@ class LayerRunner:
             if not same:
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__} passes decoder layer {i} inputs computed from earlier layers' "
-                    "outputs besides its hidden states, so it cannot be run layer by layer; calibrate it in memory (`stream=False`)"
+                    "outputs besides its hidden states, so it cannot be run layer by layer; calibrate it in "
+                    "memory (`stream=False`)"
                 )
 
     # -- running ----------------------------------------------------------------------------------
@@ -301,8 +311,16 @@ class LayerRunner:
             release(emb)
             trim_heap()
 
-    def run_layer(self, i: int, batches: list[Batch], store: HiddenStore, before: Callable[[int], None] | None = None,
-                  after: Callable | None = None, built: Callable | None = None, done: Callable | None = None) -> int:
+    def run_layer(
+        self,
+        i: int,
+        batches: list[Batch],
+        store: HiddenStore,
+        before: Callable[[int], None] | None = None,
+        after: Callable | None = None,
+        built: Callable | None = None,
+        done: Callable | None = None,
+    ) -> int:
         """Build decoder layer ``i``, push every batch through it, free it; returns the bytes it held.
         ``built(i, layer)`` runs once the layer is built, ``before(b)`` before batch ``b`` enters it,
         ``after(i + 1, b, hidden)`` with what leaves it and ``done(i, layer)`` after the last batch, before
@@ -334,11 +352,19 @@ class LayerRunner:
             trim_heap()
         return held
 
-    def run(self, batches: list[Batch], hidden_budget: int, before: Callable[[int], None] | None = None,
-            progress: bool = True, desc: str = "stream", offload_dir: str | None = None, *,
-            after: Callable[[int, int, torch.Tensor], None] | None = None,
-            built: Callable[[int, nn.Module], None] | None = None,
-            done: Callable[[int, nn.Module], None] | None = None) -> dict[str, int]:
+    def run(
+        self,
+        batches: list[Batch],
+        hidden_budget: int,
+        before: Callable[[int], None] | None = None,
+        progress: bool = True,
+        desc: str = "stream",
+        offload_dir: str | None = None,
+        *,
+        after: Callable[[int, int, torch.Tensor], None] | None = None,
+        built: Callable[[int, nn.Module], None] | None = None,
+        done: Callable[[int, nn.Module], None] | None = None,
+    ) -> dict[str, int]:
         """Every batch through every layer; returns what it held at most and what spilled to disk.
 
         ``after(depth, b, hidden)``: the hidden states of batch ``b`` after the embeddings (depth 0) and

@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.checkpoint import ByteReader
-from premoe.core.data import CalibrationData
-from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.config import config_from_dict, resolve_device, skeleton
+from premoe.core.data import CalibrationData
 from premoe.core.modules import set_tensor
+from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.dense.model import DenseInfo, inspect_dense, reader_getter
 from premoe.errors import CheckpointError, InputError
@@ -44,8 +44,10 @@ class ActivationStats:
         self._hooks = []
         layers = model.get_submodule(info.decoder_prefix)
         for l, layer in enumerate(layers):
-            for site, mod in (("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
-                              ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down))):
+            for site, mod in (
+                ("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
+                ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down)),
+            ):
                 self._hooks.append(mod.register_forward_pre_hook(self._hook(l, site)))
 
     def _hook(self, layer: int, site: str):
@@ -58,6 +60,7 @@ class ActivationStats:
             x = x.double()
             for stat, v in (("sum", x.sum(0)), ("sq", (x * x).sum(0))):
                 self._add(layer, f"{site}.{stat}", v)
+
         return hook
 
     def _add(self, layer: int, key: str, v: torch.Tensor) -> None:
@@ -102,8 +105,10 @@ def layer_norms(layer: torch.nn.Module, info: DenseInfo) -> dict[str, torch.Tens
     """Column statistics of one decoder layer's ``o_proj``/``down_proj``: squared L2 norm (SEAP, FLAP)
     and mean absolute value (Wanda-sp), [C] float32."""
     out = {}
-    for site, mod in (("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
-                      ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down))):
+    for site, mod in (
+        ("o", getattr(getattr(layer, info.spec.attn), info.spec.o)),
+        ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down)),
+    ):
         w = mod.weight.detach()  # [D, C]
         sq = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
         ab = torch.zeros_like(sq)
@@ -135,8 +140,18 @@ def _batches(tok, texts: Iterable[str], batch_size: int, max_length: int, skip_s
 
 
 @torch.inference_mode()
-def observe_dense(model, info: DenseInfo, tok, texts: Iterable[str], *, batch_size: int = 16, max_length: int = 2048,
-                  total: int | None = None, progress: bool = True, desc: str = "calibrate") -> tuple[dict[str, torch.Tensor], int]:
+def observe_dense(
+    model,
+    info: DenseInfo,
+    tok,
+    texts: Iterable[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    total: int | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> tuple[dict[str, torch.Tensor], int]:
     """Activation statistics over ``texts`` (every real token counts once): (means, tokens)."""
     dev = next(model.parameters()).device
     stats = ActivationStats(model, info)
@@ -146,7 +161,8 @@ def observe_dense(model, info: DenseInfo, tok, texts: Iterable[str], *, batch_si
             stats.mask = attn.reshape(-1).bool()
             stats.n += int(stats.mask.sum())
             model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev)) if hasattr(model, "model") else model(
-                input_ids=ids.to(dev), attention_mask=attn.to(dev))
+                input_ids=ids.to(dev), attention_mask=attn.to(dev)
+            )
             bar.update(ids.shape[0])
     finally:
         stats.close()
@@ -157,8 +173,16 @@ def observe_dense(model, info: DenseInfo, tok, texts: Iterable[str], *, batch_si
 
 
 @torch.inference_mode()
-def prompt_features(model, info: DenseInfo, tok, texts: Iterable[str], *, layers: int | None = None, batch_size: int = 32,
-                    max_length: int = 2048) -> torch.Tensor:
+def prompt_features(
+    model,
+    info: DenseInfo,
+    tok,
+    texts: Iterable[str],
+    *,
+    layers: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 2048,
+) -> torch.Tensor:
     """[N, K+1, D] per-prompt mean hidden states (special tokens left out) after the embeddings
     (index 0) and after each of the first K decoder layers (all of them by default), L2-normalised.
     Every depth is the residual stream before any final norm, so a model cut to K layers (the router)
@@ -216,10 +240,14 @@ class DenseFiller:
         wanted = None if prefixes is None else tuple(prefixes)
         held = 0
         for mod_name, mod in model.named_modules():
-            if id(mod) in skip or (wanted is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in wanted)):
+            if id(mod) in skip or (
+                wanted is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in wanted)
+            ):
                 continue
-            for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
-                                                          if n not in mod._non_persistent_buffers_set)]:
+            for leaf, t in [
+                *mod._parameters.items(),
+                *((n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set),
+            ]:
                 if t is None or not t.is_meta:
                     continue
                 name = f"{mod_name}.{leaf}" if mod_name else leaf
@@ -230,7 +258,9 @@ class DenseFiller:
                 else:
                     raise CheckpointError(f"the checkpoint has no tensor for {name!r}")
                 if tuple(value.shape) != tuple(t.shape):
-                    raise CheckpointError(f"{name}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
+                    raise CheckpointError(
+                        f"{name}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}"
+                    )
                 if self.dtype is not None and value.is_floating_point():
                     value = value.to(self.dtype)
                 set_tensor(mod, leaf, value)
@@ -253,27 +283,42 @@ def dense_sizes(info: DenseInfo, dtype: torch.dtype | None = None) -> dict[str, 
         if dtype is not None and stored is not None and stored.is_floating_point:
             nbytes = nbytes // stored.itemsize * dtype.itemsize
         if name.startswith(prefix):
-            layer = int(name[len(prefix):].split(".", 1)[0])
+            layer = int(name[len(prefix) :].split(".", 1)[0])
             per_layer[layer] = per_layer.get(layer, 0) + nbytes
         else:
             module = name.rpartition(".")[0]
             outside[module] = outside.get(module, 0) + nbytes
-    return {"total": sum(per_layer.values()) + sum(outside.values()),
-            "largest_layer": max([*per_layer.values(), *outside.values(), 0]), "outside": sum(outside.values())}
+    return {
+        "total": sum(per_layer.values()) + sum(outside.values()),
+        "largest_layer": max([*per_layer.values(), *outside.values(), 0]),
+        "outside": sum(outside.values()),
+    }
 
 
 @torch.inference_mode()
-def observe_dense_streamed(info: DenseInfo, tok, texts: Iterable[str], prompts: Iterable[str], *, batch_size: int = 16,
-                           max_length: int = 2048, hidden_budget: int = 1 << 62, device: torch.device | None = None,
-                           dtype: torch.dtype | None = None, offload_dir: str | None = None, progress: bool = True,
-                           desc: str = "calibrate", reader: ByteReader | None = None):
+def observe_dense_streamed(
+    info: DenseInfo,
+    tok,
+    texts: Iterable[str],
+    prompts: Iterable[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    hidden_budget: int = 1 << 62,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload_dir: str | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+    reader: ByteReader | None = None,
+):
     """:func:`observe_dense`, :func:`weight_norms` and :func:`prompt_features` in one pass for a model larger
     than memory: the calibration batches and the prompt batches go through one decoder layer at a time
     (:class:`~premoe.core.streaming.LayerRunner`), each layer read once and freed. Returns ``(means with
     the weight norms, tokens, prompt features [N, L+1, D], run)``; ``run``: the largest layer held, the
     bytes of hidden states spilled to disk and the bytes read."""
-    from premoe.core.streaming import Batch, LayerRunner, make_batches
     from premoe.core.data import token_batches
+    from premoe.core.streaming import Batch, LayerRunner, make_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
@@ -302,8 +347,16 @@ def observe_dense_streamed(info: DenseInfo, tok, texts: Iterable[str], prompts: 
             feats[b - n_cal].append(token_mean(hidden, weights[b - n_cal]).cpu())
 
     try:
-        run = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir,
-                         after=after, built=lambda i, layer: norms.append(layer_norms(layer, info)))
+        run = stream.run(
+            batches,
+            hidden_budget,
+            before,
+            progress=progress,
+            desc=desc,
+            offload_dir=offload_dir,
+            after=after,
+            built=lambda i, layer: norms.append(layer_norms(layer, info)),
+        )
     finally:
         stats.close()
         if own:
@@ -348,30 +401,58 @@ def calibrate_dense(
     dt = resolve_dtype(dtype)
     dt = None if dt == "auto" else dt
     tok = load_tokenizer(info.path)
-    longest = max(len(tok(r.text, truncation=True, max_length=max_length)["input_ids"])
-                  for r in cal.records())  # the real batch shape, not the cap
+    longest = max(
+        len(tok(r.text, truncation=True, max_length=max_length)["input_ids"]) for r in cal.records()
+    )  # the real batch shape, not the cap
     sizes, act = dense_sizes(info, dt), activation_bytes(info, batch_size, longest)
     use_stream = choose_stream(sizes, act, budget, memory.stream)
     texts, prompts = (r.text for r in cal.records()), [r.prompt for r in cal.records()]
     if use_stream:
         means, tokens, feats, _ = observe_dense_streamed(
-            info, tok, texts, prompts, batch_size=batch_size, max_length=max_length,
-            hidden_budget=hidden_room(sizes, act, budget), device=resolve_device(device), dtype=dt,
-            offload_dir=None if offload_dir is None else str(offload_dir), progress=progress,
-            desc=f"calibrate {task} (streamed)")
+            info,
+            tok,
+            texts,
+            prompts,
+            batch_size=batch_size,
+            max_length=max_length,
+            hidden_budget=hidden_room(sizes, act, budget),
+            device=resolve_device(device),
+            dtype=dt,
+            offload_dir=None if offload_dir is None else str(offload_dir),
+            progress=progress,
+            desc=f"calibrate {task} (streamed)",
+        )
     else:
         _, lm, _ = load_dense(info.path, device=resolve_device(device), dtype=dtype)
-        means, tokens = observe_dense(lm, info, tok, texts, batch_size=batch_size, max_length=max_length,
-                                      total=n_samples, progress=progress, desc=f"calibrate {task}")
+        means, tokens = observe_dense(
+            lm,
+            info,
+            tok,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            total=n_samples,
+            progress=progress,
+            desc=f"calibrate {task}",
+        )
         means.update(weight_norms(lm, info))
         feats = prompt_features(lm, info, tok, prompts, batch_size=batch_size, max_length=max_length)
     signature = {"prompt.hidden": feats.mean(0)}  # [L+1, D] centroid per depth
     pattern = TaskPattern(
-        name=task, layers=[], scores=torch.zeros(0, 0), means=means,
-        info={"kind": "dense", "samples": n_samples, "tokens": tokens, "scorer": "seap",
-              "params": {"max_length": max_length},
-              "data": cal.describe(),
-              "signature": {"layers": info.num_layers, "prompts": len(feats)}, "streamed": use_stream},
+        name=task,
+        layers=[],
+        scores=torch.zeros(0, 0),
+        means=means,
+        info={
+            "kind": "dense",
+            "samples": n_samples,
+            "tokens": tokens,
+            "scorer": "seap",
+            "params": {"max_length": max_length},
+            "data": cal.describe(),
+            "signature": {"layers": info.num_layers, "prompts": len(feats)},
+            "streamed": use_stream,
+        },
         signature=signature,
     )
     st.add(pattern, info.fingerprint, overwrite=overwrite)

@@ -2,8 +2,9 @@
 
 Unchanged tensors are copied as byte ranges; each pruned projection is read, sliced (and, for
 plans whose layers differ, zero-padded to the largest layer's counts) and written one tensor at a
-time, so memory stays at about one weight matrix; shards of at most 5 GB with an index, as the hub does. ``config.json`` gets the kept head, KV-head and
-channel counts (plus the bias flags when compensation is written) and a ``premoe`` block; the
+time, so memory stays at about one weight matrix; shards of at most 5 GB with an index, as the hub
+does. ``config.json`` gets the kept head, KV-head and channel counts (plus the bias flags when
+compensation is written) and a ``premoe`` block; the
 result is a plain checkpoint of the same family that ``AutoModelForCausalLM`` loads. Written to a
 temporary directory, verified by reloading, then renamed into place.
 """
@@ -20,9 +21,24 @@ import torch
 
 from premoe._version import __version__
 from premoe.core.checkpoint import TORCH_DTYPES, ByteReader, OutTensor, fmt_bytes
-from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
-from premoe.dense.model import (DenseInfo, DensePlan, bias_flags, kept_params, pruned_config, reader_getter,
-                                refit_getter, slices)
+from premoe.core.outdir import (
+    DEFAULT_SHARD_BYTES,
+    PLAN_FILE,
+    check_out_dir,
+    copy_side_files,
+    staging_dir,
+    write_weights,
+)
+from premoe.dense.model import (
+    DenseInfo,
+    DensePlan,
+    bias_flags,
+    kept_params,
+    pruned_config,
+    reader_getter,
+    refit_getter,
+    slices,
+)
 from premoe.errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -46,13 +62,16 @@ class DenseExportResult:
         """One line: the method, the share of decoder weights removed, the kept counts and the bytes written."""
         p = self.plan
         h, g, c = p.counts()
-        how = (", re-fitted" if p.refit else "") + (f", not re-fitted: {p.info['refit_skipped']}"
-                                                    if p.info.get("refit_skipped") else "")
-        return (f"pruned ({p.method}, {p.info['schedule']}{how}) for task {p.task!r}: {self.sparsity:.1%} of decoder "
-                f"linear weights removed ({self.params_kept:,} of {self.params_source:,}); {h} heads / {g} KV heads / "
-                f"{c} FFN channels per layer{' (zero-padded)' if self.padded else ''}; {fmt_bytes(self.bytes_written)} "
-                f"of {fmt_bytes(self.bytes_source)} ({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} "
-                f"in {self.seconds:.1f}s" + (" (reload verified)" if self.verified else ""))
+        how = (", re-fitted" if p.refit else "") + (
+            f", not re-fitted: {p.info['refit_skipped']}" if p.info.get("refit_skipped") else ""
+        )
+        return (
+            f"pruned ({p.method}, {p.info['schedule']}{how}) for task {p.task!r}: {self.sparsity:.1%} of decoder "
+            f"linear weights removed ({self.params_kept:,} of {self.params_source:,}); {h} heads / {g} KV heads / "
+            f"{c} FFN channels per layer{' (zero-padded)' if self.padded else ''}; {fmt_bytes(self.bytes_written)} "
+            f"of {fmt_bytes(self.bytes_source)} ({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} "
+            f"in {self.seconds:.1f}s" + (" (reload verified)" if self.verified else "")
+        )
 
 
 def _padded_ids(info: DenseInfo, plan: DensePlan, layer: int) -> dict[str, list[int | None]]:
@@ -110,7 +129,9 @@ def plan_tensors(info: DenseInfo, plan: DensePlan, reader: ByteReader) -> list[O
             ids = padded[l][kind]
             shape = list(t.shape)
             shape[dim] = len(ids)
-            out.append(OutTensor(name, t.dtype, tuple(shape), make=_sliced(get, name, dim, ids, TORCH_DTYPES[t.dtype], None)))
+            out.append(
+                OutTensor(name, t.dtype, tuple(shape), make=_sliced(get, name, dim, ids, TORCH_DTYPES[t.dtype], None))
+            )
         else:
             out.append(OutTensor(name, t.dtype, tuple(t.shape), [(t.file, t.offset, t.nbytes)]))
     # compensation biases (and the zero biases their config flags bring along)
@@ -120,8 +141,15 @@ def plan_tensors(info: DenseInfo, plan: DensePlan, reader: ByteReader) -> list[O
         dt = TORCH_DTYPES[dtype_name]
         have = {t.name for t in out}
         for l in range(info.num_layers):
-            sizes = {"q": len(padded[l]["q"]), "k": len(padded[l]["kv"]), "v": len(padded[l]["kv"]), "o": info.hidden,
-                     "gate": len(padded[l]["ch"]), "up": len(padded[l]["ch"]), "down": info.hidden}
+            sizes = {
+                "q": len(padded[l]["q"]),
+                "k": len(padded[l]["kv"]),
+                "v": len(padded[l]["kv"]),
+                "o": info.hidden,
+                "gate": len(padded[l]["ch"]),
+                "up": len(padded[l]["ch"]),
+                "down": info.hidden,
+            }
             groups = {info.spec.attn_bias_key: ("q", "k", "v", "o"), info.spec.mlp_bias_key: ("gate", "up", "down")}
             for flag, projs in groups.items():
                 if flag not in flags:
@@ -133,8 +161,14 @@ def plan_tensors(info: DenseInfo, plan: DensePlan, reader: ByteReader) -> list[O
                         if comp is not None:  # an existing bias plus the compensation
                             t = info.checkpoint.tensors[name]
                             out = [o for o in out if o.name != name]
-                            out.append(OutTensor(name, t.dtype, tuple(t.shape),
-                                                 make=_sliced(get, name, 0, list(range(t.shape[0])), dt, comp)))
+                            out.append(
+                                OutTensor(
+                                    name,
+                                    t.dtype,
+                                    tuple(t.shape),
+                                    make=_sliced(get, name, 0, list(range(t.shape[0])), dt, comp),
+                                )
+                            )
                         continue
                     value = torch.zeros(sizes[p]) if comp is None else comp
 
@@ -176,8 +210,10 @@ def verify_export(path: Path, info: DenseInfo, plan: DensePlan, reload: bool = T
     except (CheckpointError, UnsupportedModelError) as e:
         raise CheckpointError(f"self-check failed: the export does not read back ({e})") from None
     if (new.heads, new.kv_heads, new.intermediate) != plan.counts():
-        raise CheckpointError(f"self-check failed: the export reads back with {(new.heads, new.kv_heads, new.intermediate)} "
-                              f"heads / KV heads / channels, not {plan.counts()}")
+        raise CheckpointError(
+            f"self-check failed: the export reads back with {(new.heads, new.kv_heads, new.intermediate)} "
+            f"heads / KV heads / channels, not {plan.counts()}"
+        )
     if not reload:
         return
     try:
@@ -185,12 +221,17 @@ def verify_export(path: Path, info: DenseInfo, plan: DensePlan, reload: bool = T
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     except Exception as e:  # noqa: BLE001 - any loader failure means a broken export
-        raise CheckpointError(f"self-check failed: transformers cannot load the export ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"self-check failed: transformers cannot load the export ({type(e).__name__}: {e})"
+        ) from None
     h, g, c = plan.counts()
     for layer in model.get_submodule(info.decoder_prefix):
         attn, mlp = getattr(layer, info.spec.attn), getattr(layer, info.spec.mlp)
-        got = (getattr(attn, info.spec.q).out_features, getattr(attn, info.spec.k).out_features,
-               getattr(mlp, info.spec.gate).out_features)
+        got = (
+            getattr(attn, info.spec.q).out_features,
+            getattr(attn, info.spec.k).out_features,
+            getattr(mlp, info.spec.gate).out_features,
+        )
         if got != (h * info.head_dim, g * info.head_dim, c):
             raise CheckpointError(f"self-check failed: reloaded layer shapes {got} differ from the plan")
         if plan.bias and getattr(mlp, info.spec.down).bias is None and info.spec.mlp_bias_key:
@@ -201,17 +242,28 @@ def verify_export(path: Path, info: DenseInfo, plan: DensePlan, reload: bool = T
         raise CheckpointError("self-check failed: the reloaded model produces non-finite logits")
 
 
-def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite: bool = False, verify: bool = True,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> DenseExportResult:
+def export_dense(
+    info: DenseInfo,
+    plan: DensePlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> DenseExportResult:
     """Write ``info``'s checkpoint pruned to ``plan`` into ``out`` (atomically)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_out_dir(out, info.path, overwrite)
     padded = not plan.uniform()
     if padded:
-        log.warning("layers keep different counts: padding every layer to the largest (%d heads, %d channels) so "
-                    "vanilla transformers loads it; use `schedule='uniform'` for the full size reduction", plan.counts()[0],
-                    plan.counts()[2])
+        log.warning(
+            "layers keep different counts: padding every layer to the largest (%d heads, %d channels) so "
+            "vanilla transformers loads it; use `schedule='uniform'` for the full size reduction",
+            plan.counts()[0],
+            plan.counts()[2],
+        )
     with staging_dir(out) as tmp:
         with ByteReader() as reader:
             total = write_weights(tmp, plan_tensors(info, plan, reader), max_shard_bytes, progress)
@@ -220,16 +272,34 @@ def export_dense(info: DenseInfo, plan: DensePlan, out: str | Path, *, overwrite
         sparsity = round(1 - params_kept / params_source, 6)
         (tmp / "config.json").write_text(json.dumps(_config(info, plan, padded, sparsity), indent=2) + "\n")
         copy_side_files(info.path, tmp)
-        plan_json = {**plan.to_json(), "bias_comp": sorted(plan.bias), "bytes": total,
-                     "bytes_source": info.checkpoint.nbytes, "sparsity_written": sparsity}
+        plan_json = {
+            **plan.to_json(),
+            "bias_comp": sorted(plan.bias),
+            "bytes": total,
+            "bytes_source": info.checkpoint.nbytes,
+            "sparsity_written": sparsity,
+        }
         (tmp / PLAN_FILE).write_text(json.dumps(plan_json, indent=2) + "\n")
         if verify:
             from premoe.core.memory import available_bytes
 
             reload = total <= 0.6 * available_bytes()
             if not reload:
-                log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
-                            "reloading it in transformers", total / 2**20)
+                log.warning(
+                    "the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
+                    "reloading it in transformers",
+                    total / 2**20,
+                )
             verify_export(tmp, info, plan, reload=reload)
-    return DenseExportResult(out, plan, total, info.checkpoint.nbytes, params_kept, params_source, sparsity, padded,
-                             time.perf_counter() - t0, verified=verify)
+    return DenseExportResult(
+        out,
+        plan,
+        total,
+        info.checkpoint.nbytes,
+        params_kept,
+        params_source,
+        sparsity,
+        padded,
+        time.perf_counter() - t0,
+        verified=verify,
+    )

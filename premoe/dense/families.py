@@ -47,7 +47,9 @@ class DenseSpec:
 DENSE_SPECS: dict[str, DenseSpec] = {
     s.name: s
     for s in [
-        DenseSpec("llama", attn_bias_key="attention_bias", mlp_bias_key="mlp_bias", notes="Llama 2/3, TinyLlama, SmolLM"),
+        DenseSpec(
+            "llama", attn_bias_key="attention_bias", mlp_bias_key="mlp_bias", notes="Llama 2/3, TinyLlama, SmolLM"
+        ),
         DenseSpec("mistral", notes="Mistral 7B, Ministral"),
         DenseSpec("qwen2", notes="Qwen2/2.5: q/k/v biases are sliced with their heads"),
         DenseSpec("qwen3", notes="Qwen3 dense: per-head q/k norms are shared by every head"),

@@ -40,14 +40,34 @@ class DenseKind:
     def inspect(self, model: Any) -> DenseInfo:
         return model if isinstance(model, DenseInfo) else inspect_dense(model)
 
-    def calibrate(self, model: Any, data: CalibrationData, task: str, store: Any, *, run: RunOptions,
-                  memory: MemoryOptions, calibration: Any, overwrite: bool):
+    def calibrate(
+        self,
+        model: Any,
+        data: CalibrationData,
+        task: str,
+        store: Any,
+        *,
+        run: RunOptions,
+        memory: MemoryOptions,
+        calibration: Any,
+        overwrite: bool,
+    ):
         from premoe.dense.calibration import calibrate_dense
 
         return calibrate_dense(model, data, task, store, run=run, memory=memory, overwrite=overwrite)
 
-    def plan(self, info: DenseInfo, store: Any, task: str | None, *, agnostic: bool, selection: DenseSelection,
-             refit: RefitOptions, progress: bool, seed: int = 0) -> DensePlan:
+    def plan(
+        self,
+        info: DenseInfo,
+        store: Any,
+        task: str | None,
+        *,
+        agnostic: bool,
+        selection: DenseSelection,
+        refit: RefitOptions,
+        progress: bool,
+        seed: int = 0,
+    ) -> DensePlan:
         from premoe.dense.patterns import dense_plan
 
         return dense_plan(info, store, task, selection, agnostic=agnostic, refit=refit, seed=seed, progress=progress)
@@ -57,8 +77,17 @@ class DenseKind:
 
         return export_dense(info, plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
-    def evaluate(self, info: DenseInfo, data: Any, plan: DensePlan | None, *, run: RunOptions, memory: MemoryOptions,
-                 limit: int | None, max_new_tokens: int | None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        info: DenseInfo,
+        data: Any,
+        plan: DensePlan | None,
+        *,
+        run: RunOptions,
+        memory: MemoryOptions,
+        limit: int | None,
+        max_new_tokens: int | None,
+    ) -> dict[str, Any]:
         from premoe.dense.evaluate import evaluate_dense
 
         return evaluate_dense(info, data, plan, run=run, limit=limit, max_new_tokens=max_new_tokens)
@@ -68,16 +97,37 @@ class DenseKind:
 
         return DenseRouter(info, store, ROUTE_DEPTH if layers is None else layers, device=run.device)
 
-    def task_server(self, info: DenseInfo, store: Any, *, selection: DenseSelection, layers: int | None,
-                    signature: Any, refit: RefitOptions, cache_mb: float, run: RunOptions):
+    def task_server(
+        self,
+        info: DenseInfo,
+        store: Any,
+        *,
+        selection: DenseSelection,
+        layers: int | None,
+        signature: Any,
+        refit: RefitOptions,
+        cache_mb: float,
+        run: RunOptions,
+    ):
         from premoe.dense.router import ROUTE_DEPTH
         from premoe.dense.server import DenseServer
 
-        return DenseServer(info, store, selection, depth=ROUTE_DEPTH if layers is None else layers, device=run.device,
-                           dtype=run.dtype)
+        return DenseServer(
+            info, store, selection, depth=ROUTE_DEPTH if layers is None else layers, device=run.device, dtype=run.dtype
+        )
 
-    def sweep(self, out: Path, info: DenseInfo, tasks: dict, *, sweep: DenseSweep, variants: tuple[str, ...] | None,
-              memory: MemoryOptions, progress: bool, about: dict[str, Any]) -> dict[str, Any]:
+    def sweep(
+        self,
+        out: Path,
+        info: DenseInfo,
+        tasks: dict,
+        *,
+        sweep: DenseSweep,
+        variants: tuple[str, ...] | None,
+        memory: MemoryOptions,
+        progress: bool,
+        about: dict[str, Any],
+    ) -> dict[str, Any]:
         from premoe.dense.sweep import sweep_dense
 
         return sweep_dense(out, info, tasks, sweep, variants=variants, progress=progress, about=about)
@@ -90,4 +140,7 @@ class DenseKind:
     def describe_store(self, model: dict[str, Any]) -> str:
         """The store's model line of ``premoe inspect``."""
         sha = str(model.get("sha256") or model.get("router_sha256"))
-        return f"{model['architecture']} ({model['model_type']}), dense, {model['num_layers']} layers, weights sha256 {sha[:12]}"
+        return (
+            f"{model['architecture']} ({model['model_type']}), dense, {model['num_layers']} layers, "
+            f"weights sha256 {sha[:12]}"
+        )

@@ -38,15 +38,23 @@ class DenseFingerprint:
     sha256: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "dense", "model_type": self.model_type, "architecture": self.architecture,
-                "num_layers": self.num_layers, "sha256": self.sha256}
+        return {
+            "kind": "dense",
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "num_layers": self.num_layers,
+            "sha256": self.sha256,
+        }
 
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """What differs from the model a store recorded (``"<what> <this model's> vs <the store's>"``)."""
         if stored.get("kind", "dense" if not stored.get("num_experts") else "moe") != "dense":
             return [f"a dense {self.model_type} model vs an MoE {stored.get('model_type')} model"]
-        out = [f"{key} {getattr(self, key)} vs {stored.get(key)}" for key in ("model_type", "architecture", "num_layers")
-               if getattr(self, key) != stored.get(key)]
+        out = [
+            f"{key} {getattr(self, key)} vs {stored.get(key)}"
+            for key in ("model_type", "architecture", "num_layers")
+            if getattr(self, key) != stored.get(key)
+        ]
         theirs = str(stored.get("sha256") or stored.get("router_sha256"))  # older dense stores name it router_sha256
         if not out and self.sha256 != theirs:
             out.append(f"weights differ (hash {self.sha256[:12]} vs {theirs[:12]})")
@@ -79,13 +87,22 @@ class DenseInfo:
 
     def key(self, layer: int, proj: str, leaf: str = "weight") -> str:
         s = self.spec
-        mod = {"q": (s.attn, s.q), "k": (s.attn, s.k), "v": (s.attn, s.v), "o": (s.attn, s.o),
-               "gate": (s.mlp, s.gate), "up": (s.mlp, s.up), "down": (s.mlp, s.down)}[proj]
+        mod = {
+            "q": (s.attn, s.q),
+            "k": (s.attn, s.k),
+            "v": (s.attn, s.v),
+            "o": (s.attn, s.o),
+            "gate": (s.mlp, s.gate),
+            "up": (s.mlp, s.up),
+            "down": (s.mlp, s.down),
+        }[proj]
         return f"{self.decoder_prefix}.{layer}.{mod[0]}.{mod[1]}.{leaf}"
 
     def layer_params(self) -> int:
         """Decoder linear weights of one unpruned layer."""
-        return self.hidden * (2 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim + 3 * self.intermediate)
+        return self.hidden * (
+            2 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim + 3 * self.intermediate
+        )
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -103,7 +120,11 @@ def _identity_hash(ckpt: Checkpoint) -> str:
             if len(info.shape) == 1:
                 h.update(tensor_bytes(ckpt.raw(name, reader)))
             else:
-                h.update(tensor_bytes(reader.tensor("U8", (min(256, info.nbytes),), [(info.file, info.offset, min(256, info.nbytes))])))
+                h.update(
+                    tensor_bytes(
+                        reader.tensor("U8", (min(256, info.nbytes),), [(info.file, info.offset, min(256, info.nbytes))])
+                    )
+                )
     return h.hexdigest()
 
 
@@ -132,18 +153,33 @@ def inspect_dense(path: str | Path) -> DenseInfo:
     inter = int(getattr(config, spec.inter_key))
     if heads % kv:
         raise CheckpointError(f"{path}: {heads} attention heads are not a multiple of {kv} KV heads")
-    fp = DenseFingerprint(model_type=spec.name, architecture=(raw.get("architectures") or [type(config).__name__])[0],
-                          num_layers=num_layers, sha256=_identity_hash(ckpt))
+    fp = DenseFingerprint(
+        model_type=spec.name,
+        architecture=(raw.get("architectures") or [type(config).__name__])[0],
+        num_layers=num_layers,
+        sha256=_identity_hash(ckpt),
+    )
     info = DenseInfo(path, raw, config, spec, num_layers, prefix, ckpt, fp, hidden, heads, kv, head_dim, inter)
-    want = {"q": (heads * head_dim, hidden), "k": (kv * head_dim, hidden), "v": (kv * head_dim, hidden),
-            "o": (hidden, heads * head_dim), "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    want = {
+        "q": (heads * head_dim, hidden),
+        "k": (kv * head_dim, hidden),
+        "v": (kv * head_dim, hidden),
+        "o": (hidden, heads * head_dim),
+        "gate": (inter, hidden),
+        "up": (inter, hidden),
+        "down": (hidden, inter),
+    }
     for layer in range(num_layers):
         for proj, shape in want.items():
             key = info.key(layer, proj)
             if key not in ckpt.tensors:
-                raise CheckpointError(f"{path}: the checkpoint has no {key}; is this a {spec.name} checkpoint as published?")
+                raise CheckpointError(
+                    f"{path}: the checkpoint has no {key}; is this a {spec.name} checkpoint as published?"
+                )
             if tuple(ckpt.tensors[key].shape) != shape:
-                raise CheckpointError(f"{path}: {key} has shape {list(ckpt.tensors[key].shape)}, the config says {list(shape)}")
+                raise CheckpointError(
+                    f"{path}: {key} has shape {list(ckpt.tensors[key].shape)}, the config says {list(shape)}"
+                )
     return info
 
 
@@ -162,7 +198,9 @@ class DensePlan:
     method: str = ""
     # "<layer>.o|down" -> re-fitted kept columns: a tensor, or a callable returning it (spilled to disk)
     refit: dict[str, Any] = field(default_factory=dict)
-    spill: Any = field(default=None, repr=False, compare=False)  # where spilled re-fitted weights live (a TemporaryDirectory)
+    spill: Any = field(
+        default=None, repr=False, compare=False
+    )  # where spilled re-fitted weights live (a TemporaryDirectory)
     task: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -177,12 +215,21 @@ class DensePlan:
 
     def counts(self) -> tuple[int, int, int]:
         """The largest kept (heads, KV heads, channels) of any layer."""
-        return (max(map(len, self.heads.values())), max(map(len, self.kv.values())), max(map(len, self.channels.values())))
+        return (
+            max(map(len, self.heads.values())),
+            max(map(len, self.kv.values())),
+            max(map(len, self.channels.values())),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "task": self.task, "heads": {str(k): v for k, v in self.heads.items()},
-                "kv_heads": {str(k): v for k, v in self.kv.items()},
-                "channels": {str(k): v for k, v in self.channels.items()}, **self.info}
+        return {
+            "method": self.method,
+            "task": self.task,
+            "heads": {str(k): v for k, v in self.heads.items()},
+            "kv_heads": {str(k): v for k, v in self.kv.items()},
+            "channels": {str(k): v for k, v in self.channels.items()},
+            **self.info,
+        }
 
 
 def kept_params(info: DenseInfo, plan: DensePlan | None, padded: bool = False) -> int:
@@ -194,8 +241,10 @@ def kept_params(info: DenseInfo, plan: DensePlan | None, padded: bool = False) -
     if padded:
         h, g, c = plan.counts()
         return info.num_layers * D * (2 * h * d + 2 * g * d + 3 * c)
-    return sum(D * (2 * len(plan.heads[l]) * d + 2 * len(plan.kv[l]) * d + 3 * len(plan.channels[l]))
-               for l in range(info.num_layers))
+    return sum(
+        D * (2 * len(plan.heads[l]) * d + 2 * len(plan.kv[l]) * d + 3 * len(plan.channels[l]))
+        for l in range(info.num_layers)
+    )
 
 
 def check_plan(info: DenseInfo, plan: DensePlan) -> None:
@@ -221,7 +270,15 @@ def slices(info: DenseInfo, plan: DensePlan, layer: int) -> dict[str, tuple[int,
     d = info.head_dim
     q, kv, ch = _rows(plan.heads[layer], d), _rows(plan.kv[layer], d), plan.channels[layer]
     out: dict[str, tuple[int, list[int]]] = {}
-    for proj, dim, ids in (("q", 0, q), ("k", 0, kv), ("v", 0, kv), ("o", 1, q), ("gate", 0, ch), ("up", 0, ch), ("down", 1, ch)):
+    for proj, dim, ids in (
+        ("q", 0, q),
+        ("k", 0, kv),
+        ("v", 0, kv),
+        ("o", 1, q),
+        ("gate", 0, ch),
+        ("up", 0, ch),
+        ("down", 1, ch),
+    ):
         out[info.key(layer, proj)] = (dim, ids)
         if dim == 0 and info.key(layer, proj, "bias") in info.checkpoint.tensors:
             out[info.key(layer, proj, "bias")] = (0, ids)
@@ -292,9 +349,15 @@ def pruned_skeleton(config_raw: dict[str, Any], info: DenseInfo, plan: DensePlan
     for l, layer in enumerate(model.get_submodule(info.decoder_prefix)):
         attn, mlp = getattr(layer, info.spec.attn), getattr(layer, info.spec.mlp)
         nh, ng, nc = len(plan.heads[l]), len(plan.kv[l]), len(plan.channels[l])
-        shapes = {(attn, info.spec.q): (D, nh * d), (attn, info.spec.k): (D, ng * d), (attn, info.spec.v): (D, ng * d),
-                  (attn, info.spec.o): (nh * d, D), (mlp, info.spec.gate): (D, nc), (mlp, info.spec.up): (D, nc),
-                  (mlp, info.spec.down): (nc, D)}
+        shapes = {
+            (attn, info.spec.q): (D, nh * d),
+            (attn, info.spec.k): (D, ng * d),
+            (attn, info.spec.v): (D, ng * d),
+            (attn, info.spec.o): (nh * d, D),
+            (mlp, info.spec.gate): (D, nc),
+            (mlp, info.spec.up): (D, nc),
+            (mlp, info.spec.down): (nc, D),
+        }
         for (mod, name), (fin, fout) in shapes.items():
             lin = getattr(mod, name)
             if (lin.in_features, lin.out_features) != (fin, fout):
@@ -316,8 +379,14 @@ def pruned_skeleton(config_raw: dict[str, Any], info: DenseInfo, plan: DensePlan
 Getter = Callable[[str, int | None, list[int] | None], torch.Tensor]
 
 
-def fill_pruned(model: nn.Module, info: DenseInfo, plan: DensePlan, get: Getter, skip_prefixes: tuple[str, ...] = (),
-                dtype: torch.dtype | None = None) -> None:
+def fill_pruned(
+    model: nn.Module,
+    info: DenseInfo,
+    plan: DensePlan,
+    get: Getter,
+    skip_prefixes: tuple[str, ...] = (),
+    dtype: torch.dtype | None = None,
+) -> None:
     """Set every meta tensor of ``model`` from ``get(checkpoint key, dim, kept ids)`` (dim ``None``:
     the whole tensor); compensation biases are added to (or become) ``o_proj``/``down_proj`` biases,
     re-fitted columns (``plan.refit``) replace the sliced ones."""
@@ -329,7 +398,9 @@ def fill_pruned(model: nn.Module, info: DenseInfo, plan: DensePlan, get: Getter,
     for mod_name, mod in model.named_modules():
         if any(mod_name == p or mod_name.startswith(p + ".") for p in skip_prefixes):
             continue
-        for leaf, t in list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]:
+        for leaf, t in list(mod._parameters.items()) + [
+            (n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set
+        ]:
             if t is None or not t.is_meta:
                 continue
             name = f"{mod_name}.{leaf}" if mod_name else leaf
@@ -361,7 +432,7 @@ def bias_compensation(info: DenseInfo, plan: DensePlan, name: str) -> torch.Tens
     prefix = f"{info.decoder_prefix}."
     if not name.startswith(prefix):
         return None
-    layer = int(name[len(prefix):].split(".", 1)[0])
+    layer = int(name[len(prefix) :].split(".", 1)[0])
     for which in ("o", "down"):
         if name == info.key(layer, which, "bias"):
             return plan.bias.get(f"{layer}.{which}")
@@ -446,8 +517,12 @@ def prune_in_memory(model: nn.Module, info: DenseInfo, plan: DensePlan) -> nn.Mo
 
 def full_plan(info: DenseInfo) -> DensePlan:
     r = range(info.num_layers)
-    return DensePlan({l: list(range(info.heads)) for l in r}, {l: list(range(info.kv_heads)) for l in r},
-                     {l: list(range(info.intermediate)) for l in r}, method="dense")
+    return DensePlan(
+        {l: list(range(info.heads)) for l in r},
+        {l: list(range(info.kv_heads)) for l in r},
+        {l: list(range(info.intermediate)) for l in r},
+        method="dense",
+    )
 
 
 def _generation_config(model: nn.Module, path: Path) -> None:

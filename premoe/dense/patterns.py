@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from premoe.core.checkpoint import ByteReader
-from premoe.core.store import PatternStore
 from premoe.core.options import RefitOptions
+from premoe.core.store import PatternStore
 from premoe.dense.model import DenseInfo, DensePlan, reader_getter
 from premoe.dense.options import DenseSelection
 from premoe.dense.plans import METHODS, compensation, make_dense_plan
@@ -46,8 +46,9 @@ def weights_from_checkpoint(info: DenseInfo, reader: ByteReader):
     return lambda layer, site: get(info.key(layer, site), None, None)
 
 
-def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: bool,
-                  refit_data: list[str | Path] | None) -> tuple[list[list[str]], str]:
+def refit_sources(
+    st: PatternStore, method: str, task: str | None, agnostic: bool, refit_data: list[str | Path] | None
+) -> tuple[list[list[str]], str]:
     """The texts ``--refit`` fits on (:func:`premoe.core.data.refit_sources`): ``refit_data``, else the
     calibration data the store recorded for the plan's statistics (the task's own for SEAP; every
     task's for the pooled methods)."""
@@ -57,9 +58,19 @@ def refit_sources(st: PatternStore, method: str, task: str | None, agnostic: boo
     return recorded(st.tasks, [task] if own else sorted(st.tasks), refit_data)
 
 
-def dense_plan(info: DenseInfo, store, task: str | None, selection: DenseSelection | float, *, agnostic: bool = False,
-               refit: RefitOptions = RefitOptions(refit=False), written: bool = True, seed: int = 0,
-               reader: ByteReader | None = None, progress: bool = True) -> DensePlan:
+def dense_plan(
+    info: DenseInfo,
+    store,
+    task: str | None,
+    selection: DenseSelection | float,
+    *,
+    agnostic: bool = False,
+    refit: RefitOptions = RefitOptions(refit=False),
+    written: bool = True,
+    seed: int = 0,
+    reader: ByteReader | None = None,
+    progress: bool = True,
+) -> DensePlan:
     """The plan of ``task`` (or of all tasks pooled) for ``selection`` (a float: that sparsity with SEAP),
     counted as ``premoe prune`` writes it (``written``; a task server, which holds the plan itself
     unpadded, counts it in memory). With ``refit`` the kept ``o_proj``/``down_proj`` columns and biases
@@ -91,9 +102,20 @@ def dense_plan(info: DenseInfo, store, task: str | None, selection: DenseSelecti
     reader = reader or ByteReader()
     try:
         weights = weights_from_checkpoint(info, reader)
-        plan = make_dense_plan(info, stats, method, sparsity, schedule=selection.schedule, metric=selection.score,
-                               whole_groups=selection.whole_groups, bias_comp=selection.bias_comp, weights=weights,
-                               seed=seed, task=name, written=written)
+        plan = make_dense_plan(
+            info,
+            stats,
+            method,
+            sparsity,
+            schedule=selection.schedule,
+            metric=selection.score,
+            whole_groups=selection.whole_groups,
+            bias_comp=selection.bias_comp,
+            weights=weights,
+            seed=seed,
+            task=name,
+            written=written,
+        )
         if skipped:
             plan.info["refit_skipped"] = skipped
         if do_refit:
@@ -102,8 +124,17 @@ def dense_plan(info: DenseInfo, store, task: str | None, selection: DenseSelecti
 
             max_length = max(int((e.get("params") or {}).get("max_length", 2048)) for e in st.tasks.values())
             try:
-                refit_plan(info, plan, load_tokenizer(info.path), sources, weights, about=about, max_length=max_length,
-                           progress=progress, reader=reader)
+                refit_plan(
+                    info,
+                    plan,
+                    load_tokenizer(info.path),
+                    sources,
+                    weights,
+                    about=about,
+                    max_length=max_length,
+                    progress=progress,
+                    reader=reader,
+                )
             except UnsupportedModelError as e:  # a model that cannot run layer by layer
                 if not auto:
                     raise

@@ -21,8 +21,8 @@ from premoe.dense.model import DenseInfo, DensePlan, check_plan, kept_params
 from premoe.dense.scoring import (
     attention_units,
     channel_scores,
-    head_scores,
     head_perturbation,
+    head_scores,
     logistic_shape,
     perturbation,
     round_half_up,
@@ -47,8 +47,14 @@ METHODS: dict[str, Method] = {
     "seap": Method("sf", "uniform", "task", about="SEAP: the task's own statistics"),
     "seap-gen": Method("sf", "uniform", "pooled", about="SEAP-gen: every task's statistics pooled with equal weights"),
     "wanda-sp": Method("sw", "uniform", "pooled", about="Wanda-sp: RMS x mean |w|, uniform"),
-    "flap": Method("sf", "adaptive", "pooled", bias_comp=True, standardized=True,
-                   about="FLAP: standardised fluctuation, adaptive structure, bias compensation"),
+    "flap": Method(
+        "sf",
+        "adaptive",
+        "pooled",
+        bias_comp=True,
+        standardized=True,
+        about="FLAP: standardised fluctuation, adaptive structure, bias compensation",
+    ),
     "random": Method("sf", "uniform", "pooled", about="random heads and channels"),
 }
 SCHEDULES = ("uniform", "logistic", "adaptive")
@@ -88,6 +94,7 @@ def make_dense_plan(
             memory than it does on disk; with ``written`` such a plan is made sparser in memory until
             its padded checkpoint removes ``sparsity``. Uniform plans are the same either way.
     """
+
     def build(target: float) -> DensePlan:
         return _make_plan(info, stats, method, target, schedule, metric, whole_groups, bias_comp, weights, seed, task)
 
@@ -117,13 +124,17 @@ def _sparser_in_memory(plan: DensePlan, sparsity: float, build: Callable[[float]
         else:
             lo = mid
     if best.info["sparsity_written"] < sparsity - 0.02:
-        raise InputError(f"a {best.info['schedule']} plan cannot be written at sparsity {sparsity} (padded, at most "
-                         f"{best.info['sparsity_written']:.3f}); lower `sparsity` or use `schedule='uniform'`")
+        raise InputError(
+            f"a {best.info['schedule']} plan cannot be written at sparsity {sparsity} (padded, at most "
+            f"{best.info['sparsity_written']:.3f}); lower `sparsity` or use `schedule='uniform'`"
+        )
     best.info["sparsity_requested"] = sparsity
     return best
 
 
-def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task) -> DensePlan:
+def _make_plan(
+    info, stats, method, sparsity, schedule, metric, whole_groups, bias_comp, weights, seed, task
+) -> DensePlan:
     """The plan's structure (no compensation biases yet: :func:`make_dense_plan` adds them once)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -138,7 +149,10 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
         gen = torch.Generator().manual_seed(seed)
         ch_o, ch_down = torch.rand(L, info.heads * d, generator=gen), torch.rand(L, info.intermediate, generator=gen)
     else:
-        ch_o, ch_down = channel_scores(stats, "o", metric or m.metric), channel_scores(stats, "down", metric or m.metric)
+        ch_o, ch_down = (
+            channel_scores(stats, "o", metric or m.metric),
+            channel_scores(stats, "down", metric or m.metric),
+        )
     if m.standardized:
         heads = head_scores(standardize(ch_o), d) / d
         ch_down = standardize(ch_down)
@@ -150,7 +164,9 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
         n_units, n_ch = _adaptive(info, units, ch_down, sparsity, allowed)
     elif schedule == "uniform" and method != "random" and "o.sq" in stats:  # random: the fixed-ratio split
         pert_heads = head_perturbation(stats, d, bias_comp, weights)
-        n_units, n_ch = _uniform(info, units, ch_down, pert_heads, perturbation(stats, "down", bias_comp), sparsity, allowed)
+        n_units, n_ch = _uniform(
+            info, units, ch_down, pert_heads, perturbation(stats, "down", bias_comp), sparsity, allowed
+        )
     else:
         shape = torch.ones(L) if schedule == "uniform" else logistic_shape(L)
         n_units, n_ch = _allocate(info, units, shape, sparsity, allowed)
@@ -169,10 +185,15 @@ def _make_plan(info, stats, method, sparsity, schedule, metric, whole_groups, bi
             f"sparsity {sparsity} would remove every attention head or FFN channel of a layer (at most {counted:.3f} "
             "can be removed while each layer keeps one valid head group and one channel); lower `sparsity`"
         )
-    plan.info = {"sparsity_requested": sparsity, "sparsity": round(1 - kept_params(info, plan) / total, 6),
-                 "sparsity_written": round(1 - kept_params(info, plan, padded=not plan.uniform()) / total, 6),
-                 "schedule": schedule, "metric": "random" if method == "random" else (metric or m.metric),
-                 "gqa": "groups" if whole_groups or info.group == 1 else "heads", "bias_comp": bool(bias_comp)}
+    plan.info = {
+        "sparsity_requested": sparsity,
+        "sparsity": round(1 - kept_params(info, plan) / total, 6),
+        "sparsity_written": round(1 - kept_params(info, plan, padded=not plan.uniform()) / total, 6),
+        "schedule": schedule,
+        "metric": "random" if method == "random" else (metric or m.metric),
+        "gqa": "groups" if whole_groups or info.group == 1 else "heads",
+        "bias_comp": bool(bias_comp),
+    }
     return plan
 
 
@@ -208,8 +229,15 @@ def _layer_counts(info: DenseInfo, units, rho: float, allowed: list[int]) -> tup
     return keep_units, info.intermediate - min(max(r_c, 0), info.intermediate - 1)
 
 
-def _uniform(info: DenseInfo, units, ch_down: torch.Tensor, pert_heads: torch.Tensor, pert_ch: torch.Tensor,
-             sparsity: float, allowed: list[int]) -> tuple[list[int], list[int]]:
+def _uniform(
+    info: DenseInfo,
+    units,
+    ch_down: torch.Tensor,
+    pert_heads: torch.Tensor,
+    pert_ch: torch.Tensor,
+    sparsity: float,
+    allowed: list[int],
+) -> tuple[list[int], list[int]]:
     """The same counts in every layer (what one transformers config says): of the allowed attention
     unit counts, the one whose removal, with the FFN channels taking the rest of the budget, removes
     the least expected output perturbation (:func:`~premoe.dense.scoring.perturbation`, summed over
@@ -237,7 +265,9 @@ def _uniform(info: DenseInfo, units, ch_down: torch.Tensor, pert_heads: torch.Te
     return [best[1]] * L, [best[2]] * L
 
 
-def _allocate(info: DenseInfo, units, shape: torch.Tensor, sparsity: float, allowed: list[int]) -> tuple[list[int], list[int]]:
+def _allocate(
+    info: DenseInfo, units, shape: torch.Tensor, sparsity: float, allowed: list[int]
+) -> tuple[list[int], list[int]]:
     """Per-layer counts whose removed weights, as counted, come closest to ``sparsity``: the schedule's
     scale is searched (bisection) on the real counts, not on the nominal ratios."""
     D, d = info.hidden, info.head_dim
@@ -246,8 +276,13 @@ def _allocate(info: DenseInfo, units, shape: torch.Tensor, sparsity: float, allo
     def counts(target: float):
         rho = scale_schedule(shape, target) if bool((shape != 1).any()) else torch.full_like(shape, target)
         cs = [_layer_counts(info, units[l], float(rho[l]), allowed) for l in range(info.num_layers)]
-        kept = sum(sum(unit_cost(D, d, u) for u in units[l][:nu]) + (info.layer_params() - sum(unit_cost(D, d, u) for u in units[l]))
-                   - 3 * D * info.intermediate + 3 * D * nc for l, (nu, nc) in enumerate(cs))
+        kept = sum(
+            sum(unit_cost(D, d, u) for u in units[l][:nu])
+            + (info.layer_params() - sum(unit_cost(D, d, u) for u in units[l]))
+            - 3 * D * info.intermediate
+            + 3 * D * nc
+            for l, (nu, nc) in enumerate(cs)
+        )
         return cs, 1 - kept / total
 
     best = counts(sparsity)
@@ -269,7 +304,9 @@ def _allocate(info: DenseInfo, units, shape: torch.Tensor, sparsity: float, allo
     return [c[0] for c in best[0]], [c[1] for c in best[0]]
 
 
-def _adaptive(info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, allowed: list[int]) -> tuple[list[int], list[int]]:
+def _adaptive(
+    info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, allowed: list[int]
+) -> tuple[list[int], list[int]]:
     """FLAP's adaptive structure: every unit of every layer in one list by standardised score; keep
     the best until (1 - sparsity) of the decoder weights is kept. Attention counts are then snapped
     to valid head counts and the FFN channels are re-chosen globally to fill the remaining budget."""
@@ -290,8 +327,10 @@ def _adaptive(info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, al
         if kind == "a":
             n_units[l] += 1
     n_units = [_snap(max(1, n), allowed) for n in n_units]
-    fixed = sum(info.layer_params() - 3 * D * info.intermediate - sum(unit_cost(D, d, u) for u in us[n:])
-                for us, n in zip(units, n_units))
+    fixed = sum(
+        info.layer_params() - 3 * D * info.intermediate - sum(unit_cost(D, d, u) for u in us[n:])
+        for us, n in zip(units, n_units)
+    )
     channels = int(max(budget - fixed, 0) // (3 * D))
     n_ch = [1] * info.num_layers  # every layer keeps a channel; the rest by global rank
     order = ch_down.flatten().argsort(descending=True).tolist()
@@ -306,8 +345,9 @@ def _adaptive(info: DenseInfo, units, ch_down: torch.Tensor, sparsity: float, al
     return n_units, n_ch
 
 
-def compensation(info: DenseInfo, plan: DensePlan, stats: dict[str, torch.Tensor],
-                 weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+def compensation(
+    info: DenseInfo, plan: DensePlan, stats: dict[str, torch.Tensor], weights: Callable[[int, str], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """FLAP's bias compensation: what the removed inputs contributed on average, W[:, removed] @ mean[removed]."""
     d = info.head_dim
     out = {}

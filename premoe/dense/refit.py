@@ -41,8 +41,9 @@ def kept_columns(info: DenseInfo, plan: DensePlan, layer: int, site: str) -> lis
     return list(plan.channels[layer])
 
 
-def solve_refit(weight: torch.Tensor, gram: torch.Tensor, kept: Sequence[int], fit_bias: bool = True,
-                ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+def solve_refit(
+    weight: torch.Tensor, gram: torch.Tensor, kept: Sequence[int], fit_bias: bool = True, ridge: float = RIDGE
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The re-fitted kept columns ``[D, len(kept)]`` (float32) and the bias ``[D]`` (or ``None``)."""
     g = gram.to(weight.device, torch.float64)
     c = weight.shape[1]
@@ -77,8 +78,15 @@ def pool_grams(per_task: Sequence[dict[int, Grams]]) -> dict[int, Grams]:
     return {l: {s: sum(g[l][s] for g in per_task) / len(per_task) for s in SITES} for l in per_task[0]}
 
 
-def refit_plan(info: DenseInfo, plan: DensePlan, layer: int, grams: Grams, weight: Callable[[int, str], torch.Tensor],
-               fit_bias: dict[str, bool], spill: Path | None = None) -> None:
+def refit_plan(
+    info: DenseInfo,
+    plan: DensePlan,
+    layer: int,
+    grams: Grams,
+    weight: Callable[[int, str], torch.Tensor],
+    fit_bias: dict[str, bool],
+    spill: Path | None = None,
+) -> None:
     """Re-fit one layer of ``plan`` in place: ``plan.refit`` gets the kept columns' new weights and
     ``plan.bias`` the fitted biases (replacing any mean-only compensation). A projection that keeps
     every input column is left exactly as it is. With ``spill`` the weights go to a safetensors file
@@ -91,8 +99,10 @@ def refit_plan(info: DenseInfo, plan: DensePlan, layer: int, grams: Grams, weigh
         if spill is None:
             plan.refit[f"{layer}.{site}"] = w.cpu()
         else:
-            plan.refit[f"{layer}.{site}"] = _spilled(spill / f"{layer}.{site}.safetensors",
-                                                     w.to(TORCH_DTYPES[info.checkpoint.tensors[info.key(layer, site)].dtype]))
+            plan.refit[f"{layer}.{site}"] = _spilled(
+                spill / f"{layer}.{site}.safetensors",
+                w.to(TORCH_DTYPES[info.checkpoint.tensors[info.key(layer, site)].dtype]),
+            )
         if b is not None:
             plan.bias[f"{layer}.{site}"] = b.cpu()
         else:
@@ -127,7 +137,10 @@ class GramCollector:
     def attach(self, layer: int, module: torch.nn.Module) -> None:
         spec = self.info.spec
         hooks = []
-        for site, mod in (("o", getattr(getattr(module, spec.attn), spec.o)), ("down", getattr(getattr(module, spec.mlp), spec.down))):
+        for site, mod in (
+            ("o", getattr(getattr(module, spec.attn), spec.o)),
+            ("down", getattr(getattr(module, spec.mlp), spec.down)),
+        ):
             hooks.append(mod.register_forward_pre_hook(self._hook(layer, site)))
         self._hooks[layer] = hooks
 
@@ -143,6 +156,7 @@ class GramCollector:
             if site not in per:
                 per[site] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             per[site].addmm_(x.T, x, alpha=self.weight)  # in place: no second [C+1, C+1] matrix
+
         return hook
 
     def take(self, layer: int) -> Grams:
@@ -162,17 +176,28 @@ class GramCollector:
 
 
 @torch.inference_mode()
-def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_layer: Callable[[int, Grams], None], *,
-                 batch_size: int = 16, max_length: int = 2048, hidden_budget: int = 1 << 62,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None, offload_dir: str | None = None,
-                 progress: bool = True, reader=None) -> dict[str, int]:
+def stream_grams(
+    info: DenseInfo,
+    tok,
+    sources: Sequence[Iterable[str]],
+    on_layer: Callable[[int, Grams], None],
+    *,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    hidden_budget: int = 1 << 62,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload_dir: str | None = None,
+    progress: bool = True,
+    reader=None,
+) -> dict[str, int]:
     """Every decoder layer's Gram matrices over ``sources`` (lists of texts, each weighted equally),
     one layer at a time: ``on_layer(layer, grams)`` gets them as soon as the layer is done."""
     from premoe.core.checkpoint import ByteReader
     from premoe.core.config import config_from_dict, skeleton
+    from premoe.core.data import token_batches
     from premoe.core.streaming import LayerRunner, make_batches
     from premoe.dense.calibration import DenseFiller
-    from premoe.core.data import token_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches, weights = [], []
@@ -198,8 +223,9 @@ def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_laye
         grams.attach(i, layer)
 
     try:
-        run = runner.run(batches, hidden_budget, before, progress=progress, desc="refit", offload_dir=offload_dir,
-                         built=built)
+        run = runner.run(
+            batches, hidden_budget, before, progress=progress, desc="refit", offload_dir=offload_dir, built=built
+        )
         on_layer(info.num_layers - 1, grams.take(info.num_layers - 1))
     finally:
         grams.close()
@@ -209,9 +235,20 @@ def stream_grams(info: DenseInfo, tok, sources: Sequence[Iterable[str]], on_laye
     return run
 
 
-def refit(info: DenseInfo, plan: DensePlan, tok, sources: Sequence[Iterable[str]], weight: Callable[[int, str], torch.Tensor],
-          *, about: str = "", batch_size: int = 16, max_length: int = 2048, device: torch.device | None = None,
-          progress: bool = True, reader=None) -> DensePlan:
+def refit(
+    info: DenseInfo,
+    plan: DensePlan,
+    tok,
+    sources: Sequence[Iterable[str]],
+    weight: Callable[[int, str], torch.Tensor],
+    *,
+    about: str = "",
+    batch_size: int = 16,
+    max_length: int = 2048,
+    device: torch.device | None = None,
+    progress: bool = True,
+    reader=None,
+) -> DensePlan:
     """Re-fit every layer of ``plan`` on ``sources`` (streamed: one layer's Gram matrices in memory at a
     time, hidden states past the machine's memory budget spilled to disk); returns ``plan``."""
     from premoe.core.memory import memory_budget
@@ -219,19 +256,32 @@ def refit(info: DenseInfo, plan: DensePlan, tok, sources: Sequence[Iterable[str]
     from premoe.dense.calibration import dense_sizes
 
     fit_bias = can_fit_bias(info)
-    room = hidden_room(dense_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), memory_budget(None))
+    room = hidden_room(
+        dense_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), memory_budget(None)
+    )
     plan.bias = {}
     spill = tempfile.TemporaryDirectory(prefix="premoe-refit-")
     plan.spill = spill  # removed with the plan
-    stream_grams(info, tok, sources, lambda l, g: refit_plan(info, plan, l, g, weight, fit_bias, Path(spill.name)),
-                 batch_size=batch_size, max_length=max_length, hidden_budget=room, device=device, progress=progress,
-                 reader=reader)
+    stream_grams(
+        info,
+        tok,
+        sources,
+        lambda l, g: refit_plan(info, plan, l, g, weight, fit_bias, Path(spill.name)),
+        batch_size=batch_size,
+        max_length=max_length,
+        hidden_budget=room,
+        device=device,
+        progress=progress,
+        reader=reader,
+    )
     plan.info["bias_comp"] = False  # the fitted bias already holds the removed inputs' mean contribution
     plan.info["refit"] = {"data": about, "bias": fit_bias, "ridge": RIDGE}
     return plan
 
 
-def apply_grams(info: DenseInfo, plan: DensePlan, grams: dict[int, Grams], weight: Callable[[int, str], torch.Tensor]) -> DensePlan:
+def apply_grams(
+    info: DenseInfo, plan: DensePlan, grams: dict[int, Grams], weight: Callable[[int, str], torch.Tensor]
+) -> DensePlan:
     """:func:`refit` from Gram matrices already collected (every layer's; what ``premoe sweep`` reuses)."""
     fit_bias = can_fit_bias(info)
     plan.bias = {}

@@ -81,8 +81,10 @@ class DenseRouter:
         d = 1 - q @ self.centroids[:, self.depth].T  # [Q, T] cosine distance
         k = min(2, len(self.names))
         vals, idx = d.topk(k, dim=-1, largest=False)
-        return [DenseRoute(self.names[i[0]], v[0], v[1] - v[0] if k > 1 else None, self.names[i[1]] if k > 1 else None)
-                for v, i in zip(vals.tolist(), idx.tolist())]
+        return [
+            DenseRoute(self.names[i[0]], v[0], v[1] - v[0] if k > 1 else None, self.names[i[1]] if k > 1 else None)
+            for v, i in zip(vals.tolist(), idx.tolist())
+        ]
 
     def route(self, text: str) -> DenseRoute:
         return self.route_many([text])[0]
@@ -91,8 +93,8 @@ class DenseRouter:
 def _prefix_model(info: DenseInfo, layers: int, reader: ByteReader):
     """The embeddings and the first ``layers`` decoder layers (no LM head), from byte ranges."""
     from premoe.core.config import config_from_dict, skeleton
-    from premoe.dense.model import fill_pruned, full_plan
     from premoe.core.modules import finish_buffers
+    from premoe.dense.model import fill_pruned, full_plan
 
     raw = dict(info.raw_config)
     raw["num_hidden_layers"] = layers

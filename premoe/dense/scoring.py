@@ -45,8 +45,7 @@ def perturbation(means: dict[str, torch.Tensor], site: str, compensated: bool) -
     return x.clamp_min(0) * means[f"w.{site}.l2sq"]
 
 
-def head_perturbation(means: dict[str, torch.Tensor], head_dim: int, compensated: bool,
-                      weight=None) -> torch.Tensor:
+def head_perturbation(means: dict[str, torch.Tensor], head_dim: int, compensated: bool, weight=None) -> torch.Tensor:
     """[L, H] expected squared change of the layer's output when query head ``h`` is removed.
 
     Exact per head when calibration recorded ``o.head_sq`` (E||W_h x_h||^2; with compensation the
@@ -92,7 +91,9 @@ def pooled(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def logistic_shape(num_layers: int, k: float = 1.0, x0: float = 0.3, protect: tuple[int, int] | None = None) -> torch.Tensor:
+def logistic_shape(
+    num_layers: int, k: float = 1.0, x0: float = 0.3, protect: tuple[int, int] | None = None
+) -> torch.Tensor:
     """[L] relative layer sparsities of SEAP's logistic schedule (eqs. 16-17): 1/(1+exp(-k(x-x0)))
     over the unprotected layers (x from 0 to 1), 0 on the first and last ``protect`` layers
     (default: max(1, round(L/16)) each, 2+2 for 32 layers as in SEAP's code)."""
@@ -101,7 +102,9 @@ def logistic_shape(num_layers: int, k: float = 1.0, x0: float = 0.3, protect: tu
         m, n = protect
     active = num_layers - m - n
     if active < 1:
-        raise InputError(f"a logistic schedule over {num_layers} layers leaves no layer to prune; use `schedule='uniform'`")
+        raise InputError(
+            f"a logistic schedule over {num_layers} layers leaves no layer to prune; use `schedule='uniform'`"
+        )
     x = torch.linspace(0, 1, active) if active > 1 else torch.zeros(1)
     shape = torch.zeros(num_layers)
     shape[m : m + active] = 1 / (1 + torch.exp(-k * (x - x0)))
@@ -113,8 +116,10 @@ def scale_schedule(shape: torch.Tensor, target: float, cap: float = 0.95) -> tor
     if target == 0:
         return torch.zeros_like(shape)
     if (shape.clamp(max=1) > 0).float().mean() * cap < target:
-        raise InputError(f"sparsity {target} is not reachable with this layer schedule (protected layers); lower it "
-                         "or use `schedule='uniform'`")
+        raise InputError(
+            f"sparsity {target} is not reachable with this layer schedule (protected layers); lower it "
+            "or use `schedule='uniform'`"
+        )
     lo, hi = 0.0, cap / max(float(shape[shape > 0].min()), 1e-9)
     for _ in range(100):
         lam = (lo + hi) / 2
@@ -136,7 +141,9 @@ def attention_units(heads: torch.Tensor, kv_heads: int, whole_groups: bool) -> l
     H = heads.numel()
     g = H // kv_heads
     if g == 1 or whole_groups:
-        units = [(float(heads[j * g : (j + 1) * g].sum()), list(range(j * g, (j + 1) * g)), [j]) for j in range(kv_heads)]
+        units = [
+            (float(heads[j * g : (j + 1) * g].sum()), list(range(j * g, (j + 1) * g)), [j]) for j in range(kv_heads)
+        ]
         return sorted(units, key=lambda u: -u[0])
     ranked = [sorted(range(j * g, (j + 1) * g), key=lambda h: -float(heads[h])) for j in range(kv_heads)]
     return [(float(sum(heads[r[i]] for r in ranked)), [r[i] for r in ranked], []) for i in range(g)]

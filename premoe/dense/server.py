@@ -44,8 +44,16 @@ class DenseServer:
     compensation also reads its o_proj/down_proj weights).
     """
 
-    def __init__(self, model, store, selection: DenseSelection | float, *, depth: int | str = ROUTE_DEPTH, device="cpu",
-                 dtype="auto"):
+    def __init__(
+        self,
+        model,
+        store,
+        selection: DenseSelection | float,
+        *,
+        depth: int | str = ROUTE_DEPTH,
+        device="cpu",
+        dtype="auto",
+    ):
         from premoe.core.config import resolve_device, resolve_dtype
 
         if not isinstance(selection, DenseSelection):
@@ -64,8 +72,9 @@ class DenseServer:
 
     def plan(self, task: str) -> DensePlan:
         if task not in self._plans:
-            self._plans[task] = dense_plan(self.info, self.store, task, self.selection, reader=self.reader,
-                                           written=False)
+            self._plans[task] = dense_plan(
+                self.info, self.store, task, self.selection, reader=self.reader, written=False
+            )
         return self._plans[task]
 
     @property

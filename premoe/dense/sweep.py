@@ -21,23 +21,30 @@ from tqdm.auto import tqdm
 
 from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match
+from premoe.core.options import RunOptions
 from premoe.core.store import PatternStore
 from premoe.dense.calibration import calibrate_dense
-from premoe.core.options import RunOptions
 from premoe.dense.model import DenseInfo, load_dense, prune_in_memory
 from premoe.dense.options import DenseSweep
 from premoe.dense.plans import METHODS, make_dense_plan
 from premoe.dense.refit import apply_grams, pool_grams, stream_grams
-from premoe.dense.scoring import pooled
 from premoe.dense.router import DenseRouter
+from premoe.dense.scoring import pooled
 from premoe.errors import InputError
 
 DEFAULT_SPARSITIES = (0.2, 0.35, 0.5)
 
 
-def sweep_dense(out, info: DenseInfo, tasks: dict[str, tuple[Any, Any]], opts: DenseSweep = DenseSweep(), *,
-                variants: tuple[str, ...] | None = None, progress: bool = True,
-                about: dict[str, Any] | None = None) -> dict[str, Any]:
+def sweep_dense(
+    out,
+    info: DenseInfo,
+    tasks: dict[str, tuple[Any, Any]],
+    opts: DenseSweep = DenseSweep(),
+    *,
+    variants: tuple[str, ...] | None = None,
+    progress: bool = True,
+    about: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Every method at every sparsity (``opts``), counted as ``premoe prune`` writes the checkpoint
     (``opts.count`` "written", the default: a plan whose layers differ, FLAP's adaptive one, is made sparser
     in memory until its zero-padded checkpoint removes the fraction asked) or in memory ("memory", as the
@@ -63,11 +70,15 @@ def sweep_dense(out, info: DenseInfo, tasks: dict[str, tuple[Any, Any]], opts: D
     data.mkdir(exist_ok=True)
     files = {}
     for name, (calib, ev) in tasks.items():
-        files[name] = [write_jsonl(data / f"{name}.calib.jsonl", calib) if isinstance(calib, list) else Path(calib),
-                       write_jsonl(data / f"{name}.eval.jsonl", ev) if isinstance(ev, list) else Path(ev)]
+        files[name] = [
+            write_jsonl(data / f"{name}.calib.jsonl", calib) if isinstance(calib, list) else Path(calib),
+            write_jsonl(data / f"{name}.eval.jsonl", ev) if isinstance(ev, list) else Path(ev),
+        ]
     store = out / "store"
     for name, (calib, _) in files.items():
-        calibrate_dense(info, CalibrationData.open(calib), name, store, run=RunOptions(progress=progress), overwrite=True)
+        calibrate_dense(
+            info, CalibrationData.open(calib), name, store, run=RunOptions(progress=progress), overwrite=True
+        )
     info, lm, tok = load_dense(model, device="cpu", dtype=torch.float32)
     st = PatternStore.open(store)
     stats = {n: st.load(n).means for n in files}
@@ -98,14 +109,23 @@ def sweep_dense(out, info: DenseInfo, tasks: dict[str, tuple[Any, Any]], opts: D
         own = METHODS[method].source == "task"
         key = (method, s, name if own else None)
         if key not in plans:
-            plans[key] = make_dense_plan(info, stats[name] if own else pool, method, s, schedule=schedule,
-                                         weights=weight, task=name, written=count == "written")
+            plans[key] = make_dense_plan(
+                info,
+                stats[name] if own else pool,
+                method,
+                s,
+                schedule=schedule,
+                weights=weight,
+                task=name,
+                written=count == "written",
+            )
         if not refit:
             return plans[key]
         if key + ("refit",) not in plans:
             base = plans[key]
-            plans[key + ("refit",)] = apply_grams(info, replace(base, bias={}, refit={}, info=dict(base.info)),
-                                                  grams[key[2]], weight)
+            plans[key + ("refit",)] = apply_grams(
+                info, replace(base, bias={}, refit={}, info=dict(base.info)), grams[key[2]], weight
+            )
         return plans[key + ("refit",)]
 
     rows = []
@@ -117,30 +137,57 @@ def sweep_dense(out, info: DenseInfo, tasks: dict[str, tuple[Any, Any]], opts: D
                 plan = plan_for(method, s, name, fit)
                 net = prune_in_memory(lm, info, plan)
                 acc = exact_match(net, tok, evals[name], progress=False)
-                rows.append({"method": label, "sparsity": s, "task": name, "accuracy": acc, "dense": dense[name],
-                             "retention": acc / dense[name] if dense[name] else 0.0,
-                             "sparsity_counted": plan.info["sparsity"], "sparsity_written": plan.info["sparsity_written"],
-                             "schedule": plan.info["schedule"]})
+                rows.append(
+                    {
+                        "method": label,
+                        "sparsity": s,
+                        "task": name,
+                        "accuracy": acc,
+                        "dense": dense[name],
+                        "retention": acc / dense[name] if dense[name] else 0.0,
+                        "sparsity_counted": plan.info["sparsity"],
+                        "sparsity_written": plan.info["sparsity_written"],
+                        "schedule": plan.info["schedule"],
+                    }
+                )
                 bar.update(1)
     bar.close()
     summary = []
     for method in labels:
         for s in sparsities:
             sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
-            summary.append({"method": method, "sparsity": s,
-                            "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
-                            "retention": sum(r["retention"] for r in sel) / len(sel),
-                            "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
-                            "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel)})
+            summary.append(
+                {
+                    "method": method,
+                    "sparsity": s,
+                    "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
+                    "retention": sum(r["retention"] for r in sel) / len(sel),
+                    "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
+                    "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel),
+                }
+            )
     routed = lambda m, s, name: plan_for(m, s, name, variants[-1])  # noqa: E731 - SEAP as premoe prunes it (re-fitted when on)
     routing = _routing(info, store, evals, lm, tok, sparsities, routed) if len(files) > 1 else None
     if routing:
         routing["method"] = "seap" + ("+refit" if variants[-1] else "")
-    result = {"model": str(model), "kind": "dense", "out": str(out), "tasks": list(files), "sparsities": sparsities,
-              "methods": labels, "variants": ["refit" if v else "plain" for v in variants],
-              "schedule": schedule or "each method's own", "count": count, "dense": dense, "dense_mean": sum(dense.values()) / len(dense),
-              "summary": summary, "rows": rows,
-              "routing": routing, "seconds": time.perf_counter() - t0, **(about or {})}
+    result = {
+        "model": str(model),
+        "kind": "dense",
+        "out": str(out),
+        "tasks": list(files),
+        "sparsities": sparsities,
+        "methods": labels,
+        "variants": ["refit" if v else "plain" for v in variants],
+        "schedule": schedule or "each method's own",
+        "count": count,
+        "dense": dense,
+        "dense_mean": sum(dense.values()) / len(dense),
+        "summary": summary,
+        "rows": rows,
+        "routing": routing,
+        "seconds": time.perf_counter() - t0,
+        **(about or {}),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -155,7 +202,7 @@ def _read(path: Path) -> list[dict]:
 
     gen, _ = read_eval_data(path)
     if not gen:
-        raise InputError(f"{path}: the dense sweep needs {{\"prompt\", \"completion\"}} samples")
+        raise InputError(f'{path}: the dense sweep needs {{"prompt", "completion"}} samples')
     return gen
 
 
@@ -170,7 +217,12 @@ def _routing(info, store, evals, lm, tok, sparsities, plan_for) -> dict[str, Any
         routed[name] = [r.task for r in res]
         correct += sum(t == name for t in routed[name])
         total += len(ev)
-    out: dict[str, Any] = {"accuracy": correct / total, "prompts": total, "depth": router.depth, "bytes_read": router.bytes_read}
+    out: dict[str, Any] = {
+        "accuracy": correct / total,
+        "prompts": total,
+        "depth": router.depth,
+        "bytes_read": router.bytes_read,
+    }
     for s in sparsities:
         oracle = routed_acc = 0.0
         nets = {}
@@ -194,8 +246,9 @@ def _plot(out: Path, result: dict) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.getLogger(__name__).warning("results written without a picture: it needs matplotlib "
-                                            "(pip install 'premoe[plots]')")
+        logging.getLogger(__name__).warning(
+            "results written without a picture: it needs matplotlib (pip install 'premoe[plots]')"
+        )
         return []
     fig, ax = plt.subplots(figsize=(8, 5))
     colors: dict[str, str] = {}
@@ -204,9 +257,17 @@ def _plot(out: Path, result: dict) -> list[str]:
         base = method.removesuffix("+refit")
         color = colors.setdefault(base, f"C{len(colors)}")
         pts = sorted((100 * r[key], 100 * r["retention"]) for r in result["summary"] if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method, color=color, ls="-" if method.endswith("+refit") or
-                "refit" not in result.get("variants", ("plain", "refit")) else "--", lw=2 if base == "seap" else 1.2)
-    ax.set_xlabel("decoder linear weights removed (%, " + ("as written" if key == "sparsity_written" else "in memory") + ")")
+        ax.plot(
+            *zip(*pts),
+            marker="o",
+            label=method,
+            color=color,
+            ls="-" if method.endswith("+refit") or "refit" not in result.get("variants", ("plain", "refit")) else "--",
+            lw=2 if base == "seap" else 1.2,
+        )
+    ax.set_xlabel(
+        "decoder linear weights removed (%, " + ("as written" if key == "sparsity_written" else "in memory") + ")"
+    )
     ax.set_ylabel("accuracy retained vs dense (%, mean over tasks)")
     ax.set_title(f"{Path(result['model']).name}: structured pruning, held-out exact match")
     ax.grid(alpha=0.3)
@@ -219,21 +280,36 @@ def _plot(out: Path, result: dict) -> list[str]:
 
 def format_dense_summary(result: dict) -> str:
     counted = "in the written checkpoint" if result.get("count", "written") == "written" else "in memory"
-    lines = [f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed {counted}; "
-             f"layer allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
-             f"{'method':<16}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"])]
+    lines = [
+        f"accuracy retained vs. dense (mean over tasks), by fraction of decoder weights removed {counted}; "
+        f"layer allocation: {result.get('schedule', 'each method' + chr(39) + 's own')}",
+        f"{'method':<16}" + "".join(f"{f'{s:.0%}':>10}" for s in result["sparsities"]),
+    ]
     for m in result["methods"]:
-        cells = [next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]]
+        cells = [
+            next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]
+        ]
         lines.append(f"{m:<16}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))
     key = "sparsity_written" if result.get("count", "written") == "written" else "sparsity_counted"
-    off = [(c["method"], c["sparsity"], c[key]) for c in result["summary"] if abs(c.get(key, c["sparsity"]) - c["sparsity"]) > 0.005]
+    off = [
+        (c["method"], c["sparsity"], c[key])
+        for c in result["summary"]
+        if abs(c.get(key, c["sparsity"]) - c["sparsity"]) > 0.005
+    ]
     if off:
-        lines.append("actually removed where it differs (a layer-varying plan's padded size moves in steps; premoe takes "
-                     "the first step at or above the request): " + ", ".join(f"{m} {s:.0%} -> {v:.1%}" for m, s, v in off))
+        lines.append(
+            "actually removed where it differs (a layer-varying plan's padded size moves in steps; premoe takes "
+            "the first step at or above the request): " + ", ".join(f"{m} {s:.0%} -> {v:.1%}" for m, s, v in off)
+        )
     if result.get("routing"):
         r = result["routing"]
-        lines.append(f"routing: {100 * r['accuracy']:.1f}% of {r['prompts']} held-out prompts (depth {r['depth']}); "
-                     f"{r.get('method', 'seap')} "
-                     + ", ".join(f"{float(s):.0%}: routed {100 * v['routed']:.1f} vs oracle {100 * v['oracle']:.1f}"
-                                 for s, v in r.items() if isinstance(v, dict)))
+        lines.append(
+            f"routing: {100 * r['accuracy']:.1f}% of {r['prompts']} held-out prompts (depth {r['depth']}); "
+            f"{r.get('method', 'seap')} "
+            + ", ".join(
+                f"{float(s):.0%}: routed {100 * v['routed']:.1f} vs oracle {100 * v['oracle']:.1f}"
+                for s, v in r.items()
+                if isinstance(v, dict)
+            )
+        )
     return "\n".join(lines)

@@ -69,8 +69,13 @@ def read_rows(t: TensorInfo, reader: ByteReader, ids: list[int]) -> torch.Tensor
     return reader.tensor(t.dtype, (len(ids), *t.shape[1:]), t.select(0, ids))
 
 
-def read_columns(t: TensorInfo, reader: ByteReader, ids: list[int], min_run_bytes: int = MIN_RUN_BYTES,
-                 chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def read_columns(
+    t: TensorInfo,
+    reader: ByteReader,
+    ids: list[int],
+    min_run_bytes: int = MIN_RUN_BYTES,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
     """Columns ``ids`` of the 2-D ``t`` ([rows, len(ids)]): byte ranges when the runs of ``ids``
     average at least ``min_run_bytes``, else whole rows ``chunk_bytes`` at a time."""
     rows, cols = t.shape
@@ -84,12 +89,13 @@ def read_columns(t: TensorInfo, reader: ByteReader, ids: list[int], min_run_byte
     for r in range(0, rows, step):
         n = min(step, rows - r)
         block = reader.tensor(t.dtype, (n, cols), [(t.file, t.offset + r * row_bytes, n * row_bytes)])
-        out[r:r + n] = block.index_select(1, idx)
+        out[r : r + n] = block.index_select(1, idx)
     return out
 
 
-def assemble(old: torch.Tensor, old_ids: list[int], new_ids: list[int], dim: int,
-             read: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+def assemble(
+    old: torch.Tensor, old_ids: list[int], new_ids: list[int], dim: int, read: Callable[[list[int]], torch.Tensor]
+) -> torch.Tensor:
     """The slices ``new_ids`` along ``dim``: those in ``old_ids`` taken from ``old`` (which holds the
     slices ``old_ids`` in that order), the others from ``read(missing ids)`` converted to ``old``'s
     dtype and device. ``read`` is not called when nothing is missing."""
@@ -108,8 +114,14 @@ def assemble(old: torch.Tensor, old_ids: list[int], new_ids: list[int], dim: int
     return out
 
 
-def switch_getter(info: DenseInfo, state: dict[str, torch.Tensor], old: DensePlan, new: DensePlan, reader: ByteReader,
-                  min_run_bytes: int = MIN_RUN_BYTES) -> Getter:
+def switch_getter(
+    info: DenseInfo,
+    state: dict[str, torch.Tensor],
+    old: DensePlan,
+    new: DensePlan,
+    reader: ByteReader,
+    min_run_bytes: int = MIN_RUN_BYTES,
+) -> Getter:
     """A getter for :func:`premoe.dense.model.fill_pruned` that takes tensors out of ``state`` (the
     old model's, pruned to ``old``; each is popped, so it is freed once the new model is filled)
     and reads from the checkpoint only what they lack."""
@@ -122,14 +134,21 @@ def switch_getter(info: DenseInfo, state: dict[str, torch.Tensor], old: DensePla
         have = state.pop(name, None)
         if dim is None:
             # a compensated bias holds checkpoint + plan bias, and fill_pruned adds the new plan's to the raw one
-            if have is None or bias_compensation(info, old, name) is not None or bias_compensation(info, new, name) is not None:
+            if (
+                have is None
+                or bias_compensation(info, old, name) is not None
+                or bias_compensation(info, new, name) is not None
+            ):
                 return fresh(name, None, None)
             return have
         if have is None or held.get(name, (None,))[0] != dim:
             return fresh(name, dim, ids)
         t = info.checkpoint.tensors[name]
-        read = (lambda miss: read_rows(t, reader, miss)) if dim == 0 else \
-            (lambda miss: read_columns(t, reader, miss, min_run_bytes))
+        read = (
+            (lambda miss: read_rows(t, reader, miss))
+            if dim == 0
+            else (lambda miss: read_columns(t, reader, miss, min_run_bytes))
+        )
         return assemble(have, held[name][1], ids, dim, read)
 
     return get
@@ -153,8 +172,14 @@ def take_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def switch_dense(model: nn.Module, info: DenseInfo, old: DensePlan, new: DensePlan, reader: ByteReader,
-                 min_run_bytes: int = MIN_RUN_BYTES) -> nn.Module:
+def switch_dense(
+    model: nn.Module,
+    info: DenseInfo,
+    old: DensePlan,
+    new: DensePlan,
+    reader: ByteReader,
+    min_run_bytes: int = MIN_RUN_BYTES,
+) -> nn.Module:
     """``model`` (built for ``old``, possibly moved and cast since) turned into the model of ``new``:
     the new plan's skeleton filled from ``model``'s tensors and the checkpoint slices they lack.
     ``model`` is consumed (left without tensors). Tensors read whole (compensated biases) are on the

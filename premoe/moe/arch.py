@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.core.modules import owner, config_get, decoder_layers
+from premoe.core.modules import config_get, decoder_layers, owner
 from premoe.errors import UnsupportedModelError
 
 # Config keys that may hold the routed-expert count, in any family (aliases included).
@@ -74,8 +74,12 @@ class Routing:
         if self.group:
             parts.append(f"group-limited ({'max' if self.group == 'max' else 'top-2 sum'})")
         parts.append("top-k")
-        w = {"probs": "", "softmax": ", softmax over chosen", "sigmoid": ", sigmoid of chosen",
-             "sparsemixer": ", sparsemixer (top-2, masked softmaxes)"}[self.weights]
+        w = {
+            "probs": "",
+            "softmax": ", softmax over chosen",
+            "sigmoid": ", sigmoid of chosen",
+            "sparsemixer": ", sparsemixer (top-2, masked softmaxes)",
+        }[self.weights]
         out = " ".join(parts) + w
         if self.renorm_p:
             out += f", divided by their {self.renorm_p} p-norm"
@@ -180,11 +184,13 @@ def _int_key(config: Any, key: str, what: str, spec: ArchSpec) -> int:
         value = value[0]  # a per-layer list that is uniform
     if isinstance(value, (list, tuple)):
         raise UnsupportedModelError(
-            f"config key {key!r} of {spec.name} lists different {what} per layer ({value}); premoe's pattern stores and "
-            "exports assume one count for every layer, as vLLM and transformers load"
+            f"config key {key!r} of {spec.name} lists different {what} per layer ({value}); premoe's pattern "
+            "stores and exports assume one count for every layer, as vLLM and transformers load"
         )
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UnsupportedModelError(f"config of {spec.name} has no valid {what} ({key!r} = {value!r}); is it a dense checkpoint?")
+        raise UnsupportedModelError(
+            f"config of {spec.name} has no valid {what} ({key!r} = {value!r}); is it a dense checkpoint?"
+        )
     return value
 
 
@@ -223,7 +229,9 @@ def router_spec(config: Any, spec: ArchSpec) -> RouterSpec:
         top_k=top_k,
         renormalize=bool(renorm),
         eps=rule.eps,
-        renorm_min=float(config_get(config, rule.renorm_min)) if rule.renorm_min and config_get(config, rule.renorm_min) is not None else None,
+        renorm_min=float(config_get(config, rule.renorm_min))
+        if rule.renorm_min and config_get(config, rule.renorm_min) is not None
+        else None,
         renorm_p=float(renorm_p) if renorm_p is not None else None,
         bias_on_logits=rule.bias_on_logits,
         n_group=n_group,
@@ -284,8 +292,9 @@ def _expert_dim(shape: torch.Size, width: int) -> int | None:
     return dims[0] if len(dims) == 1 else None
 
 
-def moe_layer(index: int, layer: nn.Module, spec: ArchSpec, num_experts: int, width: int,
-              bias: str | None = None) -> MoeLayer | None:
+def moe_layer(
+    index: int, layer: nn.Module, spec: ArchSpec, num_experts: int, width: int, bias: str | None = None
+) -> MoeLayer | None:
     """The MoE block of decoder layer ``layer`` (``None`` for a dense layer)."""
     block = next((getattr(layer, b) for b in spec.block if getattr(layer, b, None) is not None), None)
     router = getattr(block, spec.router, None) if block is not None else None
@@ -303,15 +312,20 @@ def moe_layer(index: int, layer: nn.Module, spec: ArchSpec, num_experts: int, wi
         elif t.dim() and t.shape[0] % num_experts == 0:
             m.expert_tensors[path] = t.shape[0] // num_experts
     candidates = list(_own_tensors(router, spec.router + "."))
-    candidates += [(n, t) for n, t in [*block._parameters.items(), *block._buffers.items()]
-                   if t is not None and n not in block._non_persistent_buffers_set]
+    candidates += [
+        (n, t)
+        for n, t in [*block._parameters.items(), *block._buffers.items()]
+        if t is not None and n not in block._non_persistent_buffers_set
+    ]
     for path, t in candidates:
         dim = _expert_dim(t.shape, width)
         if dim is not None:
             m.router_tensors[path] = dim
     if bias is not None and bias in m.router_tensors:
         m.bias_path = bias
-    if not m.router_tensors or (not m.expert_tensors and experts is not None and any(True for _ in experts.parameters())):
+    if not m.router_tensors or (
+        not m.expert_tensors and experts is not None and any(True for _ in experts.parameters())
+    ):
         return None
     return m
 
@@ -323,8 +337,11 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec) -> list[MoeLayer]:
     cfg = model.config
     rspec = router_spec(cfg, spec)
     bias = spec.routing_for(cfg).bias
-    out = [m for i, layer in enumerate(decoder_layers(model))
-           if (m := moe_layer(i, layer, spec, rspec.num_experts, rspec.width, bias)) is not None]
+    out = [
+        m
+        for i, layer in enumerate(decoder_layers(model))
+        if (m := moe_layer(i, layer, spec, rspec.num_experts, rspec.width, bias)) is not None
+    ]
     if not out:
         raise UnsupportedModelError(
             f"no MoE blocks found in {type(model).__name__} (expected `{'|'.join(spec.block)}.{spec.router}` with "

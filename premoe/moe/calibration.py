@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from premoe.core.config import load_tokenizer, resolve_device
 from premoe.core.data import CalibrationData
 from premoe.core.options import MemoryOptions, RunOptions
-from premoe.moe.loading import LoadedModel, as_loaded
-from premoe.moe.model import ModelInfo, as_info
-from premoe.core.config import load_tokenizer, resolve_device
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.errors import InputError, UnsupportedModelError
-from premoe.moe.options import MoeCalibration
+from premoe.moe.loading import LoadedModel, as_loaded
+from premoe.moe.model import ModelInfo, as_info
 from premoe.moe.observe import marker_params, observe, observe_streamed
+from premoe.moe.options import MoeCalibration
 from premoe.moe.recon import unsupported as recon_unsupported
 from premoe.moe.scoring import (
     OUTPUT_SCORERS,
@@ -130,17 +130,29 @@ def calibrate(
 
         budget = memory_budget(memory.max_memory)
         tok = load_tokenizer(info.path)
-        longest = max(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
-                      for rec in cal.records())  # the real batch shape, not the cap
+        longest = max(
+            len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"]) for rec in cal.records()
+        )  # the real batch shape, not the cap
         use_stream = plan_memory(info, budget, batch_size, longest, memory.stream)
         sizes = resident_sizes(info)
-        hidden_budget = max(int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"]
-                            - activation_bytes(info, batch_size, longest), 0)
+        hidden_budget = max(
+            int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"] - activation_bytes(info, batch_size, longest),
+            0,
+        )
     if run_model and use_stream:
         sums, _ = observe_streamed(
-            info, tok, (rec.text for rec in cal.records()), params, batch_size=batch_size,
-            max_length=max_length, progress=progress, desc=f"calibrate {task} (streamed)", outputs=outputs, recon=recon,
-            hidden_budget=hidden_budget, device=resolve_device(run.device),
+            info,
+            tok,
+            (rec.text for rec in cal.records()),
+            params,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+            desc=f"calibrate {task} (streamed)",
+            outputs=outputs,
+            recon=recon,
+            hidden_budget=hidden_budget,
+            device=resolve_device(run.device),
             offload_dir=offload_dir,
         )
         tokens, means = sums.tokens, sums.means()
@@ -148,15 +160,25 @@ def calibrate(
         lm = as_loaded(model, device=run.device, dtype=run.dtype)
         tok = lm.tokenizer
         sums = observe(
-            lm.model, lm.layers, lm.info, tok, (rec.text for rec in cal.records()), params,
-            batch_size=batch_size, max_length=max_length, total=n_samples, progress=progress,
-            desc=f"calibrate {task}", outputs=outputs, recon=recon, logits_to_keep=1,
+            lm.model,
+            lm.layers,
+            lm.info,
+            tok,
+            (rec.text for rec in cal.records()),
+            params,
+            batch_size=batch_size,
+            max_length=max_length,
+            total=n_samples,
+            progress=progress,
+            desc=f"calibrate {task}",
+            outputs=outputs,
+            recon=recon,
+            logits_to_keep=1,
         )
         tokens, means = sums.tokens, sums.means()
     else:
         tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
-        tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"])
-                     for rec in cal.records())
+        tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"]) for rec in cal.records())
         means = {}
     if tokens == 0:
         raise InputError(f"data file {cal.files[0]}: the tokenizer produced no tokens")
@@ -168,17 +190,37 @@ def calibrate(
     signature, sig_tokens = {}, {}
     sig_model = None
     if not use_stream:
-        sig_model = SignatureModel(lm.model, info, tok, sig_layers) if lm else SignatureModel.from_checkpoint(info, tok, sig_layers)
+        sig_model = (
+            SignatureModel(lm.model, info, tok, sig_layers)
+            if lm
+            else SignatureModel.from_checkpoint(info, tok, sig_layers)
+        )
     for source in ("prompt", "full"):
         texts = (rec.prompt if source == "prompt" else rec.text for rec in cal.records())
         if sig_model is not None:
-            sums = sig_model.stats(texts, batch_size=batch_size, max_length=max_length, total=n_samples,
-                                   progress=progress, desc=f"keys ({source})")
+            sums = sig_model.stats(
+                texts,
+                batch_size=batch_size,
+                max_length=max_length,
+                total=n_samples,
+                progress=progress,
+                desc=f"keys ({source})",
+            )
         else:  # the first MoE layers without their experts, streamed like the model
             sums, _ = observe_streamed(
-                info, tok, texts, MarkerParams(k=info.router.top_k), num_layers=info.moe_layers[sig_layers - 1] + 1,
-                experts=False, batch_size=batch_size, max_length=max_length, progress=progress,
-                desc=f"keys ({source}, streamed)", skip_special=True, hidden_budget=hidden_budget, offload_dir=offload_dir,
+                info,
+                tok,
+                texts,
+                MarkerParams(k=info.router.top_k),
+                num_layers=info.moe_layers[sig_layers - 1] + 1,
+                experts=False,
+                batch_size=batch_size,
+                max_length=max_length,
+                progress=progress,
+                desc=f"keys ({source}, streamed)",
+                skip_special=True,
+                hidden_budget=hidden_budget,
+                offload_dir=offload_dir,
             )
         signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
         sig_tokens[source] = sums.tokens

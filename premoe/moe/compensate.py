@@ -54,8 +54,16 @@ def _pairs(dense_layers: Sequence[MoeLayer], net: nn.Module, arch, spec: RouterS
 
 
 @torch.inference_mode()
-def scale_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
-                pruned: RouterSpec, lam: float = LAM, target: torch.Tensor | None = None) -> dict[int, float]:
+def scale_layer(
+    layer: MoeLayer,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    kept: Sequence[int],
+    spec: RouterSpec,
+    pruned: RouterSpec,
+    lam: float = LAM,
+    target: torch.Tensor | None = None,
+) -> dict[int, float]:
     """Per kept expert, the output scale minimising the re-routed block's squared error against the dense
     block on these tokens (ridge ``lam`` x the mean diagonal, toward 1)."""
     experts = layer.experts
@@ -96,16 +104,26 @@ def scale_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], 
 
 
 @torch.inference_mode()
-def merge_groups(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
-                 tokens: int = MERGE_TOKENS) -> tuple[dict[int, list[int]], torch.Tensor]:
+def merge_groups(
+    layer: MoeLayer,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    kept: Sequence[int],
+    spec: RouterSpec,
+    tokens: int = MERGE_TOKENS,
+) -> tuple[dict[int, list[int]], torch.Tensor]:
     """Which removed experts fold into which kept one ({kept: [removed...]}), by the cosine similarity of
     their outputs on the first ``tokens`` tokens, and every expert's routed-token count (the weights)."""
     experts = layer.experts
     x = h[:tokens].to(experts.down_proj.device, torch.float32)
     idx, _ = route(logits.to(x.device), spec, bias=layer.selection_bias(), scaled=True)
     freq = torch.bincount(idx.reshape(-1).cpu(), minlength=spec.num_experts)[: spec.num_experts].double()
-    outs = torch.stack([expert_out(experts, e, expert_hidden(experts, e, x), down_weight(experts, e).float()).reshape(-1)
-                        for e in range(spec.num_experts)])
+    outs = torch.stack(
+        [
+            expert_out(experts, e, expert_hidden(experts, e, x), down_weight(experts, e).float()).reshape(-1)
+            for e in range(spec.num_experts)
+        ]
+    )
     outs = torch.nn.functional.normalize(outs, dim=1)
     kept = sorted(kept)
     sim = outs @ outs[kept].T  # [E, N]
@@ -157,7 +175,9 @@ def router_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer],
         h, z, y = captured[pos]
         target = dense_output(dense, h.float(), z, spec) if y is None else y
         down = {e: down_weight(pruned.experts, p).float() for p, e in enumerate(kept)}
-        delta = router_delta(dense.experts, kept, h, z, pruned_routing(spec, plan), dense.selection_bias(), target, down)
+        delta = router_delta(
+            dense.experts, kept, h, z, pruned_routing(spec, plan), dense.selection_bias(), target, down
+        )
         with torch.no_grad():
             w = pruned.tensor(path)
             w.add_(delta.to(w.dtype))

@@ -19,21 +19,26 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 import torch
 
 from premoe._version import __version__
 from premoe.core.checkpoint import TORCH_DTYPES, OutTensor, fmt_bytes
-from premoe.core.outdir import DEFAULT_SHARD_BYTES, PLAN_FILE, check_out_dir, copy_side_files, staging_dir, write_weights
-from premoe.moe.model import ModelInfo
+from premoe.core.outdir import (
+    DEFAULT_SHARD_BYTES,
+    PLAN_FILE,
+    check_out_dir,
+    copy_side_files,
+    staging_dir,
+    write_weights,
+)
 from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
+from premoe.moe.model import ModelInfo
 from premoe.moe.plans import PrunePlan
 from premoe.moe.refit_checkpoint import RefitWeights, down_targets
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -50,12 +55,17 @@ class ExportResult:
     def summary(self) -> str:
         """One line: what was kept, how it was chosen and re-fitted, and the bytes written."""
         p, fit = self.plan, self.plan.refit or {}
-        how = (f", {p.scorer}" + (f", re-fitted on {fit['tokens']} tokens" if "tokens" in fit else "")
-               + (f", not re-fitted: {fit['skipped']}" if "skipped" in fit else ""))
-        return (f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}{how}) "
-                f"for task {p.task!r}: {fmt_bytes(self.bytes_written)} of {fmt_bytes(self.bytes_source)} "
-                f"({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} in {self.seconds:.1f}s"
-                + (" (reload verified)" if self.verified else ""))
+        how = (
+            f", {p.scorer}"
+            + (f", re-fitted on {fit['tokens']} tokens" if "tokens" in fit else "")
+            + (f", not re-fitted: {fit['skipped']}" if "skipped" in fit else "")
+        )
+        return (
+            f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}{how}) "
+            f"for task {p.task!r}: {fmt_bytes(self.bytes_written)} of {fmt_bytes(self.bytes_source)} "
+            f"({self.bytes_written / max(self.bytes_source, 1):.1%}) -> {self.out} in {self.seconds:.1f}s"
+            + (" (reload verified)" if self.verified else "")
+        )
 
 
 def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit: RefitWeights):
@@ -69,7 +79,19 @@ def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit
     return make
 
 
-def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = None) -> tuple[list[OutTensor], list[str]]:
+def _refitted_expert(refit: RefitWeights, role, dtype: str):
+    """One re-fitted expert's down projection, in the checkpoint's dtype, when it is written."""
+    return lambda: refit.get(role.layer, role.expert).to(TORCH_DTYPES[dtype])
+
+
+def _refitted_router(refit: RefitWeights, role, dtype: str):
+    """A layer's re-fitted router rows, in the checkpoint's dtype, when they are written."""
+    return lambda: refit.router(role.layer, role.target).to(TORCH_DTYPES[dtype])
+
+
+def plan_tensors(
+    info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = None
+) -> tuple[list[OutTensor], list[str]]:
     """The output tensors (as source byte ranges), in source order, and the keys dropped outright.
 
     Per-expert keys (and their quantisation scales) of kept experts are renumbered 0..N-1 where the
@@ -94,17 +116,15 @@ def plan_tensors(info: ModelInfo, plan: PrunePlan, refit: RefitWeights | None = 
                 a, b = role.span
                 renamed = f"{name[:a]}{new}{name[b:]}"
                 if role.target == down.get(role.layer) and not role.companion and refit.has(role.layer, role.expert):
-                    get = (lambda layer=role.layer, e=role.expert, dt=TORCH_DTYPES[t.dtype]: refit.get(layer, e).to(dt))
-                    out.append(OutTensor(renamed, t.dtype, t.shape, make=get))
+                    out.append(OutTensor(renamed, t.dtype, t.shape, make=_refitted_expert(refit, role, t.dtype)))
                 else:
                     out.append(OutTensor(renamed, t.dtype, t.shape, whole))
         elif role.kind == "router" and t.shape:
             dim = role.dim if t.shape[role.dim] == info.router.width else 0
             ids = slots[role.layer]
-            shape = (*t.shape[:dim], len(ids), *t.shape[dim + 1:])
+            shape = (*t.shape[:dim], len(ids), *t.shape[dim + 1 :])
             if refit is not None and role.target in refit.routers.get(role.layer, ()) and dim == 0:
-                get = (lambda layer=role.layer, n=role.target, dt=TORCH_DTYPES[t.dtype]: refit.router(layer, n).to(dt))
-                out.append(OutTensor(name, t.dtype, shape, make=get))
+                out.append(OutTensor(name, t.dtype, shape, make=_refitted_router(refit, role, t.dtype)))
             else:
                 out.append(OutTensor(name, t.dtype, shape, t.select(dim, ids)))
         elif role.kind == "fused" and t.shape:
@@ -155,8 +175,10 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
 
     new = inspect_model(path)
     if new.num_experts != plan.keep or new.moe_layers != info.moe_layers:
-        raise CheckpointError(f"self-check failed: the export reads back with {new.num_experts} experts in layers "
-                              f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}")
+        raise CheckpointError(
+            f"self-check failed: the export reads back with {new.num_experts} experts in layers "
+            f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}"
+        )
     if not reload:
         return
     kwargs = {}
@@ -190,7 +212,9 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     if problems:
         raise CheckpointError(f"self-check failed: transformers reloads the pruned model with {problems}")
     if loader is not AutoModelForCausalLM:  # the multimodal model: check its language model
-        model = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", model)
+        model = getattr(model, "language_model", None) or getattr(
+            getattr(model, "model", None), "language_model", model
+        )
     for m in find_moe_layers(model, info.spec):
         path0, dim = next(iter(m.router_tensors.items()))
         got = m.tensor(path0).shape[dim]
@@ -221,7 +245,10 @@ def export_pruned(
         copy_side_files(info.path, tmp)
         result = ExportResult(out, plan, total, info.checkpoint.nbytes, len(tensors), time.perf_counter() - t0, dropped)
         (tmp / PLAN_FILE).write_text(
-            json.dumps({**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2) + "\n"
+            json.dumps(
+                {**plan.to_dict(), "bytes": total, "bytes_source": result.bytes_source, "dropped": dropped}, indent=2
+            )
+            + "\n"
         )
         if verify:
             from premoe.core.memory import available_bytes
@@ -230,8 +257,11 @@ def export_pruned(
             need = resident_sizes(info, plan=plan)["total"]
             reload = need <= 0.6 * available_bytes()
             if not reload:
-                log.warning("the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
-                            "reloading it in transformers", need / 2**20)
+                log.warning(
+                    "the pruned model needs %.0f MB in memory, more than is free: checked its layout without "
+                    "reloading it in transformers",
+                    need / 2**20,
+                )
             verify_export(tmp, info, plan, reload=reload)
             result.verified = True
     result.seconds = time.perf_counter() - t0

@@ -72,8 +72,9 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     return h @ down[e] if transposed else F.linear(h, down[e])
 
 
-def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                             top_k_weights: torch.Tensor) -> torch.Tensor:
+def bucketed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Experts forward with per-expert token blocks padded to bucket sizes.
 
     Shapes: hidden_states [T, H], top_k_index / top_k_weights [T, K]; returns [T, H]. Ids at or above
@@ -87,7 +88,9 @@ def bucketed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     weights = top_k_weights.reshape(-1)[order]
     # half-precision index_add_ is ~20x slower than float32 on CPUs (and rounds every addition): sum in float32
     half = hidden_states.dtype in (torch.bfloat16, torch.float16) and hidden_states.device.type == "cpu"
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32 if half else hidden_states.dtype, device=hidden_states.device)
+    out = torch.zeros(
+        hidden_states.shape, dtype=torch.float32 if half else hidden_states.dtype, device=hidden_states.device
+    )
     start = 0
     for e, c in enumerate(counts[: self.num_experts]):
         if c == 0:

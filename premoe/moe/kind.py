@@ -42,15 +42,43 @@ class MoeKind:
     def inspect(self, model: Any) -> ModelInfo:
         return as_info(model)
 
-    def calibrate(self, model: Any, data: CalibrationData, task: str, store: Any, *, run: RunOptions,
-                  memory: MemoryOptions, calibration: MoeCalibration | None, overwrite: bool):
+    def calibrate(
+        self,
+        model: Any,
+        data: CalibrationData,
+        task: str,
+        store: Any,
+        *,
+        run: RunOptions,
+        memory: MemoryOptions,
+        calibration: MoeCalibration | None,
+        overwrite: bool,
+    ):
         from premoe.moe.calibration import calibrate
 
-        return calibrate(model, data, task, store, run=run, memory=memory, calibration=calibration or MoeCalibration(),
-                         overwrite=overwrite)
+        return calibrate(
+            model,
+            data,
+            task,
+            store,
+            run=run,
+            memory=memory,
+            calibration=calibration or MoeCalibration(),
+            overwrite=overwrite,
+        )
 
-    def plan(self, info: ModelInfo, store: Any, task: str | None, *, agnostic: bool, selection: MoeSelection,
-             refit: RefitOptions, progress: bool, seed: int = 0) -> PrunePlan:
+    def plan(
+        self,
+        info: ModelInfo,
+        store: Any,
+        task: str | None,
+        *,
+        agnostic: bool,
+        selection: MoeSelection,
+        refit: RefitOptions,
+        progress: bool,
+        seed: int = 0,
+    ) -> PrunePlan:
         """The pattern's plan (every stored task pooled with ``agnostic``), its kept experts re-fitted as
         ``refit`` says (the rows held in ``plan.weights`` until :meth:`PrunePlan.close`)."""
         from premoe.moe.patterns import load_pattern, plan_from_pattern
@@ -68,8 +96,17 @@ class MoeKind:
 
         return export_pruned(info, plan, out, overwrite=overwrite, verify=verify, progress=progress)
 
-    def evaluate(self, info: ModelInfo, data: Any, plan: PrunePlan | None, *, run: RunOptions, memory: MemoryOptions,
-                 limit: int | None, max_new_tokens: int | None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        info: ModelInfo,
+        data: Any,
+        plan: PrunePlan | None,
+        *,
+        run: RunOptions,
+        memory: MemoryOptions,
+        limit: int | None,
+        max_new_tokens: int | None,
+    ) -> dict[str, Any]:
         from premoe.moe.evaluate import evaluate_moe
 
         return evaluate_moe(info, data, plan, run=run, memory=memory, limit=limit, max_new_tokens=max_new_tokens)
@@ -79,19 +116,47 @@ class MoeKind:
 
         return QueryRouter(info, store, replace(signature, layers=layers or 1), device=run.device, dtype=run.dtype)
 
-    def task_server(self, info: ModelInfo, store: Any, *, selection: MoeSelection, layers: int | None,
-                    signature: SignatureSpec, refit: RefitOptions, cache_mb: float, run: RunOptions):
+    def task_server(
+        self,
+        info: ModelInfo,
+        store: Any,
+        *,
+        selection: MoeSelection,
+        layers: int | None,
+        signature: SignatureSpec,
+        refit: RefitOptions,
+        cache_mb: float,
+        run: RunOptions,
+    ):
         from premoe.moe.server import TaskServer
 
-        return TaskServer(info.path, store, selection, signature=replace(signature, layers=layers or 1),
-                          cache_bytes=int(cache_mb * 2**20), device=run.device, dtype=run.dtype, refit=refit.refit)
+        return TaskServer(
+            info.path,
+            store,
+            selection,
+            signature=replace(signature, layers=layers or 1),
+            cache_bytes=int(cache_mb * 2**20),
+            device=run.device,
+            dtype=run.dtype,
+            refit=refit.refit,
+        )
 
-    def refit(self, info: ModelInfo, store: Any, keeps: list[int], *, tasks: list[str] | None, selection: MoeSelection,
-              refit: RefitOptions, progress: bool) -> dict[str, list[dict[str, Any]]]:
+    def refit(
+        self,
+        info: ModelInfo,
+        store: Any,
+        keeps: list[int],
+        *,
+        tasks: list[str] | None,
+        selection: MoeSelection,
+        refit: RefitOptions,
+        progress: bool,
+    ) -> dict[str, list[dict[str, Any]]]:
         from premoe.moe.refit_checkpoint import refit_tasks
 
-        return refit_tasks(info, store, keeps, tasks=tasks, selection=selection, refit_data=refit.refit_data,
-                           progress=progress)
+        return refit_tasks(
+            info, store, keeps, tasks=tasks, selection=selection, refit_data=refit.refit_data, progress=progress
+        )
 
     def check_refit(self, info: ModelInfo, keeps: list[int]) -> None:
         """Raise unless :meth:`refit` can store re-fitted rows for ``keeps`` (checked before a calibration)."""
@@ -102,8 +167,18 @@ class MoeKind:
         check_refit_model(info)
         down_targets(info)
 
-    def sweep(self, out: Path, info: ModelInfo, tasks: dict, *, sweep: MoeSweep, variants: tuple[str, ...] | None,
-              memory: MemoryOptions, progress: bool, about: dict[str, Any]) -> dict[str, Any]:
+    def sweep(
+        self,
+        out: Path,
+        info: ModelInfo,
+        tasks: dict,
+        *,
+        sweep: MoeSweep,
+        variants: tuple[str, ...] | None,
+        memory: MemoryOptions,
+        progress: bool,
+        about: dict[str, Any],
+    ) -> dict[str, Any]:
         from premoe.moe.sweep import sweep as run_sweep
 
         return run_sweep(out, info, tasks, sweep, variants=variants, memory=memory, progress=progress, about=about)
@@ -111,11 +186,16 @@ class MoeKind:
     def format_sweep(self, result: dict[str, Any]) -> str:
         from premoe.moe.sweep import format_summary
 
-        return ("accuracy retained vs. dense (mean over tasks), by experts kept per layer:\n" + format_summary(result)
-                + f"\nwrote results.json, results.csv, {', '.join(result['pictures'])} to {result['out']} in "
-                  f"{result['seconds']:.0f}s")
+        return (
+            "accuracy retained vs. dense (mean over tasks), by experts kept per layer:\n"
+            + format_summary(result)
+            + f"\nwrote results.json, results.csv, {', '.join(result['pictures'])} to {result['out']} in "
+            f"{result['seconds']:.0f}s"
+        )
 
     def describe_store(self, model: dict[str, Any]) -> str:
         """The store's model line of ``premoe inspect``."""
-        return (f"{model['architecture']} ({model['model_type']}), {len(model['moe_layers'])} MoE layers x "
-                f"{model['num_experts']} experts, top-{model['top_k']}, router sha256 {model['router_sha256'][:12]}")
+        return (
+            f"{model['architecture']} ({model['model_type']}), {len(model['moe_layers'])} MoE layers x "
+            f"{model['num_experts']} experts, top-{model['top_k']}, router sha256 {model['router_sha256'][:12]}"
+        )

@@ -109,7 +109,7 @@ def _expert_span(original: str, renamed: str, pattern: str) -> tuple[int, int] |
         pass
     if m is None:
         return None
-    tail = renamed[m.end(1):]
+    tail = renamed[m.end(1) :]
     digits = m.group(1)
     if not original.endswith(tail):
         return None
@@ -176,7 +176,7 @@ def map_checkpoint(
         base = quant.target(key)
         shift = 0
         if wrapper and base.startswith(wrapper):  # the language model of a multimodal release
-            base, shift = base[len(wrapper):], len(wrapper)
+            base, shift = base[len(wrapper) :], len(wrapper)
         target, pattern = rename_source_key(base, renamings, converters, model.base_model_prefix, meta_state)
         layer = layer_of(target, decoder_prefix)
         if layer is not None and layer >= num_layers:
@@ -193,8 +193,8 @@ def map_checkpoint(
             conv = by_pattern[pattern]
             if not _converter_ops_ok(conv):
                 raise UnsupportedModelError(
-                    f"transformers builds {target} from {pattern!r} with {conv.operations}; premoe can only read expert "
-                    "tensors that are stacked per expert (and concatenated on dim 1) as byte ranges"
+                    f"transformers builds {target} from {pattern!r} with {conv.operations}; premoe can only read "
+                    "expert tensors that are stacked per expert (and concatenated on dim 1) as byte ranges"
                 )
             renamed = base
             for r in renamings:
@@ -202,7 +202,7 @@ def map_checkpoint(
             span = _expert_span(base, renamed, pattern.lstrip("^"))
             if span is None:
                 raise CheckpointError(f"cannot find the expert id in checkpoint key {key!r}")
-            e = int(base[span[0]:span[1]])
+            e = int(base[span[0] : span[1]])
             if e >= width:
                 raise CheckpointError(f"{key}: expert id {e} but the config says {num_experts} experts per layer")
             layer = expert_names[target][0]
@@ -234,7 +234,9 @@ def map_checkpoint(
         if role.kind in ("router", "fused") and tensors[key].shape:
             n = tensors[key].shape[role.dim] if role.kind == "router" else tensors[key].shape[0]
             if role.kind == "router" and n != width:
-                raise CheckpointError(f"{key}: the router {main} is quantised in blocks across experts; premoe cannot slice it")
+                raise CheckpointError(
+                    f"{key}: the router {main} is quantised in blocks across experts; premoe cannot slice it"
+                )
             if role.kind == "fused":
                 role = replace(role, rows=0 if n == width and width != num_experts else n // num_experts)
         roles[key] = replace(role, companion=kind)
@@ -297,7 +299,9 @@ def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[
         else:
             kind = {"router": "router", "fused": "fused"}.get(role.kind, "plain")
             if role.target in sources:
-                raise CheckpointError(f"two checkpoint tensors feed {role.target} ({sources[role.target].key} and {key})")
+                raise CheckpointError(
+                    f"two checkpoint tensors feed {role.target} ({sources[role.target].key} and {key})"
+                )
             sources[role.target] = Source(kind, role.layer, key, dim=role.dim, rows=role.rows)
         if key in scale_of:
             sources[role.target].scales[key] = scale_of[key]
@@ -309,19 +313,22 @@ def _check_complete(moe, roles, sources, spec: ArchSpec, num_experts: int, width
         if not any(n in sources for n in names["router"]):
             raise CheckpointError(
                 f"no router weights for MoE layer {layer} in the checkpoint (expected a tensor that loads into "
-                f"'{next(iter(names['router']), names['prefix'] + '.' + spec.router)}'); is this a checkpoint transformers 5 loads?"
+                f"'{next(iter(names['router']), names['prefix'] + '.' + spec.router)}'); is this a checkpoint "
+                "transformers 5 loads?"
             )
         for name, rows in names["experts"].items():
             src = sources.get(name)
             if src is None:
-                raise CheckpointError(f"MoE layer {layer}: no checkpoint tensors for {name}; the checkpoint is incomplete")
+                raise CheckpointError(
+                    f"MoE layer {layer}: no checkpoint tensors for {name}; the checkpoint is incomplete"
+                )
             if src.kind == "split":
                 have = {e for e, _ in src.parts}
                 need = set(range(num_experts))
                 if not need <= have or any((e, p) not in src.parts for e in need for p in range(src.n_parts)):
                     raise CheckpointError(
-                        f"MoE layer {layer}: found {len(have & need)} of {num_experts} routed experts for {name} in the "
-                        "checkpoint; it is incomplete or does not match config.json"
+                        f"MoE layer {layer}: found {len(have & need)} of {num_experts} routed experts for {name} "
+                        "in the checkpoint; it is incomplete or does not match config.json"
                     )
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from premoe.moe.model import ModelInfo, inspect_model
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.moe.arch import MoeLayer, find_moe_layers
+from premoe.moe.model import ModelInfo, inspect_model
 
 
 @dataclass
@@ -32,7 +32,9 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"
+) -> LoadedModel:
     """Load a supported MoE checkpoint, its tokenizer and layout, ready for inference.
 
     Args:

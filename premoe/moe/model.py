@@ -53,7 +53,9 @@ class ModelFingerprint:
             if mine != theirs:
                 out.append(f"{key} {mine} vs {theirs}")
         if not out and self.router_sha256 != stored.get("router_sha256"):
-            out.append(f"router weights differ (hash {self.router_sha256[:12]} vs {str(stored.get('router_sha256'))[:12]})")
+            out.append(
+                f"router weights differ (hash {self.router_sha256[:12]} vs {str(stored.get('router_sha256'))[:12]})"
+            )
         return out
 
 
@@ -139,7 +141,9 @@ def inspect_model(path: str | Path) -> ModelInfo:
         top_k=rspec.top_k,
         router_sha256=_hash_routers(ckpt, layout.roles, moe),
     )
-    return ModelInfo(path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type, text_key)
+    return ModelInfo(
+        path, raw, config, spec, rspec, num_layers, moe, prefix, ckpt, layout, fp, quant, config_type, text_key
+    )
 
 
 def as_info(model) -> ModelInfo:

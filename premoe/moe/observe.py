@@ -7,12 +7,12 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from premoe.moe.model import ModelInfo
 from premoe.core.data import token_batches
 from premoe.core.modules import decoder_layers
 from premoe.errors import InputError
 from premoe.moe.arch import MoeLayer, RouterSpec
 from premoe.moe.kernels import expert_forward
+from premoe.moe.model import ModelInfo
 from premoe.moe.recon import LayerRecon
 from premoe.moe.routing import route
 from premoe.moe.scoring import OUTPUT_SUM_NAMES, SUM_NAMES, MarkerParams, RoutingSums, layer_markers, output_markers
@@ -30,8 +30,16 @@ class RouterObserver:
     :meth:`finish` after the pass.
     """
 
-    def __init__(self, layers: list[MoeLayer], router: RouterSpec, arch, params: MarkerParams,
-                 decoder: list | None = None, outputs: bool = False, recon: bool = False):
+    def __init__(
+        self,
+        layers: list[MoeLayer],
+        router: RouterSpec,
+        arch,
+        params: MarkerParams,
+        decoder: list | None = None,
+        outputs: bool = False,
+        recon: bool = False,
+    ):
         self.layers = layers
         self.router = router
         self.arch = arch
@@ -99,8 +107,15 @@ class RouterObserver:
                 routed.index_add_(0, rows, out if self.arch.weight_on_input else out * w[rows, slots, None])
             rec = self.recon[pos] if self.recon is not None else None
             if rec is not None and not rec.full:
-                rec.add(lambda e, h: expert_forward(layer.experts, e, h), hidden, logits, layer.selection_bias(),
-                        x, routed, mult)
+                rec.add(
+                    lambda e, h: expert_forward(layer.experts, e, h),
+                    hidden,
+                    logits,
+                    layer.selection_bias(),
+                    x,
+                    routed,
+                    mult,
+                )
                 if rec.full:
                     rec.finish()  # the statistics are freed as soon as the layer has its tokens
             x, routed = x.double(), routed.double()  # 1 - cos of nearly parallel vectors: float32 rounds it to 0
@@ -215,8 +230,9 @@ def observe_streamed(
             if obs.recon is not None and i in where:
                 obs.recon[where[i]].finish()
 
-        stats = stream.run(batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir,
-                           done=done)
+        stats = stream.run(
+            batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir, done=done
+        )
         obs.finish()
     stats["bytes_read"] = stream.reader.bytes_read
     return obs.sums, stats

@@ -37,9 +37,14 @@ class MoeSelection(Options):
     kind: ClassVar[str | None] = "moe"
     keep: int | None = option(None, "MoE: experts kept in every MoE layer", type=int)
     top_k: int | None = option(None, "MoE: also lower the experts routed per token (e.g. 4/64)", type=int)
-    group_policy: str = option("balanced", "MoE, group-limited routers (DeepSeek-V3): keep N/n_group per group, or "
-                                           "flatten to plain top-k", choices=GROUP_POLICIES)
-    scorer: str | None = option(None, "MoE: rank experts with this scorer (default: the task's own)", choices=SCORER_NAMES)
+    group_policy: str = option(
+        "balanced",
+        "MoE, group-limited routers (DeepSeek-V3): keep N/n_group per group, or flatten to plain top-k",
+        choices=GROUP_POLICIES,
+    )
+    scorer: str | None = option(
+        None, "MoE: rank experts with this scorer (default: the task's own)", choices=SCORER_NAMES
+    )
 
     def __post_init__(self):
         check_int("keep", self.keep)
@@ -68,30 +73,40 @@ class MoeSelection(Options):
         if top_k is not None and top_k > K:
             raise InputError(f"`top_k` {top_k} exceeds the model's own top-k {K}; it can only be lowered")
         if keep < new_k:
-            raise InputError(f"`keep` {keep} is below the {new_k} experts each token is routed to; keep at least {new_k} "
-                             "experts per layer (or lower `top_k`)")
+            raise InputError(
+                f"`keep` {keep} is below the {new_k} experts each token is routed to; keep at least {new_k} "
+                "experts per layer (or lower `top_k`)"
+            )
 
         def resolved(n_group: int, topk_group: int) -> ResolvedSelection:
-            return ResolvedSelection(keep, new_k, n_group, topk_group,
-                                     self.group_policy if router.group_limited else None, self.scorer)
+            return ResolvedSelection(
+                keep, new_k, n_group, topk_group, self.group_policy if router.group_limited else None, self.scorer
+            )
 
         if not router.group_limited or self.group_policy == "flatten":
             if router.group_score == "top2sum" and keep < 2:
-                raise InputError("DeepSeek-V3-style routers score expert groups by their two best experts; keep at "
-                                 "least 2")
+                raise InputError(
+                    "DeepSeek-V3-style routers score expert groups by their two best experts; keep at least 2"
+                )
             return resolved(router.n_group, router.topk_group) if not router.group_limited else resolved(1, 1)
         G, TG = router.n_group, router.topk_group
         if keep % G:
-            raise InputError(f"`keep` {keep} is not a multiple of the router's {G} expert groups; use a multiple of {G} "
-                             "or `group_policy='flatten'`")
+            raise InputError(
+                f"`keep` {keep} is not a multiple of the router's {G} expert groups; use a multiple of {G} "
+                "or `group_policy='flatten'`"
+            )
         if router.group_score == "top2sum" and keep < 2 * G:
-            raise InputError(f"`keep` {keep} leaves fewer than 2 experts in some of the {G} groups, but this router "
-                             f"scores groups by their two best experts; keep at least {2 * G} or use "
-                             "`group_policy='flatten'`")
+            raise InputError(
+                f"`keep` {keep} leaves fewer than 2 experts in some of the {G} groups, but this router "
+                f"scores groups by their two best experts; keep at least {2 * G} or use "
+                "`group_policy='flatten'`"
+            )
         if TG * (keep // G) < new_k:
-            raise InputError(f"`keep` {keep} leaves {keep // G} experts in each of the {TG} groups a token may use, "
-                             f"fewer than top-k {new_k}; keep at least {G * -(-new_k // TG)} or use "
-                             "`group_policy='flatten'`")
+            raise InputError(
+                f"`keep` {keep} leaves {keep // G} experts in each of the {TG} groups a token may use, "
+                f"fewer than top-k {new_k}; keep at least {G * -(-new_k // TG)} or use "
+                "`group_policy='flatten'`"
+            )
         return resolved(G, TG)
 
 
@@ -100,11 +115,16 @@ class MoeCalibration(Options):
     """What an MoE calibration records besides the router statistics every scorer starts from."""
 
     kind: ClassVar[str | None] = "moe"
-    scorer: str | None = option(None, "MoE: the task's default scorer (default: easyep where the experts can be run "
-                                      "one by one, else tcess; router statistics are always recorded, so --scorer tcess "
-                                      "at prune time needs no recalibration)", choices=SCORER_NAMES)
-    all_stats: bool = option(False, "MoE: also compute every other scorer's statistics in this pass (expert outputs, "
-                                    "weights)")
+    scorer: str | None = option(
+        None,
+        "MoE: the task's default scorer (default: easyep where the experts can be run "
+        "one by one, else tcess; router statistics are always recorded, so --scorer tcess "
+        "at prune time needs no recalibration)",
+        choices=SCORER_NAMES,
+    )
+    all_stats: bool = option(
+        False, "MoE: also compute every other scorer's statistics in this pass (expert outputs, weights)"
+    )
     k: int | None = option(None, "MoE: experts per token counted as selected (default: the model's top-k)", type=int)
     r: float | None = option(None, "MoE: minimum share of the top-k routing weight to count", type=float)
     seed: int = option(0, "seed of the random scorer", type=int)
@@ -124,8 +144,13 @@ class MoeSweep(Options):
     """What an MoE sweep compares: keep counts and scorers."""
 
     kind: ClassVar[str | None] = "moe"
-    keeps: tuple[int, ...] = option((), "MoE: experts kept per layer (default: 3/4, 1/2, 3/8, 1/4, 1/8 of the experts)",
-                                    type=int, nargs="+", flag="--keep")
+    keeps: tuple[int, ...] = option(
+        (),
+        "MoE: experts kept per layer (default: 3/4, 1/2, 3/8, 1/4, 1/8 of the experts)",
+        type=int,
+        nargs="+",
+        flag="--keep",
+    )
     scorers: tuple[str, ...] = option((), "MoE: scorers compared (default: all)", choices=SCORER_NAMES, nargs="+")
 
     def __post_init__(self):

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import torch
 
-from premoe.moe.model import ModelInfo
 from premoe.core.store import PatternStore, TaskPattern
 from premoe.errors import InputError, StoreError
+from premoe.moe.model import ModelInfo
 from premoe.moe.options import MoeSelection, ResolvedSelection
 from premoe.moe.plans import PrunePlan, make_plan, resolved
 from premoe.moe.scoring import pool_means, score
 
 
-def pooled_pattern(store: str | Path | PatternStore, tasks: list[str] | None = None, name: str = "all-tasks") -> TaskPattern:
+def pooled_pattern(
+    store: str | Path | PatternStore, tasks: list[str] | None = None, name: str = "all-tasks"
+) -> TaskPattern:
     """One pattern for several tasks (default: all in the store), as if calibrated on all their samples.
 
     Every stored statistic is a per-token sum, so pooling is exact: a token-weighted average of the
@@ -32,9 +34,18 @@ def pooled_pattern(store: str | Path | PatternStore, tasks: list[str] | None = N
     default = patterns[0].scorer if len({p.scorer for p in patterns}) == 1 else "tcess"
     shape = tuple(patterns[0].scores.shape)
     scores = score_pattern(TaskPattern(name, patterns[0].layers, patterns[0].scores, means), default, shape)
-    return TaskPattern(name, patterns[0].layers, scores, means,
-                       {"tokens": tokens, "scorer": default, "pooled_from": names,
-                        "samples": sum(int(p.info.get("samples", 0)) for p in patterns)})
+    return TaskPattern(
+        name,
+        patterns[0].layers,
+        scores,
+        means,
+        {
+            "tokens": tokens,
+            "scorer": default,
+            "pooled_from": names,
+            "samples": sum(int(p.info.get("samples", 0)) for p in patterns),
+        },
+    )
 
 
 def score_pattern(pattern: TaskPattern, scorer: str | None, shape=None, seed: int = 0):
@@ -59,8 +70,9 @@ def load_pattern(store: str | Path | PatternStore, task: str | None, agnostic: b
     return pooled_pattern(st) if agnostic else st.load(task)
 
 
-def plan_from_pattern(info: ModelInfo, pattern: TaskPattern, selection: MoeSelection | ResolvedSelection | int,
-                      seed: int = 0) -> PrunePlan:
+def plan_from_pattern(
+    info: ModelInfo, pattern: TaskPattern, selection: MoeSelection | ResolvedSelection | int, seed: int = 0
+) -> PrunePlan:
     """The plan keeping ``selection``'s experts (an int: that many) of ``pattern``, ranked by its scorer
     (default: the pattern's own)."""
     selection = resolved(selection, info.router)

@@ -89,13 +89,23 @@ class TokenStats:
         return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
-def token_stats(logits, cand, outs: torch.Tensor, target: torch.Tensor, residual: torch.Tensor | None = None) -> TokenStats:
+def token_stats(
+    logits, cand, outs: torch.Tensor, target: torch.Tensor, residual: torch.Tensor | None = None
+) -> TokenStats:
     """From the candidates' outputs [T, c, D], the dense routed output [T, D] and the residual stream
     entering the block [T, D] (default zero), the statistics :func:`damage` and :func:`routed_error` need."""
     outs, target = outs.float(), target.float()
     x = torch.zeros_like(target) if residual is None else residual.float()
-    return TokenStats(logits.float(), cand, outs @ outs.transpose(1, 2), (outs @ target[:, :, None])[..., 0],
-                      (target * target).sum(-1), (outs @ x[:, :, None])[..., 0], (x * x).sum(-1), (x * target).sum(-1))
+    return TokenStats(
+        logits.float(),
+        cand,
+        outs @ outs.transpose(1, 2),
+        (outs @ target[:, :, None])[..., 0],
+        (target * target).sum(-1),
+        (outs @ x[:, :, None])[..., 0],
+        (x * x).sum(-1),
+        (x * target).sum(-1),
+    )
 
 
 def _candidate_weights(st: TokenStats, spec: RouterSpec, bias, exclude) -> torch.Tensor:
@@ -227,8 +237,9 @@ class LayerRecon:
         for s in range(0, n, chunk):
             cc, h = cand[s : s + chunk], hidden[s : s + chunk]
             outs = slot_outputs(cc, lambda e, rows: forward(e, h[rows]), h.shape[-1])
-            st = token_stats(logits[s : s + chunk], cc, mult * outs, mult * routed[s : s + chunk].float(),
-                             residual[s : s + chunk])
+            st = token_stats(
+                logits[s : s + chunk], cc, mult * outs, mult * routed[s : s + chunk].float(), residual[s : s + chunk]
+            )
             self.parts.append(st.apply(torch.Tensor.cpu))
         self.seen += n
 

@@ -42,7 +42,8 @@ def check_supported(experts: nn.Module | None, spec: RouterSpec, weight_on_input
     if experts is None or not hasattr(experts, "has_gate") or weight_on_input or spec.slots:
         raise UnsupportedModelError(
             f"`refit` re-fits experts in transformers' fused experts interface routed by output weight; {family}'s "
-            "experts are laid out otherwise; use `refit=False`")
+            "experts are laid out otherwise; use `refit=False`"
+        )
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,15 @@ def expert_out(experts: nn.Module, e: int, a: torch.Tensor, w: torch.Tensor) -> 
     return y
 
 
-def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok, texts: Iterable[str],
-            max_tokens: int, max_length: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def capture(
+    model: nn.Module,
+    layers: Sequence[MoeLayer],
+    spec: RouterSpec,
+    tok,
+    texts: Iterable[str],
+    max_tokens: int,
+    max_length: int = 2048,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per MoE layer: (block input [T, D], router logits [T, S], routed experts' output [T, D] or ``None``
     where the layer has no experts module) of up to ``max_tokens`` real tokens (texts cut at ``max_length``)."""
     got: list[tuple[list, list, list]] = [([], [], []) for _ in layers]
@@ -98,6 +106,7 @@ def capture(model: nn.Module, layers: Sequence[MoeLayer], spec: RouterSpec, tok,
 def _record(layer: MoeLayer, spec: RouterSpec, into: tuple[list, list, list], mask: dict, max_tokens: int) -> list:
     """Hooks appending the layer's block input and router logits (router hook) and its routed experts' output
     (experts hook) at the real tokens of ``mask["m"]``, up to ``max_tokens``; returns the hook handles."""
+
     def masked(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])[mask["m"].to(t.device)].detach().float().cpu()
 
@@ -129,12 +138,20 @@ def dense_output(layer: MoeLayer, x: torch.Tensor, logits: torch.Tensor, spec: R
     for e in idx.unique().tolist():
         rows, slots = torch.where(idx == e)
         a = expert_hidden(experts, e, x[rows]).double()
-        y.index_add_(0, rows, w[rows, slots, None].double() * expert_out(experts, e, a, down_weight(experts, e).double()))
+        y.index_add_(
+            0, rows, w[rows, slots, None].double() * expert_out(experts, e, a, down_weight(experts, e).double())
+        )
     return y
 
 
-def rerouted(experts: nn.Module, x: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], routing: RouterSpec,
-             bias: torch.Tensor | None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def rerouted(
+    experts: nn.Module,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    kept: Sequence[int],
+    routing: RouterSpec,
+    bias: torch.Tensor | None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """How the pruned block routes ``x``: per position p into ``kept`` (ascending) that some token goes to,
     (those tokens' rows, expert ``kept[p]``'s activation [n, I] with the routing weight folded in, the
     routing weights [n]), all float32."""
@@ -156,9 +173,18 @@ def routed_out(experts: nn.Module, e: int, a: torch.Tensor, wt: torch.Tensor) ->
 
 
 @torch.inference_mode()
-def refit_layer(layer: MoeLayer, h: torch.Tensor, logits: torch.Tensor, kept: Sequence[int], spec: RouterSpec,
-                lam: float = LAM, sweeps: int = SWEEPS, pruned: RouterSpec | None = None,
-                kept_experts: nn.Module | None = None, target: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+def refit_layer(
+    layer: MoeLayer,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    kept: Sequence[int],
+    spec: RouterSpec,
+    lam: float = LAM,
+    sweeps: int = SWEEPS,
+    pruned: RouterSpec | None = None,
+    kept_experts: nn.Module | None = None,
+    target: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
     """New ``down_proj`` [D, I] (float32) of each kept expert of one dense MoE layer; ``{}`` when every
     expert is kept (nothing to correct). ``pruned``: the pruned model's routing (default: ``spec`` over
     the kept experts, top-k capped; group-limited routers pass the plan's groups). ``kept_experts``:
@@ -208,13 +234,25 @@ ROUTER_CANDIDATES = 2  # x top-k: the kept experts per token (best first) the re
 
 def router_weight_path(layer: MoeLayer) -> str | None:
     """Path (in ``layer.block``) of the layer's router weight matrix, experts on dim 0, if it has one."""
-    return next((p for p, d in layer.router_tensors.items()
-                 if d == 0 and p.endswith("weight") and layer.tensor(p).dim() == 2), None)
+    return next(
+        (p for p, d in layer.router_tensors.items() if d == 0 and p.endswith("weight") and layer.tensor(p).dim() == 2),
+        None,
+    )
 
 
-def router_delta(experts: nn.Module, kept: Sequence[int], h: torch.Tensor, logits: torch.Tensor, routing: RouterSpec,
-                 bias: torch.Tensor | None, target: torch.Tensor, down: dict[int, torch.Tensor] | None = None,
-                 lam: float = LAM, steps: int = ROUTER_STEPS, tokens: int = ROUTER_TOKENS) -> torch.Tensor:
+def router_delta(
+    experts: nn.Module,
+    kept: Sequence[int],
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    routing: RouterSpec,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    down: dict[int, torch.Tensor] | None = None,
+    lam: float = LAM,
+    steps: int = ROUTER_STEPS,
+    tokens: int = ROUTER_TOKENS,
+) -> torch.Tensor:
     """A change [N, D] (float32) to the kept experts' router rows (ascending ids) that lowers the pruned
     block's squared error against ``target`` (the dense routed output) on the first ``tokens`` tokens,
     with the kept experts fixed (``down``: their down projections [D, I] by id, default the layer's).
@@ -263,13 +301,23 @@ def router_delta(experts: nn.Module, kept: Sequence[int], h: torch.Tensor, logit
 
 def pruned_routing(spec: RouterSpec, plan) -> RouterSpec:
     """How the model ``plan`` builds routes: its experts, top-k and expert groups."""
-    return dataclasses.replace(spec, num_experts=plan.keep, top_k=plan.top_k, n_group=plan.n_group,
-                               topk_group=plan.topk_group)
+    return dataclasses.replace(
+        spec, num_experts=plan.keep, top_k=plan.top_k, n_group=plan.n_group, topk_group=plan.topk_group
+    )
 
 
 @torch.inference_mode()
-def refit_pruned_(net: nn.Module, arch, plan, dense_layers: Sequence[MoeLayer], captured, spec: RouterSpec,
-                  lam: float = LAM, sweeps: int = SWEEPS, from_pruned: bool = False) -> int:
+def refit_pruned_(
+    net: nn.Module,
+    arch,
+    plan,
+    dense_layers: Sequence[MoeLayer],
+    captured,
+    spec: RouterSpec,
+    lam: float = LAM,
+    sweeps: int = SWEEPS,
+    from_pruned: bool = False,
+) -> int:
     """Re-fit the kept experts of ``net`` (the model ``plan`` built, kept experts at their ascending
     positions) from the dense model's layers and the captured tokens; returns the layers changed.
     ``from_pruned``: start from ``net``'s kept experts as they are (merged ones, say) rather than the

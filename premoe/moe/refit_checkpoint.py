@@ -35,7 +35,6 @@ from premoe.moe.refit import (
 )
 
 
-
 class RefitWeights:
     """Re-fitted down projections of the kept experts, one safetensors file per MoE layer in
     ``directory`` (default: a temporary one, removed by :meth:`close`; a pattern store's re-fits are
@@ -66,7 +65,9 @@ class RefitWeights:
                     out.experts[layer] = sorted(int(k) for k in g.keys() if k.isdigit())
                     out.routers[layer] = sorted(k for k in g.keys() if not k.isdigit())
             except (SafetensorError, OSError, ValueError) as e:
-                raise StoreError(f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass `refit=False`") from None
+                raise StoreError(
+                    f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass `refit=False`"
+                ) from None
         return out
 
     def put(self, layer: int, weights: dict[int, torch.Tensor], routers: dict[str, torch.Tensor] | None = None) -> None:
@@ -106,8 +107,12 @@ def plan_key(plan) -> str:
     import hashlib
     import json
 
-    what = {"kept": {str(k): sorted(v) for k, v in sorted(plan.kept.items())}, "top_k": plan.top_k,
-            "n_group": plan.n_group, "topk_group": plan.topk_group}
+    what = {
+        "kept": {str(k): sorted(v) for k, v in sorted(plan.kept.items())},
+        "top_k": plan.top_k,
+        "n_group": plan.n_group,
+        "topk_group": plan.topk_group,
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,8 +142,10 @@ def down_targets(info) -> dict[int, str]:
         target = next((n for n in names["experts"] if n.endswith(".down_proj")), None)
         src = info.layout.sources.get(target) if target else None
         if src is None or src.kind not in ("split", "fused") or src.converter is not None:
-            raise UnsupportedModelError(f"`refit` rewrites the experts' down projections, but {info.spec.name} stores "
-                                        f"layer {layer}'s in a layout premoe does not rewrite; use `refit=False`")
+            raise UnsupportedModelError(
+                f"`refit` rewrites the experts' down projections, but {info.spec.name} stores "
+                f"layer {layer}'s in a layout premoe does not rewrite; use `refit=False`"
+            )
         out[layer] = target
     return out
 
@@ -148,8 +155,15 @@ def router_target(info, layer: int) -> str | None:
     experts on dim 0 (what the router re-fit rewrites), else ``None``."""
     for name, dim in info.layout.moe[layer]["router"].items():
         src = info.layout.sources.get(name)
-        if dim == 0 and name.endswith(".weight") and src is not None and src.kind == "router" and src.key \
-                and src.converter is None and not src.scales:
+        if (
+            dim == 0
+            and name.endswith(".weight")
+            and src is not None
+            and src.kind == "router"
+            and src.key
+            and src.converter is None
+            and not src.scales
+        ):
             return name
     return None
 
@@ -157,24 +171,43 @@ def router_target(info, layer: int) -> str | None:
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
     if info.quant.quantized:
-        raise UnsupportedModelError(f"`refit` writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
-                                    "and premoe does not re-quantise them; use `refit=False`")
+        raise UnsupportedModelError(
+            f"`refit` writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
+            "and premoe does not re-quantise them; use `refit=False`"
+        )
     if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
-        raise UnsupportedModelError(f"`refit` re-fits experts routed by output weight in transformers' fused experts "
-                                    f"interface; {info.spec.name}'s experts are laid out otherwise; use `refit=False`")
+        raise UnsupportedModelError(
+            f"`refit` re-fits experts routed by output weight in transformers' fused experts "
+            f"interface; {info.spec.name}'s experts are laid out otherwise; use `refit=False`"
+        )
 
 
-def refit_model(info, plan, tok, sources: Sequence[Sequence[str]], *, directory: str | Path | None = None,
-                **kwargs) -> RefitWeights:
+def refit_model(
+    info, plan, tok, sources: Sequence[Sequence[str]], *, directory: str | Path | None = None, **kwargs
+) -> RefitWeights:
     """Re-fit the kept experts of every MoE layer of ``plan``: :func:`refit_models` for one plan."""
     return refit_models(info, [plan], tok, sources, directories=[directory], **kwargs)[0]
 
 
-def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *, about: str = "",
-                 directories: Sequence[str | Path | None] | None = None, tokens: int = TOKENS, lam: float = LAM,
-                 sweeps: int = SWEEPS, batch_size: int = 16, max_length: int = 2048,
-                 device: torch.device | None = None, progress: bool = True, reader=None,
-                 stream: bool | None = None, router: bool = True) -> list[RefitWeights]:
+def refit_models(
+    info,
+    plans: Sequence,
+    tok,
+    sources: Sequence[Sequence[str]],
+    *,
+    about: str = "",
+    directories: Sequence[str | Path | None] | None = None,
+    tokens: int = TOKENS,
+    lam: float = LAM,
+    sweeps: int = SWEEPS,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    device: torch.device | None = None,
+    progress: bool = True,
+    reader=None,
+    stream: bool | None = None,
+    router: bool = True,
+) -> list[RefitWeights]:
     """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``tokens`` calibration
     tokens per layer from ``sources`` (texts, equal shares), in one pass over the model: the dense
     model's MoE-block inputs and router logits are recorded and each layer is re-fitted for every plan
@@ -194,8 +227,10 @@ def refit_models(info, plans: Sequence, tok, sources: Sequence[Sequence[str]], *
     texts = pick_texts(tok, sources, tokens, max_length)
     if not texts:
         raise InputError("the refit data has no texts; pass `refit_data` or use `refit=False`")
-    outs = [RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
-            for d in (directories or [None] * len(plans))]
+    outs = [
+        RefitWeights({"data": about, "tokens": 0, "ridge": lam, "sweeps": sweeps}, d)
+        for d in (directories or [None] * len(plans))
+    ]
     routings = [pruned_routing(info.router, plan) for plan in plans]
     from premoe.moe.selective import Materializer
 
@@ -250,14 +285,20 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
 
 
 def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
-    from premoe.core.streaming import activation_bytes, hidden_room
     from premoe.core.data import token_batches
+    from premoe.core.streaming import activation_bytes, hidden_room
     from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
-    stream = LayerStream(info, reader=reader, device=device, num_layers=max(info.moe_layers) + 1, dtype=torch.float32,
-                         compute_dtype=torch.float32)  # targets not rounded to the storage dtype
+    stream = LayerStream(
+        info,
+        reader=reader,
+        device=device,
+        num_layers=max(info.moe_layers) + 1,
+        dtype=torch.float32,
+        compute_dtype=torch.float32,
+    )  # targets not rounded to the storage dtype
     moe = {m.index: m for m in stream.moe}
     got = {m.index: ([], [], []) for m in stream.moe}
     mask: dict[str, torch.Tensor] = {}
@@ -278,8 +319,9 @@ def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, dev
             hk.remove()
 
 
-def refit_for(info, store, plan, task: str | None, agnostic: bool, options: RefitOptions = RefitOptions(),
-              progress: bool = True) -> RefitWeights | None:
+def refit_for(
+    info, store, plan, task: str | None, agnostic: bool, options: RefitOptions = RefitOptions(), progress: bool = True
+) -> RefitWeights | None:
     """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan``: recorded in ``plan.refit`` and held in
     ``plan.weights`` (also returned).
 
@@ -329,8 +371,9 @@ def stored_refit(store, task: str, plan) -> RefitWeights | None:
     return RefitWeights.open(directory, {**entry.get("about", {}), "stored": entry["dir"]})
 
 
-def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence | None = None,
-                 progress: bool = True, **kwargs) -> list[dict[str, Any]]:
+def store_refits(
+    info, store, task: str, plans: Sequence, refit_data: Sequence | None = None, progress: bool = True, **kwargs
+) -> list[dict[str, Any]]:
     """Re-fit ``task``'s kept experts for each of ``plans`` (one pass over the model) on ``refit_data``
     or the task's recorded calibration data, and store the rows with the pattern (``premoe refit``);
     returns each plan's manifest entry. Plans that keep every expert are skipped.
@@ -341,8 +384,8 @@ def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence |
     """
     import shutil
 
-    from premoe.core.data import refit_sources
     from premoe.core.config import load_tokenizer
+    from premoe.core.data import refit_sources
 
     plans = [p for p in plans if any(len(v) < info.num_experts for v in p.kept.values())]
     if not plans:
@@ -352,13 +395,20 @@ def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence |
     sources, about = refit_sources(store.tasks, [task], refit_data)
     dirs = [store.refit_workdir() for _ in plans]
     try:
-        outs = refit_models(info, plans, load_tokenizer(info.path), sources, about=about, directories=dirs,
-                            progress=progress, **kwargs)
+        outs = refit_models(
+            info, plans, load_tokenizer(info.path), sources, about=about, directories=dirs, progress=progress, **kwargs
+        )
         entries = []
         for plan, out, d in zip(plans, outs, dirs):
             key = plan_key(plan)
-            meta = {"keep": plan.keep, "top_k": plan.top_k, "group_policy": plan.group_policy, "scorer": plan.scorer,
-                    "experts": sum(len(v) for v in out.experts.values()), "about": out.about}
+            meta = {
+                "keep": plan.keep,
+                "top_k": plan.top_k,
+                "group_policy": plan.group_policy,
+                "scorer": plan.scorer,
+                "experts": sum(len(v) for v in out.experts.values()),
+                "about": out.about,
+            }
             store.add_refit(task, key, meta, d)
             entries.append({**meta, "key": key})
         return entries
@@ -367,8 +417,16 @@ def store_refits(info, store, task: str, plans: Sequence, refit_data: Sequence |
             shutil.rmtree(d, ignore_errors=True)
 
 
-def refit_tasks(info, store, keeps: Sequence[int], *, tasks: Sequence[str] | None = None, selection=None,
-                refit_data: Sequence = (), progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+def refit_tasks(
+    info,
+    store,
+    keeps: Sequence[int],
+    *,
+    tasks: Sequence[str] | None = None,
+    selection=None,
+    refit_data: Sequence = (),
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
     """``premoe refit``: for each of ``tasks`` (default: every task in the store) and keep count, the down
     projections and router rows of the experts ``selection`` keeps (its keep replaced by each of ``keeps``),
     re-fitted under re-routing on the task's calibration data (or ``refit_data``) in one pass over the model

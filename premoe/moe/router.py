@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
-from premoe.core.retrieval import Retriever, RouteResult
 from premoe.core.options import SignatureSpec
+from premoe.core.retrieval import Retriever, RouteResult
 from premoe.core.store import PatternStore
 from premoe.moe.model import as_info
 from premoe.moe.signature import SignatureModel

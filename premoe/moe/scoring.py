@@ -29,7 +29,9 @@ from premoe.moe.arch import RouterSpec
 from premoe.moe.routing import gate_scores, route
 
 
-def tcess_marker(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, r: float | None = None) -> torch.Tensor:
+def tcess_marker(
+    indices: torch.Tensor, weights: torch.Tensor, num_experts: int, r: float | None = None
+) -> torch.Tensor:
     """[T, E] per-token TCESS contribution: the routing weight of each chosen expert whose share
     of the token's chosen weight is at least ``r`` (``None``: no threshold)."""
     w = weights.float()
@@ -143,8 +145,9 @@ class RoutingSums:
     ranked: dict[str, torch.Tensor] = field(default_factory=dict)  # [L, E] statistics that are not sums (recon)
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, device: torch.device | None = None,
-              names=tuple(SUM_NAMES)) -> "RoutingSums":
+    def zeros(
+        cls, num_layers: int, num_experts: int, device: torch.device | None = None, names=tuple(SUM_NAMES)
+    ) -> "RoutingSums":
         return cls({n: torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device) for n in names})
 
     def add(self, layer: int, markers: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> None:
@@ -156,8 +159,10 @@ class RoutingSums:
 
     def means(self) -> dict[str, torch.Tensor]:
         n = max(self.tokens, 1)
-        return {**{name: (s / n).float().cpu() for name, s in self.sums.items()},
-                **{name: s.float().cpu() for name, s in self.ranked.items()}}
+        return {
+            **{name: (s / n).float().cpu() for name, s in self.sums.items()},
+            **{name: s.float().cpu() for name, s in self.ranked.items()},
+        }
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,10 @@ def score(name: str, means: dict[str, torch.Tensor] | None, shape: tuple[int, in
     means = means or {}
     missing = [k for k in SCORERS[name].needs if k not in means]
     if missing:
-        raise ValueError(f"scorer {name!r} needs calibration statistics {missing}; recalibrate with `scorer='{name}'` or `all_stats=True`")
+        raise ValueError(
+            f"scorer {name!r} needs calibration statistics {missing}; recalibrate with `scorer='{name}'` or "
+            "`all_stats=True`"
+        )
     if name in ("reap", "ean"):
         count = means["count"].float()
         return torch.where(count > 0, means[name].float() / count.clamp_min(1e-30), torch.zeros_like(count))

@@ -19,18 +19,28 @@ import torch
 from torch import nn
 
 from premoe.core.checkpoint import TORCH_DTYPES, ByteReader
-from premoe.moe.layout import Source
-from premoe.moe.model import ModelInfo
 from premoe.core.config import config_from_dict, skeleton
 from premoe.core.modules import backbone, finish_buffers, set_tensor
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.kernels import select_kernel
+from premoe.moe.layout import Source
+from premoe.moe.model import ModelInfo
 from premoe.moe.plans import PrunePlan
 from premoe.moe.surgery import apply_config_updates, config_updates
 
-__all__ = ["ByteReader", "Materializer", "ZeroExperts", "build_model", "read_routers", "ideal_bytes", "kept_bytes", "model_config",
-           "skeleton", "compute_dtype"]
+__all__ = [
+    "ByteReader",
+    "Materializer",
+    "ZeroExperts",
+    "build_model",
+    "read_routers",
+    "ideal_bytes",
+    "kept_bytes",
+    "model_config",
+    "skeleton",
+    "compute_dtype",
+]
 
 
 class ZeroExperts(nn.Module):
@@ -92,9 +102,15 @@ class Materializer:
             (:class:`premoe.moe.refit_checkpoint.RefitWeights`) that replace the checkpoint's.
     """
 
-    def __init__(self, info: ModelInfo, plan: PrunePlan | None, reader: ByteReader,
-                 routers: dict[int, dict[str, torch.Tensor]] | None = None, dtype: torch.dtype | None = None,
-                 refit=None):
+    def __init__(
+        self,
+        info: ModelInfo,
+        plan: PrunePlan | None,
+        reader: ByteReader,
+        routers: dict[int, dict[str, torch.Tensor]] | None = None,
+        dtype: torch.dtype | None = None,
+        refit=None,
+    ):
         self.info = info
         self.refit = refit
         self.plan = plan
@@ -185,10 +201,18 @@ class Materializer:
         shim = _Shapes(self.model, name, self.expected.get(name), self.dtype_of(name))
         try:
             for op in conv.operations:
-                out = op.convert(out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-                                 config=self.info.config, full_layer_name=first, model=shim)
+                out = op.convert(
+                    out,
+                    source_patterns=conv.source_patterns,
+                    target_patterns=conv.target_patterns,
+                    config=self.info.config,
+                    full_layer_name=first,
+                    model=shim,
+                )
         except Exception as e:  # an op premoe cannot drive outside transformers' loader
-            raise UnsupportedModelError(f"cannot assemble {name} from {[k for _, k in src.keys]} with {conv.operations}: {e}") from None
+            raise UnsupportedModelError(
+                f"cannot assemble {name} from {[k for _, k in src.keys]} with {conv.operations}: {e}"
+            ) from None
         if len(out) > 1:  # one key split into several tensors: keep the others for when they are asked for
             for t, v in out.items():
                 other = first.replace(conv.target_patterns[0], t)
@@ -283,9 +307,16 @@ class Materializer:
         if fast and src.kind == "split" and all((slot, p) in src.parts for p in range(src.n_parts)):
             keys = [src.parts[(slot, p)] for p in range(src.n_parts)]
             if all(TORCH_DTYPES.get(self.tensors[k].dtype) == dest.dtype for k in keys):
-                self.reader.read_into(dest, [(self.tensors[k].file, self.tensors[k].offset, self.tensors[k].nbytes) for k in keys])
+                self.reader.read_into(
+                    dest, [(self.tensors[k].file, self.tensors[k].offset, self.tensors[k].nbytes) for k in keys]
+                )
                 return
-        if fast and src.kind == "fused" and src.converter is None and TORCH_DTYPES.get(self.tensors[src.key].dtype) == dest.dtype:
+        if (
+            fast
+            and src.kind == "fused"
+            and src.converter is None
+            and TORCH_DTYPES.get(self.tensors[src.key].dtype) == dest.dtype
+        ):
             self.reader.read_into(dest, self.tensors[src.key].rows([slot], src.rows or 1))
             return
         dest.copy_(self.rows(name, [slot]).reshape(dest.shape))
@@ -305,17 +336,23 @@ class Materializer:
                 continue
             if wanted is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in wanted):
                 continue
-            for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
-                                                          if n not in mod._non_persistent_buffers_set)]:
+            for leaf, t in [
+                *mod._parameters.items(),
+                *((n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set),
+            ]:
                 if t is None or not t.is_meta:
                     continue
                 full = f"{mod_name}.{leaf}" if mod_name else leaf
-                if full not in self.info.layout.sources and (full in tied or (leaf == "weight" and mod_name == "lm_head")):
+                if full not in self.info.layout.sources and (
+                    full in tied or (leaf == "weight" and mod_name == "lm_head")
+                ):
                     continue  # tied to the input embeddings
                 self.expected[full] = tuple(t.shape)
                 value = self.value(full)
                 if tuple(value.shape) != tuple(t.shape):
-                    raise CheckpointError(f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}")
+                    raise CheckpointError(
+                        f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}"
+                    )
                 if keep_fp32 is not None and value.dtype in (torch.float16, torch.bfloat16) and keep_fp32.search(full):
                     value = value.float()
                 set_tensor(mod, leaf, value)
@@ -397,7 +434,11 @@ def build_model(
             expert_mods.append(m.experts)
     skip = {id(x) for mod in expert_mods for x in mod.modules()}
     if base_only:
-        skip |= {id(x) for x in model.get_output_embeddings().modules()} if model.get_output_embeddings() is not None else set()
+        skip |= (
+            {id(x) for x in model.get_output_embeddings().modules()}
+            if model.get_output_embeddings() is not None
+            else set()
+        )
     Materializer(info, plan, reader, routers, dtype, refit).fill(model, skip=skip)
     if not base_only:
         model.tie_weights()
@@ -414,7 +455,9 @@ def build_model(
     return model
 
 
-def read_routers(info: ModelInfo, reader: ByteReader, layers: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+def read_routers(
+    info: ModelInfo, reader: ByteReader, layers: list[int] | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
     """Every router tensor (all experts' rows) of the given MoE layers, by in-memory name."""
     mat = Materializer(info, None, reader)
     out: dict[int, dict[str, torch.Tensor]] = {}

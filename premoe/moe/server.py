@@ -22,18 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.core.evaluation import generate_greedy
-from premoe.moe.model import ModelInfo, inspect_model
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
+from premoe.core.evaluation import generate_greedy
 from premoe.core.modules import set_tensor
-from premoe.core.retrieval import Retriever, RouteResult
 from premoe.core.options import SignatureSpec
+from premoe.core.retrieval import Retriever, RouteResult
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.kernels import select_kernel
-from premoe.moe.patterns import plan_from_pattern
+from premoe.moe.model import ModelInfo, inspect_model
 from premoe.moe.options import MoeSelection
+from premoe.moe.patterns import plan_from_pattern
 from premoe.moe.plans import PrunePlan
 from premoe.moe.selective import ByteReader, Materializer, build_model, read_routers
 from premoe.moe.signature import SignatureModel
@@ -137,13 +137,13 @@ def install_pattern(
             else:
                 t = torch.empty_like(cur)
             for j, e in enumerate(ids):
-                dst = t[j * per:(j + 1) * per]
+                dst = t[j * per : (j + 1) * per]
                 if down and e in mine:
                     value = refit.get(layer, e)
                     stats.refit_bytes += value.nbytes
                     dst.copy_(value.reshape(dst.shape))
                 elif e in old_pos and not (down and e in was):
-                    dst.copy_(cur[old_pos[e] * per:(old_pos[e] + 1) * per])
+                    dst.copy_(cur[old_pos[e] * per : (old_pos[e] + 1) * per])
                 elif (layer, e) in (cache or {}) and name in cache.peek((layer, e)):
                     dst.copy_(cache.peek((layer, e))[name])
                 elif dst.device.type == "cpu" and dst.dtype == mat.dtype_of(name):
@@ -166,7 +166,9 @@ def install_pattern(
                     if e in was and path.rsplit(".", 1)[-1] == "down_proj":
                         continue  # a re-fitted row is not the checkpoint's: read it again when needed
                     per = max(rows, 1)
-                    rows_of[f"{prefix}.{path}"] = m.tensor(path)[old_pos[e] * per:(old_pos[e] + 1) * per].detach().clone()
+                    rows_of[f"{prefix}.{path}"] = (
+                        m.tensor(path)[old_pos[e] * per : (old_pos[e] + 1) * per].detach().clone()
+                    )
                 cache.put((layer, e), rows_of)
         for path, t in fresh.items():
             set_tensor(m.block, path, t)
@@ -298,9 +300,11 @@ class TaskServer:
 
             found = None if self.refit is False else stored_refit(self.store, task, self.plan_for(task))
             if found is None and self.refit:
-                raise InputError(f"task {task!r} has no re-fitted rows for `keep` {self.keep} in store {self.store.path}; "
-                                 f"run `premoe refit --model {self.info.path} --store {self.store.path} --keep {self.keep}`"
-                                 " or pass `refit=False`")
+                raise InputError(
+                    f"task {task!r} has no re-fitted rows for `keep` {self.keep} in store {self.store.path}; "
+                    f"run `premoe refit --model {self.info.path} --store {self.store.path} --keep {self.keep}`"
+                    " or pass `refit=False`"
+                )
             self._refits[task] = found
         return self._refits[task]
 
@@ -313,9 +317,14 @@ class TaskServer:
         self.model = build_model(self.info, first, self.reader, routers=self.routers, defer_experts=True)
         move_loaded_(self.model, self.device, self.dtype)
         select_kernel(self.model)
-        full = {layer: {n: t.to(self.device, self.dtype or t.dtype) if t.is_floating_point() else t.to(self.device)
-                        for n, t in tensors.items()}
-                for layer, tensors in self.routers.items() if layer in self.info.moe_layers[: self.spec.layers]}
+        full = {
+            layer: {
+                n: t.to(self.device, self.dtype or t.dtype) if t.is_floating_point() else t.to(self.device)
+                for n, t in tensors.items()
+            }
+            for layer, tensors in self.routers.items()
+            if layer in self.info.moe_layers[: self.spec.layers]
+        }
         self._signature = SignatureModel(self.model, self.info, self.tokenizer, self.spec.layers, routers=full)
 
     @property
@@ -338,9 +347,19 @@ class TaskServer:
         if task not in self.retriever.names:
             raise InputError(f"unknown task {task!r}; the store has {', '.join(self.retriever.names)}")
         self._ensure_backbone()
-        stats = install_pattern(self.model, self.info, self.plan_for(task), self.held, self.routers, self.reader,
-                                self.cache, device=self.device, dtype=self.dtype, refit=self.refit_for(task),
-                                patched=self.patched)
+        stats = install_pattern(
+            self.model,
+            self.info,
+            self.plan_for(task),
+            self.held,
+            self.routers,
+            self.reader,
+            self.cache,
+            device=self.device,
+            dtype=self.dtype,
+            refit=self.refit_for(task),
+            patched=self.patched,
+        )
         self.refit_bytes += stats.refit_bytes
         self.task = task
         return stats
@@ -359,9 +378,16 @@ class TaskServer:
             raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
         text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
         t3 = time.perf_counter()
-        return Reply(route.task, text, route, self.bytes_read - before, self.keep, switched,
-                     {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2},
-                     refit=self._refits.get(route.task) is not None)
+        return Reply(
+            route.task,
+            text,
+            route,
+            self.bytes_read - before,
+            self.keep,
+            switched,
+            {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2},
+            refit=self._refits.get(route.task) is not None,
+        )
 
     def close(self) -> None:
         self.reader.close()

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from premoe.moe.model import ModelInfo
 from premoe.core.modules import backbone, decoder_layers, set_tensor
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer, find_moe_layers
+from premoe.moe.model import ModelInfo
 from premoe.moe.observe import observe
 from premoe.moe.scoring import MarkerParams, RoutingSums
 from premoe.moe.selective import ByteReader, ZeroExperts, build_model
@@ -55,7 +55,9 @@ def with_full_router(m: MoeLayer, spec, config, prefix: str, tensors: dict[str, 
         except (AttributeError, TypeError, KeyError):
             continue
     if router is None:
-        raise UnsupportedModelError(f"cannot build a full-size {type(m.router).__name__} for signatures of a pruned model")
+        raise UnsupportedModelError(
+            f"cannot build a full-size {type(m.router).__name__} for signatures of a pruned model"
+        )
     fresh = dict(router.state_dict(keep_vars=True))
     for key, t in m.router.state_dict(keep_vars=True).items():  # router tensors without an expert dimension
         if key in fresh and fresh[key].shape == t.shape:
@@ -84,11 +86,19 @@ class SignatureModel:
             in-memory name (needed when ``model`` is pruned).
     """
 
-    def __init__(self, model: nn.Module, info: ModelInfo, tokenizer, layers: int = 1,
-                 routers: dict[int, dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        tokenizer,
+        layers: int = 1,
+        routers: dict[int, dict[str, torch.Tensor]] | None = None,
+    ):
         spec = info.spec
         if not 1 <= layers <= len(info.moe_layers):
-            raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
+            raise InputError(
+                f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}"
+            )
         base, attr = backbone(model)
         moe = find_moe_layers(base, spec)[:layers]
         last = moe[-1].index
@@ -109,8 +119,17 @@ class SignatureModel:
             block_attr = next(b for b in spec.block if getattr(layer, b, None) is m.block)
             setattr(lay, block_attr, block)
             new_layers.append(lay)
-            self.layers.append(MoeLayer(i, block, getattr(block, spec.router), getattr(block, spec.experts, None) if spec.experts else None,
-                                        dict(m.router_tensors), dict(m.expert_tensors), m.bias_path))
+            self.layers.append(
+                MoeLayer(
+                    i,
+                    block,
+                    getattr(block, spec.router),
+                    getattr(block, spec.experts, None) if spec.experts else None,
+                    dict(m.router_tensors),
+                    dict(m.expert_tensors),
+                    m.bias_path,
+                )
+            )
         self.view = _shallow(base)
         setattr(self.view, attr, nn.ModuleList(new_layers))
         self.info = info
@@ -119,21 +138,44 @@ class SignatureModel:
         self.params = MarkerParams(k=info.router.top_k)
 
     @classmethod
-    def from_checkpoint(cls, info: ModelInfo, tokenizer, layers: int = 1, reader: ByteReader | None = None) -> "SignatureModel":
+    def from_checkpoint(
+        cls, info: ModelInfo, tokenizer, layers: int = 1, reader: ByteReader | None = None
+    ) -> "SignatureModel":
         """Build from disk: embeddings, the decoder layers up to the M-th MoE layer and their full
         routers; no routed expert is read."""
         if not 1 <= layers <= len(info.moe_layers):
-            raise InputError(f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}")
+            raise InputError(
+                f"signature layers must be between 1 and the model's {len(info.moe_layers)} MoE layers, got {layers}"
+            )
         reader = reader or ByteReader()
-        model = build_model(info, None, reader, num_layers=info.moe_layers[layers - 1] + 1, experts=False, base_only=True)
+        model = build_model(
+            info, None, reader, num_layers=info.moe_layers[layers - 1] + 1, experts=False, base_only=True
+        )
         return cls(model, info, tokenizer, layers)
 
-    def stats(self, texts: Iterable[str], batch_size: int = 16, max_length: int = 2048, total: int | None = None,
-              progress: bool = False, desc: str = "signature") -> RoutingSums:
+    def stats(
+        self,
+        texts: Iterable[str],
+        batch_size: int = 16,
+        max_length: int = 2048,
+        total: int | None = None,
+        progress: bool = False,
+        desc: str = "signature",
+    ) -> RoutingSums:
         """Routing sums of the signature layers over ``texts`` (special tokens not counted)."""
         return observe(
-            self.view, self.layers, self.info, self.tokenizer, texts, self.params, batch_size=batch_size,
-            max_length=max_length, total=total, progress=progress, desc=desc, skip_special=True,
+            self.view,
+            self.layers,
+            self.info,
+            self.tokenizer,
+            texts,
+            self.params,
+            batch_size=batch_size,
+            max_length=max_length,
+            total=total,
+            progress=progress,
+            desc=desc,
+            skip_special=True,
         )
 
     def signature(self, text: str, max_length: int = 2048) -> dict[str, torch.Tensor]:

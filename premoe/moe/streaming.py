@@ -22,8 +22,7 @@ from torch import nn
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.memory import available_bytes, fits
-from premoe.moe.model import ModelInfo
-from premoe.core.modules import decoder_layers
+from premoe.core.modules import decoder_layers, finish_buffers, release
 from premoe.core.streaming import (  # noqa: F401  (HiddenStore, Batch, make_batches: re-exported)
     Batch,
     HiddenStore,
@@ -36,7 +35,7 @@ from premoe.core.streaming import (  # noqa: F401  (HiddenStore, Batch, make_bat
 from premoe.errors import InputError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.kernels import select_kernel
-from premoe.core.modules import finish_buffers, release
+from premoe.moe.model import ModelInfo
 from premoe.moe.selective import (
     Materializer,
     ZeroExperts,
@@ -70,8 +69,11 @@ def resident_sizes(info: ModelInfo, dtype: torch.dtype | None = None, plan=None)
         else:
             outside[role.target] = outside.get(role.target, 0) + nbytes
     largest = max([*per_layer.values(), *outside.values(), 0])
-    return {"total": sum(per_layer.values()) + sum(outside.values()), "largest_layer": largest,
-            "outside": sum(outside.values())}
+    return {
+        "total": sum(per_layer.values()) + sum(outside.values()),
+        "largest_layer": largest,
+        "outside": sum(outside.values()),
+    }
 
 
 def plan_memory(info: ModelInfo, budget: int, batch_size: int, seq_len: int, stream: bool | None) -> bool:
@@ -101,9 +103,17 @@ class LayerStream(LayerRunner):
         compute_dtype: run every built layer in this dtype (default: the checkpoint's).
     """
 
-    def __init__(self, info: ModelInfo, *, num_layers: int | None = None, experts: bool = True,
-                 reader: ByteReader | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        info: ModelInfo,
+        *,
+        num_layers: int | None = None,
+        experts: bool = True,
+        reader: ByteReader | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
         self.info = info
         reader = reader or ByteReader()
         model = skeleton(model_config(info, None, num_layers))
@@ -149,8 +159,17 @@ class _Residency:
             self.bytes -= size
 
 
-def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | None = None, stream: bool | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | None = None, refit=None) -> tuple[nn.Module, bool]:
+def inference_model(
+    info: ModelInfo,
+    plan,
+    reader: ByteReader,
+    *,
+    budget: int | None = None,
+    stream: bool | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    refit=None,
+) -> tuple[nn.Module, bool]:
     """The model of ``info`` (pruned to ``plan``) for generation or log-likelihoods: built whole when it
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
     either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
@@ -170,16 +189,26 @@ def inference_model(info: ModelInfo, plan, reader: ByteReader, *, budget: int | 
     if sizes["largest_layer"] + sizes["outside"] > budget:
         raise InputError(
             f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "
-            f"{sizes['largest_layer'] / 2**20:.0f} MB besides {sizes['outside'] / 2**20:.0f} MB of embeddings and head; "
-            "raise `max_memory` or free memory"
+            f"{sizes['largest_layer'] / 2**20:.0f} MB besides {sizes['outside'] / 2**20:.0f} MB of embeddings "
+            "and head; raise `max_memory` or free memory"
         )
-    log.info("the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
-             sizes["total"] / 2**20, budget / 2**20)
+    log.info(
+        "the model needs %.0f MB but the budget is %.0f MB: running it with layers loaded on demand",
+        sizes["total"] / 2**20,
+        budget / 2**20,
+    )
     return lazy_model(info, plan, reader, budget - sizes["outside"], dtype, device, refit), True
 
 
-def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: torch.dtype | None = None,
-               device: torch.device | None = None, refit=None) -> nn.Module:
+def lazy_model(
+    info: ModelInfo,
+    plan,
+    reader: ByteReader,
+    budget: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    refit=None,
+) -> nn.Module:
     """The causal LM of ``info`` (pruned to ``plan``) with everything but its decoder layers loaded, and
     the layers loaded on demand within ``budget`` bytes (:func:`lazy_layers`): generation and
     log-likelihoods for a model larger than memory, reading each layer once per forward pass. It runs
@@ -202,7 +231,9 @@ def lazy_model(info: ModelInfo, plan, reader: ByteReader, budget: int, dtype: to
     return model
 
 
-def lazy_layers(model: nn.Module, mat: Materializer, budget: int, device: torch.device | None = None) -> Callable[[], None]:
+def lazy_layers(
+    model: nn.Module, mat: Materializer, budget: int, device: torch.device | None = None
+) -> Callable[[], None]:
     """Make ``model``'s decoder layers build themselves from the checkpoint (and move to ``device``)
     when they run and free themselves afterwards once more than ``budget`` bytes of layers are held.
     Returns a function that removes the hooks."""

@@ -15,14 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.moe.layout import expert_slots
 from premoe.core.modules import config_get, config_has, config_set, set_tensor
 from premoe.errors import InputError
 from premoe.moe.arch import EXPERT_COUNT_KEYS, ArchSpec, find_moe_layers, router_spec
+from premoe.moe.layout import expert_slots
 from premoe.moe.plans import PrunePlan
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts",
-                "total_experts")
+_COUNT_ATTRS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_routed_experts",
+    "moe_num_experts",
+    "total_experts",
+)
 _TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k")
 TOPK_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "moe_k", "num_experts_per_token")
 
@@ -75,7 +81,9 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
     E, width = plan.num_experts, rspec.width
     layers = find_moe_layers(model, spec)
     if {m.index for m in layers} != set(plan.kept):
-        raise InputError("the prune plan does not match the model's MoE layers; make it from this model's pattern store")
+        raise InputError(
+            "the prune plan does not match the model's MoE layers; make it from this model's pattern store"
+        )
     if rspec.num_experts != E:
         raise InputError(f"the model has {rspec.num_experts} experts per layer but the plan expects {E}")
     N, extra = plan.keep, width - E
@@ -87,7 +95,9 @@ def apply_plan_(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> nn.Module:
             set_tensor(m.block, path, _slice(t, dim, slots), requires_grad=t.requires_grad)
         for path, per in m.expert_tensors.items():
             t = m.tensor(path)
-            set_tensor(m.block, path, _slice(t, 0, slots if per == 0 else kept, max(per, 1)), requires_grad=t.requires_grad)
+            set_tensor(
+                m.block, path, _slice(t, 0, slots if per == 0 else kept, max(per, 1)), requires_grad=t.requires_grad
+            )
         for mod in m.block.modules():
             if isinstance(mod, nn.Linear) and mod.out_features == width and mod.weight.shape[0] == N + extra:
                 mod.out_features = N + extra

@@ -91,8 +91,10 @@ def sweep(
     stream = memory.stream
     in_memory = stream is not True and not info.quant.quantized and fits(resident_sizes(info)["total"], budget)
     if compensated and not in_memory:
-        raise InputError("compensation `variants` in an MoE sweep need the model in memory (they change the experts "
-                         "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`")
+        raise InputError(
+            "compensation `variants` in an MoE sweep need the model in memory (they change the experts "
+            "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`"
+        )
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
@@ -103,7 +105,9 @@ def sweep(
         return inference_model(info, plan, reader, budget=budget, stream=stream)[0]
 
     E, K = info.num_experts, info.router.top_k
-    keeps = sorted({k for k in (opts.keeps or [E * 3 // 4, E // 2, E * 3 // 8, E // 4, E // 8]) if K <= k <= E}, reverse=True)
+    keeps = sorted(
+        {k for k in (opts.keeps or [E * 3 // 4, E // 2, E * 3 // 8, E // 4, E // 8]) if K <= k <= E}, reverse=True
+    )
     if not keeps:
         raise InputError(f"no keep count between top-k {K} and {E} experts")
     evals = {name: _rows(ev) for name, (_, ev) in tasks.items()}
@@ -115,8 +119,16 @@ def sweep(
     paths = {}
     for name, (cal, _) in tasks.items():
         path = paths[name] = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
-        calibrate(lm or info, CalibrationData.open(path), name, store, run=RunOptions(progress=False), memory=memory,
-                  calibration=MoeCalibration(all_stats=True), overwrite=True)
+        calibrate(
+            lm or info,
+            CalibrationData.open(path),
+            name,
+            store,
+            run=RunOptions(progress=False),
+            memory=memory,
+            calibration=MoeCalibration(all_stats=True),
+            overwrite=True,
+        )
         bar.update(1)
     st = PatternStore.open(store)
     patterns = {name: st.load(name) for name in tasks}
@@ -157,16 +169,35 @@ def sweep(
                             COMPENSATIONS[fit](net, info.spec, plan, dense_layers, captured[name], info.router)
                         cache[key] = exact_match(net, tok, evals[name], progress=False)
                 acc = cache[key]
-                rows.append({"scorer": label, "mode": mode, "keep": keep, "task": name, "accuracy": acc,
-                             "dense_accuracy": dense[name], "retention": acc / dense[name] if dense[name] else 0.0})
+                rows.append(
+                    {
+                        "scorer": label,
+                        "mode": mode,
+                        "keep": keep,
+                        "task": name,
+                        "accuracy": acc,
+                        "dense_accuracy": dense[name],
+                        "retention": acc / dense[name] if dense[name] else 0.0,
+                    }
+                )
             bar.set_postfix_str(f"{label} {mode} {keep}")
             bar.update(1)
     bar.close()
     summary = _summary(rows)
     result = {
-        "model": str(model), "experts": E, "top_k": K, "moe_layers": len(info.moe_layers), "tasks": list(tasks),
-        "keeps": keeps, "scorers": list(dict.fromkeys(r["scorer"] for r in rows)), "dense": dense, "rows": rows,
-        "summary": summary, "variants": [v or "plain" for v in variants], "kind": "moe", "out": str(out),
+        "model": str(model),
+        "experts": E,
+        "top_k": K,
+        "moe_layers": len(info.moe_layers),
+        "tasks": list(tasks),
+        "keeps": keeps,
+        "scorers": list(dict.fromkeys(r["scorer"] for r in rows)),
+        "dense": dense,
+        "rows": rows,
+        "summary": summary,
+        "variants": [v or "plain" for v in variants],
+        "kind": "moe",
+        "out": str(out),
         **(about or {}),
     }
     result["seconds"] = time.perf_counter() - t_start
@@ -195,12 +226,26 @@ def _summary(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["scorer"], r["mode"], r["keep"]), []).append(r)
-    return [{"scorer": s, "mode": m, "keep": k, "accuracy": sum(r["accuracy"] for r in g) / len(g),
-             "retention": sum(r["retention"] for r in g) / len(g)} for (s, m, k), g in groups.items()]
+    return [
+        {
+            "scorer": s,
+            "mode": m,
+            "keep": k,
+            "accuracy": sum(r["accuracy"] for r in g) / len(g),
+            "retention": sum(r["retention"] for r in g) / len(g),
+        }
+        for (s, m, k), g in groups.items()
+    ]
 
 
-def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dict[str, dict], overlap_keep: int,
-         layers: list[int]) -> list[str]:
+def plot(
+    out: Path,
+    result: dict,
+    importance: dict[str, torch.Tensor],
+    kept: dict[str, dict],
+    overlap_keep: int,
+    layers: list[int],
+) -> list[str]:
     """Write the three pictures; returns their file names."""
     try:
         import matplotlib
@@ -208,8 +253,9 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.getLogger(__name__).warning("results written without pictures: they need matplotlib "
-                                            "(pip install 'premoe[plots]')")
+        logging.getLogger(__name__).warning(
+            "results written without pictures: they need matplotlib (pip install 'premoe[plots]')"
+        )
         return []
 
     names = []
@@ -218,18 +264,31 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
     colors = {s: palette[i % len(palette)] for i, s in enumerate(result["scorers"])}
     for scorer in result["scorers"]:
         for mode, style in (("specific", "-"), ("agnostic", "--")):
-            pts = sorted((r["keep"], 100 * r["retention"]) for r in result["summary"] if r["scorer"] == scorer and r["mode"] == mode)
+            pts = sorted(
+                (r["keep"], 100 * r["retention"])
+                for r in result["summary"]
+                if r["scorer"] == scorer and r["mode"] == mode
+            )
             if pts:
-                label = scorer + ("" if scorer in DATA_FREE else f", {'task-specific' if mode == 'specific' else 'task-agnostic'}")
-                ax.plot(*zip(*pts), style, marker="o", color=colors[scorer], label=label, lw=2 if scorer == "tcess" else 1.2)
+                label = scorer + (
+                    "" if scorer in DATA_FREE else f", {'task-specific' if mode == 'specific' else 'task-agnostic'}"
+                )
+                ax.plot(
+                    *zip(*pts), style, marker="o", color=colors[scorer], label=label, lw=2 if scorer == "tcess" else 1.2
+                )
     ax.set_xlabel(f"experts kept per MoE layer (of {result['experts']}; top-{result['top_k']})")
     ax.set_ylabel("accuracy retained vs. dense, mean over tasks (%)")
     ax.set_title("Accuracy retention by expert-importance criterion")
     ax.set_xticks(result["keeps"])
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid: task-specific\ndashed: task-agnostic",
-              title_fontsize=8)
+    ax.legend(
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="solid: task-specific\ndashed: task-agnostic",
+        title_fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(out / "retention.png", dpi=120)
     plt.close(fig)
@@ -254,8 +313,11 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
     jac = torch.zeros(n, n)
     for a in range(n):
         for b in range(n):
-            vals = [len(set(kept[tasks[a]][L]) & set(kept[tasks[b]][L])) / len(set(kept[tasks[a]][L]) | set(kept[tasks[b]][L]))
-                    for L in layers]
+            vals = [
+                len(set(kept[tasks[a]][L]) & set(kept[tasks[b]][L]))
+                / len(set(kept[tasks[a]][L]) | set(kept[tasks[b]][L]))
+                for L in layers
+            ]
             jac[a, b] = sum(vals) / len(vals)
     fig, ax = plt.subplots(figsize=(1.1 * n + 2, 1.0 * n + 1.5))
     im = ax.imshow(jac.numpy(), vmin=0, vmax=1, cmap="magma")
@@ -267,7 +329,9 @@ def plot(out: Path, result: dict, importance: dict[str, torch.Tensor], kept: dic
     ax.set_yticks(range(n))
     ax.set_yticklabels(tasks)
     fig.colorbar(im, ax=ax, label="Jaccard overlap of kept experts")
-    ax.set_title(f"Kept-set overlap between tasks\n(TCESS, {overlap_keep} of {result['experts']} kept, mean over layers)")
+    ax.set_title(
+        f"Kept-set overlap between tasks\n(TCESS, {overlap_keep} of {result['experts']} kept, mean over layers)"
+    )
     fig.tight_layout()
     fig.savefig(out / "overlap.png", dpi=120)
     plt.close(fig)
@@ -283,5 +347,7 @@ def format_summary(result: dict) -> str:
     for scorer in result["scorers"]:
         for mode in ("specific", "agnostic"):
             if (scorer, mode, keeps[0]) in by:
-                lines.append(f"{scorer:<{w}} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps))
+                lines.append(
+                    f"{scorer:<{w}} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps)
+                )
     return "\n".join(lines)

@@ -39,8 +39,15 @@ MAX_STOPS = 4
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
         self.code, self.param, self.headers = code, param, headers
@@ -108,8 +115,13 @@ class Guard:
 
     async def _reject(self, send, status: int, message: str, type_: str, code: str) -> None:
         body = json.dumps(error_body(message, type_, code)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -158,8 +170,15 @@ class Service:
     def __init__(self, backend, opts: ServeOptions):
         self.backend, self.opts = backend, opts
         self.metrics = Metrics()
-        self.scheduler = Scheduler(backend, max_queue=opts.max_queue, max_batch=opts.max_batch, policy=opts.policy,
-                                   max_wait=opts.max_wait, metrics=self.metrics, continuous=opts.continuous)
+        self.scheduler = Scheduler(
+            backend,
+            max_queue=opts.max_queue,
+            max_batch=opts.max_batch,
+            policy=opts.policy,
+            max_wait=opts.max_wait,
+            metrics=self.metrics,
+            continuous=opts.continuous,
+        )
         self.context = context_length(backend)
         self.created = int(time.time())
 
@@ -171,9 +190,14 @@ class Service:
             return None
         if model in self.backend.tasks:
             return model
-        raise APIError(404, f"the model {model!r} does not exist; use 'auto' (route each request) or one of the "
-                            f"stored tasks: {', '.join(self.backend.tasks)}", "invalid_request_error",
-                       "model_not_found", "model")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; use 'auto' (route each request) or one of the "
+            f"stored tasks: {', '.join(self.backend.tasks)}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
 
     def sampling(self, req: _Common, max_tokens: int | None, n_prompt: int) -> Sampling:
         if req.n not in (None, 1):
@@ -191,14 +215,22 @@ class Service:
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if room is not None and room < 1:
-            raise APIError(400, f"the prompt is {n_prompt} tokens, but this model's context is {self.context} "
-                                f"tokens; shorten it", code="context_length_exceeded", param="messages")
+            raise APIError(
+                400,
+                f"the prompt is {n_prompt} tokens, but this model's context is {self.context} tokens; shorten it",
+                code="context_length_exceeded",
+                param="messages",
+            )
         if max_tokens is None:
             max_tokens = min(x for x in (room, self.opts.max_tokens, 1 << 30) if x is not None)
         elif room is not None and max_tokens > room:
-            raise APIError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                                f"context of {self.context} tokens; lower max_tokens or shorten the prompt",
-                           code="context_length_exceeded", param="max_tokens")
+            raise APIError(
+                400,
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                f"context of {self.context} tokens; lower max_tokens or shorten the prompt",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         return Sampling(max_tokens, temperature, top_p, req.seed, tuple(stop))
 
     async def run(self, request: Request, kind: str, req: _Common, text: str, templated: bool, max_tokens):
@@ -213,8 +245,13 @@ class Service:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            raise APIError(503, f"the server is busy ({self.opts.max_queue} requests queued); retry shortly",
-                           "server_overloaded", "queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                503,
+                f"the server is busy ({self.opts.max_queue} requests queued); retry shortly",
+                "server_overloaded",
+                "queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", "server_overloaded", "shutting_down") from None
         first = await self._next(request, job, events)
@@ -227,8 +264,11 @@ class Service:
         headers = self.headers(job)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self.sse(request, kind, rid, req.model, job, events, include_usage),
-                                     media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self.sse(request, kind, rid, req.model, job, events, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
         while True:
             ev = await self._next(request, job, events)
             if ev is None:
@@ -242,9 +282,15 @@ class Service:
             choice["message"] = {"role": "assistant", "content": job.text_out}
         else:
             choice["text"] = job.text_out
-        body = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": req.model, "choices": [choice],
-                "usage": self.usage(job), "premoe": self.info(job)}
+        body = {
+            "id": rid,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [choice],
+            "usage": self.usage(job),
+            "premoe": self.info(job),
+        }
         return JSONResponse(body, headers=headers)
 
     async def _next(self, request: Request, job: Job, events: asyncio.Queue):
@@ -267,8 +313,14 @@ class Service:
                 choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                    "premoe": self.info(job)}
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "premoe": self.info(job),
+            }
             if include_usage:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
@@ -288,8 +340,14 @@ class Service:
                     finished = True
                     yield chunk(None, finish=job.finish_reason)
                     if include_usage:
-                        tail = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                                "usage": self.usage(job)}
+                        tail = {
+                            "id": rid,
+                            "object": obj,
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": self.usage(job),
+                        }
                         yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
@@ -299,19 +357,30 @@ class Service:
 
     @staticmethod
     def usage(job: Job) -> dict[str, int]:
-        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
-                "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+        return {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.prompt_ids) + job.completion_tokens,
+        }
 
     @staticmethod
     def info(job: Job) -> dict[str, Any]:
-        return {"task": job.task, "selection": "pinned" if job.pinned else "routed", "distance": job.distance,
-                "margin": job.margin, "switched": job.switched,
-                "queue_seconds": None if job.started is None else round(job.started - job.arrived, 6)}
+        return {
+            "task": job.task,
+            "selection": "pinned" if job.pinned else "routed",
+            "distance": job.distance,
+            "margin": job.margin,
+            "switched": job.switched,
+            "queue_seconds": None if job.started is None else round(job.started - job.arrived, 6),
+        }
 
     @staticmethod
     def headers(job: Job) -> dict[str, str]:
-        h = {"X-Premoe-Task": job.task or "", "X-Premoe-Selection": "pinned" if job.pinned else "routed",
-             "X-Premoe-Switched": "true" if job.switched else "false"}
+        h = {
+            "X-Premoe-Task": job.task or "",
+            "X-Premoe-Selection": "pinned" if job.pinned else "routed",
+            "X-Premoe-Switched": "true" if job.switched else "false",
+        }
         if job.distance is not None:
             h["X-Premoe-Distance"] = f"{job.distance:.6g}"
         if job.margin is not None:
@@ -327,8 +396,9 @@ def _content(m: Message, i: int) -> str:
     parts = []
     for p in m.content:
         if p.type != "text" or p.text is None:
-            raise APIError(400, f"messages[{i}]: only text content is supported, got a {p.type!r} part",
-                           param="messages")
+            raise APIError(
+                400, f"messages[{i}]: only text content is supported, got a {p.type!r} part", param="messages"
+            )
         parts.append(p.text)
     return "".join(parts)
 
@@ -385,8 +455,9 @@ def create_app(backend, opts: ServeOptions | None = None) -> Guard:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
-                                       code=code))
+        return error_response(
+            APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code)
+        )
 
     @app.exception_handler(PremoeError)
     async def _premoe(request, e: PremoeError):
@@ -402,16 +473,23 @@ def create_app(backend, opts: ServeOptions | None = None) -> Guard:
     @app.get("/health")
     async def health():
         draining = svc.scheduler.stopping
-        return JSONResponse({"status": "draining" if draining else "ok", "task": backend.task,
-                             "queue": svc.scheduler.depth()}, status_code=503 if draining else 200)
+        return JSONResponse(
+            {"status": "draining" if draining else "ok", "task": backend.task, "queue": svc.scheduler.depth()},
+            status_code=503 if draining else 200,
+        )
 
     @app.get("/metrics")
     async def metrics():
         return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def card(mid: str) -> dict[str, Any]:
-        return {"id": mid, "object": "model", "created": svc.created, "owned_by": "premoe",
-                "premoe": {"task": None if mid == AUTO else mid, "resident": mid == backend.task}}
+        return {
+            "id": mid,
+            "object": "model",
+            "created": svc.created,
+            "owned_by": "premoe",
+            "premoe": {"task": None if mid == AUTO else mid, "resident": mid == backend.task},
+        }
 
     @app.get("/v1/models")
     async def models():

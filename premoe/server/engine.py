@@ -85,7 +85,7 @@ def _advance(seq: Sequence, token: int, tokenizer, eos: set[int]) -> None:
             return
         full = full[: len(full) - _holdback(full, seq.sampling.stop)]
     if len(full) > len(seq.text) and full.startswith(seq.text):
-        delta, seq.text = full[len(seq.text):], full
+        delta, seq.text = full[len(seq.text) :], full
         seq.emit(delta)
 
 
@@ -123,8 +123,8 @@ class _Rows:
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
+            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids) :] = 1
             if s.sampling.seed is not None and s.sampling.temperature > 0:
                 s.generator = torch.Generator(device=device).manual_seed(s.sampling.seed)
         self.live, self.mask = list(seqs), mask.to(device)
@@ -133,8 +133,14 @@ class _Rows:
         self.step_ids = ids.to(device)
 
     def forward(self, model) -> torch.Tensor:
-        return model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.positions,
-                     past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        return model(
+            input_ids=self.step_ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
 
     def advance(self, logits: torch.Tensor, tokenizer, eos: set[int]) -> None:
         """Pick every row's next token; rows that finish leave (their ``on_done`` runs)."""
@@ -183,9 +189,15 @@ def _start(seqs: list[Sequence]) -> list[Sequence]:
 
 
 @torch.inference_mode()
-def run_batch(model, tokenizer, seqs: list[Sequence], pad_id: int | None = None,
-              check: Callable[[], None] | None = None,
-              admit: Callable[[int], list[Sequence]] | None = None, max_batch: int | None = None) -> None:
+def run_batch(
+    model,
+    tokenizer,
+    seqs: list[Sequence],
+    pad_id: int | None = None,
+    check: Callable[[], None] | None = None,
+    admit: Callable[[int], list[Sequence]] | None = None,
+    max_batch: int | None = None,
+) -> None:
     """Generate every sequence of ``seqs`` to its end (stop, length or cancellation), in one batch.
 
     ``check`` runs before every forward (the server asserts the resident pattern there).

@@ -43,8 +43,9 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(backend, opts: ServeOptions, sock: socket.socket, drain_seconds: float = 120.0,
-                log_level: str = "warning"):
+def make_server(
+    backend, opts: ServeOptions, sock: socket.socket, drain_seconds: float = 120.0, log_level: str = "warning"
+):
     """A uvicorn ``Server`` for ``backend`` on ``sock`` (run it with ``server.run(sockets=[sock])``)."""
     import uvicorn
 
@@ -57,8 +58,13 @@ def make_server(backend, opts: ServeOptions, sock: socket.socket, drain_seconds:
                 finally:  # the signal asked for a graceful drain and got one: exit 0, do not re-raise it
                     getattr(self, "_captured_signals", []).clear()
 
-    config = uvicorn.Config(create_app(backend, opts), log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=drain_seconds, lifespan="on")
+    config = uvicorn.Config(
+        create_app(backend, opts),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=drain_seconds,
+        lifespan="on",
+    )
     return Server(config)
 
 
@@ -67,9 +73,14 @@ def serve(backend, opts: ServeOptions, announce: Callable[[str], None] = print) 
     sock = bind(opts.host, opts.port)
     server = make_server(backend, opts, sock, opts.drain_seconds, opts.log_level)
     if opts.host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("listening on %s: reachable from other machines%s", opts.host,
-                    "" if opts.api_key else " and no API key is set")
-    announce(f"premoe serve: listening on {url_of(sock)} (tasks: {', '.join(backend.tasks)}; model 'auto' routes "
-             f"each request)")
+        log.warning(
+            "listening on %s: reachable from other machines%s",
+            opts.host,
+            "" if opts.api_key else " and no API key is set",
+        )
+    announce(
+        f"premoe serve: listening on {url_of(sock)} (tasks: {', '.join(backend.tasks)}; model 'auto' routes "
+        f"each request)"
+    )
     server.run(sockets=[sock])
     return 0

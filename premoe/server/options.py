@@ -19,17 +19,26 @@ class ServeOptions(Options):
 
     host: str = option("127.0.0.1", "address to bind (this machine only by default)")
     port: int = option(8000, "port (0: any free port)", type=int)
-    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
-                                       "$PREMOE_API_KEY if set)")
+    api_key: str | None = option(
+        None, "require 'Authorization: Bearer KEY' on every endpoint but /health (default: $PREMOE_API_KEY if set)"
+    )
     max_queue: int = option(64, "requests waiting before new ones get 503", type=int)
     max_batch: int = option(8, "requests of one task generated together", type=int)
-    policy: str = option("affinity", "affinity: stay on the resident task while others wait at most --max-wait-ms; "
-                                     "fcfs: strict arrival order", choices=POLICIES)
-    batching: str = option("continuous", "continuous: requests of the running task join the batch between tokens; "
-                                         "static: a batch runs to its end before the next starts", choices=BATCHING)
+    policy: str = option(
+        "affinity",
+        "affinity: stay on the resident task while others wait at most --max-wait-ms; fcfs: strict arrival order",
+        choices=POLICIES,
+    )
+    batching: str = option(
+        "continuous",
+        "continuous: requests of the running task join the batch between tokens; "
+        "static: a batch runs to its end before the next starts",
+        choices=BATCHING,
+    )
     max_wait_ms: float = option(2000.0, "affinity: longest a request waits while another task is served", type=float)
-    max_tokens: int | None = option(None, "completion cap for requests that give no max_tokens (default: the rest of "
-                                          "the context)", type=int)
+    max_tokens: int | None = option(
+        None, "completion cap for requests that give no max_tokens (default: the rest of the context)", type=int
+    )
     max_body_kb: float = option(1024.0, "largest request body", type=float)
     drain_seconds: float = option(120.0, "on SIGTERM, how long in-flight requests may take to finish", type=float)
     log_level: str = option("warning", "uvicorn's log level", choices=LOG_LEVELS)

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from premoe.errors import PremoeError
-from premoe.server.options import POLICIES
 from premoe.server.engine import Sampling, Sequence, run_batch
+from premoe.server.options import POLICIES
 
 log = logging.getLogger("premoe")
 
@@ -73,8 +73,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, backend, *, max_queue: int = 64, max_batch: int = 8, policy: str = "affinity",
-                 max_wait: float = 2.0, metrics=None, continuous: bool = True):
+    def __init__(
+        self,
+        backend,
+        *,
+        max_queue: int = 64,
+        max_batch: int = 8,
+        policy: str = "affinity",
+        max_wait: float = 2.0,
+        metrics=None,
+        continuous: bool = True,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.backend, self.metrics = backend, metrics
@@ -219,8 +228,15 @@ class Scheduler:
                 running.append(j)
                 if m is not None:
                     m.queue_wait.observe(start - j.arrived)
-                seqs.append(Sequence(j.prompt_ids, j.sampling, emit=self._emitter(j),
-                                     is_cancelled=lambda j=j: j.cancelled, on_done=lambda s, j=j: self._finish(j, s)))
+                seqs.append(
+                    Sequence(
+                        j.prompt_ids,
+                        j.sampling,
+                        emit=self._emitter(j),
+                        is_cancelled=lambda j=j: j.cancelled,
+                        on_done=lambda s, j=j: self._finish(j, s),
+                    )
+                )
             if m is not None and jobs:
                 m.batches.observe(len(jobs))
                 m.running.inc(len(jobs))
@@ -234,8 +250,14 @@ class Scheduler:
                 raise RuntimeError(f"resident pattern is {self.backend.task!r}, batch is for {task!r}")
 
         try:
-            run_batch(self.backend.model, self.backend.tokenizer, begin(batch, switched), check=check,
-                      admit=admit if self.continuous else None, max_batch=self.max_batch)
+            run_batch(
+                self.backend.model,
+                self.backend.tokenizer,
+                begin(batch, switched),
+                check=check,
+                admit=admit if self.continuous else None,
+                max_batch=self.max_batch,
+            )
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
             for j in running:
@@ -255,8 +277,9 @@ class Scheduler:
         self._route_waiting()
         with self.cond:
             now = time.monotonic()
-            if self.policy == "affinity" and any(j.task not in (None, task) and now - j.arrived > self.max_wait
-                                                 for j in self.pending):
+            if self.policy == "affinity" and any(
+                j.task not in (None, task) and now - j.arrived > self.max_wait for j in self.pending
+            ):
                 return []
             picked = self._take(task, room)
             for j in picked:

@@ -75,15 +75,20 @@ def calibrate(
     cal = CalibrationData.open(data, max_samples)
     backend = kind_of(model)
     check_options(backend, "calibrate", run, memory, calibration)
-    return backend.calibrate(model, cal, task, store, run=run, memory=memory, calibration=calibration,
-                             overwrite=overwrite)
+    return backend.calibrate(
+        model, cal, task, store, run=run, memory=memory, calibration=calibration, overwrite=overwrite
+    )
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help=HELP, description=__doc__.split("\n\n")[1])
     add_model(p)
-    p.add_argument("--data", required=True, nargs="+",
-                   help='JSONL ({"text"} or {"prompt","completion"} per line) or .txt file; several are pooled')
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help='JSONL ({"text"} or {"prompt","completion"} per line) or .txt file; several are pooled',
+    )
     p.add_argument("--task", required=True, help="task name in the store")
     add_store(p, help="pattern-store directory (created if missing)")
     p.add_argument("--max-samples", type=int, help="use at most this many samples")
@@ -91,8 +96,13 @@ def add_parser(sub) -> None:
     defaults = defaults_of(calibrate)
     add_flags(p, RunOptions, defaults=defaults)
     add_flags(p, MoeCalibration, defaults=defaults, title="MoE models")
-    p.add_argument("--refit-keep", type=int, nargs="+", metavar="N",
-                   help="MoE: then store re-fitted rows for these keep counts with the pattern (as `premoe refit`)")
+    p.add_argument(
+        "--refit-keep",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="MoE: then store re-fitted rows for these keep counts with the pattern (as `premoe refit`)",
+    )
     add_flags(p, MemoryOptions, defaults=defaults, title="memory (models larger than RAM)")
 
 

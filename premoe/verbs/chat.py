@@ -21,8 +21,11 @@ def chat(server, max_new_tokens: int = 64, read=input, write=print) -> int:
     tok = server.tokenizer
     templated = bool(getattr(tok, "chat_template", None))
     history: list[dict[str, str]] = []
-    write(f"premoe chat: {len(server.tasks)} tasks, {server.keep} experts per MoE layer. Each message is routed; "
-          "/task shows the current task, /clear forgets the conversation, /exit quits.", flush=True)
+    write(
+        f"premoe chat: {len(server.tasks)} tasks, {server.keep} experts per MoE layer. Each message is routed; "
+        "/task shows the current task, /clear forgets the conversation, /exit quits.",
+        flush=True,
+    )
     while True:
         try:
             msg = read("> ").strip()
@@ -47,8 +50,10 @@ def chat(server, max_new_tokens: int = 64, read=input, write=print) -> int:
         note = ""
         if route.task != server.task:
             st = server.load(route.task)
-            note = (f"switched to {route.task}: read {fmt_bytes(st.bytes_read)}, {st.experts_read} experts from disk, "
-                    f"{st.experts_from_cache} from cache")
+            note = (
+                f"switched to {route.task}: read {fmt_bytes(st.bytes_read)}, {st.experts_read} experts from disk, "
+                f"{st.experts_from_cache} from cache"
+            )
         if templated:
             history.append({"role": "user", "content": msg})
             prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
@@ -65,8 +70,12 @@ def chat(server, max_new_tokens: int = 64, read=input, write=print) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help=HELP, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--max-new-tokens", type=int, default=defaults_of(chat)["max_new_tokens"],
-                   help="tokens generated per message (default 64)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults_of(chat)["max_new_tokens"],
+        help="tokens generated per message (default 64)",
+    )
     add_serving_flags(p, defaults_of(task_server))
 
 

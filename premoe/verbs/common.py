@@ -28,12 +28,18 @@ def add_pattern(p) -> None:
     p.add_argument("--agnostic", action="store_true", help="pool every task in the store instead (task-agnostic)")
 
 
-def add_selection(p, defaults: dict[str, Any] | None = None, dense_only: tuple[str, ...] | None = None,
-                  moe_skip: tuple[str, ...] = ()) -> None:
+def add_selection(
+    p, defaults: dict[str, Any] | None = None, dense_only: tuple[str, ...] | None = None, moe_skip: tuple[str, ...] = ()
+) -> None:
     """The flags of both kinds of model's selections (a model refuses the other kind's), and the re-fit's."""
     add_flags(p, MoeSelection, defaults=defaults, skip=moe_skip, title="MoE models (PreMoe: experts)")
-    add_flags(p, DenseSelection, defaults=defaults, only=dense_only,
-              title="dense models (SEAP: attention heads and FFN channels)")
+    add_flags(
+        p,
+        DenseSelection,
+        defaults=defaults,
+        only=dense_only,
+        title="dense models (SEAP: attention heads and FFN channels)",
+    )
 
 
 def add_refit(p, defaults: dict[str, Any] | None = None) -> None:

@@ -23,8 +23,7 @@ from typing import Any
 
 from premoe.assets import TINY_DENSE, TINY_MODEL
 
-HELP = ("calibrate, prune and evaluate the shipped tiny MoE (PreMoe) and tiny dense model (SEAP) on the built-in "
-        "tasks")
+HELP = "calibrate, prune and evaluate the shipped tiny MoE (PreMoe) and tiny dense model (SEAP) on the built-in tasks"
 DENSE_METHODS = {
     "seap": "SEAP, --no-refit",
     "seap+refit": "SEAP (default: + re-fit)",
@@ -65,8 +64,9 @@ def demo(
         work.mkdir(parents=True, exist_ok=True)
         result = _run(Path(model), work, keeps, eval_samples, calib_samples, tasks, progress)
         if dense_model is not None:
-            result["dense"] = _run_dense(Path(dense_model), work / "dense", sparsities, eval_samples, calib_samples,
-                                         tasks, progress)
+            result["dense"] = _run_dense(
+                Path(dense_model), work / "dense", sparsities, eval_samples, calib_samples, tasks, progress
+            )
         return result
 
 
@@ -146,8 +146,13 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     for r in rows:
         r["retention"] = r["mean"] / dense_mean if dense_mean else 0.0
     return {
-        "model": {"path": str(model), "architecture": info.fingerprint.architecture, "moe_layers": len(info.moe_layers),
-                  "num_experts": E, "top_k": K},
+        "model": {
+            "path": str(model),
+            "architecture": info.fingerprint.architecture,
+            "moe_layers": len(info.moe_layers),
+            "num_experts": E,
+            "top_k": K,
+        },
         "tasks": tasks,
         "eval_samples": eval_samples,
         "calib_samples": calib_samples,
@@ -173,11 +178,22 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     info, lm, tok = load_dense(model, device="cpu", dtype=torch.float32)
     evals = {t: samples(t, eval_samples, "eval") for t in tasks}
     store = work / "store"
-    bar = tqdm(total=len(tasks) * (2 + len(sparsities)) + len(sparsities) * (len(DENSE_METHODS) - 1) * len(tasks),
-               desc="demo (dense)", unit="step", disable=not progress)
+    bar = tqdm(
+        total=len(tasks) * (2 + len(sparsities)) + len(sparsities) * (len(DENSE_METHODS) - 1) * len(tasks),
+        desc="demo (dense)",
+        unit="step",
+        disable=not progress,
+    )
     for t in tasks:
-        calibrate(model, write_jsonl(work / f"{t}.jsonl", samples(t, calib_samples, "calib")), t, store, overwrite=True,
-                  dtype="float32", progress=False)
+        calibrate(
+            model,
+            write_jsonl(work / f"{t}.jsonl", samples(t, calib_samples, "calib")),
+            t,
+            store,
+            overwrite=True,
+            dtype="float32",
+            progress=False,
+        )
         bar.update(1)
     dense = {}
     for t in tasks:
@@ -189,13 +205,24 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
             base, refit = method.removesuffix("+refit"), method.endswith("+refit")
             per_task = base == "seap"
             acc, nbytes, counted = {}, 0, 0.0
-            for pattern in (tasks if per_task else [None]):
+            for pattern in tasks if per_task else [None]:
                 out = work / "models" / f"{pattern or base}{'-refit' if refit else ''}-{round(100 * s)}"
-                res = prune(model, store, pattern, None, out, sparsity=s, method=base, agnostic=pattern is None,
-                            overwrite=True, progress=False, refit=refit)
+                res = prune(
+                    model,
+                    store,
+                    pattern,
+                    None,
+                    out,
+                    sparsity=s,
+                    method=base,
+                    agnostic=pattern is None,
+                    overwrite=True,
+                    progress=False,
+                    refit=refit,
+                )
                 nbytes, counted = res.bytes_written, res.sparsity
                 pruned_info, net, ptok = load_dense(out, device="cpu", dtype=torch.float32)
-                for t in ([pattern] if per_task else tasks):
+                for t in [pattern] if per_task else tasks:
                     acc[t] = exact_match(net, ptok, evals[t], progress=False)
                     bar.update(1)
             rows.append({**_dense_row(method, counted, nbytes, {t: acc[t] for t in tasks}), "requested": s})
@@ -203,13 +230,28 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     for r in rows:
         r["retention"] = r["mean"] / rows[0]["mean"] if rows[0]["mean"] else 0.0
     cfg = inspect_dense(model)
-    return {"model": {"path": str(model), "architecture": cfg.fingerprint.architecture, "layers": cfg.num_layers,
-                      "heads": cfg.heads, "kv_heads": cfg.kv_heads, "intermediate": cfg.intermediate},
-            "rows": rows, "seconds": time.perf_counter() - t_start}
+    return {
+        "model": {
+            "path": str(model),
+            "architecture": cfg.fingerprint.architecture,
+            "layers": cfg.num_layers,
+            "heads": cfg.heads,
+            "kv_heads": cfg.kv_heads,
+            "intermediate": cfg.intermediate,
+        },
+        "rows": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
 
 
 def _dense_row(method: str, sparsity: float, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
-    return {"method": method, "sparsity": sparsity, "bytes": nbytes, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
+    return {
+        "method": method,
+        "sparsity": sparsity,
+        "bytes": nbytes,
+        "accuracy": acc,
+        "mean": sum(acc.values()) / len(acc),
+    }
 
 
 def _row(method: str, keep: int, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
@@ -219,7 +261,8 @@ def _row(method: str, keep: int, nbytes: int, acc: dict[str, float]) -> dict[str
 def format_table(result: dict[str, Any]) -> str:
     m, tasks = result["model"], result["tasks"]
     lines = [
-        f"premoe demo: {m['architecture']} ({m['moe_layers']} MoE layers x {m['num_experts']} experts, top-{m['top_k']}), "
+        f"premoe demo: {m['architecture']} ({m['moe_layers']} MoE layers x {m['num_experts']} experts, "
+        f"top-{m['top_k']}), "
         f"{len(tasks)} built-in tasks, greedy exact match on {result['eval_samples']} held-out samples each",
         "",
     ]
@@ -238,28 +281,42 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _rows_table(rows, tasks: list[str], labels: dict[str, str], size_name: str, size) -> list[str]:
     """The demo's table: one row per pruning (label, size column, weight bytes, accuracy per task, mean, retained)."""
-    head = f"{'pruning':<26} {size_name:>7} {'weights':>9}  " + " ".join(f"{t:>7}" for t in tasks) + f" {'mean':>7} {'retained':>8}"
+    head = (
+        f"{'pruning':<26} {size_name:>7} {'weights':>9}  "
+        + " ".join(f"{t:>7}" for t in tasks)
+        + f" {'mean':>7} {'retained':>8}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
         label = "dense (no pruning)" if r["method"] == "dense" else labels[r["method"]]
         accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
-        out.append(f"{label:<26} {size(r)} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}")
+        out.append(
+            f"{label:<26} {size(r)} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}"
+        )
     return out
 
 
 def _format_dense(d: dict[str, Any], tasks: list[str], eval_samples: int) -> str:
     m = d["model"]
-    lines = [f"premoe demo, dense (SEAP): {m['architecture']} ({m['layers']} layers, {m['heads']} heads over "
-             f"{m['kv_heads']} KV heads, FFN {m['intermediate']}), same tasks and samples", ""]
+    lines = [
+        f"premoe demo, dense (SEAP): {m['architecture']} ({m['layers']} layers, {m['heads']} heads over "
+        f"{m['kv_heads']} KV heads, FFN {m['intermediate']}), same tasks and samples",
+        "",
+    ]
     lines += _rows_table(d["rows"], tasks, DENSE_METHODS, "removed", lambda r: f"{r['sparsity']:>7.1%}")
-    lines += ["", "removed: decoder linear weights removed, as counted in the written checkpoint (SEAP: one "
-              f"checkpoint per task); dense part {d['seconds']:.0f}s"]
+    lines += [
+        "",
+        "removed: decoder linear weights removed, as counted in the written checkpoint (SEAP: one "
+        f"checkpoint per task); dense part {d['seconds']:.0f}s",
+    ]
     return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help=HELP, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--keep", dest="keeps", type=int, nargs="+", help="MoE keep counts (default: 1/2, 1/4, 1/8 of the experts)")
+    p.add_argument(
+        "--keep", dest="keeps", type=int, nargs="+", help="MoE keep counts (default: 1/2, 1/4, 1/8 of the experts)"
+    )
     p.add_argument("--sparsity", dest="sparsities", type=float, nargs="+", help="dense sparsities (default: 0.2 0.5)")
     p.add_argument("--no-dense", action="store_true", help="run the MoE part only")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task (default 100)")
@@ -271,8 +328,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
 
-    result = demo(keeps=args.keeps, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
-                  workdir=args.workdir, progress=not args.quiet, sparsities=args.sparsities,
-                  dense_model=None if args.no_dense else TINY_DENSE)
+    result = demo(
+        keeps=args.keeps,
+        eval_samples=args.eval_samples,
+        calib_samples=args.calib_samples,
+        workdir=args.workdir,
+        progress=not args.quiet,
+        sparsities=args.sparsities,
+        dense_model=None if args.no_dense else TINY_DENSE,
+    )
     print(json.dumps(result) if args.json else format_table(result))
     return 0

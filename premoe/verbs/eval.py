@@ -65,27 +65,38 @@ def evaluate(
     backend = kind_of(model)
     run = RunOptions(device, dtype, batch_size, 2048, progress)
     memory = MemoryOptions(stream, max_memory)
-    selections = (MoeSelection(keep, top_k, group_policy, scorer),
-                  DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score))
+    selections = (
+        MoeSelection(keep, top_k, group_policy, scorer),
+        DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
+    )
     fit = RefitOptions(refit, tuple(refit_data or ()))
     check_options(backend, "eval", run, memory, *selections, fit)
     chosen = select(backend, *selections)
     if store is None:
-        given = [f"`{n}`" for n, v in (("task", task), ("agnostic", agnostic)) if v] + [f"`{n}`" for n in chosen.given()]
+        given = [f"`{n}`" for n, v in (("task", task), ("agnostic", agnostic)) if v] + [
+            f"`{n}`" for n in chosen.given()
+        ]
         given += [f"`{n}`" for n in fit.given()]
         if given:
-            raise InputError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} `store` (or evaluate an exported "
-                             "model directory directly)")
+            raise InputError(
+                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} `store` (or evaluate an exported "
+                "model directory directly)"
+            )
     if max_new_tokens is not None and max_new_tokens < 1:
         raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
     if limit is not None and limit < 1:
         raise InputError(f"`limit` must be positive, got {limit}")
     info = backend.inspect(model)
     read_eval_data(data, limit)  # bad data fails before the model is built
-    the_plan = None if store is None else backend.plan(info, store, task, agnostic=agnostic, selection=chosen,
-                                                       refit=fit, progress=progress)
+    the_plan = (
+        None
+        if store is None
+        else backend.plan(info, store, task, agnostic=agnostic, selection=chosen, refit=fit, progress=progress)
+    )
     try:
-        return backend.evaluate(info, data, the_plan, run=run, memory=memory, limit=limit, max_new_tokens=max_new_tokens)
+        return backend.evaluate(
+            info, data, the_plan, run=run, memory=memory, limit=limit, max_new_tokens=max_new_tokens
+        )
     finally:
         if the_plan is not None:
             the_plan.close()
@@ -94,10 +105,16 @@ def evaluate(
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help=HELP, description=__doc__.split("\n\n")[1])
     add_model(p, help="model directory (dense, or an exported pruned model)")
-    p.add_argument("--data", required=True, help='JSONL: {"prompt","completion"} (greedy exact match) or '
-                                                 '{"prompt","choices","answer"} (log-likelihood)')
-    add_store(p, required=False, help="apply a stored pattern on the fly (with --task or --agnostic, and --keep or "
-                                      "--sparsity)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL: {"prompt","completion"} (greedy exact match) or {"prompt","choices","answer"} (log-likelihood)',
+    )
+    add_store(
+        p,
+        required=False,
+        help="apply a stored pattern on the fly (with --task or --agnostic, and --keep or --sparsity)",
+    )
     add_pattern(p)
     defaults = defaults_of(evaluate)
     add_selection(p, defaults)

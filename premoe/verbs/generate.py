@@ -36,8 +36,12 @@ def add_parser(sub) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text")
     p.add_argument("--data", help="answer every line of this JSONL (prompt or text) or .txt file")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=defaults_of(generate)["max_new_tokens"],
-                   help="tokens generated per prompt (default 64)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults_of(generate)["max_new_tokens"],
+        help="tokens generated per prompt (default 64)",
+    )
     add_serving_flags(p, defaults_of(task_server))
 
 

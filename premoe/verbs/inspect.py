@@ -32,14 +32,26 @@ def inspect(store: str | Path) -> dict[str, Any]:
             row.update(
                 experts_for_90pct=round(experts_for_mass(concentration, 0.9), 2),
                 scorers=[n for n, sc in SCORERS.items() if all(k in pattern.means for k in sc.needs)],
-                top_experts={str(layer): row.argsort(descending=True)[:8].tolist()
-                             for layer, row in zip(pattern.layers, pattern.scores)},
+                top_experts={
+                    str(layer): row.argsort(descending=True)[:8].tolist()
+                    for layer, row in zip(pattern.layers, pattern.scores)
+                },
             )
-        row["refits"] = sorted(({k: r.get(k) for k in ("keep", "top_k", "group_policy", "scorer", "experts", "dir")}
-                                for r in entry.get("refits", {}).values()), key=lambda r: r["keep"])
+        row["refits"] = sorted(
+            (
+                {k: r.get(k) for k in ("keep", "top_k", "group_policy", "scorer", "experts", "dir")}
+                for r in entry.get("refits", {}).values()
+            ),
+            key=lambda r: r["keep"],
+        )
         tasks[name] = row
-    return {"path": str(st.path), "version": manifest["version"], "kind": "dense" if dense else "moe",
-            "model": manifest["model"], "tasks": tasks}
+    return {
+        "path": str(st.path),
+        "version": manifest["version"],
+        "kind": "dense" if dense else "moe",
+        "model": manifest["model"],
+        "tasks": tasks,
+    }
 
 
 def add_parser(sub) -> None:
@@ -59,10 +71,14 @@ def run(args) -> int:
     if not summary["tasks"]:
         print("no tasks")
         return 0
-    print(f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  {'created':<25}  "
-          "--scorer options  re-fitted --keep")
+    print(
+        f"{'task':<20} {'scorer':<10} {'samples':>8} {'tokens':>9} {'experts for 90%':>16}  {'created':<25}  "
+        "--scorer options  re-fitted --keep"
+    )
     for name, t in summary["tasks"].items():
-        print(f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t.get('experts_for_90pct', '-'):>16}  "
-              f"{t['created']:<25}  {','.join(t.get('scorers', [])) or '-':<16}  "
-              f"{','.join(str(r['keep']) for r in t['refits']) or '-'}")
+        print(
+            f"{name:<20} {t['scorer']:<10} {t['samples']:>8} {t['tokens']:>9} {t.get('experts_for_90pct', '-'):>16}  "
+            f"{t['created']:<25}  {','.join(t.get('scorers', [])) or '-':<16}  "
+            f"{','.join(str(r['keep']) for r in t['refits']) or '-'}"
+        )
     return 0

@@ -52,12 +52,22 @@ def plan(
     from premoe.kinds import check_options, kind_of, select
 
     backend = kind_of(model)
-    selections = (MoeSelection(keep, top_k, group_policy, scorer),
-                  DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score))
+    selections = (
+        MoeSelection(keep, top_k, group_policy, scorer),
+        DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
+    )
     fit = RefitOptions(refit, tuple(refit_data or ()))
     check_options(backend, "plan", *selections, fit)
-    return backend.plan(backend.inspect(model), store, task, agnostic=agnostic, selection=select(backend, *selections),
-                        refit=fit, progress=progress, seed=seed)
+    return backend.plan(
+        backend.inspect(model),
+        store,
+        task,
+        agnostic=agnostic,
+        selection=select(backend, *selections),
+        refit=fit,
+        progress=progress,
+        seed=seed,
+    )
 
 
 def prune(
@@ -112,14 +122,17 @@ def prune(
     if out is None:
         raise InputError("`out` (the output model directory) is required")
     backend = kind_of(model)
-    selections = (MoeSelection(keep, top_k, group_policy, scorer),
-                  DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score))
+    selections = (
+        MoeSelection(keep, top_k, group_policy, scorer),
+        DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
+    )
     fit = RefitOptions(refit, tuple(refit_data or ()))
     check_options(backend, "prune", *selections, fit)
     info = backend.inspect(model)
     check_out_dir(Path(out), info.path, overwrite)
-    the_plan = backend.plan(info, store, task, agnostic=agnostic, selection=select(backend, *selections), refit=fit,
-                            progress=progress)
+    the_plan = backend.plan(
+        info, store, task, agnostic=agnostic, selection=select(backend, *selections), refit=fit, progress=progress
+    )
     try:
         return backend.export(info, the_plan, Path(out), overwrite=overwrite, verify=verify, progress=progress)
     finally:
@@ -136,9 +149,13 @@ def add_parser(sub) -> None:
     add_selection(p, defaults)
     add_refit(p, defaults)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the self-check (by default the export is read back, and reloaded in transformers when "
-                        "it fits in memory)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the self-check (by default the export is read back, and reloaded in transformers when "
+        "it fits in memory)",
+    )
 
 
 def run(args) -> int:

@@ -17,8 +17,10 @@ from premoe.core.options import RefitOptions, add_flags, defaults_of, kwargs_of
 from premoe.moe.options import MoeSelection
 from premoe.verbs.common import add_model, add_store
 
-HELP = ("MoE: re-fit the experts a keep count keeps for stored tasks and store the rows with their patterns "
-        "(used by prune, eval, generate, chat and serve)")
+HELP = (
+    "MoE: re-fit the experts a keep count keeps for stored tasks and store the rows with their patterns "
+    "(used by prune, eval, generate, chat and serve)"
+)
 
 
 def refit(
@@ -49,8 +51,9 @@ def refit(
     fit = RefitOptions(refit_data=tuple(refit_data or ()))
     backend = kind_of(model)
     check_options(backend, "refit", selection, fit)
-    return backend.refit(backend.inspect(model), store, keeps, tasks=tasks, selection=selection, refit=fit,
-                         progress=progress)
+    return backend.refit(
+        backend.inspect(model), store, keeps, tasks=tasks, selection=selection, refit=fit, progress=progress
+    )
 
 
 def print_refits(model, store, keeps: list[int], **kwargs) -> None:
@@ -58,8 +61,10 @@ def print_refits(model, store, keeps: list[int], **kwargs) -> None:
     t0 = time.perf_counter()
     for task, entries in refit(model, store, keeps, **kwargs).items():
         for e in entries:
-            print(f"stored re-fitted rows of task {task!r} for --keep {e['keep']}: {e['experts']} experts re-fitted on "
-                  f"{e['about']['tokens']} tokens per layer -> {store}")
+            print(
+                f"stored re-fitted rows of task {task!r} for --keep {e['keep']}: {e['experts']} experts re-fitted on "
+                f"{e['about']['tokens']} tokens per layer -> {store}"
+            )
         for k in sorted(set(keeps) - {e["keep"] for e in entries}):
             print(f"task {task!r}: --keep {k} keeps every expert, nothing to re-fit")
     print(f"re-fitted in {time.perf_counter() - t0:.1f}s")

@@ -16,8 +16,10 @@ from premoe.errors import InputError
 from premoe.verbs.common import add_model, add_store, queries
 
 HELP = "print the stored task nearest to a query (no experts loaded)"
-LAYERS_HELP = ("MoE: MoE layers the signature spans (default 1); dense: decoder layers run before comparing "
-               "(default 0: the mean token embedding)")
+LAYERS_HELP = (
+    "MoE: MoE layers the signature spans (default 1); dense: decoder layers run before comparing "
+    "(default 0: the mean token embedding)"
+)
 
 
 def add_route_flags(p, defaults) -> None:
@@ -27,8 +29,18 @@ def add_route_flags(p, defaults) -> None:
     add_flags(p, SignatureSpec, defaults=defaults, title="retrieval, MoE models")
 
 
-def router(model, store: str | Path, *, layers: int | None = None, stat: str = "prob", source: str = "prompt",
-           norm: str = "l1", metric: str = "l1", device: str | None = "cpu", dtype: str = "auto"):
+def router(
+    model,
+    store: str | Path,
+    *,
+    layers: int | None = None,
+    stat: str = "prob",
+    source: str = "prompt",
+    norm: str = "l1",
+    metric: str = "l1",
+    device: str | None = "cpu",
+    dtype: str = "auto",
+):
     """A router of queries to ``store``'s tasks for ``model`` (``route(text)``; ``bytes_read``: what building
     it read from the checkpoint)."""
     from premoe.kinds import check_options, kind_of
@@ -40,9 +52,19 @@ def router(model, store: str | Path, *, layers: int | None = None, stat: str = "
     return backend.router(backend.inspect(model), store, layers=layers, signature=signature, run=run)
 
 
-def route(model, store: str | Path, queries: str | list[str], *, layers: int | None = None, stat: str = "prob",
-          source: str = "prompt", norm: str = "l1", metric: str = "l1", device: str | None = "cpu",
-          dtype: str = "auto"):
+def route(
+    model,
+    store: str | Path,
+    queries: str | list[str],
+    *,
+    layers: int | None = None,
+    stat: str = "prob",
+    source: str = "prompt",
+    norm: str = "l1",
+    metric: str = "l1",
+    device: str | None = "cpu",
+    dtype: str = "auto",
+):
     """Route queries to the nearest stored task, loading no routed expert.
 
     Returns:
@@ -53,8 +75,9 @@ def route(model, store: str | Path, queries: str | list[str], *, layers: int | N
         PremoeError: empty store, store of another model, empty query.
     """
     queries = [queries] if isinstance(queries, str) else list(queries)
-    r = router(model, store, layers=layers, stat=stat, source=source, norm=norm, metric=metric, device=device,
-               dtype=dtype)
+    r = router(
+        model, store, layers=layers, stat=stat, source=source, norm=norm, metric=metric, device=device, dtype=dtype
+    )
     return [r.route(q) for q in queries], r.bytes_read
 
 
@@ -78,5 +101,7 @@ def run(args) -> int:
             res = r.route(q)
         except InputError as e:
             raise InputError(f"{where}: {e}" if args.data else str(e)) from None
-        print(json.dumps({**res.to_dict(), "signature_bytes_read": r.bytes_read}) if args.json else res.task, flush=True)
+        print(
+            json.dumps({**res.to_dict(), "signature_bytes_read": r.bytes_read}) if args.json else res.task, flush=True
+        )
     return 0

@@ -18,7 +18,7 @@ from premoe.dense.options import DenseSelection
 from premoe.errors import InputError
 from premoe.moe.options import MoeSelection
 from premoe.server.options import ServeOptions
-from premoe.verbs.common import add_model, add_store, add_selection
+from premoe.verbs.common import add_model, add_selection, add_store
 from premoe.verbs.route import add_route_flags
 
 HELP = "OpenAI-compatible HTTP server; each request is served by its task's pattern"
@@ -67,13 +67,23 @@ def task_server(
         raise InputError(f"`cache_mb` must be >= 0, got {cache_mb!r}")
     backend = kind_of(model)
     run = RunOptions(device, dtype)
-    selections = (MoeSelection(keep, top_k, group_policy, scorer),
-                  DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score))
+    selections = (
+        MoeSelection(keep, top_k, group_policy, scorer),
+        DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
+    )
     signature = SignatureSpec(1, stat, source, norm, metric)
     fit = RefitOptions(refit)
     check_options(backend, verb, run, *selections, signature, fit, cache_mb=bool(cache_mb))
-    return backend.task_server(backend.inspect(model), store, selection=select(backend, *selections), layers=layers,
-                               signature=signature, refit=fit, cache_mb=cache_mb, run=run)
+    return backend.task_server(
+        backend.inspect(model),
+        store,
+        selection=select(backend, *selections),
+        layers=layers,
+        signature=signature,
+        refit=fit,
+        cache_mb=cache_mb,
+        run=run,
+    )
 
 
 def serve(server, options: ServeOptions = ServeOptions(), announce=print) -> int:
@@ -83,7 +93,8 @@ def serve(server, options: ServeOptions = ServeOptions(), announce=print) -> int
     Raises:
         InputError: the port is taken, or the store has no tasks.
     """
-    from premoe.server.main import bind, serve as run_http
+    from premoe.server.main import bind
+    from premoe.server.main import serve as run_http
 
     bind(options.host, options.port).close()  # fail on a taken port before loading anything
     if not server.tasks:
@@ -98,8 +109,9 @@ def add_serving_flags(p, defaults) -> None:
     add_store(p)
     add_selection(p, defaults)
     add_flags(p, RefitOptions, defaults=defaults, only=("refit",), title="compensation (MoE)")
-    p.add_argument("--cache-mb", type=float, default=0.0,
-                   help="MoE: keep experts a switch drops, up to this many MB (default 0)")
+    p.add_argument(
+        "--cache-mb", type=float, default=0.0, help="MoE: keep experts a switch drops, up to this many MB (default 0)"
+    )
     add_flags(p, RunOptions, defaults=defaults, only=("device", "dtype"))
     add_route_flags(p, defaults)
 

@@ -67,34 +67,61 @@ def sweep(
     model = Path(model or TINY_MODEL)
     backend = kind_of(model)
     memory = MemoryOptions(stream, max_memory)
-    opts = (MoeSweep(tuple(keeps or ()), tuple(scorers or ())),
-            DenseSweep(tuple(sparsities or ()), tuple(methods or ()), schedule, count))
+    opts = (
+        MoeSweep(tuple(keeps or ()), tuple(scorers or ())),
+        DenseSweep(tuple(sparsities or ()), tuple(methods or ()), schedule, count),
+    )
     check_options(backend, "sweep", memory, *opts)
     about = {"model": label, "calib_samples": calib_samples, "eval_samples": eval_samples}
-    return backend.sweep(Path(out), backend.inspect(model), tasks or suite(calib_samples, eval_samples),
-                         sweep=select(backend, *opts), variants=tuple(variants) if variants else None, memory=memory,
-                         progress=progress, about=about)
+    return backend.sweep(
+        Path(out),
+        backend.inspect(model),
+        tasks or suite(calib_samples, eval_samples),
+        sweep=select(backend, *opts),
+        variants=tuple(variants) if variants else None,
+        memory=memory,
+        progress=progress,
+        about=about,
+    )
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help=HELP, description=__doc__.split("\n\n")[1])
     p.add_argument("--out", required=True, help="directory for results.json/.csv, pictures and the store")
     p.add_argument("--model", help="model directory (default: the shipped tiny MoE)")
-    p.add_argument("--task", dest="tasks", nargs=3, action="append", metavar=("NAME", "CALIB", "EVAL"),
-                   help='a task: calibration JSONL and evaluation JSONL ({"prompt","completion"}); repeat '
-                        "(default: the built-in suite)")
+    p.add_argument(
+        "--task",
+        dest="tasks",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "CALIB", "EVAL"),
+        help='a task: calibration JSONL and evaluation JSONL ({"prompt","completion"}); repeat '
+        "(default: the built-in suite)",
+    )
     defaults = defaults_of(sweep)
     add_flags(p, MoeSweep, defaults=defaults, title="MoE models")
     add_flags(p, DenseSweep, defaults=defaults, title="dense models")
-    p.add_argument("--variants", nargs="+", metavar="VARIANT",
-                   help="plain and/or refit (least-squares re-fit of what is kept; dense default: both), and for MoE "
-                        "models compensations of the removed experts, each a <scorer>+<variant> row: scale (one "
-                        "least-squares output scale per kept expert), merge (removed experts folded into their closest "
-                        "kept one), merge+refit, router (re-fitted router rows), refit+router (MoE default: plain)")
-    p.add_argument("--calib-samples", type=int, default=defaults["calib_samples"],
-                   help="built-in suite: calibration samples per task (default 64)")
-    p.add_argument("--eval-samples", type=int, default=defaults["eval_samples"],
-                   help="built-in suite: held-out samples per task (default 100)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="plain and/or refit (least-squares re-fit of what is kept; dense default: both), and for MoE "
+        "models compensations of the removed experts, each a <scorer>+<variant> row: scale (one "
+        "least-squares output scale per kept expert), merge (removed experts folded into their closest "
+        "kept one), merge+refit, router (re-fitted router rows), refit+router (MoE default: plain)",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=defaults["calib_samples"],
+        help="built-in suite: calibration samples per task (default 64)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=defaults["eval_samples"],
+        help="built-in suite: held-out samples per task (default 100)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_flags(p, MemoryOptions, defaults=defaults, skip=("offload_dir",), title="memory (MoE models larger than RAM)")
 
@@ -104,5 +131,9 @@ def run(args) -> int:
 
     tasks = {name: (calib, ev) for name, calib, ev in args.tasks} if args.tasks else None
     res = sweep(**kwargs_of(sweep, args, tasks=tasks, progress=not args.quiet))
-    print(json.dumps({k: v for k, v in res.items() if k != "rows"}) if args.json else backend(res["kind"]).format_sweep(res))
+    print(
+        json.dumps({k: v for k, v in res.items() if k != "rows"})
+        if args.json
+        else backend(res["kind"]).format_sweep(res)
+    )
     return 0

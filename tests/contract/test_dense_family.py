@@ -161,7 +161,6 @@ def test_column_reads_ranges_or_whole_rows(dense_family):
     assert torch.equal(ranged, full[:, ids]) and torch.equal(rows, full[:, ids])
 
 
-
 def test_route_serve_and_evaluate(dense_family, tmp_path):
     """Routing reads the embeddings and one layer, never the LM head (Llama-3 and Qwen2.5-7B untie it), and
     sends held-out prompts to their task; the task server answers each prompt as a fresh build of its
@@ -187,8 +186,9 @@ def test_route_serve_and_evaluate(dense_family, tmp_path):
         fresh = build_dense(info, server.plan(task), ByteReader())
         assert reply.text == generate_greedy(fresh, server.tokenizer, [prompt], 4)[0]
 
-    rows = samples("add", 4, "eval") + [{"prompt": f"add {i}+{i}=", "choices": [str(2 * i), str(i), f"{i}{i}", "0"],
-                                         "answer": 0} for i in range(1, 9)]
+    rows = samples("add", 4, "eval") + [
+        {"prompt": f"add {i}+{i}=", "choices": [str(2 * i), str(i), f"{i}{i}", "0"], "answer": 0} for i in range(1, 9)
+    ]
     data = write_jsonl(tmp_path / "eval.jsonl", rows)
     premoe.prune(model, store, "add", None, tmp_path / "out", sparsity=0.5, refit=False, progress=False)
     exported = premoe.evaluate(tmp_path / "out", data, progress=False)
@@ -214,15 +214,34 @@ def test_head_tying_through_route_generate_and_prune(tied, tmp_path, capsys):
     info = inspect_dense(model)
     assert ("lm_head.weight" in info.checkpoint.tensors) is not tied
     for t in TASKS:
-        premoe.calibrate(model, write_jsonl(tmp_path / f"{t}.jsonl", samples(t, 24, "calib")), t, tmp_path / "s",
-                         progress=False)
+        premoe.calibrate(
+            model, write_jsonl(tmp_path / f"{t}.jsonl", samples(t, 24, "calib")), t, tmp_path / "s", progress=False
+        )
     prompts = [samples(t, 1, "eval")[0]["prompt"] for t in TASKS]
     capsys.readouterr()
     assert main(["-q", "route", "--model", str(model), "--store", str(tmp_path / "s"), *prompts[:1]]) == 0
     assert capsys.readouterr().out.split() == ["add"]
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": p} for p in prompts])
-    assert main(["-q", "generate", "--json", "--model", str(model), "--store", str(tmp_path / "s"), "--sparsity", "0.3",
-                 "--max-new-tokens", "3", "--data", str(data)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                "--json",
+                "--model",
+                str(model),
+                "--store",
+                str(tmp_path / "s"),
+                "--sparsity",
+                "0.3",
+                "--max-new-tokens",
+                "3",
+                "--data",
+                str(data),
+            ]
+        )
+        == 0
+    )
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["task"] for r in replies] == list(TASKS) and all(r["switched"] for r in replies)
 
@@ -246,8 +265,9 @@ def test_sharded_fp16_source_through_prune_and_reload(tmp_path):
 
     model = build_dense_model(tmp_path / "m", "qwen2", variant=Variant(tied=False, sharded=True, dtype="float16"))
     assert (model / INDEX_NAME).is_file() and len(list(model.glob("*.safetensors"))) > 2
-    premoe.calibrate(model, write_jsonl(tmp_path / "add.jsonl", samples("add", 24, "calib")), "add", tmp_path / "s",
-                     progress=False)
+    premoe.calibrate(
+        model, write_jsonl(tmp_path / "add.jsonl", samples("add", 24, "calib")), "add", tmp_path / "s", progress=False
+    )
     info = inspect_dense(model)
     full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     x = torch.tensor([[1, 5, 6, 7, 8, 9]])
@@ -258,5 +278,6 @@ def test_sharded_fp16_source_through_prune_and_reload(tmp_path):
         assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
         plan = dense_plan(info, tmp_path / "s", "add", 0.5, refit=RefitOptions(refit), progress=False)
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        torch.testing.assert_close(reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits,
-                                   atol=1e-5 if not refit else 5e-3, rtol=1e-4)
+        torch.testing.assert_close(
+            reloaded(x).logits, prune_in_memory(full, info, plan)(x).logits, atol=1e-5 if not refit else 5e-3, rtol=1e-4
+        )

@@ -62,8 +62,12 @@ def test_rows_cover_every_toggle_and_are_built_as_their_variant(family, family_d
 
     for rows, variant in ((FAMILIES, family_variant), (DENSE_FAMILIES, dense_variant)):
         got = [variant(n) for n in rows]
-        for toggle, values in (("tied", (True, False)), ("bias", (True, False)), ("sharded", (True, False)),
-                               ("dtype", DTYPES)):
+        for toggle, values in (
+            ("tied", (True, False)),
+            ("bias", (True, False)),
+            ("sharded", (True, False)),
+            ("dtype", DTYPES),
+        ):
             for v in values:
                 assert sum(getattr(x, toggle) == v for x in got) >= 2, (toggle, v)
 
@@ -100,8 +104,10 @@ def test_exactness_contract(family, family_dir, tmp_path):
     # in float32 whatever the storage dtype: exactness is about which experts and weights remain, not rounding
     lm = load_model(src, device="cpu", dtype="float32")
     before = logits_of(lm.model, lm.tokenizer)
-    after, plain = (logits_of(m.model, m.tokenizer)
-                    for m in (load_model(tmp_path / d, device="cpu", dtype="float32") for d in ("out", "plain")))
+    after, plain = (
+        logits_of(m.model, m.tokenizer)
+        for m in (load_model(tmp_path / d, device="cpu", dtype="float32") for d in ("out", "plain"))
+    )
     renormalises = FAMILIES[family][2]
     if renormalises:
         torch.testing.assert_close(plain, before, rtol=1e-5, atol=1e-6)  # float noise only (~1e-8 seen)
@@ -184,8 +190,9 @@ def test_refit_export_changes_only_kept_down_projections_and_router_rows(family,
         assert family in ("llama4_text", "longcat_flash", "dbrx"), res.plan.refit
         return
     assert res.plan.refit["tokens"] > 0 and res.plan.refit["data"] == "calibration data of t"
-    changed = [n for n in plain.checkpoint.tensors
-               if not torch.equal(fit.checkpoint.tensor(n), plain.checkpoint.tensor(n))]
+    changed = [
+        n for n in plain.checkpoint.tensors if not torch.equal(fit.checkpoint.tensor(n), plain.checkpoint.tensor(n))
+    ]
     assert changed and all(fit.roles[n].target.endswith(".down_proj") or fit.roles[n].kind == "router" for n in changed)
     assert any(fit.roles[n].target.endswith(".down_proj") for n in changed)
 
@@ -352,12 +359,12 @@ def test_signature_reads_no_experts_and_matches_the_full_model(family, family_di
     from premoe.moe.observe import marker_params, observe
 
     params = marker_params(info.router, "tcess", None, None)
-    full = observe(lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], params, progress=False,
-                   skip_special=True).means()
+    full = observe(
+        lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], params, progress=False, skip_special=True
+    ).means()
     sig = sm.signature("add 12+3=")
     for stat in sig:
         torch.testing.assert_close(sig[stat][0], full[stat][0])  # M = 1 is exact
-
 
 
 # -- one toggle at a time, through every verb it could break ---------------------------------------
@@ -381,8 +388,13 @@ def test_head_tying_through_route_generate_and_prune(tied, tmp_path):
     assert ("lm_head.weight" in info.checkpoint.tensors) is not tied
     prompts = {"a": "add 1+2=", "b": "reverse abcd="}
     for task, prompt in prompts.items():
-        premoe.calibrate(src, write_jsonl(tmp_path / f"{task}.jsonl", [{"prompt": prompt, "completion": "x"}]), task,
-                         tmp_path / "s", progress=False)
+        premoe.calibrate(
+            src,
+            write_jsonl(tmp_path / f"{task}.jsonl", [{"prompt": prompt, "completion": "x"}]),
+            task,
+            tmp_path / "s",
+            progress=False,
+        )
     results, nbytes = premoe.route(src, tmp_path / "s", list(prompts.values()))
     assert [r.task for r in results] == list(prompts) and all(r.distance < 1e-4 for r in results)
     assert nbytes < ideal_bytes(info, None)["non_expert"]
@@ -445,8 +457,9 @@ def test_sharded_fp16_source_through_prune_and_reload(family_name, tmp_path, sma
         assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == "float16"
     fit, plain = inspect_model(tmp_path / "fit"), inspect_model(tmp_path / "plain")
     assert set(fit.checkpoint.tensors) == set(plain.checkpoint.tensors)
-    changed = [n for n in plain.checkpoint.tensors
-               if not torch.equal(fit.checkpoint.tensor(n), plain.checkpoint.tensor(n))]
+    changed = [
+        n for n in plain.checkpoint.tensors if not torch.equal(fit.checkpoint.tensor(n), plain.checkpoint.tensor(n))
+    ]
     assert changed and all(fit.roles[n].target.endswith(".down_proj") or fit.roles[n].kind == "router" for n in changed)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
     torch.testing.assert_close(logits_of(reloaded, lm.tokenizer), logits_of(lm.model, lm.tokenizer))

@@ -20,9 +20,24 @@ from premoe.errors import UnsupportedModelError
 
 FORMATS: dict[str, type[QuantFormat]] = {"fp8": Fp8Blocks, "mxfp4": Mxfp4}
 
-__all__ = ["FORMATS", "FP8_DTYPES", "FP4_VALUES", "MXFP4_GROUP", "QuantFormat", "Plain", "Fp8Blocks", "Mxfp4",
-           "quant_format", "check_fp8_pair", "check_mxfp4_pair", "dequant_fp8", "dequant_mxfp4", "fp8_scale_shape",
-           "quantize_fp8", "quantize_mxfp4"]
+__all__ = [
+    "FORMATS",
+    "FP8_DTYPES",
+    "FP4_VALUES",
+    "MXFP4_GROUP",
+    "QuantFormat",
+    "Plain",
+    "Fp8Blocks",
+    "Mxfp4",
+    "quant_format",
+    "check_fp8_pair",
+    "check_mxfp4_pair",
+    "dequant_fp8",
+    "dequant_mxfp4",
+    "fp8_scale_shape",
+    "quantize_fp8",
+    "quantize_mxfp4",
+]
 
 
 def quant_format(raw_config: dict[str, Any]) -> QuantFormat:
@@ -43,5 +58,6 @@ def quant_format(raw_config: dict[str, Any]) -> QuantFormat:
         names = ", ".join(f'"{m}"' for m in FORMATS)
         raise UnsupportedModelError(
             f"quantization method {qc.get('quant_method')!r} is not supported: premoe reads unquantised checkpoints "
-            f"and quant_method {names}; dequantise the model first or use its unquantised release")
+            f"and quant_method {names}; dequantise the model first or use its unquantised release"
+        )
     return FORMATS[method].from_config(qc)

@@ -62,8 +62,10 @@ class QuantFormat:
         """Raise :class:`CheckpointError` unless ``key`` (a :class:`premoe.core.checkpoint.TensorInfo`) and
         its scale agree with this format. The base refuses FP8 tensors: the config must say how to read them."""
         if info.dtype in FP8_DTYPES:
-            raise CheckpointError(f"{key} is stored in FP8 but config.json has no fp8 quantization_config; add it or "
-                                  "re-download the config")
+            raise CheckpointError(
+                f"{key} is stored in FP8 but config.json has no fp8 quantization_config; add it or "
+                "re-download the config"
+            )
 
     # -- values ---------------------------------------------------------------------------------------
 

@@ -32,7 +32,9 @@ class Fp8Blocks(QuantFormat):
         if wb is None:
             return cls(None)
         if not (isinstance(wb, (list, tuple)) and len(wb) == 2 and all(isinstance(b, int) and b > 0 for b in wb)):
-            raise UnsupportedModelError(f"quantization_config.weight_block_size must be two positive integers, got {wb!r}")
+            raise UnsupportedModelError(
+                f"quantization_config.weight_block_size must be two positive integers, got {wb!r}"
+            )
         return cls((int(wb[0]), int(wb[1])))
 
     @property
@@ -67,16 +69,26 @@ class Fp8Blocks(QuantFormat):
         embeddings, LM head, norms or router."""
         if role.kind == "fused" and tensor.dim() == 3:
             return True
-        return (tensor.dim() == 2 and key.endswith(".weight") and role.kind in ("expert", "other")
-                and "embed" not in key and "lm_head" not in key and "norm" not in key)
+        return (
+            tensor.dim() == 2
+            and key.endswith(".weight")
+            and role.kind in ("expert", "other")
+            and "embed" not in key
+            and "lm_head" not in key
+            and "norm" not in key
+        )
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
         q, s = quantize_fp8(tensor, self.block)
         return {key: q, f"{key}_scale_inv": s.float()}
 
     def config(self) -> dict[str, Any]:
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(self.block) if self.block else None}
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(self.block) if self.block else None,
+        }
 
 
 def fp8_scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...] | None:
@@ -107,7 +119,9 @@ def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+def dequant_fp8(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype
+) -> torch.Tensor:
     """[..., R, C] float8 weight times its [..., ceil(R/b0), ceil(C/b1)] block scales (or one scale)."""
     w = weight.to(torch.float32)
     s = _scale_values(scale)

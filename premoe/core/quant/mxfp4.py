@@ -59,8 +59,15 @@ class Mxfp4(QuantFormat):
         return {f"{key}_blocks": blocks, f"{key}_scales": scales}
 
     def config(self) -> dict[str, Any]:
-        return {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                                    "model.embed_tokens", "lm_head"]}
+        return {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        }
 
 
 def check_mxfp4_pair(name: str, blocks_shape, scale_name: str, scales_shape) -> None:
