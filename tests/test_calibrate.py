@@ -5,10 +5,11 @@ import torch
 
 import premoe
 from premoe.core.data import iter_samples, write_jsonl
+from premoe.core.options import RunOptions
 from premoe.core.store import PatternStore
 from premoe.errors import InputError, MissingFileError, UnsupportedModelError
 from premoe.moe.loading import load_model
-from premoe.moe.observe import RouterObserver, marker_params, observe
+from premoe.moe.observe import Recording, RouterObserver, marker_params, observe
 
 TEXTS = ["add 1+2=3", "reverse abcdef=fedcba", "sort 9382=2389", "count a in abca=2", "shift ab=bc"]
 
@@ -16,8 +17,24 @@ TEXTS = ["add 1+2=3", "reverse abcdef=fedcba", "sort 9382=2389", "count a in abc
 def test_batching_and_padding_do_not_change_statistics(family_dir):
     lm = load_model(family_dir("deepseek_v3"), device="cpu")
     params = marker_params(lm.info.router, "tcess", None, None)
-    one = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, params, batch_size=1, progress=False)
-    many = observe(lm.model, lm.layers, lm.info, lm.tokenizer, TEXTS, params, batch_size=5, progress=False)
+    one = observe(
+        lm.model,
+        lm.layers,
+        lm.info,
+        lm.tokenizer,
+        TEXTS,
+        Recording(params),
+        run=RunOptions(batch_size=1, progress=False),
+    )
+    many = observe(
+        lm.model,
+        lm.layers,
+        lm.info,
+        lm.tokenizer,
+        TEXTS,
+        Recording(params),
+        run=RunOptions(batch_size=5, progress=False),
+    )
     assert one.tokens == many.tokens == sum(len(lm.tokenizer(t).input_ids) for t in TEXTS)
     for name in one.sums:
         torch.testing.assert_close(one.sums[name], many.sums[name], rtol=1e-5, atol=1e-6)
@@ -31,8 +48,8 @@ def test_tcess_mass_per_token_is_one_for_renormalising_router(family_dir):
         lm.info,
         lm.tokenizer,
         TEXTS,
-        marker_params(lm.info.router, "tcess", None, None),
-        progress=False,
+        Recording(marker_params(lm.info.router, "tcess", None, None)),
+        run=RunOptions(progress=False),
     ).means()
     torch.testing.assert_close(means["tcess"].sum(-1), torch.ones(len(lm.layers)))  # weights sum to 1 per token
     torch.testing.assert_close(means["count"].sum(-1), torch.full((len(lm.layers),), 2.0))  # top-2
@@ -68,9 +85,8 @@ def test_samples_are_streamed_not_loaded_up_front(family_dir):
             lm.info,
             lm.tokenizer,
             gen(),
-            marker_params(lm.info.router, "tcess", None, None),
-            batch_size=32,
-            progress=False,
+            Recording(marker_params(lm.info.router, "tcess", None, None)),
+            run=RunOptions(batch_size=32, progress=False),
         )
     finally:
         handle.remove()

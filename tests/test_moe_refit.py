@@ -9,6 +9,7 @@ import pytest
 import torch
 from expected import MOE_REFIT_GAIN
 
+from premoe.core.options import RunOptions
 from premoe.core.tasks import samples
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.loading import load_model
@@ -157,8 +158,8 @@ def test_streamed_refit_matches_the_in_memory_one(family_dir, tmp_path):
     plan = make_plan(info, tmp_path / "s", "a", 4)
     texts = [[r["prompt"] + r["completion"] for r in rows]]
     tok = load_tokenizer(info.path)
-    whole = refit_model(info, plan, tok, texts, progress=False, stream=False)
-    layered = refit_model(info, plan, tok, texts, progress=False, stream=True)
+    whole = refit_model(info, plan, tok, texts, run=RunOptions(device="cpu", progress=False), stream=False)
+    layered = refit_model(info, plan, tok, texts, run=RunOptions(device="cpu", progress=False), stream=True)
     # both runs compute in the storage dtype, batched differently: equal up to its rounding
     tol = dict(rtol=1e-4, atol=1e-5) if family_variant("deepseek_v3").dtype == "float32" else dict(rtol=2e-3, atol=1e-4)
     try:

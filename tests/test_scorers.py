@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 import premoe
 from premoe.core.data import write_jsonl
+from premoe.core.options import RunOptions
 from premoe.moe.kernels import expert_forward
 from premoe.moe.loading import load_model
-from premoe.moe.observe import marker_params, observe
+from premoe.moe.observe import Recording, marker_params, observe
 from premoe.moe.scoring import SCORERS, output_markers, pool_means, score, weight_ratio
 
 IDX = torch.tensor([[0, 1], [1, 2]])
@@ -77,7 +78,13 @@ def test_output_statistics_match_a_brute_force_computation(family_dir):
     texts = ["add 12+30=42", "reverse abcd=dcba"]
     params = marker_params(lm.info.router, "tcess", None, None)
     sums = observe(
-        lm.model, lm.layers, lm.info, lm.tokenizer, texts, params, batch_size=2, outputs=True, progress=False
+        lm.model,
+        lm.layers,
+        lm.info,
+        lm.tokenizer,
+        texts,
+        Recording(params, outputs=True),
+        run=RunOptions(batch_size=2, progress=False),
     )
     layer = lm.layers[1]
     dec = lm.model.model.layers[1]

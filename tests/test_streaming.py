@@ -6,10 +6,11 @@ import torch
 import premoe
 from premoe.core.config import load_tokenizer
 from premoe.core.data import write_jsonl
+from premoe.core.options import RunOptions
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.model import inspect_model
-from premoe.moe.observe import observe_streamed
+from premoe.moe.observe import Recording, observe_streamed
 from premoe.moe.scoring import MarkerParams
 from premoe.moe.streaming import HiddenStore, LayerStream, activation_bytes, resident_sizes
 
@@ -29,8 +30,10 @@ def test_hidden_states_spill_to_disk_without_changing_results(family_dir):
     tok = load_tokenizer(info.path)
     texts = [r.get("text") or r["prompt"] + r["completion"] for r in ROWS]
     params = MarkerParams(k=info.router.top_k)
-    kept, _ = observe_streamed(info, tok, texts, params, batch_size=2, progress=False)
-    spilled, stats = observe_streamed(info, tok, texts, params, batch_size=2, progress=False, hidden_budget=0)
+    kept, _ = observe_streamed(info, tok, texts, Recording(params), run=RunOptions(batch_size=2, progress=False))
+    spilled, stats = observe_streamed(
+        info, tok, texts, Recording(params), run=RunOptions(batch_size=2, progress=False), hidden_budget=0
+    )
     assert stats["spilled"] > 0
     for k in kept.sums:
         assert torch.equal(kept.sums[k], spilled.sums[k])

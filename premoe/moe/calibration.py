@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.config import load_tokenizer, resolve_device
+from premoe.core.config import load_tokenizer
 from premoe.core.data import CalibrationData
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.loading import LoadedModel, as_loaded
 from premoe.moe.model import ModelInfo, as_info
-from premoe.moe.observe import marker_params, observe, observe_streamed
+from premoe.moe.observe import Recording, marker_params, observe, observe_streamed
 from premoe.moe.options import MoeCalibration
 from premoe.moe.recon import unsupported as recon_unsupported
 from premoe.moe.scoring import (
@@ -144,15 +144,10 @@ def calibrate(
             info,
             tok,
             (rec.text for rec in cal.records()),
-            params,
-            batch_size=batch_size,
-            max_length=max_length,
-            progress=progress,
+            Recording(params, outputs, recon),
+            run=run,
             desc=f"calibrate {task} (streamed)",
-            outputs=outputs,
-            recon=recon,
             hidden_budget=hidden_budget,
-            device=resolve_device(run.device),
             offload_dir=offload_dir,
         )
         tokens, means = sums.tokens, sums.means()
@@ -165,14 +160,10 @@ def calibrate(
             lm.info,
             tok,
             (rec.text for rec in cal.records()),
-            params,
-            batch_size=batch_size,
-            max_length=max_length,
+            Recording(params, outputs, recon),
+            run=run,
             total=n_samples,
-            progress=progress,
             desc=f"calibrate {task}",
-            outputs=outputs,
-            recon=recon,
             logits_to_keep=1,
         )
         tokens, means = sums.tokens, sums.means()
@@ -198,27 +189,17 @@ def calibrate(
     for source in ("prompt", "full"):
         texts = (rec.prompt if source == "prompt" else rec.text for rec in cal.records())
         if sig_model is not None:
-            sums = sig_model.stats(
-                texts,
-                batch_size=batch_size,
-                max_length=max_length,
-                total=n_samples,
-                progress=progress,
-                desc=f"keys ({source})",
-            )
+            sums = sig_model.stats(texts, run=run, total=n_samples, desc=f"keys ({source})")
         else:  # the first MoE layers without their experts, streamed like the model
             sums, _ = observe_streamed(
                 info,
                 tok,
                 texts,
-                MarkerParams(k=info.router.top_k),
+                Recording(MarkerParams(k=info.router.top_k), skip_special=True),
+                run=RunOptions(device="cpu", batch_size=batch_size, max_length=max_length, progress=progress),
                 num_layers=info.moe_layers[sig_layers - 1] + 1,
                 experts=False,
-                batch_size=batch_size,
-                max_length=max_length,
-                progress=progress,
                 desc=f"keys ({source}, streamed)",
-                skip_special=True,
                 hidden_budget=hidden_budget,
                 offload_dir=offload_dir,
             )

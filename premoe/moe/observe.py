@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from premoe.core.data import token_batches
 from premoe.core.modules import decoder_layers
+from premoe.core.options import RunOptions
 from premoe.errors import InputError
 from premoe.moe.arch import MoeLayer, RouterSpec
 from premoe.moe.kernels import expert_forward
@@ -146,6 +148,18 @@ class RouterObserver:
         self._routed.clear()
 
 
+@dataclass(frozen=True)
+class Recording:
+    """What an observation pass records: the routing sums of ``params`` (always), every chosen expert's output
+    statistics with ``outputs`` (REAP, EAN, EASY-EP), the ``recon`` scorer's token statistics with ``recon``
+    (and ``outputs``); ``skip_special`` leaves special tokens (BOS...) out of the counts."""
+
+    params: MarkerParams
+    outputs: bool = False
+    recon: bool = False
+    skip_special: bool = False
+
+
 @torch.inference_mode()
 def observe(
     model: torch.nn.Module,
@@ -153,29 +167,25 @@ def observe(
     info: ModelInfo,
     tokenizer,
     texts: Iterable[str],
-    params: MarkerParams,
+    what: Recording,
     *,
-    batch_size: int = 16,
-    max_length: int = 2048,
+    run: RunOptions = RunOptions(),
     total: int | None = None,
-    progress: bool = True,
     desc: str = "calibrate",
-    skip_special: bool = False,
-    outputs: bool = False,
-    recon: bool = False,
     **forward_kwargs,
 ) -> RoutingSums:
-    """Stream ``texts`` through ``model`` and return the routing sums of ``layers``' routers.
+    """Stream ``texts`` through ``model`` (``run.batch_size`` samples of at most ``run.max_length`` tokens at
+    a time) and return the routing sums of ``layers``' routers, with what ``what`` asks for.
 
     ``model`` is any module whose forward drives those routers: the causal LM for calibration, or
     a truncated signature view (:mod:`premoe.moe.signature`).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-    decoder = decoder_layers(model) if outputs else None
-    with RouterObserver(layers, info.router, info.spec, params, decoder, outputs, recon) as obs:
-        for batch in token_batches(tokenizer, texts, batch_size, max_length, skip_special):
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not run.progress)
+    decoder = decoder_layers(model) if what.outputs else None
+    with RouterObserver(layers, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
+        for batch in token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special):
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
             attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
@@ -193,32 +203,28 @@ def observe_streamed(
     info: ModelInfo,
     tokenizer,
     texts: Iterable[str],
-    params: MarkerParams,
+    what: Recording,
     *,
+    run: RunOptions = RunOptions(device="cpu"),
     num_layers: int | None = None,
     experts: bool = True,
-    batch_size: int = 16,
-    max_length: int = 2048,
-    progress: bool = True,
     desc: str = "calibrate",
-    skip_special: bool = False,
-    outputs: bool = False,
-    recon: bool = False,
     hidden_budget: int = 1 << 62,
-    reader=None,
-    device=None,
     offload_dir: str | None = None,
 ) -> tuple[RoutingSums, dict[str, int]]:
     """:func:`observe` for a model larger than memory: the same batches, pushed through one decoder
-    layer at a time (:class:`~premoe.moe.streaming.LayerStream`); returns the sums and what the run held
-    (largest layer, bytes of hidden states spilled to disk)."""
+    layer at a time (:class:`~premoe.moe.streaming.LayerStream`; only the first ``num_layers``, routed
+    experts replaced by stubs without ``experts``), layers run on ``run.device``, hidden states past
+    ``hidden_budget`` bytes in ``offload_dir``. Returns the sums and what the run held (largest layer,
+    bytes of hidden states spilled to disk, bytes read)."""
+    from premoe.core.config import resolve_device
     from premoe.moe.streaming import LayerStream, make_batches
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches(token_batches(tokenizer, texts, batch_size, max_length, skip_special), pad)
-    stream = LayerStream(info, num_layers=num_layers, experts=experts, reader=reader, device=device)
-    decoder = stream.layers if outputs else None
-    with RouterObserver(stream.moe, info.router, info.spec, params, decoder, outputs, recon) as obs:
+    batches = make_batches(token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special), pad)
+    stream = LayerStream(info, num_layers=num_layers, experts=experts, device=resolve_device(run.device))
+    decoder = stream.layers if what.outputs else None
+    with RouterObserver(stream.moe, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
         obs.sums.tokens = sum(int(b.counted.sum()) for b in batches)
 
         def before(b: int) -> None:
@@ -231,7 +237,7 @@ def observe_streamed(
                 obs.recon[where[i]].finish()
 
         stats = stream.run(
-            batches, hidden_budget, before, progress=progress, desc=desc, offload_dir=offload_dir, done=done
+            batches, hidden_budget, before, progress=run.progress, desc=desc, offload_dir=offload_dir, done=done
         )
         obs.finish()
     stats["bytes_read"] = stream.reader.bytes_read

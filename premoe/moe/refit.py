@@ -232,6 +232,18 @@ ROUTER_TOKENS = 1024  # calibration tokens per layer the router re-fit uses
 ROUTER_CANDIDATES = 2  # x top-k: the kept experts per token (best first) the re-fit router may move weight among
 
 
+@dataclasses.dataclass(frozen=True)
+class RefitSolver:
+    """How a checkpoint's kept experts are re-fitted: calibration ``tokens`` per layer, the ridge ``lam``
+    toward the original weights, block Gauss-Seidel ``sweeps``, and whether the kept experts' ``router``
+    rows are re-fitted too (:func:`router_delta`)."""
+
+    tokens: int = TOKENS
+    lam: float = LAM
+    sweeps: int = SWEEPS
+    router: bool = True
+
+
 def router_weight_path(layer: MoeLayer) -> str | None:
     """Path (in ``layer.block``) of the layer's router weight matrix, experts on dim 0, if it has one."""
     return next(

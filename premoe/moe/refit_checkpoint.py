@@ -16,14 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from premoe.core.options import RefitOptions
+from premoe.core.options import RefitOptions, RunOptions
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer
 from premoe.moe.refit import (
-    LAM,
     ROUTER_TOKENS,
-    SWEEPS,
-    TOKENS,
+    RefitSolver,
     _joined,
     _record,
     capture,
@@ -197,21 +195,16 @@ def refit_models(
     *,
     about: str = "",
     directories: Sequence[str | Path | None] | None = None,
-    tokens: int = TOKENS,
-    lam: float = LAM,
-    sweeps: int = SWEEPS,
-    batch_size: int = 16,
-    max_length: int = 2048,
-    device: torch.device | None = None,
-    progress: bool = True,
+    solver: RefitSolver = RefitSolver(),
+    run: RunOptions = RunOptions(device="cpu"),
     reader=None,
     stream: bool | None = None,
-    router: bool = True,
 ) -> list[RefitWeights]:
-    """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``tokens`` calibration
-    tokens per layer from ``sources`` (texts, equal shares), in one pass over the model: the dense
-    model's MoE-block inputs and router logits are recorded and each layer is re-fitted for every plan
-    (:func:`refit_layer`), then, with ``router``, the kept experts' router rows with the re-fitted
+    """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``solver.tokens`` calibration
+    tokens per layer from ``sources`` (texts, equal shares), in one pass over the model (``run``: batches,
+    tokens per text, device of a streamed run, progress): the dense model's MoE-block inputs and router
+    logits are recorded in float32 and each layer is re-fitted for every plan
+    (:func:`refit_layer`), then, with ``solver.router``, the kept experts' router rows with the re-fitted
     experts (:func:`router_delta`, where the checkpoint stores the router weight as one plain key); the
     new weights are spilled to disk (``directories``: one per plan, default temporary ones).
 
@@ -224,7 +217,8 @@ def refit_models(
     from premoe.moe.streaming import resident_sizes
 
     check_refit_model(info)
-    texts = pick_texts(tok, sources, tokens, max_length)
+    tokens, lam, sweeps, router = solver.tokens, solver.lam, solver.sweeps, solver.router
+    texts = pick_texts(tok, sources, tokens, run.max_length)
     if not texts:
         raise InputError("the refit data has no texts; pass `refit_data` or use `refit=False`")
     outs = [
@@ -259,9 +253,9 @@ def refit_models(
     budget = memory_budget(None)
     try:
         if stream is False or (stream is None and fits(resident_sizes(info)["total"], budget)):
-            _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress)
+            _refit_in_memory(info, tok, texts, tokens, run.max_length, solve, reader, run.progress)
         else:
-            _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress)
+            _refit_streamed(info, tok, texts, tokens, solve, run, reader, budget)
     except BaseException:
         for out in outs:
             out.close()
@@ -284,17 +278,18 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
         solve(m, h, z, y)
 
 
-def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, device, reader, budget, progress) -> None:
+def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, budget) -> None:
+    from premoe.core.config import resolve_device
     from premoe.core.data import token_batches
     from premoe.core.streaming import activation_bytes, hidden_room
     from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
+    batches = make_batches(token_batches(tok, texts, run.batch_size, run.max_length, False), pad)
     stream = LayerStream(
         info,
         reader=reader,
-        device=device,
+        device=resolve_device(run.device),
         num_layers=max(info.moe_layers) + 1,
         dtype=torch.float32,
         compute_dtype=torch.float32,
@@ -311,9 +306,10 @@ def _refit_streamed(info, tok, texts, tokens, solve, batch_size, max_length, dev
         if i in moe:
             solve(moe[i], *_joined(got.pop(i), tokens))
 
-    room = hidden_room(resident_sizes(info), activation_bytes(info, batch_size, min(max_length, 2048)), budget)
+    act = activation_bytes(info, run.batch_size, min(run.max_length, 2048))
+    room = hidden_room(resident_sizes(info), act, budget)
     try:
-        stream.run(batches, room, before, progress=progress, desc="refit (streamed)", done=done)
+        stream.run(batches, room, before, progress=run.progress, desc="refit (streamed)", done=done)
     finally:
         for hk in hooks:
             hk.remove()
@@ -351,7 +347,9 @@ def refit_for(
         check_refit_model(info)
         down_targets(info)
         sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], options.refit_data)
-        weights = refit_model(info, plan, load_tokenizer(info.path), sources, about=about, progress=progress)
+        weights = refit_model(
+            info, plan, load_tokenizer(info.path), sources, about=about, run=RunOptions(device="cpu", progress=progress)
+        )
     except PremoeError as e:
         if options.refit:
             raise
@@ -396,7 +394,14 @@ def store_refits(
     dirs = [store.refit_workdir() for _ in plans]
     try:
         outs = refit_models(
-            info, plans, load_tokenizer(info.path), sources, about=about, directories=dirs, progress=progress, **kwargs
+            info,
+            plans,
+            load_tokenizer(info.path),
+            sources,
+            about=about,
+            directories=dirs,
+            run=RunOptions(device="cpu", progress=progress),
+            **kwargs,
         )
         entries = []
         for plan, out, d in zip(plans, outs, dirs):

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from premoe.core.modules import backbone, decoder_layers, set_tensor
+from premoe.core.options import RunOptions
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer, find_moe_layers
 from premoe.moe.model import ModelInfo
-from premoe.moe.observe import observe
+from premoe.moe.observe import Recording, observe
 from premoe.moe.scoring import MarkerParams, RoutingSums
 from premoe.moe.selective import ByteReader, ZeroExperts, build_model
 
@@ -156,27 +157,13 @@ class SignatureModel:
     def stats(
         self,
         texts: Iterable[str],
-        batch_size: int = 16,
-        max_length: int = 2048,
+        run: RunOptions = RunOptions(progress=False),
         total: int | None = None,
-        progress: bool = False,
         desc: str = "signature",
     ) -> RoutingSums:
         """Routing sums of the signature layers over ``texts`` (special tokens not counted)."""
-        return observe(
-            self.view,
-            self.layers,
-            self.info,
-            self.tokenizer,
-            texts,
-            self.params,
-            batch_size=batch_size,
-            max_length=max_length,
-            total=total,
-            progress=progress,
-            desc=desc,
-            skip_special=True,
-        )
+        what = Recording(self.params, skip_special=True)
+        return observe(self.view, self.layers, self.info, self.tokenizer, texts, what, run=run, total=total, desc=desc)
 
     def signature(self, text: str, max_length: int = 2048) -> dict[str, torch.Tensor]:
         """Per-expert means of one text, {stat: [layers, E]}.
@@ -186,7 +173,7 @@ class SignatureModel:
         """
         if not isinstance(text, str) or not text.strip():
             raise InputError("the query is empty; send some text to route")
-        sums = self.stats([text], max_length=max_length)
+        sums = self.stats([text], run=RunOptions(max_length=max_length, progress=False))
         if sums.tokens == 0:
             raise InputError("the query has no tokens besides special tokens; send some text to route")
         return sums.means()

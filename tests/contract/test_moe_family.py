@@ -14,6 +14,7 @@ from safetensors import safe_open
 import premoe
 from premoe.core.data import write_jsonl
 from premoe.core.modules import config_get
+from premoe.core.options import RunOptions
 from premoe.core.store import PatternStore
 from premoe.errors import UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
@@ -198,7 +199,9 @@ def test_refit_export_changes_only_kept_down_projections_and_router_rows(family,
 
     st = PatternStore.open(tmp_path / "store")
     sources, about = refit_sources(st.tasks, ["t"], None)
-    weights = refit_model(info, res.plan, load_tokenizer(info.path), sources, about=about, progress=False)
+    weights = refit_model(
+        info, res.plan, load_tokenizer(info.path), sources, about=about, run=RunOptions(device="cpu", progress=False)
+    )
     try:
         with ByteReader() as reader:
             mine = build_pruned(info, res.plan, reader, refit=weights)
@@ -356,11 +359,17 @@ def test_signature_reads_no_experts_and_matches_the_full_model(family, family_di
         sm = SignatureModel.from_checkpoint(info, lm.tokenizer, 1, r)
         nbytes = r.bytes_read
     assert nbytes < ideal_bytes(info, None)["non_expert"]
-    from premoe.moe.observe import marker_params, observe
+    from premoe.moe.observe import Recording, marker_params, observe
 
     params = marker_params(info.router, "tcess", None, None)
     full = observe(
-        lm.model, lm.layers, lm.info, lm.tokenizer, ["add 12+3="], params, progress=False, skip_special=True
+        lm.model,
+        lm.layers,
+        lm.info,
+        lm.tokenizer,
+        ["add 12+3="],
+        Recording(params, skip_special=True),
+        run=RunOptions(progress=False),
     ).means()
     sig = sm.signature("add 12+3=")
     for stat in sig:
