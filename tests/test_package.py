@@ -126,3 +126,18 @@ def test_every_verb_is_one_module_named_after_it():
     for verb in VERBS:
         mod = importlib.import_module(f"premoe.verbs.{verb}")
         assert callable(mod.add_parser) and callable(mod.run), verb
+
+
+def test_option_choices_are_the_registries_names():
+    """The torch-free names the CLI offers are exactly what the implementations register."""
+    from premoe.core.quant import FORMATS
+    from premoe.dense.options import METHOD_NAMES, SCORE_NAMES
+    from premoe.dense.plans import METHODS
+    from premoe.dense.scoring import METRICS
+    from premoe.moe.compensate import COMPENSATIONS
+    from premoe.moe.options import COMPENSATION_NAMES, SCORER_NAMES
+    from premoe.moe.scoring import SCORERS
+
+    assert SCORER_NAMES == tuple(SCORERS) and METHOD_NAMES == tuple(METHODS) and SCORE_NAMES == tuple(METRICS)
+    assert set(COMPENSATION_NAMES) == set(COMPENSATIONS)
+    assert all(cls.method == name for name, cls in FORMATS.items())

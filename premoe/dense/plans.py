@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from premoe.dense.model import DenseInfo, DensePlan, check_plan, kept_params
+from premoe.dense.options import SCHEDULES
 from premoe.dense.scoring import (
     attention_units,
     channel_scores,
@@ -57,7 +58,6 @@ METHODS: dict[str, Method] = {
     ),
     "random": Method("sf", "uniform", "pooled", about="random heads and channels"),
 }
-SCHEDULES = ("uniform", "logistic", "adaptive")
 
 
 def check_sparsity(sparsity: float) -> float:

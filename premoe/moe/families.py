@@ -6,7 +6,8 @@ for a ``model_type`` transformers does not know (Kimi-K2's ``kimi_k2``), through
 in ``architectures`` (``DeepseekV3ForCausalLM``). To add a family, add a row (start from the
 closest one) and a tiny config to :data:`premoe.testing.FAMILIES`; the contract tests in
 ``tests/contract/test_moe_family.py`` then check routing, calibration (in memory and streamed),
-pruning, export, reload, selective loading and switching for it. :data:`UNSUPPORTED` says why the MoE families left out cannot be pruned.
+pruning, export, reload, selective loading and switching for it. :data:`UNSUPPORTED` says why the MoE
+families left out cannot be pruned.
 """
 
 from __future__ import annotations
