@@ -496,25 +496,9 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
     assert acc_fit >= acc_plain + DENSE_REFIT_GAIN, (acc_plain, acc_fit)
 
     # on by default while the recorded calibration data is there
-    assert (
-        main(
-            [
-                "-q",
-                "prune",
-                "--model",
-                str(TINY_DENSE),
-                "--store",
-                str(tmp_path / "s"),
-                "--task",
-                "add",
-                "--sparsity",
-                "0.5",
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    prune = ["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "s"), "--task", "add"]
+    prune += ["--sparsity", "0.5"]
+    assert main([*prune, "--out", str(tmp_path / "out")]) == 0
     assert "re-fitted" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["premoe"]["refit"]["bias"] == {"o": True, "down": True} and cfg["premoe"]["bias_comp"] is False
@@ -525,93 +509,16 @@ def test_refit_raises_accuracy_and_survives_vanilla_reload(tmp_path, capsys):
 
     # bad input: one line, before any work, nothing written
     out = tmp_path / "bad"
-    assert (
-        main(
-            [
-                "-q",
-                "prune",
-                "--model",
-                str(TINY_DENSE),
-                "--store",
-                str(tmp_path / "s"),
-                "--task",
-                "add",
-                "--sparsity",
-                "0.5",
-                "--refit-data",
-                str(calib),
-                "--no-refit",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main([*prune, "--refit-data", str(calib), "--no-refit", "--out", str(out)]) == 2
     assert "cannot go with --no-refit" in capsys.readouterr().err
     calib.write_text(calib.read_text() + json.dumps({"prompt": "add 1+1=", "completion": "2"}) + "\n")
-    assert (
-        main(
-            [
-                "-q",
-                "prune",
-                "--model",
-                str(TINY_DENSE),
-                "--store",
-                str(tmp_path / "s"),
-                "--task",
-                "add",
-                "--sparsity",
-                "0.5",
-                "--refit",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main([*prune, "--refit", "--out", str(out)]) == 2
     assert "changed since calibration; pass --refit-data" in capsys.readouterr().err
     calib.unlink()
-    assert (
-        main(
-            [
-                "-q",
-                "prune",
-                "--model",
-                str(TINY_DENSE),
-                "--store",
-                str(tmp_path / "s"),
-                "--task",
-                "add",
-                "--sparsity",
-                "0.5",
-                "--refit",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main([*prune, "--refit", "--out", str(out)]) == 2
     assert "is gone; pass --refit-data" in capsys.readouterr().err
     assert not out.exists()
     # without --refit the default warns and keeps the plain slice
-    assert (
-        main(
-            [
-                "-q",
-                "prune",
-                "--model",
-                str(TINY_DENSE),
-                "--store",
-                str(tmp_path / "s"),
-                "--task",
-                "add",
-                "--sparsity",
-                "0.5",
-                "--out",
-                str(tmp_path / "plain"),
-            ]
-        )
-        == 0
-    )
+    assert main([*prune, "--out", str(tmp_path / "plain")]) == 0
     assert "not re-fitted: task 'add'" in capsys.readouterr().out
     assert "refit" not in json.loads((tmp_path / "plain" / "config.json").read_text())["premoe"]
