@@ -55,6 +55,11 @@ class Fingerprint(Protocol):
         """What differs from the model the store recorded (empty: the same model)."""
 
 
+def model_kind(model: dict[str, Any]) -> str:
+    """``"dense"`` or ``"moe"`` for a store's record of its model."""
+    return model.get("kind") or ("moe" if model.get("num_experts") else "dense")
+
+
 def check_task_name(name: str) -> str:
     if not isinstance(name, str) or not TASK_NAME.match(name):
         raise InputError(f"invalid task name {name!r}: use letters, digits, '_', '-' or '.' (up to 128 characters)")
@@ -177,6 +182,12 @@ class PatternStore:
         if not isinstance(m.get("tasks"), dict) or not isinstance(m.get("model"), dict):
             raise StoreError(f"corrupt store manifest {self.manifest_path}: missing model or tasks")
         return m
+
+    @property
+    def kind(self) -> str:
+        """``"dense"`` or ``"moe"``: the kind of model the store was built for (older dense stores record no
+        kind, and no experts)."""
+        return model_kind(self.model)
 
     @property
     def model(self) -> dict[str, Any]:

@@ -418,8 +418,8 @@ def to_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None
 
     for mod in module.modules():
         for leaf, p in mod._parameters.items():
-            if p is not None and not p.is_meta and moved(p) is not p:
-                mod._parameters[leaf] = nn.Parameter(moved(p), requires_grad=False)
+            if p is not None and not p.is_meta and (t := moved(p)) is not p:
+                mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         for leaf, b in mod._buffers.items():
             if b is not None and not b.is_meta:
                 mod._buffers[leaf] = moved(b)

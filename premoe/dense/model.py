@@ -22,6 +22,7 @@ from torch import nn
 from premoe.core.checkpoint import ByteReader, Checkpoint, tensor_bytes
 from premoe.core.config import config_from_dict, meta_model, read_config, skeleton
 from premoe.core.modules import set_tensor
+from premoe.core.store import model_kind
 from premoe.dense.families import DenseSpec, resolve_dense
 from premoe.errors import CheckpointError, InputError, UnsupportedModelError
 
@@ -48,7 +49,7 @@ class DenseFingerprint:
 
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """What differs from the model a store recorded (``"<what> <this model's> vs <the store's>"``)."""
-        if stored.get("kind", "dense" if not stored.get("num_experts") else "moe") != "dense":
+        if model_kind(stored) != "dense":
             return [f"a dense {self.model_type} model vs an MoE {stored.get('model_type')} model"]
         out = [
             f"{key} {getattr(self, key)} vs {stored.get(key)}"

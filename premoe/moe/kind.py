@@ -160,12 +160,9 @@ class MoeKind:
 
     def check_refit(self, info: ModelInfo, keeps: list[int]) -> None:
         """Raise unless :meth:`refit` can store re-fitted rows for ``keeps`` (checked before a calibration)."""
-        from premoe.moe.refit_checkpoint import check_refit_model, down_targets
+        from premoe.moe.refit_checkpoint import check_refit
 
-        for k in keeps:
-            MoeSelection(keep=k).resolve(info.router)
-        check_refit_model(info)
-        down_targets(info)
+        check_refit(info, keeps)
 
     def sweep(
         self,

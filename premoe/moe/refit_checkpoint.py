@@ -422,6 +422,19 @@ def store_refits(
             shutil.rmtree(d, ignore_errors=True)
 
 
+def check_refit(info, keeps: Sequence[int], selection=None) -> None:
+    """Raise unless ``premoe refit`` can store re-fitted rows of ``info`` for each of ``keeps`` (``selection``
+    with its keep replaced by each): checked before any calibration or pass over the model."""
+    from dataclasses import replace
+
+    from premoe.moe.options import MoeSelection
+
+    for k in keeps:
+        replace(selection or MoeSelection(), keep=k).resolve(info.router)
+    check_refit_model(info)
+    down_targets(info)
+
+
 def refit_tasks(
     info,
     store,
@@ -448,10 +461,7 @@ def refit_tasks(
     from premoe.moe.patterns import plan_from_pattern
 
     selection = selection or MoeSelection()
-    for k in keeps:
-        replace(selection, keep=k).resolve(info.router)
-    check_refit_model(info)
-    down_targets(info)
+    check_refit(info, keeps, selection)
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
     st.check_model(info.fingerprint)
     names = list(tasks) if tasks else sorted(st.tasks)

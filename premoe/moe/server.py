@@ -34,7 +34,7 @@ from premoe.moe.kernels import select_kernel
 from premoe.moe.model import ModelInfo, inspect_model
 from premoe.moe.options import MoeSelection
 from premoe.moe.patterns import plan_from_pattern
-from premoe.moe.plans import PrunePlan
+from premoe.moe.plans import PrunePlan, resolved
 from premoe.moe.selective import ByteReader, Materializer, build_model, read_routers
 from premoe.moe.signature import SignatureModel
 
@@ -260,8 +260,6 @@ class TaskServer:
         dtype: str | torch.dtype | None = None,
         refit: bool | None = None,
     ):
-        if not isinstance(selection, MoeSelection):
-            selection = MoeSelection(keep=selection)
         if cache_bytes < 0:
             raise InputError(f"`cache_bytes` must be >= 0, got {cache_bytes}")
         self.info = inspect_model(model)
@@ -270,7 +268,7 @@ class TaskServer:
         self.store.check_model(self.info.fingerprint)
         self.spec = signature or SignatureSpec()
         self.retriever = Retriever.from_store(self.store, self.spec)
-        self.selection = selection.resolve(self.info.router)  # an impossible selection fails before any load
+        self.selection = resolved(selection, self.info.router)  # an impossible selection fails before any load
         self.keep = self.selection.keep
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None

@@ -63,7 +63,7 @@ def evaluate(
     from premoe.kinds import check_options, kind_of, select
 
     backend = kind_of(model)
-    run = RunOptions(device, dtype, batch_size, 2048, progress)
+    run = RunOptions(device=device, dtype=dtype, batch_size=batch_size, progress=progress)
     memory = MemoryOptions(stream, max_memory)
     selections = (
         MoeSelection(keep, top_k, group_policy, scorer),

@@ -22,7 +22,7 @@ def inspect(store: str | Path) -> dict[str, Any]:
 
     st = PatternStore.open(store)
     manifest = st.manifest()
-    dense = manifest["model"].get("kind") == "dense" or not manifest["model"].get("num_experts")
+    dense = st.kind == "dense"
     tasks = {}
     for name, entry in sorted(manifest["tasks"].items()):
         pattern = st.load(name)
