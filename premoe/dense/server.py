@@ -110,11 +110,15 @@ class DenseServer:
         self.model, self.task = model, task
         return self.reader.bytes_read - before
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, task: str | None = None) -> DenseReply:
+    def complete(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """The greedy completion of ``prompt`` by the resident task's model."""
         from premoe.core.evaluation import generate_greedy
 
+        return generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, task: str | None = None) -> DenseReply:
         route = self.router.route(prompt) if task is None else DenseRoute(task, 0.0, None, None)
         switched = route.task != self.task
         read = self.load(route.task) if switched else 0
-        text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+        text = self.complete(prompt, max_new_tokens)
         return DenseReply(text, route.task, route.distance, route.margin, switched, read)

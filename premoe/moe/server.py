@@ -362,6 +362,10 @@ class TaskServer:
         self.task = task
         return stats
 
+    def complete(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """The greedy completion of ``prompt`` by the held task's model."""
+        return generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Reply:
         """Route ``prompt``, switch patterns if needed, and complete it greedily."""
         before = self.bytes_read
@@ -374,7 +378,7 @@ class TaskServer:
         t2 = time.perf_counter()
         if max_new_tokens < 1:
             raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
-        text = generate_greedy(self.model, self.tokenizer, [prompt], max_new_tokens)[0]
+        text = self.complete(prompt, max_new_tokens)
         t3 = time.perf_counter()
         return Reply(
             route.task,

@@ -68,12 +68,22 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
     return n
 
 
-def _advance(seq: Sequence, token: int, tokenizer, eos: set[int]) -> None:
+def advance(seq: Sequence, token: int, tokenizer, eos: set[int]) -> None:
     """Append ``token`` to ``seq``; emit the text that is now final; set ``finish_reason`` when done."""
     if token in eos:
         seq.finish_reason = "stop"
     else:
         seq.out_ids.append(token)
+    _emit(seq, tokenizer)
+
+
+def finish(seq: Sequence, reason: str, tokenizer) -> None:
+    """End ``seq`` for ``reason`` (an engine stopped it) and emit any text held back for stop strings."""
+    seq.finish_reason = reason
+    _emit(seq, tokenizer)
+
+
+def _emit(seq: Sequence, tokenizer) -> None:
     full = tokenizer.decode(seq.out_ids, skip_special_tokens=True)
     stop_at = min((i for i in (full.find(s) for s in seq.sampling.stop) if i >= 0), default=-1)
     if stop_at >= 0:
@@ -148,7 +158,7 @@ class _Rows:
         for i, s in enumerate(self.live):
             t = sample_next(logits[i], s.sampling.temperature, s.sampling.top_p, s.generator)
             tokens.append(t)
-            _advance(s, t, tokenizer, eos)
+            advance(s, t, tokenizer, eos)
             if s.finish_reason is None and s.is_cancelled():
                 s.finish_reason = "cancelled"
             if s.finish_reason is not None:
@@ -177,7 +187,8 @@ class _Rows:
         self.live += other.live
 
 
-def _start(seqs: list[Sequence]) -> list[Sequence]:
+def start(seqs: list[Sequence]) -> list[Sequence]:
+    """The sequences of ``seqs`` not cancelled yet (the cancelled ones are finished here)."""
     live = []
     for s in seqs:
         if s.is_cancelled():
@@ -210,11 +221,11 @@ def run_batch(
     eos = eos_ids(model, tokenizer)
     cap = max_batch or 1 << 30
     rows: _Rows | None = None
-    pending = _start(seqs)
+    pending = start(seqs)
     while True:
         if rows is None or not rows.live:
             if not pending and admit is not None:
-                pending = _start(admit(cap))
+                pending = start(admit(cap))
             if not pending:
                 return
             rows, pending = _Rows(model, tokenizer, pending, device, pad), []
@@ -223,7 +234,7 @@ def run_batch(
         rows.advance(rows.forward(model), tokenizer, eos)
         if admit is None or not rows.live or len(rows.live) >= cap or not mergeable(rows.cache):
             continue
-        new = _start(admit(cap - len(rows.live)))
+        new = start(admit(cap - len(rows.live)))
         if not new:
             continue
         if check is not None:

@@ -3,7 +3,8 @@
 One worker thread owns the model. Between generation batches it routes every waiting request
 (unless its task is pinned), picks the next batch by the scheduling policy, switches the resident
 pattern if the batch's task differs, and generates the whole batch together (see
-:mod:`premoe.server.engine`). A batch only ever holds requests of one task, and the worker checks
+:mod:`premoe.server.engine`, or the task server's own ``run_batch`` where it brings an engine: vLLM's).
+A batch only ever holds requests of one task, and the worker checks
 before every forward that the resident pattern is that task's, so no request is answered by
 another task's pattern.
 
@@ -31,6 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from premoe.errors import PremoeError
@@ -250,14 +252,11 @@ class Scheduler:
                 raise RuntimeError(f"resident pattern is {self.backend.task!r}, batch is for {task!r}")
 
         try:
-            run_batch(
-                self.backend.model,
-                self.backend.tokenizer,
-                begin(batch, switched),
-                check=check,
-                admit=admit if self.continuous else None,
-                max_batch=self.max_batch,
-            )
+            seqs = begin(batch, switched)
+            runner = getattr(self.backend, "run_batch", None)  # an engine of its own (vLLM), else premoe's
+            if runner is None:
+                runner = partial(run_batch, self.backend.model, self.backend.tokenizer)
+            runner(seqs, check=check, admit=admit if self.continuous else None, max_batch=self.max_batch)
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
             for j in running:

@@ -16,7 +16,6 @@ HELP = "interactive: each message is routed; experts switch when the topic does"
 def chat(server, max_new_tokens: int = 64, read=input, write=print) -> int:
     """Run the conversation loop on a :func:`~premoe.verbs.serve.task_server` until ``/exit`` or end of input."""
     from premoe.core.checkpoint import fmt_bytes
-    from premoe.core.evaluation import generate_greedy
 
     tok = server.tokenizer
     templated = bool(getattr(tok, "chat_template", None))
@@ -59,7 +58,7 @@ def chat(server, max_new_tokens: int = 64, read=input, write=print) -> int:
             prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         else:
             prompt = msg
-        text = generate_greedy(server.model, tok, [prompt], max_new_tokens)[0].strip()
+        text = server.complete(prompt, max_new_tokens).strip()
         if templated:
             history.append({"role": "assistant", "content": text})
         if note:
