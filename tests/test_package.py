@@ -83,6 +83,7 @@ LAYERS = {
     "premoe.moe": {"premoe.moe", "premoe.core", "premoe.errors", "premoe._version"},
     "premoe.dense": {"premoe.dense", "premoe.core", "premoe.errors", "premoe._version"},
     "premoe.server": {"premoe.server", "premoe.core", "premoe.errors", "premoe._version"},
+    "premoe.vllm": {"premoe.vllm", "premoe.moe", "premoe.server", "premoe.core", "premoe.errors", "premoe._version"},
     "premoe.assets": set(),
 }
 

@@ -172,6 +172,37 @@ class RefitOptions(Options):
 
 
 # retrieval: how a query's signature is compared with the stored tasks' keys (premoe.core.retrieval)
+ENGINES = ("auto", "hf", "vllm")
+
+
+@dataclass(frozen=True)
+class EngineOptions(Options):
+    """Which engine runs the model under ``generate``, ``chat`` and ``serve`` (MoE): premoe's own (HF
+    transformers, eager) or vLLM, with task switches written into the running engine."""
+
+    kind: ClassVar[str | None] = "moe"
+    engine: str = option(
+        "auto",
+        "hf: premoe's own engine (transformers); vllm: vLLM holds the experts and a task switch writes only those "
+        "that differ into it; auto: vllm where it is installed and serves the model, else hf",
+        choices=ENGINES,
+    )
+    tensor_parallel: int = option(1, "vllm: tensor-parallel size (ranks each hold a slice of every expert)", type=int)
+    expert_parallel: bool = option(False, "vllm: expert parallelism (ranks each hold whole experts)")
+    max_model_len: int | None = option(None, "vllm: context length (default: the model's)", type=int)
+    kv_cache_gb: float | None = option(
+        None, "vllm on CPU: KV cache size in GiB (default: $VLLM_CPU_KVCACHE_SPACE, else 2)", type=float
+    )
+
+    def __post_init__(self):
+        check_choice("engine", self.engine, ENGINES, optional=False)
+        check_int("tensor_parallel", self.tensor_parallel, optional=False)
+        check_int("max_model_len", self.max_model_len)
+        check_number("kv_cache_gb", self.kv_cache_gb)
+        if self.engine == "hf" and (self.tensor_parallel != 1 or self.expert_parallel):
+            raise InputError("`tensor_parallel` and `expert_parallel` need `engine` vllm")
+
+
 STATS = ("prob", "tcess", "count", "official")
 SOURCES = ("prompt", "full")
 NORMS = ("none", "l1", "l2")

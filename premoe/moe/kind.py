@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from premoe.core.data import CalibrationData
-from premoe.core.options import MemoryOptions, Options, RefitOptions, RunOptions, SignatureSpec
+from premoe.core.options import EngineOptions, MemoryOptions, Options, RefitOptions, RunOptions, SignatureSpec
 from premoe.core.store import PatternStore
 from premoe.moe.model import ModelInfo, as_info
 from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
@@ -32,9 +32,9 @@ class MoeKind:
         "prune": (MoeSelection, RefitOptions),
         "eval": (RunOptions, MemoryOptions, MoeSelection, RefitOptions),
         "route": (RunOptions, SignatureSpec),
-        "generate": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, "cache_mb"),
-        "chat": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, "cache_mb"),
-        "serve": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, "cache_mb"),
+        "generate": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
+        "chat": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
+        "serve": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
         "sweep": (MemoryOptions, MoeSweep),
     }
     unsupported: ClassVar[dict[str, str]] = {}

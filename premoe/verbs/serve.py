@@ -13,7 +13,15 @@ import dataclasses
 import os
 from pathlib import Path
 
-from premoe.core.options import RefitOptions, RunOptions, SignatureSpec, add_flags, defaults_of, kwargs_of
+from premoe.core.options import (
+    EngineOptions,
+    RefitOptions,
+    RunOptions,
+    SignatureSpec,
+    add_flags,
+    defaults_of,
+    kwargs_of,
+)
 from premoe.dense.options import DenseSelection
 from premoe.errors import InputError
 from premoe.moe.options import MoeSelection
@@ -47,6 +55,12 @@ def task_server(
     refit: bool | None = None,
     device: str | None = "cpu",
     dtype: str = "auto",
+    engine: str = "auto",
+    tensor_parallel: int = 1,
+    expert_parallel: bool = False,
+    max_model_len: int | None = None,
+    kv_cache_gb: float | None = None,
+    max_seqs: int = 8,
     verb: str = "serve",
 ):
     """A task server for ``model`` and ``store``: routes prompts to stored tasks and holds one task's pattern
@@ -60,6 +74,9 @@ def task_server(
         cache_mb: MoE: keep experts a switch drops, up to this many MB.
         refit: MoE: load the re-fitted rows ``premoe refit`` stored for this keep count (``None``: where the
             store has them; ``False``: the checkpoint's rows).
+        engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb: MoE: which engine runs the
+            model (:class:`premoe.core.options.EngineOptions`; ``"vllm"``: :class:`premoe.vllm.server.VllmTaskServer`).
+        max_seqs: vLLM engine: requests it runs at once (``premoe serve``: ``--max-batch``).
     """
     from premoe.kinds import check_options, kind_of, select
 
@@ -73,9 +90,24 @@ def task_server(
     )
     signature = SignatureSpec(1, stat, source, norm, metric)
     fit = RefitOptions(refit)
-    check_options(backend, verb, run, *selections, signature, fit, cache_mb=bool(cache_mb))
+    engines = EngineOptions(engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb)
+    check_options(backend, verb, run, *selections, signature, fit, engines, cache_mb=bool(cache_mb))
+    info = backend.inspect(model)
+    if _use_vllm(backend, info, engines, run, cache_mb):
+        from premoe.vllm.server import VllmTaskServer
+
+        return VllmTaskServer(
+            info.path,
+            store,
+            select(backend, *selections),
+            signature=dataclasses.replace(signature, layers=layers or 1),
+            refit=fit.refit,
+            dtype=run.dtype,
+            engine=engines,
+            max_seqs=max_seqs,
+        )
     return backend.task_server(
-        backend.inspect(model),
+        info,
         store,
         selection=select(backend, *selections),
         layers=layers,
@@ -84,6 +116,29 @@ def task_server(
         cache_mb=cache_mb,
         run=run,
     )
+
+
+def _use_vllm(backend, info, engines: EngineOptions, run: RunOptions, cache_mb: float) -> bool:
+    """Whether the vLLM engine runs the model: ``engine="vllm"`` (options it does not take are refused), or
+    ``"auto"`` where vLLM is installed and serves this model with these options."""
+    if engines.engine == "hf" or backend.name != "moe":
+        return False
+    if engines.engine == "vllm":
+        for name, given in (("cache_mb", bool(cache_mb)), ("device", run.device not in (None, "cpu", "auto"))):
+            if given:
+                raise InputError(f"`{name}` does not apply to `engine` vllm (vLLM places the experts itself)")
+        return True
+    from premoe.errors import UnsupportedModelError
+    from premoe.vllm import available
+    from premoe.vllm.source import check_engine_model
+
+    if not available() or cache_mb or run.device not in (None, "cpu", "auto"):
+        return False
+    try:
+        check_engine_model(info)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def serve(server, options: ServeOptions = ServeOptions(), announce=print) -> int:
@@ -113,6 +168,7 @@ def add_serving_flags(p, defaults) -> None:
         "--cache-mb", type=float, default=0.0, help="MoE: keep experts a switch drops, up to this many MB (default 0)"
     )
     add_flags(p, RunOptions, defaults=defaults, only=("device", "dtype"))
+    add_flags(p, EngineOptions, defaults=defaults, title="engine (MoE)")
     add_route_flags(p, defaults)
 
 
@@ -130,5 +186,5 @@ def run(args) -> int:
     from premoe.server.main import bind
 
     bind(options.host, options.port).close()  # a taken port fails before the model is read
-    server = task_server(**kwargs_of(task_server, args))
+    server = task_server(**kwargs_of(task_server, args, max_seqs=options.max_batch))
     return serve(server, options, announce=lambda line: print(line, flush=True))
