@@ -1,0 +1,267 @@
+"""Serving side by side: premoe's own engine with TAER, the vLLM engine with TAER, and plain ``vllm serve`` of
+one task's pruned export (the ceiling: no routing, no switching), under the same bounded load.
+
+Run it with the Python that has vLLM and premoe (``docs/serving.md#the-vllm-engine``). For each engine it starts
+the server in a subprocess on 127.0.0.1, sends ``--requests`` held-out prompts of the built-in tasks in a
+seeded random order from ``--clients`` real ``openai`` clients (greedy, ``--max-tokens`` each, bounded by
+``--time-limit``), then reads /metrics (switches, checkpoint bytes) and the peak RSS of the server's process
+tree (sum of VmHWM), and stops it with SIGTERM. The same thread count everywhere (``--threads``: torch's for
+premoe's engine, ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's).
+
+    python bench/vllm_serve.py                          # the shipped tiny MoE, keep 8 of 32
+    python bench/vllm_serve.py --large 10               # a generated Qwen3-MoE checkpoint, 10 layers (~1.1 GB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def tree_hwm_mb(pid: int) -> float:
+    """Sum of peak resident memory (VmHWM) over ``pid`` and its descendants."""
+    import psutil
+
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in procs:
+        try:
+            total += next(int(ln.split()[1]) for ln in open(f"/proc/{p.pid}/status") if ln.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith((name + " ", name + "{")))
+
+
+def start(cmd: list[str], env: dict, marker: str, timeout: float = 600):
+    """Start a server; returns (process, base url) once ``marker`` says where it listens."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if marker in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
+            return proc
+    proc.kill()
+    raise SystemExit(f"server did not start: {' '.join(cmd)}\n{''.join(lines[-40:])}")
+
+
+def wait_healthy(url: str, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not healthy")
+
+
+def run_load(url: str, model_of, work: list[tuple[str, str]], args) -> dict:
+    import openai
+
+    c = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=args.time_limit)
+    results: list = [None] * len(work)
+    nxt, lock = iter(range(len(work))), threading.Lock()
+    deadline = time.monotonic() + args.time_limit
+
+    def client():
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            t0 = time.monotonic()
+            try:
+                out = c.completions.create(
+                    model=model_of(work[i]), prompt=work[i][1], max_tokens=args.max_tokens, temperature=0
+                )
+                results[i] = {
+                    "text": out.choices[0].text,
+                    "tokens": out.usage.completion_tokens,
+                    "seconds": time.monotonic() - t0,
+                }
+            except openai.APIError as e:
+                results[i] = {"error": str(e), "seconds": time.monotonic() - t0}
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return {"results": results, "wall": time.monotonic() - t0}
+
+
+def summarize(load: dict, metrics_text: str, hwm: float) -> dict:
+    res = load["results"]
+    done = [r for r in res if r is not None and "error" not in r]
+    lat = sorted(r["seconds"] for r in done)
+    return {
+        "answered": len(done),
+        "errors": sum(1 for r in res if r is not None and "error" in r),
+        "requests_per_s": len(done) / load["wall"],
+        "tokens_per_s": sum(r["tokens"] for r in done) / load["wall"],
+        "p50_s": lat[len(lat) // 2] if lat else None,
+        "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        "switches": metric(metrics_text, "premoe_pattern_switches_total"),
+        "bytes_read_mb": metric(metrics_text, "premoe_checkpoint_bytes_read_total") / 2**20,
+        "peak_rss_mb": hwm,
+        "texts": [None if r is None or "error" in r else r["text"] for r in res],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", type=int, default=0, help="generate a Qwen3-MoE checkpoint with this many layers")
+    ap.add_argument("--keep", type=int, default=8)
+    ap.add_argument("--tasks", nargs="+", default=["add", "reverse", "shift", "count", "sort"])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=600.0)
+    ap.add_argument("--engines", nargs="+", default=["premoe-hf", "premoe-vllm", "vllm-serve"])
+    ap.add_argument("--work", type=Path, help="keep generated checkpoints and stores here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    import httpx
+
+    import premoe
+    from premoe.assets import TINY_MODEL
+    from premoe.core.data import write_jsonl
+    from premoe.core.tasks import samples
+
+    work_dir = args.work or Path(tempfile.mkdtemp(prefix="premoe-vllm-bench-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = TINY_MODEL
+    if args.large:
+        from common import generated
+        from memory import make_qwen3_moe, qwen3_moe_config
+
+        cfg = qwen3_moe_config(args.large, 1024, 32, 512, 4)
+        model = generated(work_dir / f"qwen3moe-{args.large}l", lambda p: make_qwen3_moe(p, cfg))
+    store = work_dir / f"store-{Path(model).name}"
+    if not store.exists():
+        for t in args.tasks:
+            data = write_jsonl(work_dir / f"{t}.jsonl", samples(t, 32, "calib"))
+            premoe.calibrate(model, data, t, store, progress=False)
+    export = work_dir / f"export-{Path(model).name}-{args.tasks[0]}-{args.keep}"
+    if not export.exists():
+        premoe.prune(model, store, args.tasks[0], args.keep, export, refit=False, progress=False)
+    per = -(-args.requests // len(args.tasks))
+    work = [(t, r["prompt"]) for t in args.tasks for r in samples(t, per, "eval")][: args.requests]
+    random.Random(args.seed).shuffle(work)
+    size_mb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 2**20
+
+    bind = "0" if args.threads == 1 else f"0-{args.threads - 1}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": str(args.threads),
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+    premoe_cmd = [sys.executable, "-m", "premoe", "-q", "serve", "--model", str(model), "--store", str(store)]
+    premoe_cmd += ["--keep", str(args.keep), "--port", "{port}", "--max-batch", str(args.max_batch)]
+    premoe_cmd += ["--max-queue", str(args.requests), "--no-refit"]
+    report = {"model": str(model), "checkpoint_mb": size_mb, "requests": len(work), "engines": {}}
+    for name in args.engines:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        if name.startswith("premoe-"):
+            cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", name.split("-")[1]]
+            proc, model_of = start(cmd, env, "listening on"), (lambda w: "auto")
+        else:
+            # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(export),
+                "--port",
+                str(port),
+            ]
+            cmd += ["--host", "127.0.0.1", "--enforce-eager", "--max-num-seqs", str(args.max_batch)]
+            cmd += ["--served-model-name", "export", "--disable-log-stats"]
+            proc, model_of = start(cmd, env, "Application startup complete"), (lambda w: "export")
+        try:
+            wait_healthy(url)
+            t0 = time.monotonic()
+            load = run_load(url, model_of, work, args)
+            text = httpx.get(url + "/metrics").text
+            hwm = tree_hwm_mb(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        report["engines"][name] = summarize(load, text, hwm)
+        report["engines"][name]["load_s"] = time.monotonic() - t0
+        print(f"{name}: done", flush=True)
+    texts = {n: r.pop("texts") for n, r in report["engines"].items()}
+    if "premoe-hf" in texts and "premoe-vllm" in texts:
+        pairs = [(a, b) for a, b in zip(texts["premoe-hf"], texts["premoe-vllm"]) if a is not None and b is not None]
+        report["vllm_answers_equal_hf"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    print(
+        f"{Path(model).name} ({size_mb:.0f} MB), keep {args.keep}: {len(work)} requests, {args.clients} clients, "
+        f"{args.max_tokens} tokens max, {args.threads} threads"
+    )
+    print(
+        f"{'engine':<13} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'switches':>8} {'MB read':>8} "
+        f"{'RSS MB':>7}"
+    )
+    for name, r in report["engines"].items():
+        print(
+            f"{name:<13} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} "
+            f"{r['switches']:>8.0f} {r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f}"
+        )
+    tps = {n: r["tokens_per_s"] for n, r in report["engines"].items()}
+    for a, b in (("premoe-vllm", "vllm-serve"), ("premoe-vllm", "premoe-hf")):
+        if a in tps and b in tps:
+            report[f"{a}/{b}"] = tps[a] / tps[b]
+            print(f"{a} / {b} output tokens/s: x{tps[a] / tps[b]:.2f}")
+    if "vllm_answers_equal_hf" in report:
+        print(f"answers equal between premoe's engines: {report['vllm_answers_equal_hf']:.0%}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
