@@ -124,7 +124,6 @@ def test_switches_answer_as_fresh_exports_and_as_premoe_s_engine(server, store, 
     tmp = tmp_path_factory.mktemp("exports")
     hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
     fresh = {t: fresh_export_logprobs(store, t, prompts, tmp) for t in TASKS}
-    tok = hf.tokenizer
     texts = [s["prompt"] for t in TASKS for s in samples(t, 3, "eval")]
     report = {}
     for i, task in enumerate(("add", "reverse", "add", "sort", "reverse", "sort", "add")):
@@ -138,7 +137,6 @@ def test_switches_answer_as_fresh_exports_and_as_premoe_s_engine(server, store, 
             assert server.complete(text, 8) == hf.complete(text, 8), (task, text)
     assert server.held()["task"] == "add"
     print(json.dumps(report))
-    del tok
     hf.close()
 
 
@@ -147,7 +145,6 @@ def test_a_switch_reads_only_the_experts_that_differ(server, store):
     pstore = premoe.core.store.PatternStore.open(store)
     plans = {t: plan_from_pattern(info, pstore.load(t), KEEP) for t in TASKS}
     expert = sum(t.nbytes for n, t in info.checkpoint.tensors.items() if ".experts.0." in n and "layers.0." in n)
-    refitted = server.held()["task"] == REFITTED
     current = server.task
     for task in ("sort", "reverse", "add", "reverse"):
         new = sum(len(set(plans[task].kept[la]) - set(plans[current].kept[la])) for la in info.moe_layers)
@@ -157,9 +154,7 @@ def test_a_switch_reads_only_the_experts_that_differ(server, store):
         assert 0 < stats.bytes_read <= 1.05 * bound, (current, task, stats, new, expert)
         if REFITTED not in (task, current):
             assert stats.bytes_read == new * expert
-        assert stats.experts_read == max(0, stats.experts_read)
         current = task
-    del refitted
 
 
 def test_a_switch_that_fails_midway_keeps_serving_the_previous_task(server, prompts, monkeypatch):
