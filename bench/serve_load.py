@@ -77,7 +77,8 @@ def start_server(args, store: Path, config: str):
     return proc, line.split("listening on ")[1].split(" ")[0]
 
 
-def run_load(url: str, work: list[tuple[str, str]], args) -> dict:
+def run_load(url: str, work: list[tuple[str, str]], args, model_of=lambda item: "auto") -> dict:
+    """Send ``work`` ((task, prompt) pairs) from ``args.clients`` threads, asking for model ``model_of(item)``."""
     import openai
 
     c = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=args.time_limit)
@@ -93,10 +94,13 @@ def run_load(url: str, work: list[tuple[str, str]], args) -> dict:
                 return
             t0 = time.monotonic()
             try:
-                out = c.completions.create(model="auto", prompt=work[i][1], max_tokens=args.max_tokens, temperature=0)
+                out = c.completions.create(
+                    model=model_of(work[i]), prompt=work[i][1], max_tokens=args.max_tokens, temperature=0
+                )
                 results[i] = {
-                    "task": out.model_extra["premoe"]["task"],
+                    "task": ((out.model_extra or {}).get("premoe") or {}).get("task"),  # premoe's servers say
                     "text": out.choices[0].text,
+                    "tokens": out.usage.completion_tokens,
                     "seconds": time.monotonic() - t0,
                 }
             except openai.APIError as e:

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,27 +30,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import metric, rss_mb, run_load  # noqa: E402
 
 
 def tree_hwm_mb(pid: int) -> float:
     """Sum of peak resident memory (VmHWM) over ``pid`` and its descendants."""
     import psutil
 
-    total = 0.0
     try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        pids = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
     except psutil.NoSuchProcess:
         return 0.0
-    for p in procs:
+    total = 0.0
+    for p in pids:
         try:
-            total += next(int(ln.split()[1]) for ln in open(f"/proc/{p.pid}/status") if ln.startswith("VmHWM:"))
-        except (OSError, StopIteration):
+            total += rss_mb(p)
+        except (OSError, StopIteration):  # ended meanwhile
             pass
-    return total / 1024
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith((name + " ", name + "{")))
+    return total
 
 
 def start(cmd: list[str], env: dict, marker: str, timeout: float = 600):
@@ -81,42 +79,6 @@ def wait_healthy(url: str, timeout: float = 600) -> None:
             pass
         time.sleep(0.25)
     raise SystemExit(f"{url} not healthy")
-
-
-def run_load(url: str, model_of, work: list[tuple[str, str]], args) -> dict:
-    import openai
-
-    c = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=args.time_limit)
-    results: list = [None] * len(work)
-    nxt, lock = iter(range(len(work))), threading.Lock()
-    deadline = time.monotonic() + args.time_limit
-
-    def client():
-        while time.monotonic() < deadline:
-            with lock:
-                i = next(nxt, None)
-            if i is None:
-                return
-            t0 = time.monotonic()
-            try:
-                out = c.completions.create(
-                    model=model_of(work[i]), prompt=work[i][1], max_tokens=args.max_tokens, temperature=0
-                )
-                results[i] = {
-                    "text": out.choices[0].text,
-                    "tokens": out.usage.completion_tokens,
-                    "seconds": time.monotonic() - t0,
-                }
-            except openai.APIError as e:
-                results[i] = {"error": str(e), "seconds": time.monotonic() - t0}
-
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return {"results": results, "wall": time.monotonic() - t0}
 
 
 def summarize(load: dict, metrics_text: str, hwm: float) -> dict:
@@ -196,8 +158,6 @@ def main(argv=None) -> int:
     premoe_cmd += ["--max-queue", str(args.requests), "--no-refit"]
     report = {"model": str(model), "checkpoint_mb": size_mb, "requests": len(work), "engines": {}}
     for name in args.engines:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -222,7 +182,7 @@ def main(argv=None) -> int:
         try:
             wait_healthy(url)
             t0 = time.monotonic()
-            load = run_load(url, model_of, work, args)
+            load = run_load(url, work, args, model_of)
             text = httpx.get(url + "/metrics").text
             hwm = tree_hwm_mb(proc.pid)
         finally:

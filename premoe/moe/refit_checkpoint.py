@@ -369,6 +369,22 @@ def stored_refit(store, task: str, plan) -> RefitWeights | None:
     return RefitWeights.open(directory, {**entry.get("about", {}), "stored": entry["dir"]})
 
 
+def task_refit(store, task: str, plan, want: bool | None, model) -> RefitWeights | None:
+    """What a task server serves ``task`` with: its stored re-fit for ``plan`` (``want`` ``None``: if the store
+    has one; ``True``: it must; ``False``: never, the checkpoint's rows).
+
+    Raises:
+        InputError: ``want`` is ``True`` and the store has no re-fit of ``task`` for this keep count.
+    """
+    found = None if want is False else stored_refit(store, task, plan)
+    if found is None and want:
+        raise InputError(
+            f"task {task!r} has no re-fitted rows for `keep` {plan.keep} in store {store.path}; "
+            f"run `premoe refit --model {model} --store {store.path} --keep {plan.keep}` or pass `refit=False`"
+        )
+    return found
+
+
 def store_refits(
     info, store, task: str, plans: Sequence, refit_data: Sequence | None = None, progress: bool = True, **kwargs
 ) -> list[dict[str, Any]]:

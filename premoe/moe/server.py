@@ -230,6 +230,27 @@ class Reply:
         }
 
 
+def routed_reply(server, prompt: str, max_new_tokens: int, refitted=lambda task: False) -> Reply:
+    """What a task server's ``generate`` answers: ``prompt`` routed, the task switched to if needed
+    (``server.load``), then completed greedily (``server.complete``), with the bytes it caused to be read and
+    timings. ``refitted(task)``: whether the task is served with stored re-fitted rows."""
+    if max_new_tokens < 1:
+        raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
+    before = server.bytes_read
+    t0 = time.perf_counter()
+    route = server.route(prompt)
+    t1 = time.perf_counter()
+    switched = route.task != server.task
+    if switched:
+        server.load(route.task)
+    t2 = time.perf_counter()
+    text = server.complete(prompt, max_new_tokens)
+    seconds = {"route": t1 - t0, "load": t2 - t1, "generate": time.perf_counter() - t2}
+    return Reply(
+        route.task, text, route, server.bytes_read - before, server.keep, switched, seconds, refitted(route.task)
+    )
+
+
 class TaskServer:
     """Routes prompts to stored task patterns and serves them with only those experts in memory.
 
@@ -294,15 +315,9 @@ class TaskServer:
         """The re-fitted rows stored with ``task``'s pattern for this keep count, or ``None``
         (see ``refit``)."""
         if task not in self._refits:
-            from premoe.moe.refit_checkpoint import stored_refit
+            from premoe.moe.refit_checkpoint import task_refit
 
-            found = None if self.refit is False else stored_refit(self.store, task, self.plan_for(task))
-            if found is None and self.refit:
-                raise InputError(
-                    f"task {task!r} has no re-fitted rows for `keep` {self.keep} in store {self.store.path}; "
-                    f"run `premoe refit --model {self.info.path} --store {self.store.path} --keep {self.keep}`"
-                    " or pass `refit=False`"
-                )
+            found = task_refit(self.store, task, self.plan_for(task), self.refit, self.info.path)
             self._refits[task] = found
         return self._refits[task]
 
@@ -368,28 +383,7 @@ class TaskServer:
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Reply:
         """Route ``prompt``, switch patterns if needed, and complete it greedily."""
-        before = self.bytes_read
-        t0 = time.perf_counter()
-        route = self.route(prompt)
-        t1 = time.perf_counter()
-        switched = route.task != self.task
-        if switched:
-            self.load(route.task)
-        t2 = time.perf_counter()
-        if max_new_tokens < 1:
-            raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
-        text = self.complete(prompt, max_new_tokens)
-        t3 = time.perf_counter()
-        return Reply(
-            route.task,
-            text,
-            route,
-            self.bytes_read - before,
-            self.keep,
-            switched,
-            {"route": t1 - t0, "load": t2 - t1, "generate": t3 - t2},
-            refit=self._refits.get(route.task) is not None,
-        )
+        return routed_reply(self, prompt, max_new_tokens, refitted=lambda task: self._refits.get(task) is not None)
 
     def close(self) -> None:
         self.reader.close()

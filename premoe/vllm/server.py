@@ -33,7 +33,7 @@ from premoe.moe.model import inspect_model
 from premoe.moe.options import MoeSelection
 from premoe.moe.plans import resolved
 from premoe.moe.router import QueryRouter
-from premoe.moe.server import Reply, SwitchStats
+from premoe.moe.server import Reply, SwitchStats, routed_reply
 from premoe.server.engine import Sampling, Sequence, eos_ids
 from premoe.vllm.source import EngineSpec, check_engine_model, write_engine_dir
 
@@ -77,8 +77,7 @@ class VllmTaskServer:
             raise InputError(f"--engine vllm needs vLLM, which this Python does not have: {INSTALL_HINT}")
         self.info = inspect_model(model)
         check_engine_model(self.info)
-        self.store = PatternStore.open(store)
-        self.store.check_model(self.info.fingerprint)
+        self.store = PatternStore.open(store)  # QueryRouter checks it is this model's
         self.selection = selection if isinstance(selection, MoeSelection) else MoeSelection(keep=selection)
         self.keep = resolved(self.selection, self.info.router).keep  # an impossible selection fails here
         self.signature = signature or SignatureSpec()
@@ -99,6 +98,7 @@ class VllmTaskServer:
         self.directory: Path | None = None
         self._bytes = self.router.bytes_read
         self.switch_log: list[SwitchStats] = []
+        self._refits: dict[str, bool] = {}
 
     # -- the TaskBackend interface ----------------------------------------------------------------------
     @property
@@ -200,19 +200,17 @@ class VllmTaskServer:
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Reply:
         """Route ``prompt``, switch if needed, and complete it greedily."""
-        if max_new_tokens < 1:
-            raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
-        before = self.bytes_read
-        t0 = time.perf_counter()
-        route = self.route(prompt)
-        t1 = time.perf_counter()
-        switched = route.task != self.task
-        if switched:
-            self.load(route.task)
-        t2 = time.perf_counter()
-        text = self.complete(prompt, max_new_tokens)
-        seconds = {"route": t1 - t0, "load": t2 - t1, "generate": time.perf_counter() - t2}
-        return Reply(route.task, text, route, self.bytes_read - before, self.keep, switched, seconds)
+        return routed_reply(self, prompt, max_new_tokens, refitted=self._refitted)
+
+    def _refitted(self, task: str) -> bool:
+        """Whether ``task`` is served with re-fitted rows from the store (the workers load the same ones)."""
+        if task not in self._refits:
+            from premoe.moe.patterns import plan_from_pattern
+            from premoe.moe.refit_checkpoint import task_refit
+
+            plan = plan_from_pattern(self.info, self.store.load(task), self.selection)
+            self._refits[task] = task_refit(self.store, task, plan, self.refit, self.info.path) is not None
+        return self._refits[task]
 
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
         """Each prompt token's log-probability given the ones before it (``None`` for the first)."""

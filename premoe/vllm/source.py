@@ -75,11 +75,11 @@ def check_engine_model(info: ModelInfo) -> None:
 
 def write_engine_dir(info: ModelInfo, plan: PrunePlan, spec: EngineSpec, parent: str | Path | None = None) -> Path:
     """A new engine directory for ``plan``'s geometry (config, tokenizer files, ``premoe_engine.json``)."""
-    from premoe.moe.export import plan_tensors, pruned_config
+    from premoe.moe.export import pruned_config
 
-    _, dropped = plan_tensors(info, plan)
+    dropped = any(role.kind == "beyond" for role in info.roles.values())  # as plan_tensors drops them
     path = Path(tempfile.mkdtemp(prefix="premoe-vllm-", dir=parent))
-    (path / "config.json").write_text(json.dumps(pruned_config(info, plan, bool(dropped)), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(pruned_config(info, plan, dropped), indent=2) + "\n")
     copy_side_files(info.path, path)
     tmp = path / (ENGINE_FILE + ".tmp")
     tmp.write_text(spec.to_json())
@@ -130,14 +130,9 @@ class EngineSource:
     def refit(self, task: str):
         """``task``'s stored re-fitted rows for this keep count (:class:`RefitWeights`), or ``None``."""
         if task not in self._refits:
-            from premoe.moe.refit_checkpoint import stored_refit
+            from premoe.moe.refit_checkpoint import task_refit
 
-            found = None if self.spec.refit is False else stored_refit(self.store, task, self.plan(task))
-            if found is None and self.spec.refit:
-                raise InputError(
-                    f"task {task!r} has no re-fitted rows for `keep` {self.selection.keep} in store "
-                    f"{self.store.path}; run `premoe refit` for it or pass `refit=False`"
-                )
+            found = task_refit(self.store, task, self.plan(task), self.spec.refit, self.info.path)
             self._refits[task] = found
         return self._refits[task]
 

@@ -142,12 +142,11 @@ def _write_router(model, key: str, value: torch.Tensor, undo: list) -> None:
     old = getattr(module, leaf)
     method = getattr(module, "quant_method", None)
     repack = leaf == "weight" and hasattr(module, "cpu_linear") and method is not None
-    undo.append(("router", module, leaf, old, getattr(module, "cpu_linear", None)))
-    if old.shape == value.shape and not repack:
-        saved = old.detach().clone()
-        undo[-1] = ("copy", old, saved)
+    if old.shape == value.shape and not repack:  # the raw tensor is what runs: copy in place
+        undo.append(("copy", old, old.detach().clone()))
         old.data.copy_(value.to(old.dtype))
         return
+    undo.append(("router", module, leaf, old, getattr(module, "cpu_linear", None)))
     setattr(module, leaf, torch.nn.Parameter(value.to(old.dtype).clone(), requires_grad=False))
     if repack:
         method.process_weights_after_loading(module)
