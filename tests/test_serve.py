@@ -479,6 +479,73 @@ def test_affinity_bounds_waiting():
     assert s._pick() == [old]  # b waited past max_wait: its turn, although a is resident
 
 
+def test_affinity_switches_for_a_much_fuller_batch_only():
+    backend = _Fake()
+    backend.task = "a"
+    s = Scheduler(backend, policy="affinity", max_batch=8, max_wait=60)
+    job = lambda t: Job("", [], Sampling(1), lambda *a: None, task=t)  # noqa: E731
+    s.pending = [job("b")] * 8 + [job("a")] * 2
+    assert {j.task for j in s._pick()} == {"a"}  # 2 of a against 8 of b: a quarter, stay
+    s.pending = [job("b")] * 8 + [job("a")]
+    assert {j.task for j in s._pick()} == {"b"}  # 1 against 8: switch to the full batch
+
+
+def test_affinity_drains_a_thin_batch_at_full_width():
+    """Once another task has far more waiting, only joiners that end within the running batch's longest
+    sequence join (they cost no extra steps); the rest wait, so the batch drains and the switch comes."""
+    backend = _Fake()
+    backend.task = "a"
+    s = Scheduler(backend, policy="affinity", max_batch=8, max_wait=60)
+    short, long = (Job("", [], Sampling(n), lambda *a: None, task="a") for n in (4, 32))
+    s.pending = [Job("", [], Sampling(8), lambda *a: None, task="b") for _ in range(7)] + [short, long]
+    assert s._joiners("a", room=6, running=1, horizon=10) == [short]  # 7 of b > 2 x (1 running + 2 waiting)
+    assert long in s.pending
+    assert s._joiners("a", room=6, running=4, horizon=10) == [long]  # 7 of b < 2 x (4 + 1): a stays
+
+
+class _Routes(_Fake):
+    """A backend that routes a whole queue at once, on its own thread (as the vLLM engine's router does)."""
+
+    routes_concurrently = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def route_many(self, texts):
+        from premoe.core.retrieval import RouteResult
+        from premoe.errors import InputError
+
+        self.calls.append((threading.current_thread().name, len(texts)))
+        return [InputError("empty") if not t else RouteResult(t, 0.0, None, None, None) for t in texts]
+
+
+def test_router_thread_routes_queues_at_once_and_fails_bad_ones_alone():
+    backend = _Routes()
+    s = Scheduler(backend)
+    got: dict[str, tuple] = {}
+    jobs = [
+        Job(t, [], Sampling(1), lambda kind, payload, t=t: got.setdefault(t, (kind, payload)), pinned=p)
+        for t, p in (("x", None), ("", None), ("y", None), ("z", "w"))
+    ]
+    s.pending = list(jobs)
+    s._route_waiting()
+    assert backend.calls == [(threading.current_thread().name, 3)]  # one call, pinned jobs not routed
+    assert [j.task for j in jobs] == ["x", None, "y", "w"]
+    assert got == {"": ("error", (400, "empty"))} and jobs[1] not in s.pending
+    # started, the router thread routes what arrives, without the worker (never started here)
+    s.pending = []
+    s.router.start()
+    s.submit(Job("q", [], Sampling(1), lambda *a: None))
+    deadline = time.monotonic() + 10
+    while s.pending[0].task is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.pending[0].task == "q" and backend.calls[-1] == ("premoe-router", 1)
+    s.pending.clear()
+    s.stop(10)
+    assert not s.router.is_alive()
+
+
 def test_bounded_queue():
     s = Scheduler(_Fake(), max_queue=2)
     for _ in range(2):

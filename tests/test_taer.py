@@ -224,3 +224,27 @@ def test_cli_serving_errors(builtin_store, tmp_path, capsys, argv, match):
     argv = [str(builtin_store) if a == "STORE" else str(tmp_path / "none") if a == "NOSTORE" else a for a in argv]
     code, out, err = cli(capsys, *argv)
     assert code == 2 and out == "" and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_batched_signatures_equal_one_at_a_time(tmp_path):
+    """A queue routed in one padded forward gets each text's own signature (float32: to rounding) and task;
+    a text that cannot be routed gets its error in its place without failing the others."""
+    task_samples = samples
+    store = tmp_path / "store"
+    for t in ("add", "sort"):
+        premoe.calibrate(
+            TINY_MODEL, write_jsonl(tmp_path / f"{t}.jsonl", task_samples(t, 16, "calib")), t, store, progress=False
+        )
+    router = QueryRouter(TINY_MODEL, store, dtype="float32")
+    texts = [r["prompt"] for t in ("add", "sort") for r in task_samples(t, 6, "eval")]
+    texts = texts[:3] + [" ", *texts[3:]]
+    batched = router.signature_model.signatures(texts, budget=64)  # a small budget: several batches
+    routed = router.route_many(texts)
+    for text, sig, r in zip(texts, batched, routed):
+        if not text.strip():
+            assert isinstance(sig, InputError) and isinstance(r, InputError)
+            continue
+        alone = router.signature_model.signature(text)
+        assert sig.keys() == alone.keys()
+        assert all(torch.allclose(sig[k], alone[k], atol=1e-6) for k in sig)
+        assert r.task == router.route(text).task

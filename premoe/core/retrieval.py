@@ -93,3 +93,14 @@ class Retriever:
     def route(self, signature: dict[str, torch.Tensor]) -> RouteResult:
         """Route one query from its signature ({stat: [M, E]})."""
         return self.route_stats(signature[self.spec.stat])[0]
+
+    def route_many(self, signatures: list) -> list:
+        """Route each of ``signatures`` (as :meth:`route`) in one search; an exception standing in for a
+        signature (a query that has none) stays in its place."""
+        out = list(signatures)
+        ok = [i for i, s in enumerate(signatures) if not isinstance(s, Exception)]
+        if ok:
+            found = self.route_stats(torch.stack([signatures[i][self.spec.stat] for i in ok]))
+            for i, r in zip(ok, found):
+                out[i] = r
+        return out

@@ -40,3 +40,8 @@ class QueryRouter:
 
     def route(self, text: str) -> RouteResult:
         return self.retriever.route(self.signature_model.signature(text))
+
+    def route_many(self, texts: list[str]) -> list:
+        """:meth:`route` of each text, their signatures computed in batches; an
+        :class:`~premoe.errors.InputError` in place of a text that cannot be routed."""
+        return self.retriever.route_many(self.signature_model.signatures(texts))

@@ -355,6 +355,11 @@ class TaskServer:
         self._ensure_backbone()
         return self.retriever.route(self._signature.signature(text))
 
+    def route_many(self, texts: list[str]) -> list:
+        """:meth:`route` of each text in batched forwards; an InputError in place of a text that cannot be routed."""
+        self._ensure_backbone()
+        return self.retriever.route_many(self._signature.signatures(texts))
+
     def load(self, task: str) -> SwitchStats:
         """Hold ``task``'s experts (reading only those not already in memory or in the cache)."""
         if task not in self.retriever.names:

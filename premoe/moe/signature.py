@@ -28,7 +28,7 @@ from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer, find_moe_layers
 from premoe.moe.model import ModelInfo
 from premoe.moe.observe import Recording, observe
-from premoe.moe.scoring import MarkerParams, RoutingSums
+from premoe.moe.scoring import MarkerParams, RoutingSums, layer_markers
 from premoe.moe.selective import ByteReader, ZeroExperts, build_model
 
 
@@ -169,11 +169,74 @@ class SignatureModel:
         """Per-expert means of one text, {stat: [layers, E]}.
 
         Raises:
-            InputError: the text has no tokens other than special ones.
+            InputError: the text is empty or has no tokens other than special ones.
         """
-        if not isinstance(text, str) or not text.strip():
-            raise InputError("the query is empty; send some text to route")
-        sums = self.stats([text], run=RunOptions(max_length=max_length, progress=False))
-        if sums.tokens == 0:
-            raise InputError("the query has no tokens besides special tokens; send some text to route")
-        return sums.means()
+        out = self.signatures([text], max_length)[0]
+        if isinstance(out, InputError):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def signatures(
+        self, texts: list[str], max_length: int = 2048, budget: int = 16384
+    ) -> list[dict[str, torch.Tensor] | InputError]:
+        """:meth:`signature` of each text, computed in padded batches of at most ``budget`` tokens (one
+        forward for a queue of short prompts); an :class:`InputError` in place of a text that has none."""
+        out: list[dict[str, torch.Tensor] | InputError | None] = [None] * len(texts)
+        valid = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        for i in set(range(len(texts))) - set(valid):
+            out[i] = InputError("the query is empty; send some text to route")
+        rows = []
+        if valid:
+            enc = self.tokenizer(
+                [texts[i] for i in valid], truncation=True, max_length=max_length, return_special_tokens_mask=True
+            )
+            for i, ids, special in zip(valid, enc["input_ids"], enc["special_tokens_mask"]):
+                counted = [1 - s for s in special]
+                if sum(counted):
+                    rows.append((i, ids, counted))
+                else:
+                    out[i] = InputError("the query has no tokens besides special tokens; send some text to route")
+        rows.sort(key=lambda r: len(r[1]))
+        batch: list = []
+        for row in rows:  # sorted by length: the padded size of a batch is its count times its last length
+            if batch and (len(batch) + 1) * len(row[1]) > budget:
+                self._batch_signatures(batch, out)
+                batch = []
+            batch.append(row)
+        if batch:
+            self._batch_signatures(batch, out)
+        return out
+
+    def _batch_signatures(self, rows: list[tuple[int, list[int], list[int]]], out: list) -> None:
+        """One right-padded forward over ``rows`` ((index, ids, count mask)); each row's means go to ``out``."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.view.parameters()).device
+        width = max(len(ids) for _, ids, _ in rows)
+        ids = torch.tensor([r[1] + [pad] * (width - len(r[1])) for r in rows], device=device)
+        attn = torch.tensor([[1] * len(r[1]) + [0] * (width - len(r[1])) for r in rows], device=device)
+        counted = torch.tensor([r[2] + [0] * (width - len(r[2])) for r in rows], device=device).reshape(-1).bool()
+        owner = torch.arange(len(rows), device=device).repeat_interleave(width)[counted]  # each counted token's row
+        spec, at = self.info.router, self.info.router.logits_at
+        where = owner.cpu()
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook_for(pos: int, layer: MoeLayer):
+            def hook(module, args, output):
+                logits = output[at] if isinstance(output, (tuple, list)) else output
+                logits = logits.detach().reshape(-1, logits.shape[-1])[counted.to(logits.device)]
+                for name, m in layer_markers(logits, spec, self.params, layer.selection_bias()).items():
+                    acc = sums.setdefault(name, torch.zeros(len(rows), self.num_layers, spec.num_experts).double())
+                    acc[:, pos].index_add_(0, where, m.to("cpu", torch.float64))
+
+            return hook
+
+        handles = [layer.router.register_forward_hook(hook_for(p, layer)) for p, layer in enumerate(self.layers)]
+        try:
+            self.view(input_ids=ids, attention_mask=attn, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        tokens = torch.bincount(where, minlength=len(rows)).to(torch.float64)
+        for b, (i, _, _) in enumerate(rows):
+            out[i] = {name: (acc[b] / tokens[b]).float() for name, acc in sums.items()}

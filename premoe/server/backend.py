@@ -25,6 +25,10 @@ class TaskBackend(Protocol):
 
     def route(self, text: str) -> Any: ...  # .task, .distance, .margin
 
+    # Optional: ``route_many(texts)`` routes a queue at once (a list of results, an exception in place of a
+    # text that cannot be routed); ``routes_concurrently = True`` when routing touches nothing generation
+    # uses (its own signature model), so the server routes on a thread of its own while the model generates.
+
     def load(self, task: str) -> Any: ...
 
 

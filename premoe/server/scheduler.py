@@ -1,28 +1,33 @@
-"""The bounded request queue and the worker that routes, switches patterns and generates.
+"""The bounded request queue, the router and the worker that switches patterns and generates.
 
-One worker thread owns the model. Between generation batches it routes every waiting request
-(unless its task is pinned), picks the next batch by the scheduling policy, switches the resident
-pattern if the batch's task differs, and generates the whole batch together (see
-:mod:`premoe.server.engine`, or the task server's own ``run_batch`` where it brings an engine: vLLM's).
-A batch only ever holds requests of one task, and the worker checks
-before every forward that the resident pattern is that task's, so no request is answered by
-another task's pattern.
+One worker thread owns the model. Between generation batches it picks the next batch by the
+scheduling policy, switches the resident pattern if the batch's task differs, and generates the
+whole batch together (see :mod:`premoe.server.engine`, or the task server's own ``run_batch`` where
+it brings an engine: vLLM's). Requests are routed (unless their task is pinned) by the worker
+between batches, or, where the backend says routing touches nothing generation uses
+(``routes_concurrently``: the vLLM engine's router has its own signature model), by a router thread
+as they arrive, so routing never holds up generation. A batch only ever holds requests of one task,
+and the worker checks before every forward that the resident pattern is that task's, so no request
+is answered by another task's pattern.
 
 Policies:
 
-* ``affinity`` (default): stay on the resident task while it has requests waiting and no other
-  request has waited longer than ``max_wait`` seconds; otherwise serve the task of the oldest
-  waiting request. Each batch takes up to ``max_batch`` of the chosen task's requests, oldest
-  first, wherever they sit in the queue. A mixed stream thus switches about once per batch of
-  tasks rather than once per request, and no request waits more than ``max_wait`` plus one batch
-  for its turn.
+* ``affinity`` (default): serve the task of the oldest waiting request once it has waited longer
+  than ``max_wait`` seconds; otherwise the task with the most requests waiting, staying on the
+  resident task while it has at least a quarter as many waiting as that task (counted up to
+  ``max_batch``), so a switch buys a much fuller batch. Each batch takes up to ``max_batch`` of
+  the chosen task's requests, oldest first, wherever they sit in the queue. A mixed stream thus
+  switches about once per batch of tasks rather than once per request, and no request waits more
+  than ``max_wait`` plus one batch for its turn.
 * ``fcfs``: strict arrival order; a batch is the run of consecutive same-task requests at the
   head of the queue (the baseline that ``bench/serve_load.py`` measures against).
 
 With ``continuous`` (default), requests of the running batch's task also join it between tokens
-(up to ``max_batch`` running), under the same policy: fcfs admits only from the head of the queue,
-affinity stops admitting once another task's request has waited past ``max_wait``, so the batch
-drains and the switch happens. Each request is answered as soon as its own sequence ends.
+(up to ``max_batch`` running), under the same policy: fcfs admits only from the head of the queue;
+affinity admits freely while the running task is the one to serve, and once another task's
+requests have waited past ``max_wait`` or outnumber the running task's (running and waiting) two to
+one, only joiners that end no later than the batch's longest sequence, so the batch drains at full
+width and the switch happens. Each request is answered as soon as its own sequence ends.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -40,6 +45,8 @@ from premoe.server.engine import Sampling, Sequence, run_batch
 from premoe.server.options import POLICIES
 
 log = logging.getLogger("premoe")
+
+COALESCE = 0.005  # seconds the router thread gathers arrivals into one forward while the worker generates
 
 
 class QueueFull(Exception):
@@ -98,9 +105,15 @@ class Scheduler:
         self.served = 0
         self.history: deque[Job] = deque(maxlen=1024)  # finished jobs, newest last (tests and benchmarks read it)
         self.thread = threading.Thread(target=self._loop, name="premoe-worker", daemon=True)
+        self.router: threading.Thread | None = None
+        self.busy = False  # the worker is generating a batch
+        if getattr(backend, "routes_concurrently", False):
+            self.router = threading.Thread(target=self._route_loop, name="premoe-router", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------
     def start(self) -> None:
+        if self.router is not None:
+            self.router.start()
         self.thread.start()
 
     def submit(self, job: Job) -> None:
@@ -111,14 +124,17 @@ class Scheduler:
                 raise QueueFull()
             self.pending.append(job)
             self._gauge()
-            self.cond.notify()
+            self.cond.notify_all()
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish every queued and running one, and end the worker."""
         with self.cond:
             self.stopping = True
-            self.cond.notify()
-        self.thread.join(timeout)
+            self.cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in (self.router, self.thread):
+            if t is not None and t.is_alive():
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def depth(self) -> int:
         return len(self.pending)
@@ -128,50 +144,92 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.pending))
 
+    def _ready(self) -> bool:
+        """Whether the worker has something to do (under the lock): a routed request, or one to route."""
+        return any(j.task is not None for j in self.pending) if self.router is not None else bool(self.pending)
+
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.pending and not self.stopping:
+                while not self._ready() and not (self.stopping and not self.pending):
                     self.cond.wait()
                 if not self.pending and self.stopping:
                     return
-            self._route_waiting()
+            if self.router is None:
+                self._route_waiting()
             with self.cond:
                 batch = self._pick()
                 for j in batch:
                     self.pending.remove(j)
                 self._gauge()
             if batch:
-                self._serve(batch)
+                self.busy = True
+                try:
+                    self._serve(batch)
+                finally:
+                    with self.cond:
+                        self.busy = False
+                        self.cond.notify_all()
 
-    def _route(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        if job.pinned is not None:
-            job.task = job.pinned
-            return
-        try:
-            r = self.backend.route(job.text)
-        except PremoeError as e:
-            job.finish_reason = "error"
-            job.notify("error", (400, str(e)))
-            return
-        except Exception as e:  # noqa: BLE001 - a worker must survive anything a request triggers
-            log.exception("routing failed")
-            job.finish_reason = "error"
-            job.notify("error", (500, f"routing failed: {e}"))
-            return
-        job.task, job.distance, job.margin = r.task, float(r.distance), None if r.margin is None else float(r.margin)
+    def _routes(self, jobs: list[Job]) -> list:
+        """Route results of ``jobs`` (an exception in place of one that failed): all in one call where the
+        backend routes a queue at once, else one by one."""
+        many = getattr(self.backend, "route_many", None)
+        if many is not None:
+            try:
+                return many([j.text for j in jobs])
+            except Exception as e:  # noqa: BLE001 - a worker must survive anything a request triggers
+                log.exception("routing failed")
+                return [e] * len(jobs)
+        out = []
+        for j in jobs:
+            try:
+                out.append(self.backend.route(j.text))
+            except Exception as e:  # noqa: BLE001
+                if not isinstance(e, PremoeError):
+                    log.exception("routing failed")
+                out.append(e)
+        return out
 
     def _route_waiting(self) -> None:
         """Route every waiting request not routed yet (outside the lock, so submissions never wait
         for the model), then drop the cancelled and failed ones from the queue."""
         with self.cond:
-            waiting = [j for j in self.pending if j.task is None]
-        for job in waiting:
-            self._route(job)
+            waiting = [j for j in self.pending if j.task is None and not j.cancelled]
+        for j in waiting:
+            if j.pinned is not None:
+                j.task = j.pinned
+        routed = [j for j in waiting if j.pinned is None]
+        for job, r in zip(routed, self._routes(routed) if routed else []):
+            if isinstance(r, Exception):
+                job.finish_reason = "error"
+                job.notify("error", (400, str(r)) if isinstance(r, PremoeError) else (500, f"routing failed: {r}"))
+                continue
+            job.distance, job.margin = float(r.distance), None if r.margin is None else float(r.margin)
+            job.task = r.task  # last: a routed job is one whose task is set
         with self.cond:
             self.pending = [j for j in self.pending if not (j.cancelled or j.finish_reason == "error")]
+            self._gauge()
+            self.cond.notify_all()
+
+    def _route_loop(self) -> None:
+        """The router thread: routes requests as they arrive, until the server stops and none is left. While
+        the worker generates, arrivals are gathered for up to ``COALESCE`` seconds (or a full batch) and
+        routed in one forward; an idle worker gets them at once."""
+        while True:
+            with self.cond:
+                while True:
+                    unrouted = [j for j in self.pending if j.task is None]
+                    if not unrouted:
+                        if self.stopping:
+                            return
+                        self.cond.wait()
+                        continue
+                    wait = COALESCE - (time.monotonic() - unrouted[0].arrived)
+                    if not self.busy or self.stopping or len(unrouted) >= self.max_batch or wait <= 0:
+                        break
+                    self.cond.wait(wait)
+            self._route_waiting()
 
     def _take(self, task: str, n: int) -> list[Job]:
         """Up to ``n`` routed waiting requests of ``task``, oldest first: fcfs only from the run at the
@@ -194,11 +252,13 @@ class Scheduler:
         if not ready:
             return []
         oldest = ready[0]
-        if self.policy == "fcfs":
+        if self.policy == "fcfs" or time.monotonic() - oldest.arrived > self.max_wait:
             return self._take(oldest.task, self.max_batch)
+        counts = Counter(j.task for j in ready)  # in order of each task's oldest request
+        best = max(counts, key=counts.__getitem__)  # the first of the fullest: ties go to the longest waiting
         current = self.backend.task
-        stay = any(j.task == current for j in ready) and time.monotonic() - oldest.arrived <= self.max_wait
-        return self._take(current if stay else oldest.task, self.max_batch)
+        stay = 4 * counts.get(current, 0) >= min(counts[best], self.max_batch)  # a switch must buy a much fuller batch
+        return self._take(current if stay else best, self.max_batch)
 
     def _serve(self, batch: list[Job]) -> None:
         task, m = batch[0].task, self.metrics
@@ -220,6 +280,7 @@ class Scheduler:
                 j.notify("error", (500, f"loading task {task!r} failed: {e}"))
             return
         running: list[Job] = []
+        live: list[Sequence] = []
 
         def begin(jobs: list[Job], joined_switch: bool) -> list[Sequence]:
             start = time.monotonic()
@@ -239,13 +300,16 @@ class Scheduler:
                         on_done=lambda s, j=j: self._finish(j, s),
                     )
                 )
+            live.extend(seqs)
             if m is not None and jobs:
                 m.batches.observe(len(jobs))
                 m.running.inc(len(jobs))
             return seqs
 
         def admit(room: int) -> list[Sequence]:
-            return begin(self._joiners(task, room), False)
+            live[:] = [s for s in live if s.finish_reason is None]
+            horizon = max((s.sampling.max_tokens - len(s.out_ids) for s in live), default=0)
+            return begin(self._joiners(task, room, len(live), horizon), False)
 
         def check() -> None:
             if self.backend.task != task:
@@ -267,24 +331,34 @@ class Scheduler:
             if m is not None:
                 m.running.set(0)
 
-    def _joiners(self, task: str, room: int) -> list[Job]:
-        """Waiting requests of ``task`` that may join the running batch under the policy: fcfs only
-        from the head of the queue; affinity while no request of another task has waited past
-        ``max_wait`` (otherwise the batch drains so the scheduler can switch)."""
+    def _joiners(self, task: str, room: int, running: int = 0, horizon: int | None = None) -> list[Job]:
+        """Waiting requests of ``task`` that may join the running batch (``running`` sequences, the longest
+        with ``horizon`` tokens left) under the policy: fcfs only from the head of the queue; affinity
+        freely while ``task`` is the one to serve, and only those that end within ``horizon`` once the
+        batch should drain (another task's request waited past ``max_wait``, or another task has more
+        than twice as many requests waiting as ``task`` has running and waiting)."""
         if not self.pending:
             return []
-        self._route_waiting()
+        if self.router is None:
+            self._route_waiting()
         with self.cond:
-            now = time.monotonic()
-            if self.policy == "affinity" and any(
-                j.task not in (None, task) and now - j.arrived > self.max_wait for j in self.pending
-            ):
-                return []
-            picked = self._take(task, room)
+            if self.policy == "affinity" and self._draining(task, running):
+                fits = [j for j in self._take(task, len(self.pending)) if j.sampling.max_tokens <= (horizon or 0)]
+                picked = fits[:room]
+            else:
+                picked = self._take(task, room)
             for j in picked:
                 self.pending.remove(j)
             self._gauge()
             return picked
+
+    def _draining(self, task: str, running: int) -> bool:
+        """Whether the batch of ``task`` should drain so another task gets the model (affinity; under the lock)."""
+        now = time.monotonic()
+        counts = Counter(j.task for j in self.pending if j.task is not None)
+        if any(t != task and now - j.arrived > self.max_wait for j in self.pending if (t := j.task) is not None):
+            return True
+        return max((c for t, c in counts.items() if t != task), default=0) > 2 * (running + counts.get(task, 0))
 
     def _finish(self, j: Job, s: Sequence) -> None:
         m = self.metrics

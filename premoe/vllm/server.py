@@ -59,6 +59,8 @@ class VllmTaskServer:
     MoE layer; see the module docstring. Arguments as :class:`premoe.moe.server.TaskServer`, plus ``engine``
     (tensor/expert parallel, context length, KV cache) and ``max_seqs`` (requests vLLM runs at once)."""
 
+    routes_concurrently = True  # the router's signature model is its own: the HTTP server routes on a thread
+
     def __init__(
         self,
         model: str | Path,
@@ -113,6 +115,9 @@ class VllmTaskServer:
     def route(self, text: str):
         return self.router.route(text)
 
+    def route_many(self, texts: list[str]) -> list:
+        return self.router.route_many(texts)
+
     def load(self, task: str) -> SwitchStats:
         """Hold ``task``'s experts: start vLLM on it the first time, then switch in place.
 
@@ -156,9 +161,6 @@ class VllmTaskServer:
         self.directory = write_engine_dir(self.info, plan, spec)
         register()
         opts = self.options
-        if opts.tensor_parallel == 1 and not opts.expert_parallel:
-            # one rank: run vLLM's engine core in this process (no IPC per step; the HTTP server is premoe's)
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if _cpu():
             if opts.kv_cache_gb is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gb or 2)

@@ -70,7 +70,7 @@ def register() -> None:
 
 def _staging(layer, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.nn.Parameter]:
     """A one-expert buffer and a parameter viewing it as every local expert (stride 0), for vLLM's loader."""
-    buf = torch.zeros(shape, dtype=dtype)
+    buf = torch.empty(shape, dtype=dtype)  # vLLM's loader fills all of it
     view = buf.unsqueeze(0).expand(max(layer.local_num_experts, 1), *shape)
     return buf, torch.nn.Parameter(view, requires_grad=False)
 
