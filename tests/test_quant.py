@@ -98,6 +98,73 @@ def test_mxfp4_round_trip_and_transformers_agreement():
     assert (mine.float() - w).abs().max() <= w.abs().max() / 3  # FP4: coarse, but the right values
 
 
+def test_fp8_quantiser_follows_vllm_block_rounding_by_hand():
+    """pad to whole blocks, amax clamped to >= 1e-4, scale = amax / 448, values times 1 / scale, nearest even."""
+    w = torch.tensor([[1.0, -2.0, 17.0], [0.5, 4.0, 19.0], [0.0, 0.0, 448.0]])
+    q, s = quantize_fp8(w, (2, 2))  # 3x3 in 2x2 blocks: a 2x2 grid of scales, the last row and column padded
+    assert q.shape == (3, 3) and s.shape == (2, 2) and s.dtype == torch.float32
+    assert s[0, 0] == torch.tensor(4.0) / 448  # block [[1, -2], [0.5, 4]]: amax 4
+    assert q[:2, :2].float().tolist() == [[112.0, -224.0], [56.0, 448.0]]  # x * 112, all exact in e4m3
+    assert s[0, 1] == torch.tensor(19.0) / 448 and s[1, 1] == 1.0  # padding never raises a block's amax
+    assert s[1, 0] == torch.tensor(1e-4) / 448 and q[2, :2].float().tolist() == [0.0, 0.0]  # all-zero block
+    ties = quantize_fp8(torch.tensor([[448.0, 17.0, 19.0, 25.0]]), (1, 4))[0].float()
+    assert ties.tolist() == [[448.0, 16.0, 20.0, 24.0]]  # 17, 19, 25 are ties between e4m3 codes: to even
+    q, s = quantize_fp8(torch.tensor([[3.0, 1.0, -0.75]]), (1, 3), ue8m0=True)
+    assert s.item() == 2.0**-7 and q.float().tolist() == [[384.0, 128.0, -96.0]]  # 3/448 rounded up to 2^-7
+    q, s = quantize_fp8(torch.tensor([[2.0, -1.0], [0.5, 0.25]]), None)
+    assert s.shape == (1,) and s[0] == torch.tensor(2.0) / 448 and q.float()[0, 0] == 448.0
+
+
+def test_pow2_ceil_is_exact_and_e8m0_scales_store_as_exponents():
+    from premoe.core.quant.fp8 import encode_scale, pow2_ceil
+
+    x = torch.tensor([1.0, 1.0000001, 0.75, 3.0 / 448, 2.0**-130])
+    assert pow2_ceil(x).tolist() == [1.0, 2.0, 1.0, 2.0**-7, 2.0**-126]  # just above a power: the next one
+    assert encode_scale(torch.tensor([1.0, 0.5, 2.0**-7]), torch.uint8).tolist() == [127, 126, 120]
+    with pytest.raises(ValueError, match="powers of two"):
+        encode_scale(torch.tensor([0.3]), torch.uint8)
+
+
+def test_mxfp4_quantiser_follows_openai_by_hand():
+    """bf16 first; scale = max|x| / 6 rounded up to a power of two; nearest FP4, ties away from zero."""
+    from premoe.core.quant.mxfp4 import FP4_VALUES
+
+    def codes(blocks):
+        return torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)
+
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.1, 0.2, -5.0, 0.0]
+    w = torch.tensor(ties + [0.0] * 20)
+    blocks, scales = quantize_mxfp4(w)  # amax 6: scale 6 / 6 = 1, exactly a power of two
+    assert blocks.shape == (1, 16) and scales.tolist() == [127]
+    got = [FP4_VALUES[c] for c in codes(blocks)[0, :12].tolist()]
+    assert got == [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 6.0, -0.0, 0.0, -6.0, 0.0]  # every tie away from zero
+    assert codes(blocks)[0, 8] == 8  # a negative value that rounds to zero keeps its sign bit
+    assert blocks[0, 0] == (2 << 4) | 1  # low nibble first: element 0 (0.5 -> code 1), element 1 (1.0 -> 2)
+    blocks, scales = quantize_mxfp4(torch.tensor([7.0, 3.5 * 2] + [0.0] * 30))
+    assert scales.tolist() == [128]  # 7 / 6 rounds up to 2: 7 / 2 = 3.5 is a tie, to 4
+    assert [FP4_VALUES[c] for c in codes(blocks)[0, :2].tolist()] == [4.0, 4.0]
+    blocks, _ = quantize_mxfp4(torch.tensor([6.0, 1.2499999] + [0.0] * 30))
+    assert FP4_VALUES[codes(blocks)[0, 1]] == 1.5  # bf16(1.2499999) == 1.25, a tie: 1.5 (not 1.0)
+    blocks, scales = quantize_mxfp4(torch.zeros(2, 40))  # 40 columns: two groups, the second zero-padded
+    assert blocks.shape == (2, 2, 16) and scales.shape == (2, 2) and not scales.any() and not blocks.any()
+    w = torch.randn(3, 40)
+    back = dequant_mxfp4(*quantize_mxfp4(w), torch.float32)[..., :40]
+    assert (back - w).abs().max() <= w.abs().max() / 3
+
+
+def test_decode_inverts_encode_in_memory_orientation():
+    from premoe.core.quant import Fp8Blocks, Mxfp4
+
+    w = torch.randn(48, 40)
+    for fmt, transposed in ((Fp8Blocks((16, 16)), False), (Fp8Blocks((16, 16)), True), (Mxfp4(), True)):
+        parts = fmt.encode("w", w, transposed=transposed)
+        back = fmt.decode(parts, tuple(w.shape), torch.float32, transposed)
+        assert back.shape == w.shape and (back - w).abs().max() <= w.abs().max() / 3
+        assert torch.equal(
+            fmt.decode(fmt.encode("w", back, transposed=transposed), w.shape, torch.float32, transposed), back
+        )  # quantising what was decoded changes nothing
+
+
 # -- end to end, per format ---------------------------------------------------------------------
 
 
@@ -130,13 +197,8 @@ def test_export_keeps_the_format_and_every_kept_expert_bit_for_bit(case, quantiz
     q = quantized(case)
     info = inspect_model(q)
     premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS), "t", tmp_path / "s", progress=False)
-    res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)  # includes the reload self-check
+    res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False, refit=False)  # + reload check
     out = tmp_path / "out"
-    # premoe does not re-quantise re-fitted experts: the default keeps the plain slice and says so; --refit fails
-    assert "quantised" in res.plan.refit["skipped"] and "`refit=False`" in res.plan.refit["skipped"]
-    with pytest.raises(UnsupportedModelError, match="-quantised .*; use `refit=False`"):
-        premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out2", progress=False, refit=True)
-    assert not (tmp_path / "out2").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == info.raw_config["quantization_config"]
     new = inspect_model(out)
@@ -167,6 +229,60 @@ def test_export_keeps_the_format_and_every_kept_expert_bit_for_bit(case, quantiz
     apply_plan_(full, info.spec, res.plan)
     sa, sb = full.state_dict(), pruned.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_refit_is_written_in_the_checkpoint_format_and_is_what_premoe_computes_with(case, quantized, tmp_path):
+    """The default prune re-fits quantised checkpoints too: the re-fitted down projections are written in the
+    checkpoint's own format (dtypes, scale shapes, quantization_config), every other kept tensor byte for byte,
+    and the export, dequantised, is exactly the model premoe evaluates and serves with that re-fit."""
+    from premoe.core.options import RefitOptions
+    from premoe.moe.refit_checkpoint import down_targets, refit_for
+
+    q = quantized(case)
+    info = inspect_model(q)
+    premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS * 4), "t", tmp_path / "s", progress=False)
+    res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)
+    assert "tokens" in res.plan.refit and "skipped" not in res.plan.refit
+    out = tmp_path / "out"
+    new = inspect_model(out)
+    assert (
+        new.quant == info.quant
+        and json.loads((out / "config.json").read_text())["quantization_config"]
+        == (info.raw_config["quantization_config"])
+    )
+    src_file, out_file = info.checkpoint.files[0], out / "model.safetensors"
+    with safe_open(out_file, "pt") as f:
+        got = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    downs, changed, same = set(down_targets(info).values()), 0, 0
+    for name, role in info.roles.items():
+        kept = res.plan.kept.get(role.layer)
+        if role.kind != "expert" or role.expert not in kept:
+            continue
+        a, b = role.span
+        new_name = f"{name[:a]}{kept.index(role.expert)}{name[b:]}"
+        t = info.checkpoint.tensors[name]
+        assert got[new_name] == (t.dtype, tuple(t.shape))  # FP8 stays FP8, scales keep their grid
+        if role.target in downs and role.companion in (None, "scale"):
+            changed += raw_bytes(out_file, new_name) != raw_bytes(src_file, name)
+        else:
+            same += 1
+            assert raw_bytes(out_file, new_name) == raw_bytes(src_file, name)
+    for name, role in info.roles.items():  # fused experts (MXFP4): same dtypes, kept rows' shapes
+        if role.kind == "fused":
+            t = info.checkpoint.tensors[name]
+            assert got[name][0] == t.dtype and got[name][1][1:] == tuple(t.shape[1:])
+            if role.target in downs and role.companion is None:
+                src = load_file(src_file)[name]
+                kept = src.unflatten(0, (info.num_experts, -1))[res.plan.kept[role.layer]].flatten(0, 1)
+                changed += raw_bytes(out_file, name) != kept.contiguous().view(torch.uint8).numpy().tobytes()
+    assert changed
+    weights = refit_for(info, tmp_path / "s", res.plan, "t", False, RefitOptions(), progress=False)
+    with ByteReader() as r:
+        ours = build_selective(info, res.plan, r, refit=weights)
+        theirs = build_selective(new, None, r)
+    sa, sb = ours.state_dict(), theirs.state_dict()
+    assert set(sa) == set(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
 
 
 def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
@@ -201,7 +317,9 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
     prompts = [row["prompt"] for row in ROWS[:3]]
     answers = generate_greedy(pruned, server.tokenizer, prompts, 3)
     data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
-    res = premoe.evaluate(q, data, store=tmp_path / "s", task="a", keep=4, max_new_tokens=3, progress=False)
+    res = premoe.evaluate(
+        q, data, store=tmp_path / "s", task="a", keep=4, max_new_tokens=3, progress=False, refit=False
+    )
     assert res["generate_samples"] == 3 and res["exact_match"] == 1.0  # the same pruned model, built by eval
 
 

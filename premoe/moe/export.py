@@ -68,25 +68,54 @@ class ExportResult:
         )
 
 
+def _part(info: ModelInfo, name: str) -> str:
+    """The part of :meth:`RefitWeights.encoded` that checkpoint key ``name`` (a main tensor or its scale) holds."""
+    found = info.quant.companion(name)
+    main = found[0] if found is not None and found[1] == "scale" else name
+    return "w" + name.removeprefix(info.quant.target(main))
+
+
 def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit: RefitWeights):
-    """A fused down_proj tensor's kept rows, the re-fitted experts' from ``refit``, the others' from the source."""
+    """A fused down_proj tensor's (or its scale's) kept rows: the re-fitted experts' from ``refit`` (as stored,
+    in the checkpoint's format), the others' bytes from the source."""
     t = info.checkpoint.tensors[name]
+    part = _part(info, name)
 
     def make():
-        rows = [refit.get(layer, e) if refit.has(layer, e) else info.checkpoint.tensor(name, [e])[0] for e in ids]
-        return torch.stack(rows).to(TORCH_DTYPES[t.dtype])
+        rows = [
+            refit.encoded(layer, e)[part] if refit.has(layer, e) else info.checkpoint.tensor(name, [e])[0] for e in ids
+        ]
+        return _stored(torch.stack(rows), t.dtype)
 
     return make
 
 
-def _refitted_expert(refit: RefitWeights, role, dtype: str):
-    """One re-fitted expert's down projection, in the checkpoint's dtype, when it is written."""
-    return lambda: refit.get(role.layer, role.expert).to(TORCH_DTYPES[dtype])
+def _refitted_expert(info: ModelInfo, refit: RefitWeights, name: str, role, dtype: str):
+    """One re-fitted expert's down projection (or its scale), as the checkpoint stores it, when it is written."""
+    part = _part(info, name)
+    return lambda: _stored(refit.encoded(role.layer, role.expert)[part], dtype)
+
+
+def _stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``value`` in the checkpoint's dtype ``dtype`` (scales of E8M0 checkpoints as exponent bytes)."""
+    from premoe.core.quant.fp8 import encode_scale
+
+    want = TORCH_DTYPES[dtype]
+    if value.dtype == want:
+        return value
+    if want == torch.uint8 and value.is_floating_point():
+        return encode_scale(value, want)
+    return value.to(want)
 
 
 def _refitted_router(refit: RefitWeights, role, dtype: str):
     """A layer's re-fitted router rows, in the checkpoint's dtype, when they are written."""
     return lambda: refit.router(role.layer, role.target).to(TORCH_DTYPES[dtype])
+
+
+def _is_down(role, down: dict[int, str]) -> bool:
+    """Whether ``role`` is a re-fitted layer's down projection or its quantisation scale."""
+    return role.target == down.get(role.layer) and role.companion in (None, "scale")
 
 
 def plan_tensors(
@@ -115,8 +144,9 @@ def plan_tensors(
             if new is not None:
                 a, b = role.span
                 renamed = f"{name[:a]}{new}{name[b:]}"
-                if role.target == down.get(role.layer) and not role.companion and refit.has(role.layer, role.expert):
-                    out.append(OutTensor(renamed, t.dtype, t.shape, make=_refitted_expert(refit, role, t.dtype)))
+                if _is_down(role, down) and refit.has(role.layer, role.expert):
+                    make = _refitted_expert(info, refit, name, role, t.dtype)
+                    out.append(OutTensor(renamed, t.dtype, t.shape, make=make))
                 else:
                     out.append(OutTensor(renamed, t.dtype, t.shape, whole))
         elif role.kind == "router" and t.shape:
@@ -131,7 +161,7 @@ def plan_tensors(
             ids = slots[role.layer] if role.rows == 0 else plan.kept[role.layer]
             per = max(role.rows, 1)  # rows per expert (per router slot), of this tensor or scale
             shape = (len(ids) * per, *t.shape[1:])
-            if role.target == down.get(role.layer) and not role.companion and refit.experts.get(role.layer):
+            if _is_down(role, down) and refit.experts.get(role.layer):
                 out.append(OutTensor(name, t.dtype, shape, make=_refitted_rows(info, name, ids, role.layer, refit)))
             else:
                 out.append(OutTensor(name, t.dtype, shape, t.rows(ids, per)))

@@ -7,6 +7,7 @@ when to re-fit, and re-fits stored with task patterns.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,11 @@ class RefitWeights:
     """Re-fitted down projections of the kept experts, one safetensors file per MoE layer in
     ``directory`` (default: a temporary one, removed by :meth:`close`; a pattern store's re-fits are
     kept): :meth:`get` gives expert ``e`` of ``layer`` in the in-memory layout of ``experts.down_proj[e]``
-    and the model's dtype."""
+    and the model's dtype.
+
+    On a quantised checkpoint a layer's re-fitted experts are stored in the checkpoint's own format
+    (:meth:`put` with ``quant``; the file's metadata says which): :meth:`encoded` gives the stored parts an
+    export writes, :meth:`get` what a reader of that export computes with (dequantised)."""
 
     def __init__(self, about: dict[str, Any], directory: str | Path | None = None):
         self._tmp = tempfile.TemporaryDirectory(prefix="premoe-moe-refit-") if directory is None else None
@@ -45,6 +50,7 @@ class RefitWeights:
         self.about = about
         self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
         self.routers: dict[int, list[str]] = {}  # layer -> router weights with re-fitted rows (in-memory names)
+        self._formats: dict[int, tuple | None] = {}  # layer -> (format, transposed, dtype, shape) if quantised
 
     @classmethod
     def open(cls, directory: str | Path, about: dict[str, Any]) -> "RefitWeights":
@@ -60,27 +66,70 @@ class RefitWeights:
             try:
                 with safe_open(f, "pt") as g:
                     layer = int(f.stem.removeprefix("layer"))
-                    out.experts[layer] = sorted(int(k) for k in g.keys() if k.isdigit())
-                    out.routers[layer] = sorted(k for k in g.keys() if not k.isdigit())
-            except (SafetensorError, OSError, ValueError) as e:
+                    keys = list(g.keys())
+                    out.experts[layer] = sorted({int(k.split(".")[0]) for k in keys if k.split(".")[0].isdigit()})
+                    out.routers[layer] = sorted(k for k in keys if not k.split(".")[0].isdigit())
+                    out._formats[layer] = _format_of(g.metadata() or {})
+            except (SafetensorError, OSError, ValueError, KeyError) as e:
                 raise StoreError(
                     f"store re-fit file {f} is corrupt ({e}); rerun `premoe refit` or pass `refit=False`"
                 ) from None
         return out
 
-    def put(self, layer: int, weights: dict[int, torch.Tensor], routers: dict[str, torch.Tensor] | None = None) -> None:
+    def put(
+        self,
+        layer: int,
+        weights: dict[int, torch.Tensor],
+        routers: dict[str, torch.Tensor] | None = None,
+        quant: tuple | None = None,
+    ) -> None:
         """Store a layer's re-fitted down projections ({expert: tensor}) and router rows ({in-memory name
-        of the router weight: [kept, D] rows, kept experts ascending})."""
-        if weights:
+        of the router weight: [kept, D] rows, kept experts ascending}). ``quant`` = (format, transposed,
+        dtype): the checkpoint stores the down projections quantised (``transposed``: with their last two
+        dimensions swapped on disk), so they are stored encoded as it would (from the given values, in
+        float32 for precision) and read back dequantised to ``dtype``."""
+        if not weights:
+            return
+        meta: dict[str, str] = {}
+        if quant is None:
             tensors = {str(e): w.contiguous() for e, w in weights.items()}
-            tensors.update({n: r.contiguous() for n, r in (routers or {}).items()})
-            save_file(tensors, self._file(layer))
-            self.experts[layer] = sorted(weights)
-            self.routers[layer] = sorted(routers or {})
+            self._formats[layer] = None
+        else:
+            fmt, transposed, dtype = quant
+            shape = tuple(next(iter(weights.values())).shape)
+            tensors = {
+                f"{e}.{part}": t.contiguous()
+                for e, w in weights.items()
+                for part, t in fmt.encode("w", w.float(), transposed=transposed).items()
+            }
+            meta = {
+                "quantization_config": json.dumps(fmt.config()),
+                "transposed": str(int(transposed)),
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": json.dumps(list(shape)),
+            }
+            self._formats[layer] = (fmt, transposed, dtype, shape)
+        tensors.update({n: r.contiguous() for n, r in (routers or {}).items()})
+        save_file(tensors, self._file(layer), metadata=meta or None)
+        self.experts[layer] = sorted(weights)
+        self.routers[layer] = sorted(routers or {})
+
+    def encoded(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Expert ``expert``'s stored parts, named as :meth:`QuantFormat.encode` names those of key ``"w"``
+        (``{"w": tensor}`` on an unquantised checkpoint)."""
+        with safe_open(self._file(layer), "pt") as f:
+            if self._formats.get(layer) is None:
+                return {"w": f.get_tensor(str(expert))}
+            prefix = f"{expert}."
+            return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
     def get(self, layer: int, expert: int) -> torch.Tensor:
-        with safe_open(self._file(layer), "pt") as f:
-            return f.get_tensor(str(expert))
+        parts = self.encoded(layer, expert)
+        found = self._formats.get(layer)
+        if found is None:
+            return parts["w"]
+        fmt, transposed, dtype, shape = found
+        return fmt.decode(parts, shape, dtype, transposed)
 
     def router(self, layer: int | None, name: str) -> torch.Tensor | None:
         """The re-fitted rows [kept, D] of router weight ``name`` (in-memory name) of ``layer``, if any."""
@@ -100,10 +149,29 @@ class RefitWeights:
             self._tmp.cleanup()
 
 
+def _format_of(meta: dict[str, str]) -> tuple | None:
+    """(format, transposed, dtype, shape) from a re-fit file's metadata (``None``: stored unquantised)."""
+    if "quantization_config" not in meta:
+        return None
+    from premoe.core.quant import quant_format
+
+    fmt = quant_format({"quantization_config": json.loads(meta["quantization_config"])})
+    dtype = getattr(torch, meta["dtype"])
+    return fmt, meta["transposed"] == "1", dtype, tuple(json.loads(meta["shape"]))
+
+
+def down_quant(info, layer: int, dtype: torch.dtype) -> tuple | None:
+    """``RefitWeights.put``'s ``quant`` for ``layer``: the checkpoint's format when it stores the layer's down
+    projections quantised, else ``None``."""
+    name = down_targets(info).get(layer)
+    if not info.quant.quantized or name is None or not info.layout.sources[name].scales:
+        return None
+    return info.quant, bool(info.spec.packed_transposed), dtype
+
+
 def plan_key(plan) -> str:
     """Digest of what a re-fit depends on in ``plan``: each layer's kept experts and the pruned routing."""
     import hashlib
-    import json
 
     what = {
         "kept": {str(k): sorted(v) for k, v in sorted(plan.kept.items())},
@@ -168,11 +236,6 @@ def router_target(info, layer: int) -> str | None:
 
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
-    if info.quant.quantized:
-        raise UnsupportedModelError(
-            f"`refit` writes new expert weights, but this checkpoint is {info.quant.method}-quantised "
-            "and premoe does not re-quantise them; use `refit=False`"
-        )
     if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
         raise UnsupportedModelError(
             f"`refit` re-fits experts routed by output weight in transformers' fused experts "
@@ -248,7 +311,9 @@ def refit_models(
                 delta = router_delta(m.experts, kept, h, z, routing, m.selection_bias(), y, new, lam)
                 rows[name] = (w[kept].float() + delta.to(w.device)).to(stored(name))
                 out.about["router_tokens"] = min(len(h), ROUTER_TOKENS)
-            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(dt) for e, w in new.items()}, rows)
+            quant = down_quant(info, m.index, dt)
+            cast = torch.float32 if quant else dt  # quantised: encoded from the float32 solution
+            out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(cast) for e, w in new.items()}, rows, quant)
 
     budget = memory_budget(None)
     try:
@@ -393,7 +458,7 @@ def store_refits(
     returns each plan's manifest entry. Plans that keep every expert are skipped.
 
     Raises:
-        UnsupportedModelError / InputError: as ``premoe prune --refit`` (quantised checkpoint, other
+        UnsupportedModelError / InputError: as ``premoe prune --refit`` (other
             expert layout, calibration data gone or changed).
     """
     import shutil

@@ -27,6 +27,7 @@ class QuantFormat:
     """
 
     method: ClassVar[str | None] = None  # the config's quant_method
+    transposes: ClassVar[bool] = False  # whether ``encode(..., transposed=True)`` swaps the last two dims
 
     @property
     def quantized(self) -> bool:
@@ -91,6 +92,19 @@ class QuantFormat:
     def config(self) -> dict[str, Any] | None:
         """The ``quantization_config`` of a checkpoint in this format."""
         return None
+
+    def decode(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype, transposed: bool = False
+    ) -> torch.Tensor:
+        """The ``dtype`` tensor of ``shape`` (in-memory orientation) that ``encode(key, t, transposed)`` stored as
+        ``parts``: what a reader of a checkpoint holding those parts computes with."""
+        scales = {c[0]: v for k, v in parts.items() if (c := self.companion(k)) is not None and c[1] == "scale"}
+        main = next(k for k in parts if self.companion(k) is None)
+        value = self.dequant(parts[main], scales[main], torch.float32) if main in scales else parts[main]
+        transposed = transposed and self.transposes
+        rows, cols = (shape[-1], shape[-2]) if transposed else (shape[-2], shape[-1])
+        value = value[..., :rows, :cols]  # blocks padded past the shape
+        return (value.transpose(-1, -2) if transposed else value).to(dtype)
 
 
 class Plain(QuantFormat):

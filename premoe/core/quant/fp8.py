@@ -22,20 +22,22 @@ class Fp8Blocks(QuantFormat):
 
     method: ClassVar[str | None] = "fp8"
 
-    def __init__(self, block: tuple[int, int] | None = None):
+    def __init__(self, block: tuple[int, int] | None = None, ue8m0: bool = False):
         self.block = block
+        self.ue8m0 = ue8m0  # scales are powers of two (``scale_fmt: "ue8m0"``, DeepSeek-V3.1)
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> "Fp8Blocks":
         """Raises UnsupportedModelError: a malformed ``weight_block_size``."""
         wb = qc.get("weight_block_size")
+        ue8m0 = str(qc.get("scale_fmt", "")).lower() == "ue8m0"
         if wb is None:
-            return cls(None)
+            return cls(None, ue8m0)
         if not (isinstance(wb, (list, tuple)) and len(wb) == 2 and all(isinstance(b, int) and b > 0 for b in wb)):
             raise UnsupportedModelError(
                 f"quantization_config.weight_block_size must be two positive integers, got {wb!r}"
             )
-        return cls((int(wb[0]), int(wb[1])))
+        return cls((int(wb[0]), int(wb[1])), ue8m0)
 
     @property
     def label(self) -> str:
@@ -79,16 +81,17 @@ class Fp8Blocks(QuantFormat):
         )
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
-        q, s = quantize_fp8(tensor, self.block)
+        q, s = quantize_fp8(tensor, self.block, ue8m0=self.ue8m0)
         return {key: q, f"{key}_scale_inv": s.float()}
 
     def config(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": "fp8",
             "fmt": "e4m3",
             "activation_scheme": "dynamic",
             "weight_block_size": list(self.block) if self.block else None,
         }
+        return {**out, "scale_fmt": "ue8m0"} if self.ue8m0 else out
 
 
 def fp8_scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...] | None:
@@ -130,20 +133,48 @@ def dequant_fp8(
     return (w * _expand(s, *w.shape[-2:], block)).to(dtype)
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int] | None, dtype=torch.float8_e4m3fn):
-    """(float8 weight, float32 ``weight_scale_inv``) of ``w`` [..., R, C]: the layout DeepSeek-V3 publishes.
-    Used to build test and benchmark checkpoints."""
-    w = w.float()
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= ``x`` (> 0), exactly (DeepGEMM's ``ceil_to_ue8m0``: exponent plus one
+    unless the mantissa is zero), within E8M0's range [2^-126, 2^127]."""
+    mantissa, exponent = torch.frexp(x.float())  # x = m * 2^e, m in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent.clamp(-126, 127))
+
+
+def quantize_fp8(
+    w: torch.Tensor, block: tuple[int, int] | None, dtype=torch.float8_e4m3fn, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 weight, float32 ``weight_scale_inv``) of ``w`` [..., R, C], as vLLM quantises blocks itself
+    (``per_block_cast_to_fp8``, run eagerly in float32): zero-pad to whole blocks, each block's absolute
+    maximum clamped to at least 1e-4, scale = amax / 448 (``ue8m0``: rounded up to a power of two), values
+    multiplied by 1 / scale, clamped to the format's range and cast (round to nearest even). Blocks that
+    do not divide the shape are padded, never left unquantised. ``block=None``: one scale per tensor."""
+    x = w.float()
     fmax = torch.finfo(dtype).max
     if block is None:
-        scale = (w.abs().amax() / fmax).clamp_min(1e-12)
-        return (w / scale).to(dtype), scale.reshape(1)
-    rows, cols = w.shape[-2:]
+        sf = x.abs().amax().clamp(min=1e-4) / fmax
+        sf = pow2_ceil(sf) if ue8m0 else sf
+        return (x * (1.0 / sf)).clamp(-fmax, fmax).to(dtype), sf.reshape(1)
+    rows, cols = x.shape[-2:]
     gr, gc = math.ceil(rows / block[0]), math.ceil(cols / block[1])
-    pad = torch.nn.functional.pad(w, (0, gc * block[1] - cols, 0, gr * block[0] - rows))
+    pad = torch.nn.functional.pad(x, (0, gc * block[1] - cols, 0, gr * block[0] - rows))
     tiles = pad.unflatten(-1, (gc, block[1])).unflatten(-3, (gr, block[0]))  # [..., gr, b0, gc, b1]
-    scale = (tiles.abs().amax(dim=(-3, -1)) / fmax).clamp_min(1e-12)  # [..., gr, gc]
-    return (w / _expand(scale, rows, cols, block)).to(dtype), scale
+    sf = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-4) / fmax  # [..., gr, gc]
+    sf = pow2_ceil(sf) if ue8m0 else sf
+    q = (tiles * (1.0 / sf)[..., :, None, :, None]).clamp(-fmax, fmax).to(dtype)
+    q = q.flatten(-2).flatten(-3, -2)[..., :rows, :cols]
+    return q.contiguous(), sf
+
+
+def encode_scale(scale: torch.Tensor, like: torch.dtype) -> torch.Tensor:
+    """Float32 scales stored as the checkpoint stores its own: float32/bf16 as they are, uint8 as E8M0
+    exponents (the scales must then be powers of two: ``ue8m0``)."""
+    if like == torch.uint8:
+        mantissa, exponent = torch.frexp(scale.float())
+        if not bool((mantissa == 0.5).all()):
+            raise ValueError("E8M0 scales must be powers of two; quantise with ue8m0=True")
+        return (exponent - 1 + 127).to(torch.uint8)
+    return scale.to(like)
 
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ MXFP4_GROUP = 32  # values per scale
 
 class Mxfp4(QuantFormat):
     method: ClassVar[str | None] = "mxfp4"
+    transposes: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> "Mxfp4":
@@ -88,18 +89,26 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return out.flatten(-2).to(dtype)
 
 
-def quantize_mxfp4(w: torch.Tensor):
-    """(blocks uint8 [..., G, 16], scales uint8 [..., G]) of ``w`` [..., C] (C a multiple of 32), round to
-    nearest FP4 value: the GPT-OSS hub layout. Used to build test checkpoints."""
-    w = w.float()
-    if w.shape[-1] % MXFP4_GROUP:
-        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {MXFP4_GROUP}, got {w.shape[-1]}")
-    g = w.unflatten(-1, (-1, MXFP4_GROUP))  # [..., G, 32]
-    amax = g.abs().amax(dim=-1).clamp_min(2.0**-126)
-    exp = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)  # largest FP4 magnitude is 6 = 1.5 * 2^2
-    scaled = g / torch.exp2(exp).unsqueeze(-1)
-    lut = torch.tensor(FP4_VALUES[:8])
-    idx = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(dim=-1)
-    idx = idx + 8 * (scaled < 0).long() * (idx > 0).long()
-    packed = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
-    return packed, (exp + 127).to(torch.uint8)
+FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive FP4 magnitudes
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [..., G, 16], scales uint8 [..., G]) of ``w`` [..., C] along its last dimension, as
+    OpenAI's and transformers' quantiser (``downcast_to_mxfp_torch``, ROUND_UP) writes GPT-OSS: the values
+    cast to bf16 first; per 32 values, scale = max|x| / 6 rounded up to a power of two (0 for an all-zero
+    group); x times 1 / scale to the nearest FP4 value, ties away from zero, saturating at 6; sign bit set
+    for negative values (including those that round to zero); low nibble first. A last dimension that 32
+    does not divide is zero-padded: G = ceil(C / 32)."""
+    x = w.to(torch.bfloat16).float()
+    cols = x.shape[-1]
+    groups = -(-cols // MXFP4_GROUP)
+    g = torch.nn.functional.pad(x, (0, groups * MXFP4_GROUP - cols)).unflatten(-1, (groups, MXFP4_GROUP))
+    dequant_scale = g.abs().amax(dim=-1) / 6.0
+    bits = (dequant_scale.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # 2^ceil(log2): ROUND_UP
+    scale = bits.view(torch.float32)
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    q = g * inverse.unsqueeze(-1)
+    magnitude = torch.bucketize(q.abs(), torch.tensor(FP4_MIDPOINTS), right=True)  # ties round up: away from 0
+    code = (magnitude | (torch.signbit(q).long() << 3)).to(torch.uint8)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    return packed, (bits >> 23).to(torch.uint8)
