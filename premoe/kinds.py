@@ -44,9 +44,19 @@ class Kind(Protocol):
         """Write the pruned checkpoint; returns a result with a ``summary()`` line."""
 
     def evaluate(
-        self, info: Any, data: Any, plan: Any, *, run: Any, memory: Any, limit: int | None, max_new_tokens: int | None
+        self,
+        info: Any,
+        data: Any,
+        plan: Any,
+        *,
+        run: Any,
+        memory: Any,
+        limit: int | None,
+        max_new_tokens: int | None,
+        perplexity: Any = None,
+        window: int = 1024,
     ) -> dict[str, Any]:
-        """Accuracy on ``data`` of the model, or of it pruned to ``plan``."""
+        """Accuracy on ``data`` and perplexity on the file ``perplexity`` of the model, or of it pruned to ``plan``."""
 
     def router(self, info: Any, store: Any, *, layers: int | None, signature: Any, run: Any) -> Any:
         """Routes texts to stored tasks (``route(text)``, ``bytes_read``)."""

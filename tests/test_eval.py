@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -55,6 +56,77 @@ def test_eval_dense_exported_and_on_the_fly_agree(add_setup):
     premoe.prune(TINY_MODEL, work / "store", None, 12, work / "all-12", agnostic=True, overwrite=True, progress=False)
     pooled = premoe.evaluate(work / "all-12", evals, dtype="float32", progress=False)
     assert agnostic["task"].startswith("all-tasks") and agnostic["exact_match"] == pooled["exact_match"]
+
+
+def test_perplexity_is_the_token_weighted_nll_transformers_computes(tmp_path):
+    from premoe.core.evaluation import perplexity, read_perplexity, text_windows
+
+    lm = load_model(TINY_MODEL, device="cpu", dtype=torch.float32)
+    tok, net = lm.tokenizer, lm.model
+    text = "\n".join(r["prompt"] + r["completion"] for r in samples("sort", 12, "eval"))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    windows = text_windows(tok, [("", text)], 16)
+    assert [w[0][0] for w in windows] == [tok.bos_token_id] * len(windows)  # BOS heads every window
+    assert sum(n for _, n in windows) == len(ids) and max(len(w) for w, _ in windows) <= 16  # every token once
+    got = perplexity(net, tok, [("", text)], window=16, progress=False)
+    nll, n = 0.0, 0
+    for w, scored in windows:  # transformers' own loss, window by window, weighted by tokens
+        x = torch.tensor([w])
+        with torch.no_grad():
+            nll += float(net(input_ids=x, labels=x).loss) * (len(w) - 1)
+        n += len(w) - 1
+    assert got["tokens"] == n and got["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    # a JSONL of samples scores each completion and its end-of-sequence token, given the prompt
+    rows = samples("sort", 5, "eval")
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    records = read_perplexity(path)
+    assert records == [(r["prompt"], r["completion"]) for r in rows]
+    sample_windows = text_windows(tok, records, 1024)
+    assert [n for _, n in sample_windows] == [
+        len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows
+    ]
+    (tmp_path / "t.txt").write_text("add 1+2=3\n")
+    assert read_perplexity(tmp_path / "t.txt") == [("", "add 1+2=3\n")]  # plain text: one record, all scored
+
+
+@pytest.mark.parametrize(
+    "content, suffix, match",
+    [
+        (None, ".txt", "does not exist"),
+        ("  \n", ".txt", "holds no text"),
+        ('{"prompt": 1}\n', ".jsonl", "expected"),
+        ("{oops\n", ".jsonl", "invalid JSON"),
+        (b"\xff\xfe", ".txt", "not UTF-8"),
+    ],
+)
+def test_perplexity_file_errors(tmp_path, content, suffix, match):
+    from premoe.core.evaluation import read_perplexity
+    from premoe.errors import PremoeError
+
+    path = tmp_path / f"p{suffix}"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(PremoeError, match=match):
+        read_perplexity(path)
+
+
+def test_eval_perplexity_is_the_same_measure_dense_on_the_fly_and_exported(add_setup, tmp_path):
+    work, evals = add_setup
+    kw = dict(perplexity=evals, dtype="float32", progress=False)
+    dense = premoe.evaluate(TINY_MODEL, **kw)
+    assert dense["exact_match"] is None and dense["perplexity"] >= 1.0 and dense["perplexity_tokens"] > 0
+    fly = premoe.evaluate(TINY_MODEL, store=work / "store", task="add", keep=4, refit=False, **kw)
+    premoe.prune(TINY_MODEL, work / "store", "add", 4, tmp_path / "out", refit=False, progress=False)
+    exported = premoe.evaluate(tmp_path / "out", **kw)
+    assert fly["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
+    assert fly["perplexity"] > dense["perplexity"]  # 4 of 32 experts cost something
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        premoe.evaluate(TINY_MODEL, progress=False)
+    with pytest.raises(InputError, match="perplexity_window"):
+        premoe.evaluate(TINY_MODEL, perplexity=evals, perplexity_window=1, progress=False)
 
 
 def test_multiple_choice_log_likelihood(tmp_path):

@@ -285,6 +285,34 @@ def test_refit_is_written_in_the_checkpoint_format_and_is_what_premoe_computes_w
     assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
 
 
+def test_quantized_refit_streamed_matches_the_in_memory_one(quantized, tmp_path):
+    """A quantised model larger than memory is re-fitted one decoder layer at a time: the same re-fit, stored
+    in the checkpoint's format either way (equal up to one FP8 step where float rounding differs)."""
+    from premoe.core.config import load_tokenizer
+    from premoe.core.options import RunOptions
+    from premoe.moe.refit_checkpoint import refit_model
+    from premoe.verbs.prune import plan as make_plan
+
+    q = quantized("deepseek_v3-fp8")
+    premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS * 4), "t", tmp_path / "s", progress=False)
+    info = inspect_model(q)
+    plan = make_plan(info, tmp_path / "s", "t", 4)
+    texts, tok = [[r.get("text") or r["prompt"] + r["completion"] for r in ROWS]], load_tokenizer(q)
+    run = RunOptions(device="cpu", progress=False)
+    whole = refit_model(info, plan, tok, texts, run=run, stream=False)
+    layered = refit_model(info, plan, tok, texts, run=run, stream=True)
+    try:
+        assert whole.experts == layered.experts and whole.experts
+        for layer, experts in whole.experts.items():
+            for e in experts:
+                parts = whole.encoded(layer, e)
+                assert parts["w"].dtype == torch.float8_e4m3fn and parts["w_scale_inv"].dtype == torch.float32
+                torch.testing.assert_close(layered.get(layer, e), whole.get(layer, e), rtol=0.13, atol=1e-3)
+    finally:
+        whole.close()
+        layered.close()
+
+
 def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
     q = quantized(case)
     premoe.calibrate(q, write_jsonl(tmp_path / "a.jsonl", ROWS[:4]), "a", tmp_path / "s", progress=False)

@@ -1,6 +1,9 @@
-"""Greedy-decoded exact-match accuracy on ``{"prompt", "completion"}`` samples."""
+"""What ``premoe eval`` measures: greedy exact match on ``{"prompt", "completion"}`` samples, log-likelihood
+accuracy on ``{"prompt", "choices", "answer"}`` samples, and perplexity on a text file."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -131,3 +134,144 @@ def read_eval_data(path, limit: int | None = None) -> tuple[list[dict], list[dic
     if not gen and not mc:
         raise InputError(f"data file {path} holds no samples")
     return gen, mc
+
+
+def read_perplexity(path) -> list[tuple[str, str]]:
+    """What :func:`perplexity` scores in a file, as (prompt, text) records: a plain UTF-8 text file is one
+    record with no prompt (every token scored); a JSONL file holds ``{"text"}`` lines (the same, one per
+    line) and ``{"prompt", "completion"}`` lines (the completion and the end-of-sequence token scored, given
+    the prompt).
+
+    Raises:
+        MissingFileError / InputError: a missing file, one that is not UTF-8 text, or one with no text.
+    """
+    import json
+    from pathlib import Path
+
+    from premoe.errors import InputError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"perplexity file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"perplexity file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise InputError(f"perplexity file {path} holds no text")
+    if path.suffix != ".jsonl":
+        return [("", text)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"]:
+            records.append(("", obj["text"]))
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            records.append((obj["prompt"], obj["completion"]))
+        else:
+            raise InputError(f'{path}:{lineno}: expected {{"text"}} or {{"prompt", "completion"}} strings')
+    if not records:
+        raise InputError(f"perplexity file {path} holds no records")
+    return records
+
+
+def text_windows(tokenizer, records: list[tuple[str, str]], window: int) -> list[tuple[list[int], int]]:
+    """The windows :func:`perplexity` runs, as (token ids, how many of the last ones are scored).
+
+    A record without a prompt (text) is cut into non-overlapping windows of at most ``window`` tokens, each
+    starting with the tokenizer's BOS token where it has one (so every token is scored, the first of each
+    window with only BOS before it; without BOS the first token of each window is context only). A record
+    with a prompt is one window, BOS + prompt + completion + EOS (the prompt cut from the left if it must),
+    the completion and EOS scored."""
+    from premoe.errors import InputError
+
+    if window < 2:
+        raise InputError(f"the perplexity window must be at least 2 tokens, got {window}")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None else []
+    out = []
+    for prompt, text in records:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if prompt:
+            scored = (ids + ([eos] if eos is not None else []))[: window - 1]
+            context = (head + tokenizer(prompt, add_special_tokens=False)["input_ids"])[-(window - len(scored)) :]
+            if scored:
+                out.append((context + scored, len(scored)))
+            continue
+        step = window - len(head)
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
+            if head:
+                out.append((head + chunk, len(chunk)))
+            elif len(chunk) > 1:
+                out.append((chunk, len(chunk) - 1))
+    if not out:
+        raise InputError("the perplexity text has no token to score")
+    return out
+
+
+@torch.inference_mode()
+def perplexity(
+    model, tokenizer, records: list[tuple[str, str]], window: int = 1024, progress: bool = True, desc: str = "ppl"
+) -> dict[str, float]:
+    """Token-weighted perplexity of ``model`` on ``records`` (:func:`read_perplexity`): exp(total negative
+    log-likelihood / scored tokens) over the windows of :func:`text_windows`. Returns ``{"perplexity",
+    "nll", "tokens", "window"}`` (``nll``: mean per scored token, in nats). Windows run a few at a time, as
+    many as keep the logits under about 256M values."""
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    windows = sorted(text_windows(tokenizer, records, window), key=lambda w: len(w[0]))
+    vocab = int(getattr(model.config, "vocab_size", None) or 1)
+    budget = max(1, (1 << 28) // max(vocab, 1))  # tokens of logits per forward
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count, i = 0.0, 0, 0
+    bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
+    while i < len(windows):
+        n = 1
+        while i + n < len(windows) and (n + 1) * len(windows[i + n][0]) <= budget:
+            n += 1
+        chunk, i = windows[i : i + n], i + n
+        width = len(chunk[-1][0])
+        ids = torch.tensor([w + [pad] * (width - len(w)) for w, _ in chunk], device=device)
+        mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w, _ in chunk], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for j, (w, scored) in enumerate(chunk):
+            start = len(w) - scored  # the scored tokens are w[start:], predicted from positions start-1 ..
+            pred = logits[j, start - 1 : len(w) - 1].float()
+            total += float(torch.nn.functional.cross_entropy(pred, ids[j, start : len(w)], reduction="sum"))
+            count += scored
+        bar.update(len(chunk))
+    bar.close()
+    nll = total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "window": window}
+
+
+def score(
+    model,
+    tokenizer,
+    gen: list[dict],
+    mc: list[dict],
+    records: list[tuple[str, str]] | None,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    window: int,
+    progress: bool,
+) -> dict:
+    """Every metric ``premoe eval`` reports for one built model: ``exact_match`` over ``gen``, ``mc_accuracy``
+    over ``mc``, ``perplexity`` over ``records`` (each ``None`` when there is nothing of its kind)."""
+    out: dict = {
+        "exact_match": exact_match(model, tokenizer, gen, batch_size, max_new_tokens, progress) if gen else None,
+        "generate_samples": len(gen),
+        "mc_accuracy": choice_accuracy(model, tokenizer, mc, progress=progress) if mc else None,
+        "mc_samples": len(mc),
+        "perplexity": None,
+    }
+    if records:
+        ppl = perplexity(model, tokenizer, records, window, progress=progress)
+        out.update(perplexity=ppl["perplexity"], nll=ppl["nll"], perplexity_tokens=ppl["tokens"], window=window)
+    return out

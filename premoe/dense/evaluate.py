@@ -7,37 +7,52 @@ from typing import Any
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
-from premoe.core.evaluation import choice_accuracy, exact_match, read_eval_data
+from premoe.core.evaluation import read_eval_data, read_perplexity, score
 from premoe.core.options import RunOptions
 from premoe.dense.model import DenseInfo, DensePlan, build_dense
 
 
 def evaluate_dense(
     info: DenseInfo,
-    data: str | Path,
+    data: str | Path | None,
     plan: DensePlan | None,
     *,
     run: RunOptions = RunOptions(),
     limit: int | None = None,
     max_new_tokens: int | None = None,
+    perplexity: str | Path | None = None,
+    window: int = 1024,
 ) -> dict[str, Any]:
     """Greedy exact match of ``{"prompt", "completion"}`` lines and log-likelihood accuracy of
-    ``{"prompt", "choices", "answer"}`` lines of ``data``, for ``info``'s model pruned to ``plan`` or whole."""
-    gen, mc = read_eval_data(data, limit)
+    ``{"prompt", "choices", "answer"}`` lines of ``data``, and perplexity on the file ``perplexity``, for
+    ``info``'s model pruned to ``plan`` or whole."""
+    gen, mc = read_eval_data(data, limit) if data is not None else ([], [])
+    records = read_perplexity(perplexity) if perplexity is not None else None
     with ByteReader() as reader:
         net = build_dense(info, plan, reader)
         dt = resolve_dtype(run.dtype)
         net.to(device=resolve_device(run.device), dtype=None if dt == "auto" else dt)
         tok = load_tokenizer(info.path)
-        out: dict[str, Any] = {"model": str(info.path), "data": str(data), "bytes_read": reader.bytes_read}
-    out["exact_match"] = (
-        exact_match(net, tok, gen, batch_size=run.batch_size, max_new_tokens=max_new_tokens, progress=run.progress)
-        if gen
-        else None
+        out: dict[str, Any] = {
+            "model": str(info.path),
+            "data": None if data is None else str(data),
+            "bytes_read": reader.bytes_read,
+        }
+    if perplexity is not None:
+        out["perplexity_file"] = str(perplexity)
+    out.update(
+        score(
+            net,
+            tok,
+            gen,
+            mc,
+            records,
+            batch_size=run.batch_size,
+            max_new_tokens=max_new_tokens,
+            window=window,
+            progress=run.progress,
+        )
     )
-    out["generate_samples"] = len(gen)
-    out["mc_accuracy"] = choice_accuracy(net, tok, mc, progress=run.progress) if mc else None
-    out["mc_samples"] = len(mc)
     if plan is not None:
         sparsity = plan.info["sparsity"]
         out.update(

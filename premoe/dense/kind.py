@@ -87,10 +87,21 @@ class DenseKind:
         memory: MemoryOptions,
         limit: int | None,
         max_new_tokens: int | None,
+        perplexity: Any = None,
+        window: int = 1024,
     ) -> dict[str, Any]:
         from premoe.dense.evaluate import evaluate_dense
 
-        return evaluate_dense(info, data, plan, run=run, limit=limit, max_new_tokens=max_new_tokens)
+        return evaluate_dense(
+            info,
+            data,
+            plan,
+            run=run,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            perplexity=perplexity,
+            window=window,
+        )
 
     def router(self, info: DenseInfo, store: Any, *, layers: int | None, signature: Any, run: RunOptions):
         from premoe.dense.router import ROUTE_DEPTH, DenseRouter

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.data import CalibrationData, write_jsonl
-from premoe.core.evaluation import exact_match
+from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import RunOptions
 from premoe.core.store import PatternStore
 from premoe.dense.calibration import calibrate_dense
@@ -85,6 +86,13 @@ def sweep_dense(
     pool = pooled(list(stats.values()))
     evals = {n: _read(files[n][1]) for n in files}
     dense = {n: exact_match(lm, tok, evals[n], progress=False) for n in files}
+
+    def nll(net, name: str) -> tuple[float, int]:
+        """The NLL of the task's held-out completions given their prompts (sum over tokens, tokens)."""
+        got = perplexity(net, tok, [(r["prompt"], r["completion"]) for r in evals[name]], progress=False)
+        return got["nll"] * got["tokens"], got["tokens"]
+
+    dense_nll = {n: nll(lm, n) for n in files}
     grams: dict[str | None, dict] = {}
     if True in variants:  # every task's Gram matrices once (streamed from the checkpoint, as premoe prune --refit does)
         for name in files:
@@ -137,6 +145,7 @@ def sweep_dense(
                 plan = plan_for(method, s, name, fit)
                 net = prune_in_memory(lm, info, plan)
                 acc = exact_match(net, tok, evals[name], progress=False)
+                loss, ntok = nll(net, name)
                 rows.append(
                     {
                         "method": label,
@@ -145,6 +154,10 @@ def sweep_dense(
                         "accuracy": acc,
                         "dense": dense[name],
                         "retention": acc / dense[name] if dense[name] else 0.0,
+                        "perplexity": math.exp(loss / ntok),
+                        "dense_perplexity": math.exp(dense_nll[name][0] / dense_nll[name][1]),
+                        "nll_sum": loss,
+                        "tokens": ntok,
                         "sparsity_counted": plan.info["sparsity"],
                         "sparsity_written": plan.info["sparsity_written"],
                         "schedule": plan.info["schedule"],
@@ -162,6 +175,7 @@ def sweep_dense(
                     "sparsity": s,
                     "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
                     "retention": sum(r["retention"] for r in sel) / len(sel),
+                    "perplexity": math.exp(sum(r["nll_sum"] for r in sel) / sum(r["tokens"] for r in sel)),
                     "sparsity_counted": sum(r["sparsity_counted"] for r in sel) / len(sel),
                     "sparsity_written": sum(r["sparsity_written"] for r in sel) / len(sel),
                 }
@@ -182,6 +196,7 @@ def sweep_dense(
         "count": count,
         "dense": dense,
         "dense_mean": sum(dense.values()) / len(dense),
+        "dense_perplexity": math.exp(sum(v[0] for v in dense_nll.values()) / sum(v[1] for v in dense_nll.values())),
         "summary": summary,
         "rows": rows,
         "routing": routing,
@@ -290,6 +305,14 @@ def format_dense_summary(result: dict) -> str:
             next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s) for s in result["sparsities"]
         ]
         lines.append(f"{m:<16}" + "".join(f"{100 * c['retention']:>9.1f}%" for c in cells))
+    if "dense_perplexity" in result:
+        lines.append(f"perplexity of the held-out completions (dense {result['dense_perplexity']:.3f})")
+        for m in result["methods"]:
+            cells = [
+                next(r for r in result["summary"] if r["method"] == m and r["sparsity"] == s)
+                for s in result["sparsities"]
+            ]
+            lines.append(f"{m:<16}" + "".join(f"{c['perplexity']:>10.3f}" for c in cells))
     key = "sparsity_written" if result.get("count", "written") == "written" else "sparsity_counted"
     off = [
         (c["method"], c["sparsity"], c[key])

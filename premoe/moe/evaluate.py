@@ -8,7 +8,7 @@ from typing import Any
 
 from premoe.core.checkpoint import ByteReader
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
-from premoe.core.evaluation import choice_accuracy, exact_match, read_eval_data
+from premoe.core.evaluation import read_eval_data, read_perplexity, score
 from premoe.core.memory import fits, memory_budget
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.moe.kernels import select_kernel
@@ -20,24 +20,30 @@ from premoe.moe.streaming import inference_model, resident_sizes
 
 def evaluate_moe(
     info: ModelInfo,
-    data: str | Path,
+    data: str | Path | None,
     plan: PrunePlan | None,
     *,
     run: RunOptions = RunOptions(),
     memory: MemoryOptions = MemoryOptions(),
     limit: int | None = None,
     max_new_tokens: int | None = None,
+    perplexity: str | Path | None = None,
+    window: int = 1024,
 ) -> dict[str, Any]:
     """Greedy exact match of ``{"prompt", "completion"}`` lines and log-likelihood accuracy of
-    ``{"prompt", "choices", "answer"}`` lines of ``data``, for ``info``'s model pruned to ``plan`` (its
-    re-fitted rows, ``plan.weights``, included) or whole (``None``).
+    ``{"prompt", "choices", "answer"}`` lines of ``data``, and perplexity on the file ``perplexity``
+    (:func:`premoe.core.evaluation.read_perplexity`, windows of ``window`` tokens), for ``info``'s model
+    pruned to ``plan`` (its re-fitted rows, ``plan.weights``, included) or whole (``None``).
 
     transformers loads a whole unquantised model that fits in memory; anything else is built from byte
     ranges, with its layers loaded on demand when it does not fit ``memory.max_memory`` MB (``memory.stream``
     forces either way).
     """
-    gen, mc = read_eval_data(data, limit)
-    result: dict[str, Any] = {"model": str(info.path), "data": str(data)}
+    gen, mc = read_eval_data(data, limit) if data is not None else ([], [])
+    records = read_perplexity(perplexity) if perplexity is not None else None
+    result: dict[str, Any] = {"model": str(info.path), "data": None if data is None else str(data)}
+    if perplexity is not None:
+        result["perplexity_file"] = str(perplexity)
     if plan is not None:
         result.update(
             task=plan.task,
@@ -75,16 +81,19 @@ def evaluate_moe(
                 select_kernel(net)
             result["streamed"] = lazy
             tokenizer = load_tokenizer(info.path)
-        result["exact_match"] = (
-            exact_match(
-                net, tokenizer, gen, batch_size=run.batch_size, max_new_tokens=max_new_tokens, progress=run.progress
+        result.update(
+            score(
+                net,
+                tokenizer,
+                gen,
+                mc,
+                records,
+                batch_size=run.batch_size,
+                max_new_tokens=max_new_tokens,
+                window=window,
+                progress=run.progress,
             )
-            if gen
-            else None
         )
-        result["generate_samples"] = len(gen)
-        result["mc_accuracy"] = choice_accuracy(net, tokenizer, mc, progress=run.progress) if mc else None
-        result["mc_samples"] = len(mc)
         if reader.bytes_read:
             result["bytes_read"] = reader.bytes_read
     return result

@@ -106,10 +106,22 @@ class MoeKind:
         memory: MemoryOptions,
         limit: int | None,
         max_new_tokens: int | None,
+        perplexity: Any = None,
+        window: int = 1024,
     ) -> dict[str, Any]:
         from premoe.moe.evaluate import evaluate_moe
 
-        return evaluate_moe(info, data, plan, run=run, memory=memory, limit=limit, max_new_tokens=max_new_tokens)
+        return evaluate_moe(
+            info,
+            data,
+            plan,
+            run=run,
+            memory=memory,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            perplexity=perplexity,
+            window=window,
+        )
 
     def router(self, info: ModelInfo, store: Any, *, layers: int | None, signature: SignatureSpec, run: RunOptions):
         from premoe.moe.router import QueryRouter

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from premoe.core.config import load_tokenizer
 from premoe.core.data import CalibrationData, write_jsonl
-from premoe.core.evaluation import exact_match
+from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore
 from premoe.errors import InputError
@@ -133,11 +134,18 @@ def sweep(
     st = PatternStore.open(store)
     patterns = {name: st.load(name) for name in tasks}
     pooled = pooled_pattern(st, list(tasks))
-    dense = {}
+    records = {name: [(r["prompt"], r["completion"]) for r in evals[name]] for name in tasks}
+
+    def measure(net, name: str) -> tuple[float, float, int]:
+        """Accuracy on the task's held-out samples, and the NLL of their completions (sum, tokens)."""
+        ppl = perplexity(net, tok, records[name], progress=False)
+        return exact_match(net, tok, evals[name], progress=False), ppl["nll"] * ppl["tokens"], ppl["tokens"]
+
+    dense, dense_nll = {}, {}
     with ByteReader() as reader:
         net = lm.model if lm is not None else network(None, reader)
         for name in tasks:
-            dense[name] = exact_match(net, tok, evals[name], progress=False)
+            dense[name], *dense_nll[name] = measure(net, name)
             bar.update(1)
     captured, dense_layers = {}, None
     if compensated:  # each task's calibration tokens through the dense model, once (premoe.moe.refit)
@@ -152,7 +160,7 @@ def sweep(
     del net
 
     rows: list[dict[str, Any]] = []
-    cache: dict[tuple, float] = {}
+    cache: dict[tuple, tuple[float, float, int]] = {}
     runs = [(s, m, r) for s, m in configs for r in variants if not (r and m == "agnostic")]
     bar.total = len(tasks) * 2 + len(runs) * len(keeps)
     for scorer, mode, fit in runs:
@@ -167,8 +175,8 @@ def sweep(
                         net = network(plan, reader)
                         if fit:
                             COMPENSATIONS[fit](net, info.spec, plan, dense_layers, captured[name], info.router)
-                        cache[key] = exact_match(net, tok, evals[name], progress=False)
-                acc = cache[key]
+                        cache[key] = measure(net, name)
+                acc, nll, ntok = cache[key]
                 rows.append(
                     {
                         "scorer": label,
@@ -178,6 +186,10 @@ def sweep(
                         "accuracy": acc,
                         "dense_accuracy": dense[name],
                         "retention": acc / dense[name] if dense[name] else 0.0,
+                        "perplexity": math.exp(nll / ntok),
+                        "dense_perplexity": math.exp(dense_nll[name][0] / dense_nll[name][1]),
+                        "nll_sum": nll,
+                        "tokens": ntok,
                     }
                 )
             bar.set_postfix_str(f"{label} {mode} {keep}")
@@ -193,6 +205,7 @@ def sweep(
         "keeps": keeps,
         "scorers": list(dict.fromkeys(r["scorer"] for r in rows)),
         "dense": dense,
+        "dense_perplexity": math.exp(sum(v[0] for v in dense_nll.values()) / sum(v[1] for v in dense_nll.values())),
         "rows": rows,
         "summary": summary,
         "variants": [v or "plain" for v in variants],
@@ -233,6 +246,7 @@ def _summary(rows: list[dict]) -> list[dict]:
             "keep": k,
             "accuracy": sum(r["accuracy"] for r in g) / len(g),
             "retention": sum(r["retention"] for r in g) / len(g),
+            "perplexity": math.exp(sum(r["nll_sum"] for r in g) / sum(r["tokens"] for r in g)),  # token-weighted
         }
         for (s, m, k), g in groups.items()
     ]
@@ -340,14 +354,20 @@ def plot(
 
 
 def format_summary(result: dict) -> str:
+    """Retention (mean over tasks) and, where the results have it, perplexity of the held-out completions
+    (token-weighted over tasks; the dense model's in the header) per scorer, mode and keep."""
     keeps = result["keeps"]
     w = max([14, *(len(s) for s in result["scorers"])])
-    lines = [f"{'scorer':<{w}} {'mode':<9} " + " ".join(f"{k:>6}" for k in keeps)]
-    by = {(r["scorer"], r["mode"], r["keep"]): r["retention"] for r in result["summary"]}
-    for scorer in result["scorers"]:
-        for mode in ("specific", "agnostic"):
-            if (scorer, mode, keeps[0]) in by:
-                lines.append(
-                    f"{scorer:<{w}} {mode:<9} " + " ".join(f"{100 * by[(scorer, mode, k)]:>5.1f}%" for k in keeps)
-                )
+    head = f"{'scorer':<{w}} {'mode':<9} " + " ".join(f"{k:>8}" for k in keeps)
+    blocks = [("retention", lambda v: f"{100 * v:>7.1f}%", "retention vs dense")]
+    if "dense_perplexity" in result:
+        blocks.append(("perplexity", lambda v: f"{v:>8.3f}", f"perplexity (dense {result['dense_perplexity']:.3f})"))
+    lines = []
+    for field, fmt, title in blocks:
+        by = {(r["scorer"], r["mode"], r["keep"]): r[field] for r in result["summary"] if field in r}
+        lines += ([""] if lines else []) + [title, head]
+        for scorer in result["scorers"]:
+            for mode in ("specific", "agnostic"):
+                if (scorer, mode, keeps[0]) in by:
+                    lines.append(f"{scorer:<{w}} {mode:<9} " + " ".join(fmt(by[(scorer, mode, k)]) for k in keeps))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ and is scored by greedy exact match on held-out samples, with the weight bytes i
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +76,6 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     from tqdm.auto import tqdm
 
     from premoe.core.data import write_jsonl
-    from premoe.core.evaluation import exact_match
     from premoe.core.tasks import samples
     from premoe.moe.loading import load_model
     from premoe.verbs.calibrate import calibrate
@@ -115,11 +115,11 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     step("random pattern")
 
     dense_bytes = info.checkpoint.nbytes
-    dense = {}
+    dense, nll = {}, {}
     for t in tasks:
-        dense[t] = exact_match(lm.model, lm.tokenizer, evals[t], progress=False)
+        dense[t], nll[t] = _measure(lm.model, lm.tokenizer, evals[t])
         step(f"dense {t}")
-    rows = [_row("dense", E, dense_bytes, dense)]
+    rows = [_row("dense", E, dense_bytes, dense, nll)]
 
     prune_times = []
     for keep in keeps:
@@ -127,7 +127,7 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
             own = method in ("default", "tcess")
             pattern_for = {t: t if own else (AGNOSTIC if method == "agnostic" else RANDOM) for t in tasks}
             options = {} if method == "default" else {"refit": False, "scorer": None if method == "random" else "tcess"}
-            acc, nbytes = {}, 0
+            acc, nll, nbytes = {}, {}, 0
             for pattern in dict.fromkeys(pattern_for.values()):
                 out = work / "models" / f"{pattern}-{keep}{'-default' if method == 'default' else ''}"
                 t0 = time.perf_counter()
@@ -136,9 +136,9 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
                 nbytes = res.bytes_written
                 pruned = load_model(out, device="cpu", dtype=torch.float32)
                 for t in (t for t, p in pattern_for.items() if p == pattern):
-                    acc[t] = exact_match(pruned.model, pruned.tokenizer, evals[t], progress=False)
+                    acc[t], nll[t] = _measure(pruned.model, pruned.tokenizer, evals[t])
                 step(f"{method} keep {keep}")
-            rows.append(_row(method, keep, nbytes, {t: acc[t] for t in tasks}))
+            rows.append(_row(method, keep, nbytes, {t: acc[t] for t in tasks}, nll))
     bar.close()
     timings["prune_per_model_s"] = sum(prune_times) / len(prune_times) if prune_times else 0.0
     timings["total_s"] = time.perf_counter() - t_start
@@ -166,7 +166,6 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     from tqdm.auto import tqdm
 
     from premoe.core.data import write_jsonl
-    from premoe.core.evaluation import exact_match
     from premoe.core.tasks import samples
     from premoe.dense.model import inspect_dense, load_dense
     from premoe.verbs.calibrate import calibrate
@@ -195,16 +194,16 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
             progress=False,
         )
         bar.update(1)
-    dense = {}
+    dense, nll = {}, {}
     for t in tasks:
-        dense[t] = exact_match(lm, tok, evals[t], progress=False)
+        dense[t], nll[t] = _measure(lm, tok, evals[t])
         bar.update(1)
-    rows = [_dense_row("dense", 0.0, info.checkpoint.nbytes, dense)]
+    rows = [_dense_row("dense", 0.0, info.checkpoint.nbytes, dense, nll)]
     for s in sparsities:
         for method in DENSE_METHODS:
             base, refit = method.removesuffix("+refit"), method.endswith("+refit")
             per_task = base == "seap"
-            acc, nbytes, counted = {}, 0, 0.0
+            acc, nll, nbytes, counted = {}, {}, 0, 0.0
             for pattern in tasks if per_task else [None]:
                 out = work / "models" / f"{pattern or base}{'-refit' if refit else ''}-{round(100 * s)}"
                 res = prune(
@@ -223,9 +222,9 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
                 nbytes, counted = res.bytes_written, res.sparsity
                 pruned_info, net, ptok = load_dense(out, device="cpu", dtype=torch.float32)
                 for t in [pattern] if per_task else tasks:
-                    acc[t] = exact_match(net, ptok, evals[t], progress=False)
+                    acc[t], nll[t] = _measure(net, ptok, evals[t])
                     bar.update(1)
-            rows.append({**_dense_row(method, counted, nbytes, {t: acc[t] for t in tasks}), "requested": s})
+            rows.append({**_dense_row(method, counted, nbytes, {t: acc[t] for t in tasks}, nll), "requested": s})
     bar.close()
     for r in rows:
         r["retention"] = r["mean"] / rows[0]["mean"] if rows[0]["mean"] else 0.0
@@ -244,18 +243,39 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     }
 
 
-def _dense_row(method: str, sparsity: float, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
+def _dense_row(method: str, sparsity: float, nbytes: int, acc: dict[str, float], nll: dict) -> dict[str, Any]:
     return {
         "method": method,
         "sparsity": sparsity,
         "bytes": nbytes,
         "accuracy": acc,
         "mean": sum(acc.values()) / len(acc),
+        "perplexity": _perplexity(nll),
     }
 
 
-def _row(method: str, keep: int, nbytes: int, acc: dict[str, float]) -> dict[str, Any]:
-    return {"method": method, "keep": keep, "bytes": nbytes, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
+def _measure(model, tokenizer, rows: list[dict]) -> tuple[float, tuple[float, int]]:
+    """Exact match on held-out ``rows`` and the NLL of their completions (sum over tokens, tokens)."""
+    from premoe.core.evaluation import exact_match, perplexity
+
+    ppl = perplexity(model, tokenizer, [(r["prompt"], r["completion"]) for r in rows], progress=False)
+    return exact_match(model, tokenizer, rows, progress=False), (ppl["nll"] * ppl["tokens"], ppl["tokens"])
+
+
+def _perplexity(nll: dict[str, tuple[float, int]]) -> float:
+    """Token-weighted perplexity over tasks, from each task's (NLL sum, tokens)."""
+    return math.exp(sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values()))
+
+
+def _row(method: str, keep: int, nbytes: int, acc: dict[str, float], nll: dict) -> dict[str, Any]:
+    return {
+        "method": method,
+        "keep": keep,
+        "bytes": nbytes,
+        "accuracy": acc,
+        "mean": sum(acc.values()) / len(acc),
+        "perplexity": _perplexity(nll),
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -280,11 +300,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _rows_table(rows, tasks: list[str], labels: dict[str, str], size_name: str, size) -> list[str]:
-    """The demo's table: one row per pruning (label, size column, weight bytes, accuracy per task, mean, retained)."""
+    """The demo's table: one row per pruning (label, size column, weight bytes, accuracy per task, mean, retained,
+    perplexity of the held-out completions, token-weighted over tasks)."""
     head = (
         f"{'pruning':<26} {size_name:>7} {'weights':>9}  "
         + " ".join(f"{t:>7}" for t in tasks)
-        + f" {'mean':>7} {'retained':>8}"
+        + f" {'mean':>7} {'retained':>8} {'ppl':>8}"
     )
     out = [head, "-" * len(head)]
     for r in rows:
@@ -292,6 +313,7 @@ def _rows_table(rows, tasks: list[str], labels: dict[str, str], size_name: str, 
         accs = " ".join(f"{r['accuracy'][t]:>7.3f}" for t in tasks)
         out.append(
             f"{label:<26} {size(r)} {r['bytes'] / 2**20:>7.2f}MB  {accs} {r['mean']:>7.3f} {r['retention']:>8.1%}"
+            + (f" {r['perplexity']:>8.3f}" if "perplexity" in r else "")
         )
     return out
 

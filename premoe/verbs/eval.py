@@ -1,9 +1,10 @@
-"""``premoe eval``: accuracy of a model, whole, exported or pruned on the fly, on a data file.
+"""``premoe eval``: accuracy and perplexity of a model, whole, exported or pruned on the fly.
 
-``{"prompt", "completion"}`` lines are scored by greedy exact match, ``{"prompt", "choices", "answer"}``
-lines by log-likelihood. With ``--store`` a stored pattern is applied on the fly: the pruned model is built
-from the checkpoint, reading only what it keeps. An MoE model larger than memory runs with its decoder
-layers loaded on demand.
+``{"prompt", "completion"}`` lines of ``--data`` are scored by greedy exact match, ``{"prompt", "choices",
+"answer"}`` lines by log-likelihood; ``--perplexity FILE`` adds the token-weighted perplexity on a text file
+(or on the completions of a JSONL file). With ``--store`` a stored pattern is applied on the fly: the
+pruned model is built from the checkpoint, reading only what it keeps. An MoE model larger than memory
+runs with its decoder layers loaded on demand.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from premoe.errors import InputError
 from premoe.moe.options import MoeSelection
 from premoe.verbs.common import add_model, add_pattern, add_refit, add_selection, add_store
 
-HELP = "accuracy of a dense, pruned, or on-the-fly pruned model on a data file"
+HELP = "accuracy and perplexity of a dense, pruned, or on-the-fly pruned model"
 
 
 def evaluate(
     model,
-    data: str | Path,
+    data: str | Path | None = None,
     *,
+    perplexity: str | Path | None = None,
+    perplexity_window: int = 1024,
     store: str | Path | None = None,
     task: str | None = None,
     agnostic: bool = False,
@@ -49,15 +52,19 @@ def evaluate(
     max_memory: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy of ``model`` (a dense or exported pruned checkpoint) on ``data``; with ``store`` (and ``task``
-    or ``agnostic``, and ``keep`` or ``sparsity``) of the model pruned on the fly to that pattern.
+    """Accuracy of ``model`` (a dense or exported pruned checkpoint) on ``data`` and its perplexity on the file
+    ``perplexity``; with ``store`` (and ``task`` or ``agnostic``, and ``keep`` or ``sparsity``) of the model
+    pruned on the fly to that pattern.
 
+    ``perplexity``: a plain text file (every token scored, in non-overlapping windows of
+    ``perplexity_window`` tokens) or a JSONL file of ``{"text"}`` lines, or of ``{"prompt", "completion"}``
+    lines (the completions scored given their prompts); see :func:`premoe.core.evaluation.read_perplexity`.
     The options are :func:`premoe.prune`'s and :func:`premoe.calibrate`'s; ``max_new_tokens`` defaults to
     the longest reference completion plus 2 tokens.
 
     Returns:
-        ``{"exact_match", "generate_samples", "mc_accuracy", "mc_samples", ...}`` (metrics are ``None`` when
-        the file has no sample of that kind); ``"pruning"`` describes the pattern applied.
+        ``{"exact_match", "generate_samples", "mc_accuracy", "mc_samples", "perplexity", ...}`` (metrics are
+        ``None`` when there is nothing of their kind); ``"pruning"`` describes the pattern applied.
     """
     from premoe.core.evaluation import read_eval_data
     from premoe.kinds import check_options, kind_of, select
@@ -86,8 +93,17 @@ def evaluate(
         raise InputError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
     if limit is not None and limit < 1:
         raise InputError(f"`limit` must be positive, got {limit}")
+    if data is None and perplexity is None:
+        raise InputError("nothing to evaluate: pass `data` (accuracy), `perplexity` (a text file), or both")
+    if perplexity_window < 2:
+        raise InputError(f"`perplexity_window` must be at least 2 tokens, got {perplexity_window}")
     info = backend.inspect(model)
-    read_eval_data(data, limit)  # bad data fails before the model is built
+    if data is not None:
+        read_eval_data(data, limit)  # bad data fails before the model is built
+    if perplexity is not None:
+        from premoe.core.evaluation import read_perplexity
+
+        read_perplexity(perplexity)
     the_plan = (
         None
         if store is None
@@ -95,7 +111,15 @@ def evaluate(
     )
     try:
         return backend.evaluate(
-            info, data, the_plan, run=run, memory=memory, limit=limit, max_new_tokens=max_new_tokens
+            info,
+            data,
+            the_plan,
+            run=run,
+            memory=memory,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            perplexity=perplexity,
+            window=perplexity_window,
         )
     finally:
         if the_plan is not None:
@@ -107,9 +131,15 @@ def add_parser(sub) -> None:
     add_model(p, help="model directory (dense, or an exported pruned model)")
     p.add_argument(
         "--data",
-        required=True,
         help='JSONL: {"prompt","completion"} (greedy exact match) or {"prompt","choices","answer"} (log-likelihood)',
     )
+    p.add_argument(
+        "--perplexity",
+        metavar="FILE",
+        help='token-weighted perplexity on a text file, or on a JSONL of {"text"} or {"prompt","completion"} lines '
+        "(completions scored given their prompts)",
+    )
+    p.add_argument("--perplexity-window", type=int, default=1024, help="tokens per perplexity window (default: 1024)")
     add_store(
         p,
         required=False,
@@ -136,4 +166,6 @@ def run(args) -> int:
         print(f"exact match {res['exact_match']:.4f} on {res['generate_samples']} samples{what}")
     if res["mc_accuracy"] is not None:
         print(f"multiple-choice accuracy {res['mc_accuracy']:.4f} on {res['mc_samples']} samples{what}")
+    if res.get("perplexity") is not None:
+        print(f"perplexity {res['perplexity']:.4f} on {res['perplexity_tokens']} tokens{what}")
     return 0
