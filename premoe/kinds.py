@@ -72,6 +72,7 @@ class Kind(Protocol):
         refit: Any,
         cache_mb: float,
         run: Any,
+        dequantize_experts: bool = False,
     ) -> Any:
         """A task server (:class:`premoe.server.backend.TaskBackend`): routes prompts, holds one task's plan."""
 

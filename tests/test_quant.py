@@ -15,6 +15,7 @@ from premoe.core.data import write_jsonl
 from premoe.core.evaluation import generate_greedy
 from premoe.core.quant import dequant_fp8, dequant_mxfp4, quantize_fp8, quantize_mxfp4
 from premoe.errors import CheckpointError, UnsupportedModelError
+from premoe.moe.held import dequantized_state, held_bytes
 from premoe.moe.loading import load_model
 from premoe.moe.model import inspect_model
 from premoe.moe.selective import ByteReader
@@ -322,8 +323,12 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
     server.load("b")
     with ByteReader() as r:
         fresh = build_selective(server.info, server.plan_for("b"), r)
-    sa, sb = server.model.state_dict(), fresh.state_dict()
+    # the server holds the experts as stored (FP8, MXFP4), dequantised one at a time: the same values
+    assert held_bytes(server.model) > 0
+    sa, sb = dequantized_state(server.model), fresh.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    resident = sum(t.nbytes for t in server.model.state_dict().values()) + held_bytes(server.model)
+    assert resident < sum(t.nbytes for t in sb.values())
     # the memory planner's size of the pruned model, dequantised, is what the build holds
     assert resident_sizes(server.info, plan=server.plan_for("b"))["total"] == sum(t.nbytes for t in sb.values())
     reply = server.generate("add 2+5=", max_new_tokens=3)  # answered by a fresh build of the task it routed to
@@ -349,6 +354,51 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
         q, data, store=tmp_path / "s", task="a", keep=4, max_new_tokens=3, progress=False, refit=False
     )
     assert res["generate_samples"] == 3 and res["exact_match"] == 1.0  # the same pruned model, built by eval
+
+
+def test_held_experts_switch_with_stored_refits_and_match_fresh_builds(case, quantized, tmp_path):
+    """Served as stored: after A -> B -> A with re-fitted rows from the store, the held experts (values and
+    scales as stored) give exactly the model a fresh build with that re-fit gives, at a fraction of its
+    bytes; a held whole build computes the same logits as a dequantised one."""
+    from premoe.moe.held import HeldExperts, held_tensors
+
+    q = quantized(case)
+    rows = ROWS * 4
+    premoe.calibrate(q, write_jsonl(tmp_path / "a.jsonl", rows[:16]), "a", tmp_path / "s", progress=False)
+    premoe.calibrate(q, write_jsonl(tmp_path / "b.jsonl", rows[16:]), "b", tmp_path / "s", progress=False)
+    premoe.refit(q, tmp_path / "s", 4, tasks=["a"], progress=False)  # stored re-fitted rows for a only
+    server = TaskServer(q, tmp_path / "s", 4)
+    for task in ("a", "b", "a"):
+        server.load(task)
+    assert all(isinstance(h, HeldExperts) for _, _, h in held_tensors(server.model))
+    weights = server.refit_for("a")
+    assert weights is not None and weights.experts
+    with ByteReader() as r:
+        fresh = build_selective(server.info, server.plan_for("a"), r, refit=weights)
+        held = build_selective(server.info, server.plan_for("a"), r, refit=weights, hold=True)
+    sa, sb = dequantized_state(server.model), fresh.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for (_, leaf, a), (_, _, b) in zip(held_tensors(server.model), held_tensors(held)):
+        assert all(torch.equal(x.value.view(torch.uint8), y.value.view(torch.uint8)) for x, y in zip(a.parts, b.parts))
+        assert all(torch.equal(x.scale, y.scale) for x, y in zip(a.parts, b.parts)), leaf
+    x = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(held(input_ids=x).logits, fresh(input_ids=x).logits)
+    dense = sum(t.nbytes for t in sb.values())
+    assert sum(t.nbytes for t in server.model.state_dict().values()) + held_bytes(server.model) < dense
+
+
+def test_dequantize_experts_opts_out_of_holding_them_as_stored(quantized, tmp_path):
+    from premoe.verbs.serve import task_server
+
+    q = quantized("qwen3_moe-fp8")
+    premoe.calibrate(q, write_jsonl(tmp_path / "a.jsonl", ROWS), "a", tmp_path / "s", progress=False)
+    held = task_server(q, tmp_path / "s", keep=4, engine="hf")
+    plain = task_server(q, tmp_path / "s", keep=4, engine="hf", dequantize_experts=True)
+    for server in (held, plain):
+        server.load("a")
+    assert held_bytes(held.model) > 0 and held_bytes(plain.model) == 0
+    assert held.generate("add 2+5=", 4).text == plain.generate("add 2+5=", 4).text
 
 
 def test_kimi_k2_model_type_loads_through_its_architecture(quantized, tmp_path):

@@ -119,6 +119,7 @@ class DenseKind:
         refit: RefitOptions,
         cache_mb: float,
         run: RunOptions,
+        dequantize_experts: bool = False,
     ):
         from premoe.dense.router import ROUTE_DEPTH
         from premoe.dense.server import DenseServer

@@ -275,10 +275,14 @@ class MoeLayer:
 
 
 def _own_tensors(module: nn.Module, prefix: str = ""):
-    """(path, tensor) of a module's persistent parameters and buffers, recursively."""
+    """(path, tensor) of a module's persistent parameters and buffers, recursively, and of the expert tensors it
+    holds as stored (:class:`premoe.moe.held.HeldExperts`)."""
+    from premoe.moe.held import HeldExperts
+
     for name, mod in module.named_modules(prefix=prefix.rstrip(".")):
         skip = getattr(mod, "_non_persistent_buffers_set", set())
-        for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items() if n not in skip)]:
+        held = [(n, v) for n, v in vars(mod).items() if isinstance(v, HeldExperts)]
+        for leaf, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items() if n not in skip), *held]:
             if t is not None:
                 yield (f"{name}.{leaf}" if name else leaf), t
 

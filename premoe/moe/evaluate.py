@@ -11,6 +11,7 @@ from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.core.evaluation import read_eval_data, read_perplexity, score
 from premoe.core.memory import fits, memory_budget
 from premoe.core.options import MemoryOptions, RunOptions
+from premoe.moe.held import held_to_
 from premoe.moe.kernels import select_kernel
 from premoe.moe.loading import load_model
 from premoe.moe.model import ModelInfo
@@ -74,10 +75,12 @@ def evaluate_moe(
                 stream=memory.stream,
                 device=resolve_device(run.device),
                 refit=None if plan is None else plan.weights,
+                hold=True,  # a quantised checkpoint's experts stay as stored, dequantised one at a time
             )
             if not lazy:
                 dt = resolve_dtype(run.dtype)
                 net.to(device=resolve_device(run.device), dtype=None if dt == "auto" else dt)
+                held_to_(net, resolve_device(run.device), None if dt == "auto" else dt)
                 select_kernel(net)
             result["streamed"] = lazy
             tokenizer = load_tokenizer(info.path)

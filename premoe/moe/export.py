@@ -98,14 +98,9 @@ def _refitted_expert(info: ModelInfo, refit: RefitWeights, name: str, role, dtyp
 
 def _stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
     """``value`` in the checkpoint's dtype ``dtype`` (scales of E8M0 checkpoints as exponent bytes)."""
-    from premoe.core.quant.fp8 import encode_scale
+    from premoe.core.quant.fp8 import as_stored
 
-    want = TORCH_DTYPES[dtype]
-    if value.dtype == want:
-        return value
-    if want == torch.uint8 and value.is_floating_point():
-        return encode_scale(value, want)
-    return value.to(want)
+    return as_stored(value, TORCH_DTYPES[dtype])
 
 
 def _refitted_router(refit: RefitWeights, role, dtype: str):

@@ -116,8 +116,9 @@ def register() -> str:
 
 
 def select_kernel(model: nn.Module, device: torch.device | None = None) -> None:
-    """The bucketed kernel when ``model`` runs on the CPU, transformers' default elsewhere (``device``:
-    where it will run, for a model whose weights are not loaded yet)."""
+    """The bucketed kernel when ``model`` runs on the CPU or holds experts as stored (it asks for one expert at
+    a time), transformers' default elsewhere (``device``: where it will run, for a model whose weights are
+    not loaded yet)."""
     if not hasattr(model, "set_experts_implementation"):
         return
     if device is None:
@@ -125,8 +126,10 @@ def select_kernel(model: nn.Module, device: torch.device | None = None) -> None:
             device = next(p.device for p in model.parameters() if not p.is_meta)
         except StopIteration:
             return
+    from premoe.moe.held import held_bytes
+
     try:
-        if device.type == "cpu":
+        if device.type == "cpu" or held_bytes(model):  # experts held as stored: one at a time, on any device
             model.set_experts_implementation(register())
         elif model.config._experts_implementation == NAME:
             model.set_experts_implementation("grouped_mm")

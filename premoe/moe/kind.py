@@ -20,6 +20,9 @@ from premoe.moe.model import ModelInfo, as_info
 from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
 from premoe.moe.plans import PrunePlan
 
+# what generate, chat and serve take: a task server's options
+SERVING = (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb", "dequantize_experts")
+
 
 class MoeKind:
     name: ClassVar[str] = "moe"
@@ -32,9 +35,9 @@ class MoeKind:
         "prune": (MoeSelection, RefitOptions),
         "eval": (RunOptions, MemoryOptions, MoeSelection, RefitOptions),
         "route": (RunOptions, SignatureSpec),
-        "generate": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
-        "chat": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
-        "serve": (RunOptions, MoeSelection, SignatureSpec, RefitOptions, EngineOptions, "cache_mb"),
+        "generate": SERVING,
+        "chat": SERVING,
+        "serve": SERVING,
         "sweep": (MemoryOptions, MoeSweep),
     }
     unsupported: ClassVar[dict[str, str]] = {}
@@ -139,6 +142,7 @@ class MoeKind:
         refit: RefitOptions,
         cache_mb: float,
         run: RunOptions,
+        dequantize_experts: bool = False,
     ):
         from premoe.moe.server import TaskServer
 
@@ -151,6 +155,7 @@ class MoeKind:
             device=run.device,
             dtype=run.dtype,
             refit=refit.refit,
+            hold=not dequantize_experts,
         )
 
     def refit(

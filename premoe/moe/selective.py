@@ -23,6 +23,7 @@ from premoe.core.config import config_from_dict, skeleton
 from premoe.core.modules import backbone, finish_buffers, set_tensor
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
+from premoe.moe.held import HeldExperts, held_tensor, install, stored_part
 from premoe.moe.kernels import select_kernel
 from premoe.moe.layout import Source
 from premoe.moe.model import ModelInfo
@@ -100,6 +101,8 @@ class Materializer:
         dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
         refit: re-fitted down projections and router rows of kept experts
             (:class:`premoe.moe.refit_checkpoint.RefitWeights`) that replace the checkpoint's.
+        hold: keep quantised expert tensors as stored (:class:`premoe.moe.held.HeldExperts`, dequantised one
+            expert at a time on use) instead of dequantising them whole.
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class Materializer:
         routers: dict[int, dict[str, torch.Tensor]] | None = None,
         dtype: torch.dtype | None = None,
         refit=None,
+        hold: bool = False,
     ):
         self.info = info
         self.refit = refit
+        self.hold = hold and info.quant.quantized
         self.plan = plan
         self.reader = reader
         self.routers = routers
@@ -238,6 +243,10 @@ class Materializer:
     def expert_rows(self, name: str, experts: list[int]) -> torch.Tensor:
         """The expert tensor ``name`` holding only ``experts`` (original ids), in that order; tensors
         indexed by router slot also get the zero-computation experts' rows."""
+        if self.hold:
+            held = self.held_rows(name, experts, self.expected.get(name))
+            if held is not None:
+                return held
         value = self.rows(name, self.info.slots(experts) if self.slot_indexed(name) else list(experts))
         layer = self.expert_names[name][0]
         if self.refit is not None and self.refit.experts.get(layer) and name.endswith(".down_proj"):
@@ -245,6 +254,23 @@ class Materializer:
                 if self.refit.has(layer, e):
                     value[j].copy_(self.refit.get(layer, e))
         return value
+
+    def held_rows(self, name: str, experts: list[int], shape: tuple[int, ...] | None):
+        """:meth:`expert_rows` held as stored (:class:`premoe.moe.held.HeldExperts`), re-fitted down projections
+        in their stored form, or ``None`` where the tensor cannot be held (:func:`premoe.moe.held.held_refs`)."""
+        if shape is None or not self.info.layout.sources[name].scales:
+            return None
+        layer = self.expert_names[name][0]
+        slots = self.info.slots(experts) if self.slot_indexed(name) else list(experts)
+        refitted = self.refit is not None and name.endswith(".down_proj")
+
+        def given(j: int, slot: int):
+            e = experts[j] if j < len(experts) else None
+            if refitted and e is not None and self.refit.has(layer, e):
+                return [stored_part(self.info.quant, self.refit.encoded(layer, e))]
+            return None
+
+        return held_tensor(self, name, slots, shape, given)
 
     def dtype_of(self, name: str) -> torch.dtype:
         src = self.info.layout.sources[name]
@@ -353,6 +379,10 @@ class Materializer:
                     raise CheckpointError(
                         f"{full}: checkpoint shape {list(value.shape)} but the model expects {list(t.shape)}"
                     )
+                if isinstance(value, HeldExperts):
+                    install(mod, leaf, value)
+                    held += value.nbytes
+                    continue
                 if keep_fp32 is not None and value.dtype in (torch.float16, torch.bfloat16) and keep_fp32.search(full):
                     value = value.float()
                 set_tensor(mod, leaf, value)
@@ -399,6 +429,7 @@ def build_model(
     defer_experts: bool = False,
     dtype: torch.dtype | None = None,
     refit=None,
+    hold: bool = False,
 ) -> nn.Module:
     """A causal LM built from ``info``'s checkpoint, reading only what it needs.
 
@@ -414,6 +445,8 @@ def build_model(
         defer_experts: leave the routed experts unloaded (on the meta device) for
             :func:`premoe.moe.server.install_pattern` to fill.
         dtype: what quantised tensors are dequantised to (default: the config's dtype).
+        hold: keep a quantised checkpoint's experts as stored, dequantised one expert at a time on use
+            (:mod:`premoe.moe.held`).
 
     Returns:
         The model on the CPU, in the checkpoint's dtypes, in eval mode.
@@ -439,7 +472,7 @@ def build_model(
             if model.get_output_embeddings() is not None
             else set()
         )
-    Materializer(info, plan, reader, routers, dtype, refit).fill(model, skip=skip)
+    Materializer(info, plan, reader, routers, dtype, refit, hold).fill(model, skip=skip)
     if not base_only:
         model.tie_weights()
     finish_buffers(model)

@@ -13,6 +13,7 @@ bit-identical to one built fresh for the new task.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ from torch import nn
 
 from premoe.core.config import load_tokenizer, resolve_device, resolve_dtype
 from premoe.core.evaluation import generate_greedy
-from premoe.core.modules import set_tensor
+from premoe.core.modules import owner, set_tensor
 from premoe.core.options import SignatureSpec
 from premoe.core.retrieval import Retriever, RouteResult
 from premoe.core.store import PatternStore
-from premoe.errors import InputError
+from premoe.errors import CheckpointError, InputError
 from premoe.moe.arch import find_moe_layers
+from premoe.moe.held import HeldExperts, install
 from premoe.moe.kernels import select_kernel
 from premoe.moe.model import ModelInfo, inspect_model
 from premoe.moe.options import MoeSelection
@@ -37,6 +39,8 @@ from premoe.moe.patterns import plan_from_pattern
 from premoe.moe.plans import PrunePlan, resolved
 from premoe.moe.selective import ByteReader, Materializer, build_model, read_routers
 from premoe.moe.signature import SignatureModel
+
+log = logging.getLogger(__name__)
 
 
 class ExpertCache:
@@ -98,6 +102,7 @@ def install_pattern(
     dtype: torch.dtype | None = None,
     refit=None,
     patched: dict[int, set[int]] | None = None,
+    hold: bool = False,
 ) -> SwitchStats:
     """Make ``model`` (pruned to ``plan.keep`` experts per layer) hold ``plan``'s experts.
 
@@ -110,12 +115,16 @@ def install_pattern(
     ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit_checkpoint.RefitWeights`), which
     replace the checkpoint's rows of the experts they cover; ``patched`` ({layer: experts whose rows in
     memory are re-fitted ones}, updated in place) keeps those from being reused or cached as the
-    checkpoint's.
+    checkpoint's. ``hold``: a quantised checkpoint's experts stay as stored (:mod:`premoe.moe.held`), the
+    kept ones moved as stored bytes, the new ones read as stored; ``cache`` is not used then.
     """
     t0 = time.perf_counter()
     before = reader.bytes_read
     stats = SwitchStats(plan.task or "?")
-    mat = Materializer(info, None, reader)
+    mat = Materializer(info, None, reader, dtype=dtype)
+    hold = hold and info.quant.quantized
+    if hold:
+        cache = None
     patched = {} if patched is None else patched
     for m in find_moe_layers(model, info.spec):
         layer, new, old = m.index, plan.kept[m.index], held.get(m.index)
@@ -132,6 +141,26 @@ def install_pattern(
             down = path.rsplit(".", 1)[-1] == "down_proj"
             per = max(rows, 1)
             ids = info.slots(new) if rows == 0 else new
+            if hold:
+                built = _held_switch(
+                    mat,
+                    name,
+                    cur,
+                    ids,
+                    old_pos,
+                    (mine if down else set()),
+                    was if down else set(),
+                    refit,
+                    layer,
+                    stats,
+                    device,
+                    dtype,
+                )
+                if built is not None:
+                    fresh[path] = built
+                    continue
+            if isinstance(cur, HeldExperts):
+                raise CheckpointError(f"{name}: held as stored before, but the new pattern's rows cannot be")
             if cur.is_meta:
                 t = torch.empty(cur.shape, dtype=dtype or mat.dtype_of(name), device=device or "cpu")
             else:
@@ -171,7 +200,10 @@ def install_pattern(
                     )
                 cache.put((layer, e), rows_of)
         for path, t in fresh.items():
-            set_tensor(m.block, path, t)
+            if isinstance(t, HeldExperts):
+                install(*owner(m.block, path), t)
+            else:
+                set_tensor(m.block, path, t)
         for name, full in routers[layer].items():
             path = name.removeprefix(prefix + ".")
             dim = m.router_tensors[path]
@@ -187,6 +219,31 @@ def install_pattern(
     stats.bytes_read = reader.bytes_read - before
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _held_switch(mat, name, cur, ids, old_pos, mine, was, refit, layer, stats, device, dtype) -> HeldExperts | None:
+    """The held expert tensor ``name`` for slots ``ids``: rows kept from ``cur`` (a held tensor) as stored bytes,
+    re-fitted rows (``mine``) from ``refit``, the others read as stored; ``None`` where it cannot be held."""
+    from premoe.moe.held import HeldPart, held_tensor, stored_part
+
+    if not mat.info.layout.sources[name].scales or cur.dim() != 3:
+        return None
+
+    def given(j: int, e: int):
+        if e in mine:
+            part = stored_part(mat.info.quant, refit.encoded(layer, e))
+            stats.refit_bytes += part.value.nbytes + part.scale.nbytes
+            return [part]
+        if e in old_pos and e not in was and isinstance(cur, HeldExperts):
+            i = old_pos[e]
+            return [HeldPart(p.value[i], p.scale[i]) for p in cur.parts]
+        return None
+
+    dev = device or (cur.device if not cur.is_meta else torch.device("cpu"))
+    held = held_tensor(mat, name, list(ids), tuple(cur.shape), given, device=dev)
+    if held is not None and dtype is not None:
+        held.dtype = dtype
+    return held
 
 
 def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -267,6 +324,8 @@ class TaskServer:
         refit: use the re-fitted down projections ``premoe refit`` stored with each task's pattern for
             this keep count: ``None`` (default) where the store has them, ``True`` always (a task
             without them is an error), ``False`` never (the checkpoint's rows, the paper's TAER).
+        hold: keep a quantised checkpoint's experts as stored (FP8, MXFP4), dequantised one expert at a time
+            on use (:mod:`premoe.moe.held`; the expert cache is not used then); ``False``: dequantised whole.
     """
 
     def __init__(
@@ -280,6 +339,7 @@ class TaskServer:
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
         refit: bool | None = None,
+        hold: bool = True,
     ):
         if cache_bytes < 0:
             raise InputError(f"`cache_bytes` must be >= 0, got {cache_bytes}")
@@ -304,6 +364,9 @@ class TaskServer:
         self._refits: dict[str, Any] = {}
         self.patched: dict[int, set[int]] = {}
         self.refit_bytes = 0
+        self.hold = hold and self.info.quant.quantized
+        if self.hold and cache_bytes:
+            log.warning("the expert cache is not used: a quantised checkpoint's experts are held as stored")
 
     def plan_for(self, task: str) -> PrunePlan:
         if task not in self._plans:
@@ -377,7 +440,10 @@ class TaskServer:
             dtype=self.dtype,
             refit=self.refit_for(task),
             patched=self.patched,
+            hold=self.hold,
         )
+        if self.hold:
+            select_kernel(self.model)  # held experts are dequantised one at a time: the kernel that asks so
         self.refit_bytes += stats.refit_bytes
         self.task = task
         return stats

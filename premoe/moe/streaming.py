@@ -169,12 +169,14 @@ def inference_model(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     refit=None,
+    hold: bool = False,
 ) -> tuple[nn.Module, bool]:
     """The model of ``info`` (pruned to ``plan``) for generation or log-likelihoods: built whole when it
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
     either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
     is returned on the CPU. ``refit``: re-fitted down projections of the kept experts
-    (:class:`premoe.moe.refit_checkpoint.RefitWeights`). Returns ``(model, lazy)``.
+    (:class:`premoe.moe.refit_checkpoint.RefitWeights`). ``hold``: a whole model keeps a quantised
+    checkpoint's experts as stored (:mod:`premoe.moe.held`). Returns ``(model, lazy)``.
 
     Raises:
         InputError: even one layer and the embeddings do not fit the budget.
@@ -185,7 +187,7 @@ def inference_model(
     sizes = resident_sizes(info, plan=plan)
     lazy = stream if stream is not None else not fits(sizes["total"], budget)
     if not lazy:
-        return build_model(info, plan, reader, dtype=dtype, refit=refit), False
+        return build_model(info, plan, reader, dtype=dtype, refit=refit, hold=hold), False
     if sizes["largest_layer"] + sizes["outside"] > budget:
         raise InputError(
             f"the memory budget ({budget / 2**20:.0f} MB) is too small for even one layer: the largest needs "

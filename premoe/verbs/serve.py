@@ -52,6 +52,7 @@ def task_server(
     norm: str = "l1",
     metric: str = "l1",
     cache_mb: float = 0.0,
+    dequantize_experts: bool = False,
     refit: bool | None = None,
     device: str | None = "cpu",
     dtype: str = "auto",
@@ -72,6 +73,8 @@ def task_server(
         sparsity / method / ...: dense: the heads and channels held (``sparsity`` required).
         layers / stat / source / norm / metric: how prompts are routed (see :func:`premoe.route`).
         cache_mb: MoE: keep experts a switch drops, up to this many MB.
+        dequantize_experts: MoE, quantised checkpoints: hold the kept experts dequantised (faster on the CPU,
+            about twice the memory) instead of as stored, dequantised one at a time on use (default).
         refit: MoE: load the re-fitted rows ``premoe refit`` stored for this keep count (``None``: where the
             store has them; ``False``: the checkpoint's rows).
         engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb: MoE: which engine runs the
@@ -91,7 +94,17 @@ def task_server(
     signature = SignatureSpec(1, stat, source, norm, metric)
     fit = RefitOptions(refit)
     engines = EngineOptions(engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb)
-    check_options(backend, verb, run, *selections, signature, fit, engines, cache_mb=bool(cache_mb))
+    check_options(
+        backend,
+        verb,
+        run,
+        *selections,
+        signature,
+        fit,
+        engines,
+        cache_mb=bool(cache_mb),
+        dequantize_experts=dequantize_experts,
+    )
     info = backend.inspect(model)
     if _use_vllm(backend, info, engines, run, cache_mb):
         from premoe.vllm.server import VllmTaskServer
@@ -115,6 +128,7 @@ def task_server(
         refit=fit,
         cache_mb=cache_mb,
         run=run,
+        dequantize_experts=dequantize_experts,
     )
 
 
@@ -166,6 +180,12 @@ def add_serving_flags(p, defaults) -> None:
     add_flags(p, RefitOptions, defaults=defaults, only=("refit",), title="compensation (MoE)")
     p.add_argument(
         "--cache-mb", type=float, default=0.0, help="MoE: keep experts a switch drops, up to this many MB (default 0)"
+    )
+    p.add_argument(
+        "--dequantize-experts",
+        action="store_true",
+        help="MoE, FP8/MXFP4 checkpoints: hold the kept experts dequantised (faster on a CPU, about twice the "
+        "memory) instead of as stored and dequantised one at a time on use",
     )
     add_flags(p, RunOptions, defaults=defaults, only=("device", "dtype"))
     add_flags(p, EngineOptions, defaults=defaults, title="engine (MoE)")

@@ -130,7 +130,12 @@ def dequant_fp8(
     s = _scale_values(scale)
     if block is None or s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
-    return (w * _expand(s, *w.shape[-2:], block)).to(dtype)
+    rows, cols = w.shape[-2:]
+    if rows % block[0] == 0 and cols % block[1] == 0 and tuple(s.shape[-2:]) == (rows // block[0], cols // block[1]):
+        # whole blocks: scale in place through a blocked view (no expanded copy of the scales)
+        w.view(*w.shape[:-2], rows // block[0], block[0], cols // block[1], block[1]).mul_(s[..., :, None, :, None])
+        return w.to(dtype)
+    return (w * _expand(s, rows, cols, block)).to(dtype)
 
 
 def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,15 @@ def encode_scale(scale: torch.Tensor, like: torch.dtype) -> torch.Tensor:
             raise ValueError("E8M0 scales must be powers of two; quantise with ue8m0=True")
         return (exponent - 1 + 127).to(torch.uint8)
     return scale.to(like)
+
+
+def as_stored(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in a checkpoint's ``dtype``: scales of E8M0 checkpoints (uint8) as exponent bytes."""
+    if value.dtype == dtype:
+        return value
+    if dtype == torch.uint8 and value.is_floating_point():
+        return encode_scale(value, dtype)
+    return value.to(dtype)
 
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:

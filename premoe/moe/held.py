@@ -1,0 +1,197 @@
+"""Experts held as the checkpoint stores them: quantised in memory, dequantised one expert at a time on use.
+
+A quantised checkpoint's (FP8, MXFP4) kept experts would take about twice their stored bytes once
+dequantised to bf16. :class:`HeldExperts` stands in for one fused expert tensor of transformers' experts
+module (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], ...): it keeps each part of it (the
+per-expert keys concatenated along rows, or the one fused key) as stored, values and scales, and
+``held[e]`` dequantises expert ``e`` alone, block by block through the format's own rule, to the compute
+dtype on the tensors' device. Every experts forward premoe runs (its bucketed kernel, transformers' eager
+loop) indexes experts one at a time, so only one expert's dequantised weights exist at any moment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from premoe.core.checkpoint import TORCH_DTYPES
+from premoe.core.quant.fp8 import as_stored
+
+
+@dataclass
+class HeldPart:
+    """One stored part of every held expert: values [E, ...] and their scales [E, ...], as on disk."""
+
+    value: torch.Tensor
+    scale: torch.Tensor
+
+
+class HeldExperts:
+    """A fused expert tensor of ``shape`` (memory layout, dequantised) held in ``fmt`` (a
+    :class:`premoe.core.quant.QuantFormat`) as ``parts``, concatenated along rows when dequantised;
+    ``transposed``: the stored parts are the memory layout with its last two dims swapped."""
+
+    def __init__(
+        self, fmt, parts: list[HeldPart], shape: tuple[int, ...], dtype: torch.dtype, transposed: bool = False
+    ):
+        self.fmt, self.parts, self.shape, self.dtype, self.transposed = fmt, parts, torch.Size(shape), dtype, transposed
+
+    # -- what the experts forward asks of a weight tensor ---------------------------------------------
+
+    def __getitem__(self, e) -> torch.Tensor:
+        e = int(e)
+        rows, cols = (self.shape[-1], self.shape[-2]) if self.transposed else (self.shape[-2], self.shape[-1])
+        pieces = [self.fmt.dequant(p.value[e], p.scale[e], self.dtype) for p in self.parts]
+        w = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+        w = w[:rows, :cols]
+        return w.T.contiguous() if self.transposed else w
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].value.device
+
+    @property
+    def is_meta(self) -> bool:
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the stored values and scales."""
+        return sum(p.value.nbytes + p.scale.nbytes for p in self.parts)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to_(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "HeldExperts":
+        """Move the stored parts to ``device`` and compute in ``dtype`` from now on (in place)."""
+        if device is not None:
+            self.parts = [HeldPart(p.value.to(device), p.scale.to(device)) for p in self.parts]
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    def rows(self, ids: list[int]) -> list[HeldPart]:
+        """The stored parts of experts at positions ``ids`` (copies)."""
+        index = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return [HeldPart(p.value.index_select(0, index), p.scale.index_select(0, index)) for p in self.parts]
+
+    def __repr__(self) -> str:
+        return f"HeldExperts({self.fmt.label}, shape={list(self.shape)}, {self.nbytes} bytes held)"
+
+
+def stored_part(fmt, encoded: dict[str, torch.Tensor]) -> HeldPart:
+    """A re-fit's encoded parts (:meth:`premoe.moe.refit_checkpoint.RefitWeights.encoded`) as one held part."""
+    main = next(k for k in encoded if fmt.companion(k) is None)
+    scale = next(v for k, v in encoded.items() if k != main)
+    return HeldPart(encoded[main], scale)
+
+
+def held_refs(mat, name: str, slot: int):
+    """Where the stored parts of expert tensor ``name`` at router slot ``slot`` are on disk (``mat``: a
+    :class:`premoe.moe.selective.Materializer` of the checkpoint): per part ``((dtype, shape, pieces) of the
+    values, (dtype, shape, pieces) of the scales)``, or ``None`` where the tensor cannot be held as stored
+    (not quantised, converted by transformers, row blocks of a 2D fused tensor, a zero-computation expert
+    without weights)."""
+    src = mat.info.layout.sources[name]
+    if src.converter is not None or not src.scales:
+        return None
+    if src.kind == "fused":
+        if src.key not in src.scales or (src.rows or 1) != 1:
+            return None
+        value, scale_key = mat.tensors[src.key], src.scales[src.key]
+        scale, per = mat.tensors[scale_key], mat._block_rows(scale_key, src)
+        if per != 1:
+            return None
+        return [
+            (
+                (value.dtype, tuple(value.shape[1:]), value.rows([slot], 1)),
+                (scale.dtype, tuple(scale.shape[1:]), scale.rows([slot], 1)),
+            )
+        ]
+    keys = [src.parts.get((slot, p)) for p in range(src.n_parts)]
+    if any(k is None or k not in src.scales for k in keys):
+        return None
+    refs = []
+    for k in keys:
+        v, sc = mat.tensors[k], mat.tensors[src.scales[k]]
+        refs.append(
+            (
+                (v.dtype, tuple(v.shape), [(v.file, v.offset, v.nbytes)]),
+                (sc.dtype, tuple(sc.shape), [(sc.file, sc.offset, sc.nbytes)]),
+            )
+        )
+    return refs
+
+
+def held_tensor(mat, name: str, slots: list[int], shape: tuple[int, ...], given, device=None):
+    """The held expert tensor ``name`` (:class:`HeldExperts`) for router ``slots``, filled row
+    by row into tensors allocated once: ``given(j, slot)`` returns a row's stored parts when it has them
+    (kept rows, re-fitted rows), else the row is read from the checkpoint as stored. ``None`` where the
+    tensor cannot be held (:func:`held_refs`)."""
+    refs = [held_refs(mat, name, slot) for slot in slots]
+    template = next((r for r in refs if r is not None), None)
+    if template is None:
+        return None
+    parts = [
+        HeldPart(
+            torch.empty((len(slots), *v[1]), dtype=TORCH_DTYPES[v[0]], device=device),
+            torch.empty((len(slots), *sc[1]), dtype=TORCH_DTYPES[sc[0]], device=device),
+        )
+        for v, sc in template
+    ]
+    for j, slot in enumerate(slots):
+        have = given(j, slot)
+        if have is not None:
+            for dst, src in zip(parts, have):
+                dst.value[j].copy_(src.value.view(dst.value.dtype) if src.value.dtype != dst.value.dtype else src.value)
+                dst.scale[j].copy_(as_stored(src.scale, dst.scale.dtype))
+            continue
+        if refs[j] is None or len(refs[j]) != len(parts):
+            return None
+        for dst, (v, sc) in zip(parts, refs[j]):
+            for t, (stored, shp, pieces) in ((dst.value[j], v), (dst.scale[j], sc)):
+                if t.device.type == "cpu":
+                    mat.reader.read_into(t, pieces)
+                else:  # staged on the CPU, then copied to the device
+                    t.copy_(mat.reader.tensor(stored, shp, pieces))
+    return HeldExperts(mat.info.quant, parts, tuple(shape), mat.dtype, bool(mat.info.spec.packed_transposed))
+
+
+def install(module: nn.Module, leaf: str, held: HeldExperts) -> None:
+    """Put ``held`` where ``module`` has the parameter ``leaf`` (the parameter goes)."""
+    module._parameters.pop(leaf, None)
+    module._buffers.pop(leaf, None)
+    object.__setattr__(module, leaf, held)
+
+
+def held_tensors(model: nn.Module):
+    """(module, leaf, HeldExperts) for every held expert tensor of ``model``."""
+    for mod in model.modules():
+        for leaf, value in vars(mod).items():
+            if isinstance(value, HeldExperts):
+                yield mod, leaf, value
+
+
+def held_to_(model: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """What ``model.to(device, dtype)`` does for its parameters, for its held expert tensors."""
+    for _, _, held in held_tensors(model):
+        held.to_(device, dtype)
+
+
+def held_bytes(model: nn.Module) -> int:
+    return sum(h.nbytes for _, _, h in held_tensors(model))
+
+
+def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every held expert tensor dequantised in full (for checks, not for serving)."""
+    out = dict(model.state_dict())
+    names = {id(m): n for n, m in model.named_modules()}
+    for mod, leaf, held in held_tensors(model):
+        prefix = names[id(mod)]
+        out[f"{prefix}.{leaf}" if prefix else leaf] = torch.stack([held[e] for e in range(len(held))])
+    return out
