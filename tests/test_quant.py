@@ -33,6 +33,9 @@ CASES = {
     "qwen3_moe-fp8": ("qwen3_moe", "fp8", {}),
     "glm4_moe-fp8": ("glm4_moe", "fp8", {}),
     "gpt_oss-mxfp4": ("gpt_oss", "mxfp4", {"intermediate_size": 64}),
+    # llm-compressor's compressed-tensors FP8 (Qwen3 / GLM FP8 releases): per output channel, and in blocks
+    "qwen3_moe-ct-channel": ("qwen3_moe", "compressed-tensors/channel", {}),
+    "glm4_moe-ct-block": ("glm4_moe", "compressed-tensors/block", {}),
 }
 
 
@@ -170,12 +173,32 @@ def test_decode_inverts_encode_in_memory_orientation():
 
 
 def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quantized):
+    """Read as the reference reads it: transformers' loader for FP8 and MXFP4, compressed-tensors' own
+    ``dequantize`` for its checkpoints (transformers keeps those compressed, and cannot fuse their experts)."""
     from transformers import AutoModelForCausalLM
 
     q = quantized(case)
     info = inspect_model(q)
-    assert info.quant.method == CASES[case][1]
+    assert info.quant.method == CASES[case][1].split("/")[0]
     assert any(r.companion == "scale" for r in info.roles.values())
+    if info.quant.method == "compressed-tensors":
+        from compressed_tensors.quantization import QuantizationArgs
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+        fmt = info.quant
+        args = QuantizationArgs(
+            num_bits=8, type="float", strategy=fmt.strategy, block_structure=list(fmt.block) if fmt.block else None
+        )
+        checked = 0
+        for name, role in info.roles.items():
+            if role.companion == "scale":
+                main = fmt.companion(name)[0]
+                value, scale = info.checkpoint.tensor(main), info.checkpoint.tensor(name)
+                theirs = dequantize(value, scale, args=args, dtype=torch.float32)
+                assert torch.equal(fmt.dequant(value, scale, torch.float32), theirs), main
+                checked += 1
+        assert checked
+        return
     ours = load_model(q, device="cpu").model.state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(q).state_dict()
     block = getattr(info.quant, "block", None)  # FP8 only
@@ -307,7 +330,7 @@ def test_quantized_refit_streamed_matches_the_in_memory_one(quantized, tmp_path)
         for layer, experts in whole.experts.items():
             for e in experts:
                 parts = whole.encoded(layer, e)
-                assert parts["w"].dtype == torch.float8_e4m3fn and parts["w_scale_inv"].dtype == torch.float32
+                assert parts["weight"].dtype == torch.float8_e4m3fn and parts["weight_scale_inv"].dtype == torch.float32
                 torch.testing.assert_close(layered.get(layer, e), whole.get(layer, e), rtol=0.13, atol=1e-3)
     finally:
         whole.close()
@@ -420,7 +443,7 @@ def test_kimi_k2_model_type_loads_through_its_architecture(quantized, tmp_path):
 # -- bad input ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
 def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, method):
     import shutil
 
@@ -432,6 +455,41 @@ def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, meth
     with pytest.raises(UnsupportedModelError, match=r"not supported.*\"fp8\".*\"mxfp4\""):
         premoe.calibrate(d, write_jsonl(tmp_path / "x.jsonl", ROWS), "t", tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "qc, match",
+    [
+        ({"format": "pack-quantized"}, "format 'pack-quantized' is not supported"),
+        ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' is not supported"),
+        ({"format": "float-quantized", "config_groups": {}}, "name no weight quantisation"),
+        (
+            {
+                "format": "float-quantized",
+                "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}},
+            },
+            "type 'int', 4 bits",
+        ),
+        (
+            {
+                "format": "float-quantized",
+                "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "block"}}},
+            },
+            "block_structure must be",
+        ),
+    ],
+)
+def test_compressed_tensors_formats_premoe_does_not_read_are_refused_in_one_line(family_dir, tmp_path, qc, match):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(family_dir("qwen3_moe"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", **qc}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=match) as err:
+        premoe.calibrate(d, write_jsonl(tmp_path / "x.jsonl", ROWS), "t", tmp_path / "s", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "s").exists()
 
 
 def test_scales_that_do_not_match_their_blocks_are_refused(quantized, tmp_path):
@@ -461,7 +519,7 @@ def test_formats_are_classes_looked_up_by_quant_method():
         (128, 128)
     )
     assert isinstance(quant_format({"text_config": {"quantization_config": {"quant_method": "mxfp4"}}}), Mxfp4)
-    assert set(FORMATS) == {"fp8", "mxfp4"} and all(FORMATS[m].method == m for m in FORMATS)
+    assert set(FORMATS) == {"fp8", "mxfp4", "compressed-tensors"} and all(FORMATS[m].method == m for m in FORMATS)
     fp8, mx = Fp8Blocks((2, 2)), Mxfp4()
     assert fp8.companion("a.weight_scale_inv") == ("a.weight", "scale") and fp8.companion("a.weight") is None
     assert (

@@ -35,7 +35,7 @@ from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.model import ModelInfo
 from premoe.moe.plans import PrunePlan
-from premoe.moe.refit_checkpoint import RefitWeights, down_targets
+from premoe.moe.refit_checkpoint import PART, RefitWeights, down_targets
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _part(info: ModelInfo, name: str) -> str:
     """The part of :meth:`RefitWeights.encoded` that checkpoint key ``name`` (a main tensor or its scale) holds."""
     found = info.quant.companion(name)
     main = found[0] if found is not None and found[1] == "scale" else name
-    return "w" + name.removeprefix(info.quant.target(main))
+    return PART + name.removeprefix(info.quant.target(main))
 
 
 def _refitted_rows(info: ModelInfo, name: str, ids: list[int], layer: int, refit: RefitWeights):
@@ -192,7 +192,8 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
     through transformers' own conversion mapping, expert counts, quantisation scales), then, with
     ``reload``, plain ``AutoModelForCausalLM`` loads it and every weight must land (missing, unexpected
     or mis-shaped weights fail). A ``model_type`` transformers only knows through its ``architectures``
-    (Kimi-K2's ``kimi_k2``) is reloaded through that class's config."""
+    (Kimi-K2's ``kimi_k2``) is reloaded through that class's config. Formats transformers cannot load with
+    fused experts (compressed-tensors block FP8) get premoe's read-back only."""
     from transformers import AutoModelForCausalLM
 
     from premoe.core.config import config_from_dict
@@ -205,6 +206,9 @@ def verify_export(path: Path, info: ModelInfo, plan: PrunePlan, reload: bool = T
             f"{new.moe_layers}, not {plan.keep} in {info.moe_layers}"
         )
     if not reload:
+        return
+    if not new.quant.transformers_reloads:
+        log.info("not reloading the export in transformers: it cannot load %s with fused experts", new.quant.label)
         return
     kwargs = {}
     loader = AutoModelForCausalLM

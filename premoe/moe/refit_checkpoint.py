@@ -33,6 +33,8 @@ from premoe.moe.refit import (
     router_delta,
 )
 
+PART = "weight"  # the key a re-fitted expert's parts are encoded under (``weight``, ``weight_scale_inv``...)
+
 
 class RefitWeights:
     """Re-fitted down projections of the kept experts, one safetensors file per MoE layer in
@@ -100,7 +102,7 @@ class RefitWeights:
             tensors = {
                 f"{e}.{part}": t.contiguous()
                 for e, w in weights.items()
-                for part, t in fmt.encode("w", w.float(), transposed=transposed).items()
+                for part, t in fmt.encode(PART, w.float(), transposed=transposed).items()
             }
             meta = {
                 "quantization_config": json.dumps(fmt.config()),
@@ -115,11 +117,11 @@ class RefitWeights:
         self.routers[layer] = sorted(routers or {})
 
     def encoded(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Expert ``expert``'s stored parts, named as :meth:`QuantFormat.encode` names those of key ``"w"``
-        (``{"w": tensor}`` on an unquantised checkpoint)."""
+        """Expert ``expert``'s stored parts, named as :meth:`QuantFormat.encode` names those of key :data:`PART`
+        (``{"weight": tensor}`` on an unquantised checkpoint)."""
         with safe_open(self._file(layer), "pt") as f:
             if self._formats.get(layer) is None:
-                return {"w": f.get_tensor(str(expert))}
+                return {PART: f.get_tensor(str(expert))}
             prefix = f"{expert}."
             return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
@@ -127,7 +129,7 @@ class RefitWeights:
         parts = self.encoded(layer, expert)
         found = self._formats.get(layer)
         if found is None:
-            return parts["w"]
+            return parts[PART]
         fmt, transposed, dtype, shape = found
         return fmt.decode(parts, shape, dtype, transposed)
 

@@ -139,18 +139,27 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
       embeddings, LM head, norms and router tensors as they are; ``quantization_config`` added.
     * ``mxfp4`` (GPT-OSS): the fused expert matrices as ``*_blocks`` / ``*_scales`` in the hub's [E, out, in]
       orientation (32 values per E8M0 scale), everything else as it is.
+    * ``compressed-tensors`` (llm-compressor's ``float-quantized`` FP8, Qwen3 / GLM FP8 releases): the same
+      matrices as ``fp8`` in float8_e4m3fn with ``weight_scale`` per output channel, or per ``block`` with
+      ``compressed-tensors/block``, or per tensor with ``compressed-tensors/tensor``.
     """
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from premoe.core.quant import FORMATS, Fp8Blocks
+    from premoe.core.quant import FORMATS, CompressedFp8, Fp8Blocks
     from premoe.moe.model import inspect_model
 
+    method, _, strategy = method.partition("/")
     if method not in FORMATS:
         raise ValueError(f"unknown quantisation method {method!r}; choose from {', '.join(FORMATS)}")
-    fmt = Fp8Blocks(block) if FORMATS[method] is Fp8Blocks else FORMATS[method]()
+    if FORMATS[method] is Fp8Blocks:
+        fmt = Fp8Blocks(block)
+    elif FORMATS[method] is CompressedFp8:
+        fmt = CompressedFp8(strategy or "channel", block if strategy == "block" else None)
+    else:
+        fmt = FORMATS[method]()
     info = inspect_model(src)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():

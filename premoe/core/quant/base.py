@@ -30,6 +30,12 @@ class QuantFormat:
     transposes: ClassVar[bool] = False  # whether ``encode(..., transposed=True)`` swaps the last two dims
 
     @property
+    def transformers_reloads(self) -> bool:
+        """Whether transformers can load a checkpoint in this format with fused experts (the export self-check
+        reloads it there; where transformers cannot load the source either, premoe's read-back is the check)."""
+        return True
+
+    @property
     def quantized(self) -> bool:
         return self.method is not None
 
