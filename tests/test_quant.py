@@ -36,6 +36,8 @@ CASES = {
     # llm-compressor's compressed-tensors FP8 (Qwen3 / GLM FP8 releases): per output channel, and in blocks
     "qwen3_moe-ct-channel": ("qwen3_moe", "compressed-tensors/channel", {}),
     "glm4_moe-ct-block": ("glm4_moe", "compressed-tensors/block", {}),
+    # compressed-tensors pack-quantized W4A16 experts (Kimi-K2-Thinking's release), groups of 16 inputs
+    "deepseek_v3-ct-w4a16": ("deepseek_v3", "compressed-tensors/w4g16", {}),
 }
 
 
@@ -156,6 +158,34 @@ def test_mxfp4_quantiser_follows_openai_by_hand():
     assert (back - w).abs().max() <= w.abs().max() / 3
 
 
+def test_int_packing_matches_compressed_tensors_and_scales_follow_its_rule():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    from premoe.core.quant import CompressedPacked
+
+    torch.manual_seed(0)
+    for bits, cols in ((4, 40), (4, 37), (8, 22)):
+        fmt = CompressedPacked(bits, None)
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (3, cols), dtype=torch.int8)
+        packed = fmt.pack(q)
+        assert torch.equal(packed, pack_to_int32(q, bits))  # bit for bit, columns not a whole word too
+        assert torch.equal(fmt.unpack(packed)[:, :cols].to(torch.int8), q)
+    fmt = CompressedPacked(4, 16)
+    w = torch.randn(4, 32)
+    w[1, :16] = 0.0  # an all-zero group: bf16's eps as its scale, as compressed-tensors does
+    parts = fmt.encode("weight", w)
+    scale = parts["weight_scale"]
+    assert scale.dtype == torch.bfloat16 and scale.shape == (4, 2) and scale[1, 0] == torch.finfo(torch.bfloat16).eps
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=16, symmetric=True)
+    theirs = quantize(w, scale, torch.zeros_like(scale), args, dtype=torch.int8)
+    assert torch.equal(fmt.unpack(parts["weight_packed"])[:, :32].to(torch.int8), theirs)
+    assert parts["weight_shape"].tolist() == [4, 32]
+    with pytest.raises(ValueError, match="does not divide"):
+        CompressedPacked(4, 12).encode("weight", w)
+
+
 def test_decode_inverts_encode_in_memory_orientation():
     from premoe.core.quant import Fp8Blocks, Mxfp4
 
@@ -182,20 +212,31 @@ def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quant
     assert info.quant.method == CASES[case][1].split("/")[0]
     assert any(r.companion == "scale" for r in info.roles.values())
     if info.quant.method == "compressed-tensors":
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
         from compressed_tensors.quantization import QuantizationArgs
         from compressed_tensors.quantization.lifecycle.forward import dequantize
 
         fmt = info.quant
-        args = QuantizationArgs(
-            num_bits=8, type="float", strategy=fmt.strategy, block_structure=list(fmt.block) if fmt.block else None
-        )
+        if hasattr(fmt, "bits"):  # pack-quantized
+            strategy = "group" if fmt.group else "channel"
+            args = QuantizationArgs(num_bits=fmt.bits, type="int", strategy=strategy, group_size=fmt.group)
+        else:
+            block = list(fmt.block) if fmt.block else None
+            args = QuantizationArgs(num_bits=8, type="float", strategy=fmt.strategy, block_structure=block)
         checked = 0
         for name, role in info.roles.items():
             if role.companion == "scale":
                 main = fmt.companion(name)[0]
                 value, scale = info.checkpoint.tensor(main), info.checkpoint.tensor(name)
-                theirs = dequantize(value, scale, args=args, dtype=torch.float32)
-                assert torch.equal(fmt.dequant(value, scale, torch.float32), theirs), main
+                if value.dtype == torch.int32:
+                    shape = info.checkpoint.tensor(name.removesuffix("_scale") + "_shape").tolist()
+                    unpacked = unpack_from_int32(value, fmt.bits, torch.Size(shape))
+                    assert torch.equal(fmt.unpack(value)[..., : shape[-1]].to(torch.int8), unpacked)
+                    theirs = dequantize(unpacked, scale, args=args, dtype=torch.float32)
+                    assert torch.equal(fmt.dequant(value, scale, torch.float32)[..., : shape[-1]], theirs), main
+                else:
+                    theirs = dequantize(value, scale, args=args, dtype=torch.float32)
+                    assert torch.equal(fmt.dequant(value, scale, torch.float32), theirs), main
                 checked += 1
         assert checked
         return
@@ -460,8 +501,34 @@ def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, meth
 @pytest.mark.parametrize(
     "qc, match",
     [
-        ({"format": "pack-quantized"}, "format 'pack-quantized' is not supported"),
+        ({"format": "int-quantized"}, "format 'int-quantized' is not supported"),
         ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' is not supported"),
+        (
+            {
+                "format": "pack-quantized",
+                "config_groups": {
+                    "g": {
+                        "weights": {
+                            "type": "int",
+                            "num_bits": 4,
+                            "strategy": "group",
+                            "group_size": 128,
+                            "symmetric": False,
+                        }
+                    }
+                },
+            },
+            "symmetric=False",
+        ),
+        (
+            {
+                "format": "pack-quantized",
+                "config_groups": {
+                    "g": {"weights": {"type": "int", "num_bits": 2, "strategy": "group", "group_size": 8}}
+                },
+            },
+            "2 bits",
+        ),
         ({"format": "float-quantized", "config_groups": {}}, "name no weight quantisation"),
         (
             {

@@ -141,14 +141,16 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
       orientation (32 values per E8M0 scale), everything else as it is.
     * ``compressed-tensors`` (llm-compressor's ``float-quantized`` FP8, Qwen3 / GLM FP8 releases): the same
       matrices as ``fp8`` in float8_e4m3fn with ``weight_scale`` per output channel, or per ``block`` with
-      ``compressed-tensors/block``, or per tensor with ``compressed-tensors/tensor``.
+      ``compressed-tensors/block``, or per tensor with ``compressed-tensors/tensor``;
+      ``compressed-tensors/w4g16`` (``w8g16``, ``w4``...): ``pack-quantized`` symmetric INT4 (INT8) experts, one
+      scale per 16 inputs (per channel without ``g``), as Kimi-K2-Thinking's W4A16 release.
     """
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from premoe.core.quant import FORMATS, CompressedFp8, Fp8Blocks
+    from premoe.core.quant import FORMATS, CompressedFp8, CompressedPacked, CompressedTensors, Fp8Blocks
     from premoe.moe.model import inspect_model
 
     method, _, strategy = method.partition("/")
@@ -156,7 +158,10 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
         raise ValueError(f"unknown quantisation method {method!r}; choose from {', '.join(FORMATS)}")
     if FORMATS[method] is Fp8Blocks:
         fmt = Fp8Blocks(block)
-    elif FORMATS[method] is CompressedFp8:
+    elif FORMATS[method] is CompressedTensors and strategy.startswith("w"):
+        bits, _, group = strategy[1:].partition("g")
+        fmt = CompressedPacked(int(bits), int(group) if group else None)
+    elif FORMATS[method] is CompressedTensors:
         fmt = CompressedFp8(strategy or "channel", block if strategy == "block" else None)
     else:
         fmt = FORMATS[method]()

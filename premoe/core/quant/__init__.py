@@ -5,9 +5,10 @@ source's format and ``quantization_config`` is kept as is (what vLLM/SGLang load
 Anything that runs the model dequantises one tensor at a time through the format's :meth:`dequant`.
 Formats: :class:`~premoe.core.quant.base.Plain` (no ``quantization_config``),
 :class:`~premoe.core.quant.fp8.Fp8Blocks` (``"fp8"``), :class:`~premoe.core.quant.mxfp4.Mxfp4`
-(``"mxfp4"``), :class:`~premoe.core.quant.compressed.CompressedFp8` (``"compressed-tensors"``, its
-``float-quantized`` FP8 only). Any other ``quant_method`` or compressed-tensors format (GPTQ, AWQ,
-``pack-quantized``, bitsandbytes...) is refused before any work, never misread.
+(``"mxfp4"``), compressed-tensors (``"compressed-tensors"``: :class:`~premoe.core.quant.compressed.CompressedFp8`
+for ``float-quantized`` FP8, :class:`~premoe.core.quant.compressed.CompressedPacked` for symmetric
+``pack-quantized`` INT4/INT8). Any other ``quant_method`` or compressed-tensors format (GPTQ, AWQ, NVFP4,
+bitsandbytes...) is refused before any work, never misread.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from premoe.core.quant.base import FP8_DTYPES, Plain, QuantFormat
-from premoe.core.quant.compressed import CompressedFp8
+from premoe.core.quant.compressed import CompressedFp8, CompressedPacked, CompressedTensors
 from premoe.core.quant.fp8 import Fp8Blocks, check_fp8_pair, dequant_fp8, fp8_scale_shape, quantize_fp8
 from premoe.core.quant.mxfp4 import FP4_VALUES, MXFP4_GROUP, Mxfp4, check_mxfp4_pair, dequant_mxfp4, quantize_mxfp4
 from premoe.errors import UnsupportedModelError
 
-FORMATS: dict[str, type[QuantFormat]] = {"fp8": Fp8Blocks, "mxfp4": Mxfp4, "compressed-tensors": CompressedFp8}
+FORMATS: dict[str, type] = {"fp8": Fp8Blocks, "mxfp4": Mxfp4, "compressed-tensors": CompressedTensors}
 
 __all__ = [
     "FORMATS",
@@ -31,6 +32,8 @@ __all__ = [
     "Plain",
     "Fp8Blocks",
     "CompressedFp8",
+    "CompressedPacked",
+    "CompressedTensors",
     "Mxfp4",
     "quant_format",
     "check_fp8_pair",

@@ -1,12 +1,18 @@
 """compressed-tensors checkpoints (``quant_method: "compressed-tensors"``), as llm-compressor writes them.
 
-Read: ``format: "float-quantized"`` FP8 weights, the layout many Qwen3 / GLM FP8 releases use: ``*.weight``
-in float8 (e4m3) with ``*.weight_scale`` per tensor ([1]), per output channel ([out, 1]) or per block
-(``block_structure``, [ceil(out/b0), ceil(in/b1)]); static activation scales (``*.input_scale``) ride along.
-Dequantised as compressed-tensors does: the fp32 product of each value and its scale, then the model's dtype.
+Read:
 
-Refused in one line, naming what is read: every other compressed-tensors format (``pack-quantized`` INT4/INT8,
-``nvfp4-pack-quantized``, ``int-quantized``...), asymmetric or non-8-bit float weights, other strategies.
+* ``format: "float-quantized"`` FP8 weights, the layout many Qwen3 / GLM FP8 releases use: ``*.weight`` in
+  float8 (e4m3) with ``*.weight_scale`` per tensor ([1]), per output channel ([out, 1]) or per block
+  (``block_structure``, [ceil(out/b0), ceil(in/b1)]); static activation scales (``*.input_scale``) ride along.
+* ``format: "pack-quantized"`` symmetric INT4 / INT8 weights (W4A16 / W8A16, as Kimi-K2-Thinking ships):
+  ``*.weight_packed`` (int32, 32 / bits values per word, element i at bit i * bits, offset by 2^(bits-1)),
+  ``*.weight_scale`` per group of ``group_size`` inputs ([out, in / group]) or per channel ([out, 1]),
+  ``*.weight_shape`` (the unpacked shape).
+
+Dequantised as compressed-tensors does: each value in its scale's dtype times the scale, then the model's dtype.
+Refused in one line, naming what is read: every other format (``nvfp4-pack-quantized``, ``int-quantized``...),
+asymmetric weights (zero points), other bit widths and strategies.
 """
 
 from __future__ import annotations
@@ -17,11 +23,52 @@ from typing import Any, ClassVar
 import torch
 
 from premoe.core.quant.base import FP8_DTYPES, QuantFormat
-from premoe.core.quant.fp8 import dequant_fp8, quantize_fp8
+from premoe.core.quant.fp8 import _expand, quantize_fp8
 from premoe.errors import CheckpointError, UnsupportedModelError
 
 STRATEGIES = ("tensor", "channel", "block")
-READS = 'compressed-tensors "float-quantized" FP8 weights (tensor, channel or block scales)'
+READS = (
+    'compressed-tensors "float-quantized" FP8 weights (tensor, channel or block scales) and "pack-quantized" '
+    "symmetric INT4/INT8 weights (group or channel scales)"
+)
+
+
+def weight_scheme(qc: dict[str, Any]) -> dict[str, Any]:
+    """The one weight quantisation scheme of a compressed-tensors config (its ``config_groups``).
+
+    Raises:
+        UnsupportedModelError: no weight scheme, or several different ones.
+    """
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    weights = [g.get("weights") for g in groups if g.get("weights")]
+    if not weights:
+        raise UnsupportedModelError("compressed-tensors config_groups name no weight quantisation; fix the config")
+    keys = ("type", "num_bits", "symmetric", "strategy", "group_size", "block_structure")
+    kinds = {tuple(str(w.get(k)) for k in keys) for w in weights}
+    if len(kinds) != 1:
+        raise UnsupportedModelError(
+            "compressed-tensors config_groups quantise weights in several ways; premoe reads one scheme per model"
+        )
+    return weights[0]
+
+
+class CompressedTensors:
+    """``quant_method: "compressed-tensors"``: the class of its ``format`` (:class:`CompressedFp8`,
+    :class:`CompressedPacked`)."""
+
+    method: ClassVar[str] = "compressed-tensors"
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]):
+        fmt = qc.get("format")
+        if fmt == "float-quantized":
+            return CompressedFp8.from_config(qc)
+        if fmt == "pack-quantized":
+            return CompressedPacked.from_config(qc)
+        raise UnsupportedModelError(
+            f"compressed-tensors format {fmt!r} is not supported: premoe reads {READS}; dequantise the model "
+            "first or use another release"
+        )
 
 
 class CompressedFp8(QuantFormat):
@@ -35,30 +82,16 @@ class CompressedFp8(QuantFormat):
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> "CompressedFp8":
-        """Raises UnsupportedModelError: a format, strategy or weight type premoe does not read."""
-        fmt = qc.get("format")
-        if fmt != "float-quantized":
-            raise UnsupportedModelError(
-                f"compressed-tensors format {fmt!r} is not supported: premoe reads {READS}; dequantise the model "
-                "first or use another release"
-            )
-        groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
-        weights = [g.get("weights") for g in groups if g.get("weights")]
-        if not weights:
-            raise UnsupportedModelError("compressed-tensors config_groups name no weight quantisation; fix the config")
-        kinds = {(w.get("type"), w.get("num_bits"), w.get("symmetric", True), w.get("strategy")) for w in weights}
-        blocks = {tuple(w.get("block_structure") or ()) for w in weights}
-        if len(kinds) != 1 or len(blocks) != 1:
-            raise UnsupportedModelError(
-                "compressed-tensors config_groups quantise weights in several ways; premoe reads one scheme per model"
-            )
-        (kind, bits, symmetric, strategy), block = kinds.pop(), blocks.pop()
+        """Raises UnsupportedModelError: a strategy or weight type premoe does not read."""
+        w = weight_scheme(qc)
+        kind, bits, symmetric, strategy = w.get("type"), w.get("num_bits"), w.get("symmetric", True), w.get("strategy")
         if kind != "float" or bits != 8 or not symmetric or strategy not in STRATEGIES:
             raise UnsupportedModelError(
-                f"compressed-tensors weights of type {kind!r}, {bits} bits, symmetric={symmetric}, strategy "
-                f"{strategy!r} are not supported: premoe reads {READS}"
+                f"compressed-tensors float-quantized weights of type {kind!r}, {bits} bits, symmetric={symmetric}, "
+                f"strategy {strategy!r} are not supported: premoe reads {READS}"
             )
         if strategy == "block":
+            block = tuple(w.get("block_structure") or ())
             if not (len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
                 raise UnsupportedModelError(
                     f"compressed-tensors block_structure must be two positive integers, got {list(block)}"
@@ -107,14 +140,15 @@ class CompressedFp8(QuantFormat):
             )
 
     def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """As compressed-tensors dequantises: the values in the scale's dtype times their scale, then ``dtype``."""
+        s = scale
         if self.strategy == "block":
-            return dequant_fp8(value, scale, self.block, dtype)
-        s = scale.to(torch.float32)
-        if self.strategy == "channel":
+            s = _expand(s, *value.shape[-2:], self.block)
+        elif self.strategy == "channel":
             s = s.reshape(*value.shape[:-1], 1)
         else:
             s = s.reshape(*value.shape[:-2], 1, 1) if s.numel() > 1 else s.reshape(())
-        return (value.to(torch.float32) * s).to(dtype)
+        return (value.to(s.dtype) * s).to(dtype)
 
     def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
         return nbytes * itemsize if stored_dtype in FP8_DTYPES else nbytes
@@ -172,4 +206,141 @@ class CompressedFp8(QuantFormat):
                 }
             },
             "ignore": ["lm_head", "re:.*mlp.gate$"],
+        }
+
+
+class CompressedPacked(QuantFormat):
+    """compressed-tensors ``pack-quantized``: symmetric ``bits``-bit integers (4 or 8) packed into int32, one
+    scale per ``group`` inputs (``None``: per output channel)."""
+
+    method: ClassVar[str | None] = "compressed-tensors"
+
+    def __init__(self, bits: int = 4, group: int | None = 128):
+        self.bits, self.group = bits, group
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]) -> "CompressedPacked":
+        """Raises UnsupportedModelError: asymmetric weights, other bit widths or strategies."""
+        w = weight_scheme(qc)
+        kind, bits, symmetric, strategy = w.get("type"), w.get("num_bits"), w.get("symmetric", True), w.get("strategy")
+        group = w.get("group_size")
+        ok = kind == "int" and bits in (4, 8) and symmetric and strategy in ("group", "channel")
+        if not ok or (strategy == "group" and not (isinstance(group, int) and group > 0)):
+            raise UnsupportedModelError(
+                f"compressed-tensors pack-quantized weights of type {kind!r}, {bits} bits, symmetric={symmetric}, "
+                f"strategy {strategy!r}, group_size {group!r} are not supported: premoe reads {READS}"
+            )
+        return cls(int(bits), int(group) if strategy == "group" else None)
+
+    @property
+    def transformers_reloads(self) -> bool:
+        """transformers cannot fuse packed per-expert weights into its fused experts (source or export)."""
+        return False
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def label(self) -> str:
+        return f"compressed-tensors int{self.bits} ({f'groups of {self.group}' if self.group else 'per channel'})"
+
+    def companion(self, key: str) -> tuple[str, str] | None:
+        """``x.weight_scale`` and ``x.weight_shape`` belong to ``x.weight_packed`` (the main tensor)."""
+        for suffix, kind in (("weight_scale", "scale"), ("weight_shape", "shape"), ("weight_zero_point", "zero")):
+            if key.endswith(suffix):
+                return key.removesuffix(suffix) + "weight_packed", kind
+        return None
+
+    def target(self, key: str) -> str:
+        """``x.weight_packed`` stands for ``x.weight`` in memory."""
+        return key.removesuffix("_packed") if key.endswith("weight_packed") else key
+
+    def check_tensor(self, key: str, info: Any, scale_key: str | None, scale_info: Any) -> None:
+        if not key.endswith("weight_packed"):
+            super().check_tensor(key, info, scale_key, scale_info)
+            return
+        if info.dtype != "I32" or scale_key is None:
+            raise CheckpointError(f"{key} must be int32 with a {key.removesuffix('_packed')}_scale beside it")
+        *lead, rows, words = info.shape
+        cols = words * self.per_word
+        want = (*lead, rows, 1) if self.group is None else (*lead, rows, -(-cols // self.group))
+        if tuple(scale_info.shape) != want or (self.group is not None and cols % self.group):
+            raise CheckpointError(
+                f"{scale_key} has shape {list(scale_info.shape)} but {key} {list(info.shape)} ({cols} inputs) with "
+                f"{self.label} scales needs {list(want)}; the group size does not divide the inputs or the scales "
+                "do not match the quantization_config"
+            )
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """int32 words -> the signed integers they hold, [..., words * 32 / bits] (little-endian bit order)."""
+        raw = packed.contiguous().view(torch.uint8)
+        if self.bits == 4:
+            raw = torch.stack((raw & 0x0F, raw >> 4), dim=-1).flatten(-2)
+        return raw.to(torch.int16) - (1 << (self.bits - 1))
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Signed integers [..., C] -> int32 words (C padded to whole words): the inverse of :meth:`unpack`."""
+        cols = q.shape[-1]
+        u = (q.to(torch.int16) + (1 << (self.bits - 1))).to(torch.uint8)
+        u = torch.nn.functional.pad(u, (0, -cols % self.per_word))  # padding: zero bits, after the offset
+        if self.bits == 4:
+            u = u[..., 0::2] | (u[..., 1::2] << 4)
+        return u.contiguous().view(torch.int32)
+
+    def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """As compressed-tensors dequantises: the integers in the scale's dtype times their scale, then
+        ``dtype`` ([..., words * 32 / bits] columns; a group size dividing the inputs, as checked, leaves none over)."""
+        q = self.unpack(value).to(scale.dtype)
+        if self.group is None:
+            return (q * scale).to(dtype)
+        s = scale.repeat_interleave(self.group, dim=-1)
+        return (q[..., : s.shape[-1]] * s).to(dtype)
+
+    def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
+        return nbytes * (self.per_word // 4) * itemsize if key.endswith("weight_packed") else nbytes
+
+    def quantizes(self, key: str, tensor: torch.Tensor, role: Any) -> bool:
+        """The experts' weight matrices (W4A16 releases keep attention in bf16)."""
+        return tensor.dim() == 2 and key.endswith(".weight") and role.kind == "expert"
+
+    def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
+        """``key_packed``, ``key_scale`` (bf16) and ``key_shape``, round to nearest as compressed-tensors does:
+        scale = max|x| / ((2^bits - 1) / 2) per group, rounded to bf16 (0 becomes bf16's eps), then
+        q = clamp(round(x / scale), -2^(bits-1), 2^(bits-1) - 1)."""
+        x = tensor.float()
+        rows, cols = x.shape[-2:]
+        if self.group is not None and cols % self.group:
+            raise ValueError(f"group size {self.group} does not divide {cols} inputs")
+        g = x.unflatten(-1, (-1, self.group)) if self.group is not None else x.unsqueeze(-2)
+        scale = (g.abs().amax(dim=-1) / ((2**self.bits - 1) / 2)).to(torch.bfloat16)
+        scale = torch.where(scale == 0, torch.tensor(torch.finfo(torch.bfloat16).eps, dtype=torch.bfloat16), scale)
+        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        q = torch.clamp(torch.round(g / scale.float().unsqueeze(-1)), lo, hi).flatten(-2).to(torch.int16)
+        shape = torch.tensor([rows, cols], dtype=torch.int64)
+        return {
+            f"{key}_packed": self.pack(q),
+            f"{key}_scale": scale.reshape(*x.shape[:-2], rows, -1),
+            f"{key}_shape": shape,
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": self.bits,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "group" if self.group else "channel",
+                        "group_size": self.group,
+                        "dynamic": False,
+                    },
+                }
+            },
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:.*shared_expert.*"],
         }
