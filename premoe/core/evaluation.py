@@ -256,22 +256,23 @@ def score(
     gen: list[dict],
     mc: list[dict],
     records: list[tuple[str, str]] | None,
-    *,
-    batch_size: int,
+    run,
     max_new_tokens: int | None,
     window: int,
-    progress: bool,
 ) -> dict:
-    """Every metric ``premoe eval`` reports for one built model: ``exact_match`` over ``gen``, ``mc_accuracy``
-    over ``mc``, ``perplexity`` over ``records`` (each ``None`` when there is nothing of its kind)."""
+    """Every metric ``premoe eval`` reports for one built model (``run``: its
+    :class:`premoe.core.options.RunOptions`, batch size and progress): ``exact_match`` over ``gen``,
+    ``mc_accuracy`` over ``mc``, ``perplexity`` over ``records`` (each ``None`` when there is nothing of its kind)."""
     out: dict = {
-        "exact_match": exact_match(model, tokenizer, gen, batch_size, max_new_tokens, progress) if gen else None,
+        "exact_match": exact_match(model, tokenizer, gen, run.batch_size, max_new_tokens, run.progress)
+        if gen
+        else None,
         "generate_samples": len(gen),
-        "mc_accuracy": choice_accuracy(model, tokenizer, mc, progress=progress) if mc else None,
+        "mc_accuracy": choice_accuracy(model, tokenizer, mc, progress=run.progress) if mc else None,
         "mc_samples": len(mc),
         "perplexity": None,
     }
     if records:
-        ppl = perplexity(model, tokenizer, records, window, progress=progress)
+        ppl = perplexity(model, tokenizer, records, window, progress=run.progress)
         out.update(perplexity=ppl["perplexity"], nll=ppl["nll"], perplexity_tokens=ppl["tokens"], window=window)
     return out

@@ -40,19 +40,7 @@ def evaluate_dense(
         }
     if perplexity is not None:
         out["perplexity_file"] = str(perplexity)
-    out.update(
-        score(
-            net,
-            tok,
-            gen,
-            mc,
-            records,
-            batch_size=run.batch_size,
-            max_new_tokens=max_new_tokens,
-            window=window,
-            progress=run.progress,
-        )
-    )
+    out.update(score(net, tok, gen, mc, records, run, max_new_tokens, window))
     if plan is not None:
         sparsity = plan.info["sparsity"]
         out.update(

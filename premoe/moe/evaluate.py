@@ -84,19 +84,7 @@ def evaluate_moe(
                 select_kernel(net)
             result["streamed"] = lazy
             tokenizer = load_tokenizer(info.path)
-        result.update(
-            score(
-                net,
-                tokenizer,
-                gen,
-                mc,
-                records,
-                batch_size=run.batch_size,
-                max_new_tokens=max_new_tokens,
-                window=window,
-                progress=run.progress,
-            )
-        )
+        result.update(score(net, tokenizer, gen, mc, records, run, max_new_tokens, window))
         if reader.bytes_read:
             result["bytes_read"] = reader.bytes_read
     return result

@@ -113,5 +113,18 @@ class QuantFormat:
         return (value.transpose(-1, -2) if transposed else value).to(dtype)
 
 
+def linear_weight(key: str, tensor: torch.Tensor, role: Any) -> bool:
+    """Whether ``key`` is a linear weight matrix FP8 releases quantise: attention, dense and shared MLPs, every
+    expert; not the embeddings, LM head, norms or router."""
+    return (
+        tensor.dim() == 2
+        and key.endswith(".weight")
+        and role.kind in ("expert", "other")
+        and "embed" not in key
+        and "lm_head" not in key
+        and "norm" not in key
+    )
+
+
 class Plain(QuantFormat):
     """Unquantised weights (bf16, fp16, fp32)."""

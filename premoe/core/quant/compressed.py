@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from premoe.core.quant.base import FP8_DTYPES, QuantFormat
+from premoe.core.quant.base import FP8_DTYPES, QuantFormat, linear_weight
 from premoe.core.quant.fp8 import _expand, quantize_fp8
 from premoe.errors import CheckpointError, UnsupportedModelError
 
@@ -156,14 +156,7 @@ class CompressedFp8(QuantFormat):
     def quantizes(self, key: str, tensor: torch.Tensor, role: Any) -> bool:
         """Every linear weight matrix (attention, dense and shared MLPs, every expert); not the embeddings, LM
         head, norms or router (llm-compressor's usual ``ignore``)."""
-        return (
-            tensor.dim() == 2
-            and key.endswith(".weight")
-            and role.kind in ("expert", "other")
-            and "embed" not in key
-            and "lm_head" not in key
-            and "norm" not in key
-        )
+        return linear_weight(key, tensor, role)
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
         """``key`` and ``key_scale``: blocks as vLLM quantises them (:func:`premoe.core.quant.fp8.quantize_fp8`);

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from premoe.core.quant.base import FP8_DTYPES, QuantFormat
+from premoe.core.quant.base import FP8_DTYPES, QuantFormat, linear_weight
 from premoe.errors import CheckpointError, UnsupportedModelError
 
 
@@ -69,16 +69,7 @@ class Fp8Blocks(QuantFormat):
     def quantizes(self, key: str, tensor: torch.Tensor, role: Any) -> bool:
         """Every linear weight matrix (attention, dense and shared MLPs, every expert, fused experts); not the
         embeddings, LM head, norms or router."""
-        if role.kind == "fused" and tensor.dim() == 3:
-            return True
-        return (
-            tensor.dim() == 2
-            and key.endswith(".weight")
-            and role.kind in ("expert", "other")
-            and "embed" not in key
-            and "lm_head" not in key
-            and "norm" not in key
-        )
+        return (role.kind == "fused" and tensor.dim() == 3) or linear_weight(key, tensor, role)
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
         q, s = quantize_fp8(tensor, self.block, ue8m0=self.ue8m0)
