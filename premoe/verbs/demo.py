@@ -119,7 +119,7 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
     for t in tasks:
         dense[t], nll[t] = _measure(lm.model, lm.tokenizer, evals[t])
         step(f"dense {t}")
-    rows = [_row("dense", E, dense_bytes, dense, nll)]
+    rows = [_row("dense", dense_bytes, dense, nll, keep=E)]
 
     prune_times = []
     for keep in keeps:
@@ -138,7 +138,7 @@ def _run(model: Path, work: Path, keeps, eval_samples, calib_samples, tasks, pro
                 for t in (t for t, p in pattern_for.items() if p == pattern):
                     acc[t], nll[t] = _measure(pruned.model, pruned.tokenizer, evals[t])
                 step(f"{method} keep {keep}")
-            rows.append(_row(method, keep, nbytes, {t: acc[t] for t in tasks}, nll))
+            rows.append(_row(method, nbytes, {t: acc[t] for t in tasks}, nll, keep=keep))
     bar.close()
     timings["prune_per_model_s"] = sum(prune_times) / len(prune_times) if prune_times else 0.0
     timings["total_s"] = time.perf_counter() - t_start
@@ -198,7 +198,7 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     for t in tasks:
         dense[t], nll[t] = _measure(lm, tok, evals[t])
         bar.update(1)
-    rows = [_dense_row("dense", 0.0, info.checkpoint.nbytes, dense, nll)]
+    rows = [_row("dense", info.checkpoint.nbytes, dense, nll, sparsity=0.0)]
     for s in sparsities:
         for method in DENSE_METHODS:
             base, refit = method.removesuffix("+refit"), method.endswith("+refit")
@@ -224,7 +224,7 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
                 for t in [pattern] if per_task else tasks:
                     acc[t], nll[t] = _measure(net, ptok, evals[t])
                     bar.update(1)
-            rows.append({**_dense_row(method, counted, nbytes, {t: acc[t] for t in tasks}, nll), "requested": s})
+            rows.append({**_row(method, nbytes, {t: acc[t] for t in tasks}, nll, sparsity=counted), "requested": s})
     bar.close()
     for r in rows:
         r["retention"] = r["mean"] / rows[0]["mean"] if rows[0]["mean"] else 0.0
@@ -243,17 +243,6 @@ def _run_dense(model: Path, work: Path, sparsities, eval_samples, calib_samples,
     }
 
 
-def _dense_row(method: str, sparsity: float, nbytes: int, acc: dict[str, float], nll: dict) -> dict[str, Any]:
-    return {
-        "method": method,
-        "sparsity": sparsity,
-        "bytes": nbytes,
-        "accuracy": acc,
-        "mean": sum(acc.values()) / len(acc),
-        "perplexity": _perplexity(nll),
-    }
-
-
 def _measure(model, tokenizer, rows: list[dict]) -> tuple[float, tuple[float, int]]:
     """Exact match on held-out ``rows`` and the NLL of their completions (sum over tokens, tokens)."""
     from premoe.core.evaluation import exact_match, perplexity
@@ -267,10 +256,11 @@ def _perplexity(nll: dict[str, tuple[float, int]]) -> float:
     return math.exp(sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values()))
 
 
-def _row(method: str, keep: int, nbytes: int, acc: dict[str, float], nll: dict) -> dict[str, Any]:
+def _row(method: str, nbytes: int, acc: dict[str, float], nll: dict, **size) -> dict[str, Any]:
+    """One row of a demo table; ``size``: ``keep=`` (MoE experts) or ``sparsity=`` (dense weights removed)."""
     return {
         "method": method,
-        "keep": keep,
+        **size,
         "bytes": nbytes,
         "accuracy": acc,
         "mean": sum(acc.values()) / len(acc),
