@@ -59,6 +59,7 @@ class ExportResult:
             f", {p.scorer}"
             + (f", re-fitted on {fit['tokens']} tokens" if "tokens" in fit else "")
             + (f", not re-fitted: {fit['skipped']}" if "skipped" in fit else "")
+            + (f", experts in {p.quantize.describe()}" if p.quantize is not None else "")
         )
         return (
             f"pruned to {p.top_k}/{p.keep} (top-k/experts per layer, from {p.top_k_before}/{p.num_experts}{how}) "
@@ -122,9 +123,15 @@ def plan_tensors(
     expert id sits in the key; fused expert tensors, router rows and biases (and scales with an
     expert dimension) are sliced along it. Zero-computation experts keep their slots after the kept
     experts. Everything else is copied as it is. With ``refit`` the kept experts' down projections and
-    router rows it holds replace the source's (:mod:`premoe.moe.refit_checkpoint`).
+    router rows it holds replace the source's (:mod:`premoe.moe.refit_checkpoint`); with ``plan.quantize`` the
+    kept experts' weight matrices are written quantised (:mod:`premoe.moe.quantize`).
     """
     down = down_targets(info) if refit is not None else {}
+    quantizer = None
+    if plan.quantize is not None:
+        from premoe.moe.quantize import ExportQuantizer
+
+        quantizer = ExportQuantizer(info, plan.quantize, down_targets(info), refit)
     out, dropped = [], []
     slots = {layer: info.slots(ids) for layer, ids in plan.kept.items()}
     position = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in slots.items()}
@@ -139,7 +146,9 @@ def plan_tensors(
             if new is not None:
                 a, b = role.span
                 renamed = f"{name[:a]}{new}{name[b:]}"
-                if _is_down(role, down) and refit.has(role.layer, role.expert):
+                if quantizer is not None and quantizer.handles(name):
+                    out += quantizer.tensors(name, renamed, role)
+                elif _is_down(role, down) and refit.has(role.layer, role.expert):
                     make = _refitted_expert(info, refit, name, role, t.dtype)
                     out.append(OutTensor(renamed, t.dtype, t.shape, make=make))
                 else:
@@ -184,6 +193,9 @@ def pruned_config(info: ModelInfo, plan: PrunePlan, dropped_layers: bool) -> dic
     }
     if plan.refit:
         cfg["premoe"]["refit"] = plan.refit
+    if plan.quantize is not None:
+        cfg["quantization_config"] = plan.quantize.config()
+        cfg["premoe"]["quantize"] = plan.quantize.about()
     return cfg
 
 

@@ -17,7 +17,7 @@ from premoe.core.data import CalibrationData
 from premoe.core.options import EngineOptions, MemoryOptions, Options, RefitOptions, RunOptions, SignatureSpec
 from premoe.core.store import PatternStore
 from premoe.moe.model import ModelInfo, as_info
-from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
+from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep, QuantizeOptions
 from premoe.moe.plans import PrunePlan
 
 # what generate, chat and serve take: a task server's options
@@ -31,8 +31,8 @@ class MoeKind:
     accepts: ClassVar[dict[str, tuple[type[Options] | str, ...]]] = {
         "calibrate": (RunOptions, MemoryOptions, MoeCalibration, "refit_keep"),
         "refit": (MoeSelection, RefitOptions),
-        "plan": (MoeSelection, RefitOptions),
-        "prune": (MoeSelection, RefitOptions),
+        "plan": (MoeSelection, RefitOptions, QuantizeOptions),
+        "prune": (MoeSelection, RefitOptions, QuantizeOptions),
         "eval": (RunOptions, MemoryOptions, MoeSelection, RefitOptions),
         "route": (RunOptions, SignatureSpec),
         "generate": SERVING,
@@ -81,17 +81,22 @@ class MoeKind:
         refit: RefitOptions,
         progress: bool,
         seed: int = 0,
+        quantize: QuantizeOptions | None = None,
     ) -> PrunePlan:
         """The pattern's plan (every stored task pooled with ``agnostic``), its kept experts re-fitted as
-        ``refit`` says (the rows held in ``plan.weights`` until :meth:`PrunePlan.close`)."""
+        ``refit`` says (the rows held in ``plan.weights`` until :meth:`PrunePlan.close`) and, with ``quantize``,
+        written quantised by the export (GPTQ's rounding made in the re-fit's pass)."""
         from premoe.moe.patterns import load_pattern, plan_from_pattern
+        from premoe.moe.quantize import resolve_quantize
         from premoe.moe.refit_checkpoint import refit_for
 
         chosen = selection.resolve(info.router)  # an impossible keep fails before the store is read
+        quant = resolve_quantize(info, quantize)
         st = PatternStore.open(store)
         st.check_model(info.fingerprint)
         plan = plan_from_pattern(info, load_pattern(st, task, agnostic), chosen, seed=seed)
-        refit_for(info, st, plan, task, agnostic, refit, progress)
+        plan.quantize = quant
+        refit_for(info, st, plan, task, agnostic, refit, progress, quantize=quant)
         return plan
 
     def export(self, info: ModelInfo, plan: PrunePlan, out: Path, *, overwrite: bool, verify: bool, progress: bool):

@@ -15,6 +15,9 @@ SCORER_NAMES = ("tcess", "official", "frequency", "reap", "ean", "easyep", "reco
 GROUP_POLICIES = ("balanced", "flatten")
 # premoe.moe.compensate.COMPENSATIONS implements these (premoe sweep --variants)
 COMPENSATION_NAMES = ("refit", "scale", "merge", "merge+refit", "router", "refit+router")
+# premoe.moe.quantize writes these: scheme -> (weight type, bits)
+QUANT_SCHEMES = {"w4a16": ("int", 4), "w8a16": ("int", 8), "fp8": ("float", 8)}
+ROUNDINGS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,54 @@ class MoeSweep(Options):
             check_int("keeps", k)
         for s in self.scorers:
             check_choice("scorers", s, SCORER_NAMES, optional=False)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(Options):
+    """``premoe prune --quantize``: the kept experts written quantised in compressed-tensors format
+    (:mod:`premoe.moe.quantize`)."""
+
+    kind: ClassVar[str | None] = "moe"
+    quantize: str | None = option(
+        None,
+        "MoE: write the kept experts quantised in compressed-tensors format, as vLLM serves it: w4a16/w8a16 "
+        "(INT4/INT8 weights, a bf16 scale per group of inputs) or fp8 (128x128 blocks); bf16/fp16/fp32 sources",
+        choices=tuple(QUANT_SCHEMES),
+    )
+    quantize_rounding: str | None = option(
+        None,
+        "w4a16/w8a16: gptq (default; with the re-fit's input Gram matrices, one pass over the calibration data) "
+        "or rtn (round to nearest, no pass); fp8 rounds to nearest",
+        choices=ROUNDINGS,
+    )
+    quantize_group: int | None = option(
+        None,
+        "w4a16/w8a16: inputs per scale (default 128, or the largest of 64/32/16 dividing every expert's inputs)",
+        type=int,
+    )
+
+    def __post_init__(self):
+        check_choice("quantize", self.quantize, tuple(QUANT_SCHEMES))
+        check_choice("quantize_rounding", self.quantize_rounding, ROUNDINGS)
+        check_int("quantize_group", self.quantize_group)
+        if self.quantize is None and (self.quantize_rounding or self.quantize_group):
+            raise InputError("`quantize_rounding` and `quantize_group` need `quantize`")
+        if self.float_weights and (self.quantize_rounding == "gptq" or self.quantize_group):
+            raise InputError(
+                "`quantize` fp8 rounds 128x128 blocks to nearest; `quantize_rounding` gptq and `quantize_group` "
+                "apply to w4a16/w8a16"
+            )
+
+    @property
+    def float_weights(self) -> bool:
+        """Whether the scheme stores floating-point weights (FP8 blocks) rather than integers."""
+        return QUANT_SCHEMES.get(self.quantize, ("", 0))[0] == "float"
+
+    @property
+    def bits(self) -> int:
+        return QUANT_SCHEMES[self.quantize][1]
+
+    @property
+    def rounding(self) -> str:
+        """The rounding used: as given, else GPTQ for integer schemes and round-to-nearest for FP8."""
+        return self.quantize_rounding or ("rtn" if self.float_weights else "gptq")

@@ -45,6 +45,7 @@ class PrunePlan:
     source: dict[str, Any] = field(default_factory=dict)
     refit: dict[str, Any] | None = None  # how the kept experts were re-fitted (premoe.moe.refit), if they were
     weights: Any = field(default=None, repr=False, compare=False)  # premoe.moe.refit_checkpoint.RefitWeights
+    quantize: Any = field(default=None, repr=False, compare=False)  # premoe.moe.quantize.ExpertQuant (export)
 
     @property
     def keep(self) -> int:
@@ -56,14 +57,17 @@ class PrunePlan:
             self.weights.close()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "weights"}
+        skip = ("weights", "quantize")
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        if self.quantize is not None:
+            d["quantize"] = self.quantize.about()
         d["kept"] = {str(k): v for k, v in self.kept.items()}
         d["keep"] = self.keep
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrunePlan":
-        d = {k: v for k, v in d.items() if k not in ("keep", "weights")}
+        d = {k: v for k, v in d.items() if k not in ("keep", "weights", "quantize")}
         d["kept"] = {int(k): list(v) for k, v in d["kept"].items()}
         return cls(**d)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -236,12 +237,16 @@ ROUTER_CANDIDATES = 2  # x top-k: the kept experts per token (best first) the re
 class RefitSolver:
     """How a checkpoint's kept experts are re-fitted: calibration ``tokens`` per layer, the ridge ``lam``
     toward the original weights, block Gauss-Seidel ``sweeps``, and whether the kept experts' ``router``
-    rows are re-fitted too (:func:`router_delta`)."""
+    rows are re-fitted too (:func:`router_delta`). ``down=False`` keeps the down projections as they are;
+    ``quantize`` (a :class:`premoe.moe.quantize.ExpertQuant` with GPTQ) rounds the kept experts with the
+    pass's input Gram matrices after the re-fit."""
 
     tokens: int = TOKENS
     lam: float = LAM
     sweeps: int = SWEEPS
     router: bool = True
+    down: bool = True
+    quantize: Any = None
 
 
 def router_weight_path(layer: MoeLayer) -> str | None:

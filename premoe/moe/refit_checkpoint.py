@@ -53,6 +53,7 @@ class RefitWeights:
         self.experts: dict[int, list[int]] = {}  # layer -> re-fitted experts (original ids)
         self.routers: dict[int, list[str]] = {}  # layer -> router weights with re-fitted rows (in-memory names)
         self._formats: dict[int, tuple | None] = {}  # layer -> (format, transposed, dtype, shape) if quantised
+        self._quantized: dict[int, set[str]] = {}  # layer -> checkpoint keys `--quantize` rounded by GPTQ
 
     @classmethod
     def open(cls, directory: str | Path, about: dict[str, Any]) -> "RefitWeights":
@@ -115,6 +116,22 @@ class RefitWeights:
         save_file(tensors, self._file(layer), metadata=meta or None)
         self.experts[layer] = sorted(weights)
         self.routers[layer] = sorted(routers or {})
+
+    def put_quantized(self, layer: int, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Store a layer's kept expert weights as ``premoe prune --quantize`` rounded them: {checkpoint key:
+        its stored parts} (:func:`premoe.moe.quantize.quantize_layer`)."""
+        if not parts:
+            return
+        tensors = {f"{key}|{p}": t.contiguous() for key, d in parts.items() for p, t in d.items()}
+        save_file(tensors, str(self.path / f"quant{layer}.safetensors"))
+        self._quantized[layer] = set(parts)
+
+    def quantized(self, layer: int | None, key: str) -> dict[str, torch.Tensor] | None:
+        """Checkpoint key ``key``'s stored parts as :meth:`put_quantized` stored them, if it did."""
+        if key not in self._quantized.get(layer, ()):
+            return None
+        with safe_open(str(self.path / f"quant{layer}.safetensors"), "pt") as f:
+            return {k.split("|", 1)[1]: f.get_tensor(k) for k in f.keys() if k.split("|", 1)[0] == key}
 
     def encoded(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Expert ``expert``'s stored parts, named as :meth:`QuantFormat.encode` names those of key :data:`PART`
@@ -301,12 +318,17 @@ def refit_models(
         dt = stored(downs[m.index])
         name = router_target(info, m.index) if router else None
         path = name.removeprefix(info.layout.moe[m.index]["prefix"] + ".") if name else None
-        if y is None:
+        if y is None and solver.down:
             y = dense_output(m, h.to(m.experts.down_proj.device, torch.float32), z, info.router).float()
         for plan, routing, out in zip(plans, routings, outs):
             out.about["tokens"] = len(h)
             kept = sorted(plan.kept[m.index])
-            new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y)
+            new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y) if solver.down else {}
+            if solver.quantize is not None:
+                from premoe.moe.quantize import quantize_layer
+
+                parts = quantize_layer(info, m, h, z, kept, routing, new, downs[m.index], solver.quantize)
+                out.put_quantized(m.index, parts)
             rows = {}
             if new and path is not None and path in m.router_tensors:
                 w = m.tensor(path)
@@ -383,7 +405,14 @@ def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, bu
 
 
 def refit_for(
-    info, store, plan, task: str | None, agnostic: bool, options: RefitOptions = RefitOptions(), progress: bool = True
+    info,
+    store,
+    plan,
+    task: str | None,
+    agnostic: bool,
+    options: RefitOptions = RefitOptions(),
+    progress: bool = True,
+    quantize=None,
 ) -> RefitWeights | None:
     """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan``: recorded in ``plan.refit`` and held in
     ``plan.weights`` (also returned).
@@ -392,6 +421,10 @@ def refit_for(
     default) when it can: the data (``options.refit_data``, else the calibration data the store recorded for
     the task, or for every task with ``agnostic``) is still there unchanged and the checkpoint's experts can
     be rewritten, else a warning and the plain slice. A plan that keeps every expert needs nothing.
+
+    ``quantize`` (a :class:`premoe.moe.quantize.ExpertQuant` rounding by GPTQ) needs the pass whatever
+    ``options.refit`` says (its Gram matrices come from the same tokens; a stored re-fit is recomputed), and
+    fails in one line where the data is gone.
     """
     import logging
 
@@ -400,12 +433,12 @@ def refit_for(
     from premoe.core.store import PatternStore
     from premoe.errors import PremoeError
 
-    if options.refit is False:
-        return None
-    if all(len(v) >= info.num_experts for v in plan.kept.values()):
-        return None  # every expert kept: nothing to correct
+    gptq = quantize is not None and quantize.gptq
+    down = options.refit is not False and any(len(v) < info.num_experts for v in plan.kept.values())
+    if not down and not gptq:
+        return None  # not asked, or every expert kept: nothing to correct
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
-    if not options.refit_data and not agnostic:
+    if not options.refit_data and not agnostic and not gptq:
         stored = stored_refit(st, task, plan)
         if stored is not None:
             plan.refit, plan.weights = dict(stored.about), stored
@@ -414,16 +447,27 @@ def refit_for(
         check_refit_model(info)
         down_targets(info)
         sources, about = refit_sources(st.tasks, sorted(st.tasks) if agnostic else [task], options.refit_data)
+        solver = RefitSolver(router=down, down=down, quantize=quantize if gptq else None)
         weights = refit_model(
-            info, plan, load_tokenizer(info.path), sources, about=about, run=RunOptions(device="cpu", progress=progress)
+            info,
+            plan,
+            load_tokenizer(info.path),
+            sources,
+            about=about,
+            solver=solver,
+            run=RunOptions(device="cpu", progress=progress),
         )
     except PremoeError as e:
+        if gptq:
+            raise type(e)(f"{e}, or `quantize_rounding='rtn'` (GPTQ rounds with those tokens)") from None
         if options.refit:
             raise
         logging.getLogger(__name__).warning("not re-fitting the kept experts: %s", e)
         plan.refit = {"skipped": str(e)}
         return None
-    plan.refit, plan.weights = dict(weights.about), weights
+    if down:
+        plan.refit = dict(weights.about)
+    plan.weights = weights
     return weights
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from premoe.core.options import RefitOptions, defaults_of, kwargs_of
+from premoe.core.options import RefitOptions, add_flags, defaults_of, kwargs_of
 from premoe.dense.options import DenseSelection
 from premoe.errors import InputError
-from premoe.moe.options import MoeSelection
+from premoe.moe.options import MoeSelection, QuantizeOptions
 from premoe.verbs.common import add_model, add_pattern, add_refit, add_selection, add_store
 
 HELP = "keep what a task needs (top-N experts, or heads and channels) and write a HF checkpoint"
@@ -38,6 +38,9 @@ def plan(
     score: str | None = None,
     refit: bool | None = False,
     refit_data: list[str | Path] | tuple = (),
+    quantize: str | None = None,
+    quantize_rounding: str | None = None,
+    quantize_group: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ):
@@ -57,7 +60,8 @@ def plan(
         DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
     )
     fit = RefitOptions(refit, tuple(refit_data or ()))
-    check_options(backend, "plan", *selections, fit)
+    quant = QuantizeOptions(quantize, quantize_rounding, quantize_group)
+    check_options(backend, "plan", *selections, fit, quant)
     return backend.plan(
         backend.inspect(model),
         store,
@@ -67,6 +71,7 @@ def plan(
         refit=fit,
         progress=progress,
         seed=seed,
+        **({"quantize": quant} if quant.quantize else {}),
     )
 
 
@@ -89,6 +94,9 @@ def prune(
     score: str | None = None,
     refit: bool | None = None,
     refit_data: list[str | Path] | tuple = (),
+    quantize: str | None = None,
+    quantize_rounding: str | None = None,
+    quantize_group: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
@@ -109,6 +117,10 @@ def prune(
             (``None``, the default: when that data is still there unchanged; ``False``: never): MoE models the
             kept experts' down projections and router rows under re-routing (:mod:`premoe.moe.refit`), dense
             models the kept o_proj/down_proj columns and biases (:mod:`premoe.dense.refit`).
+        quantize / quantize_rounding / quantize_group: MoE models from bf16/fp16/fp32 sources
+            (:class:`premoe.moe.options.QuantizeOptions`): the kept experts written in compressed-tensors format,
+            ``w4a16``/``w8a16`` (GPTQ with the re-fit's Gram matrices, or ``rtn``) or ``fp8`` blocks
+            (:mod:`premoe.moe.quantize`).
         verify: read the export back (reloaded with ``AutoModelForCausalLM`` when it fits in memory) before
             moving it into place.
 
@@ -127,11 +139,19 @@ def prune(
         DenseSelection(sparsity, method, schedule, whole_groups, bias_comp, score),
     )
     fit = RefitOptions(refit, tuple(refit_data or ()))
-    check_options(backend, "prune", *selections, fit)
+    quant = QuantizeOptions(quantize, quantize_rounding, quantize_group)
+    check_options(backend, "prune", *selections, fit, quant)
     info = backend.inspect(model)
     check_out_dir(Path(out), info.path, overwrite)
     the_plan = backend.plan(
-        info, store, task, agnostic=agnostic, selection=select(backend, *selections), refit=fit, progress=progress
+        info,
+        store,
+        task,
+        agnostic=agnostic,
+        selection=select(backend, *selections),
+        refit=fit,
+        progress=progress,
+        **({"quantize": quant} if quant.quantize else {}),
     )
     try:
         return backend.export(info, the_plan, Path(out), overwrite=overwrite, verify=verify, progress=progress)
@@ -148,6 +168,7 @@ def add_parser(sub) -> None:
     defaults = defaults_of(prune)
     add_selection(p, defaults)
     add_refit(p, defaults)
+    add_flags(p, QuantizeOptions, defaults=defaults, title="quantised export (MoE)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--no-verify",

@@ -472,3 +472,59 @@ def test_sharded_fp16_source_through_prune_and_reload(family_name, tmp_path, sma
     assert changed and all(fit.roles[n].target.endswith(".down_proj") or fit.roles[n].kind == "router" for n in changed)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
     torch.testing.assert_close(logits_of(reloaded, lm.tokenizer), logits_of(lm.model, lm.tokenizer))
+
+
+def test_quantized_export_rounds_only_the_kept_experts(family, family_dir, tmp_path, small_data):
+    """``prune --quantize w4a16`` (GPTQ with the pass's Gram matrices, groups of 16): every kept expert's weight
+    matrices are stored as compressed-tensors packed INT4 close to the plain export's, every other tensor is
+    byte-identical to it, the config targets the experts by name, and premoe reads the export back. Families
+    whose experts are not per-expert keys on disk are refused in one line before any work."""
+    from premoe.core.quant import CompressedPacked
+
+    src = family_dir(family)
+    premoe.calibrate(src, small_data, "t", tmp_path / "store", progress=False)
+    info = inspect_model(src)
+    kwargs = dict(progress=False, refit=False)
+    try:
+        premoe.prune(src, tmp_path / "store", "t", 4, tmp_path / "q", quantize="w4a16", quantize_group=16, **kwargs)
+    except UnsupportedModelError as e:
+        assert "`quantize`" in str(e) and "\n" not in str(e)
+        assert not (tmp_path / "q").exists()
+        assert (
+            any(
+                s.kind != "split"
+                for layer in info.layout.moe
+                for n, s in info.layout.sources.items()
+                if n in info.layout.moe[layer]["experts"]
+            )
+            or not info.spec.experts
+            or info.router.slots
+        )
+        return
+    premoe.prune(src, tmp_path / "store", "t", 4, tmp_path / "plain", **kwargs)
+    q, plain = inspect_model(tmp_path / "q"), inspect_model(tmp_path / "plain")
+    fmt = q.quant
+    assert isinstance(fmt, CompressedPacked) and (fmt.bits, fmt.group) == (4, 16)
+    rounded = 0
+    for name, t in plain.checkpoint.tensors.items():
+        role = plain.roles[name]
+        if role.kind == "expert" and name.endswith(".weight") and t.shape and len(t.shape) == 2:
+            base = name.removesuffix("weight")
+            parts = {p: q.checkpoint.tensor(base + p) for p in ("weight_packed", "weight_scale", "weight_shape")}
+            w = fmt.decode(parts, tuple(t.shape), torch.float32)
+            ref = plain.checkpoint.tensor(name).float()
+            assert float((w - ref).norm() / ref.norm().clamp_min(1e-12)) < 0.4, name  # INT4: ~0.1-0.3
+            rounded += 1
+        else:
+            assert torch.equal(q.checkpoint.tensor(name), plain.checkpoint.tensor(name)), name
+    assert rounded == sum(
+        1 for n, r in plain.roles.items() if r.kind == "expert" and n.endswith(".weight") and r.companion is None
+    )
+    targets = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    import re
+
+    rx = [t.removeprefix("re:") for t in targets["group_0"]["targets"]]
+    for name in plain.checkpoint.tensors:
+        module = name.removesuffix(".weight")
+        expert = plain.roles[name].kind == "expert" and name.endswith(".weight")
+        assert any(re.match(r, module) for r in rx) == expert, name

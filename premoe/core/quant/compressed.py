@@ -298,23 +298,23 @@ class CompressedPacked(QuantFormat):
         return tensor.dim() == 2 and key.endswith(".weight") and role.kind == "expert"
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
-        """``key_packed``, ``key_scale`` (bf16) and ``key_shape``, round to nearest as compressed-tensors does:
-        scale = max|x| / ((2^bits - 1) / 2) per group, rounded to bf16 (0 becomes bf16's eps), then
-        q = clamp(round(x / scale), -2^(bits-1), 2^(bits-1) - 1)."""
-        x = tensor.float()
-        rows, cols = x.shape[-2:]
+        """``key_packed``, ``key_scale`` (bf16) and ``key_shape``, round to nearest as compressed-tensors does
+        (:func:`premoe.core.quant.gptq.round_to_nearest`)."""
+        from premoe.core.quant.gptq import round_to_nearest
+
+        cols = tensor.shape[-1]
         if self.group is not None and cols % self.group:
             raise ValueError(f"group size {self.group} does not divide {cols} inputs")
-        g = x.unflatten(-1, (-1, self.group)) if self.group is not None else x.unsqueeze(-2)
-        scale = (g.abs().amax(dim=-1) / ((2**self.bits - 1) / 2)).to(torch.bfloat16)
-        scale = torch.where(scale == 0, torch.tensor(torch.finfo(torch.bfloat16).eps, dtype=torch.bfloat16), scale)
-        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        q = torch.clamp(torch.round(g / scale.float().unsqueeze(-1)), lo, hi).flatten(-2).to(torch.int16)
-        shape = torch.tensor([rows, cols], dtype=torch.int64)
+        q, scale = round_to_nearest(tensor, self.bits, self.group)
+        return self.parts(key, q, scale)
+
+    def parts(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of integers ``q`` [..., out, in] with bf16 scales [..., out, in / group]."""
+        rows, cols = q.shape[-2:]
         return {
             f"{key}_packed": self.pack(q),
-            f"{key}_scale": scale.reshape(*x.shape[:-2], rows, -1),
-            f"{key}_shape": shape,
+            f"{key}_scale": scale.reshape(*q.shape[:-2], rows, -1),
+            f"{key}_shape": torch.tensor([rows, cols], dtype=torch.int64),
         }
 
     def config(self) -> dict[str, Any]:

@@ -1,0 +1,330 @@
+"""``premoe prune --quantize``: the kept experts written quantised in compressed-tensors format, what vLLM
+serves.
+
+* ``w4a16`` / ``w8a16``: ``pack-quantized`` symmetric INT4 / INT8 weights, one bf16 scale per group of
+  inputs (128, or the largest of 64/32/16 that divides every expert's inputs), rounded by GPTQ
+  (:func:`premoe.core.quant.gptq.gptq`) with each kept expert's input Gram matrix from the re-fit's pass: the
+  hidden states of the tokens the pruned router sends to it for its gate/up projections, its routing-weighted
+  activations (the re-fit's own system matrix) for its down projection. ``rtn`` rounds to nearest and needs
+  no pass over the data.
+* ``fp8``: ``float-quantized`` FP8 in 128x128 blocks with float32 scales (DeepSeek-V3's geometry), rounded to
+  nearest as vLLM quantises blocks.
+
+Only the kept experts' weight matrices are quantised; attention, shared experts, routers, norms and
+embeddings stay in the source's dtype (``quantization_config`` targets the experts by name). The
+re-fitted down projections are quantised after the re-fit. Sources must be unquantised (bf16/fp16/fp32) and
+store their experts as per-expert keys (``experts.{e}.gate_proj.weight``...), the layout compressed-tensors
+quantises; anything else is refused in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from premoe.core.checkpoint import OutTensor
+from premoe.core.quant import CompressedFp8, CompressedPacked, QuantFormat
+from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.options import QuantizeOptions
+
+GROUPS = (128, 64, 32, 16)  # the default group size: the first that divides every expert's inputs
+FP8_BLOCK = (128, 128)
+PART = "weight"  # the key a quantised weight's parts are encoded under
+GRAM_BYTES = 2**30  # float64 Gram matrices batched into one GPTQ call
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertQuant:
+    """A checked ``--quantize``: the scheme, its rounding, the output format, and the experts' weight keys
+    (in-memory expert tensor name -> whether it is a down projection) of every MoE layer."""
+
+    scheme: str
+    rounding: str
+    fmt: QuantFormat
+    targets: tuple[str, ...]  # the config's regular expressions naming the quantised modules
+
+    @property
+    def gptq(self) -> bool:
+        return self.rounding == "gptq"
+
+    @property
+    def bits(self) -> int:
+        return getattr(self.fmt, "bits", 8)
+
+    def about(self) -> dict[str, Any]:
+        group = getattr(self.fmt, "group", None)
+        return {"scheme": self.scheme, "rounding": self.rounding, "group_size": group, "format": self.fmt.label}
+
+    def describe(self) -> str:
+        return f"{self.scheme} ({self.rounding}, {self.fmt.label})"
+
+    def config(self) -> dict[str, Any]:
+        """``quantization_config``: the format's, targeting the experts' weight matrices by name."""
+        qc = self.fmt.config()
+        group = qc["config_groups"]["group_0"]
+        group["targets"] = list(self.targets)
+        if isinstance(
+            self.fmt, CompressedFp8
+        ):  # llm-compressor's FP8_BLOCK: activations quantised per token in groups of 128
+            group["input_activations"] = {
+                "num_bits": 8,
+                "type": "float",
+                "symmetric": True,
+                "dynamic": True,
+                "strategy": "group",
+                "group_size": FP8_BLOCK[1],
+            }
+        qc["ignore"] = ["lm_head"]
+        return qc
+
+
+def _split_weights(info, layer: int) -> dict[str, Any]:
+    """The layer's expert weight matrices as per-expert keys: in-memory name -> :class:`Source`.
+
+    Raises:
+        UnsupportedModelError: they are stored fused or converted.
+    """
+    out = {}
+    for name in info.layout.moe[layer]["experts"]:
+        if name.endswith("_bias"):
+            continue
+        src = info.layout.sources.get(name)
+        if src is None or src.kind != "split" or src.converter is not None:
+            raise UnsupportedModelError(
+                f"`quantize` writes per-expert keys as compressed-tensors quantises them, but {info.spec.name} stores "
+                f"layer {layer}'s {name.rsplit('.', 1)[-1]} as fused tensors; prune without `quantize`"
+            )
+        out[name] = src
+    return out
+
+
+def _inputs(info, src) -> int:
+    """The inputs of an expert weight matrix (its checkpoint keys' last dim)."""
+    return info.checkpoint.tensors[next(iter(src.parts.values()))].shape[-1]
+
+
+def _targets(info) -> tuple[str, ...]:
+    """Regular expressions naming every expert's projection modules (``re:.*\\.experts\\.\\d+\\.(down_proj|...)$``)."""
+    found: dict[str, set[str]] = {}
+    for layer in info.layout.moe:
+        for src in _split_weights(info, layer).values():
+            for key in src.parts.values():
+                role = info.roles[key]
+                a, b = role.span
+                module = key.removesuffix(".weight")
+                parent = key[:a].rstrip(".").rsplit(".", 1)[-1]
+                found.setdefault(parent, set()).add(module[b:].lstrip("."))
+    return tuple(
+        f"re:.*\\.{re.escape(p)}\\.\\d+\\.({'|'.join(re.escape(leaf) for leaf in sorted(leaves))})$"
+        for p, leaves in sorted(found.items())
+    )
+
+
+def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | None:
+    """Check ``options`` against ``info`` before any work and choose the group size.
+
+    Raises:
+        InputError: a quantised source, a group size that does not divide the experts' inputs.
+        UnsupportedModelError: experts not stored as per-expert keys.
+    """
+    if options is None or options.quantize is None:
+        return None
+    if info.quant.quantized:
+        raise InputError(
+            f"`quantize` applies to bf16/fp16/fp32 checkpoints, but {info.path} is already quantised "
+            f"({info.quant.label}); prune it without `quantize` (its kept experts are written as they are stored)"
+        )
+    if not info.spec.experts or info.spec.weight_on_input or info.router.slots:
+        raise UnsupportedModelError(
+            f"`quantize` writes experts in transformers' fused experts interface; {info.spec.name}'s are laid out "
+            "otherwise; prune without `quantize`"
+        )
+    widths = {_inputs(info, src) for layer in info.layout.moe for src in _split_weights(info, layer).values()}
+    targets = _targets(info)
+    if options.float_weights:
+        rows = {info.checkpoint.tensors[k].shape[0] for layer in info.layout.moe
+                for s in _split_weights(info, layer).values() for k in s.parts.values()}  # fmt: skip
+        if any(r % FP8_BLOCK[0] for r in rows):
+            log.warning(
+                "the experts' output widths %s are not multiples of %d: vLLM's FP8 MoE kernels will not load this "
+                "export (premoe reads it)",
+                sorted(rows),
+                FP8_BLOCK[0],
+            )
+        return ExpertQuant(options.quantize, "rtn", CompressedFp8("block", FP8_BLOCK), targets)
+    bits = options.bits
+    group = options.quantize_group
+    if group is None:
+        group = next((g for g in GROUPS if all(w % g == 0 for w in widths)), None)
+        if group is None:
+            raise InputError(
+                f"no group size of {', '.join(map(str, GROUPS))} divides the experts' inputs {sorted(widths)}; "
+                "pass `quantize_group`"
+            )
+    elif any(w % group for w in widths):
+        raise InputError(
+            f"`quantize_group` {group} does not divide the experts' inputs {sorted(widths)}; pass a divisor of "
+            f"{_gcd(widths)}"
+        )
+    return ExpertQuant(options.quantize, options.rounding, CompressedPacked(bits, group), targets)
+
+
+def _gcd(values) -> int:
+    import math
+
+    return math.gcd(*values)
+
+
+# -- GPTQ on one MoE layer (inside the re-fit's pass) ------------------------------------------------------
+
+
+def _grams(m, h: torch.Tensor, logits: torch.Tensor, kept: list[int], routing) -> tuple[dict, dict]:
+    """Per kept expert (original id): the Gram matrix of the hidden states the pruned router sends it
+    [D, D], and of its routing-weighted activations [I, I] (float64; zeros where no token goes)."""
+    from premoe.moe.refit import rerouted
+
+    x = h.to(m.experts.down_proj.device, torch.float32)
+    D = x.shape[1]
+    hx, ha = {}, {}
+    sel = rerouted(m.experts, x, logits, kept, routing, m.selection_bias())
+    for p, e in enumerate(kept):
+        if p in sel:
+            rows, a, _ = sel[p]
+            xr = x[rows].double()
+            hx[e], ha[e] = xr.T @ xr, a.double().T @ a.double()
+        else:
+            hx[e] = torch.zeros(D, D, dtype=torch.float64, device=x.device)
+            ha[e] = None
+    return hx, ha
+
+
+def _disk_weights(info, m, name: str, src, e: int, down: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Expert ``e``'s weight matrices of in-memory tensor ``name``, per checkpoint key, as stored ([out, in],
+    float32): the layer's own, or ``down`` (the re-fitted [D, I]) for its down projection."""
+    experts = m.experts
+    w = down if down is not None else getattr(experts, name.rsplit(".", 1)[-1])[e].float()
+    if down is None and experts.is_transposed:
+        w = w.T
+    n = w.shape[0] // src.n_parts
+    out = {}
+    for p in range(src.n_parts):
+        key = src.parts[(e, p)]
+        part = w[p * n : (p + 1) * n]
+        if tuple(part.shape) != tuple(info.checkpoint.tensors[key].shape):
+            raise UnsupportedModelError(f"`quantize` cannot map {key} {info.checkpoint.tensors[key].shape} to memory")
+        out[key] = part
+    return out
+
+
+@torch.inference_mode()
+def quantize_layer(
+    info,
+    m,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    kept: list[int],
+    routing,
+    down: dict[int, torch.Tensor],
+    down_name: str,
+    q: ExpertQuant,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ of every kept expert's weight matrices of MoE layer ``m`` (the dense model's, float32) on its
+    recorded block inputs ``h`` and router logits; ``down``: re-fitted down projections [D, I] by expert, of the
+    in-memory tensor ``down_name``.
+    Returns {checkpoint key: the parts :meth:`QuantFormat` stores for it, under :data:`PART`}."""
+    from premoe.core.quant.gptq import gptq
+
+    hx, ha = _grams(m, h, logits, kept, routing)
+    jobs = []  # (key, weight [out, in], gram)
+    for name, src in _split_weights(info, m.index).items():
+        is_down = name == down_name
+        for e in kept:
+            ws = _disk_weights(info, m, name, src, e, down.get(e) if is_down else None)
+            for key, w in ws.items():
+                gram = ha[e] if is_down else hx[e]
+                if gram is None:
+                    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
+                jobs.append((key, w, gram))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    by_shape: dict[tuple, list] = {}
+    for job in jobs:
+        by_shape.setdefault(tuple(job[1].shape), []).append(job)
+    for (rows, cols), group in by_shape.items():
+        step = max(1, GRAM_BYTES // (cols * cols * 8 * 3))
+        for i in range(0, len(group), step):
+            chunk = group[i : i + step]
+            W = torch.stack([j[1] for j in chunk])
+            H = torch.stack([j[2] for j in chunk])
+            codes, scales = gptq(W, H, q.bits, q.fmt.group)
+            for (key, _, _), c, s in zip(chunk, codes, scales):
+                out[key] = {k: v.cpu() for k, v in q.fmt.parts(PART, c, s).items()}
+    return out
+
+
+# -- the export's tensors ------------------------------------------------------------------------------
+
+
+def _out_specs(q: ExpertQuant, shape: tuple[int, int]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The stored parts of a [out, in] weight: {part name: (safetensors dtype, shape)}."""
+    rows, cols = shape
+    if isinstance(q.fmt, CompressedPacked):
+        words = -(-cols // q.fmt.per_word)
+        group = q.fmt.group
+        return {
+            f"{PART}_packed": ("I32", (rows, words)),
+            f"{PART}_scale": ("BF16", (rows, cols // group if group else 1)),
+            f"{PART}_shape": ("I64", (2,)),
+        }
+    b0, b1 = FP8_BLOCK
+    return {PART: ("F8_E4M3", (rows, cols)), f"{PART}_scale": ("F32", (-(-rows // b0), -(-cols // b1)))}
+
+
+class ExportQuantizer:
+    """Turns a kept expert's weight key into its quantised output tensors, each computed when written: the
+    GPTQ parts the re-fit's pass stored, else the weight (re-fitted down projection, or the source's)
+    rounded to nearest. ``downs``: each MoE layer's in-memory down projection name. One weight's parts are held
+    at a time."""
+
+    def __init__(self, info, q: ExpertQuant, downs: dict[int, str], refit=None):
+        self.info, self.q, self.refit, self.downs = info, q, refit, downs
+        splits = [s for layer in info.layout.moe for s in _split_weights(info, layer).values()]
+        self.keys = {k for s in splits for k in s.parts.values()}
+        self._last: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def handles(self, name: str) -> bool:
+        return name in self.keys
+
+    def _parts(self, name: str, role) -> dict[str, torch.Tensor]:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        parts = self.refit.quantized(role.layer, name) if self.refit is not None else None
+        if parts is None:
+            w = None
+            if self.refit is not None and self.refit.has(role.layer, role.expert) and self._is_down(role):
+                w = self.refit.get(role.layer, role.expert)
+            if w is None:
+                w = self.info.checkpoint.tensor(name)
+            parts = self.q.fmt.encode(PART, w.float())
+        self._last = (name, parts)
+        return parts
+
+    def _is_down(self, role) -> bool:
+        return role.target == self.downs.get(role.layer)
+
+    def tensors(self, name: str, renamed: str, role) -> list[OutTensor]:
+        base = renamed.removesuffix(PART)
+        shape = tuple(self.info.checkpoint.tensors[name].shape)
+        out = []
+        for part, (dtype, pshape) in _out_specs(self.q, shape).items():
+
+            def make(part=part):
+                return self._parts(name, role)[part]
+
+            out.append(OutTensor(base + part, dtype, pshape, make=make))
+        return out
