@@ -16,6 +16,12 @@ from premoe._version import __version__
 from premoe.errors import PremoeError
 
 VERBS = ("calibrate", "refit", "prune", "eval", "inspect", "route", "generate", "chat", "serve", "sweep", "demo")
+DATA_PARALLEL = (
+    "calibrate",
+    "refit",
+    "prune",
+    "eval",
+)  # verbs that run data-parallel under torchrun (premoe.core.distributed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
+    from premoe.core import distributed
+
     ap = build_parser()
     args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed.launched():
+        if args.command not in DATA_PARALLEL:
+            print(
+                f"premoe: error: `premoe {args.command}` does not run under torchrun (data-parallel verbs: "
+                f"{', '.join(DATA_PARALLEL)}); run it as one process",
+                file=sys.stderr,
+            )
+            return 2
+        args.quiet = args.quiet or rank != 0  # progress and log lines from rank 0 only
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="premoe: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -62,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # premoe shows its own progress; transformers' per-load bars are noise
-        return import_module(f"premoe.verbs.{args.command}").run(args)
+        distributed.world()  # under torchrun: join the process group before any work
+        code = import_module(f"premoe.verbs.{args.command}").run(args)
+        distributed.close()
+        return code
     except PremoeError as e:
-        print(f"premoe: error: {cli_message(str(e), _verb_parser(ap, args.command))}", file=sys.stderr)
+        where = f" (rank {rank})" if distributed.launched() else ""
+        print(f"premoe: error{where}: {cli_message(str(e), _verb_parser(ap, args.command))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("premoe: interrupted; nothing was written", file=sys.stderr)

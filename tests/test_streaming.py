@@ -133,3 +133,18 @@ def test_eval_streams_when_asked_and_agrees(family_dir, tmp_path):
     c = premoe.evaluate(src, data, store=tmp_path / "s", task="t", keep=4, progress=False)
     d = premoe.evaluate(src, data, store=tmp_path / "s", task="t", keep=4, stream=True, progress=False)
     assert d["streamed"] and (c["exact_match"], c["mc_accuracy"]) == (d["exact_match"], d["mc_accuracy"])
+
+
+def test_streamed_calibration_honours_the_dtype(tmp_path, small_data):
+    """``calibrate --stream --dtype float32`` runs the layers in float32 like the in-memory run (it used to run
+    them in the checkpoint's bf16 whatever ``dtype`` said)."""
+    import premoe
+    from premoe.assets import TINY_MODEL
+    from premoe.core.store import PatternStore
+
+    for stream in (False, True):
+        premoe.calibrate(TINY_MODEL, small_data, "t", tmp_path / f"s{stream}", dtype="float32", stream=stream,
+                         progress=False)  # fmt: skip
+    a, b = (PatternStore.open(tmp_path / f"s{s}").load("t") for s in (False, True))
+    for name in a.means:
+        torch.testing.assert_close(a.means[name], b.means[name], rtol=1e-6, atol=1e-9)

@@ -1,5 +1,10 @@
 """What ``premoe eval`` measures: greedy exact match on ``{"prompt", "completion"}`` samples, log-likelihood
-accuracy on ``{"prompt", "choices", "answer"}`` samples, and perplexity on a text file."""
+accuracy on ``{"prompt", "choices", "answer"}`` samples, and perplexity on a text file.
+
+Under torchrun each metric runs data-parallel (``shard``, :mod:`premoe.core.distributed`): generation batches,
+multiple-choice samples and perplexity chunks are cut as one process cuts them, chunk ``c`` goes to rank
+``c mod N``, and the counts and float64 log-likelihood sums are added in rank order. Every rank returns the
+same numbers as one process (up to float64 rounding of the perplexity sum)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import math
 
 import torch
 from tqdm.auto import tqdm
+
+from premoe.core.distributed import SINGLE, World, sum_in_rank_order, sum_int
 
 
 @torch.inference_mode()
@@ -35,6 +42,7 @@ def exact_match(
     max_new_tokens: int | None = None,
     progress: bool = True,
     desc: str = "eval",
+    shard: World = SINGLE,
 ) -> float:
     """Share of samples whose greedy completion equals ``completion`` (surrounding whitespace ignored)."""
     if not data:
@@ -43,14 +51,15 @@ def exact_match(
         longest = max(len(tokenizer(d["completion"], add_special_tokens=False).input_ids) for d in data)
         max_new_tokens = longest + 2
     right = 0
-    bar = tqdm(total=len(data), desc=desc, unit="sample", disable=not progress, leave=False)
-    for i in range(0, len(data), batch_size):
+    starts = list(shard.share(range(0, len(data), batch_size)))
+    bar = tqdm(total=len(starts), desc=desc, unit="batch", disable=not progress, leave=False)
+    for i in starts:
         chunk = data[i : i + batch_size]
         outs = generate_greedy(model, tokenizer, [d["prompt"] for d in chunk], max_new_tokens)
         right += sum(o.strip() == d["completion"].strip() for o, d in zip(outs, chunk))
-        bar.update(len(chunk))
+        bar.update(1)
     bar.close()
-    return right / len(data)
+    return sum_int(right, shard, "the exact-match count") / len(data)
 
 
 @torch.inference_mode()
@@ -74,15 +83,17 @@ def choice_logliks(model, tokenizer, prompt: str, choices: list[str]) -> list[fl
     return out
 
 
-def choice_accuracy(model, tokenizer, data: list[dict], progress: bool = True, desc: str = "eval") -> float:
+def choice_accuracy(
+    model, tokenizer, data: list[dict], progress: bool = True, desc: str = "eval", shard: World = SINGLE
+) -> float:
     """Share of multiple-choice samples whose answer has the highest log-likelihood."""
     if not data:
         raise ValueError("no samples to evaluate")
     right = 0
-    for d in tqdm(data, desc=desc, unit="sample", disable=not progress, leave=False):
+    for d in tqdm(list(shard.share(data)), desc=desc, unit="sample", disable=not progress, leave=False):
         lls = choice_logliks(model, tokenizer, d["prompt"], d["choices"])
         right += int(max(range(len(lls)), key=lls.__getitem__) == d["answer"])
-    return right / len(data)
+    return sum_int(right, shard, "the multiple-choice count") / len(data)
 
 
 def read_eval_data(path, limit: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -217,7 +228,13 @@ def text_windows(tokenizer, records: list[tuple[str, str]], window: int) -> list
 
 @torch.inference_mode()
 def perplexity(
-    model, tokenizer, records: list[tuple[str, str]], window: int = 1024, progress: bool = True, desc: str = "ppl"
+    model,
+    tokenizer,
+    records: list[tuple[str, str]],
+    window: int = 1024,
+    progress: bool = True,
+    desc: str = "ppl",
+    shard: World = SINGLE,
 ) -> dict[str, float]:
     """Token-weighted perplexity of ``model`` on ``records`` (:func:`read_perplexity`): exp(total negative
     log-likelihood / scored tokens) over the windows of :func:`text_windows`. Returns ``{"perplexity",
@@ -230,11 +247,14 @@ def perplexity(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count, i = 0.0, 0, 0
     bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
-    while i < len(windows):
+    chunks = []
+    while i < len(windows):  # chunks cut as one process cuts them, whatever the number of ranks
         n = 1
         while i + n < len(windows) and (n + 1) * len(windows[i + n][0]) <= budget:
             n += 1
-        chunk, i = windows[i : i + n], i + n
+        chunks.append(windows[i : i + n])
+        i += n
+    for chunk in shard.share(chunks):
         width = len(chunk[-1][0])
         ids = torch.tensor([w + [pad] * (width - len(w)) for w, _ in chunk], device=device)
         mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w, _ in chunk], device=device)
@@ -246,6 +266,8 @@ def perplexity(
             count += scored
         bar.update(len(chunk))
     bar.close()
+    total = float(sum_in_rank_order(torch.tensor([total], dtype=torch.float64), shard, "the perplexity sums")[0])
+    count = sum_int(count, shard, "the perplexity sums")
     nll = total / count
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "window": window}
 
@@ -263,16 +285,20 @@ def score(
     """Every metric ``premoe eval`` reports for one built model (``run``: its
     :class:`premoe.core.options.RunOptions`, batch size and progress): ``exact_match`` over ``gen``,
     ``mc_accuracy`` over ``mc``, ``perplexity`` over ``records`` (each ``None`` when there is nothing of its kind)."""
+    from premoe.core.distributed import world
+
+    w = world()
+    progress = run.progress and w.main
     out: dict = {
-        "exact_match": exact_match(model, tokenizer, gen, run.batch_size, max_new_tokens, run.progress)
+        "exact_match": exact_match(model, tokenizer, gen, run.batch_size, max_new_tokens, progress, shard=w)
         if gen
         else None,
         "generate_samples": len(gen),
-        "mc_accuracy": choice_accuracy(model, tokenizer, mc, progress=run.progress) if mc else None,
+        "mc_accuracy": choice_accuracy(model, tokenizer, mc, progress=progress, shard=w) if mc else None,
         "mc_samples": len(mc),
         "perplexity": None,
     }
     if records:
-        ppl = perplexity(model, tokenizer, records, window, progress=run.progress)
+        ppl = perplexity(model, tokenizer, records, window, progress=progress, shard=w)
         out.update(perplexity=ppl["perplexity"], nll=ppl["nll"], perplexity_tokens=ppl["tokens"], window=window)
     return out

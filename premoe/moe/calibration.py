@@ -104,13 +104,29 @@ def calibrate(
         PremoeError: bad input (task name, scorer, k/r, store of another model...), before any model
             weights are loaded.
     """
+    from dataclasses import replace
+
+    from premoe.core.distributed import agree, local_device, world
+
     check_task_name(task)
+    w = world()
+    run = replace(run, progress=run.progress and w.main, device=local_device(run.device, w))  # progress: rank 0
     opts, n_samples = calibration, cal.samples
     batch_size, max_length, progress = run.batch_size, run.max_length, run.progress
     info: ModelInfo = as_info(model)
     scorer = opts.scorer or default_scorer(info)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
+    agree(
+        {
+            "model": info.fingerprint.to_dict(),
+            "data": cal.sha256,
+            "task": task,
+            "options": [repr(opts), run.batch_size, run.max_length, run.dtype, repr(memory.stream)],
+        },
+        w,
+        "calibrate",
+    )
     params = marker_params(info.router, scorer, opts.k, opts.r)
     shape = (len(info.moe_layers), info.num_experts)
     sig_layers = min(opts.signature_layers, len(info.moe_layers))
@@ -119,6 +135,11 @@ def calibrate(
     if scorer == "recon" and why_not:
         raise UnsupportedModelError(f"`scorer='recon'` cannot score {info.spec.name}: {why_not}; use `scorer='easyep'`")
     recon = (opts.all_stats or scorer == "recon") and not why_not
+    if recon and w.parallel:
+        raise InputError(
+            "the `recon` scorer (also part of `all_stats`) eliminates experts greedily over one process's token "
+            "budget and does not run data-parallel yet; run it without torchrun, or use `scorer='easyep'`"
+        )
     run_model = opts.all_stats or SCORERS[scorer].needs_model
     offload_dir = memory.offload_dir
 
@@ -144,13 +165,13 @@ def calibrate(
             info,
             tok,
             (rec.text for rec in cal.records()),
-            Recording(params, outputs, recon),
+            Recording(params, outputs, recon, shard=w),
             run=run,
             desc=f"calibrate {task} (streamed)",
             hidden_budget=hidden_budget,
             offload_dir=offload_dir,
         )
-        tokens, means = sums.tokens, sums.means()
+        tokens, means = reduced(sums, w).tokens, sums.means()
     elif run_model:
         lm = as_loaded(model, device=run.device, dtype=run.dtype)
         tok = lm.tokenizer
@@ -160,13 +181,13 @@ def calibrate(
             lm.info,
             tok,
             (rec.text for rec in cal.records()),
-            Recording(params, outputs, recon),
+            Recording(params, outputs, recon, shard=w),
             run=run,
-            total=n_samples,
+            total=-(-n_samples // w.size),
             desc=f"calibrate {task}",
             logits_to_keep=1,
         )
-        tokens, means = sums.tokens, sums.means()
+        tokens, means = reduced(sums, w).tokens, sums.means()
     else:
         tok = model.tokenizer if isinstance(model, LoadedModel) else load_tokenizer(info.path)
         tokens = sum(len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"]) for rec in cal.records())
@@ -189,13 +210,13 @@ def calibrate(
     for source in ("prompt", "full"):
         texts = (rec.prompt if source == "prompt" else rec.text for rec in cal.records())
         if sig_model is not None:
-            sums = sig_model.stats(texts, run=run, total=n_samples, desc=f"keys ({source})")
+            sums = sig_model.stats(texts, run=run, total=-(-n_samples // w.size), desc=f"keys ({source})", shard=w)
         else:  # the first MoE layers without their experts, streamed like the model
             sums, _ = observe_streamed(
                 info,
                 tok,
                 texts,
-                Recording(MarkerParams(k=info.router.top_k), skip_special=True),
+                Recording(MarkerParams(k=info.router.top_k), skip_special=True, shard=w),
                 run=RunOptions(device="cpu", batch_size=batch_size, max_length=max_length, progress=progress),
                 num_layers=info.moe_layers[sig_layers - 1] + 1,
                 experts=False,
@@ -203,7 +224,7 @@ def calibrate(
                 hidden_budget=hidden_budget,
                 offload_dir=offload_dir,
             )
-        signature.update({f"{source}.{key}": v for key, v in sums.means().items()})
+        signature.update({f"{source}.{key}": v for key, v in reduced(sums, w).means().items()})
         sig_tokens[source] = sums.tokens
     pattern = TaskPattern(
         name=task,
@@ -221,6 +242,19 @@ def calibrate(
         },
         signature=signature,
     )
-    st.add(pattern, info.fingerprint, overwrite=overwrite)
-    log.info("calibrated %s: %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
+    if w.main:  # rank 0 writes; every rank holds the same reduced statistics
+        st.add(pattern, info.fingerprint, overwrite=overwrite)
+        log.info("calibrated %s: %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
     return pattern
+
+
+def reduced(sums, w):
+    """``sums`` (a :class:`RoutingSums` of this rank's batches) made the sums over every rank's, in rank order
+    (:func:`premoe.core.distributed.sum_in_rank_order`); unchanged in a single process."""
+    from premoe.core.distributed import sum_in_rank_order, sum_int
+
+    if w.parallel:
+        for name in sorted(sums.sums):
+            sums.sums[name] = sum_in_rank_order(sums.sums[name], w, "the calibration statistics' reduction")
+        sums.tokens = sum_int(sums.tokens, w, "the calibration statistics' reduction")
+    return sums

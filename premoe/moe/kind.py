@@ -82,10 +82,12 @@ class MoeKind:
         progress: bool,
         seed: int = 0,
         quantize: QuantizeOptions | None = None,
+        shard=None,
     ) -> PrunePlan:
         """The pattern's plan (every stored task pooled with ``agnostic``), its kept experts re-fitted as
         ``refit`` says (the rows held in ``plan.weights`` until :meth:`PrunePlan.close`) and, with ``quantize``,
-        written quantised by the export (GPTQ's rounding made in the re-fit's pass)."""
+        written quantised by the export (GPTQ's rounding made in the re-fit's pass). ``shard``: a data-parallel
+        rank (:mod:`premoe.core.distributed`) shares the re-fit's pass; rank 0 then holds the rows."""
         from premoe.moe.patterns import load_pattern, plan_from_pattern
         from premoe.moe.quantize import resolve_quantize
         from premoe.moe.refit_checkpoint import refit_for
@@ -96,7 +98,9 @@ class MoeKind:
         st.check_model(info.fingerprint)
         plan = plan_from_pattern(info, load_pattern(st, task, agnostic), chosen, seed=seed)
         plan.quantize = quant
-        refit_for(info, st, plan, task, agnostic, refit, progress, quantize=quant)
+        refit_for(
+            info, st, plan, task, agnostic, refit, progress, quantize=quant, **({"shard": shard} if shard else {})
+        )
         return plan
 
     def export(self, info: ModelInfo, plan: PrunePlan, out: Path, *, overwrite: bool, verify: bool, progress: bool):

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.data import token_batches
+from premoe.core.distributed import SINGLE, World
 from premoe.core.modules import decoder_layers
 from premoe.core.options import RunOptions
 from premoe.errors import InputError
@@ -152,12 +153,14 @@ class RouterObserver:
 class Recording:
     """What an observation pass records: the routing sums of ``params`` (always), every chosen expert's output
     statistics with ``outputs`` (REAP, EAN, EASY-EP), the ``recon`` scorer's token statistics with ``recon``
-    (and ``outputs``); ``skip_special`` leaves special tokens (BOS...) out of the counts."""
+    (and ``outputs``); ``skip_special`` leaves special tokens (BOS...) out of the counts; ``shard``: the
+    batches of this data-parallel rank only (``b mod size == rank``; the sums are then partial)."""
 
     params: MarkerParams
     outputs: bool = False
     recon: bool = False
     skip_special: bool = False
+    shard: World = SINGLE  # a data-parallel rank records its share of the batches (premoe.core.distributed)
 
 
 @torch.inference_mode()
@@ -185,7 +188,9 @@ def observe(
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not run.progress)
     decoder = decoder_layers(model) if what.outputs else None
     with RouterObserver(layers, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
-        for batch in token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special):
+        for batch in what.shard.share(
+            token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special)
+        ):
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=device)
             attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
@@ -217,12 +222,27 @@ def observe_streamed(
     experts replaced by stubs without ``experts``), layers run on ``run.device``, hidden states past
     ``hidden_budget`` bytes in ``offload_dir``. Returns the sums and what the run held (largest layer,
     bytes of hidden states spilled to disk, bytes read)."""
-    from premoe.core.config import resolve_device
+    from premoe.core.config import resolve_device, resolve_dtype
     from premoe.moe.streaming import LayerStream, make_batches
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches(token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special), pad)
-    stream = LayerStream(info, num_layers=num_layers, experts=experts, device=resolve_device(run.device))
+    batches = make_batches(
+        what.shard.share(token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special)), pad
+    )
+    if not batches:  # a data-parallel rank without a share: nothing to add to the sums
+        n = sum(1 for i in info.moe_layers if num_layers is None or i < num_layers)
+        names = tuple(SUM_NAMES) + (tuple(OUTPUT_SUM_NAMES) if what.outputs else ())
+        return RoutingSums.zeros(n, info.num_experts, names=names), {"bytes_read": 0}
+    dtype = resolve_dtype(run.dtype)
+    dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto": the checkpoint's
+    stream = LayerStream(
+        info,
+        num_layers=num_layers,
+        experts=experts,
+        device=resolve_device(run.device),
+        dtype=dtype,
+        compute_dtype=dtype,
+    )
     decoder = stream.layers if what.outputs else None
     with RouterObserver(stream.moe, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
         obs.sums.tokens = sum(int(b.counted.sum()) for b in batches)

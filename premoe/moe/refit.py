@@ -79,9 +79,12 @@ def capture(
     texts: Iterable[str],
     max_tokens: int,
     max_length: int = 2048,
+    joined: bool = True,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per MoE layer: (block input [T, D], router logits [T, S], routed experts' output [T, D] or ``None``
-    where the layer has no experts module) of up to ``max_tokens`` real tokens (texts cut at ``max_length``)."""
+    where the layer has no experts module) of up to ``max_tokens`` real tokens (texts cut at ``max_length``).
+    ``joined=False``: per layer the three lists of per-text blocks as recorded (a data-parallel rank's share,
+    possibly empty)."""
     got: list[tuple[list, list, list]] = [([], [], []) for _ in layers]
     mask: dict[str, torch.Tensor] = {}
     hooks = []
@@ -99,6 +102,8 @@ def capture(
     finally:
         for h in hooks:
             h.remove()
+    if not joined:
+        return got
     if not got or min(sum(len(t) for t in g[0]) for g in got) == 0:
         raise InputError("the refit data produced no tokens")
     return [_joined(g, max_tokens) for g in got]

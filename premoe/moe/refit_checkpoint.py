@@ -7,6 +7,7 @@ when to re-fit, and re-fits stored with task patterns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from premoe.core.distributed import SINGLE, World
 from premoe.core.options import RefitOptions, RunOptions
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.arch import MoeLayer
@@ -281,6 +283,7 @@ def refit_models(
     run: RunOptions = RunOptions(device="cpu"),
     reader=None,
     stream: bool | None = None,
+    shard: World = SINGLE,
 ) -> list[RefitWeights]:
     """Re-fit the kept experts of every MoE layer of each of ``plans`` on up to ``solver.tokens`` calibration
     tokens per layer from ``sources`` (texts, equal shares), in one pass over the model (``run``: batches,
@@ -294,6 +297,11 @@ def refit_models(
     decoder layer at a time, each built from the checkpoint and re-fitted before it is freed. Memory
     then: one decoder layer, one layer's recorded tokens and the hidden states (spilled to disk past
     the machine's memory budget).
+
+    ``shard`` (a data-parallel rank under torchrun, :mod:`premoe.core.distributed`): each rank runs its share
+    of the texts (in memory: text ``i`` on rank ``i mod N``; streamed: batch ``b`` on rank ``b mod N``) and
+    records their tokens; rank 0 gathers each layer's tokens in the order one process records them, solves
+    and writes. The other ranks' re-fits stay empty.
     """
     from premoe.core.memory import fits, memory_budget
     from premoe.moe.streaming import resident_sizes
@@ -340,11 +348,12 @@ def refit_models(
             out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(cast) for e, w in new.items()}, rows, quant)
 
     budget = memory_budget(None)
+    run = dataclasses.replace(run, progress=run.progress and shard.main)
     try:
         if stream is False or (stream is None and fits(resident_sizes(info)["total"], budget)):
-            _refit_in_memory(info, tok, texts, tokens, run.max_length, solve, reader, run.progress)
+            _refit_in_memory(info, tok, texts, tokens, run.max_length, solve, reader, run.progress, shard)
         else:
-            _refit_streamed(info, tok, texts, tokens, solve, run, reader, budget)
+            _refit_streamed(info, tok, texts, tokens, solve, run, reader, budget, shard)
     except BaseException:
         for out in outs:
             out.close()
@@ -352,7 +361,7 @@ def refit_models(
     return outs
 
 
-def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress) -> None:
+def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progress, shard: World = SINGLE) -> None:
     from tqdm.auto import tqdm
 
     from premoe.core.checkpoint import ByteReader
@@ -362,19 +371,79 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
     with contextlib.nullcontext(reader) if reader is not None else ByteReader() as r:
         model = build_model(info, None, r, dtype=torch.float32).float()  # targets not rounded to the storage dtype
     layers = find_moe_layers(model, info.spec)
-    captured = capture(model, layers, info.router, tok, texts, tokens, max_length)
+    if shard.parallel:
+        check_share(len(texts), shard, "texts")
+        mine = [texts[i] for i in shard.share(range(len(texts)))]
+        got = capture(model, layers, info.router, tok, mine, 1 << 62, max_length, joined=False)  # one block a text
+        captured = gathered(got, len(texts), tokens, shard, lambda i: (i % shard.size, i // shard.size))
+        if captured is None:
+            return  # rank 0 solves
+    else:
+        captured = capture(model, layers, info.router, tok, texts, tokens, max_length)
     for m, (h, z, y) in tqdm(list(zip(layers, captured)), desc="refit", unit="layer", disable=not progress):
         solve(m, h, z, y)
 
 
-def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, budget) -> None:
+def check_share(items: int, shard: World, what: str) -> None:
+    """Raise unless every data-parallel rank gets at least one of ``items``."""
+    if items < shard.size:
+        raise InputError(
+            f"{shard.size} data-parallel ranks but the re-fit has {items} {what}: run fewer ranks (or, streamed, "
+            "smaller batches)"
+        )
+
+
+def gathered(got, n: int, tokens: int, shard: World, where) -> list | None:
+    """Rank 0: each layer's (h, z, y), its blocks gathered from every rank and put in the order one process
+    records them (block ``i`` of ``n`` is block ``where(i)`` = (rank, position) there), up to ``tokens``
+    tokens; ``None`` on the other ranks. ``got``: this rank's per-layer (h blocks, z blocks, y blocks)."""
+    from premoe.core.distributed import gather_blocks
+
+    out = []
+    for h, z, y in got:
+        widths = [max((b.shape[1] for b in blocks), default=0) for blocks in (h, z, y)]
+        widths = [int(x) for x in gather_int_max(widths, shard)]
+        per = [
+            gather_blocks(blocks, wd, torch.float32, shard, "the re-fit's token gather") if wd else None
+            for blocks, wd in zip((h, z, y), widths)
+        ]
+        if not shard.main:
+            continue
+        ordered = []
+        for k in range(3):
+            if per[k] is None:
+                ordered.append([])
+                continue
+            seq = []
+            for i in range(n):
+                r, pos = where(i)
+                if pos >= len(per[k][r]):
+                    break  # that rank stopped recording: the tokens before this block already reach ``tokens``
+                seq.append(per[k][r][pos])
+            ordered.append(seq)
+        out.append(_joined(tuple(ordered), tokens))
+    return out if shard.main else None
+
+
+def gather_int_max(values: list[int], shard: World) -> list[int]:
+    """The element-wise maximum of ``values`` over the ranks (block widths a rank without blocks does not know)."""
+    from premoe.core.distributed import gather
+
+    parts = gather(torch.tensor(values, dtype=torch.int64), shard, "the re-fit's token gather")
+    return torch.stack(parts).amax(0).tolist()
+
+
+def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, budget, shard: World = SINGLE) -> None:
     from premoe.core.config import resolve_device
     from premoe.core.data import token_batches
     from premoe.core.streaming import activation_bytes, hidden_room
     from premoe.moe.streaming import LayerStream, make_batches, resident_sizes
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(token_batches(tok, texts, run.batch_size, run.max_length, False), pad)
+    every = list(token_batches(tok, texts, run.batch_size, run.max_length, False))
+    if shard.parallel:
+        check_share(len(every), shard, "batches")
+    batches = make_batches(shard.share(every), pad)
     stream = LayerStream(
         info,
         reader=reader,
@@ -392,8 +461,15 @@ def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, bu
         mask["m"] = batches[b].counted
 
     def done(i: int, layer) -> None:
-        if i in moe:
+        if i not in moe:
+            return
+        if not shard.parallel:
             solve(moe[i], *_joined(got.pop(i), tokens))
+            return
+        where = lambda b: (b % shard.size, b // shard.size)  # noqa: E731 - batch b of one process
+        found = gathered([got.pop(i)], len(every), tokens, shard, where)
+        if found is not None:
+            solve(moe[i], *found[0])
 
     act = activation_bytes(info, run.batch_size, min(run.max_length, 2048))
     room = hidden_room(resident_sizes(info), act, budget)
@@ -413,6 +489,7 @@ def refit_for(
     options: RefitOptions = RefitOptions(),
     progress: bool = True,
     quantize=None,
+    shard: World = SINGLE,
 ) -> RefitWeights | None:
     """The re-fit ``premoe prune`` and ``premoe eval`` apply to ``plan``: recorded in ``plan.refit`` and held in
     ``plan.weights`` (also returned).
@@ -424,7 +501,8 @@ def refit_for(
 
     ``quantize`` (a :class:`premoe.moe.quantize.ExpertQuant` rounding by GPTQ) needs the pass whatever
     ``options.refit`` says (its Gram matrices come from the same tokens; a stored re-fit is recomputed), and
-    fails in one line where the data is gone.
+    fails in one line where the data is gone. ``shard``: this process's data-parallel rank (rank 0 holds the
+    re-fit; see :func:`refit_models`).
     """
     import logging
 
@@ -456,6 +534,7 @@ def refit_for(
             about=about,
             solver=solver,
             run=RunOptions(device="cpu", progress=progress),
+            shard=shard,
         )
     except PremoeError as e:
         if gptq:
@@ -497,7 +576,14 @@ def task_refit(store, task: str, plan, want: bool | None, model) -> RefitWeights
 
 
 def store_refits(
-    info, store, task: str, plans: Sequence, refit_data: Sequence | None = None, progress: bool = True, **kwargs
+    info,
+    store,
+    task: str,
+    plans: Sequence,
+    refit_data: Sequence | None = None,
+    progress: bool = True,
+    shard: World = SINGLE,
+    **kwargs,
 ) -> list[dict[str, Any]]:
     """Re-fit ``task``'s kept experts for each of ``plans`` (one pass over the model) on ``refit_data``
     or the task's recorded calibration data, and store the rows with the pattern (``premoe refit``);
@@ -528,8 +614,11 @@ def store_refits(
             about=about,
             directories=dirs,
             run=RunOptions(device="cpu", progress=progress),
+            shard=shard,
             **kwargs,
         )
+        if not shard.main:
+            return []  # rank 0 stores and reports
         entries = []
         for plan, out, d in zip(plans, outs, dirs):
             key = plan_key(plan)
@@ -583,6 +672,7 @@ def refit_tasks(
     """
     from dataclasses import replace
 
+    from premoe.core.distributed import agree, world
     from premoe.core.store import PatternStore
     from premoe.moe.options import MoeSelection
     from premoe.moe.patterns import plan_from_pattern
@@ -592,6 +682,10 @@ def refit_tasks(
     st = store if isinstance(store, PatternStore) else PatternStore.open(store)
     st.check_model(info.fingerprint)
     names = list(tasks) if tasks else sorted(st.tasks)
+    w = world()
+    patterns = {n: st.tasks[n].get("sha256") for n in names if n in st.tasks}
+    what = {"tasks": names, "keeps": list(keeps), "selection": repr(selection), "data": [str(d) for d in refit_data]}
+    agree({"model": info.fingerprint.to_dict(), "patterns": patterns, **what}, w, "refit")
     if not names:
         raise InputError(f"store {st.path} has no tasks; calibrate one first")
     if refit_data and (not tasks or len(names) > 1):
@@ -600,5 +694,5 @@ def refit_tasks(
     for name in names:
         pattern = st.load(name)
         plans = [plan_from_pattern(info, pattern, replace(selection, keep=k)) for k in keeps]
-        out[name] = store_refits(info, st, name, plans, list(refit_data) or None, progress=progress)
+        out[name] = store_refits(info, st, name, plans, list(refit_data) or None, progress=progress, shard=w)
     return out

@@ -160,9 +160,11 @@ class SignatureModel:
         run: RunOptions = RunOptions(progress=False),
         total: int | None = None,
         desc: str = "signature",
+        shard=None,
     ) -> RoutingSums:
-        """Routing sums of the signature layers over ``texts`` (special tokens not counted)."""
-        what = Recording(self.params, skip_special=True)
+        """Routing sums of the signature layers over ``texts`` (special tokens not counted; ``shard``: a
+        data-parallel rank's share of the batches, :class:`premoe.core.distributed.World`)."""
+        what = Recording(self.params, skip_special=True, **({"shard": shard} if shard is not None else {}))
         return observe(self.view, self.layers, self.info, self.tokenizer, texts, what, run=run, total=total, desc=desc)
 
     def signature(self, text: str, max_length: int = 2048) -> dict[str, torch.Tensor]:

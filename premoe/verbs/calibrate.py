@@ -65,7 +65,9 @@ def calibrate(
             model...), before any model weights are loaded.
     """
     from premoe.core.data import CalibrationData
+    from premoe.core.distributed import world
     from premoe.core.store import check_task_name
+    from premoe.errors import InputError
     from premoe.kinds import check_options, kind_of
 
     check_task_name(task)
@@ -75,6 +77,8 @@ def calibrate(
     cal = CalibrationData.open(data, max_samples)
     backend = kind_of(model)
     check_options(backend, "calibrate", run, memory, calibration)
+    if world().parallel and backend.name != "moe":
+        raise InputError(f"{backend.label} calibration does not run data-parallel yet; run it without torchrun")
     return backend.calibrate(
         model, cal, task, store, run=run, memory=memory, calibration=calibration, overwrite=overwrite
     )
@@ -107,16 +111,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from premoe.core.distributed import world
+    from premoe.errors import InputError
     from premoe.kinds import check_options, kind_of
     from premoe.verbs.refit import print_refits
 
     t0 = time.perf_counter()
+    w = world()
+    if args.refit_keep and w.parallel:
+        raise InputError("`refit_keep` does not run data-parallel yet; run `premoe refit` as one process afterwards")
     if args.refit_keep:  # refuse what the re-fit would refuse before spending a calibration
         backend = kind_of(args.model)
         check_options(backend, "refit")
         backend.check_refit(backend.inspect(args.model), args.refit_keep)
     pattern = calibrate(**kwargs_of(calibrate, args, progress=not args.quiet))
-    print(f"{pattern.summary()} -> {args.store} in {time.perf_counter() - t0:.1f}s")
+    if w.main:
+        ranks = f" ({w.size} data-parallel ranks)" if w.parallel else ""
+        print(f"{pattern.summary()} -> {args.store} in {time.perf_counter() - t0:.1f}s{ranks}")
     if args.refit_keep:
         print_refits(args.model, args.store, args.refit_keep, tasks=[pattern.name], progress=not args.quiet)
     return 0

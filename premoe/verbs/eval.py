@@ -100,6 +100,8 @@ def evaluate(
     info = backend.inspect(model)
     if data is not None:
         read_eval_data(data, limit)  # bad data fails before the model is built
+    _agree(info, data, perplexity, [chosen, fit, run.batch_size, run.dtype, limit, max_new_tokens, perplexity_window,
+                                    task, agnostic, stream, max_memory])  # fmt: skip
     if perplexity is not None:
         from premoe.core.evaluation import read_perplexity
 
@@ -124,6 +126,20 @@ def evaluate(
     finally:
         if the_plan is not None:
             the_plan.close()
+
+
+def _agree(info, data, perplexity, options) -> None:
+    """Under torchrun: every rank evaluates the same model on the same files with the same options."""
+    import hashlib
+
+    from premoe.core.distributed import agree, world
+
+    w = world()
+    if not w.parallel:
+        return
+    files = {str(n): hashlib.sha256(Path(f).read_bytes()).hexdigest() for n, f in (("data", data), ("ppl", perplexity))
+             if f is not None}  # fmt: skip
+    agree({"model": info.fingerprint.to_dict(), "data": files, "options": repr(options)}, w, "eval")
 
 
 def add_parser(sub) -> None:
@@ -157,7 +173,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from premoe.core.distributed import world
+
     res = evaluate(**kwargs_of(evaluate, args, progress=not args.quiet))
+    if not world().main:
+        return 0  # every rank holds the same result; rank 0 prints it
     if args.json:
         print(json.dumps(res))
         return 0

@@ -126,8 +126,10 @@ def prune(
 
     Returns:
         :class:`~premoe.moe.export.ExportResult` (MoE) or :class:`~premoe.dense.export.DenseExportResult`,
-        each with a ``summary()`` line.
+        each with a ``summary()`` line; ``None`` on the other ranks of a data-parallel run (under torchrun the
+        re-fit's pass is shared and rank 0 writes the export).
     """
+    from premoe.core.distributed import agree, world
     from premoe.core.outdir import check_out_dir
     from premoe.kinds import check_options, kind_of, select
 
@@ -143,17 +145,22 @@ def prune(
     check_options(backend, "prune", *selections, fit, quant)
     info = backend.inspect(model)
     check_out_dir(Path(out), info.path, overwrite)
+    w = world()
+    extra = {"quantize": quant} if quant.quantize else {}
+    if w.parallel:  # the re-fit's pass runs data-parallel; rank 0 solves and writes the export
+        if backend.name != "moe":
+            raise InputError(f"{backend.label} pruning does not run data-parallel yet; run it without torchrun")
+        chosen = select(backend, *selections)
+        agree({"model": info.fingerprint.to_dict(), "options": repr([chosen, fit, quant, task, agnostic, verify]),
+               "data": [str(d) for d in fit.refit_data]}, w, "prune")  # fmt: skip
+        extra["shard"] = w
     the_plan = backend.plan(
-        info,
-        store,
-        task,
-        agnostic=agnostic,
-        selection=select(backend, *selections),
-        refit=fit,
-        progress=progress,
-        **({"quantize": quant} if quant.quantize else {}),
-    )
+        info, store, task, agnostic=agnostic, selection=select(backend, *selections), refit=fit, progress=progress,
+        **extra,
+    )  # fmt: skip
     try:
+        if not w.main:
+            return None
         return backend.export(info, the_plan, Path(out), overwrite=overwrite, verify=verify, progress=progress)
     finally:
         the_plan.close()
@@ -180,5 +187,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    print(prune(**kwargs_of(prune, args, progress=not args.quiet)).summary())
+    result = prune(**kwargs_of(prune, args, progress=not args.quiet))
+    if result is not None:  # rank 0 of a data-parallel run, or the one process
+        print(result.summary())
     return 0

@@ -57,9 +57,14 @@ def refit(
 
 
 def print_refits(model, store, keeps: list[int], **kwargs) -> None:
-    """Run :func:`refit` and print one line per stored re-fit."""
+    """Run :func:`refit` and print one line per stored re-fit (rank 0 of a data-parallel run)."""
+    from premoe.core.distributed import world
+
     t0 = time.perf_counter()
-    for task, entries in refit(model, store, keeps, **kwargs).items():
+    done = refit(model, store, keeps, **kwargs)
+    if not world().main:
+        return
+    for task, entries in done.items():
         for e in entries:
             print(
                 f"stored re-fitted rows of task {task!r} for --keep {e['keep']}: {e['experts']} experts re-fitted on "

@@ -1,0 +1,287 @@
+"""``torchrun -m premoe calibrate``: data-parallel calibration with torch.distributed (gloo) on this machine.
+
+Properties: the statistics of 1, 2 and 3 ranks (and of two torchrun agents joined over 127.0.0.1 as two
+nodes) equal one process's within 1e-6 relative, and so do the scores and kept sets; only rank 0 writes;
+ranks that disagree (data) stop before any work with one line; a rank that dies leaves the others with one
+line and the store untouched; verbs that are not data-parallel refuse torchrun in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import premoe
+from premoe.assets import TINY_MODEL
+from premoe.core.data import write_jsonl
+from premoe.core.store import PatternStore
+from premoe.core.tasks import samples
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREMOE_DIST_TIMEOUT": "60"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, args: list[str], nnodes: int = 1, node_rank: int | None = None, port: int | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
+    if nnodes > 1:  # the cluster recipe's dynamic rendezvous (docs/distributed.md), on 127.0.0.1
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "premoe-test", "--rdzv-conf", "join_timeout=60"]
+    else:
+        cmd += ["--master-port", str(port or free_port())]
+    return cmd + ["-m", "premoe", *args]
+
+
+def cal_args(data: Path, store: Path, *extra: str) -> list[str]:
+    base = ["-q", "calibrate", "--model", str(TINY_MODEL), "--data", str(data), "--task", "t", "--store", str(store)]
+    return base + ["--batch-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    return write_jsonl(d / "t.jsonl", samples("add", 18, "calib") + samples("sort", 18, "calib"))
+
+
+@pytest.fixture(scope="module")
+def single_store(data, tmp_path_factory):
+    """One process's calibration of the same data, batches of 4."""
+    store = tmp_path_factory.mktemp("single") / "store"
+    premoe.calibrate(TINY_MODEL, data, "t", store, batch_size=4, progress=False)
+    return store
+
+
+@pytest.fixture(scope="module")
+def single(single_store):
+    return PatternStore.open(single_store).load("t")
+
+
+def assert_same_pattern(a, b) -> None:
+    assert a.info["tokens"] == b.info["tokens"] and a.info["signature"] == b.info["signature"]
+    for name in a.means:
+        x, y = a.means[name].double(), b.means[name].double()
+        assert float(((x - y).abs() / x.abs().clamp_min(1e-12)).max()) <= 1e-6, name
+    for name in a.signature:
+        torch.testing.assert_close(a.signature[name], b.signature[name], rtol=1e-6, atol=1e-12)
+    assert torch.equal(
+        torch.argsort(a.scores, descending=True, stable=True), torch.argsort(b.scores, descending=True, stable=True)
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_statistics_do_not_depend_on_the_number_of_ranks(n, data, single, single_store, tmp_path):
+    """36 samples in batches of 4 are 9 batches: 3 ranks get 3 each, 2 ranks 5 and 4."""
+    store = tmp_path / "store"
+    run = subprocess.run(torchrun(n, cal_args(data, store)), capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("calibrated task") == 1  # rank 0 reports, the others stay quiet
+    assert_same_pattern(single, PatternStore.open(store).load("t"))
+    for keep in (16, 8, 4):  # the same kept experts from either store
+        one, many = (premoe.plan(TINY_MODEL, s, "t", keep, progress=False).kept for s in (single_store, store))
+        assert one == many
+
+
+def test_streamed_calibration_is_data_parallel_too(data, single, tmp_path):
+    store = tmp_path / "store"
+    run = subprocess.run(torchrun(2, cal_args(data, store, "--stream")), capture_output=True, text=True, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = PatternStore.open(store).load("t")
+    assert got.info["streamed"] is True
+    assert_same_pattern(single, got)
+
+
+def test_two_nodes_on_one_machine_give_the_same_result(data, single, tmp_path):
+    """Two torchrun agents (``--nnodes 2``), one process each, meeting at 127.0.0.1."""
+    store, port = tmp_path / "store", free_port()
+    procs = [
+        subprocess.Popen(
+            torchrun(1, cal_args(data, store), nnodes=2, node_rank=r, port=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert_same_pattern(single, PatternStore.open(store).load("t"))
+
+
+def rank_env(rank: int, size: int, port: int) -> dict[str, str]:
+    """What torchrun sets for one process of a job (to start ranks by hand with different arguments)."""
+    return {
+        **ENV,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(size),
+        "LOCAL_WORLD_SIZE": str(size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PREMOE_DIST_TIMEOUT": "20",
+    }
+
+
+def test_ranks_with_different_data_stop_before_any_work(data, tmp_path):
+    other = write_jsonl(tmp_path / "other.jsonl", samples("reverse", 36, "calib"))
+    port, store = free_port(), tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "premoe", *cal_args(d, store)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=rank_env(r, 2, port),
+        )
+        for r, d in ((0, data), (1, other))
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2 and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert "differs from rank 0 in data" in line and "same model, data and flags" in line, line
+    assert not store.exists() or not any((store / "tasks").glob("*"))
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line_and_writes_nothing(data, tmp_path):
+    port, store = free_port(), tmp_path / "store"
+    crash = (
+        "import datetime, os, torch.distributed as d;"
+        "d.init_process_group('gloo', timeout=datetime.timedelta(seconds=20)); os._exit(1)"
+    )
+    main = subprocess.Popen(
+        [sys.executable, "-m", "premoe", *cal_args(data, store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=rank_env(0, 2, port),
+    )
+    dead = subprocess.run([sys.executable, "-c", crash], env=rank_env(1, 2, port), timeout=120)
+    _, err = main.communicate(timeout=120)
+    assert dead.returncode == 1 and main.returncode == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("premoe: error (rank 0): rank 0 of 2:") and "nothing was written" in line, line
+    assert not (store / "tasks").exists() or not any((store / "tasks").glob("*"))
+
+
+def test_verbs_that_are_not_data_parallel_refuse_torchrun(tmp_path):
+    run = subprocess.run(
+        torchrun(2, ["inspect", "--store", str(tmp_path)]), capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert run.returncode != 0
+    assert "`premoe inspect` does not run under torchrun" in run.stderr
+
+
+def test_recon_refuses_to_run_data_parallel(data, tmp_path):
+    run = subprocess.run(
+        torchrun(2, cal_args(data, tmp_path / "s", "--scorer", "recon")), capture_output=True, text=True, env=ENV
+    )
+    assert run.returncode != 0 and "does not run data-parallel yet" in run.stderr
+
+
+def test_eval_is_data_parallel_and_equals_one_process(data, single_store, tmp_path):
+    """Generation batches and perplexity chunks split across 2 and 3 ranks: the same exact match, and the
+    perplexity within float64 rounding, on the dense model and on a pattern applied on the fly."""
+    import json
+
+    evals = write_jsonl(tmp_path / "eval.jsonl", samples("add", 10, "eval") + samples("sort", 9, "eval"))
+    for n, extra in ((2, []), (3, ["--store", str(single_store), "--task", "t", "--keep", "8", "--no-refit"])):
+        args = ["-q", "eval", "--model", str(TINY_MODEL), "--data", str(evals), "--perplexity", str(evals)]
+        args += ["--batch-size", "4", "--json", *extra]
+        one = premoe.evaluate(
+            TINY_MODEL, evals, perplexity=evals, batch_size=4, progress=False,
+            **({"store": single_store, "task": "t", "keep": 8, "refit": False} if extra else {}),
+        )  # fmt: skip
+        run = subprocess.run(torchrun(n, args), capture_output=True, text=True, env=ENV, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1  # rank 0 prints
+        got = json.loads(lines[0])
+        assert got["exact_match"] == one["exact_match"] and got["perplexity_tokens"] == one["perplexity_tokens"]
+        assert abs(got["nll"] - one["nll"]) <= 1e-9 * abs(one["nll"])
+
+
+def test_prune_s_refit_pass_is_data_parallel_and_the_export_is_identical(single_store, tmp_path):
+    """The default prune's re-fit and GPTQ's Gram matrices (``--quantize w4a16``) over 3 ranks: each runs its share
+    of the texts, rank 0 gathers the tokens in one process's order, solves and writes: the same bytes."""
+    one = tmp_path / "one"
+    premoe.prune(TINY_MODEL, single_store, "t", 8, one, progress=False, quantize="w4a16")
+    args = ["-q", "prune", "--model", str(TINY_MODEL), "--store", str(single_store), "--task", "t", "--keep", "8"]
+    args += ["--out", str(tmp_path / "many"), "--quantize", "w4a16"]
+    run = subprocess.run(torchrun(3, args), capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("pruned to") == 1 and "re-fitted on" in run.stdout
+    assert (one / "model.safetensors").read_bytes() == (tmp_path / "many" / "model.safetensors").read_bytes()
+
+
+def test_stored_refits_are_data_parallel(single_store, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(single_store, a)
+    shutil.copytree(single_store, b)
+    premoe.refit(TINY_MODEL, a, [8, 4], progress=False)
+    args = ["-q", "refit", "--model", str(TINY_MODEL), "--store", str(b), "--keep", "8", "4"]
+    run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("stored re-fitted rows") == 2
+    files = sorted(p.relative_to(a) for p in a.rglob("layer*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("layer*.safetensors"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+STREAMED = """
+import sys
+from safetensors.torch import save_file
+from premoe.core.config import load_tokenizer
+from premoe.core.data import refit_sources
+from premoe.core.distributed import world
+from premoe.core.options import RunOptions
+from premoe.core.store import PatternStore
+from premoe.moe.model import inspect_model
+from premoe.moe.options import MoeSelection
+from premoe.moe.patterns import load_pattern, plan_from_pattern
+from premoe.moe.refit_checkpoint import refit_model
+
+model, store, out = sys.argv[1:4]
+info, st = inspect_model(model), PatternStore.open(store)
+plan = plan_from_pattern(info, load_pattern(st, "t", False), MoeSelection(keep=8).resolve(info.router))
+sources, about = refit_sources(st.tasks, ["t"], None)
+w = world()
+got = refit_model(info, plan, load_tokenizer(model), sources, about=about, stream=True,
+                  run=RunOptions(device="cpu", batch_size=3, progress=False), shard=w)
+if w.main:
+    save_file({f"{l}.{e}": got.get(l, e).contiguous() for l, es in got.experts.items() for e in es}, out)
+"""
+
+
+def test_streamed_refit_is_data_parallel(single_store, tmp_path):
+    """One decoder layer at a time: every rank streams its batches through the layer, rank 0 gathers the layer's
+    tokens, solves, and the stream moves on; the rows equal one streamed process's."""
+    script = tmp_path / "streamed.py"
+    script.write_text(STREAMED)
+    base = [str(script), str(TINY_MODEL), str(single_store)]
+    kw = dict(capture_output=True, text=True, env=ENV, timeout=300)
+    one = subprocess.run([sys.executable, *base, str(tmp_path / "one.safetensors")], **kw)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    many = subprocess.run(cmd + [*base, str(tmp_path / "many.safetensors")], **kw)
+    assert many.returncode == 0, many.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "many.safetensors")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
