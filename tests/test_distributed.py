@@ -285,3 +285,24 @@ def test_streamed_refit_is_data_parallel(single_store, tmp_path):
 
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "many.safetensors")
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_that_hangs_stops_the_others_within_the_timeout(data, tmp_path):
+    port, store = free_port(), tmp_path / "store"
+    hang = (
+        "import datetime, time, torch.distributed as d;"
+        "d.init_process_group('gloo', timeout=datetime.timedelta(seconds=60)); time.sleep(60)"
+    )
+    env = {**rank_env(0, 2, port), "PREMOE_DIST_TIMEOUT": "5"}
+    main = subprocess.Popen(
+        [sys.executable, "-m", "premoe", *cal_args(data, store)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    stuck = subprocess.Popen([sys.executable, "-c", hang], env=rank_env(1, 2, port))
+    try:
+        _, err = main.communicate(timeout=120)
+    finally:
+        stuck.kill()
+    line = err.strip().splitlines()[-1]
+    assert main.returncode == 2 and "Traceback" not in err
+    assert "a peer rank stopped or timed out" in line and "nothing was written" in line, line
+    assert not (store / "tasks").exists() or not any((store / "tasks").glob("*"))

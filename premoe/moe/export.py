@@ -35,7 +35,8 @@ from premoe.errors import CheckpointError
 from premoe.moe.arch import find_moe_layers
 from premoe.moe.model import ModelInfo
 from premoe.moe.plans import PrunePlan
-from premoe.moe.refit_checkpoint import PART, RefitWeights, down_targets
+from premoe.moe.refit_checkpoint import down_targets
+from premoe.moe.refit_weights import PART, RefitWeights
 from premoe.moe.surgery import apply_config_updates, config_updates
 
 log = logging.getLogger(__name__)

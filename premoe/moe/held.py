@@ -85,7 +85,7 @@ class HeldExperts:
 
 
 def stored_part(fmt, encoded: dict[str, torch.Tensor]) -> HeldPart:
-    """A re-fit's encoded parts (:meth:`premoe.moe.refit_checkpoint.RefitWeights.encoded`) as one held part."""
+    """A re-fit's encoded parts (:meth:`premoe.moe.refit_weights.RefitWeights.encoded`) as one held part."""
     main = next(k for k in encoded if fmt.companion(k) is None)
     scale = next(v for k, v in encoded.items() if (c := fmt.companion(k)) is not None and c[1] == "scale")
     return HeldPart(encoded[main], scale)

@@ -44,7 +44,7 @@ class PrunePlan:
     scorer: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     refit: dict[str, Any] | None = None  # how the kept experts were re-fitted (premoe.moe.refit), if they were
-    weights: Any = field(default=None, repr=False, compare=False)  # premoe.moe.refit_checkpoint.RefitWeights
+    weights: Any = field(default=None, repr=False, compare=False)  # premoe.moe.refit_weights.RefitWeights
     quantize: Any = field(default=None, repr=False, compare=False)  # premoe.moe.quantize.ExpertQuant (export)
 
     @property

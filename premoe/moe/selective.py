@@ -100,7 +100,7 @@ class Materializer:
             are sliced from memory instead of read again.
         dtype: the dtype quantised tensors become (default: :func:`compute_dtype`).
         refit: re-fitted down projections and router rows of kept experts
-            (:class:`premoe.moe.refit_checkpoint.RefitWeights`) that replace the checkpoint's.
+            (:class:`premoe.moe.refit_weights.RefitWeights`) that replace the checkpoint's.
         hold: keep quantised expert tensors as stored (:class:`premoe.moe.held.HeldExperts`, dequantised one
             expert at a time on use) instead of dequantising them whole.
     """

@@ -112,7 +112,7 @@ def install_pattern(
     identical to building from scratch. Experts never loaded before are created on ``device`` in
     ``dtype`` (default: CPU, the checkpoint's dtype; quantised experts: the config's dtype).
     ``routers`` holds every router tensor at full size ({layer: {in-memory name: tensor}}).
-    ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit_checkpoint.RefitWeights`), which
+    ``refit``: the plan's re-fitted down projections (:class:`premoe.moe.refit_weights.RefitWeights`), which
     replace the checkpoint's rows of the experts they cover; ``patched`` ({layer: experts whose rows in
     memory are re-fitted ones}, updated in place) keeps those from being reused or cached as the
     checkpoint's. ``hold``: a quantised checkpoint's experts stay as stored (:mod:`premoe.moe.held`), the

@@ -175,7 +175,7 @@ def inference_model(
     fits in ``budget`` bytes (default: available memory), else with lazy layers (``stream`` forces
     either). A lazy model runs on ``device`` (its layers are moved there as they are built); a whole one
     is returned on the CPU. ``refit``: re-fitted down projections of the kept experts
-    (:class:`premoe.moe.refit_checkpoint.RefitWeights`). ``hold``: a whole model keeps a quantised
+    (:class:`premoe.moe.refit_weights.RefitWeights`). ``hold``: a whole model keeps a quantised
     checkpoint's experts as stored (:mod:`premoe.moe.held`). Returns ``(model, lazy)``.
 
     Raises:
