@@ -35,6 +35,22 @@ def premoe(name: str, *args, stdin: str | None = None) -> str:
     return proc.stdout
 
 
+def torchrun(name: str, n: int, *args) -> str:
+    """``premoe`` under ``torchrun --nproc-per-node n`` on a free 127.0.0.1 port (torch's own launcher)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(port)]
+    proc = subprocess.run([*cmd, "-m", "premoe", "-q", *map(str, args)], capture_output=True, text=True, timeout=600)
+    steps.append((name, time.perf_counter() - t0))
+    if proc.returncode != 0:
+        sys.exit(f"smoke: {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
 def serve(name: str, *args) -> None:
     """Start ``premoe serve --port 0``, get one completion over HTTP, stop it with SIGTERM."""
     t0 = time.perf_counter()
@@ -149,6 +165,12 @@ def main() -> int:
             serve(f"{label}: serve", "--model", model, "--store", store, "--keep", keep)
         store = work / f"store-{TINY_MODEL.name}"
         premoe("bf16: refit", "refit", "--model", TINY_MODEL, "--store", store, "--keep", 8, "--task", "add")
+        w4 = work / "pruned-w4a16"
+        premoe("bf16: prune --quantize w4a16 (GPTQ)", "prune", "--model", TINY_MODEL, "--store", store, "--task", "add",
+               "--keep", 8, "--out", w4, "--quantize", "w4a16")  # fmt: skip
+        premoe("w4a16 export: eval", "eval", "--model", w4, "--data", evals)
+        torchrun("bf16: torchrun calibrate (2 ranks)", 2, "calibrate", "--model", TINY_MODEL, "--data", calib["add"],
+                 "--task", "add2", "--store", store)  # fmt: skip
         premoe(
             "bf16: chat",
             "chat",
