@@ -186,11 +186,20 @@ def test_verbs_that_are_not_data_parallel_refuse_torchrun(tmp_path):
     assert "`premoe inspect` does not run under torchrun" in run.stderr
 
 
-def test_recon_refuses_to_run_data_parallel(data, tmp_path):
-    run = subprocess.run(
-        torchrun(2, cal_args(data, tmp_path / "s", "--scorer", "recon")), capture_output=True, text=True, env=ENV
-    )
-    assert run.returncode != 0 and "does not run data-parallel yet" in run.stderr
+@pytest.mark.parametrize("stream", [False, True])
+def test_recon_and_all_stats_are_data_parallel(stream, data, tmp_path):
+    """The ``recon`` scorer's token budget spans the ranks: rank 0 gathers the first tokens in one process's batch
+    order, eliminates, and every rank gets the scores; every statistic of ``--all-stats`` equals one process's."""
+    extra = ["--all-stats", "--scorer", "recon", *(["--stream"] if stream else [])]
+    premoe.calibrate(TINY_MODEL, data, "t", tmp_path / "one", batch_size=4, scorer="recon", all_stats=True,
+                     stream=stream, progress=False)  # fmt: skip
+    run = subprocess.run(torchrun(2, cal_args(data, tmp_path / "two", *extra)), capture_output=True, text=True,
+                         env=ENV, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (PatternStore.open(tmp_path / d).load("t") for d in ("one", "two"))
+    assert "recon" in a.means and "weights" in a.means
+    assert_same_pattern(a, b)
+    assert torch.equal(a.means["recon"], b.means["recon"])
 
 
 def test_eval_is_data_parallel_and_equals_one_process(data, single_store, tmp_path):
@@ -306,3 +315,44 @@ def test_a_rank_that_hangs_stops_the_others_within_the_timeout(data, tmp_path):
     assert main.returncode == 2 and "Traceback" not in err
     assert "a peer rank stopped or timed out" in line and "nothing was written" in line, line
     assert not (store / "tasks").exists() or not any((store / "tasks").glob("*"))
+
+
+RECON = """
+import sys, torch
+from safetensors.torch import save_file
+from premoe.assets import TINY_MODEL
+from premoe.core.distributed import SINGLE, world
+from premoe.moe.model import inspect_model
+from premoe.moe.recon import LayerRecon
+
+spec = inspect_model(TINY_MODEL).router
+D, S = 8, spec.width
+w = world() if sys.argv[2] == "many" else SINGLE
+rec = LayerRecon(spec, tokens=50, shard=w)  # 7 batches of 11 tokens: the budget cuts the fifth
+weights = torch.randn(S, D, D, generator=torch.Generator().manual_seed(0))
+for b in w.share(range(7)):
+    g = torch.Generator().manual_seed(100 + b)
+    h = torch.randn(11, D, generator=g)
+    rec.add(lambda e, x: x @ weights[e], h, torch.randn(11, S, generator=g), None, torch.randn(11, D, generator=g),
+            torch.randn(11, D, generator=g))
+scores = rec.finish()
+if w.main:
+    save_file({"scores": scores.contiguous()}, sys.argv[1])
+"""
+
+
+def test_recon_budget_is_cut_in_one_process_s_batch_order(tmp_path):
+    """Seven batches of 11 tokens and a budget of 50 over 3 ranks: the scores equal one process's, which saw
+    batches 0-3 whole and 6 tokens of batch 4."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "recon.py"
+    script.write_text(RECON)
+    kw = dict(capture_output=True, text=True, env=ENV, timeout=300)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors"), "one"], **kw)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port", str(free_port())]
+    many = subprocess.run(cmd + [str(script), str(tmp_path / "many.safetensors"), "many"], **kw)
+    assert many.returncode == 0, many.stderr[-3000:]
+    a, b = load_file(tmp_path / "one.safetensors")["scores"], load_file(tmp_path / "many.safetensors")["scores"]
+    assert torch.equal(a, b)

@@ -200,6 +200,18 @@ def sum_in_rank_order(t: torch.Tensor, w: World, what: str = "a reduction") -> t
     return total.to(t.device)
 
 
+def broadcast(t: torch.Tensor, w: World, what: str = "a broadcast") -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (same shape and dtype everywhere), on ``t``'s device."""
+    if not w.parallel:
+        return t
+    import torch.distributed as dist
+
+    buf = t.detach().cpu().contiguous().clone()
+    with _collective(what):
+        dist.broadcast(buf, src=0)
+    return buf.to(t.device)
+
+
 def sum_int(value: int, w: World, what: str = "a reduction") -> int:
     return int(sum_in_rank_order(torch.tensor([value], dtype=torch.int64), w, what)[0])
 

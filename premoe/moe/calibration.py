@@ -135,11 +135,6 @@ def calibrate(
     if scorer == "recon" and why_not:
         raise UnsupportedModelError(f"`scorer='recon'` cannot score {info.spec.name}: {why_not}; use `scorer='easyep'`")
     recon = (opts.all_stats or scorer == "recon") and not why_not
-    if recon and w.parallel:
-        raise InputError(
-            "the `recon` scorer (also part of `all_stats`) eliminates experts greedily over one process's token "
-            "budget and does not run data-parallel yet; run it without torchrun, or use `scorer='easyep'`"
-        )
     run_model = opts.all_stats or SCORERS[scorer].needs_model
     offload_dir = memory.offload_dir
 

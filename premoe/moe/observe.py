@@ -42,6 +42,7 @@ class RouterObserver:
         decoder: list | None = None,
         outputs: bool = False,
         recon: bool = False,
+        shard: World = SINGLE,
     ):
         self.layers = layers
         self.router = router
@@ -56,7 +57,7 @@ class RouterObserver:
         self._residual: dict[int, torch.Tensor] = {}
         self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
-        self.recon = [LayerRecon(router) for _ in layers] if outputs and recon else None
+        self.recon = [LayerRecon(router, shard=shard) for _ in layers] if outputs and recon else None
 
     def finish(self) -> RoutingSums:
         """The sums, with the ``recon`` scores of every layer (computed now where not yet done)."""
@@ -187,7 +188,9 @@ def observe(
     device = next(model.parameters()).device
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not run.progress)
     decoder = decoder_layers(model) if what.outputs else None
-    with RouterObserver(layers, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
+    with RouterObserver(
+        layers, info.router, info.spec, what.params, decoder, what.outputs, what.recon, what.shard
+    ) as obs:
         for batch in what.shard.share(
             token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special)
         ):
@@ -244,7 +247,9 @@ def observe_streamed(
         compute_dtype=dtype,
     )
     decoder = stream.layers if what.outputs else None
-    with RouterObserver(stream.moe, info.router, info.spec, what.params, decoder, what.outputs, what.recon) as obs:
+    with RouterObserver(
+        stream.moe, info.router, info.spec, what.params, decoder, what.outputs, what.recon, what.shard
+    ) as obs:
         obs.sums.tokens = sum(int(b.counted.sum()) for b in batches)
 
         def before(b: int) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from premoe.core.distributed import SINGLE, World, broadcast
 from premoe.moe.arch import RouterSpec
 from premoe.moe.kernels import slot_outputs
 from premoe.moe.routing import gate_scores, route
@@ -208,15 +209,18 @@ class LayerRecon:
     """Collects one MoE layer's per-token statistics from the calibration pass (first :data:`TOKENS`
     real tokens) and turns them into its ``recon`` scores."""
 
-    def __init__(self, spec: RouterSpec, tokens: int = TOKENS, objective: str = "damage"):
+    def __init__(self, spec: RouterSpec, tokens: int = TOKENS, objective: str = "damage", shard: World = SINGLE):
         self.spec = spec
         self.tokens = tokens
         self.objective = objective
+        self.shard = shard
         self.c = candidate_count(spec)
         self.parts: list[TokenStats] = []
+        self.blocks: list[int] = []  # tokens recorded per call of :meth:`add` (one batch each)
         self.seen = 0
         self.bias: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        self.done = False
 
     @property
     def full(self) -> bool:
@@ -242,10 +246,64 @@ class LayerRecon:
             )
             self.parts.append(st.apply(torch.Tensor.cpu))
         self.seen += n
+        self.blocks.append(n)
 
     def finish(self) -> torch.Tensor | None:
-        """The layer's scores [E] (computed once, from what was recorded; ``None`` if nothing was)."""
-        if self.scores is None and self.parts:
-            st, self.parts = TokenStats.cat(self.parts), []
+        """The layer's scores [E] (computed once, from what was recorded; ``None`` if nothing was).
+
+        A data-parallel rank (``shard``) records the first :data:`TOKENS` tokens of its own batches; rank 0
+        gathers every rank's batches, puts them in the order one process runs them (batch ``b`` is rank
+        ``b mod N``'s), keeps the first :data:`TOKENS` tokens, eliminates, and every rank gets its scores. Every
+        rank must call this for the same layers in the same order."""
+        if self.done:
+            return self.scores
+        self.done = True
+        if self.shard.parallel:
+            st = self._gathered()
+        else:
+            st = TokenStats.cat(self.parts) if self.parts else None
+        self.parts = []
+        if st is not None:
             self.scores = eliminate(st, self.spec, self.bias, self.objective)
+        if self.shard.parallel:
+            found = torch.tensor([float(self.scores is not None)]) if self.shard.main else torch.zeros(1)
+            if broadcast(found, self.shard, "the recon scores")[0]:
+                E = self.spec.num_experts
+                mine = self.scores if self.scores is not None else torch.zeros(E)
+                self.scores = broadcast(mine.float().cpu(), self.shard, "the recon scores")
         return self.scores
+
+    def _gathered(self) -> TokenStats | None:
+        """Rank 0: every rank's recorded tokens in one process's batch order, cut at the budget."""
+        from premoe.core.distributed import gather_blocks
+
+        S, c = self.spec.width, self.c
+        shapes = {"logits": (S,), "cand": (c,), "gram": (c, c), "cross": (c,), "norm2": (), "rcross": (c,),
+                  "rnorm2": (), "rdot": ()}  # fmt: skip
+        mine = TokenStats.cat(self.parts) if self.parts else None
+        per = {}
+        for f in fields(TokenStats):
+            shape = shapes[f.name]
+            width = int(torch.Size(shape).numel())
+            dtype = torch.int64 if f.name == "cand" else torch.float32
+            whole = getattr(mine, f.name).reshape(-1, width).to(dtype) if mine is not None else None
+            blocks = list(torch.split(whole, self.blocks)) if whole is not None else []
+            got = gather_blocks(blocks, width, dtype, self.shard, "the recon tokens")
+            per[f.name] = (got, shape)
+        if not self.shard.main:
+            return None
+        size = self.shard.size
+        order, b = [], 0
+        while True:  # batch b of one process: rank b mod N's (b div N)-th
+            r, pos = b % size, b // size
+            if pos >= len(per["logits"][0][r]):
+                break
+            order.append((r, pos))
+            b += 1
+        if not order:
+            return None
+        fieldsd = {
+            name: torch.cat([got[r][pos] for r, pos in order]).reshape(-1, *shape)[: self.tokens]
+            for name, (got, shape) in per.items()
+        }
+        return TokenStats(**fieldsd)
