@@ -172,13 +172,36 @@ def test_impossible_quantize_options_are_refused_before_any_work(tiny, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
-def test_quantised_sources_and_dense_models_are_refused(tmp_path, small_data):
-    mt, ov, _ = FAMILIES["qwen3_moe"]
+def test_fp8_sources_give_int4_experts_and_dequantised_attention(tmp_path, small_data):
+    """DeepSeek-V3's FP8 layout to W4A16 (the Kimi-K2-Thinking shape): the kept experts rounded from their
+    dequantised values, every other FP8 weight written dequantised (one quantization_config per checkpoint), no
+    scale left; the export computes like the FP8 source's own pruned export. FP8 to FP8, and 4-bit sources, are
+    refused in one line."""
+    mt, ov, _ = FAMILIES["deepseek_v3"]
     src = save_model(*build_model(mt, ov), tmp_path / "src")
     fp8 = quantize_checkpoint(src, tmp_path / "fp8", "fp8")
     premoe.calibrate(fp8, small_data, "t", tmp_path / "s", progress=False)
-    with pytest.raises(InputError, match="already quantised"):
-        premoe.prune(fp8, tmp_path / "s", "t", 4, tmp_path / "o", quantize="w4a16", progress=False)
+    premoe.prune(fp8, tmp_path / "s", "t", 4, tmp_path / "w4", quantize="w4a16", quantize_group=16, progress=False)
+    premoe.prune(fp8, tmp_path / "s", "t", 4, tmp_path / "same", progress=False)
+    out, source = inspect_model(tmp_path / "w4"), inspect_model(fp8)
+    assert isinstance(out.quant, CompressedPacked)
+    keys = set(out.checkpoint.tensors)
+    assert not any(k.endswith(("_scale_inv", "input_scale")) for k in keys)
+    attn = next(k for k in keys if k.endswith("self_attn.o_proj.weight"))
+    assert source.checkpoint.tensors[attn].dtype == "F8_E4M3" and out.checkpoint.tensors[attn].dtype != "F8_E4M3"
+    assert any(k.endswith("experts.0.down_proj.weight_packed") for k in keys)
+    a, b = (premoe.evaluate(tmp_path / d, perplexity=small_data, progress=False) for d in ("w4", "same"))
+    assert abs(a["perplexity"] / b["perplexity"] - 1) < 0.05
+    with pytest.raises(InputError, match="does not apply"):
+        premoe.prune(fp8, tmp_path / "s", "t", 4, tmp_path / "o", quantize="fp8", progress=False)
+    w4 = quantize_checkpoint(src, tmp_path / "ct", "compressed-tensors/w4g16")
+    premoe.calibrate(w4, small_data, "t", tmp_path / "s4", progress=False)
+    with pytest.raises(InputError, match="does not apply"):
+        premoe.prune(w4, tmp_path / "s4", "t", 4, tmp_path / "o", quantize="w4a16", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_dense_models_are_refused(tmp_path, small_data):
     from premoe.assets import TINY_DENSE
 
     premoe.calibrate(TINY_DENSE, small_data, "t", tmp_path / "d", progress=False)

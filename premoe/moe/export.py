@@ -140,7 +140,12 @@ def plan_tensors(
     for name in sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset)):
         t, role = tensors[name], info.roles[name]
         whole = [(t.file, t.offset, t.nbytes)]
-        if role.kind == "beyond":
+        rest = quantizer.rest(name, role) if quantizer is not None and role.kind != "beyond" else False
+        if rest is None:
+            continue  # a quantised source's scale: its weight is written dequantised, or re-quantised
+        if rest is not False:
+            out.append(rest)
+        elif role.kind == "beyond":
             dropped.append(name)
         elif role.kind == "expert":
             new = position[role.layer].get(role.expert)

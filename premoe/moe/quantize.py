@@ -12,9 +12,12 @@ serves.
 
 Only the kept experts' weight matrices are quantised; attention, shared experts, routers, norms and
 embeddings stay in the source's dtype (``quantization_config`` targets the experts by name). The
-re-fitted down projections are quantised after the re-fit. Sources must be unquantised (bf16/fp16/fp32) and
-store their experts as per-expert keys (``experts.{e}.gate_proj.weight``...), the layout compressed-tensors
-quantises; anything else is refused in one line.
+re-fitted down projections are quantised after the re-fit. Sources store their experts as per-expert keys
+(``experts.{e}.gate_proj.weight``...), the layout compressed-tensors quantises, unquantised (bf16/fp16/fp32)
+or, for ``w4a16``/``w8a16``, in FP8 (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8: block or compressed-tensors FP8). From
+FP8 the experts are rounded from their dequantised values and every other FP8 weight (attention, shared
+experts, dense layers) is written dequantised to the config's dtype, since one checkpoint has one
+``quantization_config`` (what Kimi-K2-Thinking's INT4 release looks like). Anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from premoe.core.checkpoint import OutTensor
-from premoe.core.quant import CompressedFp8, CompressedPacked, QuantFormat
+from premoe.core.quant import CompressedFp8, CompressedPacked, Fp8Blocks, QuantFormat
 from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.options import QuantizeOptions
 
@@ -135,10 +138,11 @@ def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | Non
     """
     if options is None or options.quantize is None:
         return None
-    if info.quant.quantized:
+    if info.quant.quantized and (options.float_weights or not isinstance(info.quant, (Fp8Blocks, CompressedFp8))):
         raise InputError(
-            f"`quantize` applies to bf16/fp16/fp32 checkpoints, but {info.path} is already quantised "
-            f"({info.quant.label}); prune it without `quantize` (its kept experts are written as they are stored)"
+            f"`quantize` {options.quantize} does not apply to {info.path}, already quantised ({info.quant.label}): "
+            "it writes INT4/INT8 experts from bf16/fp16/fp32 or FP8 checkpoints, FP8 from unquantised ones; prune "
+            "it without `quantize` (its kept experts are written as they are stored)"
         )
     if not info.spec.experts or info.spec.weight_on_input or info.router.slots:
         raise UnsupportedModelError(
@@ -292,7 +296,11 @@ class ExportQuantizer:
     at a time."""
 
     def __init__(self, info, q: ExpertQuant, downs: dict[int, str], refit=None):
+        from premoe.moe.selective import compute_dtype
+
         self.info, self.q, self.refit, self.downs = info, q, refit, downs
+        self.scales = scale_keys(info)
+        self.dtype = compute_dtype(info)
         splits = [s for layer in info.layout.moe for s in _split_weights(info, layer).values()]
         self.keys = {k for s in splits for k in s.parts.values()}
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -309,10 +317,33 @@ class ExportQuantizer:
             if self.refit is not None and self.refit.has(role.layer, role.expert) and self._is_down(role):
                 w = self.refit.get(role.layer, role.expert)
             if w is None:
-                w = self.info.checkpoint.tensor(name)
+                w = self.source(name, torch.float32)
             parts = self.q.fmt.encode(PART, w.float())
         self._last = (name, parts)
         return parts
+
+    def source(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Checkpoint tensor ``name`` as values: dequantised with its scale where it has one, else as stored."""
+        value = self.info.checkpoint.tensor(name)
+        scale = self.scales.get(name)
+        return value if scale is None else self.info.quant.dequant(value, self.info.checkpoint.tensor(scale), dtype)
+
+    def rest(self, name: str, role) -> OutTensor | None | bool:
+        """How a quantised source's tensor ``name`` is written: dequantised to the config's dtype (an
+        :class:`OutTensor`; a quantised weight outside the experts), dropped (``None``: a scale or static
+        activation scale; the kept experts' new parts replace theirs) or as the rest of the export does
+        (``False``: everything else, and every tensor of an unquantised source)."""
+        from premoe.core.checkpoint import TORCH_DTYPES
+
+        if not self.info.quant.quantized:
+            return False
+        if role.companion is not None:
+            return None
+        if name not in self.scales or role.kind != "other":
+            return False
+        label = next(k for k, v in TORCH_DTYPES.items() if v == self.dtype)
+        shape = tuple(self.info.checkpoint.tensors[name].shape)
+        return OutTensor(name, label, shape, make=lambda: self.source(name, self.dtype).contiguous())
 
     def _is_down(self, role) -> bool:
         return role.target == self.downs.get(role.layer)
@@ -328,3 +359,16 @@ class ExportQuantizer:
 
             out.append(OutTensor(base + part, dtype, pshape, make=make))
         return out
+
+
+# -- the rest of a quantised source --------------------------------------------------------------------
+
+
+def scale_keys(info) -> dict[str, str]:
+    """{main key: its scale key} of a quantised checkpoint (empty for an unquantised one)."""
+    out = {}
+    for key in info.checkpoint.tensors if info.quant.quantized else ():
+        c = info.quant.companion(key)
+        if c is not None and c[1] == "scale":
+            out[c[0]] = key
+    return out
