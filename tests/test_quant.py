@@ -38,6 +38,8 @@ CASES = {
     "glm4_moe-ct-block": ("glm4_moe", "compressed-tensors/block", {}),
     # compressed-tensors pack-quantized W4A16 experts (Kimi-K2-Thinking's release), groups of 16 inputs
     "deepseek_v3-ct-w4a16": ("deepseek_v3", "compressed-tensors/w4g16", {}),
+    # ... and asymmetric, with packed zero points (llm-compressor's W4A16_ASYM), per channel on Qwen3-MoE
+    "qwen3_moe-ct-w4a16-asym": ("qwen3_moe", "compressed-tensors/w4a", {}),
 }
 
 
@@ -186,6 +188,36 @@ def test_int_packing_matches_compressed_tensors_and_scales_follow_its_rule():
         CompressedPacked(4, 12).encode("weight", w)
 
 
+def test_asymmetric_zero_points_match_compressed_tensors():
+    """W4A16_ASYM: zero points packed along the rows as compressed-tensors packs them, our integers what its
+    ``quantize`` gives with our scales and zero points, and our dequantised values what its ``dequantize`` gives."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+
+    from premoe.core.quant import CompressedPacked
+
+    torch.manual_seed(1)
+    for group, rows in ((16, 12), (None, 9)):  # rows not a whole word of zero points too
+        fmt = CompressedPacked(4, group, symmetric=False)
+        w = torch.randn(rows, 32) + 0.5  # skewed: the zero points are not all the middle of the range
+        w[2] = torch.rand(32)  # all positive: the minimum widened to 0
+        parts = fmt.encode("weight", w)
+        groups = 32 // group if group else 1
+        assert parts["weight_zero_point"].dtype == torch.int32 and parts["weight_zero_point"].shape == (2, groups)
+        zero = unpack_from_int32(parts["weight_zero_point"], 4, torch.Size([rows, groups]), packed_dim=0)
+        assert torch.equal(pack_to_int32(zero, 4, packed_dim=0), parts["weight_zero_point"])
+        scale = parts["weight_scale"]
+        strategy = "group" if group else "channel"
+        args = QuantizationArgs(num_bits=4, type="int", strategy=strategy, group_size=group, symmetric=False)
+        q = quantize(w, scale, zero, args, dtype=torch.int8)
+        assert torch.equal(fmt.unpack(parts["weight_packed"])[:, :32].to(torch.int8), q)
+        theirs = dequantize(q, scale, zero, args=args, dtype=torch.float32)
+        ours = fmt.decode(parts, (rows, 32), torch.float32)
+        assert torch.equal(ours, theirs)
+        assert float((ours - w).abs().max()) <= float(scale.float().max())  # half a step, plus bf16 scale rounding
+
+
 def test_decode_inverts_encode_in_memory_orientation():
     from premoe.core.quant import Fp8Blocks, Mxfp4
 
@@ -327,7 +359,7 @@ def test_refit_is_written_in_the_checkpoint_format_and_is_what_premoe_computes_w
         new_name = f"{name[:a]}{kept.index(role.expert)}{name[b:]}"
         t = info.checkpoint.tensors[name]
         assert got[new_name] == (t.dtype, tuple(t.shape))  # FP8 stays FP8, scales keep their grid
-        if role.target in downs and role.companion in (None, "scale"):
+        if role.target in downs and role.companion in (None, "scale", "zero"):  # re-fitted, re-quantised
             changed += raw_bytes(out_file, new_name) != raw_bytes(src_file, name)
         else:
             same += 1
@@ -387,12 +419,14 @@ def test_quantized_selective_loading_and_switching(case, quantized, tmp_path):
     server.load("b")
     with ByteReader() as r:
         fresh = build_selective(server.info, server.plan_for("b"), r)
-    # the server holds the experts as stored (FP8, MXFP4), dequantised one at a time: the same values
-    assert held_bytes(server.model) > 0
+    # the server holds the experts as stored (FP8, MXFP4), dequantised one at a time: the same values (weights
+    # with zero points are dequantised at load)
+    held = not server.info.quant.dequant_companions
+    assert (held_bytes(server.model) > 0) == held
     sa, sb = dequantized_state(server.model), fresh.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     resident = sum(t.nbytes for t in server.model.state_dict().values()) + held_bytes(server.model)
-    assert resident < sum(t.nbytes for t in sb.values())
+    assert resident < sum(t.nbytes for t in sb.values()) or not held
     # the memory planner's size of the pruned model, dequantised, is what the build holds
     assert resident_sizes(server.info, plan=server.plan_for("b"))["total"] == sum(t.nbytes for t in sb.values())
     reply = server.generate("add 2+5=", max_new_tokens=3)  # answered by a fresh build of the task it routed to
@@ -435,6 +469,8 @@ def test_held_experts_switch_with_stored_refits_and_match_fresh_builds(case, qua
     for task in ("a", "b", "a"):
         server.load(task)
     assert all(isinstance(h, HeldExperts) for _, _, h in held_tensors(server.model))
+    if server.info.quant.dequant_companions:
+        pytest.skip("weights with zero points are dequantised at load, not held")
     weights = server.refit_for("a")
     assert weights is not None and weights.experts
     with ByteReader() as r:
@@ -511,14 +547,13 @@ def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, meth
                         "weights": {
                             "type": "int",
                             "num_bits": 4,
-                            "strategy": "group",
-                            "group_size": 128,
+                            "strategy": "tensor",
                             "symmetric": False,
                         }
                     }
                 },
             },
-            "symmetric=False",
+            "strategy 'tensor'",
         ),
         (
             {
@@ -606,3 +641,21 @@ def test_formats_are_classes_looked_up_by_quant_method():
         fp8.check_tensor("w", f8, "w_scale_inv", TensorInfo("s", Path("x"), "F32", (3, 2), 0, 24))
     with pytest.raises(UnsupportedModelError, match='"fp8", "mxfp4"'):
         quant_format({"quantization_config": {"quant_method": "awq"}})
+
+
+def test_asymmetric_weights_without_their_zero_points_are_refused(quantized, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from premoe.errors import CheckpointError
+
+    d = tmp_path / "m"
+    shutil.copytree(quantized("qwen3_moe-ct-w4a16-asym"), d)
+    f = d / "model.safetensors"
+    t = load_file(f)
+    gone = next(k for k in t if k.endswith("experts.0.up_proj.weight_zero_point"))
+    save_file({k: v for k, v in t.items() if k != gone}, f)
+    with pytest.raises(CheckpointError, match="has no zero beside it") as err:
+        inspect_model(d)
+    assert "\n" not in str(err.value)

@@ -73,7 +73,7 @@ class ExportResult:
 def _part(info: ModelInfo, name: str) -> str:
     """The part of :meth:`RefitWeights.encoded` that checkpoint key ``name`` (a main tensor or its scale) holds."""
     found = info.quant.companion(name)
-    main = found[0] if found is not None and found[1] == "scale" else name
+    main = found[0] if found is not None and found[1] in ("scale", "zero") else name
     return PART + name.removeprefix(info.quant.target(main))
 
 
@@ -111,8 +111,8 @@ def _refitted_router(refit: RefitWeights, role, dtype: str):
 
 
 def _is_down(role, down: dict[int, str]) -> bool:
-    """Whether ``role`` is a re-fitted layer's down projection or its quantisation scale."""
-    return role.target == down.get(role.layer) and role.companion in (None, "scale")
+    """Whether ``role`` is a re-fitted layer's down projection or its quantisation scale (or zero point)."""
+    return role.target == down.get(role.layer) and role.companion in (None, "scale", "zero")
 
 
 def plan_tensors(

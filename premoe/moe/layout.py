@@ -68,6 +68,7 @@ class Source:
     parts: dict[tuple[int, int], str] = field(default_factory=dict)
     n_parts: int = 1
     scales: dict[str, str] = field(default_factory=dict)
+    zeros: dict[str, str] = field(default_factory=dict)  # key -> its zero-point key (asymmetric integer weights)
     keys: list[tuple[str, str]] = field(default_factory=list)  # convert: (source pattern, key), in checkpoint order
     converter: Any = None  # convert: the transformers WeightConverter that builds the tensor
 
@@ -273,10 +274,20 @@ def _check_quant(tensors, companions, quant: QuantFormat) -> None:
         if key not in companions:
             scale = scales.get(key)
             quant.check_tensor(key, info, scale, tensors[scale] if scale else None)
+    kinds: dict[str, set[str]] = {}
+    for key, (main, kind) in companions.items():
+        kinds.setdefault(main, set()).add(kind)
+        if kind != "scale" and main in tensors:
+            quant.check_companion(main, tensors[main], kind, key, tensors[key])
+    for main in scales:
+        missing = set(quant.dequant_companions) - kinds.get(main, set())
+        if missing:
+            raise CheckpointError(f"{main} has no {', '.join(sorted(missing))} beside it; the checkpoint is incomplete")
 
 
 def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[str, Source]:
     scale_of = {main: key for key, (main, kind) in companions.items() if kind == "scale"}
+    zero_of = {main: key for key, (main, kind) in companions.items() if kind == "zero"}
     sources: dict[str, Source] = {}
     for key, role in roles.items():
         if role.companion or role.target is None or role.kind == "beyond":
@@ -288,6 +299,8 @@ def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[
             src.keys.append((pattern, key))
             if key in scale_of:
                 src.scales[key] = scale_of[key]
+            if key in zero_of:
+                src.zeros[key] = zero_of[key]
             first = conv.target_patterns[0]
             for t in conv.target_patterns[1:]:  # one key split into several tensors: each gets the same source
                 sources.setdefault(role.target.replace(first, t), src)
@@ -305,6 +318,8 @@ def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[
             sources[role.target] = Source(kind, role.layer, key, dim=role.dim, rows=role.rows)
         if key in scale_of:
             sources[role.target].scales[key] = scale_of[key]
+        if key in zero_of:
+            sources[role.target].zeros[key] = zero_of[key]
     return sources
 
 

@@ -147,7 +147,12 @@ class Materializer:
         """Rows of ``key`` per expert (per router slot for slot-indexed tensors) on dim 0."""
         return self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
 
-    def _dequant(self, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _scale(self, src: Source, key: str):
+        """What :meth:`QuantFormat.dequant` takes for checkpoint key ``key``: its scale, or (scale, zero point)."""
+        scale = self._read(src.scales[key])
+        return (scale, self._read(src.zeros[key])) if key in src.zeros else scale
+
+    def _dequant(self, value: torch.Tensor, scale) -> torch.Tensor:
         if scale is None:
             return value
         return self.info.quant.dequant(value, scale, self.dtype)
@@ -182,7 +187,7 @@ class Materializer:
                 return self._pending.pop(name)
             return self._convert(name, src)
         value = self._read(src.key)
-        scale = self._read(src.scales[src.key]) if src.key in src.scales else None
+        scale = self._scale(src, src.key) if src.key in src.scales else None
         return self._dequant(value, scale)
 
     def _convert(self, name: str, src: Source, ids: list[int] | None = None) -> torch.Tensor:
@@ -196,7 +201,7 @@ class Materializer:
             else:
                 v = self._select(key, 0, ids, self._block_rows(key, src))
             if key in src.scales:
-                v = self._dequant(v, self._read(src.scales[key]))
+                v = self._dequant(v, self._scale(src, key))
             inputs.setdefault(pattern, []).append(v)
         out: dict = inputs
         first = name
@@ -232,7 +237,7 @@ class Materializer:
         src = self.info.layout.sources[name]
         value = self._read(src.key) if ids is None else self._select(src.key, src.dim, ids)
         if src.key in src.scales:
-            value = self._dequant(value, self._read(src.scales[src.key]))
+            value = self._dequant(value, self._scale(src, src.key))
         return value
 
     def slot_indexed(self, name: str) -> bool:
@@ -286,6 +291,8 @@ class Materializer:
         if src.kind == "fused":
             per = src.rows or 1
             value = self._select(src.key, 0, ids, per)
+            if src.key in src.zeros:
+                raise CheckpointError(f"{src.key}: zero points on fused expert tensors are not supported")
             if src.key in src.scales:
                 scale_key = src.scales[src.key]
                 scale = self._select(scale_key, 0, ids, self._block_rows(scale_key, src))
@@ -311,7 +318,7 @@ class Materializer:
             for key in keys:
                 v = self._read(key)
                 if key in src.scales:
-                    v = self._dequant(v, self._read(src.scales[key]))
+                    v = self._dequant(v, self._scale(src, key))
                 parts.append(v)
             block = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             if out is None:  # filled expert by expert: no second copy of the layer

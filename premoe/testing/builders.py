@@ -143,7 +143,8 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
       matrices as ``fp8`` in float8_e4m3fn with ``weight_scale`` per output channel, or per ``block`` with
       ``compressed-tensors/block``, or per tensor with ``compressed-tensors/tensor``;
       ``compressed-tensors/w4g16`` (``w8g16``, ``w4``...): ``pack-quantized`` symmetric INT4 (INT8) experts, one
-      scale per 16 inputs (per channel without ``g``), as Kimi-K2-Thinking's W4A16 release.
+      scale per 16 inputs (per channel without ``g``), as Kimi-K2-Thinking's W4A16 release; a trailing ``a``
+      (``w4g16a``) makes them asymmetric, with packed zero points (llm-compressor's ``W4A16_ASYM``).
     """
     import json
     import shutil
@@ -159,8 +160,9 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
     if FORMATS[method] is Fp8Blocks:
         fmt = Fp8Blocks(block)
     elif FORMATS[method] is CompressedTensors and strategy.startswith("w"):
-        bits, _, group = strategy[1:].partition("g")
-        fmt = CompressedPacked(int(bits), int(group) if group else None)
+        asym = strategy.endswith("a")
+        bits, _, group = strategy[1:].removesuffix("a").partition("g")
+        fmt = CompressedPacked(int(bits), int(group) if group else None, symmetric=not asym)
     elif FORMATS[method] is CompressedTensors:
         fmt = CompressedFp8(strategy or "channel", block if strategy == "block" else None)
     else:

@@ -6,7 +6,7 @@ Anything that runs the model dequantises one tensor at a time through the format
 Formats: :class:`~premoe.core.quant.base.Plain` (no ``quantization_config``),
 :class:`~premoe.core.quant.fp8.Fp8Blocks` (``"fp8"``), :class:`~premoe.core.quant.mxfp4.Mxfp4`
 (``"mxfp4"``), compressed-tensors (``"compressed-tensors"``: :class:`~premoe.core.quant.compressed.CompressedFp8`
-for ``float-quantized`` FP8, :class:`~premoe.core.quant.compressed.CompressedPacked` for symmetric
+for ``float-quantized`` FP8, :class:`~premoe.core.quant.compressed.CompressedPacked` for symmetric or asymmetric
 ``pack-quantized`` INT4/INT8). Any other ``quant_method`` or compressed-tensors format (GPTQ, AWQ, NVFP4,
 bitsandbytes...) is refused before any work, never misread.
 """

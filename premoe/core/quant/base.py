@@ -40,6 +40,12 @@ class QuantFormat:
         return self.method is not None
 
     @property
+    def dequant_companions(self) -> tuple[str, ...]:
+        """Companion kinds besides ``scale`` that :meth:`dequant` needs (``"zero"``: then its ``scale`` argument
+        is the tuple (scale, zero point) as stored)."""
+        return ()
+
+    @property
     def label(self) -> str:
         return self.method or "none"
 
@@ -74,6 +80,10 @@ class QuantFormat:
                 "re-download the config"
             )
 
+    def check_companion(self, key: str, info: Any, kind: str, companion: str, companion_info: Any) -> None:
+        """Raise :class:`CheckpointError` unless companion ``companion`` (of ``kind`` other than ``scale``:
+        ``zero``, ``shape``, ``activation``) fits its main tensor ``key``. The base accepts them."""
+
     # -- values ---------------------------------------------------------------------------------------
 
     def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,8 +115,10 @@ class QuantFormat:
         """The ``dtype`` tensor of ``shape`` (in-memory orientation) that ``encode(key, t, transposed)`` stored as
         ``parts``: what a reader of a checkpoint holding those parts computes with."""
         scales = {c[0]: v for k, v in parts.items() if (c := self.companion(k)) is not None and c[1] == "scale"}
+        zeros = {c[0]: v for k, v in parts.items() if (c := self.companion(k)) is not None and c[1] == "zero"}
         main = next(k for k in parts if self.companion(k) is None)
-        value = self.dequant(parts[main], scales[main], torch.float32) if main in scales else parts[main]
+        scale = (scales[main], zeros[main]) if main in zeros and "zero" in self.dequant_companions else scales.get(main)
+        value = self.dequant(parts[main], scale, torch.float32) if main in scales else parts[main]
         transposed = transposed and self.transposes
         rows, cols = (shape[-1], shape[-2]) if transposed else (shape[-2], shape[-1])
         value = value[..., :rows, :cols]  # blocks padded past the shape

@@ -5,14 +5,15 @@ Read:
 * ``format: "float-quantized"`` FP8 weights, the layout many Qwen3 / GLM FP8 releases use: ``*.weight`` in
   float8 (e4m3) with ``*.weight_scale`` per tensor ([1]), per output channel ([out, 1]) or per block
   (``block_structure``, [ceil(out/b0), ceil(in/b1)]); static activation scales (``*.input_scale``) ride along.
-* ``format: "pack-quantized"`` symmetric INT4 / INT8 weights (W4A16 / W8A16, as Kimi-K2-Thinking ships):
+* ``format: "pack-quantized"`` INT4 / INT8 weights (W4A16 / W8A16, as Kimi-K2-Thinking ships):
   ``*.weight_packed`` (int32, 32 / bits values per word, element i at bit i * bits, offset by 2^(bits-1)),
   ``*.weight_scale`` per group of ``group_size`` inputs ([out, in / group]) or per channel ([out, 1]),
-  ``*.weight_shape`` (the unpacked shape).
+  ``*.weight_shape`` (the unpacked shape); asymmetric ones (``W4A16_ASYM``) also ``*.weight_zero_point``, one
+  per scale, packed the same way along the output rows ([ceil(out * bits / 32), groups]).
 
-Dequantised as compressed-tensors does: each value in its scale's dtype times the scale, then the model's dtype.
-Refused in one line, naming what is read: every other format (``nvfp4-pack-quantized``, ``int-quantized``...),
-asymmetric weights (zero points), other bit widths and strategies.
+Dequantised as compressed-tensors does: each value in its scale's dtype, less its zero point, times the scale,
+then the model's dtype. Refused in one line, naming what is read: every other format (``nvfp4-pack-quantized``,
+``int-quantized``...), other bit widths and strategies.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from premoe.errors import CheckpointError, UnsupportedModelError
 STRATEGIES = ("tensor", "channel", "block")
 READS = (
     'compressed-tensors "float-quantized" FP8 weights (tensor, channel or block scales) and "pack-quantized" '
-    "symmetric INT4/INT8 weights (group or channel scales)"
+    "INT4/INT8 weights (group or channel scales, symmetric or with zero points)"
 )
 
 
@@ -203,27 +204,32 @@ class CompressedFp8(QuantFormat):
 
 
 class CompressedPacked(QuantFormat):
-    """compressed-tensors ``pack-quantized``: symmetric ``bits``-bit integers (4 or 8) packed into int32, one
-    scale per ``group`` inputs (``None``: per output channel)."""
+    """compressed-tensors ``pack-quantized``: ``bits``-bit integers (4 or 8) packed into int32, one scale per
+    ``group`` inputs (``None``: per output channel); with ``symmetric=False`` also one zero point per scale
+    (``weight_zero_point``, packed along the output rows: [ceil(out * bits / 32), groups])."""
 
     method: ClassVar[str | None] = "compressed-tensors"
 
-    def __init__(self, bits: int = 4, group: int | None = 128):
-        self.bits, self.group = bits, group
+    def __init__(self, bits: int = 4, group: int | None = 128, symmetric: bool = True):
+        self.bits, self.group, self.symmetric = bits, group, symmetric
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> "CompressedPacked":
-        """Raises UnsupportedModelError: asymmetric weights, other bit widths or strategies."""
+        """Raises UnsupportedModelError: other bit widths, types or strategies."""
         w = weight_scheme(qc)
         kind, bits, symmetric, strategy = w.get("type"), w.get("num_bits"), w.get("symmetric", True), w.get("strategy")
         group = w.get("group_size")
-        ok = kind == "int" and bits in (4, 8) and symmetric and strategy in ("group", "channel")
+        ok = kind == "int" and bits in (4, 8) and strategy in ("group", "channel")
         if not ok or (strategy == "group" and not (isinstance(group, int) and group > 0)):
             raise UnsupportedModelError(
                 f"compressed-tensors pack-quantized weights of type {kind!r}, {bits} bits, symmetric={symmetric}, "
                 f"strategy {strategy!r}, group_size {group!r} are not supported: premoe reads {READS}"
             )
-        return cls(int(bits), int(group) if strategy == "group" else None)
+        return cls(int(bits), int(group) if strategy == "group" else None, bool(symmetric))
+
+    @property
+    def dequant_companions(self) -> tuple[str, ...]:
+        return () if self.symmetric else ("zero",)
 
     @property
     def transformers_reloads(self) -> bool:
@@ -236,7 +242,8 @@ class CompressedPacked(QuantFormat):
 
     @property
     def label(self) -> str:
-        return f"compressed-tensors int{self.bits} ({f'groups of {self.group}' if self.group else 'per channel'})"
+        how = f"groups of {self.group}" if self.group else "per channel"
+        return f"compressed-tensors int{self.bits} ({how}{'' if self.symmetric else ', zero points'})"
 
     def companion(self, key: str) -> tuple[str, str] | None:
         """``x.weight_scale`` and ``x.weight_shape`` belong to ``x.weight_packed`` (the main tensor)."""
@@ -265,6 +272,21 @@ class CompressedPacked(QuantFormat):
                 "do not match the quantization_config"
             )
 
+    def check_companion(self, key: str, info: Any, kind: str, companion: str, companion_info: Any) -> None:
+        """Zero points: only on asymmetric weights, packed along the rows, one per scale."""
+        if kind != "zero":
+            return
+        if self.symmetric:
+            raise CheckpointError(f"{companion} is a zero point but the quantization_config says symmetric weights")
+        *lead, rows, words = info.shape
+        groups = 1 if self.group is None else -(-(words * self.per_word) // self.group)
+        want = (*lead, -(-rows // self.per_word), groups)
+        if tuple(companion_info.shape) != want or companion_info.dtype != "I32":
+            raise CheckpointError(
+                f"{companion} has shape {list(companion_info.shape)} ({companion_info.dtype}) but {key} "
+                f"{list(info.shape)} needs int32 {list(want)}; the zero points do not match the weights"
+            )
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """int32 words -> the signed integers they hold, [..., words * 32 / bits] (little-endian bit order)."""
         raw = packed.contiguous().view(torch.uint8)
@@ -275,20 +297,28 @@ class CompressedPacked(QuantFormat):
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """Signed integers [..., C] -> int32 words (C padded to whole words): the inverse of :meth:`unpack`."""
         cols = q.shape[-1]
-        u = (q.to(torch.int16) + (1 << (self.bits - 1))).to(torch.uint8)
+        u = (q.to(torch.int16).contiguous() + (1 << (self.bits - 1))).to(torch.uint8)
         u = torch.nn.functional.pad(u, (0, -cols % self.per_word))  # padding: zero bits, after the offset
         if self.bits == 4:
             u = u[..., 0::2] | (u[..., 1::2] << 4)
-        return u.contiguous().view(torch.int32)
+        return u.contiguous().view(-1).view(torch.int32).reshape(*u.shape[:-1], -1)  # 1-D view: any leading shape
 
-    def dequant(self, value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """As compressed-tensors dequantises: the integers in the scale's dtype times their scale, then
-        ``dtype`` ([..., words * 32 / bits] columns; a group size dividing the inputs, as checked, leaves none over)."""
+    def dequant(self, value: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+        """As compressed-tensors dequantises: the integers in the scale's dtype, less their zero point
+        (``scale`` = (scale, packed zero points) for asymmetric weights), times their scale, then ``dtype``
+        ([..., words * 32 / bits] columns; a group size dividing the inputs, as checked, leaves none over)."""
+        zero = None
+        if isinstance(scale, tuple):
+            scale, packed_zero = scale
+            rows = value.shape[-2]
+            zero = self.unpack(packed_zero.transpose(-1, -2)).transpose(-1, -2)[..., :rows, :].to(scale.dtype)
         q = self.unpack(value).to(scale.dtype)
-        if self.group is None:
-            return (q * scale).to(dtype)
-        s = scale.repeat_interleave(self.group, dim=-1)
-        return (q[..., : s.shape[-1]] * s).to(dtype)
+        group = self.group or q.shape[-1]
+        cols = scale.shape[-1] * group
+        q = q[..., :cols]
+        if zero is not None:
+            q = q - zero.repeat_interleave(group, dim=-1)[..., :cols]
+        return (q * scale.repeat_interleave(group, dim=-1)).to(dtype)
 
     def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
         return nbytes * (self.per_word // 4) * itemsize if key.endswith("weight_packed") else nbytes
@@ -305,6 +335,12 @@ class CompressedPacked(QuantFormat):
         cols = tensor.shape[-1]
         if self.group is not None and cols % self.group:
             raise ValueError(f"group size {self.group} does not divide {cols} inputs")
+        if not self.symmetric:
+            q, scale, zero = _asymmetric(tensor, self.bits, self.group)
+            return {
+                **self.parts(key, q, scale),
+                f"{key}_zero_point": self.pack(zero.transpose(-1, -2)).transpose(-1, -2),
+            }
         q, scale = round_to_nearest(tensor, self.bits, self.group)
         return self.parts(key, q, scale)
 
@@ -328,7 +364,7 @@ class CompressedPacked(QuantFormat):
                     "weights": {
                         "num_bits": self.bits,
                         "type": "int",
-                        "symmetric": True,
+                        "symmetric": self.symmetric,
                         "strategy": "group" if self.group else "channel",
                         "group_size": self.group,
                         "dynamic": False,
@@ -337,3 +373,24 @@ class CompressedPacked(QuantFormat):
             },
             "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:.*shared_expert.*"],
         }
+
+
+def _asymmetric(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compressed-tensors' asymmetric round to nearest of ``w`` [..., out, in]: per group, min and max (each
+    widened to include 0), scale = (max - min) / (2^bits - 1) in bf16 (0 becomes bf16's eps), zero point =
+    round(q_min - min / scale) clamped to the range, q = clamp(round(w / scale + zero point)). Returns integers
+    (int16), scales [..., out, groups] and zero points [..., out, groups] (int16)."""
+    from premoe.core.quant.gptq import grid
+
+    x = w.float()
+    g = x.unflatten(-1, (-1, group)) if group is not None else x.unsqueeze(-2)
+    lo, hi = grid(bits)
+    mn = g.amin(-1).clamp(max=0.0)
+    mx = g.amax(-1).clamp(min=0.0)
+    scale = ((mx - mn) / (hi - lo)).to(torch.bfloat16)
+    eps = torch.tensor(torch.finfo(torch.bfloat16).eps, dtype=torch.bfloat16)
+    scale = torch.where(scale == 0, eps, scale)
+    sf = scale.float()
+    zero = torch.clamp(torch.round(lo - mn / sf), lo, hi)
+    q = torch.clamp(torch.round(g / sf.unsqueeze(-1) + zero.unsqueeze(-1)), lo, hi).flatten(-2)
+    return q.to(torch.int16), scale, zero.to(torch.int16)
