@@ -40,6 +40,8 @@ CASES = {
     "deepseek_v3-ct-w4a16": ("deepseek_v3", "compressed-tensors/w4g16", {}),
     # ... and asymmetric, with packed zero points (llm-compressor's W4A16_ASYM), per channel on Qwen3-MoE
     "qwen3_moe-ct-w4a16-asym": ("qwen3_moe", "compressed-tensors/w4a", {}),
+    # NVFP4 experts (FP8 scales per 16 values, a global scale per tensor), as NVIDIA's FP4 releases
+    "glm4_moe-ct-nvfp4": ("glm4_moe", "compressed-tensors/nvfp4", {}),
 }
 
 
@@ -249,6 +251,23 @@ def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quant
         from compressed_tensors.quantization.lifecycle.forward import dequantize
 
         fmt = info.quant
+        if fmt.dequant_companions == ("global",):  # NVFP4: fp4 x (scale / global scale)
+            from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+            args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16)
+            checked = 0
+            for name, role in info.roles.items():
+                if role.companion == "global":
+                    main = fmt.companion(name)[0]
+                    value, glob = info.checkpoint.tensor(main), info.checkpoint.tensor(name)
+                    scale = info.checkpoint.tensor(main.removesuffix("_packed") + "_scale")
+                    m, n = value.shape
+                    q = unpack_fp4_from_uint8(value, m, n * 2, dtype=torch.float32)
+                    theirs = dequantize(q, scale.to(torch.float32), args=args, dtype=torch.float32, global_scale=glob)
+                    assert torch.equal(fmt.dequant(value, (scale, glob), torch.float32), theirs), main
+                    checked += 1
+            assert checked
+            return
         if hasattr(fmt, "bits"):  # pack-quantized
             strategy = "group" if fmt.group else "channel"
             args = QuantizationArgs(num_bits=fmt.bits, type="int", strategy=strategy, group_size=fmt.group)
@@ -339,6 +358,9 @@ def test_refit_is_written_in_the_checkpoint_format_and_is_what_premoe_computes_w
     info = inspect_model(q)
     premoe.calibrate(q, write_jsonl(tmp_path / "d.jsonl", ROWS * 4), "t", tmp_path / "s", progress=False)
     res = premoe.prune(q, tmp_path / "s", "t", 4, tmp_path / "out", progress=False)
+    if not info.quant.requantizes:  # NVFP4: the plain slice, and the reason
+        assert "`refit=False`" in res.plan.refit["skipped"] and "cannot be written" in res.plan.refit["skipped"]
+        return
     assert "tokens" in res.plan.refit and "skipped" not in res.plan.refit
     out = tmp_path / "out"
     new = inspect_model(out)
@@ -461,6 +483,8 @@ def test_held_experts_switch_with_stored_refits_and_match_fresh_builds(case, qua
     from premoe.moe.held import HeldExperts, held_tensors
 
     q = quantized(case)
+    if inspect_model(q).quant.dequant_companions:
+        pytest.skip("weights with zero points or global scales are dequantised at load, not held")
     rows = ROWS * 4
     premoe.calibrate(q, write_jsonl(tmp_path / "a.jsonl", rows[:16]), "a", tmp_path / "s", progress=False)
     premoe.calibrate(q, write_jsonl(tmp_path / "b.jsonl", rows[16:]), "b", tmp_path / "s", progress=False)
@@ -469,8 +493,6 @@ def test_held_experts_switch_with_stored_refits_and_match_fresh_builds(case, qua
     for task in ("a", "b", "a"):
         server.load(task)
     assert all(isinstance(h, HeldExperts) for _, _, h in held_tensors(server.model))
-    if server.info.quant.dequant_companions:
-        pytest.skip("weights with zero points are dequantised at load, not held")
     weights = server.refit_for("a")
     assert weights is not None and weights.experts
     with ByteReader() as r:
@@ -538,7 +560,13 @@ def test_unsupported_quantisation_methods_are_refused(family_dir, tmp_path, meth
     "qc, match",
     [
         ({"format": "int-quantized"}, "format 'int-quantized' is not supported"),
-        ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' is not supported"),
+        (
+            {
+                "format": "nvfp4-pack-quantized",
+                "config_groups": {"g": {"weights": {"type": "float", "num_bits": 4, "group_size": 32}}},
+            },
+            "group_size 32",
+        ),
         (
             {
                 "format": "pack-quantized",

@@ -96,9 +96,9 @@ def held_refs(mat, name: str, slot: int):
     :class:`premoe.moe.selective.Materializer` of the checkpoint): per part ``((dtype, shape, pieces) of the
     values, (dtype, shape, pieces) of the scales)``, or ``None`` where the tensor cannot be held as stored
     (not quantised, converted by transformers, row blocks of a 2D fused tensor, a zero-computation expert
-    without weights, weights with zero points)."""
+    without weights, weights with zero points or global scales)."""
     src = mat.info.layout.sources[name]
-    if src.converter is not None or not src.scales or src.zeros:  # zero points: dequantised at load
+    if src.converter is not None or not src.scales or src.extras:  # zero points, global scales: dequantised at load
         return None
     if src.kind == "fused":
         if src.key not in src.scales or (src.rows or 1) != 1:

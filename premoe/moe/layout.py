@@ -68,7 +68,7 @@ class Source:
     parts: dict[tuple[int, int], str] = field(default_factory=dict)
     n_parts: int = 1
     scales: dict[str, str] = field(default_factory=dict)
-    zeros: dict[str, str] = field(default_factory=dict)  # key -> its zero-point key (asymmetric integer weights)
+    extras: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> {kind: key}: zero points, global scales
     keys: list[tuple[str, str]] = field(default_factory=list)  # convert: (source pattern, key), in checkpoint order
     converter: Any = None  # convert: the transformers WeightConverter that builds the tensor
 
@@ -287,7 +287,10 @@ def _check_quant(tensors, companions, quant: QuantFormat) -> None:
 
 def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[str, Source]:
     scale_of = {main: key for key, (main, kind) in companions.items() if kind == "scale"}
-    zero_of = {main: key for key, (main, kind) in companions.items() if kind == "zero"}
+    extra_of: dict[str, dict[str, str]] = {}  # main key -> {companion kind: key} besides its scale
+    for key, (main, kind) in companions.items():
+        if kind not in ("scale", "activation", "shape"):
+            extra_of.setdefault(main, {})[kind] = key
     sources: dict[str, Source] = {}
     for key, role in roles.items():
         if role.companion or role.target is None or role.kind == "beyond":
@@ -299,8 +302,8 @@ def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[
             src.keys.append((pattern, key))
             if key in scale_of:
                 src.scales[key] = scale_of[key]
-            if key in zero_of:
-                src.zeros[key] = zero_of[key]
+            if key in extra_of:
+                src.extras[key] = extra_of[key]
             first = conv.target_patterns[0]
             for t in conv.target_patterns[1:]:  # one key split into several tensors: each gets the same source
                 sources.setdefault(role.target.replace(first, t), src)
@@ -318,8 +321,8 @@ def _sources(tensors, roles: dict[str, KeyRole], companions, converted) -> dict[
             sources[role.target] = Source(kind, role.layer, key, dim=role.dim, rows=role.rows)
         if key in scale_of:
             sources[role.target].scales[key] = scale_of[key]
-        if key in zero_of:
-            sources[role.target].zeros[key] = zero_of[key]
+        if key in extra_of:
+            sources[role.target].extras[key] = extra_of[key]
     return sources
 
 

@@ -110,6 +110,11 @@ def router_target(info, layer: int) -> str | None:
 
 def check_refit_model(info) -> None:
     """Raise unless ``premoe prune --refit`` can write ``info``'s re-fitted experts (one line, naming --no-refit)."""
+    if not info.quant.requantizes:
+        raise UnsupportedModelError(
+            f"`refit` writes the re-fitted experts back in the checkpoint's format, and {info.quant.label} "
+            "cannot be written yet; use `refit=False`"
+        )
     if info.spec.weight_on_input or info.router.slots or not info.spec.experts:
         raise UnsupportedModelError(
             f"`refit` re-fits experts routed by output weight in transformers' fused experts "

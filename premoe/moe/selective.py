@@ -148,9 +148,13 @@ class Materializer:
         return self.tensors[key].shape[0] // (self.info.router.width if src.rows == 0 else self.info.num_experts)
 
     def _scale(self, src: Source, key: str):
-        """What :meth:`QuantFormat.dequant` takes for checkpoint key ``key``: its scale, or (scale, zero point)."""
+        """What :meth:`QuantFormat.dequant` takes for checkpoint key ``key``: its scale, or (scale, *the other
+        companions its format asks for: zero points, a global scale)."""
         scale = self._read(src.scales[key])
-        return (scale, self._read(src.zeros[key])) if key in src.zeros else scale
+        kinds = self.info.quant.dequant_companions
+        if not kinds:
+            return scale
+        return (scale, *(self._read(src.extras[key][k]) for k in kinds))
 
     def _dequant(self, value: torch.Tensor, scale) -> torch.Tensor:
         if scale is None:
@@ -291,8 +295,8 @@ class Materializer:
         if src.kind == "fused":
             per = src.rows or 1
             value = self._select(src.key, 0, ids, per)
-            if src.key in src.zeros:
-                raise CheckpointError(f"{src.key}: zero points on fused expert tensors are not supported")
+            if self.info.quant.dequant_companions:
+                raise CheckpointError(f"{src.key}: {self.info.quant.label} on fused expert tensors is not supported")
             if src.key in src.scales:
                 scale_key = src.scales[src.key]
                 scale = self._select(scale_key, 0, ids, self._block_rows(scale_key, src))

@@ -144,14 +144,22 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
       ``compressed-tensors/block``, or per tensor with ``compressed-tensors/tensor``;
       ``compressed-tensors/w4g16`` (``w8g16``, ``w4``...): ``pack-quantized`` symmetric INT4 (INT8) experts, one
       scale per 16 inputs (per channel without ``g``), as Kimi-K2-Thinking's W4A16 release; a trailing ``a``
-      (``w4g16a``) makes them asymmetric, with packed zero points (llm-compressor's ``W4A16_ASYM``).
+      (``w4g16a``) makes them asymmetric, with packed zero points (llm-compressor's ``W4A16_ASYM``);
+      ``compressed-tensors/nvfp4``: ``nvfp4-pack-quantized`` experts (FP8 scales per 16 values, a global scale).
     """
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from premoe.core.quant import FORMATS, CompressedFp8, CompressedPacked, CompressedTensors, Fp8Blocks
+    from premoe.core.quant import (
+        FORMATS,
+        CompressedFp8,
+        CompressedNvfp4,
+        CompressedPacked,
+        CompressedTensors,
+        Fp8Blocks,
+    )
     from premoe.moe.model import inspect_model
 
     method, _, strategy = method.partition("/")
@@ -159,6 +167,8 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
         raise ValueError(f"unknown quantisation method {method!r}; choose from {', '.join(FORMATS)}")
     if FORMATS[method] is Fp8Blocks:
         fmt = Fp8Blocks(block)
+    elif FORMATS[method] is CompressedTensors and strategy == "nvfp4":
+        fmt = CompressedNvfp4()
     elif FORMATS[method] is CompressedTensors and strategy.startswith("w"):
         asym = strategy.endswith("a")
         bits, _, group = strategy[1:].removesuffix("a").partition("g")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from premoe.core.quant.base import FP8_DTYPES, Plain, QuantFormat
-from premoe.core.quant.compressed import CompressedFp8, CompressedPacked, CompressedTensors
+from premoe.core.quant.compressed import CompressedFp8, CompressedNvfp4, CompressedPacked, CompressedTensors
 from premoe.core.quant.fp8 import Fp8Blocks, check_fp8_pair, dequant_fp8, fp8_scale_shape, quantize_fp8
 from premoe.core.quant.mxfp4 import FP4_VALUES, MXFP4_GROUP, Mxfp4, check_mxfp4_pair, dequant_mxfp4, quantize_mxfp4
 from premoe.errors import UnsupportedModelError
@@ -32,6 +32,7 @@ __all__ = [
     "Plain",
     "Fp8Blocks",
     "CompressedFp8",
+    "CompressedNvfp4",
     "CompressedPacked",
     "CompressedTensors",
     "Mxfp4",

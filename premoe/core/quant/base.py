@@ -28,6 +28,7 @@ class QuantFormat:
 
     method: ClassVar[str | None] = None  # the config's quant_method
     transposes: ClassVar[bool] = False  # whether ``encode(..., transposed=True)`` swaps the last two dims
+    requantizes: ClassVar[bool] = True  # whether a re-fitted weight can be written back in this format
 
     @property
     def transformers_reloads(self) -> bool:
@@ -115,9 +116,10 @@ class QuantFormat:
         """The ``dtype`` tensor of ``shape`` (in-memory orientation) that ``encode(key, t, transposed)`` stored as
         ``parts``: what a reader of a checkpoint holding those parts computes with."""
         scales = {c[0]: v for k, v in parts.items() if (c := self.companion(k)) is not None and c[1] == "scale"}
-        zeros = {c[0]: v for k, v in parts.items() if (c := self.companion(k)) is not None and c[1] == "zero"}
+        extra = {(c[0], c[1]): v for k, v in parts.items() if (c := self.companion(k)) is not None}
         main = next(k for k in parts if self.companion(k) is None)
-        scale = (scales[main], zeros[main]) if main in zeros and "zero" in self.dequant_companions else scales.get(main)
+        wanted = [extra[(main, kind)] for kind in self.dequant_companions if (main, kind) in extra]
+        scale = (scales[main], *wanted) if wanted else scales.get(main)
         value = self.dequant(parts[main], scale, torch.float32) if main in scales else parts[main]
         transposed = transposed and self.transposes
         rows, cols = (shape[-1], shape[-2]) if transposed else (shape[-2], shape[-1])
