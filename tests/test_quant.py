@@ -40,8 +40,10 @@ CASES = {
     "deepseek_v3-ct-w4a16": ("deepseek_v3", "compressed-tensors/w4g16", {}),
     # ... and asymmetric, with packed zero points (llm-compressor's W4A16_ASYM), per channel on Qwen3-MoE
     "qwen3_moe-ct-w4a16-asym": ("qwen3_moe", "compressed-tensors/w4a", {}),
-    # NVFP4 experts (FP8 scales per 16 values, a global scale per tensor), as NVIDIA's FP4 releases
+    # NVFP4 experts (FP8 scales per 16 values, a global scale per tensor), through compressed-tensors and in
+    # ModelOpt's own layout (NVIDIA's FP4 releases)
     "glm4_moe-ct-nvfp4": ("glm4_moe", "compressed-tensors/nvfp4", {}),
+    "qwen3_moe-modelopt-nvfp4": ("qwen3_moe", "modelopt", {}),
 }
 
 
@@ -69,7 +71,7 @@ def case(request):
 def raw_bytes(path, key) -> bytes:
     with safe_open(path, "pt") as f:
         t = f.get_tensor(key)
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 # -- the formats themselves ---------------------------------------------------------------------
@@ -245,26 +247,30 @@ def test_quantized_checkpoint_is_read_as_transformers_dequantises_it(case, quant
     info = inspect_model(q)
     assert info.quant.method == CASES[case][1].split("/")[0]
     assert any(r.companion == "scale" for r in info.roles.values())
-    if info.quant.method == "compressed-tensors":
+    if info.quant.method in ("compressed-tensors", "modelopt"):
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
         from compressed_tensors.quantization import QuantizationArgs
         from compressed_tensors.quantization.lifecycle.forward import dequantize
 
         fmt = info.quant
-        if fmt.dequant_companions == ("global",):  # NVFP4: fp4 x (scale / global scale)
+        if fmt.dequant_companions == ("global",):  # NVFP4: fp4 x (scale / global scale); ModelOpt's scale_2 = 1/global
             from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
             args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16)
             checked = 0
+            modelopt = info.quant.method == "modelopt"
             for name, role in info.roles.items():
                 if role.companion == "global":
                     main = fmt.companion(name)[0]
-                    value, glob = info.checkpoint.tensor(main), info.checkpoint.tensor(name)
-                    scale = info.checkpoint.tensor(main.removesuffix("_packed") + "_scale")
+                    value, stored = info.checkpoint.tensor(main), info.checkpoint.tensor(name)
+                    glob = 1.0 / stored.reshape(1) if modelopt else stored
+                    scale = info.checkpoint.tensor(
+                        main + "_scale" if modelopt else main.removesuffix("_packed") + "_scale"
+                    )
                     m, n = value.shape
                     q = unpack_fp4_from_uint8(value, m, n * 2, dtype=torch.float32)
                     theirs = dequantize(q, scale.to(torch.float32), args=args, dtype=torch.float32, global_scale=glob)
-                    assert torch.equal(fmt.dequant(value, (scale, glob), torch.float32), theirs), main
+                    assert torch.equal(fmt.dequant(value, (scale, stored), torch.float32), theirs), main
                     checked += 1
             assert checked
             return
@@ -649,7 +655,10 @@ def test_formats_are_classes_looked_up_by_quant_method():
         (128, 128)
     )
     assert isinstance(quant_format({"text_config": {"quantization_config": {"quant_method": "mxfp4"}}}), Mxfp4)
-    assert set(FORMATS) == {"fp8", "mxfp4", "compressed-tensors"} and all(FORMATS[m].method == m for m in FORMATS)
+    assert set(FORMATS) == {"fp8", "mxfp4", "compressed-tensors", "modelopt"}
+    assert all(FORMATS[m].method == m for m in FORMATS)
+    with pytest.raises(UnsupportedModelError, match="quant_algo .FP8. with group_size"):
+        quant_format({"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}})
     fp8, mx = Fp8Blocks((2, 2)), Mxfp4()
     assert fp8.companion("a.weight_scale_inv") == ("a.weight", "scale") and fp8.companion("a.weight") is None
     assert (

@@ -146,6 +146,8 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
       scale per 16 inputs (per channel without ``g``), as Kimi-K2-Thinking's W4A16 release; a trailing ``a``
       (``w4g16a``) makes them asymmetric, with packed zero points (llm-compressor's ``W4A16_ASYM``);
       ``compressed-tensors/nvfp4``: ``nvfp4-pack-quantized`` experts (FP8 scales per 16 values, a global scale).
+    * ``modelopt`` (NVIDIA's FP4 releases): the experts in ModelOpt's NVFP4 layout (``weight`` uint8,
+      ``weight_scale`` e4m3, ``weight_scale_2``).
     """
     import json
     import shutil
@@ -159,13 +161,16 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
         CompressedPacked,
         CompressedTensors,
         Fp8Blocks,
+        ModelOptNvfp4,
     )
     from premoe.moe.model import inspect_model
 
     method, _, strategy = method.partition("/")
     if method not in FORMATS:
         raise ValueError(f"unknown quantisation method {method!r}; choose from {', '.join(FORMATS)}")
-    if FORMATS[method] is Fp8Blocks:
+    if method == "modelopt":
+        fmt = ModelOptNvfp4()
+    elif FORMATS[method] is Fp8Blocks:
         fmt = Fp8Blocks(block)
     elif FORMATS[method] is CompressedTensors and strategy == "nvfp4":
         fmt = CompressedNvfp4()

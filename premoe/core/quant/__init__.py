@@ -7,8 +7,9 @@ Formats: :class:`~premoe.core.quant.base.Plain` (no ``quantization_config``),
 :class:`~premoe.core.quant.fp8.Fp8Blocks` (``"fp8"``), :class:`~premoe.core.quant.mxfp4.Mxfp4`
 (``"mxfp4"``), compressed-tensors (``"compressed-tensors"``: :class:`~premoe.core.quant.compressed.CompressedFp8`
 for ``float-quantized`` FP8, :class:`~premoe.core.quant.compressed.CompressedPacked` for symmetric or asymmetric
-``pack-quantized`` INT4/INT8). Any other ``quant_method`` or compressed-tensors format (GPTQ, AWQ, NVFP4,
-bitsandbytes...) is refused before any work, never misread.
+``pack-quantized`` INT4/INT8, :class:`~premoe.core.quant.compressed.CompressedNvfp4` for NVFP4),
+:class:`~premoe.core.quant.compressed.ModelOptNvfp4` (``"modelopt"`` NVFP4). Any other ``quant_method`` or
+compressed-tensors format (GPTQ, AWQ, bitsandbytes...) is refused before any work, never misread.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ from __future__ import annotations
 from typing import Any
 
 from premoe.core.quant.base import FP8_DTYPES, Plain, QuantFormat
-from premoe.core.quant.compressed import CompressedFp8, CompressedNvfp4, CompressedPacked, CompressedTensors
+from premoe.core.quant.compressed import (
+    CompressedFp8,
+    CompressedNvfp4,
+    CompressedPacked,
+    CompressedTensors,
+    ModelOptNvfp4,
+)
 from premoe.core.quant.fp8 import Fp8Blocks, check_fp8_pair, dequant_fp8, fp8_scale_shape, quantize_fp8
 from premoe.core.quant.mxfp4 import FP4_VALUES, MXFP4_GROUP, Mxfp4, check_mxfp4_pair, dequant_mxfp4, quantize_mxfp4
 from premoe.errors import UnsupportedModelError
 
-FORMATS: dict[str, type] = {"fp8": Fp8Blocks, "mxfp4": Mxfp4, "compressed-tensors": CompressedTensors}
+FORMATS: dict[str, type] = {
+    "fp8": Fp8Blocks,
+    "mxfp4": Mxfp4,
+    "compressed-tensors": CompressedTensors,
+    "modelopt": ModelOptNvfp4,
+}
 
 __all__ = [
     "FORMATS",
@@ -33,6 +45,7 @@ __all__ = [
     "Fp8Blocks",
     "CompressedFp8",
     "CompressedNvfp4",
+    "ModelOptNvfp4",
     "CompressedPacked",
     "CompressedTensors",
     "Mxfp4",

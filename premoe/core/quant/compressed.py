@@ -535,3 +535,81 @@ class CompressedNvfp4(QuantFormat):
             },
             "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:.*shared_expert.*"],
         }
+
+
+class ModelOptNvfp4(CompressedNvfp4):
+    """NVIDIA ModelOpt's own NVFP4 layout (``quant_method: "modelopt"``, ``quant_algo: "NVFP4"`` or
+    ``"W4A16_NVFP4"``; NVIDIA's FP4 releases): ``*.weight`` uint8 (two FP4 e2m1 values per byte, low nibble
+    first), ``*.weight_scale`` e4m3 per 16 inputs and ``*.weight_scale_2`` float32 per tensor (the inverse of
+    compressed-tensors' global scale): value = fp4 x scale x scale_2, as vLLM's ModelOpt kernels compute it."""
+
+    method: ClassVar[str | None] = "modelopt"
+    ALGOS: ClassVar[tuple[str, ...]] = ("NVFP4", "W4A16_NVFP4")
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]) -> "ModelOptNvfp4":
+        """Raises UnsupportedModelError: another ModelOpt algorithm or group size."""
+        inner = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc
+        algo = str(inner.get("quant_algo", "")).upper()
+        group = inner.get("group_size", NVFP4_GROUP)
+        if algo not in cls.ALGOS or group != NVFP4_GROUP:
+            raise UnsupportedModelError(
+                f"ModelOpt quant_algo {inner.get('quant_algo')!r} with group_size {group!r} is not supported: premoe "
+                f"reads ModelOpt {' and '.join(cls.ALGOS)} in groups of {NVFP4_GROUP}; dequantise the model first"
+            )
+        return cls()
+
+    @property
+    def label(self) -> str:
+        return "modelopt nvfp4 (groups of 16)"
+
+    def companion(self, key: str) -> tuple[str, str] | None:
+        """``x.weight_scale`` and ``x.weight_scale_2`` belong to ``x.weight``; so does ``x.input_scale``."""
+        for suffix, kind in (("weight_scale_2", "global"), ("weight_scale", "scale")):
+            if key.endswith(suffix):
+                return key.removesuffix(suffix) + "weight", kind
+        if key.endswith(".input_scale"):
+            return key.removesuffix(".input_scale") + ".weight", "activation"
+        return None
+
+    def target(self, key: str) -> str:
+        return key
+
+    def check_tensor(self, key: str, info: Any, scale_key: str | None, scale_info: Any) -> None:
+        if info.dtype != "U8":
+            QuantFormat.check_tensor(self, key, info, scale_key, scale_info)
+            return
+        if scale_key is None:
+            raise CheckpointError(f"{key} is packed FP4 but has no {key}_scale beside it; the checkpoint is incomplete")
+        *lead, rows, half = info.shape
+        want = (*lead, rows, half * 2 // NVFP4_GROUP)
+        if tuple(scale_info.shape) != want or scale_info.dtype not in FP8_DTYPES:
+            raise CheckpointError(
+                f"{scale_key} has shape {list(scale_info.shape)} ({scale_info.dtype}) but {key} {list(info.shape)} "
+                f"({half * 2} inputs) needs float8 {list(want)}: one scale per 16 inputs"
+            )
+
+    def dequant(self, value: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+        """fp4 x scale x scale_2 in float32, then ``dtype`` (``scale`` = (e4m3 scales, scale_2) as stored)."""
+        scale, scale_2 = scale
+        return super().dequant(value, (scale, 1.0 / scale_2.to(torch.float32)), dtype)
+
+    def resident_bytes(self, key: str, stored_dtype: str, nbytes: int, itemsize: int) -> int:
+        return nbytes * 2 * itemsize if stored_dtype == "U8" else nbytes
+
+    def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
+        """``key`` (uint8), ``key_scale`` and ``key_scale_2`` (= 1 / compressed-tensors' global scale)."""
+        parts = super().encode(key, tensor, transposed)
+        return {
+            key: parts[f"{key}_packed"],
+            f"{key}_scale": parts[f"{key}_scale"],
+            f"{key}_scale_2": (1.0 / parts[f"{key}_global_scale"]).reshape(()),
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "quant_method": "modelopt",
+            "quant_algo": "NVFP4",
+            "group_size": NVFP4_GROUP,
+            "exclude_modules": ["lm_head", "*self_attn*", "*mlp.gate", "*shared_expert*"],
+        }
