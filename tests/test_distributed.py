@@ -303,10 +303,13 @@ def test_a_rank_that_hangs_stops_the_others_within_the_timeout(data, tmp_path):
         "d.init_process_group('gloo', timeout=datetime.timedelta(seconds=60)); time.sleep(60)"
     )
     env = {**rank_env(0, 2, port), "PREMOE_DIST_TIMEOUT": "5"}
+    stuck = subprocess.Popen([sys.executable, "-c", hang], env=rank_env(1, 2, port))
+    import time
+
+    time.sleep(3)  # the stuck rank is waiting to join before rank 0 starts: the 5 s is the collective's, not the join's
     main = subprocess.Popen(
         [sys.executable, "-m", "premoe", *cal_args(data, store)], stderr=subprocess.PIPE, text=True, env=env
     )
-    stuck = subprocess.Popen([sys.executable, "-c", hang], env=rank_env(1, 2, port))
     try:
         _, err = main.communicate(timeout=120)
     finally:
