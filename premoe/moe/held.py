@@ -22,10 +22,21 @@ from premoe.core.quant.fp8 import as_stored
 
 @dataclass
 class HeldPart:
-    """One stored part of every held expert: values [E, ...] and their scales [E, ...], as on disk."""
+    """One stored part of every held expert: values [E, ...], their scales [E, ...] and the other companions
+    the format dequantises with (zero points, global scales: ``fmt.dequant_companions``, in that order), as on
+    disk."""
 
     value: torch.Tensor
     scale: torch.Tensor
+    extras: tuple[torch.Tensor, ...] = ()
+
+    def scale_of(self, e: int):
+        """What ``fmt.dequant`` takes for expert ``e``: its scale, or (scale, *its other companions)."""
+        return (self.scale[e], *(x[e] for x in self.extras)) if self.extras else self.scale[e]
+
+    def map(self, fn) -> "HeldPart":
+        """``fn`` applied to every stored tensor."""
+        return HeldPart(fn(self.value), fn(self.scale), tuple(fn(x) for x in self.extras))
 
 
 class HeldExperts:
@@ -43,7 +54,7 @@ class HeldExperts:
     def __getitem__(self, e) -> torch.Tensor:
         e = int(e)
         rows, cols = (self.shape[-1], self.shape[-2]) if self.transposed else (self.shape[-2], self.shape[-1])
-        pieces = [self.fmt.dequant(p.value[e], p.scale[e], self.dtype) for p in self.parts]
+        pieces = [self.fmt.dequant(p.value[e], p.scale_of(e), self.dtype) for p in self.parts]
         w = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
         w = w[:rows, :cols]
         return w.T.contiguous() if self.transposed else w
@@ -61,8 +72,8 @@ class HeldExperts:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the stored values and scales."""
-        return sum(p.value.nbytes + p.scale.nbytes for p in self.parts)
+        """Bytes held: the stored values, scales and other companions."""
+        return sum(p.value.nbytes + p.scale.nbytes + sum(x.nbytes for x in p.extras) for p in self.parts)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -70,7 +81,7 @@ class HeldExperts:
     def to_(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "HeldExperts":
         """Move the stored parts to ``device`` and compute in ``dtype`` from now on (in place)."""
         if device is not None:
-            self.parts = [HeldPart(p.value.to(device), p.scale.to(device)) for p in self.parts]
+            self.parts = [p.map(lambda t: t.to(device)) for p in self.parts]
         if dtype is not None:
             self.dtype = dtype
         return self
@@ -78,7 +89,7 @@ class HeldExperts:
     def rows(self, ids: list[int]) -> list[HeldPart]:
         """The stored parts of experts at positions ``ids`` (copies)."""
         index = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return [HeldPart(p.value.index_select(0, index), p.scale.index_select(0, index)) for p in self.parts]
+        return [p.map(lambda t: t.index_select(0, index)) for p in self.parts]
 
     def __repr__(self) -> str:
         return f"HeldExperts({self.fmt.label}, shape={list(self.shape)}, {self.nbytes} bytes held)"
@@ -87,8 +98,8 @@ class HeldExperts:
 def stored_part(fmt, encoded: dict[str, torch.Tensor]) -> HeldPart:
     """A re-fit's encoded parts (:meth:`premoe.moe.refit_weights.RefitWeights.encoded`) as one held part."""
     main = next(k for k in encoded if fmt.companion(k) is None)
-    scale = next(v for k, v in encoded.items() if (c := fmt.companion(k)) is not None and c[1] == "scale")
-    return HeldPart(encoded[main], scale)
+    kinds = {c[1]: v for k, v in encoded.items() if (c := fmt.companion(k)) is not None}
+    return HeldPart(encoded[main], kinds["scale"], tuple(kinds[k] for k in fmt.dequant_companions))
 
 
 def held_refs(mat, name: str, slot: int):
@@ -96,12 +107,14 @@ def held_refs(mat, name: str, slot: int):
     :class:`premoe.moe.selective.Materializer` of the checkpoint): per part ``((dtype, shape, pieces) of the
     values, (dtype, shape, pieces) of the scales)``, or ``None`` where the tensor cannot be held as stored
     (not quantised, converted by transformers, row blocks of a 2D fused tensor, a zero-computation expert
-    without weights, weights with zero points or global scales)."""
+    without weights, a fused tensor with zero points or global scales). A part's refs are its values', its
+    scales' and then each of ``fmt.dequant_companions``'."""
     src = mat.info.layout.sources[name]
-    if src.converter is not None or not src.scales or src.extras:  # zero points, global scales: dequantised at load
+    kinds = mat.info.quant.dequant_companions
+    if src.converter is not None or not src.scales:
         return None
     if src.kind == "fused":
-        if src.key not in src.scales or (src.rows or 1) != 1:
+        if kinds or src.key not in src.scales or (src.rows or 1) != 1:
             return None
         value, scale_key = mat.tensors[src.key], src.scales[src.key]
         scale, per = mat.tensors[scale_key], mat._block_rows(scale_key, src)
@@ -114,17 +127,12 @@ def held_refs(mat, name: str, slot: int):
             )
         ]
     keys = [src.parts.get((slot, p)) for p in range(src.n_parts)]
-    if any(k is None or k not in src.scales for k in keys):
+    if any(k is None or k not in src.scales or any(kind not in src.extras.get(k, {}) for kind in kinds) for k in keys):
         return None
     refs = []
     for k in keys:
-        v, sc = mat.tensors[k], mat.tensors[src.scales[k]]
-        refs.append(
-            (
-                (v.dtype, tuple(v.shape), [(v.file, v.offset, v.nbytes)]),
-                (sc.dtype, tuple(sc.shape), [(sc.file, sc.offset, sc.nbytes)]),
-            )
-        )
+        tensors = [mat.tensors[k], mat.tensors[src.scales[k]], *(mat.tensors[src.extras[k][kind]] for kind in kinds)]
+        refs.append(tuple((t.dtype, tuple(t.shape), [(t.file, t.offset, t.nbytes)]) for t in tensors))
     return refs
 
 
@@ -137,24 +145,25 @@ def held_tensor(mat, name: str, slots: list[int], shape: tuple[int, ...], given,
     template = next((r for r in refs if r is not None), None)
     if template is None:
         return None
-    parts = [
-        HeldPart(
-            torch.empty((len(slots), *v[1]), dtype=TORCH_DTYPES[v[0]], device=device),
-            torch.empty((len(slots), *sc[1]), dtype=TORCH_DTYPES[sc[0]], device=device),
-        )
-        for v, sc in template
-    ]
+
+    def empty(ref):
+        return torch.empty((len(slots), *ref[1]), dtype=TORCH_DTYPES[ref[0]], device=device)
+
+    parts = [HeldPart(empty(v), empty(sc), tuple(empty(x) for x in extra)) for v, sc, *extra in template]
     for j, slot in enumerate(slots):
         have = given(j, slot)
         if have is not None:
             for dst, src in zip(parts, have):
                 dst.value[j].copy_(src.value.view(dst.value.dtype) if src.value.dtype != dst.value.dtype else src.value)
                 dst.scale[j].copy_(as_stored(src.scale, dst.scale.dtype))
+                for d, x in zip(dst.extras, src.extras):
+                    d[j].copy_(x.reshape(d[j].shape))
             continue
         if refs[j] is None or len(refs[j]) != len(parts):
             return None
-        for dst, (v, sc) in zip(parts, refs[j]):
-            for t, (stored, shp, pieces) in ((dst.value[j], v), (dst.scale[j], sc)):
+        for dst, (v, sc, *extra) in zip(parts, refs[j]):
+            stored_refs = ((dst.value[j], v), (dst.scale[j], sc), *((d[j], x) for d, x in zip(dst.extras, extra)))
+            for t, (stored, shp, pieces) in stored_refs:
                 if t.device.type == "cpu":
                     mat.reader.read_into(t, pieces)
                 else:  # staged on the CPU, then copied to the device

@@ -236,7 +236,7 @@ def _held_switch(mat, name, cur, ids, old_pos, mine, was, refit, layer, stats, d
             return [part]
         if e in old_pos and e not in was and isinstance(cur, HeldExperts):
             i = old_pos[e]
-            return [HeldPart(p.value[i], p.scale[i]) for p in cur.parts]
+            return [HeldPart(p.value[i], p.scale[i], tuple(x[i] for x in p.extras)) for p in cur.parts]
         return None
 
     dev = device or (cur.device if not cur.is_meta else torch.device("cpu"))
