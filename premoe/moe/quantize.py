@@ -149,6 +149,14 @@ def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | Non
             f"`quantize` writes experts in transformers' fused experts interface; {info.spec.name}'s are laid out "
             "otherwise; prune without `quantize`"
         )
+    if info.quant.quantized:
+        scaled = scale_keys(info)
+        odd = next((k for k in scaled if info.roles[k].kind in ("router", "fused")), None)
+        if odd is not None:
+            raise UnsupportedModelError(
+                f"`quantize` from {info.quant.label} writes the non-expert weights dequantised, but {odd} (a router "
+                "or fused tensor) is quantised too; prune it without `quantize`"
+            )
     widths = {_inputs(info, src) for layer in info.layout.moe for src in _split_weights(info, layer).values()}
     targets = _targets(info)
     if options.float_weights:
