@@ -23,6 +23,7 @@ experts, dense layers) is written dequantised to the config's dtype, since one c
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExpertQuant:
-    """A checked ``--quantize``: the scheme, its rounding, the output format, and the experts' weight keys
-    (in-memory expert tensor name -> whether it is a down projection) of every MoE layer."""
+    """A checked ``--quantize``: the scheme, its rounding, the output format, and the regular expressions that
+    name the quantised modules in its ``quantization_config``."""
 
     scheme: str
     rounding: str
@@ -133,8 +134,9 @@ def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | Non
     """Check ``options`` against ``info`` before any work and choose the group size.
 
     Raises:
-        InputError: a quantised source, a group size that does not divide the experts' inputs.
-        UnsupportedModelError: experts not stored as per-expert keys.
+        InputError: a quantised source the scheme does not apply to, a group size that does not divide the
+            experts' inputs.
+        UnsupportedModelError: experts not stored as per-expert keys, a quantised router or fused tensor.
     """
     if options is None or options.quantize is None:
         return None
@@ -182,15 +184,9 @@ def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | Non
     elif any(w % group for w in widths):
         raise InputError(
             f"`quantize_group` {group} does not divide the experts' inputs {sorted(widths)}; pass a divisor of "
-            f"{_gcd(widths)}"
+            f"{math.gcd(*widths)}"
         )
     return ExpertQuant(options.quantize, options.rounding, CompressedPacked(bits, group), targets)
-
-
-def _gcd(values) -> int:
-    import math
-
-    return math.gcd(*values)
 
 
 # -- GPTQ on one MoE layer (inside the re-fit's pass) ------------------------------------------------------
