@@ -14,19 +14,39 @@ compressed-tensors format (GPTQ, AWQ, bitsandbytes...) is refused before any wor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from premoe.core.quant.base import FP8_DTYPES, Plain, QuantFormat
-from premoe.core.quant.compressed import (
-    CompressedFp8,
-    CompressedNvfp4,
-    CompressedPacked,
-    CompressedTensors,
-    ModelOptNvfp4,
-)
+from premoe.core.quant.compressed import READS, CompressedFp8, CompressedPacked
 from premoe.core.quant.fp8 import Fp8Blocks, check_fp8_pair, dequant_fp8, fp8_scale_shape, quantize_fp8
 from premoe.core.quant.mxfp4 import FP4_VALUES, MXFP4_GROUP, Mxfp4, check_mxfp4_pair, dequant_mxfp4, quantize_mxfp4
+from premoe.core.quant.nvfp4 import CompressedNvfp4, ModelOptNvfp4
 from premoe.errors import UnsupportedModelError
+
+# compressed-tensors' ``format`` -> the class that reads it
+CT_FORMATS: dict[str, type] = {
+    "float-quantized": CompressedFp8,
+    "pack-quantized": CompressedPacked,
+    "nvfp4-pack-quantized": CompressedNvfp4,
+}
+
+
+class CompressedTensors:
+    """``quant_method: "compressed-tensors"``: the class of its ``format`` (:data:`CT_FORMATS`)."""
+
+    method: ClassVar[str] = "compressed-tensors"
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]) -> QuantFormat:
+        """Raises UnsupportedModelError: a format or scheme premoe does not read."""
+        fmt = qc.get("format")
+        if fmt not in CT_FORMATS:
+            raise UnsupportedModelError(
+                f"compressed-tensors format {fmt!r} is not supported: premoe reads {READS}; dequantise the model "
+                "first or use another release"
+            )
+        return CT_FORMATS[fmt].from_config(qc)
+
 
 FORMATS: dict[str, type] = {
     "fp8": Fp8Blocks,
