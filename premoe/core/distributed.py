@@ -63,6 +63,15 @@ class World:
             if i % self.size == self.rank:
                 yield item
 
+    def merged(self, per_rank: list[list[T]]) -> list[T]:
+        """Every rank's items (by rank, each in its :meth:`share` order) back in one process's order: item ``i``
+        is rank ``i mod size``'s ``(i div size)``-th. Stops at the first one missing (a rank that stopped
+        recording once its own budget was full: everything one process keeps comes before it)."""
+        out: list[T] = []
+        while len(per_rank[len(out) % self.size]) > len(out) // self.size:
+            out.append(per_rank[len(out) % self.size][len(out) // self.size])
+        return out
+
 
 SINGLE = World()
 _world: World | None = None

@@ -292,18 +292,10 @@ class LayerRecon:
             per[f.name] = (got, shape)
         if not self.shard.main:
             return None
-        size = self.shard.size
-        order, b = [], 0
-        while True:  # batch b of one process: rank b mod N's (b div N)-th
-            r, pos = b % size, b // size
-            if pos >= len(per["logits"][0][r]):
-                break
-            order.append((r, pos))
-            b += 1
-        if not order:
+        if not self.shard.merged(per["logits"][0]):
             return None
-        fieldsd = {
-            name: torch.cat([got[r][pos] for r, pos in order]).reshape(-1, *shape)[: self.tokens]
+        fieldsd = {  # one process's batch order (every field has the same blocks), cut at the budget
+            name: torch.cat(self.shard.merged(got)).reshape(-1, *shape)[: self.tokens]
             for name, (got, shape) in per.items()
         }
         return TokenStats(**fieldsd)

@@ -233,7 +233,7 @@ def _refit_in_memory(info, tok, texts, tokens, max_length, solve, reader, progre
         check_share(len(texts), shard, "texts")
         mine = [texts[i] for i in shard.share(range(len(texts)))]
         got = capture(model, layers, info.router, tok, mine, 1 << 62, max_length, joined=False)  # one block a text
-        captured = gathered(got, len(texts), tokens, shard, lambda i: (i % shard.size, i // shard.size))
+        captured = gathered(got, tokens, shard)
         if captured is None:
             return  # rank 0 solves
     else:
@@ -251,10 +251,10 @@ def check_share(items: int, shard: World, what: str) -> None:
         )
 
 
-def gathered(got, n: int, tokens: int, shard: World, where) -> list | None:
-    """Rank 0: each layer's (h, z, y), its blocks gathered from every rank and put in the order one process
-    records them (block ``i`` of ``n`` is block ``where(i)`` = (rank, position) there), up to ``tokens``
-    tokens; ``None`` on the other ranks. ``got``: this rank's per-layer (h blocks, z blocks, y blocks)."""
+def gathered(got, tokens: int, shard: World) -> list | None:
+    """Rank 0: each layer's (h, z, y), its blocks gathered from every rank and put back in the order one process
+    records them (:meth:`World.merged`), up to ``tokens`` tokens; ``None`` on the other ranks. ``got``: this
+    rank's per-layer (h blocks, z blocks, y blocks), one block per text or batch of its share."""
     from premoe.core.distributed import gather_blocks
 
     out = []
@@ -265,21 +265,8 @@ def gathered(got, n: int, tokens: int, shard: World, where) -> list | None:
             gather_blocks(blocks, wd, torch.float32, shard, "the re-fit's token gather") if wd else None
             for blocks, wd in zip((h, z, y), widths)
         ]
-        if not shard.main:
-            continue
-        ordered = []
-        for k in range(3):
-            if per[k] is None:
-                ordered.append([])
-                continue
-            seq = []
-            for i in range(n):
-                r, pos = where(i)
-                if pos >= len(per[k][r]):
-                    break  # that rank stopped recording: the tokens before this block already reach ``tokens``
-                seq.append(per[k][r][pos])
-            ordered.append(seq)
-        out.append(_joined(tuple(ordered), tokens))
+        if shard.main:
+            out.append(_joined(tuple(shard.merged(p) if p is not None else [] for p in per), tokens))
     return out if shard.main else None
 
 
@@ -324,8 +311,7 @@ def _refit_streamed(info, tok, texts, tokens, solve, run: RunOptions, reader, bu
         if not shard.parallel:
             solve(moe[i], *_joined(got.pop(i), tokens))
             return
-        where = lambda b: (b % shard.size, b // shard.size)  # noqa: E731 - batch b of one process
-        found = gathered([got.pop(i)], len(every), tokens, shard, where)
+        found = gathered([got.pop(i)], tokens, shard)
         if found is not None:
             solve(moe[i], *found[0])
 
