@@ -163,15 +163,16 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     done = threading.Event()
-    anon = [0]  # the group's peak anonymous memory (its usage also counts reclaimable page cache)
+    anon = [0, 0]  # the group's peak anonymous memory, and anonymous + shared (its usage also counts page cache)
 
     def sample():
         while not done.wait(0.05):
             try:
-                stat = (group / "memory.stat").read_text().splitlines()
-            except OSError:
+                stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+            except (OSError, ValueError):
                 return
-            anon[0] = max([anon[0], *(int(line.split()[1]) for line in stat if line.startswith("rss "))])
+            anon[0] = max(anon[0], int(stat.get("rss", 0)))
+            anon[1] = max(anon[1], int(stat.get("rss", 0)) + int(stat.get("shmem", 0)))
 
     if group is not None:
         threading.Thread(target=sample, daemon=True).start()
@@ -188,6 +189,7 @@ def run_limited(cmd: list[str], limit: int | None, name: str = "premoe-bench") -
     if group is not None:
         result["cgroup_max_usage_mb"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
         result["cgroup_peak_anon_mb"] = anon[0] / 2**20
+        result["cgroup_peak_anon_shmem_mb"] = anon[1] / 2**20  # shared memory (/dev/shm) counted once
         oom = group / "memory.oom_control"
         result["oom_kills"] = oom.read_text().count("oom_kill 1") if oom.exists() else 0
         try:

@@ -7,9 +7,12 @@ hub layout) the same task is calibrated three ways, each in a fresh process tree
 * one process with one thread (the statistics' reference: each rank's arithmetic), and one with ``--threads``
   OpenMP threads (default 2: every core of this machine; the speed baseline);
 * ``torchrun --nproc-per-node 2``, one thread each;
-* the same, streamed (``--stream``: each rank reads one decoder layer at a time).
+* the same, streamed (``--stream``: each rank reads one decoder layer at a time);
+* streamed with ``--share-layers`` (one copy of each layer per node, in shared memory), and both streamed runs
+  with 3 ranks, to show how the node's peak grows with the ranks.
 
-Reported: wall seconds, the speed-up over one process on every core, the node's peak anonymous memory, and the
+Reported: wall seconds, the speed-up over one process on every core, the node's peak memory (anonymous plus
+shared memory: the group's ``rss + shmem``, sampled every 50 ms), and the
 max relative difference of every mean from the one-thread store's (threads change float32 summation order,
 and a random model's near-tie routing with it; ranks do not).
 
@@ -70,6 +73,11 @@ def main(argv=None) -> int:
         return head + ["--store", str(store), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
                        "--overwrite", *extra]  # fmt: skip
 
+    def torchrun(ranks: int, port: int, store: str, *extra: str) -> tuple[dict, list[str], Path]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(port), *cal(work / store, *extra)[1:]]  # fmt: skip
+        return {"OMP_NUM_THREADS": "1"}, cmd, work / store
+
     runs = {
         "1 process, 1 thread": ({"OMP_NUM_THREADS": "1"}, [sys.executable, *cal(work / "one-1")], work / "one-1"),
         f"1 process, {args.threads} threads": (
@@ -77,34 +85,11 @@ def main(argv=None) -> int:
             [sys.executable, *cal(work / "one")],
             work / "one",
         ),
-        "torchrun, 2 ranks x 1 thread": (
-            {"OMP_NUM_THREADS": "1"},
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                "29533",
-                *cal(work / "two")[1:],
-            ],
-            work / "two",
-        ),  # fmt: skip
-        "torchrun, 2 ranks x 1 thread, streamed": (
-            {"OMP_NUM_THREADS": "1"},
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                "29534",
-                *cal(work / "two-streamed", "--stream")[1:],
-            ],
-            work / "two-streamed",
-        ),  # fmt: skip
+        "torchrun, 2 ranks x 1 thread": torchrun(2, 29533, "two"),
+        "torchrun, 2 ranks x 1 thread, streamed": torchrun(2, 29534, "two-streamed", "--stream"),
+        "torchrun, 2 ranks x 1 thread, streamed, --share-layers": torchrun(2, 29535, "two-shared", "--share-layers"),
+        "torchrun, 3 ranks x 1 thread, streamed": torchrun(3, 29536, "three-streamed", "--stream"),
+        "torchrun, 3 ranks x 1 thread, streamed, --share-layers": torchrun(3, 29537, "three-shared", "--share-layers"),
     }
     report = {"checkpoint_bytes": size, "samples": len(rows), "batch_size": args.batch_size, "runs": {}}
     base = None
@@ -133,10 +118,12 @@ def main(argv=None) -> int:
             "seconds": r["seconds"],
             "speedup": (base or r["seconds"]) / r["seconds"],
             "node_peak_anon_mb": r.get("cgroup_peak_anon_mb"),
+            "node_peak_anon_shmem_mb": r.get("cgroup_peak_anon_shmem_mb"),
             "max_rel_diff": diff,
         }
         print(f"{name}: {r['seconds']:.1f}s (x{(base or r['seconds']) / r['seconds']:.2f}), node peak "
-              f"{r.get('cgroup_peak_anon_mb', 0):.0f} MB, max rel diff {diff:.1e}", flush=True)  # fmt: skip
+              f"{r.get('cgroup_peak_anon_shmem_mb', 0):.0f} MB (anonymous {r.get('cgroup_peak_anon_mb', 0):.0f} MB), "
+              f"max rel diff {diff:.1e}", flush=True)  # fmt: skip
     print(f"checkpoint {size / 2**30:.2f} GiB, {len(rows)} samples, batches of {args.batch_size}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,7 @@ DATA_PARALLEL = (
     "refit",
     "prune",
     "eval",
+    "sweep",
 )  # verbs that run data-parallel under torchrun (premoe.core.distributed)
 
 

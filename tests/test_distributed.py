@@ -8,6 +8,7 @@ line and the store untouched; verbs that are not data-parallel refuse torchrun i
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -100,12 +101,14 @@ def test_streamed_calibration_is_data_parallel_too(data, single, tmp_path):
     assert_same_pattern(single, got)
 
 
-def test_two_nodes_on_one_machine_give_the_same_result(data, single, tmp_path):
-    """Two torchrun agents (``--nnodes 2``), one process each, meeting at 127.0.0.1."""
+@pytest.mark.parametrize("extra", [[], ["--share-layers"]], ids=["in-memory", "shared-layers"])
+def test_two_nodes_on_one_machine_give_the_same_result(extra, data, single, tmp_path):
+    """Two torchrun agents (``--nnodes 2``), one process each, meeting at 127.0.0.1. With ``--share-layers`` each
+    node's only rank is that node's first: each builds its own layers."""
     store, port = tmp_path / "store", free_port()
     procs = [
         subprocess.Popen(
-            torchrun(1, cal_args(data, store), nnodes=2, node_rank=r, port=port),
+            torchrun(1, cal_args(data, store, *extra), nnodes=2, node_rank=r, port=port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -120,6 +123,93 @@ def test_two_nodes_on_one_machine_give_the_same_result(data, single, tmp_path):
             p.kill()
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert_same_pattern(single, PatternStore.open(store).load("t"))
+
+
+def test_ranks_of_a_node_share_one_copy_of_each_layer(data, single, tmp_path):
+    """``--share-layers``: streamed, the node's first rank builds each layer into shared memory and every rank maps
+    it; the statistics are one process's, and nothing is left in the shared directory. 36 samples in batches of
+    16 are 3 batches: the fourth rank has none and still takes part in every hand-over."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    one = tmp_path / "one"
+    premoe.calibrate(TINY_MODEL, data, "t", one, batch_size=16, stream=True, progress=False)
+    for n, batch in ((3, "4"), (4, "16")):
+        store = tmp_path / f"store{n}"
+        args = cal_args(data, store, "--share-layers")
+        args[args.index("--batch-size") + 1] = batch
+        env = {**ENV, "PREMOE_SHARE_DIR": str(shm)}
+        run = subprocess.run(torchrun(n, args), capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = PatternStore.open(store).load("t")
+        assert got.info["streamed"] is True
+        assert_same_pattern(single if batch == "4" else PatternStore.open(one).load("t"), got)
+        assert not any(shm.iterdir())
+
+
+def test_shared_layers_are_mapped_copy_on_write(tmp_path):
+    """What the first rank publishes, every rank maps: the same values, ties kept, non-persistent buffers left to
+    each rank; a rank writing into its mapping changes only its own copy."""
+    from torch import nn
+
+    from premoe.core.node_share import attach, publish
+
+    def make() -> nn.Module:
+        m = nn.Sequential(nn.Linear(6, 4, bias=True), nn.LayerNorm(4), nn.Linear(4, 6, bias=False))
+        m[0].register_buffer("steps", torch.arange(3), persistent=True)
+        m[0].register_buffer("cache", torch.ones(2), persistent=False)
+        return m
+
+    torch.manual_seed(0)
+    built = make()
+    built[2].weight = nn.Parameter(built[0].weight.detach().T.contiguous())  # a second tensor ...
+    built[1].weight = built[0].bias  # ... and one tied within the module
+    want = {k: v.clone() for k, v in built.state_dict().items()}
+    path = tmp_path / "0.bin"
+    publish(built, path)
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in want.items())
+    a, b = make().to("meta"), make().to("meta")
+    a[1].weight, b[1].weight = a[0].bias, b[0].bias
+    for m in (a, b):
+        attach(m, path)
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items() if k != "0.cache")
+        assert m[0].cache.is_meta  # not shared: each rank computes it
+    with torch.no_grad():
+        a[0].weight.add_(1.0)
+    assert torch.equal(b[0].weight, want["0.weight"]) and not torch.equal(a[0].weight, b[0].weight)
+
+
+def test_shared_layers_refuse_gpu_runs():
+    from premoe.core.distributed import World
+    from premoe.core.node_share import node_share
+    from premoe.errors import InputError
+
+    assert node_share(World(0, 1), True, "cpu") is None  # one process: nothing to share
+    assert node_share(World(0, 2), False, "cpu") is None
+    with pytest.raises(InputError, match="drop `--share-layers`"):
+        node_share(World(0, 2), True, "cuda:0")
+
+
+def test_sweep_is_data_parallel_and_writes_what_one_process_writes(tmp_path):
+    """``torchrun -m premoe sweep``: every calibration, evaluation and perplexity split across the ranks, the same
+    rows as one process's; rank 0 alone prints and writes."""
+    kw = {"keeps": [16, 8], "scorers": ["tcess", "easyep"], "calib_samples": 8, "eval_samples": 12}
+    one = premoe.sweep(tmp_path / "one", progress=False, **kw)
+    args = ["-q", "sweep", "--out", str(tmp_path / "two"), "--keep", "16", "8", "--scorers", "tcess", "easyep",
+            "--calib-samples", "8", "--eval-samples", "12", "--json"]  # fmt: skip
+    run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(run.stdout.strip().splitlines()) == 1  # one JSON line, from rank 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert len(one["rows"]) == len(two["rows"]) > 0
+    for a, b in zip(one["rows"], two["rows"]):
+        assert {k: v for k, v in a.items() if k not in ("nll_sum", "perplexity")} == {
+            k: v for k, v in b.items() if k not in ("nll_sum", "perplexity")
+        }
+        assert b["nll_sum"] == pytest.approx(a["nll_sum"], rel=1e-9)
+    stores = [PatternStore.open(tmp_path / d / "work" / "store") for d in ("one", "two")]
+    assert sorted(stores[0].tasks) == sorted(stores[1].tasks) == sorted(one["tasks"])
+    for task in one["tasks"]:
+        assert_same_pattern(stores[0].load(task), stores[1].load(task))
 
 
 def rank_env(rank: int, size: int, port: int) -> dict[str, str]:
@@ -179,11 +269,19 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_and_writes_nothing(data
 
 
 def test_verbs_that_are_not_data_parallel_refuse_torchrun(tmp_path):
+    """``inspect`` does not run data-parallel; neither do dense models' sweeps."""
     run = subprocess.run(
         torchrun(2, ["inspect", "--store", str(tmp_path)]), capture_output=True, text=True, env=ENV, timeout=120
     )
     assert run.returncode != 0
     assert "`premoe inspect` does not run under torchrun" in run.stderr
+    from premoe.assets import TINY_DENSE
+
+    args = ["-q", "sweep", "--out", str(tmp_path / "s"), "--model", str(TINY_DENSE)]
+    run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode != 0
+    assert "premoe: error (rank 0): " in run.stderr and "sweeps do not run data-parallel yet; run it without" in run.stderr
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("stream", [False, True])

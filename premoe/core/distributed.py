@@ -251,3 +251,13 @@ def agree(fields: dict[str, Any], w: World, verb: str) -> None:
             f"`premoe {verb}`: rank {ranks[0]} differs from rank 0 in {', '.join(differ)}; give every rank the same "
             "model, data and flags"
         )
+
+
+def barrier(w: World, what: str = "a barrier") -> None:
+    """Wait until every rank gets here (within ``PREMOE_DIST_TIMEOUT`` seconds)."""
+    if not w.parallel:
+        return
+    import torch.distributed as dist
+
+    with _collective(what):
+        dist.barrier()

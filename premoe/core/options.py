@@ -133,6 +133,11 @@ class MemoryOptions(Options):
     offload_dir: str | None = option(
         None, "where hidden states past the budget go (default: the system temp directory)"
     )
+    share_layers: bool = option(
+        False,
+        "under torchrun, the ranks of a node hold one copy of each streamed layer, built by the node's first rank "
+        "in shared memory (/dev/shm or $PREMOE_SHARE_DIR), instead of one copy each; implies --stream",
+    )
 
     def __post_init__(self):
         check_number("max_memory", self.max_memory)

@@ -81,6 +81,17 @@ class TaskPattern:
     def scorer(self) -> str:
         return self.info.get("scorer", "?")
 
+    def as_stored(self) -> TaskPattern:
+        """This pattern as the store holds it (float32 tensors): what :meth:`PatternStore.load` would return."""
+        return TaskPattern(
+            self.name,
+            list(self.layers),
+            self.scores.float(),
+            {k: v.float() for k, v in self.means.items()},
+            dict(self.info),
+            {k: v.float() for k, v in self.signature.items()},
+        )
+
     def summary(self) -> str:
         """One line: what the calibration recorded."""
         info = self.info
@@ -303,9 +314,10 @@ class PatternStore:
             StoreError: the store belongs to another model, or the task exists and not ``overwrite``.
         """
         check_task_name(pattern.name)
-        tensors = {"scores": pattern.scores.float().contiguous()}
-        tensors.update({f"mean.{k}": v.float().contiguous() for k, v in pattern.means.items()})
-        tensors.update({f"sig.{k}": v.float().contiguous() for k, v in pattern.signature.items()})
+        kept = pattern.as_stored()
+        tensors = {"scores": kept.scores.contiguous()}
+        tensors.update({f"mean.{k}": v.contiguous() for k, v in kept.means.items()})
+        tensors.update({f"sig.{k}": v.contiguous() for k, v in kept.signature.items()})
         if self.exists():
             self._add_existing(pattern, tensors, fingerprint, overwrite)
             return

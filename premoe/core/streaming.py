@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from premoe.core.checkpoint import ByteReader, tensor_bytes
 from premoe.core.memory import fits
 from premoe.core.modules import backbone, decoder_layers, finish_buffers, release
+from premoe.core.node_share import NodeShare
 from premoe.errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class LayerRunner:
         reader: what ``filler`` reads with (for the bytes read).
         device: where layers run (hidden states stay on the CPU between layers).
         dtype: run every built module in this dtype (default: as the checkpoint stores it).
+        share: data-parallel ranks of one node hold one copy of each built module
+            (:class:`~premoe.core.node_share.NodeShare`; every rank runs the same layers).
 
     Everything outside the decoder layers but the embeddings and the LM head is built at once; the
     embeddings are built only to embed the batches, the LM head never.
@@ -202,8 +205,10 @@ class LayerRunner:
         reader: ByteReader,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        share: NodeShare | None = None,
     ):
         self.model = model
+        self.share = share
         self.dtype = dtype
         self.mat = filler
         self.reader = reader
@@ -285,15 +290,25 @@ class LayerRunner:
 
     def build(self, module: nn.Module) -> int:
         """Read ``module`` from the checkpoint, compute its non-persistent buffers (Gemma's embedding
-        scale) the way transformers does after loading, and move it to the device; returns its bytes."""
+        scale) the way transformers does after loading, and move it to the device; returns its bytes.
+        Shared across a node's ranks, the node's first rank builds it and every rank maps that copy."""
+        if self.share is None:
+            return self._build(module)
+        return self.share.build(module, lambda: self._build(module), self.finish)
+
+    def _build(self, module: nn.Module) -> int:
         held = self.mat.fill(self.model, prefixes=[self.names[id(module)]])
+        self.finish(module)
+        return held
+
+    def finish(self, module: nn.Module) -> None:
+        """Compute ``module``'s non-persistent buffers and move it to the device and dtype."""
         for mod in module.modules():  # set at init without their weights (so not computed): compute them now
             for n in mod._non_persistent_buffers_set:
                 if mod._buffers.get(n) is not None:
                     mod._buffers[n] = torch.empty_like(mod._buffers[n], device="meta")
         finish_buffers(self.model)
         to_device(module, self.device, self.dtype)
-        return held
 
     def first_hidden(self, batches: list[Batch], store: HiddenStore, after: Callable | None = None) -> None:
         """The input of decoder layer 0 for every batch (embeddings built, used and freed)."""
@@ -375,13 +390,14 @@ class LayerRunner:
         largest = 0
         bar = tqdm(total=len(self.layers), desc=desc, unit="layer", disable=not progress)
         try:
-            self.first_hidden(batches, store, after)
-            if batches:
-                self.check_independent(batches[0], store.get(0).to(self.device))
-            for i in range(len(self.layers)):
-                largest = max(largest, self.run_layer(i, batches, store, before, after, built, done))
-                bar.set_postfix(read=f"{self.reader.bytes_read / 2**20:.0f}MB", refresh=False)
-                bar.update(1)
+            with self.share or contextlib.nullcontext():
+                self.first_hidden(batches, store, after)
+                if batches:
+                    self.check_independent(batches[0], store.get(0).to(self.device))
+                for i in range(len(self.layers)):
+                    largest = max(largest, self.run_layer(i, batches, store, before, after, built, done))
+                    bar.set_postfix(read=f"{self.reader.bytes_read / 2**20:.0f}MB", refresh=False)
+                    bar.update(1)
         finally:
             bar.close()
             spilled = store.spilled

@@ -149,7 +149,7 @@ def calibrate(
         longest = max(
             len(tok(rec.text, truncation=True, max_length=max_length)["input_ids"]) for rec in cal.records()
         )  # the real batch shape, not the cap
-        use_stream = plan_memory(info, budget, batch_size, longest, memory.stream)
+        use_stream = plan_memory(info, budget, batch_size, longest, True if memory.share_layers else memory.stream)
         sizes = resident_sizes(info)
         hidden_budget = max(
             int(0.8 * budget) - sizes["largest_layer"] - sizes["outside"] - activation_bytes(info, batch_size, longest),
@@ -165,6 +165,7 @@ def calibrate(
             desc=f"calibrate {task} (streamed)",
             hidden_budget=hidden_budget,
             offload_dir=offload_dir,
+            share_layers=memory.share_layers,
         )
         tokens, means = reduced(sums, w).tokens, sums.means()
     elif run_model:
@@ -218,6 +219,7 @@ def calibrate(
                 desc=f"keys ({source}, streamed)",
                 hidden_budget=hidden_budget,
                 offload_dir=offload_dir,
+                share_layers=memory.share_layers,
             )
         signature.update({f"{source}.{key}": v for key, v in reduced(sums, w).means().items()})
         sig_tokens[source] = sums.tokens

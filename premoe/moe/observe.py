@@ -219,20 +219,25 @@ def observe_streamed(
     desc: str = "calibrate",
     hidden_budget: int = 1 << 62,
     offload_dir: str | None = None,
+    share_layers: bool = False,
 ) -> tuple[RoutingSums, dict[str, int]]:
     """:func:`observe` for a model larger than memory: the same batches, pushed through one decoder
     layer at a time (:class:`~premoe.moe.streaming.LayerStream`; only the first ``num_layers``, routed
     experts replaced by stubs without ``experts``), layers run on ``run.device``, hidden states past
-    ``hidden_budget`` bytes in ``offload_dir``. Returns the sums and what the run held (largest layer,
+    ``hidden_budget`` bytes in ``offload_dir``; ``share_layers``: data-parallel ranks of one node hold one
+    copy of each layer (:mod:`premoe.core.node_share`). Returns the sums and what the run held (largest layer,
     bytes of hidden states spilled to disk, bytes read)."""
     from premoe.core.config import resolve_device, resolve_dtype
+    from premoe.core.node_share import node_share
     from premoe.moe.streaming import LayerStream, make_batches
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = make_batches(
         what.shard.share(token_batches(tokenizer, texts, run.batch_size, run.max_length, what.skip_special)), pad
     )
-    if not batches:  # a data-parallel rank without a share: nothing to add to the sums
+    device = resolve_device(run.device)
+    share = node_share(what.shard, share_layers, device)
+    if not batches and share is None:  # a data-parallel rank without a share: nothing to add to the sums
         n = sum(1 for i in info.moe_layers if num_layers is None or i < num_layers)
         names = tuple(SUM_NAMES) + (tuple(OUTPUT_SUM_NAMES) if what.outputs else ())
         return RoutingSums.zeros(n, info.num_experts, names=names), {"bytes_read": 0}
@@ -242,9 +247,10 @@ def observe_streamed(
         info,
         num_layers=num_layers,
         experts=experts,
-        device=resolve_device(run.device),
+        device=device,
         dtype=dtype,
         compute_dtype=dtype,
+        share=share,
     )
     decoder = stream.layers if what.outputs else None
     with RouterObserver(

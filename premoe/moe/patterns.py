@@ -29,7 +29,12 @@ def pooled_pattern(
     names = tasks or sorted(st.tasks)
     if not names:
         raise StoreError(f"store {st.path} has no tasks to pool; calibrate some first")
-    patterns = [st.load(t) for t in names]
+    return pool_patterns([st.load(t) for t in names], name)
+
+
+def pool_patterns(patterns: list[TaskPattern], name: str = "all-tasks") -> TaskPattern:
+    """The pooled pattern of ``patterns`` (:func:`pooled_pattern` of patterns already loaded)."""
+    names = [p.name for p in patterns]
     means, tokens = pool_means([(p.means, int(p.info.get("tokens", 0))) for p in patterns])
     default = patterns[0].scorer if len({p.scorer for p in patterns}) == 1 else "tcess"
     shape = tuple(patterns[0].scores.shape)

@@ -101,6 +101,8 @@ class LayerStream(LayerRunner):
         device: where layers run (hidden states stay on the CPU between layers).
         dtype: what quantised tensors are dequantised to.
         compute_dtype: run every built layer in this dtype (default: the checkpoint's).
+        share: data-parallel ranks of one node hold one copy of each layer
+            (:class:`~premoe.core.node_share.NodeShare`).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class LayerStream(LayerRunner):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype | None = None,
+        share=None,
     ):
         self.info = info
         reader = reader or ByteReader()
@@ -123,7 +126,7 @@ class LayerStream(LayerRunner):
                 if m.experts is not None:
                     setattr(m.block, info.spec.experts, ZeroExperts())
                     m.experts = None
-        super().__init__(model, Materializer(info, None, reader, dtype=dtype), reader, device, compute_dtype)
+        super().__init__(model, Materializer(info, None, reader, dtype=dtype), reader, device, compute_dtype, share)
         select_kernel(self.model, self.device)
 
 

@@ -29,13 +29,12 @@ from premoe.core.config import load_tokenizer
 from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import MemoryOptions, RunOptions
-from premoe.core.store import PatternStore
 from premoe.errors import InputError
 from premoe.moe.calibration import calibrate
 from premoe.moe.loading import load_model
 from premoe.moe.model import ModelInfo
 from premoe.moe.options import MoeCalibration, MoeSelection, MoeSweep
-from premoe.moe.patterns import plan_from_pattern, pooled_pattern
+from premoe.moe.patterns import plan_from_pattern, pool_patterns
 from premoe.moe.scoring import SCORERS
 from premoe.moe.selective import ByteReader, build_model
 
@@ -72,9 +71,14 @@ def sweep(
         about: recorded in the results as they are (the model's label, the sizes of the built-in splits).
         overlap_keep: keep count of the overlap picture (default: half the experts).
     """
+    import tempfile
+
+    from premoe.core.distributed import agree, world
     from premoe.moe.compensate import COMPENSATIONS
 
     logging.getLogger("premoe").setLevel(logging.WARNING)
+    w = world()
+    progress = progress and w.main
     t_start = time.perf_counter()
     out = Path(out)
     variants = tuple(variants or ("plain",))
@@ -96,7 +100,18 @@ def sweep(
             "compensation `variants` in an MoE sweep need the model in memory (they change the experts "
             "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if w.parallel:  # data-parallel: every rank sweeps the same model, samples and options
+        agree(
+            {
+                "model": info.fingerprint.to_dict(),
+                "tasks": {n: [_digest(c), _digest(e)] for n, (c, e) in tasks.items()},
+                "options": [repr(opts), variants, repr(memory.stream), in_memory],
+            },
+            w,
+            "sweep",
+        )
+    if w.main:  # rank 0 writes; the other ranks keep their copies of the calibration files in a temporary directory
+        out.mkdir(parents=True, exist_ok=True)
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
     tok = lm.tokenizer if lm else load_tokenizer(info.path)
 
@@ -112,15 +127,16 @@ def sweep(
     if not keeps:
         raise InputError(f"no keep count between top-k {K} and {E} experts")
     evals = {name: _rows(ev) for name, (_, ev) in tasks.items()}
-    work = out / "work"
+    scratch = None if w.main else tempfile.TemporaryDirectory(prefix="premoe-sweep-rank-")
+    work = out / "work" if scratch is None else Path(scratch.name)
     work.mkdir(exist_ok=True)
     store = work / "store"
     configs = [(s, m) for s in scorers for m in (("specific",) if s in DATA_FREE else ("specific", "agnostic"))]
     bar = tqdm(total=len(tasks) * 2 + len(configs) * len(keeps), desc="sweep", unit="step", disable=not progress)
-    paths = {}
+    paths, patterns = {}, {}
     for name, (cal, _) in tasks.items():
         path = paths[name] = cal if isinstance(cal, (str, Path)) else write_jsonl(work / f"{name}.calib.jsonl", cal)
-        calibrate(
+        patterns[name] = calibrate(  # under torchrun data-parallel; every rank gets the same pattern
             lm or info,
             CalibrationData.open(path),
             name,
@@ -129,17 +145,15 @@ def sweep(
             memory=memory,
             calibration=MoeCalibration(all_stats=True),
             overwrite=True,
-        )
+        ).as_stored()  # what the store holds, as one process reads it back
         bar.update(1)
-    st = PatternStore.open(store)
-    patterns = {name: st.load(name) for name in tasks}
-    pooled = pooled_pattern(st, list(tasks))
+    pooled = pool_patterns([patterns[name] for name in tasks])
     records = {name: [(r["prompt"], r["completion"]) for r in evals[name]] for name in tasks}
 
     def measure(net, name: str) -> tuple[float, float, int]:
         """Accuracy on the task's held-out samples, and the NLL of their completions (sum, tokens)."""
-        ppl = perplexity(net, tok, records[name], progress=False)
-        return exact_match(net, tok, evals[name], progress=False), ppl["nll"] * ppl["tokens"], ppl["tokens"]
+        ppl = perplexity(net, tok, records[name], progress=False, shard=w)
+        return exact_match(net, tok, evals[name], progress=False, shard=w), ppl["nll"] * ppl["tokens"], ppl["tokens"]
 
     dense, dense_nll = {}, {}
     with ByteReader() as reader:
@@ -214,6 +228,10 @@ def sweep(
         **(about or {}),
     }
     result["seconds"] = time.perf_counter() - t_start
+    if scratch is not None:
+        scratch.cleanup()
+    if not w.main:
+        return result
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -224,6 +242,17 @@ def sweep(
     kept = {n: plan_from_pattern(info, p, max(K, min(E, overlap_keep))).kept for n, p in patterns.items()}
     result["pictures"] = plot(out, result, importance, kept, max(K, min(E, overlap_keep)), info.moe_layers)
     return result
+
+
+def _digest(rows_or_path) -> str:
+    """A digest of a task's samples: a file's bytes, or the rows themselves."""
+    import hashlib
+
+    from premoe.core.distributed import digest
+
+    if isinstance(rows_or_path, (str, Path)):
+        return hashlib.sha256(Path(rows_or_path).read_bytes()).hexdigest()
+    return digest(list(rows_or_path))
 
 
 def _rows(rows_or_path) -> list[dict]:

@@ -38,6 +38,7 @@ def calibrate(
     stream: bool | None = None,
     max_memory: float | None = None,
     offload_dir: str | None = None,
+    share_layers: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ):
@@ -54,7 +55,8 @@ def calibrate(
             by one, else TCESS; router statistics are always recorded).
         max_samples: use at most this many samples.
         batch_size / max_length / device / dtype: how the model runs (:class:`premoe.core.options.RunOptions`).
-        stream / max_memory / offload_dir: models larger than memory (:class:`premoe.core.options.MemoryOptions`).
+        stream / max_memory / offload_dir / share_layers: models larger than memory, and under torchrun one
+            copy of each streamed layer per node (:class:`premoe.core.options.MemoryOptions`).
         overwrite: replace the task if the store has it.
 
     Returns:
@@ -72,7 +74,7 @@ def calibrate(
 
     check_task_name(task)
     run = RunOptions(device, dtype, batch_size, max_length, progress)
-    memory = MemoryOptions(stream, max_memory, offload_dir)
+    memory = MemoryOptions(stream, max_memory, offload_dir, share_layers)
     calibration = MoeCalibration(scorer, all_stats, k, r, seed, signature_layers)
     cal = CalibrationData.open(data, max_samples)
     backend = kind_of(model)

@@ -169,7 +169,13 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most this many samples")
     add_flags(p, RunOptions, defaults=defaults, skip=("max_length",))
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_flags(p, MemoryOptions, defaults=defaults, skip=("offload_dir",), title="memory (models larger than RAM)")
+    add_flags(
+        p,
+        MemoryOptions,
+        defaults=defaults,
+        skip=("offload_dir", "share_layers"),
+        title="memory (models larger than RAM)",
+    )
 
 
 def run(args) -> int:

@@ -57,6 +57,7 @@ def sweep(
         summary table.
     """
     from premoe.assets import TINY_MODEL
+    from premoe.core.distributed import world
     from premoe.core.tasks import suite
     from premoe.kinds import check_options, kind_of, select
 
@@ -72,6 +73,8 @@ def sweep(
         DenseSweep(tuple(sparsities or ()), tuple(methods or ()), schedule, count),
     )
     check_options(backend, "sweep", memory, *opts)
+    if world().parallel and backend.name != "moe":
+        raise InputError(f"{backend.label} sweeps do not run data-parallel yet; run it without torchrun")
     about = {"model": label, "calib_samples": calib_samples, "eval_samples": eval_samples}
     return backend.sweep(
         Path(out),
@@ -123,14 +126,23 @@ def add_parser(sub) -> None:
         help="built-in suite: held-out samples per task (default 100)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_flags(p, MemoryOptions, defaults=defaults, skip=("offload_dir",), title="memory (MoE models larger than RAM)")
+    add_flags(
+        p,
+        MemoryOptions,
+        defaults=defaults,
+        skip=("offload_dir", "share_layers"),
+        title="memory (MoE models larger than RAM)",
+    )
 
 
 def run(args) -> int:
+    from premoe.core.distributed import world
     from premoe.kinds import backend
 
     tasks = {name: (calib, ev) for name, calib, ev in args.tasks} if args.tasks else None
     res = sweep(**kwargs_of(sweep, args, tasks=tasks, progress=not args.quiet))
+    if not world().main:  # under torchrun rank 0 prints
+        return 0
     print(
         json.dumps({k: v for k, v in res.items() if k != "rows"})
         if args.json
