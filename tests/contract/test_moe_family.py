@@ -528,3 +528,38 @@ def test_quantized_export_rounds_only_the_kept_experts(family, family_dir, tmp_p
         module = name.removesuffix(".weight")
         expert = plain.roles[name].kind == "expert" and name.endswith(".weight")
         assert any(re.match(r, module) for r in rx) == expert, name
+
+
+def test_data_parallel_shares_add_up_to_one_process(family, family_dir, small_data):
+    """What torchrun's ranks record (batch ``b`` on rank ``b mod 3``), added in rank order as
+    :func:`premoe.core.distributed.sum_in_rank_order` adds it, is one process's statistics within 1e-6 relative,
+    router and expert-output ones, and ranks the experts the same (so the kept sets and exports are the same).
+    In process: the shares are recorded one after another, without a process group
+    (``tests/test_distributed.py`` runs real torchrun jobs)."""
+    from premoe.core.data import CalibrationData
+    from premoe.core.distributed import World
+    from premoe.moe.calibration import default_scorer
+    from premoe.moe.observe import Recording, marker_params, observe
+    from premoe.moe.scoring import RoutingSums, score
+
+    lm = load_model(family_dir(family), device="cpu", dtype=torch.float32)
+    texts = [r.text for r in CalibrationData.open(small_data).records()]
+    scorer = default_scorer(lm.info)
+    params = marker_params(lm.info.router, scorer, None, None)
+    outputs = bool(lm.info.spec.experts)
+    run = RunOptions(device="cpu", batch_size=2, progress=False)
+
+    def record(shard):
+        what = Recording(params, outputs, shard=shard)
+        return observe(lm.model, lm.layers, lm.info, lm.tokenizer, texts, what, run=run)
+
+    one = record(World())
+    parts = [record(World(r, 3)) for r in range(3)]  # 8 samples in batches of 2: 4 batches, 2 + 1 + 1
+    merged = RoutingSums({n: sum((p.sums[n] for p in parts[1:]), parts[0].sums[n].clone()) for n in one.sums})
+    merged.tokens = sum(p.tokens for p in parts)
+    assert merged.tokens == one.tokens
+    for name, want in one.sums.items():
+        assert max_rel(want.double(), merged.sums[name].double()) <= 1e-6, name
+    shape = tuple(one.sums["count"].shape)
+    a, b = score(scorer, one.means(), shape), score(scorer, merged.means(), shape)
+    assert torch.equal(torch.argsort(a, descending=True, stable=True), torch.argsort(b, descending=True, stable=True))
