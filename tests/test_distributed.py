@@ -212,6 +212,55 @@ def test_sweep_is_data_parallel_and_writes_what_one_process_writes(tmp_path):
         assert_same_pattern(stores[0].load(task), stores[1].load(task))
 
 
+@pytest.mark.parametrize("extra", [[], ["--share-layers"]], ids=["in-memory", "shared-layers"])
+def test_dense_calibration_and_prune_are_data_parallel(extra, data, tmp_path):
+    """Dense models (SEAP): 3 ranks' activation statistics and retrieval key equal one process's, and the pruned
+    export with its re-fit (Gram matrices added in rank order on rank 0) is byte for byte one process's."""
+    from premoe.assets import TINY_DENSE
+
+    stream = bool(extra)
+    premoe.calibrate(TINY_DENSE, data, "t", tmp_path / "one", batch_size=4, stream=stream, progress=False)
+    args = cal_args(data, tmp_path / "three", *extra)
+    args[args.index("--model") + 1] = str(TINY_DENSE)
+    run = subprocess.run(torchrun(3, args), capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (PatternStore.open(tmp_path / d).load("t") for d in ("one", "three"))
+    assert a.info["tokens"] == b.info["tokens"] and a.info["signature"] == b.info["signature"]
+    assert b.info["streamed"] is stream
+    for name in a.means:
+        x, y = a.means[name].double(), b.means[name].double()
+        assert float(((x - y).abs() / x.abs().clamp_min(1e-12)).max()) <= 1e-6, name
+    torch.testing.assert_close(a.signature["prompt.hidden"], b.signature["prompt.hidden"], rtol=1e-6, atol=1e-7)
+    if stream:
+        return
+    premoe.prune(TINY_DENSE, tmp_path / "one", task="t", out=tmp_path / "p1", sparsity=0.5, progress=False)
+    prune = ["-q", "prune", "--model", str(TINY_DENSE), "--store", str(tmp_path / "one"), "--task", "t",
+             "--sparsity", "0.5", "--out", str(tmp_path / "p3")]  # fmt: skip
+    run = subprocess.run(torchrun(3, prune), capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("re-fitted") == 1  # rank 0 reports
+    one, three = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("p1", "p3"))
+    assert one == three
+
+
+def test_dense_sweep_is_data_parallel(tmp_path):
+    from premoe.assets import TINY_DENSE
+
+    kw = {"sparsities": [0.5], "methods": ["seap", "flap"], "calib_samples": 8, "eval_samples": 12}
+    one = premoe.sweep(tmp_path / "one", model=TINY_DENSE, progress=False, **kw)
+    args = ["-q", "sweep", "--out", str(tmp_path / "two"), "--model", str(TINY_DENSE), "--sparsities", "0.5",
+            "--methods", "seap", "flap", "--calib-samples", "8", "--eval-samples", "12", "--json"]  # fmt: skip
+    run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert len(one["rows"]) == len(two["rows"]) > 0 and one["routing"] == two["routing"]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert {k: v for k, v in a.items() if k not in ("nll_sum", "perplexity")} == {
+            k: v for k, v in b.items() if k not in ("nll_sum", "perplexity")
+        }
+        assert b["nll_sum"] == pytest.approx(a["nll_sum"], rel=1e-6), (a["method"], a["task"])
+
+
 def rank_env(rank: int, size: int, port: int) -> dict[str, str]:
     """What torchrun sets for one process of a job (to start ranks by hand with different arguments)."""
     return {
@@ -269,20 +318,12 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_and_writes_nothing(data
 
 
 def test_verbs_that_are_not_data_parallel_refuse_torchrun(tmp_path):
-    """``inspect`` does not run data-parallel; neither do dense models' sweeps."""
+    """``inspect`` does not run data-parallel."""
     run = subprocess.run(
         torchrun(2, ["inspect", "--store", str(tmp_path)]), capture_output=True, text=True, env=ENV, timeout=120
     )
     assert run.returncode != 0
     assert "`premoe inspect` does not run under torchrun" in run.stderr
-    from premoe.assets import TINY_DENSE
-
-    args = ["-q", "sweep", "--out", str(tmp_path / "s"), "--model", str(TINY_DENSE)]
-    run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=120)
-    assert run.returncode != 0
-    assert "premoe: error (rank 0): " in run.stderr
-    assert "sweeps do not run data-parallel yet; run it without torchrun" in run.stderr
-    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -347,6 +388,24 @@ def test_stored_refits_are_data_parallel(single_store, tmp_path):
     run = subprocess.run(torchrun(2, args), capture_output=True, text=True, env=ENV, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("stored re-fitted rows") == 2
+    files = sorted(p.relative_to(a) for p in a.rglob("layer*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("layer*.safetensors"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_calibrate_with_refit_keep_is_data_parallel(data, single_store, tmp_path):
+    """``calibrate --refit-keep``: the data-parallel calibration, then the data-parallel re-fit from the store rank 0
+    has just written; the stored re-fits are byte for byte those of one process re-fitting the same store."""
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(single_store, a)
+    premoe.refit(TINY_MODEL, a, [8], progress=False)
+    run = subprocess.run(torchrun(2, cal_args(data, tmp_path / "b", "--refit-keep", "8")), capture_output=True,
+                         text=True, env=ENV, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("stored re-fitted rows") == 1
+    b = tmp_path / "b"
     files = sorted(p.relative_to(a) for p in a.rglob("layer*.safetensors"))
     assert files and files == sorted(p.relative_to(b) for p in b.rglob("layer*.safetensors"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

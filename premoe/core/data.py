@@ -193,3 +193,10 @@ def token_batches(
             buf = []
     if buf:
         yield from flush()
+
+
+def samples_digest(rows_or_path) -> str:
+    """A digest of a task's samples, a file's bytes or the rows themselves: what data-parallel ranks compare."""
+    if isinstance(rows_or_path, (str, Path)):
+        return hashlib.sha256(Path(rows_or_path).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(list(rows_or_path), sort_keys=True, default=str).encode()).hexdigest()

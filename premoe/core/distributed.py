@@ -261,3 +261,23 @@ def barrier(w: World, what: str = "a barrier") -> None:
 
     with _collective(what):
         dist.barrier()
+
+
+def sum_to_main(t: torch.Tensor, w: World, what: str = "a reduction") -> torch.Tensor | None:
+    """The sum of every rank's ``t`` (same shape and dtype everywhere), added in rank order, on rank 0 (``None``
+    on the other ranks). Point to point, one rank at a time: rank 0 holds its sum and one received copy, not
+    one per rank (what a Gram matrix of a large layer needs)."""
+    if not w.parallel:
+        return t
+    import torch.distributed as dist
+
+    src = t.detach().cpu().contiguous()
+    with _collective(what):
+        if not w.main:
+            dist.send(src, dst=0)
+            return None
+        total, buf = src.clone(), torch.empty_like(src)
+        for r in range(1, w.size):
+            dist.recv(buf, src=r)
+            total += buf
+    return total.to(t.device)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from premoe.core.checkpoint import ByteReader
 from premoe.core.config import config_from_dict, resolve_device, skeleton
 from premoe.core.data import CalibrationData
+from premoe.core.distributed import SINGLE, World, gather, sum_in_rank_order, sum_int
 from premoe.core.modules import set_tensor
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
@@ -49,6 +50,11 @@ class ActivationStats:
                 ("down", getattr(getattr(layer, info.spec.mlp), info.spec.down)),
             ):
                 self._hooks.append(mod.register_forward_pre_hook(self._hook(l, site)))
+                width = mod.weight.shape[1]  # known on the meta device too: every rank has every sum, batches or not
+                for key, w in ((f"{site}.sum", width), (f"{site}.sq", width)) + (
+                    (("o.head_sq", info.heads),) if site == "o" else ()
+                ):
+                    self.sums.setdefault(key, torch.zeros(info.num_layers, w, dtype=torch.float64))
 
     def _hook(self, layer: int, site: str):
         def hook(mod, args):
@@ -64,9 +70,14 @@ class ActivationStats:
         return hook
 
     def _add(self, layer: int, key: str, v: torch.Tensor) -> None:
-        if key not in self.sums:
-            self.sums[key] = torch.zeros(self.info.num_layers, v.shape[0], dtype=torch.float64)
         self.sums[key][layer] += v.cpu().double()
+
+    def reduce(self, w: World) -> None:
+        """Make the sums (and the token count) every data-parallel rank's, added in rank order."""
+        if w.parallel:
+            for key in sorted(self.sums):
+                self.sums[key] = sum_in_rank_order(self.sums[key], w, "the activation statistics' reduction")
+            self.n = sum_int(self.n, w, "the activation statistics' reduction")
 
     def close(self) -> None:
         for h in self._hooks:
@@ -151,13 +162,15 @@ def observe_dense(
     total: int | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    shard: World = SINGLE,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Activation statistics over ``texts`` (every real token counts once): (means, tokens)."""
+    """Activation statistics over ``texts`` (every real token counts once): (means, tokens). Under torchrun
+    (``shard``) each rank runs its share of the batches and the sums are added in rank order."""
     dev = next(model.parameters()).device
     stats = ActivationStats(model, info)
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     try:
-        for ids, attn, _count in _batches(tok, texts, batch_size, max_length, skip_special=False):
+        for ids, attn, _count in shard.share(_batches(tok, texts, batch_size, max_length, skip_special=False)):
             stats.mask = attn.reshape(-1).bool()
             stats.n += int(stats.mask.sum())
             model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev)) if hasattr(model, "model") else model(
@@ -167,6 +180,7 @@ def observe_dense(
     finally:
         stats.close()
         bar.close()
+    stats.reduce(shard)
     if stats.n == 0:
         raise InputError("the tokenizer produced no tokens from the calibration data")
     return stats.means(), stats.n
@@ -182,18 +196,19 @@ def prompt_features(
     layers: int | None = None,
     batch_size: int = 32,
     max_length: int = 2048,
+    shard: World = SINGLE,
 ) -> torch.Tensor:
     """[N, K+1, D] per-prompt mean hidden states (special tokens left out) after the embeddings
     (index 0) and after each of the first K decoder layers (all of them by default), L2-normalised.
     Every depth is the residual stream before any final norm, so a model cut to K layers (the router)
-    gives the same feature as the whole model at depth K."""
+    gives the same feature as the whole model at depth K. ``shard``: this rank's prompt batches only."""
     dev = next(model.parameters()).device
     feats = []
     config = model.model.config
     tied = config.__dict__.get("tie_last_hidden_states", None)
     config.tie_last_hidden_states = False  # the residual stream at every depth, the last one too (no final norm)
     try:
-        for ids, attn, m in prompt_batches(tok, texts, batch_size, max_length):
+        for ids, attn, m in shard.share(prompt_batches(tok, texts, batch_size, max_length)):
             out = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True)
             hs = out.hidden_states if layers is None else out.hidden_states[: layers + 1]
             per = torch.stack([token_mean(h, m) for h in hs], dim=1)  # [B, K+1, D]
@@ -201,6 +216,21 @@ def prompt_features(
     finally:
         config.tie_last_hidden_states = tied
     return torch.cat(feats) if feats else torch.zeros(0, 0, info.hidden)
+
+
+def centroid(feats: torch.Tensor, w: World = SINGLE) -> tuple[torch.Tensor, int]:
+    """The mean of every rank's prompt features ``feats`` [N_rank, K+1, D] (float64 sums added in rank order),
+    and how many prompts that is: a task's retrieval key."""
+    count = sum_int(len(feats), w, "the retrieval keys' reduction")
+    total = feats.double().sum(0) if len(feats) else None
+    if w.parallel:
+        shape = torch.tensor(list(total.shape) if total is not None else [0, 0], dtype=torch.int64)
+        shape = torch.stack(gather(shape, w, "the retrieval keys' reduction")).amax(0).tolist()
+        total = total if total is not None else torch.zeros(shape, dtype=torch.float64)
+        total = sum_in_rank_order(total, w, "the retrieval keys' reduction")
+    if not count:
+        return torch.zeros(0, 0), 0
+    return (total / count).float(), count
 
 
 def prompt_batches(tok, texts: Iterable[str], batch_size: int, max_length: int):
@@ -311,29 +341,33 @@ def observe_dense_streamed(
     progress: bool = True,
     desc: str = "calibrate",
     reader: ByteReader | None = None,
+    shard: World = SINGLE,
+    share_layers: bool = False,
 ):
     """:func:`observe_dense`, :func:`weight_norms` and :func:`prompt_features` in one pass for a model larger
     than memory: the calibration batches and the prompt batches go through one decoder layer at a time
     (:class:`~premoe.core.streaming.LayerRunner`), each layer read once and freed. Returns ``(means with
     the weight norms, tokens, prompt features [N, L+1, D], run)``; ``run``: the largest layer held, the
-    bytes of hidden states spilled to disk and the bytes read."""
+    bytes of hidden states spilled to disk and the bytes read. Under torchrun (``shard``) each rank runs its
+    share of both kinds of batches, the sums are every rank's and the features this rank's;
+    ``share_layers``: one copy of each layer per node (:mod:`premoe.core.node_share`)."""
     from premoe.core.data import token_batches
+    from premoe.core.node_share import node_share
     from premoe.core.streaming import Batch, LayerRunner, make_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
+    batches = make_batches(shard.share(token_batches(tok, texts, batch_size, max_length, False)), pad)
     n_cal = len(batches)
     tokens = sum(int(b.counted.sum()) for b in batches)
-    if tokens == 0:
-        raise InputError("the tokenizer produced no tokens from the calibration data")
     weights = []  # [B, S, 1] per prompt batch
-    for ids, attn, m in prompt_batches(tok, prompts, batch_size, max_length):
+    for ids, attn, m in shard.share(prompt_batches(tok, prompts, batch_size, max_length)):
         batches.append(Batch(ids, attn, torch.zeros(ids.numel(), dtype=torch.bool)))  # no calibration token
         weights.append(m)
     own = reader is None
     reader = reader or ByteReader()
     model = skeleton(config_from_dict(info.raw_config, info.spec.name))
-    stream = LayerRunner(model, DenseFiller(info, reader, dtype), reader, device)
+    share = node_share(shard, share_layers, device)
+    stream = LayerRunner(model, DenseFiller(info, reader, dtype), reader, device, share=share)
     stats = ActivationStats(stream.model, info)
     stats.n = tokens
     norms: list[dict[str, torch.Tensor]] = []
@@ -361,11 +395,14 @@ def observe_dense_streamed(
         stats.close()
         if own:
             reader.close()
+    stats.reduce(shard)
+    if stats.n == 0:
+        raise InputError("the tokenizer produced no tokens from the calibration data")
     means = stats.means()
     means.update({k: torch.stack([n[k] for n in norms]) for k in norms[0]})
     per = [torch.nn.functional.normalize(torch.stack(f, dim=1), dim=-1) for f in feats]  # [B, L+1, D]
     run["bytes_read"] = reader.bytes_read
-    return means, tokens, torch.cat(per) if per else torch.zeros(0, 0, info.hidden), run
+    return means, stats.n, torch.cat(per) if per else torch.zeros(0, 0, info.hidden), run
 
 
 def calibrate_dense(
@@ -386,17 +423,29 @@ def calibrate_dense(
     directory). The statistics are the same either way.
     """
     from premoe.core.config import load_tokenizer, resolve_dtype
+    from premoe.core.distributed import agree, local_device, world
     from premoe.core.memory import memory_budget
     from premoe.core.streaming import activation_bytes, choose_stream, hidden_room
     from premoe.dense.model import load_dense
 
     check_task_name(task)
+    w = world()
     n_samples = cal.samples
-    batch_size, max_length, progress = run.batch_size, run.max_length, run.progress
-    device, dtype, offload_dir = run.device, run.dtype, memory.offload_dir
+    batch_size, max_length, progress = run.batch_size, run.max_length, run.progress and w.main
+    device, dtype, offload_dir = local_device(run.device, w), run.dtype, memory.offload_dir
     info = model if isinstance(model, DenseInfo) else inspect_dense(model)
     st = PatternStore(store)
     st.check_new_task(info.fingerprint, task, overwrite)
+    agree(
+        {
+            "model": info.fingerprint.to_dict(),
+            "data": cal.sha256,
+            "task": task,
+            "options": [batch_size, max_length, dtype, repr(memory.stream), memory.share_layers],
+        },
+        w,
+        "calibrate",
+    )
     budget = memory_budget(memory.max_memory)
     dt = resolve_dtype(dtype)
     dt = None if dt == "auto" else dt
@@ -405,7 +454,7 @@ def calibrate_dense(
         len(tok(r.text, truncation=True, max_length=max_length)["input_ids"]) for r in cal.records()
     )  # the real batch shape, not the cap
     sizes, act = dense_sizes(info, dt), activation_bytes(info, batch_size, longest)
-    use_stream = choose_stream(sizes, act, budget, memory.stream)
+    use_stream = choose_stream(sizes, act, budget, True if memory.share_layers else memory.stream)
     texts, prompts = (r.text for r in cal.records()), [r.prompt for r in cal.records()]
     if use_stream:
         means, tokens, feats, _ = observe_dense_streamed(
@@ -421,6 +470,8 @@ def calibrate_dense(
             offload_dir=None if offload_dir is None else str(offload_dir),
             progress=progress,
             desc=f"calibrate {task} (streamed)",
+            shard=w,
+            share_layers=memory.share_layers,
         )
     else:
         _, lm, _ = load_dense(info.path, device=resolve_device(device), dtype=dtype)
@@ -431,13 +482,15 @@ def calibrate_dense(
             texts,
             batch_size=batch_size,
             max_length=max_length,
-            total=n_samples,
+            total=-(-n_samples // w.size),
             progress=progress,
             desc=f"calibrate {task}",
+            shard=w,
         )
         means.update(weight_norms(lm, info))
-        feats = prompt_features(lm, info, tok, prompts, batch_size=batch_size, max_length=max_length)
-    signature = {"prompt.hidden": feats.mean(0)}  # [L+1, D] centroid per depth
+        feats = prompt_features(lm, info, tok, prompts, batch_size=batch_size, max_length=max_length, shard=w)
+    key, n_prompts = centroid(feats, w)
+    signature = {"prompt.hidden": key}  # [L+1, D] centroid per depth
     pattern = TaskPattern(
         name=task,
         layers=[],
@@ -450,11 +503,12 @@ def calibrate_dense(
             "scorer": "seap",
             "params": {"max_length": max_length},
             "data": cal.describe(),
-            "signature": {"layers": info.num_layers, "prompts": len(feats)},
+            "signature": {"layers": info.num_layers, "prompts": n_prompts},
             "streamed": use_stream,
         },
         signature=signature,
     )
-    st.add(pattern, info.fingerprint, overwrite=overwrite)
-    log.info("calibrated %s (dense): %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
+    if w.main:  # rank 0 writes; every rank holds the same reduced statistics
+        st.add(pattern, info.fingerprint, overwrite=overwrite)
+        log.info("calibrated %s (dense): %d samples, %d tokens -> %s", task, n_samples, tokens, st.path)
     return pattern

@@ -67,10 +67,15 @@ class DenseKind:
         refit: RefitOptions,
         progress: bool,
         seed: int = 0,
+        shard: Any = None,
     ) -> DensePlan:
+        from premoe.core.distributed import SINGLE
         from premoe.dense.patterns import dense_plan
 
-        return dense_plan(info, store, task, selection, agnostic=agnostic, refit=refit, seed=seed, progress=progress)
+        return dense_plan(
+            info, store, task, selection, agnostic=agnostic, refit=refit, seed=seed, progress=progress,
+            shard=shard or SINGLE,
+        )  # fmt: skip
 
     def export(self, info: DenseInfo, plan: DensePlan, out: Path, *, overwrite: bool, verify: bool, progress: bool):
         from premoe.dense.export import export_dense

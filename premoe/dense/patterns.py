@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from premoe.core.checkpoint import ByteReader
+from premoe.core.distributed import SINGLE, World
 from premoe.core.options import RefitOptions
 from premoe.core.store import PatternStore
 from premoe.dense.model import DenseInfo, DensePlan, reader_getter
@@ -70,6 +71,7 @@ def dense_plan(
     seed: int = 0,
     reader: ByteReader | None = None,
     progress: bool = True,
+    shard: World = SINGLE,
 ) -> DensePlan:
     """The plan of ``task`` (or of all tasks pooled) for ``selection`` (a float: that sparsity with SEAP),
     counted as ``premoe prune`` writes it (``written``; a task server, which holds the plan itself
@@ -134,6 +136,7 @@ def dense_plan(
                     max_length=max_length,
                     progress=progress,
                     reader=reader,
+                    shard=shard,
                 )
             except UnsupportedModelError as e:  # a model that cannot run layer by layer
                 if not auto:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from premoe.core.checkpoint import TORCH_DTYPES
+from premoe.core.distributed import SINGLE, World, sum_int, sum_to_main
 from premoe.dense.model import DenseInfo, DensePlan
 from premoe.errors import InputError
 
@@ -134,7 +135,7 @@ class GramCollector:
         self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self._hooks: dict[int, list] = {}
 
-    def attach(self, layer: int, module: torch.nn.Module) -> None:
+    def attach(self, layer: int, module: torch.nn.Module, shard: World = SINGLE) -> None:
         spec = self.info.spec
         hooks = []
         for site, mod in (
@@ -142,6 +143,9 @@ class GramCollector:
             ("down", getattr(getattr(module, spec.mlp), spec.down)),
         ):
             hooks.append(mod.register_forward_pre_hook(self._hook(layer, site)))
+            if shard.parallel:  # every rank has every sum to add, tokens of this layer or not
+                n = mod.weight.shape[1] + 1
+                self.sums.setdefault(layer, {})[site] = torch.zeros(n, n, dtype=torch.float64, device=mod.weight.device)
         self._hooks[layer] = hooks
 
     def _hook(self, layer: int, site: str):
@@ -159,12 +163,18 @@ class GramCollector:
 
         return hook
 
-    def take(self, layer: int) -> Grams:
-        """The layer's normalised Gram matrices (its hooks removed, its sums dropped)."""
+    def take(self, layer: int, shard: World = SINGLE) -> Grams | None:
+        """The layer's normalised Gram matrices (its hooks removed, its sums dropped). Under torchrun
+        (``shard``) every rank's sums, added in rank order on rank 0 (``None`` on the other ranks)."""
         for h in self._hooks.pop(layer, []):
             h.remove()
         per = self.sums.pop(layer, None)
-        if per is None or set(per) != set(SITES):
+        if shard.parallel:
+            summed = {s: sum_to_main(per[s], shard, "the re-fit's Gram reduction") for s in SITES}
+            if not shard.main:
+                return None
+            per = summed
+        if per is None or set(per) != set(SITES) or float(per["o"][-1, -1]) == 0:
             raise InputError("the refit data produced no tokens; check `refit_data`")
         # normalised, then held in float32 (half the memory; the solve runs in float64 on the kept block)
         return {s: g.div_(g[-1, -1].clone()).to("cpu", torch.float32) for s, g in per.items()}
@@ -190,9 +200,13 @@ def stream_grams(
     offload_dir: str | None = None,
     progress: bool = True,
     reader=None,
+    shard: World = SINGLE,
 ) -> dict[str, int]:
     """Every decoder layer's Gram matrices over ``sources`` (lists of texts, each weighted equally),
-    one layer at a time: ``on_layer(layer, grams)`` gets them as soon as the layer is done."""
+    one layer at a time: ``on_layer(layer, grams)`` gets them as soon as the layer is done.
+
+    Under torchrun (``shard``) each rank runs its share of each source's batches (batch ``b`` of a source on
+    rank ``b mod N``), the sums are added in rank order on rank 0, and only rank 0 calls ``on_layer``."""
     from premoe.core.checkpoint import ByteReader
     from premoe.core.config import config_from_dict, skeleton
     from premoe.core.data import token_batches
@@ -202,8 +216,8 @@ def stream_grams(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches, weights = [], []
     for texts in sources:
-        part = make_batches(token_batches(tok, texts, batch_size, max_length, False), pad)
-        tokens = sum(int(b.counted.sum()) for b in part)
+        part = make_batches(shard.share(token_batches(tok, texts, batch_size, max_length, False)), pad)
+        tokens = sum_int(sum(int(b.counted.sum()) for b in part), shard, "the re-fit's token count")
         if tokens == 0:
             raise InputError("the refit data produced no tokens; check `refit_data`")
         batches += part
@@ -217,16 +231,20 @@ def stream_grams(
     def before(b: int) -> None:
         grams.mask, grams.weight = batches[b].counted, weights[b]
 
+    def done(i: int, grams_of: Grams | None) -> None:
+        if grams_of is not None:  # rank 0
+            on_layer(i, grams_of)
+
     def built(i: int, layer: torch.nn.Module) -> None:
         if i > 0:
-            on_layer(i - 1, grams.take(i - 1))
-        grams.attach(i, layer)
+            done(i - 1, grams.take(i - 1, shard))
+        grams.attach(i, layer, shard)
 
     try:
         run = runner.run(
             batches, hidden_budget, before, progress=progress, desc="refit", offload_dir=offload_dir, built=built
         )
-        on_layer(info.num_layers - 1, grams.take(info.num_layers - 1))
+        done(info.num_layers - 1, grams.take(info.num_layers - 1, shard))
     finally:
         grams.close()
         if own:
@@ -248,9 +266,11 @@ def refit(
     device: torch.device | None = None,
     progress: bool = True,
     reader=None,
+    shard: World = SINGLE,
 ) -> DensePlan:
     """Re-fit every layer of ``plan`` on ``sources`` (streamed: one layer's Gram matrices in memory at a
-    time, hidden states past the machine's memory budget spilled to disk); returns ``plan``."""
+    time, hidden states past the machine's memory budget spilled to disk); returns ``plan``. Under torchrun
+    (``shard``) the pass is shared and rank 0 solves: only its plan is re-fitted."""
     from premoe.core.memory import memory_budget
     from premoe.core.streaming import activation_bytes, hidden_room
     from premoe.dense.calibration import dense_sizes
@@ -273,6 +293,7 @@ def refit(
         device=device,
         progress=progress,
         reader=reader,
+        shard=shard,
     )
     plan.info["bias_comp"] = False  # the fitted bias already holds the removed inputs' mean contribution
     plan.info["refit"] = {"data": about, "bias": fit_bias, "ridge": RIDGE}

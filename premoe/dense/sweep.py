@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import CalibrationData, write_jsonl
+from premoe.core.data import CalibrationData, samples_digest, write_jsonl
+from premoe.core.distributed import agree, broadcast, world
 from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import RunOptions
-from premoe.core.store import PatternStore
 from premoe.dense.calibration import calibrate_dense
 from premoe.dense.model import DenseInfo, load_dense, prune_in_memory
 from premoe.dense.options import DenseSweep
@@ -64,10 +65,25 @@ def sweep_dense(
     model = info.path
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    w = world()
+    progress = progress and w.main
     sparsities = [float(s) for s in (opts.sparsities or DEFAULT_SPARSITIES)]
     methods = list(opts.methods or METHODS)
-    data = out / "data"
+    if w.parallel:  # data-parallel: every rank sweeps the same model, samples and options
+        agree(
+            {
+                "model": info.fingerprint.to_dict(),
+                "tasks": {n: [samples_digest(c), samples_digest(e)] for n, (c, e) in tasks.items()},
+                "options": [repr(opts), variants],
+            },
+            w,
+            "sweep",
+        )
+    # rank 0 writes; the other ranks keep their copies of the data files in a temporary directory
+    scratch = None if w.main else tempfile.TemporaryDirectory(prefix="premoe-sweep-rank-")
+    if scratch is None:
+        out.mkdir(parents=True, exist_ok=True)
+    data = out / "data" if scratch is None else Path(scratch.name)
     data.mkdir(exist_ok=True)
     files = {}
     for name, (calib, ev) in tasks.items():
@@ -75,21 +91,24 @@ def sweep_dense(
             write_jsonl(data / f"{name}.calib.jsonl", calib) if isinstance(calib, list) else Path(calib),
             write_jsonl(data / f"{name}.eval.jsonl", ev) if isinstance(ev, list) else Path(ev),
         ]
-    store = out / "store"
-    for name, (calib, _) in files.items():
-        calibrate_dense(
-            info, CalibrationData.open(calib), name, store, run=RunOptions(progress=progress), overwrite=True
+    store = out / "store" if scratch is None else data / "store"
+    stats = {}
+    for name, (calib, _) in files.items():  # under torchrun data-parallel; every rank gets the same statistics
+        stats[name] = (
+            calibrate_dense(
+                info, CalibrationData.open(calib), name, store, run=RunOptions(progress=progress), overwrite=True
+            )
+            .as_stored()
+            .means
         )
     info, lm, tok = load_dense(model, device="cpu", dtype=torch.float32)
-    st = PatternStore.open(store)
-    stats = {n: st.load(n).means for n in files}
     pool = pooled(list(stats.values()))
     evals = {n: _read(files[n][1]) for n in files}
-    dense = {n: exact_match(lm, tok, evals[n], progress=False) for n in files}
+    dense = {n: exact_match(lm, tok, evals[n], progress=False, shard=w) for n in files}
 
     def nll(net, name: str) -> tuple[float, int]:
         """The NLL of the task's held-out completions given their prompts (sum over tokens, tokens)."""
-        got = perplexity(net, tok, [(r["prompt"], r["completion"]) for r in evals[name]], progress=False)
+        got = perplexity(net, tok, [(r["prompt"], r["completion"]) for r in evals[name]], progress=False, shard=w)
         return got["nll"] * got["tokens"], got["tokens"]
 
     dense_nll = {n: nll(lm, n) for n in files}
@@ -98,8 +117,8 @@ def sweep_dense(
         for name in files:
             per: dict = {}
             texts = [r.text for r in CalibrationData.open(files[name][0]).records()]
-            stream_grams(info, tok, [texts], per.__setitem__, progress=False)
-            grams[name] = per
+            stream_grams(info, tok, [texts], per.__setitem__, progress=False, shard=w)
+            grams[name] = _broadcast_grams(info, per, w)
         grams[None] = pool_grams([grams[n] for n in files])
     weights = {}
 
@@ -144,7 +163,7 @@ def sweep_dense(
             for name in files:
                 plan = plan_for(method, s, name, fit)
                 net = prune_in_memory(lm, info, plan)
-                acc = exact_match(net, tok, evals[name], progress=False)
+                acc = exact_match(net, tok, evals[name], progress=False, shard=w)
                 loss, ntok = nll(net, name)
                 rows.append(
                     {
@@ -181,7 +200,8 @@ def sweep_dense(
                 }
             )
     routed = lambda m, s, name: plan_for(m, s, name, variants[-1])  # noqa: E731 - SEAP as premoe prunes it (re-fitted when on)
-    routing = _routing(info, store, evals, lm, tok, sparsities, routed) if len(files) > 1 else None
+    # routing reads the store rank 0 wrote: rank 0 measures it alone
+    routing = _routing(info, store, evals, lm, tok, sparsities, routed) if len(files) > 1 and w.main else None
     if routing:
         routing["method"] = "seap" + ("+refit" if variants[-1] else "")
     result = {
@@ -203,6 +223,9 @@ def sweep_dense(
         "seconds": time.perf_counter() - t0,
         **(about or {}),
     }
+    if scratch is not None:
+        scratch.cleanup()
+        return result
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -210,6 +233,20 @@ def sweep_dense(
         w.writerows(rows)
     result["pictures"] = _plot(out, result)
     return result
+
+
+def _broadcast_grams(info: DenseInfo, grams: dict, w) -> dict:
+    """Rank 0's Gram matrices of every layer (what :func:`stream_grams` hands rank 0 alone) on every rank."""
+    if not w.parallel:
+        return grams
+    width = {"o": info.heads * info.head_dim + 1, "down": info.intermediate + 1}
+    return {
+        layer: {
+            site: broadcast(grams[layer][site] if w.main else torch.zeros(n, n), w, "the Gram matrices' broadcast")
+            for site, n in width.items()
+        }
+        for layer in range(info.num_layers)
+    }
 
 
 def _read(path: Path) -> list[dict]:

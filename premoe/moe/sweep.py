@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.config import load_tokenizer
-from premoe.core.data import CalibrationData, write_jsonl
+from premoe.core.data import CalibrationData, samples_digest, write_jsonl
 from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.errors import InputError
@@ -104,7 +104,7 @@ def sweep(
         agree(
             {
                 "model": info.fingerprint.to_dict(),
-                "tasks": {n: [_digest(c), _digest(e)] for n, (c, e) in tasks.items()},
+                "tasks": {n: [samples_digest(c), samples_digest(e)] for n, (c, e) in tasks.items()},
                 "options": [repr(opts), variants, repr(memory.stream), in_memory],
             },
             w,
@@ -242,17 +242,6 @@ def sweep(
     kept = {n: plan_from_pattern(info, p, max(K, min(E, overlap_keep))).kept for n, p in patterns.items()}
     result["pictures"] = plot(out, result, importance, kept, max(K, min(E, overlap_keep)), info.moe_layers)
     return result
-
-
-def _digest(rows_or_path) -> str:
-    """A digest of a task's samples: a file's bytes, or the rows themselves."""
-    import hashlib
-
-    from premoe.core.distributed import digest
-
-    if isinstance(rows_or_path, (str, Path)):
-        return hashlib.sha256(Path(rows_or_path).read_bytes()).hexdigest()
-    return digest(list(rows_or_path))
 
 
 def _rows(rows_or_path) -> list[dict]:

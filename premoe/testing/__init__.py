@@ -7,6 +7,7 @@
 """
 
 from premoe.testing.builders import (
+    bpe_tokenizer,
     build_dense_family,
     build_dense_model,
     build_family,
@@ -55,6 +56,7 @@ __all__ = [
     "dense_variant",
     "build_family",
     "build_model",
+    "bpe_tokenizer",
     "build_dense_model",
     "build_dense_family",
     "config_hidden",

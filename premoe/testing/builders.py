@@ -20,12 +20,13 @@ def build_family(name: str, path: Path, seed: int = 0) -> Path:
     return save_model(model, tok, Path(path), variant)
 
 
-def build_model(model_type: str, overrides: dict, seed: int = 0, variant: Variant | None = None):
-    """A tiny random MoE model of ``model_type`` and the char tokenizer. ``variant`` (default: the family's
-    config defaults) sets the head tying and bias flags; :func:`save_model` applies its storage."""
+def build_model(model_type: str, overrides: dict, seed: int = 0, variant: Variant | None = None, tokenizer=None):
+    """A tiny random MoE model of ``model_type`` and the char tokenizer (or ``tokenizer``: the vocabulary is its
+    size). ``variant`` (default: the family's config defaults) sets the head tying and bias flags;
+    :func:`save_model` applies its storage."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    tok = char_tokenizer()
+    tok = tokenizer or char_tokenizer()
     config = CONFIG_MAPPING[model_type](
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
@@ -52,6 +53,29 @@ def build_model(model_type: str, overrides: dict, seed: int = 0, variant: Varian
                 elif t.is_floating_point():
                     t.normal_(0, 0.5)  # router biases
     return model, tok
+
+
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer, BOS added), trained on the built-in tasks' samples: the
+    kind of tokenizer llama.cpp's converter reads (merges and all), unlike the char tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from premoe.core.tasks import TASKS, samples
+
+    texts = [r["prompt"] + r["completion"] for t in TASKS for r in samples(t, 200, "calib")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def build_dense_model(

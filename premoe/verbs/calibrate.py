@@ -67,9 +67,7 @@ def calibrate(
             model...), before any model weights are loaded.
     """
     from premoe.core.data import CalibrationData
-    from premoe.core.distributed import world
     from premoe.core.store import check_task_name
-    from premoe.errors import InputError
     from premoe.kinds import check_options, kind_of
 
     check_task_name(task)
@@ -79,8 +77,6 @@ def calibrate(
     cal = CalibrationData.open(data, max_samples)
     backend = kind_of(model)
     check_options(backend, "calibrate", run, memory, calibration)
-    if world().parallel and backend.name != "moe":
-        raise InputError(f"{backend.label} calibration does not run data-parallel yet; run it without torchrun")
     return backend.calibrate(
         model, cal, task, store, run=run, memory=memory, calibration=calibration, overwrite=overwrite
     )
@@ -113,15 +109,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from premoe.core.distributed import world
-    from premoe.errors import InputError
+    from premoe.core.distributed import barrier, world
     from premoe.kinds import check_options, kind_of
     from premoe.verbs.refit import print_refits
 
     t0 = time.perf_counter()
     w = world()
-    if args.refit_keep and w.parallel:
-        raise InputError("`refit_keep` does not run data-parallel yet; run `premoe refit` as one process afterwards")
     if args.refit_keep:  # refuse what the re-fit would refuse before spending a calibration
         backend = kind_of(args.model)
         check_options(backend, "refit")
@@ -131,5 +124,6 @@ def run(args) -> int:
         ranks = f" ({w.size} data-parallel ranks)" if w.parallel else ""
         print(f"{pattern.summary()} -> {args.store} in {time.perf_counter() - t0:.1f}s{ranks}")
     if args.refit_keep:
+        barrier(w, "the store's hand-over")  # rank 0 has written the task: every rank re-fits from the store
         print_refits(args.model, args.store, args.refit_keep, tasks=[pattern.name], progress=not args.quiet)
     return 0

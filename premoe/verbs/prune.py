@@ -148,8 +148,6 @@ def prune(
     w = world()
     extra = {"quantize": quant} if quant.quantize else {}
     if w.parallel:  # the re-fit's pass runs data-parallel; rank 0 solves and writes the export
-        if backend.name != "moe":
-            raise InputError(f"{backend.label} pruning does not run data-parallel yet; run it without torchrun")
         chosen = select(backend, *selections)
         agree({"model": info.fingerprint.to_dict(), "options": repr([chosen, fit, quant, task, agnostic, verify]),
                "data": [str(d) for d in fit.refit_data]}, w, "prune")  # fmt: skip

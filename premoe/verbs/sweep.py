@@ -57,7 +57,6 @@ def sweep(
         summary table.
     """
     from premoe.assets import TINY_MODEL
-    from premoe.core.distributed import world
     from premoe.core.tasks import suite
     from premoe.kinds import check_options, kind_of, select
 
@@ -73,8 +72,6 @@ def sweep(
         DenseSweep(tuple(sparsities or ()), tuple(methods or ()), schedule, count),
     )
     check_options(backend, "sweep", memory, *opts)
-    if world().parallel and backend.name != "moe":
-        raise InputError(f"{backend.label} sweeps do not run data-parallel yet; run it without torchrun")
     about = {"model": label, "calib_samples": calib_samples, "eval_samples": eval_samples}
     return backend.sweep(
         Path(out),
