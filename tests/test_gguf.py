@@ -64,7 +64,7 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 path, requests = sys.argv[1], json.loads(sys.argv[2])
-llm = Llama(model_path=path, n_ctx=256, n_threads=1, n_batch=256, logits_all=True, verbose=False, seed=0)
+llm = Llama(model_path=path, n_ctx=0, n_threads=1, n_batch=128, logits_all=True, verbose=False, seed=0)
 out = []
 for text, ids, n in requests:
     llm.reset()
@@ -82,9 +82,14 @@ print(json.dumps({"runs": out, "metadata": llm.metadata}))
 CASES = {  # family, the source's quantisation, `prune --quantize`
     "mixtral-bf16": ("mixtral", None, None),
     "qwen3_moe-bf16": ("qwen3_moe", None, None),
-    "deepseek_v3-fp8": ("deepseek_v3", "fp8", None),
+    "qwen3_moe-fp8": ("qwen3_moe", "fp8", None),
     "qwen3_moe-w4a16": ("qwen3_moe", None, "w4a16"),
+    "deepseek_v3-fp8": ("deepseek_v3", "fp8", None),
 }
+# llama.cpp's DeepSeek-V3 (MLA) and transformers' disagree by about 2% of the logits' scale on the unpruned tiny
+# model already: for it, the pruned export must add no disagreement of its own (its gap at most the source's, with
+# margin), and the greedy answers are not compared.
+SOURCE_GAP = {"deepseek_v3"}
 NEW_TOKENS = 12
 
 
@@ -130,31 +135,47 @@ def test_pruned_export_runs_in_llama_cpp_like_transformers(case, tmp_path):
     export = tmp_path / "pruned"
     extra = {"quantize": quantize, "quantize_group": 16} if quantize else {}
     premoe.prune(src, tmp_path / "store", task="t", keep=experts // 2, out=export, progress=False, **extra)
-    gguf = tmp_path / "pruned.gguf"
-    conv = subprocess.run(
-        [LLAMA_PYTHON, "-c", CONVERT, str(Path(LLAMA_CPP) / "convert_hf_to_gguf.py"), str(export), "--outtype", "f32",
-         "--outfile", str(gguf)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert conv.returncode == 0, conv.stderr[-3000:]
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(export)
     texts = [r["prompt"] for r in samples("add", 3, "eval") + samples("sort", 3, "eval")]
     prompts = [tok(t)["input_ids"] for t in texts]
+    meta, llama = in_llama_cpp(export, tmp_path / "pruned.gguf", texts, prompts)
+    arch = meta["general.architecture"]
+    assert int(meta[f"{arch}.expert_count"]) == experts // 2  # the pruned geometry, read from premoe's config
+    want = transformers_greedy(export, bool(quant or quantize), prompts)
+    gap = max(float((torch.tensor(got["first"]) - first).abs().max()) for got, (_, first) in zip(llama, want))
+    for text, got in zip(texts, llama):
+        assert got["tokens"] == tok(text, add_special_tokens=False)["input_ids"], text
+    if name in SOURCE_GAP:  # the source's own gap between llama.cpp and transformers
+        _, dense = in_llama_cpp(src, tmp_path / "source.gguf", texts, prompts)
+        ref = transformers_greedy(src, bool(quant), prompts)
+        source_gap = max(float((torch.tensor(got["first"]) - first).abs().max()) for got, (_, first) in zip(dense, ref))
+        same = sum(got["greedy"] == greedy for got, (greedy, _) in zip(llama, want))
+        print(f"\n{case}: max logit gap {gap:.1e} (source's {source_gap:.1e}), greedy equal {same}/{len(texts)}")
+        assert gap <= 2 * source_gap + 1e-3, (gap, source_gap)
+        return
+    scale = max(float(first.abs().max()) for _, first in want)
+    print(f"\n{case}: max logit gap {gap:.1e} (logits up to {scale:.2f}), {len(texts)} prompts x {NEW_TOKENS} tokens")
+    assert gap <= 1e-3 * max(1.0, scale), gap
+    for text, got, (greedy, _) in zip(texts, llama, want):
+        assert got["greedy"] == greedy, text
+
+
+def in_llama_cpp(model: Path, gguf: Path, texts: list[str], prompts: list[list[int]]) -> tuple[dict, list[dict]]:
+    """``model`` converted by llama.cpp's converter to a float32 GGUF and run there: its metadata, and per prompt
+    llama.cpp's tokens of the text, the next-token logits and the greedy continuation."""
+    conv = subprocess.run(
+        [LLAMA_PYTHON, "-c", CONVERT, str(Path(LLAMA_CPP) / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
+         "--outfile", str(gguf)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-3000:]
     run = subprocess.run(
         [LLAMA_PYTHON, "-c", RUN, str(gguf), json.dumps([[t, ids, NEW_TOKENS] for t, ids in zip(texts, prompts)])],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    got_all = json.loads(run.stdout.strip().splitlines()[-1])
-    meta, llama = got_all["metadata"], got_all["runs"]
-    arch = meta["general.architecture"]
-    assert int(meta[f"{arch}.expert_count"]) == experts // 2  # the pruned geometry, read from premoe's config
-    want = transformers_greedy(export, bool(quant or quantize), prompts)
-    for text, ids, got, (greedy, first) in zip(texts, prompts, llama, want):
-        assert got["tokens"] == tok(text, add_special_tokens=False)["input_ids"], text
-        logits = torch.tensor(got["first"][: first.numel()])
-        assert float((logits - first).abs().max()) <= 1e-3 * max(1.0, float(first.abs().max())), text
-        assert got["greedy"] == greedy, text
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    return got["metadata"], got["runs"]

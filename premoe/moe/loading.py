@@ -52,10 +52,11 @@ def load_model(
         # from byte ranges, dequantising one tensor at a time
         from premoe.moe.selective import ByteReader, build_model
 
-        with ByteReader() as reader:
-            model = build_model(info, None, reader)
         dt = resolve_dtype(dtype)
-        model.to(device=dev, dtype=None if dt == "auto" else dt)
+        dt = None if dt == "auto" else dt
+        with ByteReader() as reader:  # dequantised straight to the dtype asked for, not through the stored one
+            model = build_model(info, None, reader, dtype=dt)
+        model.to(device=dev, dtype=dt)
     else:
         kwargs: dict[str, Any] = {}
         if dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
