@@ -3,12 +3,17 @@ its row's variant (tied or untied head, bias flags, sharded or one file, storage
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from premoe.core.data import write_jsonl
 from premoe.testing import FAMILIES, TWO_TASKS, build_family, build_model, family_variant, save_model  # noqa: F401  (re-exported)
+
+# A server holding quantised weights tunes glibc for the whole process (premoe.core.memory.release_freed_blocks):
+# faster tests keep its default.
+os.environ.setdefault("PREMOE_KEEP_HEAP", "1")
 
 
 @pytest.fixture(scope="session")

@@ -695,3 +695,24 @@ def test_asymmetric_weights_without_their_zero_points_are_refused(quantized, tmp
     with pytest.raises(CheckpointError, match="has no zero beside it") as err:
         inspect_model(d)
     assert "\n" not in str(err.value)
+
+
+def test_holding_weights_as_stored_hands_large_freed_blocks_back(monkeypatch):
+    """The process-wide glibc setting a server holding quantised weights makes: once, and not with
+    PREMOE_KEEP_HEAP=1 (what this suite runs with)."""
+    import premoe.core.memory as memory
+
+    calls = []
+
+    class Libc:
+        def __init__(self):
+            self.mallopt = lambda *a: calls.append(a)
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: Libc())
+    monkeypatch.setattr(memory, "_RELEASING", False)
+    memory.release_freed_blocks()
+    assert calls == []  # PREMOE_KEEP_HEAP=1
+    monkeypatch.delenv("PREMOE_KEEP_HEAP")
+    memory.release_freed_blocks()
+    memory.release_freed_blocks()
+    assert calls == [(-3, memory.MMAP_FROM), (-1, 0)]

@@ -1,4 +1,6 @@
 """Experts held as the checkpoint stores them: quantised in memory, dequantised one expert at a time on use.
+The quantised checkpoint's other linear weights (attention, dense MLPs, shared experts) are held the same way,
+each dequantised whole for its module's forward (:class:`HeldWeight`).
 
 A quantised checkpoint's (FP8, MXFP4) kept experts would take about twice their stored bytes once
 dequantised to bf16. :class:`HeldExperts` stands in for one fused expert tensor of transformers' experts
@@ -171,6 +173,30 @@ def held_tensor(mat, name: str, slots: list[int], shape: tuple[int, ...], given,
     return HeldExperts(mat.info.quant, parts, tuple(shape), mat.dtype, bool(mat.info.spec.packed_transposed))
 
 
+class HeldWeight(HeldExperts):
+    """A quantised checkpoint's linear weight (attention, dense MLP, shared experts) held as stored: one row of
+    a :class:`HeldExperts` of shape ``(1, out, in)``, dequantised whole for each forward of its module and
+    dropped after it (:func:`hold_linear`)."""
+
+    def whole(self) -> torch.Tensor:
+        return self[0]
+
+
+def hold_linear(module: nn.Module, held: HeldWeight) -> None:
+    """Hold ``module``'s (an ``nn.Linear``) weight as stored: the forward sees it dequantised, and between forwards
+    only the stored bytes stay. Costs one dequantisation per call, as held experts do."""
+    install(module, "weight", held)
+
+    def before(mod, args):
+        mod.__dict__["weight"] = held.whole()
+
+    def after(mod, args, out):
+        mod.__dict__["weight"] = held
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
 def install(module: nn.Module, leaf: str, held: HeldExperts) -> None:
     """Put ``held`` where ``module`` has the parameter ``leaf`` (the parameter goes)."""
     module._parameters.pop(leaf, None)
@@ -202,5 +228,6 @@ def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {id(m): n for n, m in model.named_modules()}
     for mod, leaf, held in held_tensors(model):
         prefix = names[id(mod)]
-        out[f"{prefix}.{leaf}" if prefix else leaf] = torch.stack([held[e] for e in range(len(held))])
+        whole = held.whole() if isinstance(held, HeldWeight) else torch.stack([held[e] for e in range(len(held))])
+        out[f"{prefix}.{leaf}" if prefix else leaf] = whole
     return out

@@ -23,7 +23,7 @@ from premoe.core.config import config_from_dict, skeleton
 from premoe.core.modules import backbone, finish_buffers, set_tensor
 from premoe.errors import CheckpointError, UnsupportedModelError
 from premoe.moe.arch import find_moe_layers
-from premoe.moe.held import HeldExperts, held_tensor, install, stored_part
+from premoe.moe.held import HeldExperts, HeldPart, HeldWeight, held_tensor, hold_linear, install, stored_part
 from premoe.moe.kernels import select_kernel
 from premoe.moe.layout import Source
 from premoe.moe.model import ModelInfo
@@ -281,6 +281,27 @@ class Materializer:
 
         return held_tensor(self, name, slots, shape, given)
 
+    def held_weight(self, name: str, shape: tuple[int, ...]) -> HeldWeight | None:
+        """The plain quantised tensor ``name`` (a linear weight outside the routed experts) held as stored, or
+        ``None`` where it is not one (not quantised, an expert or router tensor, converted by transformers)."""
+        src = self.info.layout.sources.get(name)
+        if (
+            src is None
+            or src.kind != "plain"
+            or src.key not in src.scales
+            or name in self.router_names
+            or name in self.expert_names
+        ):
+            return None
+        kinds = self.info.quant.dequant_companions
+        if any(k not in src.extras.get(src.key, {}) for k in kinds):
+            return None
+        value = self._read(src.key)
+        scale = self._read(src.scales[src.key])
+        extras = tuple(self._read(src.extras[src.key][k]) for k in kinds)
+        part = HeldPart(value[None], scale[None], tuple(x[None] for x in extras))
+        return HeldWeight(self.info.quant, [part], (1, *shape), self.dtype)
+
     def dtype_of(self, name: str) -> torch.dtype:
         src = self.info.layout.sources[name]
         key = src.key or next(iter(src.parts.values()), None) or src.keys[0][1]
@@ -385,6 +406,12 @@ class Materializer:
                 ):
                     continue  # tied to the input embeddings
                 self.expected[full] = tuple(t.shape)
+                if self.hold and leaf == "weight" and isinstance(mod, nn.Linear):
+                    weight = self.held_weight(full, tuple(t.shape))
+                    if weight is not None:  # a quantised linear weight: held as stored, dequantised per forward
+                        hold_linear(mod, weight)
+                        held += weight.nbytes
+                        continue
                 value = self.value(full)
                 if tuple(value.shape) != tuple(t.shape):
                     raise CheckpointError(

@@ -247,7 +247,11 @@ def _held_switch(mat, name, cur, ids, old_pos, mine, was, refit, layer, stats, d
 
 
 def move_loaded_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Move loaded tensors to ``device`` (floating parameters to ``dtype``); unloaded experts stay put."""
+    """Move loaded tensors to ``device`` (floating parameters to ``dtype``; held weights dequantise to it);
+    unloaded experts stay put."""
+    from premoe.moe.held import held_to_
+
+    held_to_(model, device, dtype)
     for mod in model.modules():
         for n, p in mod._parameters.items():
             if p is not None and not p.is_meta:
@@ -365,6 +369,10 @@ class TaskServer:
         self.patched: dict[int, set[int]] = {}
         self.refit_bytes = 0
         self.hold = hold and self.info.quant.quantized
+        if self.hold:
+            from premoe.core.memory import release_freed_blocks
+
+            release_freed_blocks()  # weights dequantised per call: their temporaries go back at once
         if self.hold and cache_bytes:
             log.warning("the expert cache is not used: a quantised checkpoint's experts are held as stored")
 
@@ -390,7 +398,9 @@ class TaskServer:
             return
         first = self.plan_for(self.retriever.names[0])  # any pattern: only its shapes are used here
         self.routers = read_routers(self.info, self.reader)
-        self.model = build_model(self.info, first, self.reader, routers=self.routers, defer_experts=True)
+        self.model = build_model(
+            self.info, first, self.reader, routers=self.routers, defer_experts=True, hold=self.hold
+        )  # held: the quantised attention and dense weights stay as stored too
         move_loaded_(self.model, self.device, self.dtype)
         select_kernel(self.model)
         full = {

@@ -190,6 +190,10 @@ def inference_model(
     sizes = resident_sizes(info, plan=plan)
     lazy = stream if stream is not None else not fits(sizes["total"], budget)
     if not lazy:
+        if hold and info.quant.quantized:
+            from premoe.core.memory import release_freed_blocks
+
+            release_freed_blocks()  # weights dequantised per call: their temporaries go back at once
         return build_model(info, plan, reader, dtype=dtype, refit=refit, hold=hold), False
     if sizes["largest_layer"] + sizes["outside"] > budget:
         raise InputError(
