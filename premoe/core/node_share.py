@@ -115,6 +115,16 @@ def publish(module: nn.Module, path: Path) -> None:
                         "shape": list(t.shape), "offset": seen[key]})  # fmt: skip
     t = None  # noqa: F841 - the last tensor's own copy can go once written
     tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # reserve the bytes first: writing a mapping past a full tmpfs would kill the process (SIGBUS)
+        os.posix_fallocate(fd, 0, max(offset, 1))
+    except OSError as e:
+        raise InputError(
+            f"`share_layers`: {path.parent} has no room for a {offset / 2**20:.0f} MB layer ({e.strerror}); set "
+            f"{DIR_ENV} to a larger tmpfs directory or drop `--share-layers`"
+        ) from None
+    finally:
+        os.close(fd)
     storage = torch.UntypedStorage.from_file(str(tmp), shared=True, nbytes=max(offset, 1))
     mods = dict(module.named_modules())
     for i, e in enumerate(entries):
