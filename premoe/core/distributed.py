@@ -281,3 +281,14 @@ def sum_to_main(t: torch.Tensor, w: World, what: str = "a reduction") -> torch.T
             dist.recv(buf, src=r)
             total += buf
     return total.to(t.device)
+
+
+def agree_on_tasks(model: dict, tasks: dict, options: Any, w: World, verb: str) -> None:
+    """:func:`agree` on a model fingerprint, tasks given as {name: (calibration, evaluation)} rows or files
+    (compared by digest) and options: what a data-parallel sweep checks before any work."""
+    if not w.parallel:
+        return
+    from premoe.core.data import samples_digest
+
+    digests = {n: [samples_digest(c), samples_digest(e)] for n, (c, e) in tasks.items()}
+    agree({"model": model, "tasks": digests, "options": options}, w, verb)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from premoe.core.checkpoint import ByteReader
 from premoe.core.config import config_from_dict, resolve_device, skeleton
 from premoe.core.data import CalibrationData
-from premoe.core.distributed import SINGLE, World, gather, sum_in_rank_order, sum_int
+from premoe.core.distributed import SINGLE, World, sum_in_rank_order, sum_int
 from premoe.core.modules import set_tensor
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.core.store import PatternStore, TaskPattern, check_task_name
@@ -218,16 +218,12 @@ def prompt_features(
     return torch.cat(feats) if feats else torch.zeros(0, 0, info.hidden)
 
 
-def centroid(feats: torch.Tensor, w: World = SINGLE) -> tuple[torch.Tensor, int]:
-    """The mean of every rank's prompt features ``feats`` [N_rank, K+1, D] (float64 sums added in rank order),
-    and how many prompts that is: a task's retrieval key."""
+def centroid(feats: torch.Tensor, shape: tuple[int, int], w: World = SINGLE) -> tuple[torch.Tensor, int]:
+    """The mean of every rank's prompt features ``feats`` [N_rank, K+1, D] (``shape`` = (K+1, D); float64 sums
+    added in rank order), and how many prompts that is: a task's retrieval key."""
     count = sum_int(len(feats), w, "the retrieval keys' reduction")
-    total = feats.double().sum(0) if len(feats) else None
-    if w.parallel:
-        shape = torch.tensor(list(total.shape) if total is not None else [0, 0], dtype=torch.int64)
-        shape = torch.stack(gather(shape, w, "the retrieval keys' reduction")).amax(0).tolist()
-        total = total if total is not None else torch.zeros(shape, dtype=torch.float64)
-        total = sum_in_rank_order(total, w, "the retrieval keys' reduction")
+    total = feats.double().sum(0) if len(feats) else torch.zeros(shape, dtype=torch.float64)
+    total = sum_in_rank_order(total, w, "the retrieval keys' reduction")
     if not count:
         return torch.zeros(0, 0), 0
     return (total / count).float(), count
@@ -359,6 +355,8 @@ def observe_dense_streamed(
     batches = make_batches(shard.share(token_batches(tok, texts, batch_size, max_length, False)), pad)
     n_cal = len(batches)
     tokens = sum(int(b.counted.sum()) for b in batches)
+    if sum_int(tokens, shard, "the calibration token count") == 0:  # before any layer is read
+        raise InputError("the tokenizer produced no tokens from the calibration data")
     weights = []  # [B, S, 1] per prompt batch
     for ids, attn, m in shard.share(prompt_batches(tok, prompts, batch_size, max_length)):
         batches.append(Batch(ids, attn, torch.zeros(ids.numel(), dtype=torch.bool)))  # no calibration token
@@ -396,8 +394,6 @@ def observe_dense_streamed(
         if own:
             reader.close()
     stats.reduce(shard)
-    if stats.n == 0:
-        raise InputError("the tokenizer produced no tokens from the calibration data")
     means = stats.means()
     means.update({k: torch.stack([n[k] for n in norms]) for k in norms[0]})
     per = [torch.nn.functional.normalize(torch.stack(f, dim=1), dim=-1) for f in feats]  # [B, L+1, D]
@@ -489,7 +485,7 @@ def calibrate_dense(
         )
         means.update(weight_norms(lm, info))
         feats = prompt_features(lm, info, tok, prompts, batch_size=batch_size, max_length=max_length, shard=w)
-    key, n_prompts = centroid(feats, w)
+    key, n_prompts = centroid(feats, (info.num_layers + 1, info.hidden), w)
     signature = {"prompt.hidden": key}  # [L+1, D] centroid per depth
     pattern = TaskPattern(
         name=task,

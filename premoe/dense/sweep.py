@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from premoe.core.data import CalibrationData, samples_digest, write_jsonl
-from premoe.core.distributed import agree, broadcast, world
+from premoe.core.data import CalibrationData, write_jsonl
+from premoe.core.distributed import agree_on_tasks, broadcast, world
 from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import RunOptions
 from premoe.dense.calibration import calibrate_dense
@@ -69,16 +69,8 @@ def sweep_dense(
     progress = progress and w.main
     sparsities = [float(s) for s in (opts.sparsities or DEFAULT_SPARSITIES)]
     methods = list(opts.methods or METHODS)
-    if w.parallel:  # data-parallel: every rank sweeps the same model, samples and options
-        agree(
-            {
-                "model": info.fingerprint.to_dict(),
-                "tasks": {n: [samples_digest(c), samples_digest(e)] for n, (c, e) in tasks.items()},
-                "options": [repr(opts), variants],
-            },
-            w,
-            "sweep",
-        )
+    # data-parallel: every rank sweeps the same model, samples and options
+    agree_on_tasks(info.fingerprint.to_dict(), tasks, [repr(opts), variants], w, "sweep")
     # rank 0 writes; the other ranks keep their copies of the data files in a temporary directory
     scratch = None if w.main else tempfile.TemporaryDirectory(prefix="premoe-sweep-rank-")
     if scratch is None:

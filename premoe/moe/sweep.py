@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from premoe.core.config import load_tokenizer
-from premoe.core.data import CalibrationData, samples_digest, write_jsonl
+from premoe.core.data import CalibrationData, write_jsonl
 from premoe.core.evaluation import exact_match, perplexity
 from premoe.core.options import MemoryOptions, RunOptions
 from premoe.errors import InputError
@@ -73,7 +73,7 @@ def sweep(
     """
     import tempfile
 
-    from premoe.core.distributed import agree, world
+    from premoe.core.distributed import agree_on_tasks, world
     from premoe.moe.compensate import COMPENSATIONS
 
     logging.getLogger("premoe").setLevel(logging.WARNING)
@@ -100,16 +100,10 @@ def sweep(
             "compensation `variants` in an MoE sweep need the model in memory (they change the experts "
             "they evaluate); drop `stream`/`max_memory` or use `variants=('plain',)`"
         )
-    if w.parallel:  # data-parallel: every rank sweeps the same model, samples and options
-        agree(
-            {
-                "model": info.fingerprint.to_dict(),
-                "tasks": {n: [samples_digest(c), samples_digest(e)] for n, (c, e) in tasks.items()},
-                "options": [repr(opts), variants, repr(memory.stream), in_memory],
-            },
-            w,
-            "sweep",
-        )
+    # data-parallel: every rank sweeps the same model, samples and options
+    agree_on_tasks(
+        info.fingerprint.to_dict(), tasks, [repr(opts), variants, repr(memory.stream), in_memory], w, "sweep"
+    )
     if w.main:  # rank 0 writes; the other ranks keep their copies of the calibration files in a temporary directory
         out.mkdir(parents=True, exist_ok=True)
     lm = load_model(model, device="cpu", dtype=torch.float32) if in_memory else None
