@@ -164,6 +164,51 @@ def test_mxfp4_quantiser_follows_openai_by_hand():
     assert (back - w).abs().max() <= w.abs().max() / 3
 
 
+def test_nvfp4_quantiser_follows_compressed_tensors_by_hand_and_byte_for_byte():
+    """global = 448 x 6 / max|w|; per 16 inputs an e4m3 scale of max|x| / 6 x global (zero -> 0.125); values
+    x / (scale / global), nearest FP4, ties to even; and the bytes compressed-tensors' own quantiser writes."""
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    from premoe.core.quant.mxfp4 import FP4_VALUES
+    from premoe.core.quant.nvfp4 import quantize_nvfp4
+
+    def values(packed):
+        return [FP4_VALUES[c] for c in torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).tolist()]
+
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -5.0, 5.5, 0.1, 4.5, 2.9, 0.0]
+    packed, scale, glob = quantize_nvfp4(torch.tensor([ties, [0.0] * 16]))  # amax 6: global 448, scale 448
+    assert glob.tolist() == [448.0] and scale.float().tolist() == [[448.0], [0.125]]  # a zero group: 0.125
+    assert values(packed[0]) == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -1.0, -4.0, 6.0, 0.0, 4.0, 3.0, 0.0]
+    assert values(packed[1]) == [0.0] * 16 and packed[0, 0] == (2 << 4) | 0  # low nibble first
+    packed, scale, glob = quantize_nvfp4(torch.tensor([[3.0] + [1.0] * 15, [12.0] + [0.0] * 15]))
+    assert glob.item() == 448 * 6 / 12 and scale.float().flatten().tolist() == [112.0, 448.0]  # 3/6x224, 12/6x224
+    assert values(packed[0])[:2] == [6.0, 2.0] and values(packed[1])[0] == 6.0  # 3 / (112 / 224) = 6, 1 -> 2
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_nvfp4(torch.zeros(2, 24))
+    args = QuantizationArgs(
+        num_bits=4,
+        type="float",
+        strategy="tensor_group",
+        group_size=16,
+        symmetric=True,
+        scale_dtype=torch.float8_e4m3fn,
+    )
+    torch.manual_seed(0)
+    for spread in (0.5, 10.0, 1e3):
+        w = torch.randn(8, 64) * spread
+        w[1, :16] = 0
+        gs = generate_gparam(w.amin(), w.amax())
+        g = w.unflatten(-1, (-1, 16))
+        ct_scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=gs)
+        ct_packed = pack_fp4_to_uint8(quantize(w, ct_scale, zp, args, global_scale=gs))
+        packed, scale, glob = quantize_nvfp4(w)
+        assert torch.equal(glob, gs.reshape(1)) and torch.equal(scale.float(), ct_scale.float())
+        assert torch.equal(packed, ct_packed)
+
+
 def test_int_packing_matches_compressed_tensors_and_scales_follow_its_rule():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs
@@ -387,7 +432,7 @@ def test_refit_is_written_in_the_checkpoint_format_and_is_what_premoe_computes_w
         new_name = f"{name[:a]}{kept.index(role.expert)}{name[b:]}"
         t = info.checkpoint.tensors[name]
         assert got[new_name] == (t.dtype, tuple(t.shape))  # FP8 stays FP8, scales keep their grid
-        if role.target in downs and role.companion in (None, "scale", "zero"):  # re-fitted, re-quantised
+        if role.target in downs and role.companion in (None, "scale", "zero", "global"):  # re-fitted, re-quantised
             changed += raw_bytes(out_file, new_name) != raw_bytes(src_file, name)
         else:
             same += 1

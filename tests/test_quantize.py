@@ -66,6 +66,30 @@ def test_gptq_inputs_never_seen_are_rounded_to_nearest():
         gptq(w, torch.eye(32, dtype=torch.float64), 4, 12)
 
 
+def test_gptq_onto_the_mxfp4_grid_encodes_exactly_and_lowers_the_output_error():
+    """The re-fit's GPTQ rounding of MXFP4 experts: with an identity Gram it is the format's own rounding to
+    nearest; with correlated inputs its output error is lower; and encoding the rounded weights (groups whose
+    maxima rounded down included) gives back exactly those values, so the export holds what GPTQ chose."""
+    from premoe.core.quant import Mxfp4
+    from premoe.core.quant.gptq import gptq_on_grid
+
+    fmt = Mxfp4()
+    grid = fmt.rounding_grid()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 72, generator=g)  # 72 inputs: two groups of 32 and a short one of 8
+    w[0, :32] *= 1e-3  # a quiet group
+    w[1, :32] = torch.tensor([0.24, 2.9] * 16)  # a group whose maximum may round down
+    nearest = fmt.decode(fmt.encode("weight", w), tuple(w.shape), torch.float32)
+    mine, scales = gptq_on_grid(w, torch.eye(72, dtype=torch.float64), grid, grid.group, damp=0.0)
+    assert torch.equal(mine, nearest) and scales.shape == (16, 3)
+    x = correlated(512, 72)
+    H = x.double().T @ x.double()
+    rounded, _ = gptq_on_grid(w, H, grid, grid.group)
+    assert torch.equal(fmt.decode(fmt.encode("weight", rounded), tuple(w.shape), torch.float32), rounded)
+    err = lambda v: float(((w - v).double() @ H * (w - v).double()).sum())  # noqa: E731
+    assert err(rounded) < 0.8 * err(nearest)
+
+
 def test_packed_parts_decode_to_codes_times_scales():
     fmt = CompressedPacked(4, 16)
     w = torch.randn(8, 48)

@@ -70,10 +70,13 @@ class ExportResult:
         )
 
 
+DOWN_PARTS = ("scale", "zero", "global")  # companions a re-fit writes anew with the values (not activation scales)
+
+
 def _part(info: ModelInfo, name: str) -> str:
     """The part of :meth:`RefitWeights.encoded` that checkpoint key ``name`` (a main tensor or its scale) holds."""
     found = info.quant.companion(name)
-    main = found[0] if found is not None and found[1] in ("scale", "zero") else name
+    main = found[0] if found is not None and found[1] in DOWN_PARTS else name
     return PART + name.removeprefix(info.quant.target(main))
 
 
@@ -111,8 +114,9 @@ def _refitted_router(refit: RefitWeights, role, dtype: str):
 
 
 def _is_down(role, down: dict[int, str]) -> bool:
-    """Whether ``role`` is a re-fitted layer's down projection or its quantisation scale (or zero point)."""
-    return role.target == down.get(role.layer) and role.companion in (None, "scale", "zero")
+    """Whether ``role`` is a re-fitted layer's down projection or its quantisation scale (zero point, global
+    scale)."""
+    return role.target == down.get(role.layer) and (role.companion is None or role.companion in DOWN_PARTS)
 
 
 def plan_tensors(

@@ -33,6 +33,32 @@ from premoe.moe.refit import (
 )
 from premoe.moe.refit_weights import RefitWeights
 
+REQUANT = "gptq"  # how re-fitted experts are rounded where the format has a grid: "gptq", or "rtn" (to nearest)
+
+
+def round_on_grid(fmt, m: MoeLayer, h: torch.Tensor, z: torch.Tensor, kept: list[int], routing, new: dict) -> dict:
+    """The re-fitted down projections ``new`` ({expert: [D, I] float32}) rounded by GPTQ onto the checkpoint
+    format's grid (:meth:`QuantFormat.rounding_grid`), each with the Gram matrix of its routing-weighted
+    activations under the pruned router (the re-fit's own system matrix), so that the rounding moves the
+    layer's output on the calibration tokens least; formats without a grid are left to round to nearest."""
+    from premoe.core.quant.gptq import gptq_on_grid
+    from premoe.moe.refit import rerouted
+
+    grid = fmt.rounding_grid()
+    if grid is None:
+        return new
+    x = h.to(m.experts.down_proj.device, torch.float32)
+    sel = rerouted(m.experts, x, z, kept, routing, m.selection_bias())
+    out = {}
+    for p, e in enumerate(kept):
+        if e not in new:
+            continue
+        w = new[e].float()
+        a = sel[p][1].double() if p in sel else None
+        gram = a.T @ a if a is not None else torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+        out[e] = gptq_on_grid(w, gram.to(w.device), grid, grid.group)[0]
+    return out
+
 
 def down_quant(info, layer: int, dtype: torch.dtype) -> tuple | None:
     """``RefitWeights.put``'s ``quant`` for ``layer``: the checkpoint's format when it stores the layer's down
@@ -190,6 +216,8 @@ def refit_models(
             out.about["tokens"] = len(h)
             kept = sorted(plan.kept[m.index])
             new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y) if solver.down else {}
+            if new and down_quant(info, m.index, dt) and REQUANT == "gptq":
+                new = round_on_grid(info.quant, m, h, z, kept, routing, new)
             if solver.quantize is not None:
                 from premoe.moe.quantize import quantize_layer
 

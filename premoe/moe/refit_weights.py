@@ -139,6 +139,10 @@ class RefitWeights:
         with safe_open(self._file(layer), "pt") as f:
             return f.get_tensor(name)
 
+    def stored_quantized(self, layer: int) -> bool:
+        """Whether ``layer``'s re-fitted experts are stored encoded in a quantised checkpoint's format."""
+        return self._formats.get(layer) is not None
+
     def has(self, layer: int | None, expert: int | None) -> bool:
         return expert in self.experts.get(layer, ())
 

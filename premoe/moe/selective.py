@@ -272,6 +272,8 @@ class Materializer:
         layer = self.expert_names[name][0]
         slots = self.info.slots(experts) if self.slot_indexed(name) else list(experts)
         refitted = self.refit is not None and name.endswith(".down_proj")
+        if refitted and self.refit.experts.get(layer) and not self.refit.stored_quantized(layer):
+            return None  # re-fitted rows kept in float (a store written before re-quantising): held dequantised
 
         def given(j: int, slot: int):
             e = experts[j] if j < len(experts) else None

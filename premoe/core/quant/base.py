@@ -110,6 +110,12 @@ class QuantFormat:
         """The ``quantization_config`` of a checkpoint in this format."""
         return None
 
+    def rounding_grid(self) -> Any:
+        """The grid GPTQ rounds a re-fitted weight [out, in] onto before :meth:`encode` writes it (``scale``,
+        ``snap`` and ``group`` as :func:`premoe.core.quant.gptq.gptq_on_grid` takes them), where encoding the
+        rounded values gives them back exactly; ``None``: the re-fit is rounded to nearest by :meth:`encode`."""
+        return None
+
     def decode(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype, transposed: bool = False
     ) -> torch.Tensor:

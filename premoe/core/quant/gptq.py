@@ -66,6 +66,20 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     return torch.linalg.cholesky(inv, upper=True).float(), dead
 
 
+class IntGrid:
+    """compressed-tensors' symmetric ``bits``-bit integers, one bf16 scale per group (or row)."""
+
+    def __init__(self, bits: int):
+        self.lo, self.hi = grid(bits)
+        self.bits = bits
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        return int_scale(w, self.bits).float()
+
+    def snap(self, col: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(col / scale), self.lo, self.hi) * scale
+
+
 def gptq(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -80,22 +94,44 @@ def gptq(
     Raises:
         ValueError: ``group`` does not divide the inputs, or shapes disagree.
     """
+    if group is not None and w.shape[-1] % group:
+        raise ValueError(f"group size {group} does not divide {w.shape[-1]} inputs")
+    values, scales = gptq_on_grid(w, hessian, IntGrid(bits), group, damp, block)
+    per = w.shape[-1] if group is None else group
+    codes = torch.round(values / scales.repeat_interleave(per, dim=-1)).to(torch.int16)
+    return codes, scales.to(torch.bfloat16)
+
+
+def gptq_on_grid(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    on: "IntGrid",
+    group: int | None,
+    damp: float = DAMP,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w`` [out, in] (or [B, out, in]) onto any grid of values with a scale per ``group`` inputs of
+    a row (``None``: per row, taken before any update): ``on.scale(w [B, out, g]) -> [B, out]`` gives a group's
+    scale from its (updated) weights, ``on.snap(column [B, out], scale) -> [B, out]`` the nearest grid value
+    (dequantised). A last group shorter than ``group`` is allowed. Returns the rounded weights (float32, on
+    the grid, ``w``'s shape) and the scales used (float32 [..., out, groups]).
+
+    Raises:
+        ValueError: shapes disagree.
+    """
     single = w.dim() == 2
     W = (w[None] if single else w).float().clone()
     H = hessian[None] if single else hessian
     B, rows, cols = W.shape
     if H.shape != (B, cols, cols):
         raise ValueError(f"the Gram matrix {list(hessian.shape)} does not match weights {list(w.shape)}")
-    if group is not None and cols % group:
-        raise ValueError(f"group size {group} does not divide {cols} inputs")
     U, _dead = _inverse_factor(H.to(W.device), damp)
-    lo, hi = grid(bits)
-    Q = torch.empty(B, rows, cols, dtype=torch.int16, device=W.device)
+    Q = torch.empty(B, rows, cols, dtype=torch.float32, device=W.device)
     if group is None:
-        scales = int_scale(W, bits).unsqueeze(-1)  # [B, rows, 1]: whole rows, before any update
-        sf = scales[..., 0].float()
+        scales = on.scale(W).unsqueeze(-1)  # [B, rows, 1]: whole rows, before any update
+        sf = scales[..., 0]
     else:
-        scales = torch.empty(B, rows, cols // group, dtype=torch.bfloat16, device=W.device)
+        scales = torch.empty(B, rows, -(-cols // group), dtype=torch.float32, device=W.device)
         sf = None
         block = -(-block // group) * group
     for i1 in range(0, cols, block):
@@ -106,13 +142,12 @@ def gptq(
         for i in range(i2 - i1):
             c = i1 + i
             if group is not None and c % group == 0:
-                s = int_scale(W1[:, :, i : i + group], bits)
-                scales[:, :, c // group] = s
-                sf = s.float()
+                sf = on.scale(W1[:, :, i : i + group])
+                scales[:, :, c // group] = sf
             col = W1[:, :, i]
-            q = torch.clamp(torch.round(col / sf), lo, hi)
-            Q[:, :, c] = q.to(torch.int16)
-            err = (col - q * sf) / U1[:, i, i].unsqueeze(-1)
+            q = on.snap(col, sf)
+            Q[:, :, c] = q
+            err = (col - q) / U1[:, i, i].unsqueeze(-1)
             W1[:, :, i:] -= err.unsqueeze(-1) * U1[:, i, i:].unsqueeze(1)
             E1[:, :, i] = err
         if i2 < cols:

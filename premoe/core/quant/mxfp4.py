@@ -59,6 +59,10 @@ class Mxfp4(QuantFormat):
         blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2).contiguous() if transposed else tensor)
         return {f"{key}_blocks": blocks, f"{key}_scales": scales}
 
+    def rounding_grid(self) -> "Mxfp4Grid":
+        """GPTQ rounds re-fitted experts onto MXFP4's grid (groups of 32 inputs)."""
+        return Mxfp4Grid()
+
     def config(self) -> dict[str, Any]:
         return {
             "quant_method": "mxfp4",
@@ -92,6 +96,21 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive FP4 magnitudes
 
 
+def mxfp4_scale(g: torch.Tensor) -> torch.Tensor:
+    """The float32 power-of-two scale of each group [...] of ``g`` [..., 32] (already cast to bf16 and back):
+    max|x| / 6 rounded up to a power of two (ROUND_UP; 0 for an all-zero group)."""
+    dequant_scale = g.abs().amax(dim=-1) / 6.0
+    bits = (dequant_scale.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # 2^ceil(log2): ROUND_UP
+    return bits.view(torch.float32)
+
+
+def fp4_codes(q: torch.Tensor) -> torch.Tensor:
+    """FP4 codes (magnitude index in bits 0-2, sign in bit 3) of the nearest FP4 value of ``q``, ties away from
+    zero, saturating at 6; negative values that round to zero keep their sign bit."""
+    magnitude = torch.bucketize(q.abs(), torch.tensor(FP4_MIDPOINTS, device=q.device), right=True)  # ties up
+    return (magnitude | (torch.signbit(q).long() << 3)).to(torch.uint8)
+
+
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks uint8 [..., G, 16], scales uint8 [..., G]) of ``w`` [..., C] along its last dimension, as
     OpenAI's and transformers' quantiser (``downcast_to_mxfp_torch``, ROUND_UP) writes GPT-OSS: the values
@@ -103,12 +122,25 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cols = x.shape[-1]
     groups = -(-cols // MXFP4_GROUP)
     g = torch.nn.functional.pad(x, (0, groups * MXFP4_GROUP - cols)).unflatten(-1, (groups, MXFP4_GROUP))
-    dequant_scale = g.abs().amax(dim=-1) / 6.0
-    bits = (dequant_scale.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # 2^ceil(log2): ROUND_UP
-    scale = bits.view(torch.float32)
+    scale = mxfp4_scale(g)
     inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-    q = g * inverse.unsqueeze(-1)
-    magnitude = torch.bucketize(q.abs(), torch.tensor(FP4_MIDPOINTS), right=True)  # ties round up: away from 0
-    code = (magnitude | (torch.signbit(q).long() << 3)).to(torch.uint8)
+    code = fp4_codes(g * inverse.unsqueeze(-1))
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
-    return packed, (bits >> 23).to(torch.uint8)
+    return packed, (scale.view(torch.int32) >> 23).to(torch.uint8)
+
+
+class Mxfp4Grid:
+    """MXFP4's values for GPTQ (:func:`premoe.core.quant.gptq.gptq_on_grid`, groups of 32 inputs): a group's
+    scale and a column's nearest value by :func:`quantize_mxfp4`'s rules, so that quantising the rounded
+    weights again gives back exactly those values (their group maxima give the same or a smaller power of
+    two under which every value is still on the grid)."""
+
+    group: int = MXFP4_GROUP
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        return mxfp4_scale(w.to(torch.bfloat16).float())
+
+    def snap(self, col: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=col.device)
+        return lut[fp4_codes(col.to(torch.bfloat16).float() * inverse).long()] * scale

@@ -8,8 +8,9 @@ layouts they are published in:
   ``*.weight_scale`` and ``*.weight_scale_2`` (float32, the inverse of the global scale):
   value = fp4 x scale x scale_2.
 
-The per-tensor scale is a second dequant companion (``"global"``) beside the per-group scale. The re-fit
-cannot write NVFP4 back (:attr:`QuantFormat.requantizes`).
+The per-tensor scale is a second dequant companion (``"global"``) beside the per-group scale. Re-fitted experts
+are written back with compressed-tensors' own quantiser rules (:func:`quantize_nvfp4`), each expert's down
+projection with a global scale of its own, as it has in the published layouts.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ FP4_MAX = 6.0
 
 class CompressedNvfp4(QuantFormat):
     """compressed-tensors ``nvfp4-pack-quantized``: FP4 (e2m1) weights, two per byte, an FP8 (e4m3) scale per 16
-    inputs and a float32 global scale per tensor. Re-fitted experts cannot be written back in it yet
-    (:attr:`requantizes`), so the default prune keeps the plain slice of an NVFP4 checkpoint."""
+    inputs and a float32 global scale per tensor."""
 
     method: ClassVar[str | None] = "compressed-tensors"
-    requantizes: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> "CompressedNvfp4":
@@ -115,24 +114,10 @@ class CompressedNvfp4(QuantFormat):
         return tensor.dim() == 2 and key.endswith(".weight") and role.kind == "expert"
 
     def encode(self, key: str, tensor: torch.Tensor, transposed: bool = False) -> dict[str, torch.Tensor]:
-        """``key_packed``, ``key_scale`` and ``key_global_scale`` by compressed-tensors' recipe: global scale =
-        448 x 6 / max|w|; per 16 inputs, scale = max|x| / 6 x global scale, cast to e4m3; values to the
-        nearest FP4 value of x / (scale / global scale) (ties away from zero), saturating at 6. For building
-        checkpoints in the layout (the re-fit does not write NVFP4)."""
-        x = tensor.float()
-        rows, cols = x.shape[-2:]
-        if cols % NVFP4_GROUP:
-            raise ValueError(f"NVFP4 needs a multiple of {NVFP4_GROUP} inputs, got {cols}")
-        amax = x.abs().amax().clamp_min(1e-12)
-        global_scale = (FP8_MAX * FP4_MAX / amax).reshape(1)
-        g = x.unflatten(-1, (-1, NVFP4_GROUP))
-        scale = (g.abs().amax(-1) / FP4_MAX * global_scale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
-        s = scale.float() / global_scale
-        q = g / torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
-        magnitude = torch.bucketize(q.abs(), torch.tensor(FP4_MIDPOINTS), right=True)
-        code = (magnitude | (torch.signbit(q).long() << 3)).to(torch.uint8).flatten(-2)
-        packed = code[..., 0::2] | (code[..., 1::2] << 4)
-        return {f"{key}_packed": packed, f"{key}_scale": scale, f"{key}_global_scale": global_scale.float()}
+        """``key_packed``, ``key_scale`` and ``key_global_scale`` by compressed-tensors' recipe
+        (:func:`quantize_nvfp4`)."""
+        packed, scale, global_scale = quantize_nvfp4(tensor)
+        return {f"{key}_packed": packed, f"{key}_scale": scale, f"{key}_global_scale": global_scale}
 
     def config(self) -> dict[str, Any]:
         return {
@@ -218,3 +203,43 @@ class ModelOptNvfp4(CompressedNvfp4):
             "group_size": NVFP4_GROUP,
             "exclude_modules": ["lm_head", "*self_attn*", "*mlp.gate", "*shared_expert*"],
         }
+
+
+def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
+    """FP4 (e2m1) codes [..] (uint8: magnitude index in bits 0-2, sign in bit 3) of the nearest FP4 value of ``x``,
+    saturating at 6, ties to even as compressed-tensors' ``cast_to_fp4`` rounds (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). A negative value that rounds to zero keeps its sign bit."""
+    a = x.abs()
+    mids = torch.tensor(FP4_MIDPOINTS, dtype=a.dtype, device=a.device)
+    up = torch.bucketize(a, mids, right=False)  # ties toward zero ...
+    tie = (a.unsqueeze(-1) == mids).any(-1)
+    magnitude = torch.where(tie & (up % 2 == 1), up + 1, up)  # ... except where the code above is the even one
+    return (magnitude | (torch.signbit(x).long() << 3)).to(torch.uint8)
+
+
+def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [..., rows, cols] as NVFP4 by compressed-tensors' rules (``generate_gparam``, ``calculate_qparams``,
+    ``_quantize`` with ``cast_to_fp4``), in float32: global scale = 448 x 6 / max|w| (1 for an all-zero tensor);
+    per 16 inputs, scale = max|x| / 6 x global scale clamped to 448 and cast to e4m3 (a zero scale stored as
+    0.125, e4m3's eps); values x / (scale / global scale), clamped to +-6, to the nearest FP4 value, ties to
+    even. Returns (packed codes [..., rows, cols / 2] uint8, low nibble first; e4m3 scales [..., rows, cols /
+    16]; the float32 global scale [1]).
+
+    Raises:
+        ValueError: ``cols`` is not a multiple of 16.
+    """
+    x = w.float()
+    cols = x.shape[-1]
+    if cols % NVFP4_GROUP:
+        raise ValueError(f"NVFP4 needs a multiple of {NVFP4_GROUP} inputs, got {cols}")
+    amax = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    global_scale = FP8_MAX * FP4_MAX / amax
+    if not torch.isfinite(global_scale):
+        global_scale = torch.ones_like(global_scale)
+    g = x.unflatten(-1, (-1, NVFP4_GROUP))
+    scale = (g.abs().amax(-1) / FP4_MAX * global_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scale = torch.where(scale.float() == 0, torch.tensor(0.125), scale.float()).to(torch.float8_e4m3fn)
+    q = (g / (scale.float() / global_scale).unsqueeze(-1)).clamp(-FP4_MAX, FP4_MAX)
+    code = round_to_fp4(q).flatten(-2)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    return packed, scale, global_scale.reshape(1)
