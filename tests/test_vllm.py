@@ -174,10 +174,36 @@ def test_a_switch_that_fails_midway_keeps_serving_the_previous_task(server, prom
     monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
     with pytest.raises(SwitchError, match="still serving 'add'.*injected"):
         server.load("sort")
-    assert {0, 1, 2} <= set(calls)  # layers 0 and 1 were written before layer 2 failed
+    assert {0, 1, 2} <= set(calls)  # layers 0 and 1 were staged before layer 2 failed, nothing written
     assert server.task == "add" and server.held()["slots"] == held
     assert server.prompt_logprobs(prompts) == before  # bit for bit: no expert of 'sort' left behind
     monkeypatch.setattr(source.EngineSource, "gate_up", real)
+    server.load("sort")
+    assert server.task == "sort"
+
+
+def test_a_commit_that_fails_restores_the_routers_and_keeps_the_previous_task(server, prompts, monkeypatch):
+    """The staged switch is written routers first: a router whose re-packing fails midway restores the routers
+    already written and leaves the experts untouched."""
+    from premoe.vllm import worker
+    from premoe.vllm.server import SwitchError
+
+    server.load("add")
+    before, held = server.prompt_logprobs(prompts), server.held()["slots"]
+    real, calls = worker._write_router, []
+
+    def flaky(model, key, value, undo):
+        calls.append(key)
+        if len(calls) == 3:
+            raise RuntimeError("injected: re-packing failed")
+        return real(model, key, value, undo)
+
+    monkeypatch.setattr(worker, "_write_router", flaky)
+    with pytest.raises(SwitchError, match="writing task 'sort' into the engine failed, still serving 'add'.*injected"):
+        server.load("sort")
+    assert len(calls) == 3 and server.task == "add" and server.held()["slots"] == held
+    assert server.prompt_logprobs(prompts) == before
+    monkeypatch.setattr(worker, "_write_router", real)
     server.load("sort")
     assert server.task == "sort"
 

@@ -137,9 +137,16 @@ class VllmTaskServer:
             read = sum(r.get("bytes_read", 0) for r in results)
             self._bytes += read
             failed = [r["error"] for r in results if not r.get("ok")]
-            self.model.collective_rpc("premoe_rollback" if failed else "premoe_commit")
             if failed:
+                self.model.collective_rpc("premoe_rollback")
                 raise SwitchError(f"switching to task {task!r} failed, still serving {self.task!r}: {failed[0]}")
+            try:
+                self.model.collective_rpc("premoe_commit")
+            except Exception as e:  # a router's re-packing failed: each rank restored its routers
+                why = f"{type(e).__name__}: {e}"
+                raise SwitchError(
+                    f"writing task {task!r} into the engine failed, still serving {self.task!r}: {why}"
+                ) from None
             self.model.reset_prefix_cache()  # cached KV blocks were computed with the other task's experts
             counts = [r.get("experts_written", 0) for r in results]
             written = sum(counts) if self.options.expert_parallel else max(counts)  # EP: each rank its own experts

@@ -16,10 +16,12 @@ that expert alone and copied into its slot. On the CPU the kernel prepacks exper
 Triton kernels read the raw layout. Routers on the CPU are prepacked linear layers (oneDNN / sgl kernels);
 they are rebuilt from the new rows through the layer's own ``process_weights_after_loading``.
 
-Failure: a switch reads each layer's experts before writing any of them, and keeps what it overwrites, so a
-read that fails midway (unreadable shard, mismatched store) restores every layer already written; the
-engine goes on serving the previous task. No rank raises: each returns ``{"ok": ...}`` and the driver then
-commits or rolls back on every rank, so tensor-parallel ranks never end up holding different tasks.
+Failure: a switch reads, slices and packs every layer's experts before writing any of them (``premoe_switch``
+stages them), so a read that fails midway (unreadable shard, mismatched store) leaves the engine as it was,
+serving the previous task, with nothing to copy back. No rank raises: each returns ``{"ok": ...}`` and the
+driver then commits (``premoe_commit`` writes the staged routers, then the experts) or rolls back (drops the
+staging) on every rank, so tensor-parallel ranks never end up holding different tasks. The staging holds the
+switch's new experts, as many bytes as the overwritten ones an undo log would keep.
 """
 
 from __future__ import annotations
@@ -190,10 +192,12 @@ class _SwitchState:
         self.source.read_routers()
         self.pending: tuple[list, dict, str] | None = None
 
-    def _write_layer(self, layer: int, writes: list[Write], new: list[Slot], task: str, undo: list) -> int:
+    def _stage_layer(self, layer: int, writes: list[Write], new: list[Slot], task: str) -> tuple[list, dict]:
+        """Read, slice and pack what ``layer`` needs (nothing is written): ``([(local slot, w13, w2)], router
+        tensors)``."""
         module, kernel = self.layers[layer], self.kernels[layer]
         staged = []
-        for w in writes:  # read everything this layer needs before writing any of it
+        for w in writes:
             local = module._map_global_expert_id_to_local_expert_id(w.slot)
             if local < 0:
                 continue  # another rank's expert (expert parallel)
@@ -201,35 +205,27 @@ class _SwitchState:
             sliced = rank_slices(module, w.slot, gate_up, self.source.down(layer, w.expert, w.down))
             if sliced is not None:
                 staged.append((local, *kernel.pack(*sliced)))
-        routers = self.source.routers(layer, new, task)
-        written = 0
-        for local, w13, w2 in staged:
-            for param, value in ((module.w13_weight, w13), (module.w2_weight, w2)):
-                if value is not None:
-                    undo.append(("copy", param[local], param[local].detach().clone()))
-                    param[local].data.copy_(value)
-            written += 1
-        for key, value in routers.items():
-            _write_router(self.model, key, value, undo)
-        return written
+        return staged, self.source.routers(layer, new, task)
 
     @torch.inference_mode()
     def switch(self, task: str) -> dict[str, Any]:
+        """Stage ``task``'s experts that differ, every layer read and packed before any is written; the engine
+        is untouched until :meth:`commit` writes them, so a failed read leaves nothing to undo."""
         if self.pending is not None:
             return {"ok": False, "error": "a switch is pending commit or rollback"}
-        t0, before, undo = time.perf_counter(), self.source.bytes_read, []
-        new_slots, experts = dict(self.slots), 0
+        t0, before = time.perf_counter(), self.source.bytes_read
+        new_slots, staged, experts = dict(self.slots), {}, 0
         try:
             plan = self.source.plan(task)
             for layer in self.source.info.moe_layers:
                 new, writes = plan_switch(self.slots[layer], plan.kept[layer], self.source.refitted(task, layer), task)
                 if writes or task != self.task:
-                    experts += self._write_layer(layer, writes, new, task, undo)
+                    staged[layer] = self._stage_layer(layer, writes, new, task)
+                    experts += len(staged[layer][0])
                 new_slots[layer] = new
-        except Exception as e:  # noqa: BLE001 - restore, report, let the driver roll back every rank
-            _undo(undo)
+        except Exception as e:  # noqa: BLE001 - nothing was written; report, let the driver roll back every rank
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": self.source.bytes_read - before}
-        self.pending = (undo, new_slots, task)
+        self.pending = (staged, new_slots, task)
         return {
             "ok": True,
             "bytes_read": self.source.bytes_read - before,
@@ -237,15 +233,33 @@ class _SwitchState:
             "seconds": time.perf_counter() - t0,
         }
 
+    @torch.inference_mode()
     def commit(self) -> None:
-        if self.pending is not None:
-            _, self.slots, self.task = self.pending
-            self.pending = None
+        """Write the staged switch: first every router (re-packed by the layer's own method; a failure there
+        restores the routers already written and raises, experts untouched), then the experts, plain memory
+        copies into their slots, which do not fail midway."""
+        if self.pending is None:
+            return
+        staged, new_slots, task = self.pending
+        self.pending, undo = None, []
+        try:
+            for _experts, routers in staged.values():
+                for key, value in routers.items():
+                    _write_router(self.model, key, value, undo)
+        except BaseException:
+            _undo(undo)
+            raise
+        for layer, (experts, _routers) in staged.items():
+            module = self.layers[layer]
+            for local, w13, w2 in experts:
+                if w13 is not None:
+                    module.w13_weight[local].copy_(w13)
+                module.w2_weight[local].copy_(w2)
+        self.slots, self.task = new_slots, task
 
     def rollback(self) -> None:
-        if self.pending is not None:
-            _undo(self.pending[0])
-            self.pending = None
+        """Drop a staged switch (nothing of it was written)."""
+        self.pending = None
 
 
 class ExpertSwitcher:
