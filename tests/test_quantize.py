@@ -155,6 +155,35 @@ def test_w4a16_export_is_compressed_tensors_with_gptq_codes_and_reads_back(tiny,
     assert acc["gptq"] >= acc["bf16"] - 0.2
 
 
+def test_gptq_gram_matrices_are_made_per_batch_and_batches_change_nothing(tiny, tmp_path, monkeypatch):
+    """Gram matrices are made when a GPTQ batch needs them (one batch's at a time, not one per expert):
+    batches of one matrix give the same export, byte for byte, as the default batches, and then no more than
+    one Gram matrix is made between two GPTQ calls."""
+    from premoe.core.quant import gptq as gptq_module
+    from premoe.moe import quantize
+
+    premoe.prune(TINY_MODEL, tiny / "store", "add", 8, tmp_path / "a", quantize="w4a16", progress=False)
+    made, peak = [0], [0]
+    real_gram, real_gptq = quantize.ExpertGrams.__call__, gptq_module.gptq
+
+    def counted(self, e, down, n):
+        made[0] += 1
+        peak[0] = max(peak[0], made[0])
+        return real_gram(self, e, down, n)
+
+    def rounded(*args, **kwargs):
+        made[0] = 0  # the batch's matrices are dropped once it is rounded
+        return real_gptq(*args, **kwargs)
+
+    monkeypatch.setattr(quantize.ExpertGrams, "__call__", counted)
+    monkeypatch.setattr(gptq_module, "gptq", rounded)
+    monkeypatch.setattr(quantize, "GRAM_BYTES", 1)  # one matrix per batch
+    premoe.prune(TINY_MODEL, tiny / "store", "add", 8, tmp_path / "b", quantize="w4a16", progress=False)
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    assert peak[0] == 1
+
+
 def test_rtn_needs_no_calibration_data_and_gptq_says_it_does(tmp_path):
     calib = write_jsonl(tmp_path / "add.jsonl", samples("add", 24, "calib"))
     premoe.calibrate(TINY_MODEL, calib, "add", tmp_path / "store", progress=False)

@@ -192,24 +192,28 @@ def resolve_quantize(info, options: QuantizeOptions | None) -> ExpertQuant | Non
 # -- GPTQ on one MoE layer (inside the re-fit's pass) ------------------------------------------------------
 
 
-def _grams(m, h: torch.Tensor, logits: torch.Tensor, kept: list[int], routing) -> tuple[dict, dict]:
-    """Per kept expert (original id): the Gram matrix of the hidden states the pruned router sends it
-    [D, D], and of its routing-weighted activations [I, I] (float64; zeros where no token goes)."""
-    from premoe.moe.refit import rerouted
+class ExpertGrams:
+    """Per kept expert (original id), on demand: the Gram matrix [D, D] of the hidden states the pruned router
+    sends it (for its gate/up projections) and [I, I] of its routing-weighted activations (for its down
+    projection), float64, zeros where no token goes. Only the tokens' rows and activations are kept; each Gram
+    matrix is made when a GPTQ batch needs it, so a layer's memory is one batch of them, not one per expert
+    (DeepSeek-V3's [7168, 7168] float64 is 411 MB)."""
 
-    x = h.to(m.experts.down_proj.device, torch.float32)
-    D = x.shape[1]
-    hx, ha = {}, {}
-    sel = rerouted(m.experts, x, logits, kept, routing, m.selection_bias())
-    for p, e in enumerate(kept):
-        if p in sel:
-            rows, a, _ = sel[p]
-            xr = x[rows].double()
-            hx[e], ha[e] = xr.T @ xr, a.double().T @ a.double()
-        else:
-            hx[e] = torch.zeros(D, D, dtype=torch.float64, device=x.device)
-            ha[e] = None
-    return hx, ha
+    def __init__(self, m, h: torch.Tensor, logits: torch.Tensor, kept: list[int], routing):
+        from premoe.moe.refit import rerouted
+
+        self.x = h.to(m.experts.down_proj.device, torch.float32)
+        self.sel = {
+            kept[p]: v for p, v in rerouted(m.experts, self.x, logits, kept, routing, m.selection_bias()).items()
+        }
+
+    def __call__(self, e: int, down: bool, n: int) -> torch.Tensor:
+        got = self.sel.get(e)
+        if got is None:
+            return torch.zeros(n, n, dtype=torch.float64, device=self.x.device)
+        rows, a, _ = got
+        v = a.double() if down else self.x[rows].double()
+        return v.T @ v
 
 
 def _disk_weights(info, m, name: str, src, e: int, down: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -248,29 +252,31 @@ def quantize_layer(
     Returns {checkpoint key: the parts :meth:`QuantFormat` stores for it, under :data:`PART`}."""
     from premoe.core.quant.gptq import gptq
 
-    hx, ha = _grams(m, h, logits, kept, routing)
-    jobs = []  # (key, weight [out, in], gram)
+    grams = ExpertGrams(m, h, logits, kept, routing)
+    jobs = []  # (key, weight [out, in], expert, is the down projection)
     for name, src in _split_weights(info, m.index).items():
         is_down = name == down_name
         for e in kept:
             ws = _disk_weights(info, m, name, src, e, down.get(e) if is_down else None)
-            for key, w in ws.items():
-                gram = ha[e] if is_down else hx[e]
-                if gram is None:
-                    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
-                jobs.append((key, w, gram))
+            jobs += [(key, w, e, is_down) for key, w in ws.items()]
     out: dict[str, dict[str, torch.Tensor]] = {}
     by_shape: dict[tuple, list] = {}
     for job in jobs:
         by_shape.setdefault(tuple(job[1].shape), []).append(job)
     for (rows, cols), group in by_shape.items():
+        group.sort(key=lambda j: (j[2], j[3]))  # an expert's matrices side by side: one Gram matrix for its gate and up
         step = max(1, GRAM_BYTES // (cols * cols * 8 * 3))
         for i in range(0, len(group), step):
             chunk = group[i : i + step]
+            made: dict[tuple[int, bool], torch.Tensor] = {}
+            for _, _, e, is_down in chunk:
+                if (e, is_down) not in made:
+                    made[(e, is_down)] = grams(e, is_down, cols)
             W = torch.stack([j[1] for j in chunk])
-            H = torch.stack([j[2] for j in chunk])
+            H = torch.stack([made[(j[2], j[3])] for j in chunk])
+            del made
             codes, scales = gptq(W, H, q.bits, q.fmt.group)
-            for (key, _, _), c, s in zip(chunk, codes, scales):
+            for (key, _, _, _), c, s in zip(chunk, codes, scales):
                 out[key] = {k: v.cpu() for k, v in q.fmt.parts(PART, c, s).items()}
     return out
 

@@ -42,21 +42,16 @@ def round_on_grid(fmt, m: MoeLayer, h: torch.Tensor, z: torch.Tensor, kept: list
     activations under the pruned router (the re-fit's own system matrix), so that the rounding moves the
     layer's output on the calibration tokens least; formats without a grid are left to round to nearest."""
     from premoe.core.quant.gptq import gptq_on_grid
-    from premoe.moe.refit import rerouted
+    from premoe.moe.quantize import ExpertGrams
 
     grid = fmt.rounding_grid()
     if grid is None:
         return new
-    x = h.to(m.experts.down_proj.device, torch.float32)
-    sel = rerouted(m.experts, x, z, kept, routing, m.selection_bias())
+    grams = ExpertGrams(m, h, z, kept, routing)
     out = {}
-    for p, e in enumerate(kept):
-        if e not in new:
-            continue
-        w = new[e].float()
-        a = sel[p][1].double() if p in sel else None
-        gram = a.T @ a if a is not None else torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
-        out[e] = gptq_on_grid(w, gram.to(w.device), grid, grid.group)[0]
+    for e, w in new.items():
+        gram = grams(e, True, w.shape[1])
+        out[e] = gptq_on_grid(w.float(), gram.to(w.device), grid, grid.group)[0]
     return out
 
 
