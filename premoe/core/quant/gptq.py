@@ -17,6 +17,8 @@ tensors'.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 DAMP = 0.01  # damping added to H's diagonal, as a fraction of its mean (GPTQ's percdamp)
@@ -66,6 +68,15 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     return torch.linalg.cholesky(inv, upper=True).float(), dead
 
 
+class Grid(Protocol):
+    """Values GPTQ rounds onto (:func:`gptq_on_grid`): a scale per group of inputs of a row, and the nearest
+    grid value of a column under it."""
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor: ...  # [B, out, g] -> [B, out]
+
+    def snap(self, col: torch.Tensor, scale: torch.Tensor) -> torch.Tensor: ...  # [B, out] -> [B, out]
+
+
 class IntGrid:
     """compressed-tensors' symmetric ``bits``-bit integers, one bf16 scale per group (or row)."""
 
@@ -105,7 +116,7 @@ def gptq(
 def gptq_on_grid(
     w: torch.Tensor,
     hessian: torch.Tensor,
-    on: "IntGrid",
+    on: Grid,
     group: int | None,
     damp: float = DAMP,
     block: int = BLOCK,

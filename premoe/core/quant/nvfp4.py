@@ -238,7 +238,7 @@ def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
         global_scale = torch.ones_like(global_scale)
     g = x.unflatten(-1, (-1, NVFP4_GROUP))
     scale = (g.abs().amax(-1) / FP4_MAX * global_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    scale = torch.where(scale.float() == 0, torch.tensor(0.125), scale.float()).to(torch.float8_e4m3fn)
+    scale = torch.where(scale.float() == 0, 0.125, scale.float()).to(torch.float8_e4m3fn)
     q = (g / (scale.float() / global_scale).unsqueeze(-1)).clamp(-FP4_MAX, FP4_MAX)
     code = round_to_fp4(q).flatten(-2)
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
