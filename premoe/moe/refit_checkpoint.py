@@ -203,6 +203,8 @@ def refit_models(
     def solve(m: MoeLayer, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
         check_supported(m.experts, info.router, info.spec.weight_on_input, info.spec.name)
         dt = stored(downs[m.index])
+        quant = down_quant(info, m.index, dt)
+        cast = torch.float32 if quant else dt  # quantised: encoded from the float32 solution
         name = router_target(info, m.index) if router else None
         path = name.removeprefix(info.layout.moe[m.index]["prefix"] + ".") if name else None
         if y is None and solver.down:
@@ -211,7 +213,7 @@ def refit_models(
             out.about["tokens"] = len(h)
             kept = sorted(plan.kept[m.index])
             new = refit_layer(m, h, z, kept, info.router, lam, sweeps, routing, target=y) if solver.down else {}
-            if new and down_quant(info, m.index, dt) and REQUANT == "gptq":
+            if new and quant and REQUANT == "gptq":
                 new = round_on_grid(info.quant, m, h, z, kept, routing, new)
             if solver.quantize is not None:
                 from premoe.moe.quantize import quantize_layer
@@ -224,8 +226,6 @@ def refit_models(
                 delta = router_delta(m.experts, kept, h, z, routing, m.selection_bias(), y, new, lam)
                 rows[name] = (w[kept].float() + delta.to(w.device)).to(stored(name))
                 out.about["router_tokens"] = min(len(h), ROUTER_TOKENS)
-            quant = down_quant(info, m.index, dt)
-            cast = torch.float32 if quant else dt  # quantised: encoded from the float32 solution
             out.put(m.index, {e: (w.T if m.experts.is_transposed else w).to(cast) for e, w in new.items()}, rows, quant)
 
     budget = memory_budget(None)

@@ -166,7 +166,7 @@ def _undo(entries: list) -> None:
 
 
 class _SwitchState:
-    """One worker's view of the engine: the source, the slots of every MoE layer, the pending undo log."""
+    """One worker's view of the engine: the source, the slots of every MoE layer, the staged switch."""
 
     def __init__(self, worker):
         from premoe.vllm.source import EngineSource
