@@ -39,6 +39,7 @@ from premoe.core.tasks import samples  # noqa: E402
 from premoe.moe.loading import load_model  # noqa: E402
 from premoe.moe.model import inspect_model  # noqa: E402
 from premoe.moe.patterns import plan_from_pattern  # noqa: E402
+from premoe.server.engine import Sampling, Sequence  # noqa: E402
 
 TASKS = ("add", "reverse", "sort")
 REFITTED = "reverse"  # the store holds re-fitted rows for this task at KEEP
@@ -89,6 +90,13 @@ def fresh_export_logprobs(store, task, prompts, tmp):
     return json.loads(oj.read_text())
 
 
+@pytest.fixture(scope="module")
+def fresh(store, prompts, tmp_path_factory):
+    """Each task's prompt log-probabilities from a fresh vLLM load of its export."""
+    tmp = tmp_path_factory.mktemp("exports")
+    return {t: fresh_export_logprobs(store, t, prompts, tmp) for t in TASKS}
+
+
 def hf_logprobs(backend, prompts):
     out = []
     for ids in prompts:
@@ -118,12 +126,10 @@ def test_vllm_loads_the_original_and_exports_as_transformers_does(store, prompts
     hf.close()
 
 
-def test_switches_answer_as_fresh_exports_and_as_premoe_s_engine(server, store, prompts, tmp_path_factory):
+def test_switches_answer_as_fresh_exports_and_as_premoe_s_engine(server, store, prompts, fresh):
     from premoe.moe.server import TaskServer
 
-    tmp = tmp_path_factory.mktemp("exports")
     hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
-    fresh = {t: fresh_export_logprobs(store, t, prompts, tmp) for t in TASKS}
     texts = [s["prompt"] for t in TASKS for s in samples(t, 3, "eval")]
     report = {}
     for i, task in enumerate(("add", "reverse", "add", "sort", "reverse", "sort", "add")):
@@ -199,13 +205,84 @@ def test_a_commit_that_fails_restores_the_routers_and_keeps_the_previous_task(se
         return real(model, key, value, undo)
 
     monkeypatch.setattr(worker, "_write_router", flaky)
-    with pytest.raises(SwitchError, match="writing task 'sort' into the engine failed, still serving 'add'.*injected"):
+    with pytest.raises(SwitchError, match="task 'sort'.*still serving 'add'.*writing into the engine failed.*injected"):
         server.load("sort")
     assert len(calls) == 3 and server.task == "add" and server.held()["slots"] == held
     assert server.prompt_logprobs(prompts) == before
     monkeypatch.setattr(worker, "_write_router", real)
     server.load("sort")
     assert server.task == "sort"
+
+
+@pytest.fixture(scope="module")
+def lanes(store):
+    """The engine holding two tasks at once (``--held-tasks 2``)."""
+    from premoe.vllm.server import VllmTaskServer
+
+    srv = VllmTaskServer(
+        TINY_MODEL, store, KEEP, dtype="float32", engine=EngineOptions(engine="vllm", kv_cache_gb=1, held_tasks=2)
+    )
+    yield srv
+    srv.close()
+
+
+def test_two_held_tasks_answer_in_one_batch_as_their_fresh_exports(lanes, store, prompts, fresh):
+    """Prompts of both held tasks interleaved in one batch, after every switch of a sequence that replaces
+    either lane (the re-fitted task too): each answers exactly as a fresh load of its own task's export, and
+    greedy answers of both tasks, generated together, equal premoe's engine's."""
+    from premoe.moe.server import TaskServer
+
+    hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
+    texts = {t: [s["prompt"] for s in samples(t, 2, "eval")] for t in TASKS}
+    expected = {}
+    for t in TASKS:
+        hf.load(t)
+        expected[t] = {x: hf.complete(x, 8) for tt in TASKS for x in texts[tt]}
+    hf.close()
+    report = {}
+    for i, (task, replace) in enumerate(
+        [("add", None), ("reverse", None), ("sort", "add"), ("add", "reverse"), ("reverse", "sort"), ("sort", None)]
+    ):
+        lanes.load(task, replace=replace)
+        held = lanes.held_tasks
+        assert task in held and len(held) == min(i + 1, 2) and (replace is None or replace not in held)
+        tasks = [held[j % len(held)] for j in range(len(prompts))]
+        ours = lanes.prompt_logprobs(prompts, tasks)
+        worst = max(max_diff([ours[j]], [fresh[t][j]]) for j, t in enumerate(tasks))
+        report[f"{i}:{held}"] = worst
+        assert worst <= 1e-4, report
+        pairs = [(t, x) for t in held for x in texts[t] + texts["add"]]
+        seqs = [Sequence(lanes.tokenizer(x)["input_ids"], Sampling(8, temperature=0.0), task=t) for t, x in pairs]
+        lanes.run_batch(seqs)  # both tasks' requests in one batch
+        for q, (t, x) in zip(seqs, pairs):
+            assert q.text == expected[t][x], (held, t, x)
+    print(json.dumps(report))
+
+
+def test_a_failed_lane_switch_leaves_both_held_tasks_serving(lanes, prompts, monkeypatch):
+    from premoe.vllm import source
+    from premoe.vllm.server import SwitchError
+
+    lanes.load("add")
+    lanes.load("sort")
+    held = lanes.held_tasks
+    tasks = [held[j % 2] for j in range(len(prompts))]
+    before, slots = lanes.prompt_logprobs(prompts, tasks), lanes.held()["slots"]
+    real = source.EngineSource.gate_up
+
+    def flaky(self, layer, expert):
+        if layer >= 1:
+            raise OSError("injected: shard unreadable")
+        return real(self, layer, expert)
+
+    monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
+    with pytest.raises(SwitchError, match="reverse.*injected"):
+        lanes.load("reverse", replace="add")
+    assert lanes.held_tasks == held and lanes.held()["slots"] == slots
+    assert lanes.prompt_logprobs(prompts, tasks) == before  # bit for bit, both tasks
+    monkeypatch.setattr(source.EngineSource, "gate_up", real)
+    lanes.load("reverse", replace="add")
+    assert set(lanes.held_tasks) == {"reverse", "sort"}
 
 
 @contextlib.contextmanager
@@ -250,6 +327,32 @@ def test_http_server_runs_unchanged_on_the_vllm_engine(server, store, tmp_path):
         assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
         metrics = openai.DefaultHttpxClient().get(url + "/metrics").text
         assert "premoe_pattern_switches_total" in metrics and "premoe_checkpoint_bytes_read_total" in metrics
+    hf.close()
+
+
+def test_http_server_on_two_held_tasks_answers_concurrent_mixed_requests(lanes, store):
+    """Concurrent routed requests of three tasks on the engine holding two: each answer equals premoe's engine's
+    answer for the task it was routed to, whatever it shared its batch with and whichever lanes were switched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from premoe.moe.server import TaskServer
+
+    prompts = [s["prompt"] for t in TASKS for s in samples(t, 4, "eval")][::-1]
+    with running(lanes, max_batch=4) as (url, svc):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt):
+            out = client.completions.create(model="auto", prompt=prompt, max_tokens=8, temperature=0)
+            return out.model_extra["premoe"]["task"], out.choices[0].text
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, prompts))
+        assert svc.scheduler.switches >= 1
+    hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
+    for prompt, (task, text) in zip(prompts, answers):
+        hf.load(task)
+        assert text == hf.complete(prompt, 8), (task, prompt)
+    assert len({t for t, _ in answers}) == 3
     hf.close()
 
 

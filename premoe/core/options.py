@@ -198,14 +198,21 @@ class EngineOptions(Options):
     kv_cache_gb: float | None = option(
         None, "vllm on CPU: KV cache size in GiB (default: $VLLM_CPU_KVCACHE_SPACE, else 2)", type=float
     )
+    held_tasks: int = option(
+        1,
+        "vllm: tasks held at once (N experts per layer each); requests of held tasks share batches, each token "
+        "routed among its own task's experts",
+        type=int,
+    )
 
     def __post_init__(self):
         check_choice("engine", self.engine, ENGINES, optional=False)
         check_int("tensor_parallel", self.tensor_parallel, optional=False)
+        check_int("held_tasks", self.held_tasks, optional=False)
         check_int("max_model_len", self.max_model_len)
         check_number("kv_cache_gb", self.kv_cache_gb)
-        if self.engine == "hf" and (self.tensor_parallel != 1 or self.expert_parallel):
-            raise InputError("`tensor_parallel` and `expert_parallel` need `engine` vllm")
+        if self.engine == "hf" and (self.tensor_parallel != 1 or self.expert_parallel or self.held_tasks != 1):
+            raise InputError("`tensor_parallel`, `expert_parallel` and `held_tasks` need `engine` vllm")
 
 
 STATS = ("prob", "tcess", "count", "official")

@@ -42,6 +42,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     on_done: Callable[["Sequence"], None] = lambda _: None  # called once, when finish_reason is set
+    task: str | None = None  # the task whose experts answer it (an engine holding several tasks reads it)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -28,6 +28,16 @@ affinity admits freely while the running task is the one to serve, and once anot
 requests have waited past ``max_wait`` or outnumber the running task's (running and waiting) two to
 one, only joiners that end no later than the batch's longest sequence, so the batch drains at full
 width and the switch happens. Each request is answered as soon as its own sequence ends.
+
+A backend that holds several tasks at once (``lanes`` > 1: the vLLM engine's ``--held-tasks``) runs
+requests of every held task in the same batch, and a task switch replaces one lane's task between
+steps while the others keep generating. Only a lane whose task has nothing running is switched: an
+empty lane first, else the idle task with the fewest waiting. fcfs switches to the task at the head of
+the queue; affinity to the task whose request waited past ``max_wait``, else the one with the most
+waiting, and while the engine has work only where that fills at least a quarter of ``max_batch``
+seats. A lane drains (no new requests of its task join) once another task's request waited past
+``max_wait`` or another task has more than twice as many waiting as the held task with the least work.
+The check before every step is that every running request's task is held.
 """
 
 from __future__ import annotations
@@ -157,15 +167,16 @@ class Scheduler:
                     return
             if self.router is None:
                 self._route_waiting()
+            lanes = getattr(self.backend, "lanes", 1) > 1
             with self.cond:
-                batch = self._pick()
+                batch = [] if lanes else self._pick()
                 for j in batch:
                     self.pending.remove(j)
                 self._gauge()
-            if batch:
+            if batch or lanes:
                 self.busy = True
                 try:
-                    self._serve(batch)
+                    self._serve_lanes() if lanes else self._serve(batch)
                 finally:
                     with self.cond:
                         self.busy = False
@@ -260,33 +271,65 @@ class Scheduler:
         stay = 4 * counts.get(current, 0) >= min(counts[best], self.max_batch)  # a switch must buy a much fuller batch
         return self._take(current if stay else best, self.max_batch)
 
-    def _serve(self, batch: list[Job]) -> None:
-        task, m = batch[0].task, self.metrics
-        now = time.monotonic()
-        switched = self.backend.task != task or self.backend.model is None
+    def _load(self, task: str, replace: str | None = None, jobs: list[Job] | None = None) -> bool:
+        """Load ``task`` (replacing held task ``replace`` where the backend holds several); False if it failed,
+        with the error told to ``jobs`` (default: every waiting request of ``task``, taken off the queue)."""
+        m, now = self.metrics, time.monotonic()
+        before = self.backend.bytes_read
         try:
-            if switched:
-                before = self.backend.bytes_read
+            if replace is None:
                 self.backend.load(task)
-                self.switches += 1
-                if m is not None:
-                    m.switches.inc()
-                    m.bytes_read.inc(self.backend.bytes_read - before)
-                    m.switch_seconds.observe(time.monotonic() - now)
+            else:
+                self.backend.load(task, replace=replace)
         except Exception as e:  # noqa: BLE001
             log.exception("loading task %s failed", task)
-            for j in batch:
+            failed = jobs
+            if failed is None:
+                with self.cond:
+                    failed = [j for j in self.pending if j.task == task]
+                    self.pending = [j for j in self.pending if j.task != task]
+                    self._gauge()
+            for j in failed:
                 j.finish_reason = "error"
                 j.notify("error", (500, f"loading task {task!r} failed: {e}"))
+            return False
+        self.switches += 1
+        if m is not None:
+            m.switches.inc()
+            m.bytes_read.inc(self.backend.bytes_read - before)
+            m.switch_seconds.observe(time.monotonic() - now)
+        return True
+
+    def _serve(self, batch: list[Job]) -> None:
+        task = batch[0].task
+        switched = self.backend.task != task or self.backend.model is None
+        if switched and not self._load(task, jobs=batch):
             return
+        for j in batch:
+            j.switched = switched
+
+        def more(room: int, live: list[Sequence]) -> list[Job]:
+            horizon = max((s.sampling.max_tokens - len(s.out_ids) for s in live), default=0)
+            return self._joiners(task, room, len(live), horizon)
+
+        def check(live: list[Sequence]) -> None:
+            if self.backend.task != task:
+                raise RuntimeError(f"resident pattern is {self.backend.task!r}, batch is for {task!r}")
+
+        self._generate(batch, more, check)
+
+    def _generate(self, batch: list[Job], more, check) -> None:
+        """Generate ``batch``, admitting ``more(room, live sequences)`` between steps (continuous batching) and
+        calling ``check(live sequences)`` before every step."""
+        m = self.metrics
         running: list[Job] = []
         live: list[Sequence] = []
 
-        def begin(jobs: list[Job], joined_switch: bool) -> list[Sequence]:
+        def begin(jobs: list[Job]) -> list[Sequence]:
             start = time.monotonic()
             seqs = []
             for j in jobs:
-                j.switched, j.started = joined_switch, start
+                j.started = start
                 j.notify("start", j)
                 running.append(j)
                 if m is not None:
@@ -298,6 +341,7 @@ class Scheduler:
                         emit=self._emitter(j),
                         is_cancelled=lambda j=j: j.cancelled,
                         on_done=lambda s, j=j: self._finish(j, s),
+                        task=j.task,
                     )
                 )
             live.extend(seqs)
@@ -308,19 +352,19 @@ class Scheduler:
 
         def admit(room: int) -> list[Sequence]:
             live[:] = [s for s in live if s.finish_reason is None]
-            horizon = max((s.sampling.max_tokens - len(s.out_ids) for s in live), default=0)
-            return begin(self._joiners(task, room, len(live), horizon), False)
-
-        def check() -> None:
-            if self.backend.task != task:
-                raise RuntimeError(f"resident pattern is {self.backend.task!r}, batch is for {task!r}")
+            return begin(more(room, live))
 
         try:
-            seqs = begin(batch, switched)
+            seqs = begin(batch)
             runner = getattr(self.backend, "run_batch", None)  # an engine of its own (vLLM), else premoe's
             if runner is None:
                 runner = partial(run_batch, self.backend.model, self.backend.tokenizer)
-            runner(seqs, check=check, admit=admit if self.continuous else None, max_batch=self.max_batch)
+            runner(
+                seqs,
+                check=lambda: check([s for s in live if s.finish_reason is None]),
+                admit=admit if self.continuous else None,
+                max_batch=self.max_batch,
+            )
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
             for j in running:
@@ -330,6 +374,116 @@ class Scheduler:
         finally:
             if m is not None:
                 m.running.set(0)
+
+    # -- several held tasks (a backend with ``lanes`` > 1: the vLLM engine's --held-tasks) ------------
+    def _serve_lanes(self) -> None:
+        """One run of the engine holding several tasks: requests of every held task share it, and a lane whose
+        task has nothing running is switched to another task between steps while the other lanes run on."""
+        jobs = self._admit_lanes(self.max_batch, Counter())
+        if not jobs:
+            return
+
+        def more(room: int, live: list[Sequence]) -> list[Job]:
+            return self._admit_lanes(room, Counter(s.task for s in live))
+
+        def check(live: list[Sequence]) -> None:
+            held = set(self.backend.held_tasks)
+            stray = {s.task for s in live} - held
+            if stray:
+                raise RuntimeError(f"the engine holds {sorted(held)}, running requests are for {sorted(stray)}")
+
+        self._generate(jobs, more, check)
+
+    def _admit_lanes(self, room: int, running: Counter) -> list[Job]:
+        """Up to ``room`` waiting requests to run now (``running``: live sequences by task): those of the held
+        tasks first, then, where a lane is free or its task has nothing running, another task loaded into it
+        and its requests (see :meth:`_lane_plan`)."""
+        if self.router is None and self.pending:
+            self._route_waiting()
+        with self.cond:
+            picked = self._lane_take(room, running)
+            for j in picked:
+                self.pending.remove(j)
+                running[j.task] += 1
+            plan = self._lane_plan(room - len(picked), running)
+            self._gauge()
+        if plan is not None and self._load(*plan):
+            with self.cond:
+                loaded = [j for j in self._lane_take(room - len(picked), running) if j.task == plan[0]]
+                for j in loaded:
+                    self.pending.remove(j)
+                    j.switched = True
+                self._gauge()
+            picked += loaded
+        return picked
+
+    def _held(self) -> list[str]:
+        return list(self.backend.held_tasks) if self.backend.model is not None else []
+
+    def _lane_take(self, room: int, running: Counter) -> list[Job]:
+        """Up to ``room`` routed waiting requests of held tasks, oldest first (fcfs: only from the head of the
+        queue), none of a task whose lane drains (:meth:`_lane_drain`; under the lock)."""
+        held = set(self._held())
+        drain = self._lane_drain(running) if self.policy == "affinity" else None
+        out = []
+        for j in self.pending:
+            if len(out) >= room:
+                break
+            if j.task is None:
+                continue
+            if j.task not in held or j.task == drain:
+                if self.policy == "fcfs":
+                    break
+                continue
+            out.append(j)
+        return out
+
+    def _lane_plan(self, room: int, running: Counter) -> tuple[str, str | None] | None:
+        """The task to load now and the held task it replaces (``None``: a free lane), or ``None`` (under the
+        lock). Only a lane that is free or whose task has nothing running is switched. fcfs loads the task at
+        the head of the queue; affinity the task whose request waited past ``max_wait``, else the one with
+        the most waiting, and while the engine has work it switches only to fill at least a quarter of
+        ``max_batch`` seats (``room``) with it."""
+        ready = [j for j in self.pending if j.task is not None]
+        held = self._held()
+        if not ready or room <= 0:
+            return None
+        free = self.backend.lanes - len(held)
+        idle = [t for t in held if running[t] == 0]
+        if not free and not idle:
+            return None
+        waiting = [j for j in ready if j.task not in held]
+        if not waiting or (self.policy == "fcfs" and ready[0].task in held):
+            return None
+        if self.policy == "fcfs":
+            target = ready[0].task
+        else:
+            counts = Counter(j.task for j in waiting)  # in order of each task's oldest request
+            late = time.monotonic() - waiting[0].arrived > self.max_wait
+            target = waiting[0].task if late else max(counts, key=counts.__getitem__)
+            busy = sum(running.values()) > 0 or any(j.task in held for j in ready)
+            if busy and not late and 4 * min(counts[target], room) < self.max_batch:
+                return None
+        if free:
+            return target, None
+        waiting_held = Counter(j.task for j in ready)
+        return target, min(idle, key=lambda t: (waiting_held[t], held.index(t)))
+
+    def _lane_drain(self, running: Counter) -> str | None:
+        """The held task whose lane should empty so another task gets it (affinity; under the lock): where no
+        lane is free and another task's request waited past ``max_wait``, or another task has more than twice
+        as many requests waiting as the held task with the least work (running and waiting), that task."""
+        held = self._held()
+        if not held or len(held) < self.backend.lanes or any(running[t] == 0 for t in held):
+            return None
+        counts = Counter(j.task for j in self.pending if j.task is not None)
+        least = min(held, key=lambda t: (running[t] + counts[t], held.index(t)))
+        now = time.monotonic()
+        others = [j for j in self.pending if j.task is not None and j.task not in held]
+        if any(now - j.arrived > self.max_wait for j in others):
+            return least
+        most = max((c for t, c in counts.items() if t not in held), default=0)
+        return least if most > 2 * (running[least] + counts[least]) else None
 
     def _joiners(self, task: str, room: int, running: int = 0, horizon: int | None = None) -> list[Job]:
         """Waiting requests of ``task`` that may join the running batch (``running`` sequences, the longest

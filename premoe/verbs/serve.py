@@ -61,6 +61,7 @@ def task_server(
     expert_parallel: bool = False,
     max_model_len: int | None = None,
     kv_cache_gb: float | None = None,
+    held_tasks: int = 1,
     max_seqs: int = 8,
     verb: str = "serve",
 ):
@@ -77,8 +78,9 @@ def task_server(
             about twice the memory) instead of as stored, dequantised one at a time on use (default).
         refit: MoE: load the re-fitted rows ``premoe refit`` stored for this keep count (``None``: where the
             store has them; ``False``: the checkpoint's rows).
-        engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb: MoE: which engine runs the
-            model (:class:`premoe.core.options.EngineOptions`; ``"vllm"``: :class:`premoe.vllm.server.VllmTaskServer`).
+        engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb / held_tasks: MoE: which engine
+            runs the model (:class:`premoe.core.options.EngineOptions`; ``"vllm"``:
+            :class:`premoe.vllm.server.VllmTaskServer`).
         max_seqs: vLLM engine: requests it runs at once (``premoe serve``: ``--max-batch``).
     """
     from premoe.kinds import check_options, kind_of, select
@@ -93,7 +95,7 @@ def task_server(
     )
     signature = SignatureSpec(1, stat, source, norm, metric)
     fit = RefitOptions(refit)
-    engines = EngineOptions(engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb)
+    engines = EngineOptions(engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb, held_tasks)
     check_options(
         backend,
         verb,
@@ -147,12 +149,24 @@ def _use_vllm(backend, info, engines: EngineOptions, run: RunOptions, cache_mb: 
     from premoe.vllm.source import check_engine_model
 
     if not available() or cache_mb or run.device not in (None, "cpu", "auto"):
+        if engines.held_tasks != 1:
+            raise InputError("`held_tasks` needs `engine` vllm, which cannot run here: " + _why_not_vllm(cache_mb, run))
         return False
     try:
         check_engine_model(info)
-    except UnsupportedModelError:
+    except UnsupportedModelError as e:
+        if engines.held_tasks != 1:
+            raise InputError(f"`held_tasks` needs `engine` vllm: {e}") from None
         return False
     return True
+
+
+def _why_not_vllm(cache_mb: float, run: RunOptions) -> str:
+    if cache_mb:
+        return "drop `cache_mb`"
+    if run.device not in (None, "cpu", "auto"):
+        return f"drop `device` {run.device}"
+    return "install vLLM into this Python (docs/serving.md#the-vllm-engine)"
 
 
 def serve(server, options: ServeOptions = ServeOptions(), announce=print) -> int:

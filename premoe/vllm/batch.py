@@ -13,6 +13,7 @@ import itertools
 from typing import Callable
 
 from premoe.server.engine import Sampling, Sequence, advance, finish, start
+from premoe.vllm.worker import request_id
 
 _ids = itertools.count()
 
@@ -39,17 +40,25 @@ def run_batch(
     check: Callable[[], None] | None = None,
     admit: Callable[[int], list[Sequence]] | None = None,
     max_batch: int | None = None,
+    salt: Callable[[str | None], str] | None = None,
 ) -> None:
     """Generate every sequence of ``seqs`` to its end in vLLM's engine ``llm`` (a ``vllm.LLM``), admitting up to
-    ``max_batch`` running sequences from ``admit(room)`` between steps; ``check`` runs before every step."""
+    ``max_batch`` running sequences from ``admit(room)`` between steps; ``check`` runs before every step.
+
+    Each request's id names its sequence's task (:func:`premoe.vllm.worker.request_id`: an engine holding
+    several tasks routes each token among its own task's experts), and ``salt(task)`` is its prefix-cache salt
+    (KV blocks computed with one task's experts are never reused by another's request)."""
     engine = llm.llm_engine
     cap = max_batch or 1 << 30
     live: dict[str, list] = {}  # request id -> [sequence, tokens consumed]
 
     def add(batch: list[Sequence]) -> None:
         for s in start(batch):
-            rid = f"premoe-{next(_ids)}"
-            engine.add_request(rid, {"prompt_token_ids": list(s.prompt_ids)}, sampling_params(s.sampling, eos))
+            rid = request_id(s.task, next(_ids))
+            prompt = {"prompt_token_ids": list(s.prompt_ids)}
+            if salt is not None:
+                prompt["cache_salt"] = salt(s.task)
+            engine.add_request(rid, prompt, sampling_params(s.sampling, eos))
             live[rid] = [s, 0]
 
     def end(rid: str, finished: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,7 +35,7 @@ from premoe.moe.plans import resolved
 from premoe.moe.router import QueryRouter
 from premoe.moe.server import Reply, SwitchStats, routed_reply
 from premoe.server.engine import Sampling, Sequence, eos_ids
-from premoe.vllm.source import EngineSpec, check_engine_model, write_engine_dir
+from premoe.vllm.source import EngineSpec, check_engine_model, check_lanes, engine_experts, write_engine_dir
 
 INSTALL_HINT = "install vLLM into this Python (docs/serving.md#the-vllm-engine) or pass --engine hf"
 
@@ -82,6 +82,13 @@ class VllmTaskServer:
         self.store = PatternStore.open(store)  # QueryRouter checks it is this model's
         self.selection = selection if isinstance(selection, MoeSelection) else MoeSelection(keep=selection)
         self.keep = resolved(self.selection, self.info.router).keep  # an impossible selection fails here
+        self.lanes = engine.held_tasks
+        check_lanes(self.info, self.lanes)
+        if self.lanes * self.keep > self.info.num_experts:
+            raise InputError(
+                f"--held-tasks {self.lanes} x keep {self.keep} = {self.lanes * self.keep} expert slots per layer, more "
+                f"than the model's {self.info.num_experts} experts: hold fewer tasks or keep fewer experts"
+            )
         self.signature = signature or SignatureSpec()
         self.router = QueryRouter(self.info, self.store, self.signature)
         self.refit = refit
@@ -96,7 +103,11 @@ class VllmTaskServer:
             gen = None
         self.eos = eos_ids(SimpleNamespace(generation_config=gen), self.tokenizer)
         self.model = None  # the vllm.LLM, once started
-        self.task: str | None = None
+        self.task: str | None = None  # the last task loaded
+        self.lane_tasks: list[str | None] = [None] * self.lanes  # each lane's task
+        self._used = [0] * self.lanes  # when each lane was last loaded (least recently loaded is replaced)
+        self._generation: dict[str, int] = {}  # loads of each task: its prefix-cache salt
+        self._clock = 0
         self.directory: Path | None = None
         self._bytes = self.router.bytes_read
         self.switch_log: list[SwitchStats] = []
@@ -106,6 +117,16 @@ class VllmTaskServer:
     @property
     def tasks(self) -> list[str]:
         return list(self.router.retriever.names)
+
+    @property
+    def held_tasks(self) -> tuple[str, ...]:
+        """The tasks held now (one per lane holding one): requests of any of them can share a batch."""
+        return tuple(t for t in self.lane_tasks if t is not None)
+
+    def salt(self, task: str | None) -> str:
+        """The prefix-cache salt of ``task``'s requests: new each time the task is loaded into a lane."""
+        task = task or self.task or ""
+        return f"{task}#{self._generation.get(task, 0)}"
 
     @property
     def bytes_read(self) -> int:
@@ -118,43 +139,71 @@ class VllmTaskServer:
     def route_many(self, texts: list[str]) -> list:
         return self.router.route_many(texts)
 
-    def load(self, task: str) -> SwitchStats:
-        """Hold ``task``'s experts: start vLLM on it the first time, then switch in place.
+    def load(self, task: str, replace: str | None = None) -> SwitchStats:
+        """Hold ``task``'s experts: start vLLM on it the first time, then switch in place. With several lanes
+        (``--held-tasks``) a held task is already served; another replaces ``replace`` (a held task), else
+        fills an empty lane, else replaces the least recently loaded task.
 
         Raises:
-            InputError: an unknown task. SwitchError: a rank failed; the previous task is still held.
+            InputError: an unknown task. SwitchError: a rank failed; the previous tasks are still held.
         """
         if task not in self.tasks:
             raise InputError(f"unknown task {task!r}; the store has {', '.join(self.tasks)}")
         t0 = time.perf_counter()
+        self._clock += 1
         if self.model is None:
             read = self._start(task)
             stats = SwitchStats(task, bytes_read=read, experts_read=self.keep * len(self.info.moe_layers))
-        elif task == self.task:
+            if self.lanes > 1:  # the engine started without a task in any lane
+                stats = self._switch(task, 0)
+                stats.bytes_read += read
+        elif task in self.lane_tasks:
+            self.task = task
+            self._used[self.lane_tasks.index(task)] = self._clock
             return SwitchStats(task, experts_kept=self.keep * len(self.info.moe_layers))
         else:
-            results = self.model.collective_rpc("premoe_switch", args=(task,))
-            read = sum(r.get("bytes_read", 0) for r in results)
-            self._bytes += read
-            failed = [r["error"] for r in results if not r.get("ok")]
-            if failed:
+            stats = self._switch(task, self._lane(replace))
+        self.task = task
+        stats.seconds = time.perf_counter() - t0
+        self.switch_log.append(stats)
+        return stats
+
+    def _lane(self, replace: str | None) -> int:
+        if replace is not None and replace in self.lane_tasks:
+            return self.lane_tasks.index(replace)
+        if None in self.lane_tasks:
+            return self.lane_tasks.index(None)
+        return min(range(self.lanes), key=self._used.__getitem__)
+
+    def _switch(self, task: str, lane: int) -> SwitchStats:
+        """Write ``task`` into lane ``lane`` on every rank: staged everywhere, then committed everywhere (one rank:
+        staged and committed in one call, so the engine pauses for one call between its steps, not two)."""
+        was = self.lane_tasks[lane] or self.task
+        one_rank = self.options.tensor_parallel == 1  # nothing to agree on: stage and write in one call
+        results = self.model.collective_rpc("premoe_switch", args=(task, lane, one_rank))
+        read = sum(r.get("bytes_read", 0) for r in results)
+        self._bytes += read
+        failed = [r["error"] for r in results if not r.get("ok")]
+        if failed:
+            if not one_rank:
                 self.model.collective_rpc("premoe_rollback")
-                raise SwitchError(f"switching to task {task!r} failed, still serving {self.task!r}: {failed[0]}")
+            raise SwitchError(f"switching to task {task!r} failed, still serving {was!r}: {failed[0]}")
+        if not one_rank:
             try:
                 self.model.collective_rpc("premoe_commit")
             except Exception as e:  # a router's re-packing failed: each rank restored its routers
                 why = f"{type(e).__name__}: {e}"
                 raise SwitchError(
-                    f"writing task {task!r} into the engine failed, still serving {self.task!r}: {why}"
+                    f"writing task {task!r} into the engine failed, still serving {was!r}: {why}"
                 ) from None
+        self.lane_tasks[lane], self._used[lane] = task, self._clock
+        self._generation[task] = self._generation.get(task, 0) + 1
+        if self.lanes == 1:
             self.model.reset_prefix_cache()  # cached KV blocks were computed with the other task's experts
-            counts = [r.get("experts_written", 0) for r in results]
-            written = sum(counts) if self.options.expert_parallel else max(counts)  # EP: each rank its own experts
-            stats = SwitchStats(task, bytes_read=read, experts_read=written)
-            stats.experts_kept = self.keep * len(self.info.moe_layers) - written
-        self.task = task
-        stats.seconds = time.perf_counter() - t0
-        self.switch_log.append(stats)
+        counts = [r.get("experts_written", 0) for r in results]
+        written = sum(counts) if self.options.expert_parallel else max(counts)  # EP: each rank its own experts
+        stats = SwitchStats(task, bytes_read=read, experts_read=written)
+        stats.experts_kept = self.keep * len(self.info.moe_layers) - written
         return stats
 
     def _start(self, task: str) -> int:
@@ -164,7 +213,12 @@ class VllmTaskServer:
         from premoe.vllm.worker import LOAD_FORMAT, register
 
         plan = plan_from_pattern(self.info, self.store.load(task), self.selection)
-        spec = EngineSpec(str(self.info.path), str(self.store.path), task, asdict(self.selection), self.refit)
+        if self.lanes > 1:  # the config's geometry: lanes x N experts
+            others = [plan_from_pattern(self.info, self.store.load(t), self.selection) for t in self.tasks if t != task]
+            plan = replace(plan, kept=engine_experts(self.info.num_experts, plan, others, self.lanes))
+        spec = EngineSpec(
+            str(self.info.path), str(self.store.path), task, asdict(self.selection), self.refit, self.lanes
+        )
         self.directory = write_engine_dir(self.info, plan, spec)
         register()
         opts = self.options
@@ -181,7 +235,9 @@ class VllmTaskServer:
                 enable_expert_parallel=opts.expert_parallel,
                 max_model_len=opts.max_model_len,
                 max_num_seqs=self.max_seqs,
-                enforce_eager=_cpu(),  # CPU: vLLM's compile pass costs minutes and gains little here
+                # CPU: vLLM's compile pass costs minutes and gains little here. Several lanes: the router mask is
+                # Python run at every step, which a captured CUDA graph would skip
+                enforce_eager=_cpu() or self.lanes > 1,
                 skip_tokenizer_init=True,  # premoe tokenizes and detokenizes
                 seed=0,
             )
@@ -196,14 +252,20 @@ class VllmTaskServer:
 
     # -- generation -------------------------------------------------------------------------------------
     def run_batch(self, seqs: list[Sequence], check=None, admit=None, max_batch: int | None = None) -> None:
-        """Generate ``seqs`` (and what ``admit`` adds) in vLLM; see :func:`premoe.vllm.batch.run_batch`."""
+        """Generate ``seqs`` (and what ``admit`` adds) in vLLM; see :func:`premoe.vllm.batch.run_batch`.
+
+        vLLM runs ``max_batch`` sequences at once; up to as many again are admitted and wait in vLLM's own queue,
+        so a seat freed by a finished sequence is filled at vLLM's very next step, not one step later (premoe
+        admits between steps, after it has seen the step's output)."""
         from premoe.vllm.batch import run_batch
 
-        run_batch(self.model, self.tokenizer, seqs, self.eos, check=check, admit=admit, max_batch=max_batch)
+        cap = 2 * (max_batch or self.max_seqs)
+        run_batch(self.model, self.tokenizer, seqs, self.eos, check=check, admit=admit, max_batch=cap, salt=self.salt)
 
     def complete(self, prompt: str, max_new_tokens: int = 64) -> str:
-        """The greedy completion of ``prompt`` by the held task's model."""
-        seq = Sequence(self.tokenizer(prompt)["input_ids"], Sampling(max_new_tokens, temperature=0.0))
+        """The greedy completion of ``prompt`` by the last loaded task's model."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        seq = Sequence(ids, Sampling(max_new_tokens, temperature=0.0), task=self.task)
         self.run_batch([seq])
         return seq.text
 
@@ -221,13 +283,27 @@ class VllmTaskServer:
             self._refits[task] = task_refit(self.store, task, plan, self.refit, self.info.path) is not None
         return self._refits[task]
 
-    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
-        """Each prompt token's log-probability given the ones before it (``None`` for the first)."""
+    def prompt_logprobs(self, prompts: list[list[int]], tasks: list[str] | None = None) -> list[list[float | None]]:
+        """Each prompt token's log-probability given the ones before it (``None`` for the first), by the model of
+        the prompt's task in ``tasks`` (held; default: the last loaded task), all prompts in one batch."""
         from vllm import SamplingParams
 
+        from premoe.vllm.worker import request_id
+
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
-        outs = self.model.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[None] + [d[t].logprob for t, d in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
+        engine, outs = self.model.llm_engine, {}
+        tasks = tasks or [self.task] * len(prompts)
+        for i, (p, task) in enumerate(zip(prompts, tasks)):
+            engine.add_request(request_id(task, i), {"prompt_token_ids": p, "cache_salt": self.salt(task)}, params)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    outs[int(o.request_id.split(".")[2].split("-")[0])] = o
+        rows = []
+        for i in range(len(prompts)):
+            o = outs[i]
+            rows.append([None] + [d[t].logprob for t, d in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
+        return rows
 
     def held(self) -> dict[str, Any]:
         """What rank 0 holds: the task and each MoE layer's slots (original expert ids)."""

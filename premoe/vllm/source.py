@@ -29,7 +29,7 @@ from premoe.moe.options import MoeSelection
 from premoe.moe.patterns import plan_from_pattern
 from premoe.moe.plans import PrunePlan
 from premoe.moe.selective import Materializer
-from premoe.vllm.slots import Slot, slot_rows
+from premoe.vllm.slots import Slot
 
 ENGINE_FILE = "premoe_engine.json"
 
@@ -43,6 +43,7 @@ class EngineSpec:
     task: str  # loaded at start-up
     selection: dict[str, Any]
     refit: bool | None = None
+    lanes: int = 1  # tasks held at once: the engine holds lanes x N experts per MoE layer
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -71,6 +72,53 @@ def check_engine_model(info: ModelInfo) -> None:
                 f"--engine vllm switches experts stored as gate_up_proj/down_proj without biases; {info.spec.name} "
                 f"layer {layer} has {names}{' with biases' if entry.get('bias') else ''}: use --engine hf"
             )
+
+
+def check_lanes(info: ModelInfo, lanes: int) -> None:
+    """Refuse, in one line, holding several tasks on a router that a per-token mask cannot restrict exactly.
+
+    With several tasks held, every token's router logits get -1e4 on the slots outside its own task. That
+    is exact where the experts are chosen from a softmax (or a sigmoid) of the logits alone: the masked slots
+    get a weight of exactly 0 and are never chosen. Group-limited routing (the groups would change), score
+    corrections added after the nonlinearity (a masked slot could still be chosen) and sparsemixer are refused.
+
+    Raises:
+        InputError: ``lanes`` below 1. UnsupportedModelError: the router is one of those above.
+    """
+    if not isinstance(lanes, int) or lanes < 1:
+        raise InputError(f"`held_tasks` must be a whole number of at least 1, got {lanes!r}")
+    r = info.router
+    if lanes == 1:
+        return
+    why = None
+    leaves = {n.rsplit(".", 1)[-1] for e in info.layout.moe.values() for n in e["router"]}
+    if r.weights == "sparsemixer" or r.jitter:
+        why = f"it routes by {r.kind}"
+    elif r.n_group > 1 or r.group_limited:
+        why = "its routing is group-limited"
+    elif leaves - {"weight", "bias"}:
+        why = f"its router adds {', '.join(sorted(leaves - {'weight', 'bias'}))} to the scores"
+    if why is not None:
+        raise UnsupportedModelError(
+            f"--held-tasks {lanes} needs a router a per-token mask restricts exactly; {info.spec.name}'s does not "
+            f"({why}): use --held-tasks 1"
+        )
+
+
+def engine_experts(num_experts: int, first: PrunePlan, others: list[PrunePlan], lanes: int) -> dict[int, list[int]]:
+    """The experts an engine of ``lanes`` lanes starts with, per MoE layer (ascending ids): the first task's kept
+    experts, then, for the other lanes, the experts the ``others`` (the store's other tasks) keep most often
+    (ties: the lower id), so later switches find many of theirs already in place."""
+    out = {}
+    for layer, kept in first.kept.items():
+        counts: dict[int, int] = {}
+        for other in others:
+            for e in other.kept[layer]:
+                counts[e] = counts.get(e, 0) + 1
+        mine = set(kept)
+        rest = sorted((e for e in range(num_experts) if e not in mine), key=lambda e: (-counts.get(e, 0), e))
+        out[layer] = sorted([*kept, *rest[: (lanes - 1) * len(kept)]])
+    return out
 
 
 def write_engine_dir(info: ModelInfo, plan: PrunePlan, spec: EngineSpec, parent: str | Path | None = None) -> Path:
@@ -161,31 +209,52 @@ class EngineSource:
 
             self._routers = read_routers(self.info, self.reader)
 
-    def routers(self, layer: int, slots: list[Slot], task: str) -> dict[str, torch.Tensor]:
-        """Every router tensor of ``layer`` with its rows in slot order, by checkpoint key (``task``'s re-fitted
-        router rows where its re-fit holds them)."""
-        self.read_routers()
+    def router_refitted(self, task: str, layer: int) -> bool:
+        """Whether ``task``'s re-fit replaces router rows of ``layer``."""
         fit = self.refit(task)
-        order = torch.tensor([s.expert for s in slots])
+        return fit is not None and bool(fit.routers.get(layer))
+
+    def routers(self, layer: int, slots: list[Slot | None]) -> dict[str, torch.Tensor]:
+        """Every router tensor of ``layer`` with one row per slot, by checkpoint key: the checkpoint's row of the
+        slot's expert, or the re-fitted row of the task named by ``Slot.router``; zeros for ``None`` (a slot no
+        lane uses, masked)."""
+        self.read_routers()
+        ids = torch.tensor([s.expert if s is not None else 0 for s in slots])
+        unused = [j for j, s in enumerate(slots) if s is None]
+        fitted_by = {s.router for s in slots if s is not None and s.router is not None}
         out = {}
         for name, full in self._routers[layer].items():
             dim = self.info.layout.moe[layer]["router"][name]
-            fitted = fit.router(layer, name) if fit is not None else None
-            if fitted is not None:  # stored for the kept experts in ascending order
-                self.refit_bytes += fitted.nbytes
-                value = fitted.index_select(dim, torch.tensor(slot_rows(slots, self.plan(task).kept[layer])))
-            else:
-                value = full.index_select(dim, order)
+            value = full.index_select(dim, ids)
+            for task in sorted(fitted_by):
+                fitted = self.refit(task).router(layer, name)
+                if fitted is None:
+                    continue
+                self.refit_bytes += fitted.nbytes  # stored for the kept experts in ascending order
+                row = {e: i for i, e in enumerate(sorted(self.plan(task).kept[layer]))}
+                mine = [j for j, s in enumerate(slots) if s is not None and s.router == task]
+                rows = torch.tensor([row[slots[j].expert] for j in mine])
+                value.index_copy_(dim, torch.tensor(mine), fitted.index_select(dim, rows).to(value.dtype))
+            if unused:
+                value.index_fill_(dim, torch.tensor(unused), 0)
             out[self.info.layout.sources[name].key] = value.contiguous()
         return out
 
     def initial_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors of ``premoe prune``'s export of the first task (checkpoint names and layout; re-fitted
-        rows where the store has them), read one at a time."""
+        """The tensors vLLM starts with, in checkpoint names and layout, read one at a time. One lane: exactly
+        ``premoe prune``'s export of the first task (re-fitted rows where the store has them). More: the
+        checkpoint's rows of :func:`engine_experts` (the first task's experts and likely ones of the others);
+        the worker then switches the first lane to the first task (its re-fitted rows) before serving."""
+        import dataclasses
+
         from premoe.moe.export import plan_tensors
 
-        plan = self.plan(self.spec.task)
-        tensors, _ = plan_tensors(self.info, plan, self.refit(self.spec.task))
+        plan, fit = self.plan(self.spec.task), self.refit(self.spec.task)
+        if self.spec.lanes > 1:
+            others = [self.plan(t) for t in self.store.tasks if t != self.spec.task]
+            kept = engine_experts(self.info.num_experts, plan, others, self.spec.lanes)
+            plan, fit = dataclasses.replace(plan, kept=kept), None
+        tensors, _ = plan_tensors(self.info, plan, fit)
         for t in tensors:
             yield t.name, (t.make() if t.make is not None else self.reader.tensor(t.dtype, t.shape, t.pieces))
 

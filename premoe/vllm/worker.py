@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from premoe.vllm.slots import Slot, Write, fresh_slots, plan_switch
+from premoe.vllm.slots import Slot, Write, fresh_slots, plan_lane, want_slots
 
 LOAD_FORMAT = "premoe"
 LOADED_BYTES: dict[str, int] = {}  # engine directory -> bytes the load format read there (this process)
@@ -165,15 +165,107 @@ def _undo(entries: list) -> None:
                 module.cpu_linear = linear
 
 
+def request_id(task: str | None, n: int) -> str:
+    """A vLLM request id that names the request's task (hex, so any task name fits), for the router mask."""
+    return f"premoe.{(task or '').encode().hex()}.{n}"
+
+
+def request_task(rid: str) -> str | None:
+    """The task :func:`request_id` put into ``rid`` (``None``: not a premoe request, or no task)."""
+    parts = rid.split(".")
+    if len(parts) < 3 or parts[0] != "premoe" or not parts[1]:
+        return None
+    try:
+        return bytes.fromhex(parts[1]).decode()
+    except ValueError:
+        return None
+
+
+MASK = -1e4  # added to the router logits of the slots outside a token's task: exp() and sigmoid() give exactly 0
+
+
+class _TaskMask:
+    """Restricts each token's router to its own task's slots when the engine holds several tasks.
+
+    Each router module of the model gets its ``forward`` wrapped: its logits get, per token, the row of its
+    lane in ``tables[layer]`` ([lanes + 1, slots]: 0 on the lane's slots, ``MASK`` elsewhere; the last row all
+    0, for padding). The token -> request layout comes from the model runner (``input_batch.req_ids``,
+    ``query_start_loc``), the task from the request id (:func:`request_task`), the lane from the held tasks.
+    Python runs at every step, so this needs eager execution (on CUDA the server starts vLLM with
+    ``enforce_eager``: a captured graph would replay the first step's mask).
+    """
+
+    def __init__(self, state: "_SwitchState", runner):
+        self.state, self.runner = state, runner
+        self.tables: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._key: tuple | None = None
+        self._lanes: torch.Tensor | None = None
+
+    def install(self, routers: dict[int, torch.nn.Module]) -> None:
+        for layer, module in routers.items():
+            module.forward = self._wrap(module.forward, layer)
+
+    def update(self) -> None:
+        """Rebuild the tables from the state's lanes (after a commit)."""
+        st = self.state
+        self.tables, self._cache, self._key = {}, {}, None
+        for layer, lanes in st.lane_slots.items():
+            width = len(st.slots[layer])
+            table = torch.full((len(lanes) + 1, width), MASK, dtype=torch.float32)
+            table[-1] = 0
+            for k, slots in enumerate(lanes):
+                if slots:
+                    table[k, slots] = 0
+            self.tables[layer] = table
+
+    def _token_lanes(self, tokens: int) -> torch.Tensor:
+        batch = self.runner.input_batch
+        n = batch.num_reqs
+        ids = tuple(batch.req_ids[:n])
+        starts = self.runner.query_start_loc.np[: n + 1]
+        key = (ids, starts.tobytes(), tokens)
+        if key != self._key:
+            import numpy as np
+
+            lanes = np.array([self.state.lane_of(rid) for rid in ids], dtype=np.int64)
+            per = np.repeat(lanes, np.diff(starts).astype(np.int64))
+            pad = len(self.state.lane_tasks)
+            out = np.full(tokens, pad, dtype=np.int64)
+            out[: min(tokens, len(per))] = per[:tokens]
+            self._key, self._lanes, self._cache = key, torch.from_numpy(out), {}
+        return self._lanes
+
+    def _mask(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        lanes = self._token_lanes(logits.shape[0])
+        key = (layer, logits.device, logits.dtype)
+        mask = self._cache.get(key)
+        if mask is None:
+            table = self.tables[layer].to(device=logits.device, dtype=logits.dtype)
+            mask = self._cache[key] = table.index_select(0, lanes.to(logits.device))
+        return mask
+
+    def _wrap(self, forward, layer: int):
+        def masked(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            logits = out[0] if isinstance(out, tuple) else out
+            logits = logits + self._mask(layer, logits)
+            return (logits, *out[1:]) if isinstance(out, tuple) else logits
+
+        return masked
+
+
 class _SwitchState:
-    """One worker's view of the engine: the source, the slots of every MoE layer, the staged switch."""
+    """One worker's view of the engine: the source, the slots of every MoE layer, each lane's task and slots, the
+    staged switch."""
 
     def __init__(self, worker):
-        from premoe.vllm.source import EngineSource
+        from premoe.vllm.source import EngineSource, engine_experts
 
         self.model = worker.model_runner.model
         self.source = EngineSource.open(worker.vllm_config.model_config.model)
-        self.task = self.source.spec.task
+        spec = self.source.spec
+        self.task = spec.task  # the last task switched to: requests that name none are served by it
         self.layers: dict[int, Any] = {}
         for name, module in self.model.named_modules():
             if hasattr(module, "w13_weight") and hasattr(module, "weight_loader"):
@@ -184,17 +276,57 @@ class _SwitchState:
         if missing:
             raise RuntimeError(f"vLLM's model has no fused MoE layer for premoe's MoE layers {sorted(missing)}")
         self.kernels = {layer: _ExpertKernel(module) for layer, module in self.layers.items()}
-        plan = self.source.plan(self.task)
-        self.slots = {
-            layer: fresh_slots(plan.kept[layer], self.source.refitted(self.task, layer), self.task)
-            for layer in self.source.info.moe_layers
-        }
+        plan, src = self.source.plan(self.task), self.source
+        self.slots: dict[int, list[Slot | None]] = {}
+        self.lane_slots: dict[int, list[list[int]]] = {}
+        self.mask: _TaskMask | None = None
+        if spec.lanes == 1:  # started as the first task's export
+            self.lane_tasks: list[str | None] = [self.task]
+            for layer in src.info.moe_layers:
+                fitted = src.router_refitted(self.task, layer)
+                self.slots[layer] = fresh_slots(plan.kept[layer], src.refitted(self.task, layer), self.task, fitted)
+                self.lane_slots[layer] = [list(range(len(self.slots[layer])))]
+        else:  # started with the checkpoint's rows of engine_experts; no lane holds a task until the first switch
+            others = [src.plan(t) for t in src.store.tasks if t != self.task]
+            kept = engine_experts(src.info.num_experts, plan, others, spec.lanes)
+            self.lane_tasks = [None] * spec.lanes
+            for layer in src.info.moe_layers:
+                self.slots[layer] = [Slot(e) for e in kept[layer]]
+                self.lane_slots[layer] = [[] for _ in range(spec.lanes)]
+            self.mask = _TaskMask(self, worker.model_runner)
+            self.mask.update()
+            self.mask.install(self._router_modules())
         self.source.read_routers()
-        self.pending: tuple[list, dict, str] | None = None
+        self.pending: tuple | None = None
 
-    def _stage_layer(self, layer: int, writes: list[Write], new: list[Slot], task: str) -> tuple[list, dict]:
-        """Read, slice and pack what ``layer`` needs (nothing is written): ``([(local slot, w13, w2)], router
-        tensors)``."""
+    def _router_modules(self) -> dict[int, torch.nn.Module]:
+        """Each MoE layer's router module (the one holding its router weight)."""
+        out = {}
+        for layer, entry in self.source.info.layout.moe.items():
+            for name in entry["router"]:
+                key = self.source.info.layout.sources[name].key
+                if key.endswith(".weight"):
+                    out[layer] = self.model.get_submodule(key.rpartition(".")[0])
+        missing = set(self.source.info.moe_layers) - set(out)
+        if missing:
+            raise RuntimeError(f"premoe found no router weight for MoE layers {sorted(missing)} in vLLM's model")
+        return out
+
+    def lane_of(self, rid: str) -> int:
+        """The lane serving request ``rid`` (its task's; a request naming no task: the last task switched to).
+
+        Raises:
+            RuntimeError: the task is not held (the server never sends one; this keeps tasks from mixing).
+        """
+        task = request_task(rid) or self.task
+        try:
+            return self.lane_tasks.index(task)
+        except ValueError:
+            held = self.lane_tasks
+            raise RuntimeError(f"premoe: request {rid} is for task {task!r}; the engine holds {held}") from None
+
+    def _stage_layer(self, layer: int, writes: list[Write]) -> list:
+        """Read, slice and pack the experts ``layer`` needs (nothing is written): ``[(local slot, w13, w2)]``."""
         module, kernel = self.layers[layer], self.kernels[layer]
         staged = []
         for w in writes:
@@ -205,30 +337,51 @@ class _SwitchState:
             sliced = rank_slices(module, w.slot, gate_up, self.source.down(layer, w.expert, w.down))
             if sliced is not None:
                 staged.append((local, *kernel.pack(*sliced)))
-        return staged, self.source.routers(layer, new, task)
+        return staged
+
+    @staticmethod
+    def _view(slots: list[Slot | None], lanes: list[list[int]]) -> list[Slot | None]:
+        """The slots some lane uses (the others as ``None``: their router rows are zero and masked)."""
+        used = {j for lane in lanes for j in lane}
+        return [s if j in used else None for j, s in enumerate(slots)]
 
     @torch.inference_mode()
-    def switch(self, task: str) -> dict[str, Any]:
-        """Stage ``task``'s experts that differ, every layer read and packed before any is written; the engine
-        is untouched until :meth:`commit` writes them, so a failed read leaves nothing to undo."""
+    def switch(self, task: str, lane: int = 0, commit: bool = False) -> dict[str, Any]:
+        """Stage ``task`` into lane ``lane``: its experts that differ, every layer read and packed before any is
+        written; the engine is untouched until :meth:`commit` writes them (at once with ``commit``), so a failed
+        read leaves nothing to undo."""
         if self.pending is not None:
             return {"ok": False, "error": "a switch is pending commit or rollback"}
-        t0, before = time.perf_counter(), self.source.bytes_read
-        new_slots, staged, experts = dict(self.slots), {}, 0
+        if not 0 <= lane < len(self.lane_tasks):
+            return {"ok": False, "error": f"lane {lane} does not exist (the engine holds {len(self.lane_tasks)})"}
+        t0, before, src = time.perf_counter(), self.source.bytes_read, self.source
+        new_slots, new_lanes, staged, experts = dict(self.slots), dict(self.lane_slots), {}, 0
         try:
-            plan = self.source.plan(task)
-            for layer in self.source.info.moe_layers:
-                new, writes = plan_switch(self.slots[layer], plan.kept[layer], self.source.refitted(task, layer), task)
-                if writes or task != self.task:
-                    staged[layer] = self._stage_layer(layer, writes, new, task)
+            plan = src.plan(task)
+            for layer in src.info.moe_layers:
+                want = want_slots(plan.kept[layer], src.refitted(task, layer), task, src.router_refitted(task, layer))
+                new, mine, writes = plan_lane(self.slots[layer], self.lane_slots[layer], lane, want)
+                lanes = [list(x) for x in self.lane_slots[layer]]
+                lanes[lane] = mine
+                view = self._view(new, lanes)
+                if writes or view != self._view(self.slots[layer], self.lane_slots[layer]):
+                    staged[layer] = (self._stage_layer(layer, writes), src.routers(layer, view))
                     experts += len(staged[layer][0])
-                new_slots[layer] = new
+                new_slots[layer], new_lanes[layer] = new, lanes
         except Exception as e:  # noqa: BLE001 - nothing was written; report, let the driver roll back every rank
-            return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": self.source.bytes_read - before}
-        self.pending = (staged, new_slots, task)
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": src.bytes_read - before}
+        tasks = list(self.lane_tasks)
+        tasks[lane] = task
+        self.pending = (staged, new_slots, new_lanes, tasks, task)
+        if commit:
+            try:
+                self.commit()
+            except Exception as e:  # noqa: BLE001 - commit restored the routers it wrote; experts untouched
+                why = f"writing into the engine failed: {type(e).__name__}: {e}"
+                return {"ok": False, "error": why, "bytes_read": src.bytes_read - before}
         return {
             "ok": True,
-            "bytes_read": self.source.bytes_read - before,
+            "bytes_read": src.bytes_read - before,
             "experts_written": experts,
             "seconds": time.perf_counter() - t0,
         }
@@ -237,10 +390,10 @@ class _SwitchState:
     def commit(self) -> None:
         """Write the staged switch: first every router (re-packed by the layer's own method; a failure there
         restores the routers already written and raises, experts untouched), then the experts, plain memory
-        copies into their slots, which do not fail midway."""
+        copies into their slots, which do not fail midway; then the lanes' masks."""
         if self.pending is None:
             return
-        staged, new_slots, task = self.pending
+        staged, new_slots, new_lanes, tasks, task = self.pending
         self.pending, undo = None, []
         try:
             for _experts, routers in staged.values():
@@ -255,7 +408,9 @@ class _SwitchState:
                 if w13 is not None:
                     module.w13_weight[local].copy_(w13)
                 module.w2_weight[local].copy_(w2)
-        self.slots, self.task = new_slots, task
+        self.slots, self.lane_slots, self.lane_tasks, self.task = new_slots, new_lanes, tasks, task
+        if self.mask is not None:
+            self.mask.update()
 
     def rollback(self) -> None:
         """Drop a staged switch (nothing of it was written)."""
@@ -272,10 +427,11 @@ class ExpertSwitcher:
             state = self._premoe_state = _SwitchState(self)
         return state
 
-    def premoe_switch(self, task: str) -> dict[str, Any]:
-        """Write ``task``'s experts that differ from the held ones (kept for :meth:`premoe_rollback`)."""
+    def premoe_switch(self, task: str, lane: int = 0, commit: bool = False) -> dict[str, Any]:
+        """Stage ``task``'s experts that differ from those lane ``lane`` holds (:meth:`premoe_commit` writes them;
+        ``commit``: write them now, for an engine of one rank)."""
         try:
-            return self._premoe().switch(task)
+            return self._premoe().switch(task, lane, commit)
         except Exception as e:  # noqa: BLE001 - setting up failed: nothing was written
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": 0}
 
@@ -290,7 +446,12 @@ class ExpertSwitcher:
         state = self._premoe()
         return {
             "task": state.task,
-            "slots": {layer: [s.expert for s in v] for layer, v in state.slots.items()},
+            "lanes": list(state.lane_tasks),
+            "slots": {layer: [s.expert if s is not None else None for s in v] for layer, v in state.slots.items()},
+            "lane_experts": {
+                layer: [sorted(state.slots[layer][j].expert for j in lane) for lane in lanes]
+                for layer, lanes in state.lane_slots.items()
+            },
             "bytes_read": state.source.bytes_read,
             "loaded_bytes": LOADED_BYTES.get(str(self.vllm_config.model_config.model), 0),
         }

@@ -1,0 +1,183 @@
+"""``--held-tasks``: the vLLM engine holding several tasks at once, without vLLM (the engine itself is tested in
+``tests/test_vllm.py``): the slot arithmetic of a lane switch, the request ids that carry a request's task to
+the router mask, the refusals, and the scheduler that batches requests of every held task together and switches
+only lanes with nothing running."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from premoe.assets import TINY_MODEL
+from premoe.core.options import EngineOptions
+from premoe.errors import InputError, UnsupportedModelError
+from premoe.moe.model import inspect_model
+from premoe.moe.plans import PrunePlan
+from premoe.server.engine import Sampling
+from premoe.server.scheduler import Job, Scheduler
+from premoe.testing.builders import build_family
+from premoe.vllm.slots import Slot, plan_lane, want_slots
+from premoe.vllm.source import check_lanes, engine_experts
+from premoe.vllm.worker import request_id, request_task
+
+
+def _random_want(rng, n, keep, task):
+    kept = rng.sample(range(n), keep)
+    refitted = set(rng.sample(kept, rng.randrange(keep + 1))) if rng.random() < 0.5 else set()
+    return want_slots(kept, refitted, task, router=rng.random() < 0.2)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_lane_switch_leaves_the_other_lanes_alone_and_writes_only_what_it_lacks(seed):
+    rng = random.Random(seed)
+    n, keep, lanes = 32, rng.choice([2, 4, 8]), rng.choice([2, 3])
+    slots: list[Slot | None] = [Slot(e) for e in rng.sample(range(n), lanes * keep)]
+    lane_slots: list[list[int]] = [[] for _ in range(lanes)]
+    tasks: list[str | None] = [None] * lanes
+    for step in range(8):  # a sequence of switches, each checked against the state before it
+        lane, task = rng.randrange(lanes), f"t{step}"
+        want = _random_want(rng, n, keep, task)
+        new, mine, writes = plan_lane(slots, lane_slots, lane, want)
+        key = lambda s: (s.expert, s.down or "", s.router or "")  # noqa: E731
+        assert sorted(key(new[j]) for j in mine) == sorted(key(s) for s in want)  # the lane holds what it wants
+        assert len(set(mine)) == keep
+        others = {j for k, js in enumerate(lane_slots) if k != lane for j in js}
+        for j in others:  # the other lanes' slots are never written, shared only where equal
+            assert new[j] == slots[j] and all(w.slot != j for w in writes)
+        for j in set(mine) & others:
+            assert slots[j] in want
+        for w in writes:
+            before = slots[w.slot]
+            assert w.slot in mine and new[w.slot].expert == w.expert and new[w.slot].down == w.down
+            if w.full:  # a full write only where no usable copy of the expert was free to take
+                assert before is None or before.expert != w.expert
+            else:
+                assert before.expert == w.expert and before.down != w.down
+        unwritten = set(mine) - {w.slot for w in writes}
+        for j in unwritten:  # a slot taken as it was already held the expert and its down projection
+            assert (slots[j].expert, slots[j].down) == (new[j].expert, new[j].down)
+        slots, tasks[lane] = new, task
+        lane_slots = [mine if k == lane else js for k, js in enumerate(lane_slots)]
+    assert all(len(js) == keep for js, t in zip(lane_slots, tasks) if t is not None)
+
+
+def test_a_task_already_held_elsewhere_is_shared_without_writing():
+    want = want_slots([1, 2, 3], set(), "b")
+    slots = [Slot(1), Slot(2), Slot(3), Slot(7), Slot(8), Slot(9)]
+    new, mine, writes = plan_lane(slots, [[0, 1, 2], [3, 4, 5]], 1, want)
+    assert mine == [0, 1, 2] and writes == [] and new == slots
+    refit = want_slots([1, 2, 3], {2}, "b")  # a re-fitted down projection is the task's own: not shared
+    new, mine, writes = plan_lane(slots, [[0, 1, 2], [3, 4, 5]], 1, refit)
+    assert [(w.expert, w.full) for w in writes] == [(2, True)] and 1 not in mine and {0, 2} <= set(mine)
+    with pytest.raises(ValueError, match="distinct"):
+        plan_lane(slots, [[0, 1, 2], [3, 4, 5]], 1, want_slots([1, 1, 2], set(), "x"))
+
+
+@pytest.mark.parametrize("task", ["add", "a.b-c", "ünï/code", "x" * 200])
+def test_request_ids_carry_any_task_name(task):
+    rid = request_id(task, 17)
+    assert request_task(rid) == task and request_task(rid + "-a1b2") == task  # vLLM may add a suffix
+    assert request_task("cmpl-123") is None and request_task(request_id(None, 3)) is None
+
+
+def test_engine_experts_start_with_the_first_task_and_the_others_likely_ones():
+    plan = lambda kept: PrunePlan({0: kept}, 8, 2, 2, task="x")  # noqa: E731
+    first, others = plan([0, 1]), [plan([5, 6]), plan([6, 7]), plan([6, 1])]
+    assert engine_experts(8, first, others, 2) == {0: [0, 1, 5, 6]}  # 6 kept 3 times, then 5 before 7 (lower id)
+    assert engine_experts(8, first, others, 1) == {0: [0, 1]}
+
+
+def test_held_tasks_are_refused_where_a_mask_cannot_restrict_the_router(tmp_path):
+    check_lanes(inspect_model(TINY_MODEL), 2)  # softmax top-k: served
+    check_lanes(inspect_model(build_family("mixtral", tmp_path / "mixtral")), 3)
+    dsv3 = inspect_model(build_family("deepseek_v3", tmp_path / "dsv3"))
+    check_lanes(dsv3, 1)
+    with pytest.raises(UnsupportedModelError, match="--held-tasks 2 .*--held-tasks 1"):
+        check_lanes(dsv3, 2)
+    with pytest.raises(InputError, match="held_tasks"):
+        check_lanes(dsv3, 0)
+    with pytest.raises(InputError, match="`held_tasks` must be an integer"):
+        EngineOptions(engine="vllm", held_tasks=0)
+    with pytest.raises(InputError, match="`held_tasks` need `engine` vllm"):
+        EngineOptions(engine="hf", held_tasks=2)
+
+
+class _Lanes:
+    """An engine holding ``lanes`` tasks: ``run_batch`` advances every live sequence one token per step and
+    records each step's tasks; ``load`` records what ran when a lane was switched."""
+
+    routes_concurrently = False
+
+    def __init__(self, lanes: int):
+        self.lanes, self.model, self.task = lanes, object(), None
+        self.held: list[str | None] = [None] * lanes
+        self.steps: list[Counter] = []
+        self.loads: list[tuple[str, str | None, Counter]] = []
+        self.live: list = []
+
+    @property
+    def held_tasks(self):
+        return tuple(t for t in self.held if t is not None)
+
+    @property
+    def bytes_read(self):
+        return 0
+
+    def load(self, task, replace=None):
+        if task in self.held:
+            return
+        lane = self.held.index(replace) if replace in self.held else (self.held + [None]).index(None) % self.lanes
+        self.loads.append((task, self.held[lane], Counter(s.task for s in self.live)))
+        self.held[lane] = self.task = task
+
+    def run_batch(self, seqs, check=None, admit=None, max_batch=None):
+        self.live = list(seqs)
+        while self.live:
+            check()
+            self.steps.append(Counter(s.task for s in self.live))
+            for s in list(self.live):
+                s.out_ids.append(0)
+                if len(s.out_ids) >= s.sampling.max_tokens:
+                    s.finish_reason = "length"
+                    self.live.remove(s)
+                    s.on_done(s)
+            if admit is not None and len(self.live) < max_batch:
+                self.live += admit(max_batch - len(self.live))
+            if not self.live and admit is not None:
+                self.live += admit(max_batch)
+
+
+def _serve_stream(backend, tasks: list[str], max_batch: int = 8) -> list[Job]:
+    s = Scheduler(backend, max_batch=max_batch, max_wait=60)
+    jobs = []
+    rng = random.Random(0)
+    for t in tasks:
+        sampling = Sampling(rng.randint(2, 12))
+        jobs.append(Job("", [], sampling, lambda *_: None, task=t))
+    s.pending = list(jobs)
+    s.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and s.served < len(jobs):
+        time.sleep(0.01)
+    s.stop(5)
+    assert s.served == len(jobs) and all(j.finish_reason == "length" for j in jobs)
+    return jobs
+
+
+def test_the_scheduler_batches_held_tasks_together_and_switches_only_idle_lanes():
+    rng = random.Random(1)
+    tasks = [rng.choice("abcde") for _ in range(120)]
+    two = _Lanes(2)
+    _serve_stream(two, tasks)
+    assert any(len(step) == 2 for step in two.steps)  # requests of both held tasks in one step
+    for task, replaced, running in two.loads:  # a lane switched only with nothing of its task running
+        assert running[replaced] == 0 and task not in running
+    assert all(set(step) <= {t for t in "abcde"} for step in two.steps)
+
+    one = _Lanes(1)  # the same stream, one task held at a time
+    _serve_stream(one, tasks)
+    width = lambda b: sum(sum(s.values()) for s in b.steps) / len(b.steps)  # noqa: E731
+    assert width(two) > 1.2 * width(one), (width(two), width(one))
