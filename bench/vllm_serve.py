@@ -10,6 +10,9 @@ premoe's engine, ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's).
 
     python bench/vllm_serve.py                          # the shipped tiny MoE, keep 8 of 32
     python bench/vllm_serve.py --large 10               # a generated Qwen3-MoE checkpoint, 10 layers (~1.1 GB)
+
+Engines: ``premoe-hf`` (premoe's own), ``premoe-vllm`` (the vLLM engine holding one task), ``premoe-vllmN`` (the
+vLLM engine holding N tasks at once, ``--held-tasks N``), ``vllm-serve`` (plain vLLM, one export).
 """
 
 from __future__ import annotations
@@ -110,7 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=600.0)
-    ap.add_argument("--engines", nargs="+", default=["premoe-hf", "premoe-vllm", "vllm-serve"])
+    ap.add_argument(
+        "--engines", nargs="+", default=["premoe-hf", "premoe-vllm", "premoe-vllm2", "vllm-serve"], help="see above"
+    )
     ap.add_argument("--work", type=Path, help="keep generated checkpoints and stores here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -163,7 +168,11 @@ def main(argv=None) -> int:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         if name.startswith("premoe-"):
-            cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", name.split("-")[1]]
+            kind = name.split("-")[1]
+            held = kind[4:] if kind.startswith("vllm") else ""
+            cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", kind[:4] if held else kind]
+            if held:
+                cmd += ["--held-tasks", held]
             proc, model_of = start(cmd, env, "listening on"), (lambda w: "auto")
         else:
             # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
@@ -195,9 +204,9 @@ def main(argv=None) -> int:
         report["engines"][name]["load_s"] = time.monotonic() - t0
         print(f"{name}: done", flush=True)
     texts = {n: r.pop("texts") for n, r in report["engines"].items()}
-    if "premoe-hf" in texts and "premoe-vllm" in texts:
-        pairs = [(a, b) for a, b in zip(texts["premoe-hf"], texts["premoe-vllm"]) if a is not None and b is not None]
-        report["vllm_answers_equal_hf"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    for name in [n for n in texts if n.startswith("premoe-vllm") and "premoe-hf" in texts]:
+        pairs = [(a, b) for a, b in zip(texts["premoe-hf"], texts[name]) if a is not None and b is not None]
+        report[f"{name}_answers_equal_hf"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
     print(
         f"{Path(model).name} ({size_mb:.0f} MB), keep {args.keep}: {len(work)} requests, {args.clients} clients, "
         f"{args.max_tokens} tokens max, {args.threads} threads"
@@ -212,12 +221,14 @@ def main(argv=None) -> int:
             f"{r['switches']:>8.0f} {r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f}"
         )
     tps = {n: r["tokens_per_s"] for n, r in report["engines"].items()}
-    for a, b in (("premoe-vllm", "vllm-serve"), ("premoe-vllm", "premoe-hf")):
-        if a in tps and b in tps:
-            report[f"{a}/{b}"] = tps[a] / tps[b]
-            print(f"{a} / {b} output tokens/s: x{tps[a] / tps[b]:.2f}")
-    if "vllm_answers_equal_hf" in report:
-        print(f"answers equal between premoe's engines: {report['vllm_answers_equal_hf']:.0%}")
+    rps = {n: r["requests_per_s"] for n, r in report["engines"].items()}
+    for a in [n for n in tps if n.startswith("premoe-vllm")]:
+        for b in ("vllm-serve", "premoe-hf"):
+            if b in tps:
+                report[f"{a}/{b}"] = {"tokens_per_s": tps[a] / tps[b], "requests_per_s": rps[a] / rps[b]}
+                print(f"{a} / {b}: output tokens/s x{tps[a] / tps[b]:.2f}, requests/s x{rps[a] / rps[b]:.2f}")
+    for key in [k for k in report if k.endswith("_answers_equal_hf")]:
+        print(f"answers of {key.split('_')[0]} equal to premoe-hf's: {report[key]:.0%}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
