@@ -226,7 +226,8 @@ def test_raw_http_errors_and_auth(moe):
     big = httpx.post(url + "/v1/completions", headers=auth, json={"model": "auto", "prompt": "x" * (2 << 20)})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert httpx.get(url + "/v1/nothing", headers=auth).status_code == 404
-    assert httpx.get(url + "/health").status_code == 200  # no key needed
+    health = httpx.get(url + "/health")  # no key needed
+    assert health.status_code == 200 and health.json()["held"] == [health.json()["task"]]
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.get(url + "/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

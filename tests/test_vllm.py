@@ -348,6 +348,8 @@ def test_http_server_on_two_held_tasks_answers_concurrent_mixed_requests(lanes, 
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, prompts))
         assert svc.scheduler.switches >= 1
+        health = openai.DefaultHttpxClient().get(url + "/health").json()
+        assert len(health["held"]) == 2 and health["task"] in health["held"]
     hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
     for prompt, (task, text) in zip(prompts, answers):
         hf.load(task)

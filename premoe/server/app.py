@@ -470,13 +470,17 @@ def create_app(backend, opts: ServeOptions | None = None) -> Guard:
             svc.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
+    def resident() -> list[str]:
+        """The tasks whose patterns are held (several where the backend holds several: ``--held-tasks``)."""
+        held = getattr(backend, "held_tasks", None)
+        return list(held) if held is not None else [t for t in (backend.task,) if t is not None]
+
     @app.get("/health")
     async def health():
         draining = svc.scheduler.stopping
-        return JSONResponse(
-            {"status": "draining" if draining else "ok", "task": backend.task, "queue": svc.scheduler.depth()},
-            status_code=503 if draining else 200,
-        )
+        body = {"status": "draining" if draining else "ok", "task": backend.task, "held": resident()}
+        body["queue"] = svc.scheduler.depth()
+        return JSONResponse(body, status_code=503 if draining else 200)
 
     @app.get("/metrics")
     async def metrics():
@@ -488,7 +492,7 @@ def create_app(backend, opts: ServeOptions | None = None) -> Guard:
             "object": "model",
             "created": svc.created,
             "owned_by": "premoe",
-            "premoe": {"task": None if mid == AUTO else mid, "resident": mid == backend.task},
+            "premoe": {"task": None if mid == AUTO else mid, "resident": mid in resident()},
         }
 
     @app.get("/v1/models")
