@@ -154,9 +154,10 @@ class VllmTaskServer:
         if self.model is None:
             read = self._start(task)
             stats = SwitchStats(task, bytes_read=read, experts_read=self.keep * len(self.info.moe_layers))
-            if self.lanes > 1:  # the engine started without a task in any lane
+            if self.lanes > 1:  # the engine started with lanes x N experts and no task in any lane
                 stats = self._switch(task, 0)
                 stats.bytes_read += read
+                stats.experts_read = self.lanes * self.keep * len(self.info.moe_layers)
         elif task in self.lane_tasks:
             self.task = task
             self._used[self.lane_tasks.index(task)] = self._clock

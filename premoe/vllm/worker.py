@@ -4,9 +4,12 @@
   loader, fed the tensors of the first task's pruned export straight from the source checkpoint
   (:meth:`premoe.vllm.source.EngineSource.initial_weights`), so start-up is a normal vLLM load of that
   export (every weight checked by vLLM's loader), without writing the export to disk.
-* :class:`ExpertSwitcher`, the ``worker_extension_cls``: ``premoe_switch(task)`` writes the experts that
-  differ (:func:`premoe.vllm.slots.plan_switch`) and every router row into the running model, in place;
-  ``premoe_commit`` / ``premoe_rollback`` end the switch on every rank.
+* :class:`ExpertSwitcher`, the ``worker_extension_cls``: ``premoe_switch(task, lane)`` stages the experts
+  that differ (:func:`premoe.vllm.slots.plan_lane`) and every router row; ``premoe_commit`` /
+  ``premoe_rollback`` end the switch on every rank (one rank: ``premoe_switch(..., commit=True)`` does both).
+* With several tasks held (``--held-tasks``, :class:`_TaskMask`): each lane of slots holds one task, and each
+  MoE router's logits get -1e4 outside the slots of the token's own task, read from its request id
+  (:func:`request_id`), so requests of every held task share vLLM's batches.
 
 How one expert is written: vLLM's own ``weight_loader`` of the layer cuts this rank's slice (tensor
 parallel: the rank's share of the intermediate dimension; expert parallel: only experts local to the rank,
@@ -20,8 +23,9 @@ Failure: a switch reads, slices and packs every layer's experts before writing a
 stages them), so a read that fails midway (unreadable shard, mismatched store) leaves the engine as it was,
 serving the previous task, with nothing to copy back. No rank raises: each returns ``{"ok": ...}`` and the
 driver then commits (``premoe_commit`` writes the staged routers, then the experts) or rolls back (drops the
-staging) on every rank, so tensor-parallel ranks never end up holding different tasks. The staging holds the
-switch's new experts, as many bytes as the overwritten ones an undo log would keep.
+staging) on every rank, so tensor-parallel ranks never end up holding different tasks. With one rank the
+commit follows the staging in the same call; a commit that fails there restores its routers and reports.
+The staging holds the switch's new experts, as many bytes as the overwritten ones an undo log would keep.
 """
 
 from __future__ import annotations
