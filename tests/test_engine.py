@@ -13,7 +13,7 @@ from premoe.errors import InputError, UnsupportedModelError
 from premoe.moe.model import inspect_model
 from premoe.testing.builders import build_family, quantize_checkpoint
 from premoe.vllm import available
-from premoe.vllm.slots import Slot, fresh_slots, plan_switch, slot_rows
+from premoe.vllm.slots import Slot, plan_switch, slot_rows, want_slots
 from premoe.vllm.source import check_engine_model
 
 
@@ -23,7 +23,7 @@ def test_a_switch_writes_only_what_differs_and_holds_exactly_the_new_set(seed):
     n, keep = 32, rng.choice([2, 8, 16, 31])
     a, b = rng.sample(range(n), keep), rng.sample(range(n), keep)
     fa, fb = set(rng.sample(a, keep // 2)), set(rng.sample(b, keep // 2))
-    held = fresh_slots(a, fa, "A")
+    held = want_slots(a, fa, "A")
     new, writes = plan_switch(held, b, fb, "B")
     assert sorted(s.expert for s in new) == sorted(b)
     assert all(s.down == ("B" if s.expert in fb else None) for s in new)

@@ -37,14 +37,9 @@ class Write:
 
 
 def want_slots(kept: list[int], refitted: set[int], task: str, router: bool = False) -> list[Slot]:
-    """What ``task``'s slots must hold (ascending original ids): its re-fitted down projections for
-    ``refitted``, and its re-fitted router rows where ``router``."""
+    """What ``task``'s slots must hold (ascending original ids, the order of a fresh load of its pruned model):
+    its re-fitted down projections for ``refitted``, and its re-fitted router rows where ``router``."""
     return [Slot(e, task if e in refitted else None, task if router else None) for e in sorted(kept)]
-
-
-def fresh_slots(kept: list[int], refitted: set[int], task: str, router: bool = False) -> list[Slot]:
-    """The slots of a fresh load of ``task``'s pruned model (ascending original ids)."""
-    return want_slots(kept, refitted, task, router)
 
 
 def plan_lane(

@@ -240,6 +240,15 @@ class EngineSource:
             out[self.info.layout.sources[name].key] = value.contiguous()
         return out
 
+    def start_experts(self) -> dict[int, list[int]]:
+        """The experts vLLM starts with, per MoE layer: the first task's kept experts (one lane), or
+        :func:`engine_experts` (several)."""
+        plan = self.plan(self.spec.task)
+        if self.spec.lanes == 1:
+            return plan.kept
+        others = [self.plan(t) for t in self.store.tasks if t != self.spec.task]
+        return engine_experts(self.info.num_experts, plan, others, self.spec.lanes)
+
     def initial_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors vLLM starts with, in checkpoint names and layout, read one at a time. One lane: exactly
         ``premoe prune``'s export of the first task (re-fitted rows where the store has them). More: the
@@ -251,9 +260,7 @@ class EngineSource:
 
         plan, fit = self.plan(self.spec.task), self.refit(self.spec.task)
         if self.spec.lanes > 1:
-            others = [self.plan(t) for t in self.store.tasks if t != self.spec.task]
-            kept = engine_experts(self.info.num_experts, plan, others, self.spec.lanes)
-            plan, fit = dataclasses.replace(plan, kept=kept), None
+            plan, fit = dataclasses.replace(plan, kept=self.start_experts()), None
         tensors, _ = plan_tensors(self.info, plan, fit)
         for t in tensors:
             yield t.name, (t.make() if t.make is not None else self.reader.tensor(t.dtype, t.shape, t.pieces))

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from premoe.vllm.slots import Slot, Write, fresh_slots, plan_lane, want_slots
+from premoe.vllm.slots import Slot, Write, plan_lane, want_slots
 
 LOAD_FORMAT = "premoe"
 LOADED_BYTES: dict[str, int] = {}  # engine directory -> bytes the load format read there (this process)
@@ -264,7 +264,7 @@ class _SwitchState:
     staged switch."""
 
     def __init__(self, worker):
-        from premoe.vllm.source import EngineSource, engine_experts
+        from premoe.vllm.source import EngineSource
 
         self.model = worker.model_runner.model
         self.source = EngineSource.open(worker.vllm_config.model_config.model)
@@ -280,7 +280,8 @@ class _SwitchState:
         if missing:
             raise RuntimeError(f"vLLM's model has no fused MoE layer for premoe's MoE layers {sorted(missing)}")
         self.kernels = {layer: _ExpertKernel(module) for layer, module in self.layers.items()}
-        plan, src = self.source.plan(self.task), self.source
+        src = self.source
+        kept = src.start_experts()
         self.slots: dict[int, list[Slot | None]] = {}
         self.lane_slots: dict[int, list[list[int]]] = {}
         self.mask: _TaskMask | None = None
@@ -288,11 +289,9 @@ class _SwitchState:
             self.lane_tasks: list[str | None] = [self.task]
             for layer in src.info.moe_layers:
                 fitted = src.router_refitted(self.task, layer)
-                self.slots[layer] = fresh_slots(plan.kept[layer], src.refitted(self.task, layer), self.task, fitted)
+                self.slots[layer] = want_slots(kept[layer], src.refitted(self.task, layer), self.task, fitted)
                 self.lane_slots[layer] = [list(range(len(self.slots[layer])))]
         else:  # started with the checkpoint's rows of engine_experts; no lane holds a task until the first switch
-            others = [src.plan(t) for t in src.store.tasks if t != self.task]
-            kept = engine_experts(src.info.num_experts, plan, others, spec.lanes)
             self.lane_tasks = [None] * spec.lanes
             for layer in src.info.moe_layers:
                 self.slots[layer] = [Slot(e) for e in kept[layer]]
