@@ -285,6 +285,57 @@ def test_a_failed_lane_switch_leaves_both_held_tasks_serving(lanes, prompts, mon
     assert set(lanes.held_tasks) == {"reverse", "sort"}
 
 
+def test_two_held_tasks_on_a_mixtral_checkpoint(tmp_path):
+    """Another family's router path in vLLM (Mixtral's ``block_sparse_moe.gate``, renormalised top-2): a random
+    Mixtral (head size 32, as vLLM's CPU attention needs), two tasks held, prompts of both in one batch equal
+    fresh loads of each task's export."""
+    from premoe.testing.builders import build_model, save_model
+    from premoe.vllm.server import VllmTaskServer
+
+    model, tok = build_model(
+        "mixtral",
+        dict(
+            num_local_experts=8,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=32,
+        ),
+    )
+    path = save_model(model, tok, tmp_path / "mixtral")
+    tasks = ("add", "sort")
+    for t in tasks:
+        data = write_jsonl(tmp_path / f"{t}.jsonl", samples(t, 16, "calib"))
+        premoe.calibrate(path, data, t, tmp_path / "store", progress=False)
+    prompts = [tok(s["prompt"] + s["completion"])["input_ids"] for t in tasks for s in samples(t, 3, "eval")]
+    fresh = {}
+    for t in tasks:
+        out = tmp_path / f"{t}-2"
+        premoe.prune(path, tmp_path / "store", t, 2, out, refit=False, progress=False)
+        pj, oj = tmp_path / "prompts.json", tmp_path / f"{t}.out.json"
+        pj.write_text(json.dumps(prompts))
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), str(pj), str(oj), "float32"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        fresh[t] = json.loads(oj.read_text())
+    srv = VllmTaskServer(
+        path, tmp_path / "store", 2, dtype="float32", engine=EngineOptions(engine="vllm", kv_cache_gb=1, held_tasks=2)
+    )
+    try:
+        srv.load("add")
+        srv.load("sort")
+        mixed = [tasks[j % 2] for j in range(len(prompts))]
+        ours = srv.prompt_logprobs(prompts, mixed)
+        assert max(max_diff([ours[j]], [fresh[t][j]]) for j, t in enumerate(mixed)) <= 1e-4
+    finally:
+        srv.close()
+
+
 @contextlib.contextmanager
 def running(backend, **opts):
     from premoe.server.app import ServeOptions
