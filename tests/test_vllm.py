@@ -288,9 +288,9 @@ def test_a_failed_lane_switch_leaves_both_held_tasks_serving(lanes, prompts, mon
 def test_two_held_tasks_on_a_mixtral_checkpoint(tmp_path):
     """Another family's router path in vLLM (Mixtral's ``block_sparse_moe.gate``, renormalised top-2): a random
     Mixtral (head size 32, as vLLM's CPU attention needs), two tasks held, prompts of both in one batch equal
-    fresh loads of each task's export."""
+    fresh loads of each task's export. The engine runs in a process of its own: closing an engine in this one
+    would tear down vLLM's process-wide parallel state under the module's engines."""
     from premoe.testing.builders import build_model, save_model
-    from premoe.vllm.server import VllmTaskServer
 
     model, tok = build_model(
         "mixtral",
@@ -323,17 +323,28 @@ def test_two_held_tasks_on_a_mixtral_checkpoint(tmp_path):
         )
         assert run.returncode == 0, run.stderr[-3000:]
         fresh[t] = json.loads(oj.read_text())
-    srv = VllmTaskServer(
-        path, tmp_path / "store", 2, dtype="float32", engine=EngineOptions(engine="vllm", kv_cache_gb=1, held_tasks=2)
+    mixed = [tasks[j % 2] for j in range(len(prompts))]
+    code = f"""
+import json, sys
+from premoe.vllm.server import VllmTaskServer
+from premoe.core.options import EngineOptions
+srv = VllmTaskServer({str(path)!r}, {str(tmp_path / "store")!r}, 2, dtype="float32",
+                     engine=EngineOptions(engine="vllm", kv_cache_gb=1, held_tasks=2))
+srv.load("add")
+srv.load("sort")
+json.dump(srv.prompt_logprobs(json.load(open(sys.argv[1])), {mixed!r}), open(sys.argv[2], "w"))
+srv.close()
+"""
+    oj = tmp_path / "held.json"
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "prompts.json"), str(oj)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    try:
-        srv.load("add")
-        srv.load("sort")
-        mixed = [tasks[j % 2] for j in range(len(prompts))]
-        ours = srv.prompt_logprobs(prompts, mixed)
-        assert max(max_diff([ours[j]], [fresh[t][j]]) for j, t in enumerate(mixed)) <= 1e-4
-    finally:
-        srv.close()
+    assert run.returncode == 0, run.stderr[-4000:]
+    ours = json.loads(oj.read_text())
+    assert max(max_diff([ours[j]], [fresh[t][j]]) for j, t in enumerate(mixed)) <= 1e-4
 
 
 @contextlib.contextmanager
