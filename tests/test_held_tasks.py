@@ -175,7 +175,7 @@ def test_the_scheduler_batches_held_tasks_together_and_switches_only_idle_lanes(
     assert any(len(step) == 2 for step in two.steps)  # requests of both held tasks in one step
     for task, replaced, running in two.loads:  # a lane switched only with nothing of its task running
         assert running[replaced] == 0 and task not in running
-    assert all(set(step) <= {t for t in "abcde"} for step in two.steps)
+    assert all(len(step) <= 2 for step in two.steps)  # never more tasks in a step than lanes (check() too)
 
     one = _Lanes(1)  # the same stream, one task held at a time
     _serve_stream(one, tasks)
