@@ -78,16 +78,21 @@ def fresh_export_logprobs(store, task, prompts, tmp):
     out = tmp / f"{task}-{KEEP}"
     if not out.exists():
         premoe.prune(TINY_MODEL, store, task, KEEP, out, refit=task == REFITTED, progress=False)
-    pj, oj = tmp / "prompts.json", tmp / f"{task}.out.json"
+    return script_logprobs(out, prompts, tmp / f"{task}.out.json")
+
+
+def script_logprobs(export, prompts, out_json, dtype="float32"):
+    """Prompt log-probabilities of a fresh vLLM load of ``export`` in a process of its own."""
+    pj = out_json.with_suffix(".prompts.json")
     pj.write_text(json.dumps(prompts))
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(pj), str(oj), "float32"],
+        [sys.executable, str(SCRIPT), str(export), str(pj), str(out_json), dtype],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(oj.read_text())
+    return json.loads(out_json.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -313,16 +318,8 @@ def test_two_held_tasks_on_a_mixtral_checkpoint(tmp_path):
     for t in tasks:
         out = tmp_path / f"{t}-2"
         premoe.prune(path, tmp_path / "store", t, 2, out, refit=False, progress=False)
-        pj, oj = tmp_path / "prompts.json", tmp_path / f"{t}.out.json"
-        pj.write_text(json.dumps(prompts))
-        run = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), str(pj), str(oj), "float32"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        fresh[t] = json.loads(oj.read_text())
+        fresh[t] = script_logprobs(out, prompts, tmp_path / f"{t}.out.json")
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     mixed = [tasks[j % 2] for j in range(len(prompts))]
     code = f"""
 import json, sys
@@ -480,16 +477,7 @@ def test_vllm_serves_the_w4a16_export_as_premoe_reads_it(store, prompts, tmp_pat
     WNA16 path runs them)."""
     out = tmp_path / "w4"
     premoe.prune(TINY_MODEL, store, "add", KEEP, out, quantize="w4a16", quantize_group=16, progress=False)
-    pj, oj = tmp_path / "prompts.json", tmp_path / "w4.out.json"
-    pj.write_text(json.dumps(prompts))
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(pj), str(oj), "bfloat16"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = json.loads(oj.read_text())
+    theirs = script_logprobs(out, prompts, tmp_path / "w4.out.json", "bfloat16")
     ours = hf_logprobs(SimpleNamespace(model=load_model(out, device="cpu", dtype=torch.float32).model), prompts)
     diffs = sorted(abs(x - y) for a, b in zip(theirs, ours) for x, y in zip(a[1:], b[1:]))
     # bf16 activations against float32: the plain bf16 export differs as much (median 0.02, a few tokens by up to
