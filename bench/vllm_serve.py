@@ -12,7 +12,8 @@ premoe's engine, ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's).
     python bench/vllm_serve.py --large 10               # a generated Qwen3-MoE checkpoint, 10 layers (~1.1 GB)
 
 Engines: ``premoe-hf`` (premoe's own), ``premoe-vllm`` (the vLLM engine holding one task), ``premoe-vllmN`` (the
-vLLM engine holding N tasks at once, ``--held-tasks N``), ``vllm-serve`` (plain vLLM, one export).
+vLLM engine holding N tasks at once, ``--held-tasks N``), ``vllm-serve`` (plain vLLM, one export); ``:on`` or
+``:off`` after a vLLM engine's name sets ``--stage-switches`` (``premoe-vllm:off``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def summarize(load: dict, metrics_text: str, hwm: float) -> dict:
         "p50_s": lat[len(lat) // 2] if lat else None,
         "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
         "switches": metric(metrics_text, "premoe_pattern_switches_total"),
+        "switches_staged": metric(metrics_text, "premoe_switches_staged_total"),
+        "switch_pause_s": metric(metrics_text, "premoe_switch_seconds_sum"),
         "bytes_read_mb": metric(metrics_text, "premoe_checkpoint_bytes_read_total") / 2**20,
         "peak_rss_mb": hwm,
         "texts": [None if r is None or "error" in r else r["text"] for r in res],
@@ -168,11 +171,13 @@ def main(argv=None) -> int:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         if name.startswith("premoe-"):
-            kind = name.split("-")[1]
+            kind, _, staging = name.split("-")[1].partition(":")
             held = kind[4:] if kind.startswith("vllm") else ""
             cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", kind[:4] if held else kind]
             if held:
                 cmd += ["--held-tasks", held]
+            if staging:
+                cmd += ["--stage-switches", staging]
             proc, model_of = start(cmd, env, "listening on"), (lambda w: "auto")
         else:
             # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
@@ -212,13 +217,14 @@ def main(argv=None) -> int:
         f"{args.max_tokens} tokens max, {args.threads} threads"
     )
     print(
-        f"{'engine':<13} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'switches':>8} {'MB read':>8} "
-        f"{'RSS MB':>7}"
+        f"{'engine':<16} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'switches':>8} {'staged':>6} "
+        f"{'pause s':>7} {'MB read':>8} {'RSS MB':>7}"
     )
     for name, r in report["engines"].items():
         print(
-            f"{name:<13} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} "
-            f"{r['switches']:>8.0f} {r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f}"
+            f"{name:<16} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} "
+            f"{r['switches']:>8.0f} {r['switches_staged']:>6.0f} {r['switch_pause_s']:>7.2f} "
+            f"{r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f}"
         )
     tps = {n: r["tokens_per_s"] for n, r in report["engines"].items()}
     rps = {n: r["requests_per_s"] for n, r in report["engines"].items()}

@@ -101,7 +101,7 @@ def test_held_tasks_are_refused_where_a_mask_cannot_restrict_the_router(tmp_path
         check_lanes(dsv3, 0)
     with pytest.raises(InputError, match="`held_tasks` must be an integer"):
         EngineOptions(engine="vllm", held_tasks=0)
-    with pytest.raises(InputError, match="`held_tasks` need `engine` vllm"):
+    with pytest.raises(InputError, match="`held_tasks` and `stage_switches` need `engine` vllm"):
         EngineOptions(engine="hf", held_tasks=2)
 
 
@@ -181,3 +181,70 @@ def test_the_scheduler_batches_held_tasks_together_and_switches_only_idle_lanes(
     _serve_stream(one, tasks)
     width = lambda b: sum(sum(s.values()) for s in b.steps) / len(b.steps)  # noqa: E731
     assert width(two) > 1.2 * width(one), (width(two), width(one))
+
+
+class _Staging(_Lanes):
+    """``_Lanes`` whose switches are staged in the background (``prepare``): the reads end ``need`` steps after
+    they start; ``staged`` records, for each load that used them, how many steps ran meanwhile."""
+
+    stage_ahead = True
+
+    def __init__(self, lanes: int, need: int = 3):
+        super().__init__(lanes)
+        self.need, self._prep, self.staged = need, None, []
+
+    def _lane(self, replace):
+        return self.held.index(replace) if replace in self.held else (self.held + [None]).index(None) % self.lanes
+
+    @property
+    def preparing(self):
+        return None if self._prep is None else (self._prep[0], self.held[self._prep[1]])
+
+    def prepare(self, task, replace=None):
+        if task in self.held or self._prep is not None:
+            return False
+        self._prep = (task, self._lane(replace), len(self.steps))
+        return True
+
+    def prepared(self):
+        return self._prep is not None and len(self.steps) - self._prep[2] >= self.need
+
+    def load(self, task, replace=None):
+        if task in self.held:
+            return
+        prep, self._prep = self._prep, None
+        if prep is not None and prep[0] == task and replace in (None, self.held[prep[1]]):
+            self.staged.append(len(self.steps) - prep[2])
+            replace = self.held[prep[1]]
+        super().load(task, replace)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_switches_are_staged_while_the_engine_runs_and_written_between_steps(lanes):
+    rng = random.Random(2)
+    tasks = [rng.choice("abcde") for _ in range(120)]
+    backend = _Staging(lanes)
+    _serve_stream(backend, tasks)
+    assert backend.staged, "no switch was staged in the background"
+    assert any(n > 0 for n in backend.staged)  # the engine stepped while the reads ran
+    assert sum(backend.staged) >= backend.need  # ...and the writes waited for the reads where work remained
+    for task, replaced, running in backend.loads:  # the lane written had nothing of its task running
+        assert running[replaced] == 0 and task not in running
+    assert all(len(step) <= lanes for step in backend.steps)
+
+
+def test_a_backend_that_does_not_stage_ahead_switches_in_the_foreground():
+    rng = random.Random(2)
+    tasks = [rng.choice("abcde") for _ in range(60)]
+    backend = _Staging(1)
+    backend.stage_ahead = False  # vLLM's threads take every core: reads in the background would slow each step
+    _serve_stream(backend, tasks)
+    assert backend.loads and not backend.staged
+
+
+def test_stage_switches_is_a_vllm_option():
+    assert EngineOptions(engine="vllm", stage_switches="on").vllm_only
+    with pytest.raises(InputError, match="`stage_switches` must be one of"):
+        EngineOptions(engine="vllm", stage_switches="sometimes")
+    with pytest.raises(InputError, match="stage_switches` need `engine` vllm"):
+        EngineOptions(engine="hf", stage_switches="off")

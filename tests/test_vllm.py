@@ -219,6 +219,52 @@ def test_a_commit_that_fails_restores_the_routers_and_keeps_the_previous_task(se
     assert server.task == "sort"
 
 
+def _wait_staged(backend, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not backend.prepared():
+        assert time.monotonic() < deadline, "the background staging did not end"
+        time.sleep(0.05)
+
+
+def test_a_switch_staged_while_serving_answers_as_the_fresh_export(server, prompts, fresh, monkeypatch):
+    """``prepare`` reads the next task's experts on a worker thread while the engine serves the held task, bit
+    for bit as before; ``load`` then only writes them. A staged task that is not the one loaded next is
+    dropped, and a staging whose reads fail leaves the previous task served."""
+    from premoe.vllm import source
+    from premoe.vllm.server import SwitchError
+
+    server.load("add")
+    assert server.held_tasks == ("add",)  # whether the engine started on it or switched to it
+    before = server.prompt_logprobs(prompts)
+    assert server.prepare("sort") and server.preparing == ("sort", "add")
+    assert not server.prepare("reverse")  # one staging at a time
+    assert server.prompt_logprobs(prompts) == before  # served while (or after) the worker reads
+    _wait_staged(server)
+    stats = server.load("sort")
+    assert stats.staged and stats.bytes_read > 0 and server.preparing is None
+    assert max_diff(server.prompt_logprobs(prompts), fresh["sort"]) <= 1e-4
+
+    assert server.prepare("reverse")
+    stats = server.load("add")  # not the staged task: the staging is dropped, the switch is read now
+    assert not stats.staged and server.preparing is None
+    assert max_diff(server.prompt_logprobs(prompts), fresh["add"]) <= 1e-4
+
+    real = source.EngineSource.gate_up
+
+    def flaky(self, layer, expert):
+        if layer >= 1:
+            raise OSError("injected: shard unreadable")
+        return real(self, layer, expert)
+
+    monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
+    held = server.held()["slots"]
+    assert server.prepare("sort")
+    with pytest.raises(SwitchError, match="still serving 'add'.*injected"):
+        server.load("sort")
+    assert server.task == "add" and server.held()["slots"] == held and server.preparing is None
+    assert max_diff(server.prompt_logprobs(prompts), fresh["add"]) <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def lanes(store):
     """The engine holding two tasks at once (``--held-tasks 2``)."""
@@ -288,6 +334,22 @@ def test_a_failed_lane_switch_leaves_both_held_tasks_serving(lanes, prompts, mon
     monkeypatch.setattr(source.EngineSource, "gate_up", real)
     lanes.load("reverse", replace="add")
     assert set(lanes.held_tasks) == {"reverse", "sort"}
+
+
+def test_a_lane_switch_staged_while_the_other_lane_serves(lanes, prompts, fresh):
+    lanes.load("add")
+    lanes.load("sort")
+    held = lanes.held_tasks
+    tasks = [held[j % 2] for j in range(len(prompts))]
+    before = lanes.prompt_logprobs(prompts, tasks)
+    assert lanes.prepare("reverse", replace="add") and lanes.preparing == ("reverse", "add")
+    assert lanes.prompt_logprobs(prompts, tasks) == before  # both lanes serve on while the worker reads
+    _wait_staged(lanes)
+    stats = lanes.load("reverse", replace="add")
+    assert stats.staged and set(lanes.held_tasks) == {"reverse", "sort"}
+    tasks = [("reverse", "sort")[j % 2] for j in range(len(prompts))]
+    ours = lanes.prompt_logprobs(prompts, tasks)
+    assert max(max_diff([ours[j]], [fresh[t][j]]) for j, t in enumerate(tasks)) <= 1e-4
 
 
 def test_two_held_tasks_on_a_mixtral_checkpoint(tmp_path):
@@ -414,6 +476,40 @@ def test_http_server_on_two_held_tasks_answers_concurrent_mixed_requests(lanes, 
         hf.load(task)
         assert text == hf.complete(prompt, 8), (task, prompt)
     assert len({t for t, _ in answers}) == 3
+    hf.close()
+
+
+@pytest.mark.parametrize("engine", ["server", "lanes"])
+def test_http_server_stages_switches_while_serving(engine, request, store, monkeypatch):
+    """With ``--stage-switches on``, concurrent requests of three tasks, grouped so that a task's requests pile up
+    while another's run: switches are read while vLLM serves (counted in /metrics), and each answer equals
+    premoe's engine's for the task it was routed to."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from premoe.moe.server import TaskServer
+
+    backend = request.getfixturevalue(engine)
+    monkeypatch.setattr(backend, "options", replace(backend.options, stage_switches="on"))
+    backend.load("add")
+    prompts = [s["prompt"] for t in ("reverse", "sort", "add") for s in samples(t, 6, "eval")]
+    with running(backend, max_batch=2) as (url, svc):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt):
+            out = client.completions.create(model="auto", prompt=prompt, max_tokens=8, temperature=0)
+            return out.model_extra["premoe"]["task"], out.choices[0].text
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, prompts))
+        metrics = openai.DefaultHttpxClient().get(url + "/metrics").text
+    staged = sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("premoe_switches_staged_total"))
+    assert staged >= 1, metrics
+    assert backend.preparing is None
+    hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
+    for prompt, (task, text) in zip(prompts, answers):
+        hf.load(task)
+        assert text == hf.complete(prompt, 8), (task, prompt)
     hf.close()
 
 

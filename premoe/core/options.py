@@ -178,6 +178,7 @@ class RefitOptions(Options):
 
 # retrieval: how a query's signature is compared with the stored tasks' keys (premoe.core.retrieval)
 ENGINES = ("auto", "hf", "vllm")
+STAGING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -204,15 +205,31 @@ class EngineOptions(Options):
         "routed among its own task's experts",
         type=int,
     )
+    stage_switches: str = option(
+        "auto",
+        "vllm, serve: read the next task's experts on a worker thread while the engine keeps serving, so it pauses "
+        "only to write them; auto: where vLLM's threads leave a CPU core free (always with a GPU)",
+        choices=STAGING,
+    )
 
     def __post_init__(self):
         check_choice("engine", self.engine, ENGINES, optional=False)
+        check_choice("stage_switches", self.stage_switches, STAGING, optional=False)
         check_int("tensor_parallel", self.tensor_parallel, optional=False)
         check_int("held_tasks", self.held_tasks, optional=False)
         check_int("max_model_len", self.max_model_len)
         check_number("kv_cache_gb", self.kv_cache_gb)
-        if self.engine == "hf" and (self.tensor_parallel != 1 or self.expert_parallel or self.held_tasks != 1):
-            raise InputError("`tensor_parallel`, `expert_parallel` and `held_tasks` need `engine` vllm")
+        if self.engine == "hf" and self.vllm_only:
+            raise InputError(
+                "`tensor_parallel`, `expert_parallel`, `held_tasks` and `stage_switches` need `engine` vllm"
+            )
+
+    @property
+    def vllm_only(self) -> bool:
+        """Whether an option only the vLLM engine takes is set."""
+        return (
+            self.tensor_parallel != 1 or self.expert_parallel or self.held_tasks != 1 or self.stage_switches != "auto"
+        )
 
 
 STATS = ("prob", "tcess", "count", "official")

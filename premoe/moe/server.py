@@ -87,7 +87,8 @@ class SwitchStats:
     experts_kept: int = 0
     experts_from_cache: int = 0
     refit_bytes: int = 0  # re-fitted rows read from the pattern store
-    seconds: float = 0.0
+    seconds: float = 0.0  # how long serving paused for it
+    staged: bool = False  # read while the engine kept serving (the vLLM engine's prepare()); seconds is the write
 
 
 def install_pattern(

@@ -21,6 +21,11 @@ class Metrics:
         self.switches = Counter(
             "premoe_pattern_switches", "Task pattern switches (the resident model changed)", registry=r
         )
+        self.switches_staged = Counter(
+            "premoe_switches_staged",
+            "Switches whose checkpoint reads ran while the engine kept serving (the vLLM engine)",
+            registry=r,
+        )
         self.bytes_read = Counter("premoe_checkpoint_bytes_read", "Bytes read from the checkpoint", registry=r)
         self.batches = Histogram(
             "premoe_batch_size",

@@ -278,9 +278,9 @@ class Scheduler:
         before = self.backend.bytes_read
         try:
             if replace is None:
-                self.backend.load(task)
+                stats = self.backend.load(task)
             else:
-                self.backend.load(task, replace=replace)
+                stats = self.backend.load(task, replace=replace)
         except Exception as e:  # noqa: BLE001
             log.exception("loading task %s failed", task)
             failed = jobs
@@ -296,6 +296,8 @@ class Scheduler:
         self.switches += 1
         if m is not None:
             m.switches.inc()
+            if getattr(stats, "staged", False):
+                m.switches_staged.inc()
             m.bytes_read.inc(self.backend.bytes_read - before)
             m.switch_seconds.observe(time.monotonic() - now)
         return True
@@ -310,7 +312,9 @@ class Scheduler:
 
         def more(room: int, live: list[Sequence]) -> list[Job]:
             horizon = max((s.sampling.max_tokens - len(s.out_ids) for s in live), default=0)
-            return self._joiners(task, room, len(live), horizon)
+            joiners = self._joiners(task, room, len(live), horizon)
+            self._stage_next(task, len(live) + len(joiners))
+            return joiners
 
         def check(live: list[Sequence]) -> None:
             if self.backend.task != task:
@@ -397,16 +401,24 @@ class Scheduler:
     def _admit_lanes(self, room: int, running: Counter) -> list[Job]:
         """Up to ``room`` waiting requests to run now (``running``: live sequences by task): those of the held
         tasks first, then, where a lane is free or its task has nothing running, another task loaded into it
-        and its requests (see :meth:`_lane_plan`)."""
+        and its requests (see :meth:`_lane_plan`). A backend that stages switches in the background
+        (``prepare``) reads the new task's experts while the other lanes run on, and the switch is written at
+        the first step after the reads end (the replaced task admits nothing meanwhile)."""
         if self.router is None and self.pending:
             self._route_waiting()
+        staging = self._preparing()
         with self.cond:
-            picked = self._lane_take(room, running)
+            picked = self._lane_take(room, running, None if staging is None else staging[1])
             for j in picked:
                 self.pending.remove(j)
                 running[j.task] += 1
-            plan = self._lane_plan(room - len(picked), running)
+            plan = self._lane_plan(room - len(picked), running) if staging is None else None
             self._gauge()
+        busy = sum(running.values()) > 0
+        if plan is not None and busy and self.backend_prepares and self.backend.prepare(*plan):
+            staging, plan = plan, None  # read while the engine runs; written once the reads end
+        if staging is not None and (not busy or self.backend.prepared()):
+            plan = staging
         if plan is not None and self._load(*plan):
             with self.cond:
                 loaded = [j for j in self._lane_take(room - len(picked), running) if j.task == plan[0]]
@@ -417,13 +429,45 @@ class Scheduler:
             picked += loaded
         return picked
 
+    # -- switches staged in the background (a backend with ``prepare``: the vLLM engine) ---------------
+    @property
+    def backend_prepares(self) -> bool:
+        """Whether the backend stages switches in the background (the vLLM engine's ``stage_ahead``)."""
+        return bool(getattr(self.backend, "stage_ahead", False))
+
+    def _preparing(self) -> tuple[str, str | None] | None:
+        """The switch the backend is staging in the background: (task, the held task it replaces or None)."""
+        return self.backend.preparing if self.backend_prepares else None
+
+    def _stage_next(self, task: str, running: int) -> None:
+        """While the batch of ``task`` drains for another task (one task held), start reading that task's experts
+        in the background, so the switch after the batch only writes them."""
+        if not self.backend_prepares or self.backend.preparing is not None:
+            return
+        with self.cond:
+            ready = [j for j in self.pending if j.task is not None]
+            if not ready:
+                return
+            if self.policy == "fcfs":
+                nxt = ready[0].task  # the batch admits nothing past the head of the queue
+            elif not self._draining(task, running):
+                return
+            else:
+                others = [j for j in ready if j.task != task]
+                counts = Counter(j.task for j in others)
+                late = time.monotonic() - others[0].arrived > self.max_wait
+                nxt = others[0].task if late else max(counts, key=counts.__getitem__)
+        if nxt != task:
+            self.backend.prepare(nxt)
+
     def _held(self) -> list[str]:
         return list(self.backend.held_tasks) if self.backend.model is not None else []
 
-    def _lane_take(self, room: int, running: Counter) -> list[Job]:
+    def _lane_take(self, room: int, running: Counter, leaving: str | None = None) -> list[Job]:
         """Up to ``room`` routed waiting requests of held tasks, oldest first (fcfs: only from the head of the
-        queue), none of a task whose lane drains (:meth:`_lane_drain`; under the lock)."""
-        held = set(self._held())
+        queue), none of a task whose lane drains (:meth:`_lane_drain`) or is being replaced (``leaving``; under
+        the lock)."""
+        held = set(self._held()) - {leaving}
         drain = self._lane_drain(running) if self.policy == "affinity" else None
         out = []
         for j in self.pending:

@@ -62,6 +62,7 @@ def task_server(
     max_model_len: int | None = None,
     kv_cache_gb: float | None = None,
     held_tasks: int = 1,
+    stage_switches: str = "auto",
     max_seqs: int = 8,
     verb: str = "serve",
 ):
@@ -78,8 +79,8 @@ def task_server(
             about twice the memory) instead of as stored, dequantised one at a time on use (default).
         refit: MoE: load the re-fitted rows ``premoe refit`` stored for this keep count (``None``: where the
             store has them; ``False``: the checkpoint's rows).
-        engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb / held_tasks: MoE: which engine
-            runs the model (:class:`premoe.core.options.EngineOptions`; ``"vllm"``:
+        engine / tensor_parallel / expert_parallel / max_model_len / kv_cache_gb / held_tasks / stage_switches: MoE:
+            which engine runs the model (:class:`premoe.core.options.EngineOptions`; ``"vllm"``:
             :class:`premoe.vllm.server.VllmTaskServer`).
         max_seqs: vLLM engine: requests it runs at once (``premoe serve``: ``--max-batch``).
     """
@@ -95,7 +96,9 @@ def task_server(
     )
     signature = SignatureSpec(1, stat, source, norm, metric)
     fit = RefitOptions(refit)
-    engines = EngineOptions(engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb, held_tasks)
+    engines = EngineOptions(
+        engine, tensor_parallel, expert_parallel, max_model_len, kv_cache_gb, held_tasks, stage_switches
+    )
     check_options(
         backend,
         verb,
@@ -148,15 +151,16 @@ def _use_vllm(backend, info, engines: EngineOptions, run: RunOptions, cache_mb: 
     from premoe.vllm import available
     from premoe.vllm.source import check_engine_model
 
+    options = "`held_tasks` and `stage_switches` need"
     if not available() or cache_mb or run.device not in (None, "cpu", "auto"):
-        if engines.held_tasks != 1:
-            raise InputError("`held_tasks` needs `engine` vllm, which cannot run here: " + _why_not_vllm(cache_mb, run))
+        if engines.vllm_only:
+            raise InputError(f"{options} `engine` vllm, which cannot run here: " + _why_not_vllm(cache_mb, run))
         return False
     try:
         check_engine_model(info)
     except UnsupportedModelError as e:
-        if engines.held_tasks != 1:
-            raise InputError(f"`held_tasks` needs `engine` vllm: {e}") from None
+        if engines.vllm_only:
+            raise InputError(f"{options} `engine` vllm: {e}") from None
         return False
     return True
 

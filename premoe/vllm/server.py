@@ -17,6 +17,7 @@ the HTTP server (routing, pinned tasks, streaming, batching, metrics, drain) run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -112,6 +113,10 @@ class VllmTaskServer:
         self._bytes = self.router.bytes_read
         self.switch_log: list[SwitchStats] = []
         self._refits: dict[str, bool] = {}
+        self._prepared: tuple[str, int] | None = None  # (task, lane) staged in the background by prepare()
+        self._prepared_at, self._ready = 0.0, False
+        self._stage_seconds = 0.0  # how long the last background staging took
+        self._spare_cpus: int | None = None  # CPU cores vLLM's threads leave free (None: the model runs on a GPU)
 
     # -- the TaskBackend interface ----------------------------------------------------------------------
     @property
@@ -158,12 +163,15 @@ class VllmTaskServer:
                 stats = self._switch(task, 0)
                 stats.bytes_read += read
                 stats.experts_read = self.lanes * self.keep * len(self.info.moe_layers)
+            else:  # started as the task's export: its one lane holds it
+                self.lane_tasks[0], self._used[0] = task, self._clock
         elif task in self.lane_tasks:
             self.task = task
             self._used[self.lane_tasks.index(task)] = self._clock
             return SwitchStats(task, experts_kept=self.keep * len(self.info.moe_layers))
         else:
-            stats = self._switch(task, self._lane(replace))
+            staged = self._prepared is not None and self._prepared[0] == task and replace is None
+            stats = self._switch(task, self._prepared[1] if staged else self._lane(replace))
         self.task = task
         stats.seconds = time.perf_counter() - t0
         self.switch_log.append(stats)
@@ -176,12 +184,74 @@ class VllmTaskServer:
             return self.lane_tasks.index(None)
         return min(range(self.lanes), key=self._used.__getitem__)
 
+    # -- staging the next switch while the engine serves -----------------------------------------------
+    @property
+    def preparing(self) -> tuple[str, str | None] | None:
+        """The switch being staged in the background (:meth:`prepare`): ``(task, task it replaces or None)``."""
+        if self._prepared is None:
+            return None
+        task, lane = self._prepared
+        return task, self.lane_tasks[lane]
+
+    @property
+    def stage_ahead(self) -> bool:
+        """Whether ``premoe serve`` should :meth:`prepare` switches (``--stage-switches``): ``on``, ``off``, or
+        (``auto``) where the reads do not take a core from vLLM's step: with a GPU, or where vLLM's CPU threads
+        leave one of this machine's cores free. On a CPU whose every core runs vLLM's step, a read in the
+        background slows every step more than it saves (measured in docs/results/vllm.md)."""
+        mode = self.options.stage_switches
+        if mode != "auto" or self.model is None:
+            return mode == "on"
+        return self._spare_cpus is None or self._spare_cpus > 0
+
+    def prepare(self, task: str, replace: str | None = None) -> bool:
+        """Start reading, slicing and packing ``task``'s differing experts for the lane :meth:`load` would give
+        it, on a thread of every worker, while vLLM keeps stepping; the switch itself waits for :meth:`load`
+        (which then only writes what was staged). False where there is nothing to stage: the engine has not
+        started, ``task`` is held, or another switch is being staged."""
+        if self.model is None or task in self.lane_tasks or self._prepared is not None or task not in self.tasks:
+            return False
+        lane = self._lane(replace)
+        results = self.model.collective_rpc("premoe_switch", args=(task, lane, False, True))
+        if not all(r.get("ok") for r in results):  # a rank refused to start: load() will switch in the foreground
+            self.model.collective_rpc("premoe_rollback")
+            return False
+        self._prepared, self._prepared_at = (task, lane), time.perf_counter()
+        self._ready = all(r.get("ready") for r in results)  # nothing to read: staged already
+        return True
+
+    def prepared(self) -> bool:
+        """Whether the switch :meth:`prepare` started is staged on every rank (``load`` will not wait for reads).
+        Asks the ranks only once the last staging's duration has nearly passed: each question waits for vLLM's
+        step to end."""
+        if self._prepared is None:
+            return False
+        if self._ready:
+            return True
+        if time.perf_counter() - self._prepared_at < 0.8 * self._stage_seconds:
+            return False
+        return all(self.model.collective_rpc("premoe_staged"))
+
+    def cancel(self) -> None:
+        """Drop the switch :meth:`prepare` started (waits for its reads to end; nothing was written)."""
+        if self._prepared is not None:
+            self._prepared = None
+            self.model.collective_rpc("premoe_rollback")
+
     def _switch(self, task: str, lane: int) -> SwitchStats:
         """Write ``task`` into lane ``lane`` on every rank: staged everywhere, then committed everywhere (one rank:
-        staged and committed in one call, so the engine pauses for one call between its steps, not two)."""
+        staged and committed in one call, so the engine pauses for one call between its steps, not two). Where
+        :meth:`prepare` staged this very switch, only its commit is left (after waiting for its reads)."""
         was = self.lane_tasks[lane] or self.task
         one_rank = self.options.tensor_parallel == 1  # nothing to agree on: stage and write in one call
-        results = self.model.collective_rpc("premoe_switch", args=(task, lane, one_rank))
+        staged = self._prepared == (task, lane)
+        if staged:
+            self._prepared = None
+            results = self.model.collective_rpc("premoe_finish", args=(one_rank,))
+            self._stage_seconds = max((r.get("seconds", 0.0) for r in results), default=0.0)
+        else:
+            self.cancel()
+            results = self.model.collective_rpc("premoe_switch", args=(task, lane, one_rank))
         read = sum(r.get("bytes_read", 0) for r in results)
         self._bytes += read
         failed = [r["error"] for r in results if not r.get("ok")]
@@ -203,7 +273,7 @@ class VllmTaskServer:
             self.model.reset_prefix_cache()  # cached KV blocks were computed with the other task's experts
         counts = [r.get("experts_written", 0) for r in results]
         written = sum(counts) if self.options.expert_parallel else max(counts)  # EP: each rank its own experts
-        stats = SwitchStats(task, bytes_read=read, experts_read=written)
+        stats = SwitchStats(task, bytes_read=read, experts_read=written, staged=staged)
         stats.experts_kept = self.keep * len(self.info.moe_layers) - written
         return stats
 
@@ -223,6 +293,8 @@ class VllmTaskServer:
         self.directory = write_engine_dir(self.info, plan, spec)
         register()
         opts = self.options
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1  # before vLLM binds threads
         if _cpu():
             if opts.kv_cache_gb is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gb or 2)
@@ -247,6 +319,7 @@ class VllmTaskServer:
             message = " ".join(str(e).split())
             raise EngineError(f"vLLM could not start the engine: {type(e).__name__}: {message[:600]}") from None
         held = self.model.collective_rpc("premoe_held")
+        self._spare_cpus = cores - sum(h["threads"] for h in held) if _cpu() else None
         read = sum(h["bytes_read"] + h["loaded_bytes"] for h in held)
         self._bytes += read
         return read
@@ -312,6 +385,8 @@ class VllmTaskServer:
 
     def close(self) -> None:
         if self.model is not None:
+            with contextlib.suppress(Exception):  # let a background staging end before the engine goes
+                self.cancel()
             engine = getattr(self.model, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if shutdown is not None:

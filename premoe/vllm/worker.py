@@ -31,6 +31,7 @@ The staging holds the switch's new experts, as many bytes as the overwritten one
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -301,6 +302,7 @@ class _SwitchState:
             self.mask.install(self._router_modules())
         self.source.read_routers()
         self.pending: tuple | None = None
+        self._staging: tuple[threading.Thread | None, dict] | None = None  # a background staging, its result
 
     def _router_modules(self) -> dict[int, torch.nn.Module]:
         """Each MoE layer's router module (the one holding its router weight)."""
@@ -348,52 +350,100 @@ class _SwitchState:
         used = {j for lane in lanes for j in lane}
         return [s if j in used else None for j, s in enumerate(slots)]
 
-    @torch.inference_mode()
-    def switch(self, task: str, lane: int = 0, commit: bool = False) -> dict[str, Any]:
+    def switch(self, task: str, lane: int = 0, commit: bool = False, background: bool = False) -> dict[str, Any]:
         """Stage ``task`` into lane ``lane``: its experts that differ, every layer read and packed before any is
         written; the engine is untouched until :meth:`commit` writes them (at once with ``commit``), so a failed
-        read leaves nothing to undo."""
-        if self.pending is not None:
+        read leaves nothing to undo. ``background``: plan now, read on a thread of this process while the engine
+        keeps stepping, and return at once (``"ready"``: nothing had to be read, the staging is done);
+        :meth:`finish` waits for the reads (and commits with ``commit``)."""
+        if self.pending is not None or self._staging is not None:
             return {"ok": False, "error": "a switch is pending commit or rollback"}
         if not 0 <= lane < len(self.lane_tasks):
             return {"ok": False, "error": f"lane {lane} does not exist (the engine holds {len(self.lane_tasks)})"}
-        t0, before, src = time.perf_counter(), self.source.bytes_read, self.source
+        t0, before = time.perf_counter(), self.source.bytes_read
+        try:
+            plan = self._plan(task, lane)
+        except Exception as e:  # noqa: BLE001 - nothing was written; report, let the driver roll back every rank
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": self.source.bytes_read - before}
+        box: dict[str, Any] = {}
+        if background and any(writes for _, _, writes, _ in plan.values()):
+            thread = threading.Thread(target=self._read, args=(task, lane, plan, t0, before, box), name="premoe-stage")
+            thread.daemon = True
+            self._staging = (thread, box)
+            thread.start()
+            return {"ok": True, "ready": False}
+        self._read(task, lane, plan, t0, before, box)
+        if background:  # nothing to read: staged already; finish() returns this
+            self._staging = (None, box)
+            return {"ok": box["ok"], "ready": True}
+        return self._commit_now(box) if commit and box["ok"] else box
+
+    def staged(self) -> bool:
+        """Whether a background staging has ended (or none runs)."""
+        return self._staging is None or self._staging[0] is None or not self._staging[0].is_alive()
+
+    def finish(self, commit: bool = False) -> dict[str, Any]:
+        """Wait for the background staging and return its result, committed with ``commit`` where it succeeded."""
+        if self._staging is None:
+            return {"ok": False, "error": "no switch is being staged"}
+        thread, box = self._staging
+        if thread is not None:
+            thread.join()
+        self._staging = None
+        result = box or {"ok": False, "error": "staging ended without a result", "bytes_read": 0}
+        return self._commit_now(result) if commit and result["ok"] else result
+
+    def _commit_now(self, result: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.commit()
+        except Exception as e:  # noqa: BLE001 - commit restored the routers it wrote; experts untouched
+            why = f"writing into the engine failed: {type(e).__name__}: {e}"
+            return {"ok": False, "error": why, "bytes_read": result.get("bytes_read", 0)}
+        return result
+
+    def _plan(self, task: str, lane: int) -> dict[int, tuple]:
+        """What lane ``lane`` needs for ``task``, each MoE layer: ``(new slots, the lane's slots, writes, lanes)``
+        (reads only the store's pattern)."""
+        src, out = self.source, {}
+        plan = src.plan(task)
+        for layer in src.info.moe_layers:
+            want = want_slots(plan.kept[layer], src.refitted(task, layer), task, src.router_refitted(task, layer))
+            new, mine, writes = plan_lane(self.slots[layer], self.lane_slots[layer], lane, want)
+            lanes = [list(x) for x in self.lane_slots[layer]]
+            lanes[lane] = mine
+            out[layer] = (new, mine, writes, lanes)
+        return out
+
+    @torch.inference_mode()
+    def _read(self, task: str, lane: int, plan: dict[int, tuple], t0: float, before: int, box: dict) -> None:
+        """Read, slice and pack what ``plan`` writes into :attr:`pending` (nothing is written); the result, as
+        :meth:`switch` returns it (``before``: the source's bytes read when the switch began), goes into ``box``.
+        Runs on the staging thread in the background."""
+        src = self.source
         new_slots, new_lanes, staged, experts = dict(self.slots), dict(self.lane_slots), {}, 0
         try:
-            plan = src.plan(task)
-            for layer in src.info.moe_layers:
-                want = want_slots(plan.kept[layer], src.refitted(task, layer), task, src.router_refitted(task, layer))
-                new, mine, writes = plan_lane(self.slots[layer], self.lane_slots[layer], lane, want)
-                lanes = [list(x) for x in self.lane_slots[layer]]
-                lanes[lane] = mine
+            for layer, (new, _mine, writes, lanes) in plan.items():
                 view = self._view(new, lanes)
                 if writes or view != self._view(self.slots[layer], self.lane_slots[layer]):
                     staged[layer] = (self._stage_layer(layer, writes), src.routers(layer, view))
                     experts += len(staged[layer][0])
                 new_slots[layer], new_lanes[layer] = new, lanes
-        except Exception as e:  # noqa: BLE001 - nothing was written; report, let the driver roll back every rank
-            return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": src.bytes_read - before}
+        except BaseException as e:  # noqa: BLE001 - nothing was written; the driver rolls back every rank
+            box.update({"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": src.bytes_read - before})
+            return
         tasks = list(self.lane_tasks)
         tasks[lane] = task
         self.pending = (staged, new_slots, new_lanes, tasks, task)
-        if commit:
-            try:
-                self.commit()
-            except Exception as e:  # noqa: BLE001 - commit restored the routers it wrote; experts untouched
-                why = f"writing into the engine failed: {type(e).__name__}: {e}"
-                return {"ok": False, "error": why, "bytes_read": src.bytes_read - before}
-        return {
-            "ok": True,
-            "bytes_read": src.bytes_read - before,
-            "experts_written": experts,
-            "seconds": time.perf_counter() - t0,
-        }
+        seconds = time.perf_counter() - t0
+        box.update({"ok": True, "bytes_read": src.bytes_read - before, "experts_written": experts, "seconds": seconds})
 
     @torch.inference_mode()
     def commit(self) -> None:
         """Write the staged switch: first every router (re-packed by the layer's own method; a failure there
         restores the routers already written and raises, experts untouched), then the experts, plain memory
         copies into their slots, which do not fail midway; then the lanes' masks."""
+        if self._staging is not None:
+            raise RuntimeError("a switch is still being staged: finish it first")
         if self.pending is None:
             return
         staged, new_slots, new_lanes, tasks, task = self.pending
@@ -416,7 +466,11 @@ class _SwitchState:
             self.mask.update()
 
     def rollback(self) -> None:
-        """Drop a staged switch (nothing of it was written)."""
+        """Drop a staged switch (nothing of it was written), waiting for a background staging to end first."""
+        if self._staging is not None:
+            if self._staging[0] is not None:
+                self._staging[0].join()
+            self._staging = None
         self.pending = None
 
 
@@ -430,12 +484,24 @@ class ExpertSwitcher:
             state = self._premoe_state = _SwitchState(self)
         return state
 
-    def premoe_switch(self, task: str, lane: int = 0, commit: bool = False) -> dict[str, Any]:
+    def premoe_switch(self, task: str, lane: int = 0, commit: bool = False, background: bool = False) -> dict[str, Any]:
         """Stage ``task``'s experts that differ from those lane ``lane`` holds (:meth:`premoe_commit` writes them;
-        ``commit``: write them now, for an engine of one rank)."""
+        ``commit``: write them now, for an engine of one rank; ``background``: stage on a thread while the engine
+        keeps stepping, :meth:`premoe_finish` ends it)."""
         try:
-            return self._premoe().switch(task, lane, commit)
+            return self._premoe().switch(task, lane, commit, background)
         except Exception as e:  # noqa: BLE001 - setting up failed: nothing was written
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": 0}
+
+    def premoe_staged(self) -> bool:
+        """Whether the switch staged in the background (``premoe_switch(..., background=True)``) is ready."""
+        return self._premoe().staged()
+
+    def premoe_finish(self, commit: bool = False) -> dict[str, Any]:
+        """Wait for the background staging; its result, as ``premoe_switch``'s (written now with ``commit``)."""
+        try:
+            return self._premoe().finish(commit)
+        except Exception as e:  # noqa: BLE001
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": 0}
 
     def premoe_commit(self) -> None:
@@ -457,4 +523,5 @@ class ExpertSwitcher:
             },
             "bytes_read": state.source.bytes_read,
             "loaded_bytes": LOADED_BYTES.get(str(self.vllm_config.model_config.model), 0),
+            "threads": torch.get_num_threads(),  # the model's CPU threads on this rank
         }
