@@ -19,7 +19,7 @@ from premoe.moe.plans import PrunePlan
 from premoe.server.engine import Sampling
 from premoe.server.scheduler import Job, Scheduler
 from premoe.testing.builders import build_family
-from premoe.vllm.slots import Slot, plan_lane, want_slots
+from premoe.vllm.slots import Slot, evictions, fits, plan_lane, want_slots
 from premoe.vllm.source import check_lanes, engine_experts
 from premoe.vllm.worker import request_id, request_task
 
@@ -76,6 +76,59 @@ def test_a_task_already_held_elsewhere_is_shared_without_writing():
         plan_lane(slots, [[0, 1, 2], [3, 4, 5]], 1, want_slots([1, 1, 2], set(), "x"))
 
 
+def test_tasks_fit_together_where_their_slots_in_common_count_once():
+    a, b, c = ({0: want_slots(k, set(), t)} for k, t in (([1, 2], "a"), ([2, 3], "b"), ([4, 5], "c")))
+    assert fits([a, b], 3) and not fits([a, b], 2) and fits([a], 2) and fits([], 0)
+    refit = {0: want_slots([1, 2], {2}, "r")}  # its re-fitted row of expert 2 is its own: a slot more
+    assert not fits([a, refit], 2) and fits([a, refit], 3)
+    wants = {"a": a, "b": b, "c": c}
+    assert evictions(wants, ["a", "b"], "c", ["b", "a"], 4) == ["b"]  # first to go first, as few as needed
+    assert evictions(wants, ["a", "b"], "c", ["a", "b"], 6) == []  # it fits as it is
+    assert evictions(wants, ["a", "b"], "c", [], 4) is None  # nothing may go
+    assert evictions(wants, ["a"], "b", ["a"], 3) == []  # shares expert 2 with a
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_task_that_fits_is_held_and_a_switch_never_touches_the_others(seed):
+    """A lane per task, ``budget`` x N slots: tasks are loaded in random order, evicting (least recently loaded
+    first) only where they do not fit; each load fits exactly when :func:`fits` says, the other held tasks'
+    slots are never written, and the used slots always hold distinct contents (what two tasks share is held
+    once)."""
+    rng = random.Random(seed)
+    n, keep, budget, count = 16, rng.choice([2, 4]), rng.choice([2, 3]), 6
+    names = [f"t{i}" for i in range(count)]
+    pool = rng.sample(range(n), min(n, keep * budget + 2))  # a small pool: tasks overlap
+    wants = {
+        t: {0: _random_want(rng, n, keep, t) if rng.random() < 0.3 else want_slots(rng.sample(pool, keep), set(), t)}
+        for t in names
+    }
+    slots: list[Slot | None] = [Slot(e) for e in rng.sample(range(n), budget * keep)]
+    lanes: list[list[int]] = [[] for _ in names]
+    held: list[str] = []
+    most = 0
+    for _ in range(12):
+        if len(held) == count:  # every task fits at once
+            break
+        task = rng.choice([t for t in names if t not in held])
+        gone = evictions(wants, held, task, list(held), budget * keep)
+        assert gone is not None  # evicting every held task always makes room for one
+        after = [[] if names[k] in gone else js for k, js in enumerate(lanes)]
+        lane = names.index(task)
+        new, mine, writes = plan_lane(slots, after, lane, wants[task][0])
+        others = {j for k, js in enumerate(after) if k != lane for j in js}
+        assert all(w.slot not in others for w in writes) and all(new[j] == slots[j] for j in others)
+        lanes, slots = [mine if k == lane else js for k, js in enumerate(after)], new
+        held = [t for t in held if t not in gone] + [task]
+        used = {j for js in lanes for j in js}
+        assert len({slots[j] for j in used}) == len(used) <= budget * keep  # shared contents held once
+        assert fits([wants[t] for t in held], budget * keep)
+        most = max(most, len(held))
+    with pytest.raises(ValueError, match="more expert slots"):  # a task that does not fit is refused
+        full = [list(range(budget * keep))] + [[] for _ in names[1:]]
+        plan_lane([Slot(100 + j) for j in range(budget * keep)], full, 1, wants[names[1]][0])
+    assert most >= budget
+
+
 @pytest.mark.parametrize("task", ["add", "a.b-c", "ünï/code", "x" * 200])
 def test_request_ids_carry_any_task_name(task):
     rid = request_id(task, 17)
@@ -106,32 +159,45 @@ def test_held_tasks_are_refused_where_a_mask_cannot_restrict_the_router(tmp_path
 
 
 class _Lanes:
-    """An engine holding ``lanes`` tasks: ``run_batch`` advances every live sequence one token per step and
-    records each step's tasks; ``load`` records what ran when a lane was switched."""
+    """An engine of ``budget`` x N slots (one MoE layer) holding every task whose slots fit together (``wants``:
+    each task's slots; default: one expert of its own per task, so ``budget`` tasks): ``run_batch`` advances
+    every live sequence one token per step and records each step's tasks; ``load`` records what ran when it
+    evicted tasks."""
 
     routes_concurrently = False
 
-    def __init__(self, lanes: int):
-        self.lanes, self.model, self.task = lanes, object(), None
-        self.held: list[str | None] = [None] * lanes
+    def __init__(self, budget: int, wants: dict | None = None):
+        self.wants = wants or {t: {0: [Slot(i)]} for i, t in enumerate("abcde")}
+        self.budget, self.slots = budget, budget * len(next(iter(self.wants.values()))[0])
+        self.lanes = 1 if budget == 1 else len(self.wants)
+        self.model, self.task = object(), None
+        self.held: list[str] = []
         self.steps: list[Counter] = []
-        self.loads: list[tuple[str, str | None, Counter]] = []
+        self.loads: list[tuple[str, tuple[str, ...], Counter]] = []
         self.live: list = []
 
     @property
     def held_tasks(self):
-        return tuple(t for t in self.held if t is not None)
+        return tuple(self.held)
 
     @property
     def bytes_read(self):
         return 0
 
-    def load(self, task, replace=None):
+    def evictions(self, task, order=None):
+        order = list(self.held) if order is None else order
+        if self.lanes == 1:
+            return list(self.held) if set(self.held) <= set(order) else None
+        return evictions(self.wants, self.held, task, order, self.slots)
+
+    def load(self, task, evict=None):
         if task in self.held:
             return
-        lane = self.held.index(replace) if replace in self.held else (self.held + [None]).index(None) % self.lanes
-        self.loads.append((task, self.held[lane], Counter(s.task for s in self.live)))
-        self.held[lane] = self.task = task
+        gone = tuple(self.evictions(task) if evict is None else evict)
+        self.loads.append((task, gone, Counter(s.task for s in self.live)))
+        self.held = [t for t in self.held if t not in gone] + [task]
+        assert fits([self.wants[t] for t in self.held], self.slots), (self.held, gone)
+        self.task, self.most = task, max(getattr(self, "most", 0), len(self.held))
 
     def run_batch(self, seqs, check=None, admit=None, max_batch=None):
         self.live = list(seqs)
@@ -173,8 +239,8 @@ def test_the_scheduler_batches_held_tasks_together_and_switches_only_idle_lanes(
     two = _Lanes(2)
     _serve_stream(two, tasks)
     assert any(len(step) == 2 for step in two.steps)  # requests of both held tasks in one step
-    for task, replaced, running in two.loads:  # a lane switched only with nothing of its task running
-        assert running[replaced] == 0 and task not in running
+    for task, gone, running in two.loads:  # a task evicted only with nothing of it running
+        assert all(running[t] == 0 for t in gone) and task not in running
     assert all(len(step) <= 2 for step in two.steps)  # never more tasks in a step than lanes (check() too)
 
     one = _Lanes(1)  # the same stream, one task held at a time
@@ -193,30 +259,28 @@ class _Staging(_Lanes):
         super().__init__(lanes)
         self.need, self._prep, self.staged = need, None, []
 
-    def _lane(self, replace):
-        return self.held.index(replace) if replace in self.held else (self.held + [None]).index(None) % self.lanes
-
     @property
     def preparing(self):
-        return None if self._prep is None else (self._prep[0], self.held[self._prep[1]])
+        return None if self._prep is None else self._prep[:2]
 
-    def prepare(self, task, replace=None):
+    def prepare(self, task, evict=None):
         if task in self.held or self._prep is not None:
             return False
-        self._prep = (task, self._lane(replace), len(self.steps))
+        gone = tuple(self.evictions(task) if evict is None else evict)
+        self._prep = (task, gone, len(self.steps))
         return True
 
     def prepared(self):
         return self._prep is not None and len(self.steps) - self._prep[2] >= self.need
 
-    def load(self, task, replace=None):
+    def load(self, task, evict=None):
         if task in self.held:
             return
         prep, self._prep = self._prep, None
-        if prep is not None and prep[0] == task and replace in (None, self.held[prep[1]]):
+        if prep is not None and prep[0] == task and evict in (None, prep[1]):
             self.staged.append(len(self.steps) - prep[2])
-            replace = self.held[prep[1]]
-        super().load(task, replace)
+            evict = prep[1]
+        super().load(task, evict)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -228,8 +292,8 @@ def test_switches_are_staged_while_the_engine_runs_and_written_between_steps(lan
     assert backend.staged, "no switch was staged in the background"
     assert any(n > 0 for n in backend.staged)  # the engine stepped while the reads ran
     assert sum(backend.staged) >= backend.need  # ...and the writes waited for the reads where work remained
-    for task, replaced, running in backend.loads:  # the lane written had nothing of its task running
-        assert running[replaced] == 0 and task not in running
+    for task, gone, running in backend.loads:  # the tasks evicted had nothing running
+        assert all(running[t] == 0 for t in gone) and task not in running
     assert all(len(step) <= lanes for step in backend.steps)
 
 
@@ -248,3 +312,21 @@ def test_stage_switches_is_a_vllm_option():
         EngineOptions(engine="vllm", stage_switches="sometimes")
     with pytest.raises(InputError, match="stage_switches` need `engine` vllm"):
         EngineOptions(engine="hf", stage_switches="off")
+
+
+def test_tasks_that_share_experts_are_held_together_beyond_the_budget():
+    """Slots for two tasks (budget 2, N = 2), five tasks of which four share expert 0: three of those are held
+    at once (3 slots of 4), requests of tasks held together share steps, and a task is evicted only with nothing
+    of it running."""
+    wants = {t: {0: want_slots([0, e], set(), t)} for t, e in zip("abcd", (1, 2, 3, 4))}
+    wants["e"] = {0: want_slots([5, 6], set(), "e")}
+    rng = random.Random(3)
+    tasks = [rng.choice("abcde") for _ in range(150)]
+    backend = _Lanes(2, wants)
+    _serve_stream(backend, tasks)
+    assert backend.most == 3  # three tasks held, with slots for two
+    assert max(len(step) for step in backend.steps) >= 2
+    for task, gone, running in backend.loads:
+        assert all(running[t] == 0 for t in gone) and task not in running
+    for step in backend.steps:
+        assert fits([wants[t] for t in step], 4)

@@ -201,8 +201,9 @@ class EngineOptions(Options):
     )
     held_tasks: int = option(
         1,
-        "vllm: tasks held at once (N experts per layer each); requests of held tasks share batches, each token "
-        "routed among its own task's experts",
+        "vllm: room for this many tasks' experts (x N per layer); every task whose experts fit there together is "
+        "held (shared experts take one slot), requests of held tasks share batches, each token routed among its "
+        "own task's experts",
         type=int,
     )
     stage_switches: str = option(

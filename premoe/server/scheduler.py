@@ -30,14 +30,19 @@ one, only joiners that end no later than the batch's longest sequence, so the ba
 width and the switch happens. Each request is answered as soon as its own sequence ends.
 
 A backend that holds several tasks at once (``lanes`` > 1: the vLLM engine's ``--held-tasks``) runs
-requests of every held task in the same batch, and a task switch replaces one lane's task between
-steps while the others keep generating. Only a lane whose task has nothing running is switched: an
-empty lane first, else the idle task with the fewest waiting. fcfs switches to the task at the head of
-the queue; affinity to the task whose request waited past ``max_wait``, else the one with the most
-waiting, and while the engine has work only where that fills at least a quarter of ``max_batch``
-seats. A lane drains (no new requests of its task join) once another task's request waited past
-``max_wait`` or another task has more than twice as many waiting as the held task with the least work.
-The check before every step is that every running request's task is held.
+requests of every held task in the same batch, and loads another task between steps while the held ones keep
+generating, evicting held tasks where it does not fit beside them (``backend.evictions``). Only tasks with
+nothing running are evicted, those with the fewest waiting first. fcfs loads the task at the head of the
+queue; affinity the task whose request waited past ``max_wait``, else the one with the most waiting, and while
+the engine has work only where that fills at least a quarter of ``max_batch`` seats. Where that task does not
+fit even with every idle task evicted, the held task with the least work (running and waiting) drains (no new
+requests of it join) once the task's request waited past ``max_wait`` or it has more than twice as many
+waiting. The check before every step is that every running request's task is held.
+
+A backend that stages switches in the background (``stage_ahead``: the vLLM engine's ``--stage-switches``)
+is asked to ``prepare`` the next switch as soon as it is known: with several tasks held, when a task is chosen
+(its evicted tasks admit nothing meanwhile); with one, when the running batch drains for another task. The
+switch itself then happens between steps once the reads have ended (``prepared``), or when the batch is done.
 """
 
 from __future__ import annotations
@@ -271,16 +276,16 @@ class Scheduler:
         stay = 4 * counts.get(current, 0) >= min(counts[best], self.max_batch)  # a switch must buy a much fuller batch
         return self._take(current if stay else best, self.max_batch)
 
-    def _load(self, task: str, replace: str | None = None, jobs: list[Job] | None = None) -> bool:
-        """Load ``task`` (replacing held task ``replace`` where the backend holds several); False if it failed,
+    def _load(self, task: str, evict: tuple[str, ...] | None = None, jobs: list[Job] | None = None) -> bool:
+        """Load ``task`` (evicting the held tasks ``evict`` where the backend holds several); False if it failed,
         with the error told to ``jobs`` (default: every waiting request of ``task``, taken off the queue)."""
         m, now = self.metrics, time.monotonic()
         before = self.backend.bytes_read
         try:
-            if replace is None:
+            if evict is None:
                 stats = self.backend.load(task)
             else:
-                stats = self.backend.load(task, replace=replace)
+                stats = self.backend.load(task, evict=evict)
         except Exception as e:  # noqa: BLE001
             log.exception("loading task %s failed", task)
             failed = jobs
@@ -381,8 +386,9 @@ class Scheduler:
 
     # -- several held tasks (a backend with ``lanes`` > 1: the vLLM engine's --held-tasks) ------------
     def _serve_lanes(self) -> None:
-        """One run of the engine holding several tasks: requests of every held task share it, and a lane whose
-        task has nothing running is switched to another task between steps while the other lanes run on."""
+        """One run of the engine holding several tasks: requests of every held task share it, and another task is
+        loaded between steps (evicting held tasks with nothing running where it does not fit) while the held
+        ones run on."""
         jobs = self._admit_lanes(self.max_batch, Counter())
         if not jobs:
             return
@@ -400,15 +406,15 @@ class Scheduler:
 
     def _admit_lanes(self, room: int, running: Counter) -> list[Job]:
         """Up to ``room`` waiting requests to run now (``running``: live sequences by task): those of the held
-        tasks first, then, where a lane is free or its task has nothing running, another task loaded into it
-        and its requests (see :meth:`_lane_plan`). A backend that stages switches in the background
-        (``prepare``) reads the new task's experts while the other lanes run on, and the switch is written at
-        the first step after the reads end (the replaced task admits nothing meanwhile)."""
+        tasks first, then another task loaded beside them (see :meth:`_lane_plan`) and its requests. A backend
+        that stages switches in the background (``prepare``) reads the new task's experts while the held tasks
+        run on, and the switch is written at the first step after the reads end (the tasks it evicts admit
+        nothing meanwhile)."""
         if self.router is None and self.pending:
             self._route_waiting()
         staging = self._preparing()
         with self.cond:
-            picked = self._lane_take(room, running, None if staging is None else staging[1])
+            picked = self._lane_take(room, running, () if staging is None else staging[1])
             for j in picked:
                 self.pending.remove(j)
                 running[j.task] += 1
@@ -435,8 +441,8 @@ class Scheduler:
         """Whether the backend stages switches in the background (the vLLM engine's ``stage_ahead``)."""
         return bool(getattr(self.backend, "stage_ahead", False))
 
-    def _preparing(self) -> tuple[str, str | None] | None:
-        """The switch the backend is staging in the background: (task, the held task it replaces or None)."""
+    def _preparing(self) -> tuple[str, tuple[str, ...]] | None:
+        """The switch the backend is staging in the background: (task, the held tasks it evicts)."""
         return self.backend.preparing if self.backend_prepares else None
 
     def _stage_next(self, task: str, running: int) -> None:
@@ -463,11 +469,11 @@ class Scheduler:
     def _held(self) -> list[str]:
         return list(self.backend.held_tasks) if self.backend.model is not None else []
 
-    def _lane_take(self, room: int, running: Counter, leaving: str | None = None) -> list[Job]:
+    def _lane_take(self, room: int, running: Counter, leaving: tuple[str, ...] = ()) -> list[Job]:
         """Up to ``room`` routed waiting requests of held tasks, oldest first (fcfs: only from the head of the
-        queue), none of a task whose lane drains (:meth:`_lane_drain`) or is being replaced (``leaving``; under
-        the lock)."""
-        held = set(self._held()) - {leaving}
+        queue), none of a task whose lane drains (:meth:`_lane_drain`) or that a staged switch evicts
+        (``leaving``; under the lock)."""
+        held = set(self._held()) - set(leaving)
         drain = self._lane_drain(running) if self.policy == "affinity" else None
         out = []
         for j in self.pending:
@@ -482,19 +488,15 @@ class Scheduler:
             out.append(j)
         return out
 
-    def _lane_plan(self, room: int, running: Counter) -> tuple[str, str | None] | None:
-        """The task to load now and the held task it replaces (``None``: a free lane), or ``None`` (under the
-        lock). Only a lane that is free or whose task has nothing running is switched. fcfs loads the task at
-        the head of the queue; affinity the task whose request waited past ``max_wait``, else the one with
-        the most waiting, and while the engine has work it switches only to fill at least a quarter of
+    def _lane_plan(self, room: int, running: Counter) -> tuple[str, tuple[str, ...]] | None:
+        """The task to load now and the held tasks to evict for it (``()``: it fits beside them), or ``None``
+        (under the lock). Only tasks with nothing running are evicted, those with the fewest waiting first. fcfs
+        loads the task at the head of the queue; affinity the task whose request waited past ``max_wait``, else
+        the one with the most waiting, and while the engine has work only to fill at least a quarter of
         ``max_batch`` seats (``room``) with it."""
         ready = [j for j in self.pending if j.task is not None]
         held = self._held()
         if not ready or room <= 0:
-            return None
-        free = self.backend.lanes - len(held)
-        idle = [t for t in held if running[t] == 0]
-        if not free and not idle:
             return None
         waiting = [j for j in ready if j.task not in held]
         if not waiting or (self.policy == "fcfs" and ready[0].task in held):
@@ -508,26 +510,39 @@ class Scheduler:
             busy = sum(running.values()) > 0 or any(j.task in held for j in ready)
             if busy and not late and 4 * min(counts[target], room) < self.max_batch:
                 return None
-        if free:
-            return target, None
-        waiting_held = Counter(j.task for j in ready)
-        return target, min(idle, key=lambda t: (waiting_held[t], held.index(t)))
+        evict = self.backend.evictions(target, self._idle_order(held, running, ready))
+        return None if evict is None else (target, tuple(evict))
+
+    @staticmethod
+    def _idle_order(held: list[str], running: Counter, ready: list[Job]) -> list[str]:
+        """The held tasks that may be evicted (nothing running), those with the fewest waiting first."""
+        waiting = Counter(j.task for j in ready)
+        return sorted((t for t in held if running[t] == 0), key=lambda t: (waiting[t], held.index(t)))
 
     def _lane_drain(self, running: Counter) -> str | None:
-        """The held task whose lane should empty so another task gets it (affinity; under the lock): where no
-        lane is free and another task's request waited past ``max_wait``, or another task has more than twice
-        as many requests waiting as the held task with the least work (running and waiting), that task."""
+        """The held task whose requests should stop joining so that another task gets its room (affinity; under
+        the lock): where the task to load next (the one whose request waited past ``max_wait``, else the one
+        with the most waiting) does not fit even with every idle task evicted, and that request waited past
+        ``max_wait`` or that task has more than twice as many waiting as the held task with the least work
+        (running and waiting), that held task."""
         held = self._held()
-        if not held or len(held) < self.backend.lanes or any(running[t] == 0 for t in held):
-            return None
-        counts = Counter(j.task for j in self.pending if j.task is not None)
-        least = min(held, key=lambda t: (running[t] + counts[t], held.index(t)))
-        now = time.monotonic()
         others = [j for j in self.pending if j.task is not None and j.task not in held]
-        if any(now - j.arrived > self.max_wait for j in others):
+        if not held or not others:
+            return None
+        ready = [j for j in self.pending if j.task is not None]
+        waiting = Counter(j.task for j in ready)
+        counts = Counter(j.task for j in others)  # in order of each task's oldest request
+        late = time.monotonic() - others[0].arrived > self.max_wait
+        target = others[0].task if late else max(counts, key=counts.__getitem__)
+        if self.backend.evictions(target, self._idle_order(held, running, ready)) is not None:
+            return None  # it can be loaded without draining anything
+        busy = [t for t in held if running[t] > 0]
+        if not busy:
+            return None
+        least = min(busy, key=lambda t: (running[t] + waiting[t], held.index(t)))
+        if late:
             return least
-        most = max((c for t, c in counts.items() if t not in held), default=0)
-        return least if most > 2 * (running[least] + counts[least]) else None
+        return least if counts[target] > 2 * (running[least] + waiting[least]) else None
 
     def _joiners(self, task: str, room: int, running: int = 0, horizon: int | None = None) -> list[Job]:
         """Waiting requests of ``task`` that may join the running batch (``running`` sequences, the longest

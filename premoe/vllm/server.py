@@ -36,6 +36,7 @@ from premoe.moe.plans import resolved
 from premoe.moe.router import QueryRouter
 from premoe.moe.server import Reply, SwitchStats, routed_reply
 from premoe.server.engine import Sampling, Sequence, eos_ids
+from premoe.vllm.slots import evictions, fits
 from premoe.vllm.source import EngineSpec, check_engine_model, check_lanes, engine_experts, write_engine_dir
 
 INSTALL_HINT = "install vLLM into this Python (docs/serving.md#the-vllm-engine) or pass --engine hf"
@@ -83,15 +84,18 @@ class VllmTaskServer:
         self.store = PatternStore.open(store)  # QueryRouter checks it is this model's
         self.selection = selection if isinstance(selection, MoeSelection) else MoeSelection(keep=selection)
         self.keep = resolved(self.selection, self.info.router).keep  # an impossible selection fails here
-        self.lanes = engine.held_tasks
-        check_lanes(self.info, self.lanes)
-        if self.lanes * self.keep > self.info.num_experts:
+        self.budget = engine.held_tasks  # the engine holds budget x keep expert slots per MoE layer
+        check_lanes(self.info, self.budget)
+        if self.budget * self.keep > self.info.num_experts:
             raise InputError(
-                f"--held-tasks {self.lanes} x keep {self.keep} = {self.lanes * self.keep} expert slots per layer, more "
-                f"than the model's {self.info.num_experts} experts: hold fewer tasks or keep fewer experts"
+                f"--held-tasks {self.budget} x keep {self.keep} = {self.budget * self.keep} expert slots per layer, "
+                f"more than the model's {self.info.num_experts} experts: hold fewer tasks or keep fewer experts"
             )
         self.signature = signature or SignatureSpec()
         self.router = QueryRouter(self.info, self.store, self.signature)
+        # lanes of the router mask: one task held, or a lane per task (every task whose slots fit is held)
+        self.lanes = 1 if self.budget == 1 else max(2, len(self.tasks))
+        self._lane_of = {t: (0 if self.lanes == 1 else i) for i, t in enumerate(sorted(self.tasks))}
         self.refit = refit
         self.dtype = dtype if dtype not in (None, "auto") else None
         self.options, self.max_seqs = engine, max_seqs
@@ -106,14 +110,16 @@ class VllmTaskServer:
         self.model = None  # the vllm.LLM, once started
         self.task: str | None = None  # the last task loaded
         self.lane_tasks: list[str | None] = [None] * self.lanes  # each lane's task
-        self._used = [0] * self.lanes  # when each lane was last loaded (least recently loaded is replaced)
+        self._used: dict[str, int] = {}  # when each task was last loaded (least recently used is evicted first)
+        self._source = None  # the engine directory's EngineSource: what each task's slots hold
+        self._wants: dict[str, dict[int, list]] = {}
         self._generation: dict[str, int] = {}  # loads of each task: its prefix-cache salt
         self._clock = 0
         self.directory: Path | None = None
         self._bytes = self.router.bytes_read
         self.switch_log: list[SwitchStats] = []
         self._refits: dict[str, bool] = {}
-        self._prepared: tuple[str, int] | None = None  # (task, lane) staged in the background by prepare()
+        self._prepared: tuple[str, int, tuple[int, ...]] | None = None  # (task, lane, evicted lanes) by prepare()
         self._prepared_at, self._ready = 0.0, False
         self._stage_seconds = 0.0  # how long the last background staging took
         self._spare_cpus: int | None = None  # CPU cores vLLM's threads leave free (None: the model runs on a GPU)
@@ -144,13 +150,14 @@ class VllmTaskServer:
     def route_many(self, texts: list[str]) -> list:
         return self.router.route_many(texts)
 
-    def load(self, task: str, replace: str | None = None) -> SwitchStats:
-        """Hold ``task``'s experts: start vLLM on it the first time, then switch in place. With several lanes
-        (``--held-tasks``) a held task is already served; another replaces ``replace`` (a held task), else
-        fills an empty lane, else replaces the least recently loaded task.
+    def load(self, task: str, evict: list[str] | tuple[str, ...] | None = None) -> SwitchStats:
+        """Hold ``task``'s experts: start vLLM on it the first time, then switch in place. With ``--held-tasks`` above
+        1 a held task is already served; another is added beside the held ones, after evicting ``evict`` (held
+        tasks; default: :meth:`evictions`, least recently used first), as a staged switch (:meth:`prepare`) is.
 
         Raises:
-            InputError: an unknown task. SwitchError: a rank failed; the previous tasks are still held.
+            InputError: an unknown task, or ``evict`` leaves it no room. SwitchError: a rank failed; the previous
+            tasks are still held.
         """
         if task not in self.tasks:
             raise InputError(f"unknown task {task!r}; the store has {', '.join(self.tasks)}")
@@ -159,39 +166,74 @@ class VllmTaskServer:
         if self.model is None:
             read = self._start(task)
             stats = SwitchStats(task, bytes_read=read, experts_read=self.keep * len(self.info.moe_layers))
-            if self.lanes > 1:  # the engine started with lanes x N experts and no task in any lane
-                stats = self._switch(task, 0)
+            if self.lanes > 1:  # the engine started with budget x N experts and no task in any lane
+                stats = self._switch(task, self._lane_of[task], ())
                 stats.bytes_read += read
-                stats.experts_read = self.lanes * self.keep * len(self.info.moe_layers)
+                stats.experts_read = self.budget * self.keep * len(self.info.moe_layers)
             else:  # started as the task's export: its one lane holds it
-                self.lane_tasks[0], self._used[0] = task, self._clock
+                self.lane_tasks[0], self._used[task] = task, self._clock
         elif task in self.lane_tasks:
-            self.task = task
-            self._used[self.lane_tasks.index(task)] = self._clock
+            self.task, self._used[task] = task, self._clock
             return SwitchStats(task, experts_kept=self.keep * len(self.info.moe_layers))
         else:
-            staged = self._prepared is not None and self._prepared[0] == task and replace is None
-            stats = self._switch(task, self._prepared[1] if staged else self._lane(replace))
+            prepared = self._prepared
+            if evict is None and prepared is not None and prepared[0] == task:
+                lane, gone = prepared[1], prepared[2]
+            else:
+                lane, gone = self._target(task, evict)
+            stats = self._switch(task, lane, gone)
         self.task = task
         stats.seconds = time.perf_counter() - t0
         self.switch_log.append(stats)
         return stats
 
-    def _lane(self, replace: str | None) -> int:
-        if replace is not None and replace in self.lane_tasks:
-            return self.lane_tasks.index(replace)
-        if None in self.lane_tasks:
-            return self.lane_tasks.index(None)
-        return min(range(self.lanes), key=self._used.__getitem__)
+    # -- which tasks fit together ------------------------------------------------------------------------
+    def _wanted(self, task: str) -> dict[int, list]:
+        if task not in self._wants:
+            if self._source is None:
+                from premoe.vllm.source import EngineSource
+
+                self._source = EngineSource.open(self.directory)
+            self._wants[task] = self._source.wanted(task)
+        return self._wants[task]
+
+    def evictions(self, task: str, order: list[str] | None = None) -> list[str] | None:
+        """The held tasks to evict, taken from ``order`` (default: every held task, least recently used first), so
+        that ``task`` fits beside the others in the engine's ``--held-tasks`` x N slots per MoE layer (tasks share
+        the slots that hold exactly what both need): ``[]`` where it fits as it is, ``None`` where evicting
+        all of ``order`` is not enough. One task held: the held task."""
+        held = list(self.held_tasks)
+        if order is None:
+            order = sorted(held, key=lambda t: self._used.get(t, 0))
+        if task in held:
+            return []
+        if self.lanes == 1:
+            return held if set(held) <= set(order) else None
+        if self.model is None:
+            return [] if not held else None
+        wants = {t: self._wanted(t) for t in [*held, task]}
+        return evictions(wants, held, task, list(order), self.budget * self.keep)
+
+    def _target(self, task: str, evict: list[str] | tuple[str, ...] | None) -> tuple[int, tuple[int, ...]]:
+        """``task``'s lane and the lanes to empty for it: ``evict``'s (checked), else :meth:`evictions`'."""
+        if self.lanes == 1:
+            return 0, ()
+        gone = self.evictions(task) if evict is None else [t for t in evict if t in self.lane_tasks]
+        stay = [t for t in self.held_tasks if t not in (gone or ())]
+        if gone is None or not fits([self._wanted(t) for t in [*stay, task]], self.budget * self.keep):
+            raise InputError(f"task {task!r} does not fit beside {stay} in --held-tasks {self.budget}: evict more")
+        return self._lane_of[task], tuple(self.lane_tasks.index(t) for t in gone)
 
     # -- staging the next switch while the engine serves -----------------------------------------------
     @property
-    def preparing(self) -> tuple[str, str | None] | None:
-        """The switch being staged in the background (:meth:`prepare`): ``(task, task it replaces or None)``."""
+    def preparing(self) -> tuple[str, tuple[str, ...]] | None:
+        """The switch being staged in the background (:meth:`prepare`): ``(task, the held tasks it evicts)``."""
         if self._prepared is None:
             return None
-        task, lane = self._prepared
-        return task, self.lane_tasks[lane]
+        task, lane, gone = self._prepared
+        if self.lanes == 1:
+            return task, tuple(t for t in self.lane_tasks if t is not None)
+        return task, tuple(self.lane_tasks[k] for k in gone)
 
     @property
     def stage_ahead(self) -> bool:
@@ -204,19 +246,19 @@ class VllmTaskServer:
             return mode == "on"
         return self._spare_cpus is None or self._spare_cpus > 0
 
-    def prepare(self, task: str, replace: str | None = None) -> bool:
-        """Start reading, slicing and packing ``task``'s differing experts for the lane :meth:`load` would give
-        it, on a thread of every worker, while vLLM keeps stepping; the switch itself waits for :meth:`load`
-        (which then only writes what was staged). False where there is nothing to stage: the engine has not
-        started, ``task`` is held, or another switch is being staged."""
+    def prepare(self, task: str, evict: list[str] | tuple[str, ...] | None = None) -> bool:
+        """Start reading, slicing and packing ``task``'s differing experts, after evicting ``evict`` (as
+        :meth:`load`), on a thread of every worker, while vLLM keeps stepping; the switch itself waits for
+        :meth:`load` (which then only writes what was staged). False where there is nothing to stage: the engine
+        has not started, ``task`` is held, or another switch is being staged."""
         if self.model is None or task in self.lane_tasks or self._prepared is not None or task not in self.tasks:
             return False
-        lane = self._lane(replace)
-        results = self.model.collective_rpc("premoe_switch", args=(task, lane, False, True))
+        lane, gone = self._target(task, evict)
+        results = self.model.collective_rpc("premoe_switch", args=(task, lane, False, True, gone))
         if not all(r.get("ok") for r in results):  # a rank refused to start: load() will switch in the foreground
             self.model.collective_rpc("premoe_rollback")
             return False
-        self._prepared, self._prepared_at = (task, lane), time.perf_counter()
+        self._prepared, self._prepared_at = (task, lane, gone), time.perf_counter()
         self._ready = all(r.get("ready") for r in results)  # nothing to read: staged already
         return True
 
@@ -238,36 +280,37 @@ class VllmTaskServer:
             self._prepared = None
             self.model.collective_rpc("premoe_rollback")
 
-    def _switch(self, task: str, lane: int) -> SwitchStats:
-        """Write ``task`` into lane ``lane`` on every rank: staged everywhere, then committed everywhere (one rank:
-        staged and committed in one call, so the engine pauses for one call between its steps, not two). Where
-        :meth:`prepare` staged this very switch, only its commit is left (after waiting for its reads)."""
-        was = self.lane_tasks[lane] or self.task
+    def _switch(self, task: str, lane: int, gone: tuple[int, ...]) -> SwitchStats:
+        """Write ``task`` into lane ``lane``, the lanes ``gone`` emptied, on every rank: staged everywhere, then
+        committed everywhere (one rank: staged and committed in one call, so the engine pauses for one call
+        between its steps, not two). Where :meth:`prepare` staged this very switch, only its commit is left
+        (after waiting for its reads)."""
+        was = ", ".join(repr(t) for t in self.held_tasks or (self.task,))
         one_rank = self.options.tensor_parallel == 1  # nothing to agree on: stage and write in one call
-        staged = self._prepared == (task, lane)
+        staged = self._prepared == (task, lane, gone)
         if staged:
             self._prepared = None
             results = self.model.collective_rpc("premoe_finish", args=(one_rank,))
             self._stage_seconds = max((r.get("seconds", 0.0) for r in results), default=0.0)
         else:
             self.cancel()
-            results = self.model.collective_rpc("premoe_switch", args=(task, lane, one_rank))
+            results = self.model.collective_rpc("premoe_switch", args=(task, lane, one_rank, False, gone))
         read = sum(r.get("bytes_read", 0) for r in results)
         self._bytes += read
         failed = [r["error"] for r in results if not r.get("ok")]
         if failed:
             if not one_rank:
                 self.model.collective_rpc("premoe_rollback")
-            raise SwitchError(f"switching to task {task!r} failed, still serving {was!r}: {failed[0]}")
+            raise SwitchError(f"switching to task {task!r} failed, still serving {was}: {failed[0]}")
         if not one_rank:
             try:
                 self.model.collective_rpc("premoe_commit")
             except Exception as e:  # a router's re-packing failed: each rank restored its routers
                 why = f"{type(e).__name__}: {e}"
-                raise SwitchError(
-                    f"writing task {task!r} into the engine failed, still serving {was!r}: {why}"
-                ) from None
-        self.lane_tasks[lane], self._used[lane] = task, self._clock
+                raise SwitchError(f"writing task {task!r} into the engine failed, still serving {was}: {why}") from None
+        for k in gone:
+            self.lane_tasks[k] = None
+        self.lane_tasks[lane], self._used[task] = task, self._clock
         self._generation[task] = self._generation.get(task, 0) + 1
         if self.lanes == 1:
             self.model.reset_prefix_cache()  # cached KV blocks were computed with the other task's experts
@@ -284,11 +327,11 @@ class VllmTaskServer:
         from premoe.vllm.worker import LOAD_FORMAT, register
 
         plan = plan_from_pattern(self.info, self.store.load(task), self.selection)
-        if self.lanes > 1:  # the config's geometry: lanes x N experts
+        if self.lanes > 1:  # the config's geometry: budget x N experts
             others = [plan_from_pattern(self.info, self.store.load(t), self.selection) for t in self.tasks if t != task]
-            plan = replace(plan, kept=engine_experts(self.info.num_experts, plan, others, self.lanes))
+            plan = replace(plan, kept=engine_experts(self.info.num_experts, plan, others, self.budget))
         spec = EngineSpec(
-            str(self.info.path), str(self.store.path), task, asdict(self.selection), self.refit, self.lanes
+            str(self.info.path), str(self.store.path), task, asdict(self.selection), self.refit, self.lanes, self.budget
         )
         self.directory = write_engine_dir(self.info, plan, spec)
         register()
@@ -392,6 +435,9 @@ class VllmTaskServer:
             if shutdown is not None:
                 shutdown()
             self.model = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

@@ -1,18 +1,25 @@
 """Which expert goes into which slot when the engine switches task (pure functions; no vLLM, no I/O).
 
-The engine holds ``lanes × N`` expert slots per MoE layer: each lane holds one task's N experts, and with
-more than one lane the worker masks each token's router to its own task's slots (:mod:`premoe.vllm.worker`).
-A switch replaces the task of one lane. It keeps every slot the other lanes use, reuses a slot another lane
-already holds with exactly what the new task needs (same expert, same down projection, same router row), keeps
-every expert both the old and the new task of the lane keep where it is, puts each new expert into a slot the
-lane frees, and rewrites the router rows in slot order, so it writes only the experts that differ. A slot whose
-expert stays but whose down projection differs (one task has a re-fitted row for it, the other the
-checkpoint's or its own) gets only its down projection rewritten. Slot order does not change what the model
-computes: router row j always scores the expert in slot j.
+The engine holds ``H × N`` expert slots per MoE layer (``--held-tasks H``, N kept experts per task). With one
+task held (H = 1) its one *lane* holds the task's N experts and a switch replaces them. With H > 1 every task
+of the store has a lane of its own, and a lane holds its task's N slots; tasks share the slots that hold
+exactly what both need (same expert, same down projection, same router row), so the engine holds every task
+whose slots fit together (:func:`fits`), at least H, and the worker masks each token's router to its own
+task's slots (:mod:`premoe.vllm.worker`).
+
+A switch fills one lane (:func:`plan_lane`). It keeps every slot the other lanes use, shares one of them where it
+holds exactly what the new task needs, keeps every expert the lane's old task and the new one both keep where
+it is, reuses free slots that already hold a needed expert, puts each other expert into a free slot, and
+rewrites the router rows in slot order, so it writes only the experts that differ. A slot whose expert stays
+but whose down projection differs (one task has a re-fitted row for it, the other the checkpoint's or its
+own) gets only its down projection rewritten. Slot order does not change what the model computes: router row
+j always scores the expert in slot j. Where the free slots are too few, tasks are evicted first
+(:func:`evictions`): their lanes are emptied, which writes nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -52,12 +59,11 @@ def plan_lane(
     other lanes are never written; one of them is shared where it holds exactly a wanted slot.
 
     Raises:
-        ValueError: ``want`` does not have one distinct expert per lane slot.
+        ValueError: ``want`` repeats an expert, or needs more slots than the other lanes leave free.
     """
-    per = len(held) // max(len(lanes), 1)
     experts = {s.expert for s in want}
-    if len(experts) != len(want) or len(want) != per:
-        raise ValueError(f"a switch needs {per} distinct experts, got {sorted(s.expert for s in want)}")
+    if len(experts) != len(want):
+        raise ValueError(f"a switch needs distinct experts, got {sorted(s.expert for s in want)}")
     pinned = {j for k, slots in enumerate(lanes) if k != lane for j in slots}
     shared = {held[j]: j for j in sorted(pinned)}
     free = [j for j in range(len(held)) if j not in pinned]
@@ -85,6 +91,9 @@ def plan_lane(
         else:
             down_only.append((None, w))
     open_slots = [j for j in free if j not in placed]
+    short = sum(j is None for j, _ in down_only) - len(open_slots)
+    if short > 0:
+        raise ValueError(f"the task needs {short} more expert slots than the other held tasks leave free")
     for j, w in down_only:
         if j is None:
             j = open_slots.pop(0)
@@ -112,3 +121,30 @@ def slot_rows(slots: list[Slot], kept: list[int]) -> list[int]:
     rows are stored)."""
     position = {e: i for i, e in enumerate(sorted(kept))}
     return [position[s.expert] for s in slots]
+
+
+def fits(wants: Sequence[Mapping[int, Sequence[Slot]]], slots: int) -> bool:
+    """Whether tasks whose slots must hold ``wants`` (each: MoE layer -> its slots) fit together in ``slots``
+    slots per layer: what two of them need exactly alike takes one slot."""
+    if not wants:
+        return True
+    return all(len(set().union(*(w[layer] for w in wants))) <= slots for layer in wants[0])
+
+
+def evictions(
+    wants: Mapping[str, Mapping[int, Sequence[Slot]]], held: Sequence[str], task: str, order: Sequence[str], slots: int
+) -> list[str] | None:
+    """The held tasks to evict, taken from ``order`` (those that may go, first to go first), so that ``task`` fits
+    beside the rest in ``slots`` slots per layer: ``[]`` where it fits as it is, ``None`` where evicting all of
+    ``order`` is not enough."""
+    stay = [t for t in held if t != task]
+    out: list[str] = []
+    for t in [None, *order]:
+        if t is not None:
+            if t not in stay:
+                continue
+            stay.remove(t)
+            out.append(t)
+        if fits([wants[x] for x in [*stay, task]], slots):
+            return out
+    return None

@@ -43,7 +43,8 @@ class EngineSpec:
     task: str  # loaded at start-up
     selection: dict[str, Any]
     refit: bool | None = None
-    lanes: int = 1  # tasks held at once: the engine holds lanes x N experts per MoE layer
+    lanes: int = 1  # lanes of the router mask: 1 (one task held), else one per task of the store
+    budget: int = 1  # --held-tasks: the engine holds budget x N expert slots per MoE layer
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -105,10 +106,10 @@ def check_lanes(info: ModelInfo, lanes: int) -> None:
         )
 
 
-def engine_experts(num_experts: int, first: PrunePlan, others: list[PrunePlan], lanes: int) -> dict[int, list[int]]:
-    """The experts an engine of ``lanes`` lanes starts with, per MoE layer (ascending ids): the first task's kept
-    experts, then, for the other lanes, the experts the ``others`` (the store's other tasks) keep most often
-    (ties: the lower id), so later switches find many of theirs already in place."""
+def engine_experts(num_experts: int, first: PrunePlan, others: list[PrunePlan], budget: int) -> dict[int, list[int]]:
+    """The ``budget`` x N experts an engine starts with, per MoE layer (ascending ids): the first task's N kept
+    experts, then the experts the ``others`` (the store's other tasks) keep most often (ties: the lower id), so
+    later switches find many of theirs already in place."""
     out = {}
     for layer, kept in first.kept.items():
         counts: dict[int, int] = {}
@@ -117,7 +118,7 @@ def engine_experts(num_experts: int, first: PrunePlan, others: list[PrunePlan], 
                 counts[e] = counts.get(e, 0) + 1
         mine = set(kept)
         rest = sorted((e for e in range(num_experts) if e not in mine), key=lambda e: (-counts.get(e, 0), e))
-        out[layer] = sorted([*kept, *rest[: (lanes - 1) * len(kept)]])
+        out[layer] = sorted([*kept, *rest[: (budget - 1) * len(kept)]])
     return out
 
 
@@ -240,6 +241,16 @@ class EngineSource:
             out[self.info.layout.sources[name].key] = value.contiguous()
         return out
 
+    def wanted(self, task: str) -> dict[int, list[Slot]]:
+        """What ``task``'s slots must hold, per MoE layer (:func:`premoe.vllm.slots.want_slots`; reads no expert)."""
+        from premoe.vllm.slots import want_slots
+
+        kept = self.plan(task).kept
+        return {
+            layer: want_slots(kept[layer], self.refitted(task, layer), task, self.router_refitted(task, layer))
+            for layer in self.info.moe_layers
+        }
+
     def start_experts(self) -> dict[int, list[int]]:
         """The experts vLLM starts with, per MoE layer: the first task's kept experts (one lane), or
         :func:`engine_experts` (several)."""
@@ -247,7 +258,7 @@ class EngineSource:
         if self.spec.lanes == 1:
             return plan.kept
         others = [self.plan(t) for t in self.store.tasks if t != self.spec.task]
-        return engine_experts(self.info.num_experts, plan, others, self.spec.lanes)
+        return engine_experts(self.info.num_experts, plan, others, self.spec.budget)
 
     def initial_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors vLLM starts with, in checkpoint names and layout, read one at a time. One lane: exactly

@@ -7,9 +7,10 @@
 * :class:`ExpertSwitcher`, the ``worker_extension_cls``: ``premoe_switch(task, lane)`` stages the experts
   that differ (:func:`premoe.vllm.slots.plan_lane`) and every router row; ``premoe_commit`` /
   ``premoe_rollback`` end the switch on every rank (one rank: ``premoe_switch(..., commit=True)`` does both).
-* With several tasks held (``--held-tasks``, :class:`_TaskMask`): each lane of slots holds one task, and each
-  MoE router's logits get -1e4 outside the slots of the token's own task, read from its request id
-  (:func:`request_id`), so requests of every held task share vLLM's batches.
+* With several tasks held (``--held-tasks`` above 1, :class:`_TaskMask`): every task of the store has a lane,
+  the slots its task uses (tasks share slots that hold exactly what both need), and each MoE router's logits
+  get -1e4 outside the slots of the token's own task, read from its request id (:func:`request_id`), so
+  requests of every held task share vLLM's batches. A switch fills one lane and may empty others (``evict``).
 
 How one expert is written: vLLM's own ``weight_loader`` of the layer cuts this rank's slice (tensor
 parallel: the rank's share of the intermediate dimension; expert parallel: only experts local to the rank,
@@ -350,29 +351,33 @@ class _SwitchState:
         used = {j for lane in lanes for j in lane}
         return [s if j in used else None for j, s in enumerate(slots)]
 
-    def switch(self, task: str, lane: int = 0, commit: bool = False, background: bool = False) -> dict[str, Any]:
-        """Stage ``task`` into lane ``lane``: its experts that differ, every layer read and packed before any is
-        written; the engine is untouched until :meth:`commit` writes them (at once with ``commit``), so a failed
-        read leaves nothing to undo. ``background``: plan now, read on a thread of this process while the engine
-        keeps stepping, and return at once (``"ready"``: nothing had to be read, the staging is done);
-        :meth:`finish` waits for the reads (and commits with ``commit``)."""
+    def switch(
+        self, task: str, lane: int = 0, commit: bool = False, background: bool = False, evict: tuple[int, ...] = ()
+    ) -> dict[str, Any]:
+        """Stage ``task`` into lane ``lane``, the lanes ``evict`` emptied: its experts that differ, every layer read
+        and packed before any is written; the engine is untouched until :meth:`commit` writes them (at once with
+        ``commit``), so a failed read leaves nothing to undo. ``background``: plan now, read on a thread of this
+        process while the engine keeps stepping, and return at once (``"ready"``: nothing had to be read, the
+        staging is done); :meth:`finish` waits for the reads (and commits with ``commit``)."""
         if self.pending is not None or self._staging is not None:
             return {"ok": False, "error": "a switch is pending commit or rollback"}
-        if not 0 <= lane < len(self.lane_tasks):
-            return {"ok": False, "error": f"lane {lane} does not exist (the engine holds {len(self.lane_tasks)})"}
+        count = len(self.lane_tasks)
+        if not all(0 <= k < count for k in (lane, *evict)):
+            return {"ok": False, "error": f"lanes {[lane, *evict]} do not all exist (the engine has {count})"}
         t0, before = time.perf_counter(), self.source.bytes_read
         try:
-            plan = self._plan(task, lane)
+            plan = self._plan(task, lane, tuple(evict))
         except Exception as e:  # noqa: BLE001 - nothing was written; report, let the driver roll back every rank
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": self.source.bytes_read - before}
         box: dict[str, Any] = {}
         if background and any(writes for _, _, writes, _ in plan.values()):
-            thread = threading.Thread(target=self._read, args=(task, lane, plan, t0, before, box), name="premoe-stage")
+            args = (task, lane, evict, plan, t0, before, box)
+            thread = threading.Thread(target=self._read, args=args, name="premoe-stage")
             thread.daemon = True
             self._staging = (thread, box)
             thread.start()
             return {"ok": True, "ready": False}
-        self._read(task, lane, plan, t0, before, box)
+        self._read(task, lane, evict, plan, t0, before, box)
         if background:  # nothing to read: staged already; finish() returns this
             self._staging = (None, box)
             return {"ok": box["ok"], "ready": True}
@@ -401,21 +406,21 @@ class _SwitchState:
             return {"ok": False, "error": why, "bytes_read": result.get("bytes_read", 0)}
         return result
 
-    def _plan(self, task: str, lane: int) -> dict[int, tuple]:
-        """What lane ``lane`` needs for ``task``, each MoE layer: ``(new slots, the lane's slots, writes, lanes)``
-        (reads only the store's pattern)."""
-        src, out = self.source, {}
-        plan = src.plan(task)
-        for layer in src.info.moe_layers:
-            want = want_slots(plan.kept[layer], src.refitted(task, layer), task, src.router_refitted(task, layer))
-            new, mine, writes = plan_lane(self.slots[layer], self.lane_slots[layer], lane, want)
-            lanes = [list(x) for x in self.lane_slots[layer]]
+    def _plan(self, task: str, lane: int, evict: tuple[int, ...] = ()) -> dict[int, tuple]:
+        """What lane ``lane`` needs for ``task`` once the lanes ``evict`` are emptied, each MoE layer: ``(new slots,
+        the lane's slots, writes, lanes)`` (reads only the store's pattern)."""
+        wanted, out = self.source.wanted(task), {}
+        for layer in self.source.info.moe_layers:
+            lanes = [[] if k in evict else list(x) for k, x in enumerate(self.lane_slots[layer])]
+            new, mine, writes = plan_lane(self.slots[layer], lanes, lane, wanted[layer])
             lanes[lane] = mine
             out[layer] = (new, mine, writes, lanes)
         return out
 
     @torch.inference_mode()
-    def _read(self, task: str, lane: int, plan: dict[int, tuple], t0: float, before: int, box: dict) -> None:
+    def _read(
+        self, task: str, lane: int, evict: tuple[int, ...], plan: dict[int, tuple], t0: float, before: int, box: dict
+    ) -> None:
         """Read, slice and pack what ``plan`` writes into :attr:`pending` (nothing is written); the result, as
         :meth:`switch` returns it (``before``: the source's bytes read when the switch began), goes into ``box``.
         Runs on the staging thread in the background."""
@@ -431,7 +436,7 @@ class _SwitchState:
         except BaseException as e:  # noqa: BLE001 - nothing was written; the driver rolls back every rank
             box.update({"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": src.bytes_read - before})
             return
-        tasks = list(self.lane_tasks)
+        tasks = [None if k in evict else t for k, t in enumerate(self.lane_tasks)]
         tasks[lane] = task
         self.pending = (staged, new_slots, new_lanes, tasks, task)
         seconds = time.perf_counter() - t0
@@ -484,12 +489,14 @@ class ExpertSwitcher:
             state = self._premoe_state = _SwitchState(self)
         return state
 
-    def premoe_switch(self, task: str, lane: int = 0, commit: bool = False, background: bool = False) -> dict[str, Any]:
+    def premoe_switch(
+        self, task: str, lane: int = 0, commit: bool = False, background: bool = False, evict: tuple[int, ...] = ()
+    ) -> dict[str, Any]:
         """Stage ``task``'s experts that differ from those lane ``lane`` holds (:meth:`premoe_commit` writes them;
         ``commit``: write them now, for an engine of one rank; ``background``: stage on a thread while the engine
-        keeps stepping, :meth:`premoe_finish` ends it)."""
+        keeps stepping, :meth:`premoe_finish` ends it; ``evict``: lanes emptied by the same switch)."""
         try:
-            return self._premoe().switch(task, lane, commit, background)
+            return self._premoe().switch(task, lane, commit, background, tuple(evict))
         except Exception as e:  # noqa: BLE001 - setting up failed: nothing was written
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bytes_read": 0}
 
