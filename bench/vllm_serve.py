@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, help="keep generated checkpoints and stores here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--pinned", action="store_true", help="premoe engines: each request names its task (no routing: its cost)"
+    )
     args = ap.parse_args(argv)
 
     import httpx
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
                 cmd += ["--held-tasks", held]
             if staging:
                 cmd += ["--stage-switches", staging]
-            proc, model_of = start(cmd, env, "listening on"), (lambda w: "auto")
+            pinned = args.pinned  # each request names its task: no routing
+            proc, model_of = start(cmd, env, "listening on"), (lambda w: w[0] if pinned else "auto")
         else:
             # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
             cmd = [

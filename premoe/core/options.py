@@ -209,7 +209,7 @@ class EngineOptions(Options):
     stage_switches: str = option(
         "auto",
         "vllm, serve: read the next task's experts on a worker thread while the engine keeps serving, so it pauses "
-        "only to write them; auto: where vLLM's threads leave a CPU core free (always with a GPU)",
+        "only to write them; auto: on a GPU (on the CPU the reads slow vLLM's steps more than they save)",
         choices=STAGING,
     )
 

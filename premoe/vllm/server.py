@@ -122,7 +122,6 @@ class VllmTaskServer:
         self._prepared: tuple[str, int, tuple[int, ...]] | None = None  # (task, lane, evicted lanes) by prepare()
         self._prepared_at, self._ready = 0.0, False
         self._stage_seconds = 0.0  # how long the last background staging took
-        self._spare_cpus: int | None = None  # CPU cores vLLM's threads leave free (None: the model runs on a GPU)
 
     # -- the TaskBackend interface ----------------------------------------------------------------------
     @property
@@ -238,13 +237,13 @@ class VllmTaskServer:
     @property
     def stage_ahead(self) -> bool:
         """Whether ``premoe serve`` should :meth:`prepare` switches (``--stage-switches``): ``on``, ``off``, or
-        (``auto``) where the reads do not take a core from vLLM's step: with a GPU, or where vLLM's CPU threads
-        leave one of this machine's cores free. On a CPU whose every core runs vLLM's step, a read in the
-        background slows every step more than it saves (measured in docs/results/vllm.md)."""
+        (``auto``) where the model runs on a GPU, so that the reads do not take CPU time from vLLM's steps. On
+        the CPU, reads in the background did not pay in the configurations measured (docs/results/vllm.md):
+        the steps they share the cores with slow down about as much as the pause they save, or more."""
         mode = self.options.stage_switches
         if mode != "auto" or self.model is None:
             return mode == "on"
-        return self._spare_cpus is None or self._spare_cpus > 0
+        return not _cpu()
 
     def prepare(self, task: str, evict: list[str] | tuple[str, ...] | None = None) -> bool:
         """Start reading, slicing and packing ``task``'s differing experts, after evicting ``evict`` (as
@@ -336,8 +335,6 @@ class VllmTaskServer:
         self.directory = write_engine_dir(self.info, plan, spec)
         register()
         opts = self.options
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1  # before vLLM binds threads
         if _cpu():
             if opts.kv_cache_gb is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gb or 2)
@@ -362,7 +359,6 @@ class VllmTaskServer:
             message = " ".join(str(e).split())
             raise EngineError(f"vLLM could not start the engine: {type(e).__name__}: {message[:600]}") from None
         held = self.model.collective_rpc("premoe_held")
-        self._spare_cpus = cores - sum(h["threads"] for h in held) if _cpu() else None
         read = sum(h["bytes_read"] + h["loaded_bytes"] for h in held)
         self._bytes += read
         return read
