@@ -112,7 +112,8 @@ class VllmTaskServer:
         self.lane_tasks: list[str | None] = [None] * self.lanes  # each lane's task
         self._used: dict[str, int] = {}  # when each task was last loaded (least recently used is evicted first)
         self._source = None  # the engine directory's EngineSource: what each task's slots hold
-        self._wants: dict[str, dict[int, list]] = {}
+        self._wants: dict[str, dict[int, list]] = {}  # each task's slots, per MoE layer
+        self._fitted: dict[tuple, list[str] | None] = {}  # evictions() answers
         self._generation: dict[str, int] = {}  # loads of each task: its prefix-cache salt
         self._clock = 0
         self.directory: Path | None = None
@@ -210,8 +211,14 @@ class VllmTaskServer:
             return held if set(held) <= set(order) else None
         if self.model is None:
             return [] if not held else None
-        wants = {t: self._wanted(t) for t in [*held, task]}
-        return evictions(wants, held, task, list(order), self.budget * self.keep)
+        key = (tuple(held), task, tuple(order))  # the scheduler asks before every step: remember the answers
+        if key not in self._fitted:
+            if len(self._fitted) >= 4096:  # many tasks: keep the memory bounded
+                self._fitted.clear()
+            wants = {t: self._wanted(t) for t in [*held, task]}
+            self._fitted[key] = evictions(wants, held, task, list(order), self.budget * self.keep)
+        found = self._fitted[key]
+        return None if found is None else list(found)
 
     def _target(self, task: str, evict: list[str] | tuple[str, ...] | None) -> tuple[int, tuple[int, ...]]:
         """``task``'s lane and the lanes to empty for it: ``evict``'s (checked), else :meth:`evictions`'."""
