@@ -530,4 +530,5 @@ class ExpertSwitcher:
             },
             "bytes_read": state.source.bytes_read,
             "loaded_bytes": LOADED_BYTES.get(str(self.vllm_config.model_config.model), 0),
+            "threads": torch.get_num_threads(),  # the model's CPU threads on this rank
         }
