@@ -459,32 +459,42 @@ def test_http_server_runs_unchanged_on_the_vllm_engine(server, store, tmp_path):
     hf.close()
 
 
-def test_http_server_on_two_held_tasks_answers_concurrent_mixed_requests(lanes, store):
-    """Concurrent routed requests of three tasks on the engine holding two: each answer equals premoe's engine's
-    answer for the task it was routed to, whatever it shared its batch with and whichever lanes were switched."""
+def ask_concurrently(url: str, prompts: list[str], workers: int) -> list[tuple[str, str]]:
+    """Routed greedy completions of ``prompts`` (8 tokens) from ``workers`` concurrent clients: (task, text)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(prompt):
+        out = client.completions.create(model="auto", prompt=prompt, max_tokens=8, temperature=0)
+        return out.model_extra["premoe"]["task"], out.choices[0].text
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def assert_answers_as_premoe_engine(store, prompts: list[str], answers: list[tuple[str, str]]) -> None:
+    """Each answer equals premoe's own engine's greedy completion for the task it was routed to."""
     from premoe.moe.server import TaskServer
 
-    prompts = [s["prompt"] for t in TASKS for s in samples(t, 4, "eval")][::-1]
-    with running(lanes, max_batch=4) as (url, svc):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-        def ask(prompt):
-            out = client.completions.create(model="auto", prompt=prompt, max_tokens=8, temperature=0)
-            return out.model_extra["premoe"]["task"], out.choices[0].text
-
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(ask, prompts))
-        assert svc.scheduler.switches >= 1
-        health = openai.DefaultHttpxClient().get(url + "/health").json()
-        assert len(health["held"]) >= 2 and health["task"] in health["held"]
     hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
     for prompt, (task, text) in zip(prompts, answers):
         hf.load(task)
         assert text == hf.complete(prompt, 8), (task, prompt)
-    assert len({t for t, _ in answers}) == 3
     hf.close()
+
+
+def test_http_server_on_two_held_tasks_answers_concurrent_mixed_requests(lanes, store):
+    """Concurrent routed requests of three tasks on the engine holding two: each answer equals premoe's engine's
+    answer for the task it was routed to, whatever it shared its batch with and whichever lanes were switched."""
+    prompts = [s["prompt"] for t in TASKS for s in samples(t, 4, "eval")][::-1]
+    with running(lanes, max_batch=4) as (url, svc):
+        answers = ask_concurrently(url, prompts, 6)
+        assert svc.scheduler.switches >= 1
+        health = openai.DefaultHttpxClient().get(url + "/health").json()
+        assert len(health["held"]) >= 2 and health["task"] in health["held"]
+    assert_answers_as_premoe_engine(store, prompts, answers)
+    assert len({t for t, _ in answers}) == 3
 
 
 @pytest.mark.parametrize("engine", ["server", "lanes"])
@@ -492,33 +502,19 @@ def test_http_server_stages_switches_while_serving(engine, request, store, monke
     """With ``--stage-switches on``, concurrent requests of three tasks, grouped so that a task's requests pile up
     while another's run: switches are read while vLLM serves (counted in /metrics), and each answer equals
     premoe's engine's for the task it was routed to."""
-    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
-
-    from premoe.moe.server import TaskServer
 
     backend = request.getfixturevalue(engine)
     monkeypatch.setattr(backend, "options", replace(backend.options, stage_switches="on"))
     backend.load("add")
     prompts = [s["prompt"] for t in ("reverse", "sort", "add") for s in samples(t, 6, "eval")]
     with running(backend, max_batch=2) as (url, svc):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-        def ask(prompt):
-            out = client.completions.create(model="auto", prompt=prompt, max_tokens=8, temperature=0)
-            return out.model_extra["premoe"]["task"], out.choices[0].text
-
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, prompts))
+        answers = ask_concurrently(url, prompts, 8)
         metrics = openai.DefaultHttpxClient().get(url + "/metrics").text
     staged = sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("premoe_switches_staged_total"))
     assert staged >= 1, metrics
     assert backend.preparing is None
-    hf = TaskServer(TINY_MODEL, store, KEEP, dtype="float32")
-    for prompt, (task, text) in zip(prompts, answers):
-        hf.load(task)
-        assert text == hf.complete(prompt, 8), (task, prompt)
-    hf.close()
+    assert_answers_as_premoe_engine(store, prompts, answers)
 
 
 def test_unreadable_shard_fails_the_switch_with_a_clear_error(store, tmp_path):
