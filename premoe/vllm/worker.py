@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from premoe.vllm.slots import Slot, Write, plan_lane, want_slots
+from premoe.vllm.slots import Slot, Write, plan_lane
 
 LOAD_FORMAT = "premoe"
 LOADED_BYTES: dict[str, int] = {}  # engine directory -> bytes the load format read there (this process)
@@ -287,11 +287,11 @@ class _SwitchState:
         self.slots: dict[int, list[Slot | None]] = {}
         self.lane_slots: dict[int, list[list[int]]] = {}
         self.mask: _TaskMask | None = None
-        if spec.lanes == 1:  # started as the first task's export
+        if spec.lanes == 1:  # started as the first task's export: its slots, in its kept order
             self.lane_tasks: list[str | None] = [self.task]
+            wanted = src.wanted(self.task)
             for layer in src.info.moe_layers:
-                fitted = src.router_refitted(self.task, layer)
-                self.slots[layer] = want_slots(kept[layer], src.refitted(self.task, layer), self.task, fitted)
+                self.slots[layer] = list(wanted[layer])
                 self.lane_slots[layer] = [list(range(len(self.slots[layer])))]
         else:  # started with the checkpoint's rows of engine_experts; no lane holds a task until the first switch
             self.lane_tasks = [None] * spec.lanes
