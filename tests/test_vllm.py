@@ -115,6 +115,22 @@ def max_diff(a, b):
     return max(abs(x - y) for p, q in zip(a, b) for x, y in zip(p[1:], q[1:]))
 
 
+def unreadable_from(monkeypatch, first: int):
+    """Make every expert read of MoE layer ``first`` and later fail (an injected unreadable shard); returns the
+    real reader, to put back."""
+    from premoe.vllm import source
+
+    real = source.EngineSource.gate_up
+
+    def flaky(self, layer, expert):
+        if layer >= first:
+            raise OSError("injected: shard unreadable")
+        return real(self, layer, expert)
+
+    monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
+    return real
+
+
 def test_vllm_loads_the_original_and_exports_as_transformers_does(store, prompts, tmp_path):
     from premoe.moe.server import TaskServer
 
@@ -230,7 +246,6 @@ def test_a_switch_staged_while_serving_answers_as_the_fresh_export(server, promp
     """``prepare`` reads the next task's experts on a worker thread while the engine serves the held task, bit
     for bit as before; ``load`` then only writes them. A staged task that is not the one loaded next is
     dropped, and a staging whose reads fail leaves the previous task served."""
-    from premoe.vllm import source
     from premoe.vllm.server import SwitchError
 
     server.load("add")
@@ -249,14 +264,7 @@ def test_a_switch_staged_while_serving_answers_as_the_fresh_export(server, promp
     assert not stats.staged and server.preparing is None
     assert max_diff(server.prompt_logprobs(prompts), fresh["add"]) <= 1e-4
 
-    real = source.EngineSource.gate_up
-
-    def flaky(self, layer, expert):
-        if layer >= 1:
-            raise OSError("injected: shard unreadable")
-        return real(self, layer, expert)
-
-    monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
+    unreadable_from(monkeypatch, 1)
     held = server.held()["slots"]
     assert server.prepare("sort")
     with pytest.raises(SwitchError, match="still serving 'add'.*injected"):
@@ -327,14 +335,7 @@ def test_a_failed_lane_switch_leaves_both_held_tasks_serving(lanes, prompts, mon
     held = lanes.held_tasks
     tasks = [held[j % 2] for j in range(len(prompts))]
     before, slots = lanes.prompt_logprobs(prompts, tasks), lanes.held()["slots"]
-    real = source.EngineSource.gate_up
-
-    def flaky(self, layer, expert):
-        if layer >= 1:
-            raise OSError("injected: shard unreadable")
-        return real(self, layer, expert)
-
-    monkeypatch.setattr(source.EngineSource, "gate_up", flaky)
+    real = unreadable_from(monkeypatch, 1)
     with pytest.raises(SwitchError, match="reverse.*injected"):
         lanes.load("reverse", evict=["add"])
     assert lanes.held_tasks == held and lanes.held()["slots"] == slots
