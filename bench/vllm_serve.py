@@ -10,6 +10,10 @@ premoe's engine, ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's).
 
     python bench/vllm_serve.py                          # the shipped tiny MoE, keep 8 of 32
     python bench/vllm_serve.py --large 10               # a generated Qwen3-MoE checkpoint, 10 layers (~1.1 GB)
+    python bench/vllm_serve.py --rounds 3               # every engine three times, interleaved; medians
+
+The machine's pace drifts (plain vLLM's own rate varied twofold within an hour here): compare engines within one
+run, and prefer ``--rounds``, whose ratios are taken within each round and then their median reported.
 
 Engines: ``premoe-hf`` (premoe's own), ``premoe-vllm`` (the vLLM engine holding one task), ``premoe-vllmN`` (the
 vLLM engine holding N tasks at once, ``--held-tasks N``), ``vllm-serve`` (plain vLLM, one export); ``:on`` or
@@ -24,6 +28,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +110,57 @@ def summarize(load: dict, metrics_text: str, hwm: float) -> dict:
     }
 
 
+def run_engine(name: str, args, premoe_cmd: list[str], env: dict, export: Path, work: list) -> dict:
+    """Start engine ``name``, send it ``work`` and summarize the run (see :func:`summarize`)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    if name.startswith("premoe-"):
+        kind, _, staging = name.split("-")[1].partition(":")
+        held = kind[4:] if kind.startswith("vllm") else ""
+        cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", kind[:4] if held else kind]
+        if held:
+            cmd += ["--held-tasks", held]
+        if staging:
+            cmd += ["--stage-switches", staging]
+        pinned = args.pinned  # each request names its task: no routing
+        proc, model_of = start(cmd, env, "listening on"), (lambda w: w[0] if pinned else "auto")
+    else:
+        # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--port", str(port)]
+        cmd += ["--host", "127.0.0.1", "--enforce-eager", "--max-num-seqs", str(args.max_batch)]
+        cmd += ["--served-model-name", "export", "--disable-log-stats"]
+        proc, model_of = start(cmd, env, "Application startup complete"), (lambda w: "export")
+    try:
+        wait_healthy(url)
+        t0 = time.monotonic()
+        load = run_load(url, work, args, model_of)
+        text = httpx.get(url + "/metrics").text
+        hwm = tree_hwm_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = summarize(load, text, hwm)
+    out["load_s"] = time.monotonic() - t0
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One engine's runs as one: the median of each number, every run's requests/s, the first run's texts."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs if r[key] is not None)
+    out["requests_per_s_runs"] = [r["requests_per_s"] for r in runs]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", type=int, default=0, help="generate a Qwen3-MoE checkpoint with this many layers")
@@ -121,13 +177,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--work", type=Path, help="keep generated checkpoints and stores here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every engine this many times, interleaved; report medians"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--pinned", action="store_true", help="premoe engines: each request names its task (no routing: its cost)"
     )
     args = ap.parse_args(argv)
-
-    import httpx
 
     import premoe
     from premoe.assets import TINY_MODEL
@@ -167,51 +224,13 @@ def main(argv=None) -> int:
     premoe_cmd = [sys.executable, "-m", "premoe", "-q", "serve", "--model", str(model), "--store", str(store)]
     premoe_cmd += ["--keep", str(args.keep), "--port", "{port}", "--max-batch", str(args.max_batch)]
     premoe_cmd += ["--max-queue", str(args.requests), "--no-refit"]
-    report = {"model": str(model), "checkpoint_mb": size_mb, "requests": len(work), "engines": {}}
-    for name in args.engines:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        if name.startswith("premoe-"):
-            kind, _, staging = name.split("-")[1].partition(":")
-            held = kind[4:] if kind.startswith("vllm") else ""
-            cmd = [c.replace("{port}", str(port)) for c in premoe_cmd] + ["--engine", kind[:4] if held else kind]
-            if held:
-                cmd += ["--held-tasks", held]
-            if staging:
-                cmd += ["--stage-switches", staging]
-            pinned = args.pinned  # each request names its task: no routing
-            proc, model_of = start(cmd, env, "listening on"), (lambda w: w[0] if pinned else "auto")
-        else:
-            # `vllm serve` itself; the CPU wheel's `vllm` script looks up the package under the name "vllm" and fails
-            cmd = [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(export),
-                "--port",
-                str(port),
-            ]
-            cmd += ["--host", "127.0.0.1", "--enforce-eager", "--max-num-seqs", str(args.max_batch)]
-            cmd += ["--served-model-name", "export", "--disable-log-stats"]
-            proc, model_of = start(cmd, env, "Application startup complete"), (lambda w: "export")
-        try:
-            wait_healthy(url)
-            t0 = time.monotonic()
-            load = run_load(url, work, args, model_of)
-            text = httpx.get(url + "/metrics").text
-            hwm = tree_hwm_mb(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        report["engines"][name] = summarize(load, text, hwm)
-        report["engines"][name]["load_s"] = time.monotonic() - t0
-        print(f"{name}: done", flush=True)
+    report = {"model": str(model), "checkpoint_mb": size_mb, "requests": len(work), "rounds": args.rounds}
+    runs: dict[str, list[dict]] = {name: [] for name in args.engines}
+    for rnd in range(args.rounds):  # engines interleaved: a slow spell of the machine hits every engine alike
+        for name in args.engines:
+            runs[name].append(run_engine(name, args, premoe_cmd, env, export, work))
+            print(f"{name}: done (round {rnd + 1} of {args.rounds})", flush=True)
+    report["engines"] = {name: median_run(rs) for name, rs in runs.items()}
     texts = {n: r.pop("texts") for n, r in report["engines"].items()}
     for name in [n for n in texts if n.startswith("premoe-vllm") and "premoe-hf" in texts]:
         pairs = [(a, b) for a, b in zip(texts["premoe-hf"], texts[name]) if a is not None and b is not None]
@@ -230,13 +249,19 @@ def main(argv=None) -> int:
             f"{r['switches']:>8.0f} {r['switches_staged']:>6.0f} {r['switch_pause_s']:>7.2f} "
             f"{r['bytes_read_mb']:>8.1f} {r['peak_rss_mb']:>7.0f}"
         )
-    tps = {n: r["tokens_per_s"] for n, r in report["engines"].items()}
-    rps = {n: r["requests_per_s"] for n, r in report["engines"].items()}
-    for a in [n for n in tps if n.startswith("premoe-vllm")]:
+    for a in [n for n in runs if n.startswith("premoe-vllm")]:
         for b in ("vllm-serve", "premoe-hf"):
-            if b in tps:
-                report[f"{a}/{b}"] = {"tokens_per_s": tps[a] / tps[b], "requests_per_s": rps[a] / rps[b]}
-                print(f"{a} / {b}: output tokens/s x{tps[a] / tps[b]:.2f}, requests/s x{rps[a] / rps[b]:.2f}")
+            if b in runs:  # ratios within each round (the machine's pace drifts between rounds), then their median
+                keys = ("tokens_per_s", "requests_per_s")
+                ratios = {key: [x[key] / y[key] for x, y in zip(runs[a], runs[b])] for key in keys}
+                report[f"{a}/{b}"] = {key: statistics.median(r) for key, r in ratios.items()}
+                report[f"{a}/{b}"]["requests_per_s_rounds"] = ratios["requests_per_s"]
+                each = " ".join(f"x{r:.2f}" for r in ratios["requests_per_s"])
+                print(
+                    f"{a} / {b}: output tokens/s x{report[f'{a}/{b}']['tokens_per_s']:.2f}, "
+                    f"requests/s x{report[f'{a}/{b}']['requests_per_s']:.2f}"
+                    + (f" (median of rounds: {each})" if args.rounds > 1 else "")
+                )
     for key in [k for k in report if k.endswith("_answers_equal_hf")]:
         print(f"answers of {key.split('_')[0]} equal to premoe-hf's: {report[key]:.0%}")
     if args.json:

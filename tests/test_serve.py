@@ -547,6 +547,56 @@ def test_router_thread_routes_queues_at_once_and_fails_bad_ones_alone():
     assert not s.router.is_alive()
 
 
+def test_router_gathers_arrivals_longer_while_the_worker_has_a_batch_waiting():
+    """While the worker generates, a forward per arrival would cost nearly as much per prompt as one per eight:
+    arrivals are gathered briefly where the worker may run short of routed requests, longer where a batch of
+    them already waits, and not at all for an idle worker, a stopping server or a full batch."""
+    from premoe.server.scheduler import COALESCE, DEFER
+
+    s = Scheduler(_Routes(), max_batch=4)
+    now = time.monotonic()
+    fresh = [Job("x", [], Sampling(1), lambda *a: None, arrived=now)]
+    routed = [Job("r", [], Sampling(1), lambda *a: None, task="a") for _ in range(4)]
+    assert s._route_in(fresh) == 0.0  # the worker is idle: route at once
+    s.busy = True
+    s.pending = fresh + routed[:3]  # three routed waiting, four seats: the worker may run short
+    assert 0 < s._route_in(fresh) <= COALESCE
+    s.pending = fresh + routed  # a whole batch routed and waiting: gather longer
+    assert COALESCE < s._route_in(fresh) <= DEFER
+    assert s._route_in([Job("y", [], Sampling(1), lambda *a: None, arrived=now - DEFER)]) <= 0  # waited enough
+    assert s._route_in(fresh * 4) == 0.0  # a full batch to route
+    s.stopping = True
+    assert s._route_in(fresh) == 0.0
+
+
+def test_router_thread_routes_gathered_arrivals_once_the_worker_takes_its_batch(monkeypatch):
+    """Arrivals gathered while a batch of routed requests waits are routed in one forward, as soon as the worker
+    takes that batch (it wakes the router thread), long before ``DEFER`` ends."""
+    import premoe.server.scheduler as sched
+
+    backend = _Routes()
+    s = Scheduler(backend, max_batch=4)
+    s.busy = True
+    s.pending = [Job("r", [], Sampling(1), lambda *a: None, task="a") for _ in range(4)]
+    monkeypatch.setattr(sched, "DEFER", 30.0)  # far longer than the test: only the worker's wake-up routes them
+    try:
+        s.router.start()
+        for t in ("p", "q"):
+            s.submit(Job(t, [], Sampling(1), lambda *a: None))
+        time.sleep(0.2)  # well past COALESCE: still gathering, since a batch of routed requests waits
+        assert backend.calls == []
+        with s.cond:
+            s._taken([j for j in s.pending if j.task == "a"])
+        deadline = time.monotonic() + 10
+        while any(j.task is None for j in s.pending) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.calls == [("premoe-router", 2)] and [j.task for j in s.pending] == ["p", "q"]
+    finally:
+        s.pending.clear()
+        s.stop(10)
+    assert not s.router.is_alive()
+
+
 def test_bounded_queue():
     s = Scheduler(_Fake(), max_queue=2)
     for _ in range(2):

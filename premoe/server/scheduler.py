@@ -6,7 +6,8 @@ whole batch together (see :mod:`premoe.server.engine`, or the task server's own 
 it brings an engine: vLLM's). Requests are routed (unless their task is pinned) by the worker
 between batches, or, where the backend says routing touches nothing generation uses
 (``routes_concurrently``: the vLLM engine's router has its own signature model), by a router thread
-as they arrive, so routing never holds up generation. A batch only ever holds requests of one task,
+as they arrive, so routing never holds up generation; it routes them in as few forwards as keep the worker
+fed (gathering arrivals longer while a batch of routed requests already waits). A batch only ever holds requests of one task,
 and the worker checks before every forward that the resident pattern is that task's, so no request
 is answered by another task's pattern.
 
@@ -61,7 +62,8 @@ from premoe.server.options import POLICIES
 
 log = logging.getLogger("premoe")
 
-COALESCE = 0.005  # seconds the router thread gathers arrivals into one forward while the worker generates
+COALESCE = 0.005  # seconds the router thread gathers arrivals into one forward while the worker may run short
+DEFER = 0.1  # seconds it gathers them while the worker has a batch of routed requests waiting
 
 
 class QueueFull(Exception):
@@ -159,6 +161,15 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.pending))
 
+    def _taken(self, jobs: list[Job]) -> None:
+        """Remove ``jobs`` from the queue to run them (under the lock), and wake the router thread: with fewer
+        routed requests waiting, it may route sooner (:meth:`_route_in`)."""
+        for j in jobs:
+            self.pending.remove(j)
+        self._gauge()
+        if jobs:
+            self.cond.notify_all()
+
     def _ready(self) -> bool:
         """Whether the worker has something to do (under the lock): a routed request, or one to route."""
         return any(j.task is not None for j in self.pending) if self.router is not None else bool(self.pending)
@@ -175,9 +186,7 @@ class Scheduler:
             lanes = getattr(self.backend, "lanes", 1) > 1
             with self.cond:
                 batch = [] if lanes else self._pick()
-                for j in batch:
-                    self.pending.remove(j)
-                self._gauge()
+                self._taken(batch)
             if batch or lanes:
                 self.busy = True
                 try:
@@ -229,9 +238,8 @@ class Scheduler:
             self.cond.notify_all()
 
     def _route_loop(self) -> None:
-        """The router thread: routes requests as they arrive, until the server stops and none is left. While
-        the worker generates, arrivals are gathered for up to ``COALESCE`` seconds (or a full batch) and
-        routed in one forward; an idle worker gets them at once."""
+        """The router thread: routes requests as they arrive, until the server stops and none is left, in as
+        few forwards as keep the worker fed (see :meth:`_route_in`)."""
         while True:
             with self.cond:
                 while True:
@@ -241,11 +249,24 @@ class Scheduler:
                             return
                         self.cond.wait()
                         continue
-                    wait = COALESCE - (time.monotonic() - unrouted[0].arrived)
-                    if not self.busy or self.stopping or len(unrouted) >= self.max_batch or wait <= 0:
+                    wait = self._route_in(unrouted)
+                    if wait <= 0:
                         break
                     self.cond.wait(wait)
             self._route_waiting()
+
+    def _route_in(self, unrouted: list[Job]) -> float:
+        """Seconds the router thread still gathers arrivals before routing ``unrouted`` in one forward (under the
+        lock). An idle worker, a stopping server or a full batch (``max_batch``) gets them at once. While the worker
+        generates, arrivals are gathered for ``COALESCE`` seconds where fewer than ``max_batch`` routed requests
+        wait (the worker may run short), else for up to ``DEFER``: requests that would wait for a seat anyway are
+        routed together, since a forward of one prompt costs nearly as much as one of eight (routing one at a
+        time under load took as much CPU as a third of vLLM's steps; docs/results/vllm.md)."""
+        if not self.busy or self.stopping or len(unrouted) >= self.max_batch:
+            return 0.0
+        routed = sum(1 for j in self.pending if j.task is not None)
+        bound = COALESCE if routed < self.max_batch else DEFER
+        return bound - (time.monotonic() - unrouted[0].arrived)
 
     def _take(self, task: str, n: int) -> list[Job]:
         """Up to ``n`` routed waiting requests of ``task``, oldest first: fcfs only from the run at the
@@ -415,11 +436,9 @@ class Scheduler:
         staging = self._preparing()
         with self.cond:
             picked = self._lane_take(room, running, () if staging is None else staging[1])
-            for j in picked:
-                self.pending.remove(j)
-                running[j.task] += 1
+            self._taken(picked)
+            running.update(j.task for j in picked)
             plan = self._lane_plan(room - len(picked), running) if staging is None else None
-            self._gauge()
         busy = sum(running.values()) > 0
         if plan is not None and busy and self.backend_prepares and self.backend.prepare(*plan):
             staging, plan = plan, None  # read while the engine runs; written once the reads end
@@ -429,9 +448,8 @@ class Scheduler:
             with self.cond:
                 loaded = [j for j in self._lane_take(room - len(picked), running) if j.task == plan[0]]
                 for j in loaded:
-                    self.pending.remove(j)
                     j.switched = True
-                self._gauge()
+                self._taken(loaded)
             picked += loaded
         return picked
 
@@ -560,9 +578,7 @@ class Scheduler:
                 picked = fits[:room]
             else:
                 picked = self._take(task, room)
-            for j in picked:
-                self.pending.remove(j)
-            self._gauge()
+            self._taken(picked)
             return picked
 
     def _draining(self, task: str, running: int) -> bool:
