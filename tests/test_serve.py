@@ -417,6 +417,25 @@ def test_engine_cancellation_and_stop_strings(moe_backend):
         run_batch(backend.model, tok, [Sequence(prompt, Sampling(4, 0.0))], check=wrong)
 
 
+def test_usage_counts_the_end_of_sequence_token_as_vllm_does(moe_backend):
+    """A sequence that ends on an end-of-sequence token generated it: usage counts it (as vLLM and OpenAI do),
+    the text leaves it out; one stopped by ``max_tokens`` counts exactly ``max_tokens``."""
+    from premoe.server.engine import advance
+
+    tok = moe_backend.tokenizer
+    eos = {tok.eos_token_id}
+    ids = tok("abc", add_special_tokens=False)["input_ids"]
+    ended = Sequence([1], Sampling(10, 0.0))
+    for t in [*ids, *eos]:
+        advance(ended, t, tok, eos)
+    assert ended.finish_reason == "stop" and ended.out_ids == ids and ended.text == "abc"
+    assert ended.completion_tokens == len(ids) + 1
+    cut = Sequence([1], Sampling(2, 0.0))
+    for t in ids[:2]:
+        advance(cut, t, tok, eos)
+    assert cut.finish_reason == "length" and cut.completion_tokens == 2
+
+
 @pytest.mark.parametrize("kind", ["moe", "dense"])
 def test_engine_continuous_batching_joins_without_changing_answers(kind, moe_backend, dense_store):
     """Sequences admitted into a running batch (different prompt lengths, joining at different steps)

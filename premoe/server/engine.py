@@ -43,6 +43,12 @@ class Sequence:
     generator: torch.Generator | None = None
     on_done: Callable[["Sequence"], None] = lambda _: None  # called once, when finish_reason is set
     task: str | None = None  # the task whose experts answer it (an engine holding several tasks reads it)
+    ended_on_eos: bool = False  # its last token was an end-of-sequence token (generated, not in ``out_ids``)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, an end-of-sequence token included, as vLLM and OpenAI's API count them."""
+        return len(self.out_ids) + self.ended_on_eos
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -72,7 +78,7 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
 def advance(seq: Sequence, token: int, tokenizer, eos: set[int]) -> None:
     """Append ``token`` to ``seq``; emit the text that is now final; set ``finish_reason`` when done."""
     if token in eos:
-        seq.finish_reason = "stop"
+        seq.finish_reason, seq.ended_on_eos = "stop", True
     else:
         seq.out_ids.append(token)
     _emit(seq, tokenizer)

@@ -7,9 +7,9 @@ it brings an engine: vLLM's). Requests are routed (unless their task is pinned) 
 between batches, or, where the backend says routing touches nothing generation uses
 (``routes_concurrently``: the vLLM engine's router has its own signature model), by a router thread
 as they arrive, so routing never holds up generation; it routes them in as few forwards as keep the worker
-fed (gathering arrivals longer while a batch of routed requests already waits). A batch only ever holds requests of one task,
-and the worker checks before every forward that the resident pattern is that task's, so no request
-is answered by another task's pattern.
+fed (gathering arrivals longer while a batch of routed requests already waits). A batch only ever holds
+requests of one task, and the worker checks before every forward that the resident pattern is that task's,
+so no request is answered by another task's pattern.
 
 Policies:
 
@@ -592,7 +592,7 @@ class Scheduler:
     def _finish(self, j: Job, s: Sequence) -> None:
         m = self.metrics
         j.finished, j.finish_reason = time.monotonic(), s.finish_reason
-        j.completion_tokens, j.text_out = len(s.out_ids), s.text
+        j.completion_tokens, j.text_out = s.completion_tokens, s.text
         self.served += 1
         self.history.append(j)
         if m is not None:
