@@ -27,6 +27,17 @@ from premoe.core.tasks import samples
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREMOE_DIST_TIMEOUT": "60"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_like_the_ranks():
+    """One process's reference runs with the ranks' one torch thread: the bytes of a solve depend on how many
+    threads split its reductions (2 threads against 1 changed exports' last bits on an AMD EPYC; the same count
+    gives the same bytes run after run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,7 +224,11 @@ def test_sweep_is_data_parallel_and_writes_what_one_process_writes(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--share-layers"]], ids=["in-memory", "shared-layers"])
 def test_dense_calibration_and_prune_are_data_parallel(extra, data, tmp_path):
     """Dense models (SEAP): 3 ranks' activation statistics and retrieval key equal one process's, and the pruned
-    export with its re-fit (Gram matrices added in rank order on rank 0) is byte for byte one process's."""
+    export with its re-fit (Gram matrices added in rank order on rank 0) answers as one process's: the same
+    tensors and config, log-probabilities within 1e-2 and the same greedy tokens. Not byte for byte: the float64
+    sums associate differently (ranks' partial sums, then added), and the re-fit's solve amplifies the last bit
+    of its float32 Gram matrices (on an AMD EPYC, up to 170 of 32768 bf16 weights of an o_proj moved, by at most
+    0.008; the log-probabilities by at most 0.003)."""
     from premoe.assets import TINY_DENSE
 
     stream = bool(extra)
@@ -237,8 +252,26 @@ def test_dense_calibration_and_prune_are_data_parallel(extra, data, tmp_path):
     run = subprocess.run(torchrun(3, prune), capture_output=True, text=True, env=ENV, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("re-fitted") == 1  # rank 0 reports
-    one, three = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("p1", "p3"))
-    assert one == three
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from premoe.core.config import load_tokenizer
+
+    one, three = (load_file(tmp_path / d / "model.safetensors") for d in ("p1", "p3"))
+    assert one.keys() == three.keys()
+    assert all(t.dtype == three[k].dtype and t.shape == three[k].shape for k, t in one.items())
+    assert (tmp_path / "p1" / "config.json").read_text() == (tmp_path / "p3" / "config.json").read_text()
+    tok = load_tokenizer(tmp_path / "p1")
+    texts = [s["prompt"] + s["completion"] for t in ("add", "sort") for s in samples(t, 4, "eval")]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    counted = enc["attention_mask"].bool()
+    with torch.inference_mode():
+        a, b = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32)(**enc).logits.log_softmax(-1)
+            for d in ("p1", "p3")
+        )
+    assert float((a - b).abs()[counted].max()) <= 1e-2
+    assert torch.equal(a.argmax(-1)[counted], b.argmax(-1)[counted])
 
 
 def test_dense_sweep_is_data_parallel(tmp_path):
