@@ -582,6 +582,9 @@ def test_router_gathers_arrivals_longer_while_the_worker_has_a_batch_waiting():
     assert 0 < s._route_in(fresh) <= COALESCE
     s.pending = fresh + routed  # a whole batch routed and waiting: gather longer
     assert COALESCE < s._route_in(fresh) <= DEFER
+    s.backend.task = "b"  # ... but only if they can run: a batch of another task's does not feed the worker
+    assert 0 < s._route_in(fresh) <= COALESCE
+    s.backend.task = "a"
     assert s._route_in([Job("y", [], Sampling(1), lambda *a: None, arrived=now - DEFER)]) <= 0  # waited enough
     assert s._route_in(fresh * 4) == 0.0  # a full batch to route
     s.stopping = True

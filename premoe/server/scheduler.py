@@ -258,13 +258,16 @@ class Scheduler:
     def _route_in(self, unrouted: list[Job]) -> float:
         """Seconds the router thread still gathers arrivals before routing ``unrouted`` in one forward (under the
         lock). An idle worker, a stopping server or a full batch (``max_batch``) gets them at once. While the worker
-        generates, arrivals are gathered for ``COALESCE`` seconds where fewer than ``max_batch`` routed requests
-        wait (the worker may run short), else for up to ``DEFER``: requests that would wait for a seat anyway are
-        routed together, since a forward of one prompt costs nearly as much as one of eight (routing one at a
-        time under load took as much CPU as a third of vLLM's steps; docs/results/vllm.md)."""
+        generates, arrivals are gathered for ``COALESCE`` seconds where fewer than ``max_batch`` routed requests of
+        the held tasks wait (the worker may run short), else for up to ``DEFER``: requests that would wait for a
+        seat anyway are routed together, since a forward of one prompt costs nearly as much as one of eight
+        (routing about two at a time under load took as much CPU as a third of vLLM's steps on the tiny model;
+        docs/results/vllm.md)."""
         if not self.busy or self.stopping or len(unrouted) >= self.max_batch:
             return 0.0
-        routed = sum(1 for j in self.pending if j.task is not None)
+        held = getattr(self.backend, "held_tasks", None)
+        held = set(held) if held is not None else {getattr(self.backend, "task", None)} - {None}
+        routed = sum(1 for j in self.pending if j.task is not None and (not held or j.task in held))
         bound = COALESCE if routed < self.max_batch else DEFER
         return bound - (time.monotonic() - unrouted[0].arrived)
 
