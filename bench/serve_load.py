@@ -85,6 +85,7 @@ def run_load(url: str, work: list[tuple[str, str]], args, model_of=lambda item: 
     results: list = [None] * len(work)
     nxt, lock = iter(range(len(work))), threading.Lock()
     deadline = time.monotonic() + args.time_limit
+    extra = {"ignore_eos": True} if getattr(args, "ignore_eos", False) else None  # vLLM's fixed-length load
 
     def client():
         while time.monotonic() < deadline:
@@ -95,7 +96,11 @@ def run_load(url: str, work: list[tuple[str, str]], args, model_of=lambda item: 
             t0 = time.monotonic()
             try:
                 out = c.completions.create(
-                    model=model_of(work[i]), prompt=work[i][1], max_tokens=args.max_tokens, temperature=0
+                    model=model_of(work[i]),
+                    prompt=work[i][1],
+                    max_tokens=args.max_tokens,
+                    temperature=0,
+                    extra_body=extra,
                 )
                 results[i] = {
                     "task": ((out.model_extra or {}).get("premoe") or {}).get("task"),  # premoe's servers say

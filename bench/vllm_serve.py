@@ -11,6 +11,7 @@ premoe's engine, ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's).
     python bench/vllm_serve.py                          # the shipped tiny MoE, keep 8 of 32
     python bench/vllm_serve.py --large 10               # a generated Qwen3-MoE checkpoint, 10 layers (~1.1 GB)
     python bench/vllm_serve.py --rounds 3               # every engine three times, interleaved; medians
+    python bench/vllm_serve.py --ignore-eos             # every request generates --max-tokens: equal work
 
 The machine's pace drifts (plain vLLM's own rate varied twofold within an hour here): compare engines within one
 run, and prefer ``--rounds``, whose ratios are taken within each round and then their median reported.
@@ -179,6 +180,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--rounds", type=int, default=1, help="run every engine this many times, interleaved; report medians"
+    )
+    ap.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every request generates --max-tokens (vLLM's ignore_eos): the same work for every engine, whose "
+        "answers otherwise differ in length (plain vLLM answers every task with one task's export)",
     )
     ap.add_argument("--json", type=Path)
     ap.add_argument(

@@ -434,6 +434,25 @@ def test_usage_counts_the_end_of_sequence_token_as_vllm_does(moe_backend):
     for t in ids[:2]:
         advance(cut, t, tok, eos)
     assert cut.finish_reason == "length" and cut.completion_tokens == 2
+    on = Sequence([1], Sampling(3, 0.0, ignore_eos=True))  # vLLM's ignore_eos: the end-of-sequence token is a token
+    for t in [ids[0], *eos, ids[1]]:
+        advance(on, t, tok, eos)
+    assert on.finish_reason == "length" and on.completion_tokens == 3 and on.text == "ab"
+
+
+def test_ignore_eos_generates_max_tokens_as_vllm_does(moe):
+    """``ignore_eos`` (vLLM's extension, sent by benchmark clients for fixed-length loads): every request
+    generates exactly ``max_tokens``; the answer up to the end-of-sequence token is the usual one."""
+    url, _ = moe
+    c = client(url)
+    prompt = samples("add", 1, "eval")[0]["prompt"]
+    usual = c.completions.create(model="add", prompt=prompt, max_tokens=24, temperature=0)
+    assert usual.choices[0].finish_reason == "stop" and usual.usage.completion_tokens < 24
+    fixed = c.completions.create(
+        model="add", prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert fixed.choices[0].finish_reason == "length" and fixed.usage.completion_tokens == 24
+    assert fixed.choices[0].text.startswith(usual.choices[0].text)
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])

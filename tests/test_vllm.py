@@ -39,7 +39,7 @@ from premoe.core.tasks import samples  # noqa: E402
 from premoe.moe.loading import load_model  # noqa: E402
 from premoe.moe.model import inspect_model  # noqa: E402
 from premoe.moe.patterns import plan_from_pattern  # noqa: E402
-from premoe.server.engine import Sampling, Sequence  # noqa: E402
+from premoe.server.engine import Sampling, Sequence, run_batch  # noqa: E402
 
 TASKS = ("add", "reverse", "sort")
 REFITTED = "reverse"  # the store holds re-fitted rows for this task at KEEP
@@ -455,6 +455,14 @@ def test_http_server_runs_unchanged_on_the_vllm_engine(server, store, tmp_path):
         assert whole.model_extra["premoe"]["task"] == "sort"
         stream = client.completions.create(model="sort", prompt=prompt, max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+        fixed = client.completions.create(  # vLLM's ignore_eos: exactly max_tokens, as premoe's engine generates them
+            model="sort", prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert fixed.usage.completion_tokens == 24 and fixed.choices[0].finish_reason == "length"
+        hf.load("sort")
+        seq = Sequence(hf.tokenizer(prompt)["input_ids"], Sampling(24, 0.0, ignore_eos=True))
+        run_batch(hf.model, hf.tokenizer, [seq])
+        assert fixed.choices[0].text == seq.text
         metrics = openai.DefaultHttpxClient().get(url + "/metrics").text
         assert "premoe_pattern_switches_total" in metrics and "premoe_checkpoint_bytes_read_total" in metrics
     hf.close()

@@ -90,6 +90,7 @@ class _Common(_Body):
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False  # vLLM's extension, as its OpenAI server takes it
 
 
 class ChatRequest(_Common):
@@ -231,7 +232,7 @@ class Service:
                 code="context_length_exceeded",
                 param="max_tokens",
             )
-        return Sampling(max_tokens, temperature, top_p, req.seed, tuple(stop))
+        return Sampling(max_tokens, temperature, top_p, req.seed, tuple(stop), bool(req.ignore_eos))
 
     async def run(self, request: Request, kind: str, req: _Common, text: str, templated: bool, max_tokens):
         pinned = self.pinned(req.model)

@@ -27,6 +27,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: end-of-sequence tokens do not end it (benchmarks of fixed lengths)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
 
 def advance(seq: Sequence, token: int, tokenizer, eos: set[int]) -> None:
     """Append ``token`` to ``seq``; emit the text that is now final; set ``finish_reason`` when done."""
-    if token in eos:
+    if token in eos and not seq.sampling.ignore_eos:
         seq.finish_reason, seq.ended_on_eos = "stop", True
     else:
         seq.out_ids.append(token)

@@ -27,7 +27,8 @@ def sampling_params(sampling: Sampling, eos: set[int]):
         temperature=max(sampling.temperature, 0.0),
         top_p=sampling.top_p,
         seed=sampling.seed,
-        stop_token_ids=sorted(eos),
+        stop_token_ids=[] if sampling.ignore_eos else sorted(eos),
+        ignore_eos=sampling.ignore_eos,
         detokenize=False,
     )
 
