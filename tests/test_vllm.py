@@ -586,7 +586,12 @@ def test_vllm_serves_the_w4a16_export_as_premoe_reads_it(store, prompts, tmp_pat
     WNA16 path runs them)."""
     out = tmp_path / "w4"
     premoe.prune(TINY_MODEL, store, "add", KEEP, out, quantize="w4a16", quantize_group=16, progress=False)
-    theirs = script_logprobs(out, prompts, tmp_path / "w4.out.json", "bfloat16")
+    try:
+        theirs = script_logprobs(out, prompts, tmp_path / "w4.out.json", "bfloat16")
+    except AssertionError as e:  # vLLM's CPU kernel for INT4 experts needs AMX tiles (Intel); AMD EPYC has none
+        if "No WNA16 MoE backend supports the deployment configuration" not in str(e):
+            raise
+        pytest.skip("vLLM's CPU build has no W4A16 MoE kernel for this CPU (its CPU kernel needs AMX tiles)")
     ours = hf_logprobs(SimpleNamespace(model=load_model(out, device="cpu", dtype=torch.float32).model), prompts)
     diffs = sorted(abs(x - y) for a, b in zip(theirs, ours) for x, y in zip(a[1:], b[1:]))
     # bf16 activations against float32: the plain bf16 export differs as much (median 0.02, a few tokens by up to
